@@ -1,0 +1,387 @@
+"""Typed configuration: YAML file, then dotted command-line overrides, then one validation pass.
+
+Every setting is one field below with a one-line help string; `python train.py --help` is generated
+from these dataclasses. Precedence: command line over file over defaults. Unknown keys, wrong types
+and impossible combinations raise `UsageError` naming the key, before any process group exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from megatron_llm.errors import UsageError
+
+
+def param(default: Any, help: str) -> Any:
+    """A dataclass field carrying its one-line help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = param(257, "tokenizer vocabulary size (the byte tokenizer has 257: 256 bytes + end-of-document)")
+    hidden_size: int = param(256, "width of the residual stream")
+    num_layers: int = param(4, "number of transformer blocks")
+    num_heads: int = param(8, "query heads per attention layer")
+    num_kv_heads: Optional[int] = param(None, "key/value heads (grouped-query attention); null means num_heads")
+    head_dim: Optional[int] = param(None, "per-head width; null means hidden_size / num_heads")
+    ffn_hidden_size: int = param(688, "inner width of the MLP")
+    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = param("swiglu", "MLP kind: gated (swiglu, geglu) or plain")
+    norm: Literal["rmsnorm", "layernorm"] = param("rmsnorm", "normalisation layer (pre-norm)")
+    norm_eps: float = param(1e-5, "epsilon of the norm layers")
+    max_seq_len: int = param(256, "longest sequence the RoPE tables cover")
+    rope_theta: float = param(10000.0, "RoPE base frequency")
+    rope_scaling: Optional[dict] = param(
+        None,
+        "Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}",
+    )
+    qk_norm: bool = param(False, "RMSNorm over head_dim on queries and keys before RoPE (Qwen3)")
+    qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
+    linear_bias: bool = param(False, "bias on every other linear layer")
+    tie_embeddings: bool = param(False, "share the token embedding with the output head")
+    logit_softcap: Optional[float] = param(None, "final-logit soft-capping: cap * tanh(logits / cap); null disables")
+    init_std: float = param(0.02, "std of the normal init of every weight matrix")
+    scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
+
+    def __post_init__(self) -> None:
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if self.head_dim is None:
+            raise UsageError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_heads ({self.num_heads}); "
+                "change one of them or set model.head_dim"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UsageError(
+                f"model.num_heads ({self.num_heads}) is not divisible by model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise UsageError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
+        if self.rope_scaling is not None:
+            needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if set(self.rope_scaling) != needed:
+                raise UsageError(f"model.rope_scaling needs exactly the keys {sorted(needed)}, got {sorted(self.rope_scaling)}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise UsageError(f"model.logit_softcap must be positive or null, got {self.logit_softcap}")
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        """Parameter count, computed from the shapes (no model needed)."""
+        h, d = self.hidden_size, self.head_dim
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
+        gated = self.mlp in ("swiglu", "geglu")
+        mlp = h * self.ffn_hidden_size * (3 if gated else 2)
+        norm_size = h if self.norm == "rmsnorm" else 2 * h
+        block = attn + mlp + 2 * norm_size
+        embed = self.vocab_size * h
+        head = 0 if self.tie_embeddings else self.vocab_size * h
+        return self.num_layers * block + norm_size + (embed if include_embedding else 0) + head
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = param(1, "tensor-parallel size")
+    pp: int = param(1, "pipeline-parallel size")
+    sp: bool = param(False, "sequence parallelism inside tensor-parallel groups")
+    data_parallel: Literal["fsdp", "ddp"] = param("fsdp", "data-parallel wrapper over the dp mesh dimension")
+
+
+@dataclass
+class DatasetSpec:
+    path: str = param("", "prefix of a .bin/.idx pair written by tools/preprocess_data.py")
+    weight: float = param(1.0, "sampling weight in the blend")
+    name: Optional[str] = param(None, "channel name; null means the file stem")
+
+
+@dataclass
+class DataConfig:
+    blend: list[DatasetSpec] = param([], "datasets to blend: a list of {path, weight, name}")
+    default_corpus: bool = param(
+        False, "build the embedded stdlib corpus into the blend's directory when its files are missing"
+    )
+    tokenizer: str = param("byte", "'byte' or the path of a Hugging Face tokenizer.json (for the vocab check)")
+    seq_len: int = param(128, "tokens per training sequence")
+    split: str = param("98,2,0", "train,valid,test weights of each dataset's documents")
+    cache_dir: Optional[str] = param(None, "where megatron-core caches its sample indices; null: beside the data")
+    num_workers: int = param(0, "DataLoader worker processes")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = param(1e-3, "peak learning rate")
+    min_lr: float = param(1e-4, "learning rate at the end of the decay")
+    weight_decay: float = param(0.1, "decoupled (AdamW) weight decay")
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.95, "AdamW beta2")
+    eps: float = param(1e-8, "AdamW epsilon")
+    grad_clip: float = param(1.0, "clip the global gradient norm to this; 0 disables")
+    decay_norms_and_biases: bool = param(False, "apply weight decay to norm weights and biases too")
+    decay_embeddings: bool = param(False, "apply weight decay to the token embedding too")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = param(10, "linear warm-up from 0 to optimizer.lr over this many steps")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = param("cosine", "shape after warm-up")
+    decay_steps: Optional[int] = param(None, "steps from the end of warm-up to min_lr; null means training.steps - warmup")
+    wsd_decay_fraction: float = param(0.2, "for wsd: the final fraction of decay_steps that decays (linearly)")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = param(200, "optimizer steps to train")
+    micro_batch_size: int = param(8, "sequences per micro-batch on each data-parallel rank")
+    grad_accum_steps: int = param(1, "micro-batches per optimizer step (global batch = micro x accum x dp)")
+    seed: int = param(1234, "seed of init, data order and dropout-free determinism")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", "auto picks cuda when available")
+    dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on cuda, fp32 on cpu")
+    z_loss: float = param(0.0, "z-loss coefficient: adds coeff * mean(logsumexp(logits)^2)")
+    max_bad_steps: int = param(5, "stop after this many consecutive NaN/Inf steps (each is skipped)")
+    eval_interval: int = param(50, "evaluate every N steps (0 disables)")
+    eval_iters: int = param(4, "micro-batches per evaluation")
+    compile: bool = param(False, "torch.compile the blocks")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = param("checkpoints/tiny", "directory holding step_XXXXXXX/ checkpoints and the 'latest' pointer")
+    interval: int = param(100, "save every N steps (and always at the end); 0 saves only at the end")
+    keep: int = param(2, "keep the newest K checkpoints (0 keeps all)")
+    resume: Optional[str] = param(None, "'auto' continues from dir/latest; a path resumes from that checkpoint")
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = param(10, "console and TensorBoard every N steps")
+    tensorboard_dir: Optional[str] = param("runs/tiny", "TensorBoard event directory; null disables")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that need no process group; layout checks against the world size live in parallel/."""
+        self.model.validate()
+        t, d, o, s = self.training, self.data, self.optimizer, self.schedule
+        positive = {
+            "training.steps": t.steps, "training.micro_batch_size": t.micro_batch_size,
+            "training.grad_accum_steps": t.grad_accum_steps, "training.max_bad_steps": t.max_bad_steps,
+            "data.seq_len": d.seq_len, "parallel.tp": self.parallel.tp, "parallel.pp": self.parallel.pp,
+            "logging.interval": self.logging.interval,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise UsageError(f"{key} must be positive, got {value}")
+        if d.seq_len > self.model.max_seq_len:
+            raise UsageError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if not d.blend:
+            raise UsageError("data.blend is empty: list at least one {path, weight, name} dataset")
+        names = [spec.name or Path(spec.path).name for spec in d.blend]
+        if len(set(names)) != len(names):
+            raise UsageError(f"data.blend has duplicate channel names {names}: give each dataset a distinct name")
+        if any(spec.weight <= 0 for spec in d.blend):
+            raise UsageError("data.blend weights must be positive")
+        if o.min_lr > o.lr:
+            raise UsageError(f"optimizer.min_lr ({o.min_lr}) exceeds optimizer.lr ({o.lr})")
+        if s.warmup_steps < 0:
+            raise UsageError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+        if not 0 <= s.wsd_decay_fraction <= 1:
+            raise UsageError(f"schedule.wsd_decay_fraction must be in [0, 1], got {s.wsd_decay_fraction}")
+        if self.checkpoint.interval < 0 or self.checkpoint.keep < 0:
+            raise UsageError("checkpoint.interval and checkpoint.keep must be >= 0")
+        try:
+            split = [float(x) for x in d.split.split(",")]
+        except ValueError:
+            split = []
+        if len(split) != 3 or min(split) < 0 or split[0] <= 0:
+            raise UsageError(f"data.split must be three non-negative weights 'train,valid,test', got {d.split!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain values, with a type check at every leaf.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(inner[0]) + " or null"
+    if origin is list:
+        return "list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against annotation `tp`; ints are accepted for floats. Raises UsageError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise UsageError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UsageError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        return _build(tp, value, key)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        dict: isinstance(value, dict),
+    }[tp]
+    if not ok:
+        raise UsageError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise UsageError(f"unknown key {prefix}.{key}; valid keys: {', '.join(sorted(names))}")
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()})
+
+
+def config_from_dict(raw: dict) -> Config:
+    for section in raw:
+        if section not in SECTIONS:
+            raise UsageError(f"unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        body = raw.get(name) or {}
+        if not isinstance(body, dict):
+            raise UsageError(f"section {name} must be a mapping, got {body!r}")
+        sections[name] = _build(cls, body, name)
+    return Config(**sections)
+
+
+def _parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--section.key value` or `--section.key=value`; values are parsed as YAML scalars."""
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise UsageError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{arg} needs a value")
+            key, text = arg[2:], argv[i + 1]
+            i += 2
+        try:
+            overrides[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UsageError(f"--{key}: cannot parse value {text!r}") from None
+    return overrides
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """File, then command-line overrides, then validation. The result is ready to use."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UsageError(f"config file {path} not found") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"config file {path} must hold a mapping of sections")
+    for dotted, value in _parse_overrides(list(overrides)).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise UsageError(f"unknown section in --{dotted}; valid sections: {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    config = config_from_dict(raw)
+    config.validate()
+    return config
+
+
+def help_text() -> str:
+    """Every key with its type, default and meaning, generated from the dataclasses."""
+    lines = [
+        "usage: train.py --config FILE.yaml [--section.key VALUE ...]",
+        "",
+        "Every key below can be set in the YAML file or overridden on the command line.",
+    ]
+    for name, cls in SECTIONS.items():
+        lines.append(f"\n{name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{name}.{f.name} ({_type_name(hints[f.name])}, default {default!r})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> Config:
+    """train.py's command line: --config FILE plus overrides; --help prints every key and exits 0."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        sys.exit(0)
+    path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UsageError("--config needs a file path")
+        path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    return load_config(path, argv)
