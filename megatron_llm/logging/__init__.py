@@ -1,0 +1,38 @@
+"""Console lines and TensorBoard scalars, written by one rank only."""
+
+from typing import Optional
+
+
+class MetricsLogger:
+    """Prints one compact line per call and mirrors the same scalars to TensorBoard."""
+
+    def __init__(self, tensorboard_dir: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        print(f"{prefix}step {step:>6} | " + " | ".join(_format(k, v) for k, v in scalars.items()), flush=True)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _format(key: str, value: float) -> str:
+    if key in ("tokens", "skipped_steps") or key.startswith("tokens/"):
+        return f"{key} {int(value)}"
+    if key in ("lr",):
+        return f"{key} {value:.3e}"
+    if abs(value) >= 1000:
+        return f"{key} {value:,.0f}"
+    return f"{key} {value:.4f}"

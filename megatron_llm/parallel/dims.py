@@ -1,0 +1,90 @@
+"""The process group and the device mesh: who this rank is and which groups it belongs to."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatron_llm.config import ParallelConfig
+from megatron_llm.errors import UsageError
+
+
+@dataclass
+class ParallelDims:
+    """Mesh dims, outermost first: pp, dp, tp (Megatron's order: tp ranks adjacent, on one node).
+
+    dp is inferred: world_size / (tp * pp).
+    """
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    mesh: Optional[DeviceMesh] = None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def is_logger(self) -> bool:
+        """Rank 0 writes the console and TensorBoard."""
+        return self.rank == 0
+
+
+def check_layout(parallel: ParallelConfig, world_size: int) -> int:
+    """Returns dp; raises UsageError on a layout this world cannot hold. Pure: safe to call on every rank."""
+    if world_size % (parallel.tp * parallel.pp):
+        raise UsageError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {parallel.tp} x {parallel.pp}"
+        )
+    if parallel.tp > 1 or parallel.pp > 1:
+        raise UsageError(
+            "parallel.tp and parallel.pp > 1 are not available yet in this version; use data parallelism "
+            "(parallel.tp 1, parallel.pp 1) with torchrun"
+        )
+    return world_size // (parallel.tp * parallel.pp)
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("training.device is cuda but no CUDA device is visible; use training.device cpu")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_s: float = 600.0) -> ParallelDims:
+    """Joins (or creates, for a plain `python train.py`) the process group and builds the mesh.
+
+    The layout is checked from the environment before the group exists, so a bad layout stops every
+    rank with the same message instead of leaving some waiting in a collective.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    dp = check_layout(parallel, world_size)
+    if not dist.is_initialized():
+        # gloo carries CPU tensors and Python objects (all_gather_object) even when NCCL carries CUDA ones.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        else:  # one process without a launcher: an in-memory store needs no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (parallel.pp, dp, parallel.tp), mesh_dim_names=("pp", "dp", "tp"))
+    return ParallelDims(world_size=world_size, rank=rank, tp=parallel.tp, pp=parallel.pp, dp=dp, mesh=mesh)
+
+
+def all_reduce_sum(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Sum over the data-parallel group (a no-op at dp=1)."""
+    if dims.dp > 1:
+        dist.all_reduce(value, group=dims.mesh["dp"].get_group())
+    return value

@@ -1,0 +1,278 @@
+"""The training loop: set up, then for each step run the micro-batches, clip, update, log, save.
+
+The loop is written for a mesh: every sum that defines the loss is reduced over the data-parallel
+group, the global token count is fixed before the first micro-batch, and only rank 0 logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_llm.checkpoint.native import Checkpointer, read_config, resolve_checkpoint
+from megatron_llm.config import Config
+from megatron_llm.data.datasets import build_datasets
+from megatron_llm.data.default_corpus import ensure_default_corpus
+from megatron_llm.data.loader import TrainBatches, eval_batches
+from megatron_llm.errors import UsageError
+from megatron_llm.logging import MetricsLogger
+from megatron_llm.model import build_model, flops_per_token
+from megatron_llm.parallel import ParallelDims, all_reduce_sum, init_distributed, parallelize, pick_device
+from megatron_llm.training.loss import micro_batch_loss
+from megatron_llm.training.lr_schedule import lr_at
+from megatron_llm.training.metrics import peak_flops
+from megatron_llm.training.optimizer import build_optimizer
+
+
+class TrainingDiverged(UsageError):
+    """Too many consecutive steps with a NaN/Inf loss or gradient norm."""
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean cross-entropy over the global batch
+    tokens: int  # loss tokens in the global batch
+    grad_norm: float
+    skipped: bool
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, steps run by this call
+    val_losses: dict[int, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    final_step: int = 0
+
+
+def train(cfg: Config) -> TrainResult:
+    """Entry point used by train.py and the tests. Validates, joins the group, trains, tears down."""
+    device = pick_device(cfg.training.device)
+    dims = init_distributed(cfg.parallel, device)
+    try:
+        return Trainer(cfg, dims, device).run()
+    finally:
+        dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        t = cfg.training
+        self.autocast_dtype = _autocast_dtype(t.dtype, device)
+        self.global_batch = t.micro_batch_size * t.grad_accum_steps * dims.dp
+
+        torch.manual_seed(t.seed)  # the same init on every rank
+        self.data = self._build_data()
+        model = build_model(cfg.model, device, seed=t.seed)
+        self.model = parallelize(model, dims, cfg.parallel, compile=t.compile)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
+        self.logger = MetricsLogger(cfg.logging.tensorboard_dir, enabled=dims.is_logger)
+        self.step, self.consumed_samples, self.consumed_tokens, self.bad_in_a_row, self.skipped = 0, 0, 0, 0, 0
+        self._resume()
+
+    def _build_data(self):
+        cfg, t = self.cfg, self.cfg.training
+        if cfg.data.default_corpus:
+            if self.dims.rank == 0:
+                ensure_default_corpus(cfg.data.blend, cfg.data.tokenizer)
+            dist.barrier()
+        evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
+        return build_datasets(
+            cfg.data,
+            vocab_size=cfg.model.vocab_size,
+            seed=t.seed,
+            num_train_samples=t.steps * self.global_batch,
+            num_valid_samples=max(evals * t.eval_iters * t.micro_batch_size * self.dims.dp, 1),
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume is None:
+            return
+        path = self.checkpointer.latest() if resume == "auto" else resolve_checkpoint(resume)
+        if path is None:
+            self._print(f"no checkpoint in {self.cfg.checkpoint.dir}: starting from scratch")
+            return
+        saved_model = read_config(path)["model"]
+        changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model.get(k) != v]
+        if changed:
+            raise UsageError(f"checkpoint {path} has a different model.{changed[0]}; resume with the same model config")
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.consumed_samples = state["consumed_samples"]
+        self.consumed_tokens = state["consumed_tokens"]
+        self.bad_in_a_row = state["bad_in_a_row"]
+        self.skipped = state["skipped"]
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def _save(self) -> None:
+        state = {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_tokens,
+            "bad_in_a_row": self.bad_in_a_row,
+            "skipped": self.skipped,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state, self.cfg.to_dict())
+        self._print(f"saved checkpoint {path}")
+
+    # ----------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.training
+        result = TrainResult(final_step=self.step)
+        batches = TrainBatches(
+            self.data.train, t.micro_batch_size, t.grad_accum_steps, self.dims.dp_rank, self.dims.dp, self.consumed_samples
+        )
+        flops = flops_per_token(cfg.model, cfg.data.seq_len)
+        peak = peak_flops(self.device)
+        window = _Window()
+        try:
+            while self.step < t.steps:
+                start = time.perf_counter()
+                lr = lr_at(self.step, cfg.schedule, cfg.optimizer, t.steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                out = self.train_step(batches.next_step())
+                self._account(out, result)
+                self.step += 1
+                self.consumed_samples += self.global_batch
+                self.consumed_tokens += self.global_batch * cfg.data.seq_len
+                window.add(out, time.perf_counter() - start, self.global_batch * cfg.data.seq_len)
+                if self.step % cfg.logging.interval == 0 or self.step == t.steps:
+                    self.logger.log(self.step, window.scalars(lr, self.consumed_tokens, self.skipped, flops, peak, self.dims, self.device))
+                    window = _Window()
+                if t.eval_interval and self.step % t.eval_interval == 0 and self.data.valid is not None:
+                    result.val_losses[self.step] = self.evaluate()
+                    self.logger.log(self.step, {"val_loss": result.val_losses[self.step]}, prefix="eval ")
+                if self.step < t.steps and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                    self._save()
+            if result.losses:  # this call trained: save its end state
+                self._save()
+        finally:
+            self.logger.close()
+        result.final_step, result.skipped_steps = self.step, self.skipped
+        return result
+
+    def _account(self, out: StepResult, result: TrainResult) -> None:
+        result.losses[self.step] = out.loss
+        if not out.skipped:
+            self.bad_in_a_row = 0
+            return
+        self.skipped += 1
+        self.bad_in_a_row += 1
+        self._print(f"step {self.step}: loss {out.loss} grad norm {out.grad_norm}: not finite, update skipped")
+        if self.bad_in_a_row >= self.cfg.training.max_bad_steps:
+            latest = self.checkpointer.latest()
+            raise TrainingDiverged(
+                f"{self.bad_in_a_row} consecutive steps had a NaN/Inf loss or gradient norm (training.max_bad_steps); "
+                f"stopping. The last good checkpoint is {latest or 'none'}: lower optimizer.lr or raise training.z_loss"
+            )
+
+    def train_step(self, micro_batches: list[dict]) -> StepResult:
+        """Forward and backward over the micro-batches, then one clipped AdamW update (or a skip)."""
+        t = self.cfg.training
+        # The global token count is known before any forward; fixing it first keeps gradients a true
+        # token mean however the tokens fall across micro-batches and ranks.
+        local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device)
+        global_tokens = all_reduce_sum(local_tokens.clone(), self.dims)
+        # DDP and FSDP average gradients over dp, so each rank divides by its share of the tokens.
+        per_rank_tokens = global_tokens / self.dims.dp
+        ce_sum = torch.zeros((), device=self.device)
+        self.model.train()
+        for mb in micro_batches:
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            with self._autocast():
+                logits = self.model(mb["tokens"])  # [b, s, vocab]
+            loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], t.z_loss, per_rank_tokens)
+            loss.backward()
+            ce_sum += token_ce.sum()
+        max_norm = self.cfg.optimizer.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        loss_value = (all_reduce_sum(ce_sum, self.dims) / global_tokens).item()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, int(global_tokens.item()), grad_norm.item(), skipped=not finite)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.training
+        self.model.eval()
+        ce_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        for mb in eval_batches(self.data.valid, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp):
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            with self._autocast():
+                logits = self.model(mb["tokens"])
+            _, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], 0.0, 1)
+            ce_sum += token_ce.sum()
+            tokens += mb["loss_mask"].sum()
+        self.model.train()
+        return (all_reduce_sum(ce_sum, self.dims) / all_reduce_sum(tokens, self.dims)).item()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _print(self, message: str) -> None:
+        if self.dims.is_logger:
+            print(message, flush=True)
+
+
+def _autocast_dtype(dtype: str, device: torch.device):
+    """bf16 autocast over fp32 parameters and optimizer state on CUDA; plain fp32 on CPU."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class _Window:
+    """Sums over one log interval; the logged loss is token-weighted over the interval's good steps."""
+
+    def __init__(self):
+        self.loss_sum = self.tokens = self.processed = self.steps = self.seconds = 0.0
+        self.grad_norm = 0.0
+
+    def add(self, out: StepResult, seconds: float, processed_tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.processed += processed_tokens
+        self.grad_norm = out.grad_norm
+        if not out.skipped:
+            self.loss_sum += out.loss * out.tokens
+            self.tokens += out.tokens
+
+    def scalars(self, lr, consumed_tokens, skipped, flops_per_tok, peak, dims: ParallelDims, device) -> dict:
+        tokens_per_s = self.processed / self.seconds if self.seconds else 0.0
+        out = {
+            "loss": self.loss_sum / self.tokens if self.tokens else float("nan"),
+            "lr": lr,
+            "grad_norm": self.grad_norm,
+            "tokens": consumed_tokens,
+            "tokens_per_s": tokens_per_s,
+            "ms_per_step": 1000 * self.seconds / self.steps,
+        }
+        if skipped:
+            out["skipped_steps"] = skipped
+        if peak:
+            out["mfu"] = flops_per_tok * tokens_per_s / (peak * dims.world_size)
+        if device.type == "cuda":
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
