@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-import torch
 
-
-def load_model(path: str) -> torch.nn.Module:
+def load_model(path: str):
     """A native checkpoint (a step directory, or a checkpoint.dir with `latest`) as a single-process
     fp32 model in eval mode on CPU. `model(input_ids)` returns logits [batch, seq, vocab]."""
+    import torch
+
     from megatron_llm.checkpoint.native import load_model_state, read_config, resolve_checkpoint
     from megatron_llm.config import config_from_dict
     from megatron_llm.model import build_model
