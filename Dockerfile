@@ -1,0 +1,13 @@
+# NVIDIA's PyTorch container already has CUDA, NCCL, Transformer Engine and apex; megatron_llm uses
+# the last two only when importable. Build: docker build -t megatron_llm .
+FROM nvcr.io/nvidia/pytorch:25.10-py3
+
+WORKDIR /workspace/megatron_llm
+# Dependencies first so that code edits do not invalidate the install layer. The container's torch
+# satisfies our torch requirement, so pip keeps it.
+COPY pyproject.toml README.md ./
+COPY megatron_llm ./megatron_llm
+RUN pip install --no-cache-dir -e .
+COPY . .
+
+CMD ["python", "train.py", "--help"]
