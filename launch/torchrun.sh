@@ -11,9 +11,8 @@ config=$1
 shift
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 nproc=${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}
-cd "$(dirname "$0")/.."
 exec torchrun \
   --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$nproc" \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --max-restarts "${MAX_RESTARTS:-0}" \
-  train.py --config "$config" "$@"
+  "$(dirname "$0")/../train.py" --config "$config" "$@"
