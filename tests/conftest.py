@@ -1,0 +1,50 @@
+"""Shared fixtures: the embedded corpus built once per session, and a tiny-model config maker."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_llm.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANNELS = ("networking", "text", "concurrency")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """The stdlib corpus, built by the same code a first `train.py` run uses."""
+    from megatron_llm.config import DatasetSpec
+    from megatron_llm.data.default_corpus import ensure_default_corpus
+
+    directory = tmp_path_factory.mktemp("corpus")
+    ensure_default_corpus([DatasetSpec(path=str(directory / name)) for name in CHANNELS], "byte")
+    return directory
+
+
+def tiny_overrides(corpus: Path, run_dir: Path, **extra) -> list[str]:
+    """A 2-layer model small enough for a step in milliseconds, on the session corpus."""
+    blend = "[" + ", ".join(f"{{path: {corpus / name}}}" for name in CHANNELS) + "]"
+    values = {
+        "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+        "model.ffn_hidden_size": 128, "model.max_seq_len": 64,
+        "data.seq_len": 32, "data.blend": blend, "data.default_corpus": False,
+        "training.micro_batch_size": 4, "training.steps": 8, "training.eval_interval": 4, "training.eval_iters": 2,
+        "schedule.warmup_steps": 2, "optimizer.lr": 3e-3,
+        "checkpoint.dir": str(run_dir / "ckpt"), "checkpoint.interval": 4,
+        "logging.interval": 2, "logging.tensorboard_dir": str(run_dir / "tb"),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", "null" if value is None else str(value)]
+    return out
+
+
+@pytest.fixture
+def tiny_config(corpus_dir, tmp_path):
+    """tiny_config(**overrides) -> Config; override keys use '__' for '.', e.g. training__steps=4."""
+
+    def make(run_dir: Path = tmp_path, **extra):
+        return load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(corpus_dir, run_dir, **extra))
+
+    return make
