@@ -1,0 +1,234 @@
+"""The model against Hugging Face on CPU in fp32, plus the invariants the rest of the code relies on."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from megatron_llm.checkpoint.hf import (
+    hf_config_from_model_config,
+    hf_to_native,
+    model_config_from_hf,
+    native_to_hf,
+)
+from megatron_llm.config import ModelConfig
+from megatron_llm.errors import UsageError
+from megatron_llm.model import Transformer, build_model, flops_per_token, rope_frequencies, token_cross_entropy
+
+VOCAB, SEQ = 101, 24
+SMALL = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, rms_norm_eps=1e-6,
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # short, so every band (kept, smoothed, divided) occurs
+}
+CASES = {
+    "llama-mha": ("Llama", dict(num_key_value_heads=4)),
+    "llama-mha-tied": ("Llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-gqa": ("Llama", dict(num_key_value_heads=2)),
+    "llama-gqa-tied": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "llama-mqa": ("Llama", dict(num_key_value_heads=1)),
+    "llama-mqa-tied": ("Llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3-rope": ("Llama", dict(num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
+    "llama-bias": ("Llama", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=24, tie_word_embeddings=True)),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, sliding_window=None)),
+}
+
+
+def hf_model(name: str) -> nn.Module:
+    prefix, extra = CASES[name]
+    config = getattr(transformers, f"{prefix}Config")(**SMALL, **extra, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():  # HF zero-initialises biases and ones its norms: randomise so they are tested
+        for key, p in model.named_parameters():
+            if key.endswith("bias") or "norm" in key:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def converted(hf: nn.Module) -> Transformer:
+    model = build_model(model_config_from_hf(hf.config.to_dict()), "cpu")
+    model.load_state_dict(hf_to_native(hf.state_dict()))
+    return model.eval()
+
+
+def tokens(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_hugging_face(name):
+    hf = hf_model(name)
+    model = converted(hf)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+    assert (model.output.weight is model.tok_embeddings.weight) == hf.config.tie_word_embeddings
+
+
+def test_loss_matches_hugging_face():
+    hf = hf_model("llama-gqa")
+    model = converted(hf)
+    x = tokens()
+    labels = x.clone()
+    labels[0, :5] = -100  # a masked prompt
+    # HF shifts inside its loss; ours takes next-token labels already shifted.
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    with torch.no_grad():
+        token_ce = model(x, labels=shifted)
+        expected = hf(x, labels=labels).loss
+    torch.testing.assert_close(token_ce.sum() / (shifted >= 0).sum(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_token_cross_entropy():
+    logits = torch.randn(2, 7, 13).bfloat16()
+    labels = torch.randint(0, 13, (2, 7))
+    labels[0, 3], labels[1, 0] = -1, -100  # any negative label is ignored
+    ce = token_cross_entropy(logits, labels)
+    assert ce.shape == (2, 7) and ce.dtype == torch.float32
+    expected = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    torch.testing.assert_close(ce, expected.masked_fill(labels < 0, 0.0))
+
+
+def test_llama3_frequencies_match_transformers():
+    """At Llama-3.1's real settings, where the parity models above are too small to look."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = dict(LLAMA3_SCALING, original_max_position_embeddings=8192)
+    config = transformers.LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling
+    )
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = rope_frequencies(128, 500000.0, {k: v for k, v in scaling.items() if k != "rope_type"})
+    torch.testing.assert_close(ours, expected, atol=0, rtol=0)
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    values = dict(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,
+                  max_seq_len=32)
+    return ModelConfig(**{**values, **overrides})
+
+
+def test_logit_softcap():
+    capped = build_model(tiny_cfg(logit_softcap=2.0, init_std=0.5), "cpu", seed=0)
+    plain = build_model(tiny_cfg(init_std=0.5), "cpu", seed=0)
+    x = tokens()
+    raw = plain(x)
+    assert raw.abs().max() > 2.0  # the cap has something to do
+    torch.testing.assert_close(capped(x), 2.0 * torch.tanh(raw / 2.0))
+
+
+def test_state_dict_round_trip():
+    sd = hf_model("qwen3").state_dict()
+    back = native_to_hf(hf_to_native(sd))
+    assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd)
+
+
+def test_tied_checkpoint_without_lm_head_loads():
+    hf = hf_model("llama-gqa-tied")
+    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    model = build_model(model_config_from_hf(hf.config.to_dict()), "cpu")
+    model.load_state_dict(hf_to_native(sd))  # strict
+    torch.testing.assert_close(model.output.weight, hf.lm_head.weight)
+
+
+@pytest.mark.parametrize("name", ["llama3-rope", "llama-bias", "qwen2", "qwen3", "mistral"])
+def test_hf_config_round_trip(name):
+    prefix, _ = CASES[name]
+    cfg = model_config_from_hf(hf_model(name).config.to_dict())
+    out = hf_config_from_model_config(cfg, prefix.lower())
+    assert model_config_from_hf(out) == cfg
+    assert model_config_from_hf(getattr(transformers, f"{prefix}Config")(**out).to_dict()) == cfg
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(norm="layernorm")), ("llama", dict(qk_norm=True)), ("llama", dict(mlp="relu")),
+    ("qwen2", dict(qkv_bias=False)), ("mistral", dict(logit_softcap=30.0)),
+])
+def test_hf_config_refuses_what_the_family_cannot_express(family, overrides):
+    with pytest.raises(UsageError):
+        hf_config_from_model_config(tiny_cfg(**overrides), family)
+
+
+def test_meta_build_is_fully_materialised_seeded_and_tied():
+    cfg = tiny_cfg(tie_embeddings=True, qk_norm=True, qkv_bias=True, linear_bias=True)
+    model = build_model(cfg, "cpu", seed=3)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert model.output.weight is model.tok_embeddings.weight
+    again = build_model(cfg, "cpu", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    block = model.layers["0"]
+    assert block.attention.wo.weight.std() < 0.6 * block.attention.wq.weight.std()  # 1/sqrt(2*4) = 0.35
+    assert torch.equal(block.attention.q_norm.weight, torch.ones(cfg.head_dim))
+    assert not block.attention.wq.bias.any() and not block.feed_forward.w2.bias.any()
+    assert "rope_cos" not in model.state_dict()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(mlp="gelu"), dict(mlp="relu"), dict(mlp="geglu"), dict(norm="layernorm"),
+    dict(qk_norm=True, qkv_bias=True, linear_bias=True, tie_embeddings=True, logit_softcap=10.0),
+])
+def test_variants_train(overrides):
+    cfg = tiny_cfg(**overrides)
+    model = build_model(cfg, "cpu", seed=0)
+    assert hasattr(model.layers["0"].feed_forward.w3, "weight") == (cfg.mlp in ("swiglu", "geglu"))
+    x = tokens()
+    logits = model(x)
+    assert logits.shape == (2, SEQ, VOCAB) and torch.isfinite(logits).all()
+    model(x, labels=x).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_num_params_and_flops_match_the_model(tied):
+    # config.num_params leaves out linear_bias biases, so this is checked without them.
+    cfg = tiny_cfg(tie_embeddings=tied, qk_norm=True, qkv_bias=True)
+    model = build_model(cfg, "cpu")
+    params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
+    assert cfg.num_params() == sum(p.numel() for p in params.values())
+    matmul_params = sum(p.numel() for k, p in params.items() if k != "tok_embeddings.weight")
+    matmul_params += VOCAB * cfg.hidden_size if tied else 0  # the tied head is still a matmul
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * SEQ
+    assert flops_per_token(cfg, SEQ) == 6 * matmul_params + attention
+
+
+def test_pipeline_stages_pass_hidden_states_through():
+    model = build_model(tiny_cfg(), "cpu", seed=0)
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    del first.layers["2"], first.layers["3"], last.layers["0"], last.layers["1"]
+    first.norm = first.output = None
+    last.tok_embeddings = None
+    seen = {}
+    model.layers["1"].register_forward_hook(lambda mod, args, out: seen.update(h=out))
+    x = tokens()
+    with torch.no_grad():
+        full = model(x)
+        hidden = first(x)
+        assert hidden.shape == (2, SEQ, 64)
+        torch.testing.assert_close(hidden, seen["h"], atol=0, rtol=0)
+        torch.testing.assert_close(last(hidden), full, atol=0, rtol=0)
+
+
+def test_attention_shards_by_heads_without_model_change():
+    """What a colwise wq/wk/wv and rowwise wo plan does: each shard keeps whole heads (here 2 query
+    heads and their 1 kv head), and the shards' outputs sum to the full attention's."""
+    model = build_model(tiny_cfg(qk_norm=True), "cpu", seed=0)
+    attn = model.layers["0"].attention
+    x = torch.randn(2, SEQ, 64)
+    full = attn(x, model.rope_cos, model.rope_sin)
+    total = torch.zeros_like(full)
+    for rank in range(2):
+        shard = copy.deepcopy(attn)
+        for proj in (shard.wq, shard.wk, shard.wv):  # rows are heads: keep this rank's half
+            proj.weight = nn.Parameter(proj.weight.chunk(2, dim=0)[rank])
+        shard.wo.weight = nn.Parameter(shard.wo.weight.chunk(2, dim=1)[rank])
+        total += shard(x, model.rope_cos, model.rope_sin)
+    torch.testing.assert_close(total, full)
