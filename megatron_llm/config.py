@@ -88,6 +88,9 @@ class ModelConfig:
         attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
         gated = self.mlp in ("swiglu", "geglu")
         mlp = h * self.ffn_hidden_size * (3 if gated else 2)
+        if self.linear_bias:  # wo and the MLP projections
+            attn += h
+            mlp += self.ffn_hidden_size * (2 if gated else 1) + h
         norm_size = h if self.norm == "rmsnorm" else 2 * h
         block = attn + mlp + 2 * norm_size
         embed = self.vocab_size * h

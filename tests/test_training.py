@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import megatron_llm
 from megatron_llm.checkpoint import native
 from megatron_llm.errors import UsageError
-from megatron_llm.training import trainer as trainer_module
+from megatron_llm.training import step as step_module
 from megatron_llm.training.trainer import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, tmp_path):
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeypatch):
-    real_loss = trainer_module.micro_batch_loss
+    real_loss = step_module.micro_batch_loss
     calls = {"n": 0}
 
     def poisoned(logits, *args):
@@ -71,7 +71,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeyp
             loss = loss * float("nan")
         return loss, token_ce
 
-    monkeypatch.setattr(trainer_module, "micro_batch_loss", poisoned)
+    monkeypatch.setattr(step_module, "micro_batch_loss", poisoned)
     cfg = tiny_config(tmp_path, training__steps=20, training__max_bad_steps=3, checkpoint__interval=2, training__eval_interval=0)
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         train(cfg)

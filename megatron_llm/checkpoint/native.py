@@ -91,10 +91,11 @@ class Checkpointer:
             ) from None
         return final
 
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restores model and optimizer in place; returns the trainer state (step, data position, RNG)."""
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
+        """Restores model and optimizer in place; returns the saved values of `trainer_state`'s keys
+        (DCP loads into a template: only keys present in it are read)."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd, "trainer": {}}
+        state = {"model": model_sd, "optimizer": optim_sd, "trainer": dict(trainer_state)}
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

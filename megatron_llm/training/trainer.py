@@ -6,14 +6,11 @@ group, the global token count is fixed before the first micro-batch, and only ra
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megatron_llm.checkpoint.native import Checkpointer, read_config, resolve_checkpoint
 from megatron_llm.config import Config
@@ -23,23 +20,15 @@ from megatron_llm.data.loader import TrainBatches, eval_batches
 from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
 from megatron_llm.model import build_model, flops_per_token
-from megatron_llm.parallel import ParallelDims, all_reduce_sum, init_distributed, parallelize, pick_device
-from megatron_llm.training.loss import micro_batch_loss
+from megatron_llm.parallel import ParallelDims, init_distributed, parallelize, pick_device
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
+from megatron_llm.training.step import StepResult, autocast_dtype, evaluate, train_step
 
 
 class TrainingDiverged(UsageError):
     """Too many consecutive steps with a NaN/Inf loss or gradient norm."""
-
-
-@dataclass
-class StepResult:
-    loss: float  # token-mean cross-entropy over the global batch
-    tokens: int  # loss tokens in the global batch
-    grad_norm: float
-    skipped: bool
 
 
 @dataclass
@@ -64,7 +53,7 @@ class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
         self.cfg, self.dims, self.device = cfg, dims, device
         t = cfg.training
-        self.autocast_dtype = _autocast_dtype(t.dtype, device)
+        self.autocast_dtype = autocast_dtype(t.dtype, device)
         self.global_batch = t.micro_batch_size * t.grad_accum_steps * dims.dp
 
         torch.manual_seed(t.seed)  # the same init on every rank
@@ -105,19 +94,19 @@ class Trainer:
         changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model.get(k) != v]
         if changed:
             raise UsageError(f"checkpoint {path} has a different model.{changed[0]}; resume with the same model config")
-        state = self.checkpointer.load(path, self.model, self.optimizer)
+        state = self.checkpointer.load(path, self.model, self.optimizer, self._trainer_state())
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.consumed_tokens = state["consumed_tokens"]
         self.bad_in_a_row = state["bad_in_a_row"]
         self.skipped = state["skipped"]
         torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
         self._print(f"resumed from {path} at step {self.step}")
 
-    def _save(self) -> None:
-        state = {
+    def _trainer_state(self) -> dict:
+        """Everything besides model and optimizer that a resumed run needs to continue exactly. The model
+        has no dropout, so the CPU generator is the only random state that matters (for later sampling)."""
+        return {
             "step": self.step,
             "consumed_samples": self.consumed_samples,
             "consumed_tokens": self.consumed_tokens,
@@ -125,9 +114,9 @@ class Trainer:
             "skipped": self.skipped,
             "rng_cpu": torch.get_rng_state(),
         }
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state, self.cfg.to_dict())
+
+    def _save(self) -> None:
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(), self.cfg.to_dict())
         self._print(f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------------------------------------
@@ -146,7 +135,10 @@ class Trainer:
                 lr = lr_at(self.step, cfg.schedule, cfg.optimizer, t.steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                out = self.train_step(batches.next_step())
+                out = train_step(
+                    self.model, self.optimizer, batches.next_step(), self.dims,
+                    z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=self.autocast_dtype,
+                )
                 self._account(out, result)
                 self.step += 1
                 self.consumed_samples += self.global_batch
@@ -156,7 +148,8 @@ class Trainer:
                     self.logger.log(self.step, window.scalars(lr, self.consumed_tokens, self.skipped, flops, peak, self.dims, self.device))
                     window = _Window()
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.data.valid is not None:
-                    result.val_losses[self.step] = self.evaluate()
+                    valid = eval_batches(self.data.valid, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp)
+                    result.val_losses[self.step] = evaluate(self.model, valid, self.dims, self.autocast_dtype)
                     self.logger.log(self.step, {"val_loss": result.val_losses[self.step]}, prefix="eval ")
                 if self.step < t.steps and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self._save()
@@ -182,65 +175,9 @@ class Trainer:
                 f"stopping. The last good checkpoint is {latest or 'none'}: lower optimizer.lr or raise training.z_loss"
             )
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
-        """Forward and backward over the micro-batches, then one clipped AdamW update (or a skip)."""
-        t = self.cfg.training
-        # The global token count is known before any forward; fixing it first keeps gradients a true
-        # token mean however the tokens fall across micro-batches and ranks.
-        local_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches).to(self.device)
-        global_tokens = all_reduce_sum(local_tokens.clone(), self.dims)
-        # DDP and FSDP average gradients over dp, so each rank divides by its share of the tokens.
-        per_rank_tokens = global_tokens / self.dims.dp
-        ce_sum = torch.zeros((), device=self.device)
-        self.model.train()
-        for mb in micro_batches:
-            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-            with self._autocast():
-                logits = self.model(mb["tokens"])  # [b, s, vocab]
-            loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], t.z_loss, per_rank_tokens)
-            loss.backward()
-            ce_sum += token_ce.sum()
-        max_norm = self.cfg.optimizer.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        loss_value = (all_reduce_sum(ce_sum, self.dims) / global_tokens).item()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm.item())
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_value, int(global_tokens.item()), grad_norm.item(), skipped=not finite)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        t = self.cfg.training
-        self.model.eval()
-        ce_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
-        for mb in eval_batches(self.data.valid, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp):
-            mb = {k: v.to(self.device) for k, v in mb.items()}
-            with self._autocast():
-                logits = self.model(mb["tokens"])
-            _, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], 0.0, 1)
-            ce_sum += token_ce.sum()
-            tokens += mb["loss_mask"].sum()
-        self.model.train()
-        return (all_reduce_sum(ce_sum, self.dims) / all_reduce_sum(tokens, self.dims)).item()
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _print(self, message: str) -> None:
         if self.dims.is_logger:
             print(message, flush=True)
-
-
-def _autocast_dtype(dtype: str, device: torch.device):
-    """bf16 autocast over fp32 parameters and optimizer state on CUDA; plain fp32 on CPU."""
-    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 class _Window:
