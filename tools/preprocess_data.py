@@ -1,0 +1,40 @@
+"""Tokenize a jsonl file into megatron-core's .bin/.idx pair (one document per line).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus --tokenizer byte
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \\
+        --tokenizer path/to/tokenizer.json --text-field content --workers 8
+
+Writes PREFIX.bin and PREFIX.idx (readable by megatron-core's IndexedDataset and by Megatron-LM);
+bad input prints `error: ...` and exits 2.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_llm.data.preprocess import preprocess  # noqa: E402
+from megatron_llm.errors import UsageError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="jsonl file, one JSON object per line")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
+    parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
+    args = parser.parse_args(argv)
+    try:
+        stats = preprocess(args.input, args.output_prefix, args.tokenizer, args.text_field, max(args.workers, 1))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(stats.summary(args.output_prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
