@@ -1,0 +1,193 @@
+"""megatron-core GPTDataset/BlendedDataset over the blend in `DataConfig`, checked before building.
+
+Every sample is a dict {tokens, labels, loss_mask, position_ids, dataset_id}: `dataset_id` is the
+index of its dataset in `data.blend`, which is our channel id. Building needs an initialised
+torch.distributed process group (gloo and world size 1 are fine): megatron-core builds and caches the
+sample indices on rank 0, barriers, and the other ranks load them, so every rank must call
+`build_datasets` and the cache directory must be shared by all ranks. Its precompiled C++ helpers ship
+with the wheel; we never call `compile_helpers`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_llm.config import DataConfig, DatasetSpec
+from megatron_llm.data.mcore import mcore
+from megatron_llm.data.tokenizer import load_tokenizer
+from megatron_llm.errors import UsageError
+
+
+@dataclass
+class Datasets:
+    train: torch.utils.data.Dataset
+    """BlendedDataset of the train splits, at least num_train_samples long."""
+    valid: Optional[torch.utils.data.Dataset]
+    """BlendedDataset of the validation splits; None when data.split gives valid no weight."""
+    valid_by_channel: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
+    """Each dataset's own validation split, num_valid_samples long, samples tagged with its channel."""
+    channel_names: list[str] = field(default_factory=list)
+    """Channel id -> name (spec.name or the file stem), in blend order."""
+
+
+def channel_names(blend: list[DatasetSpec]) -> list[str]:
+    return [spec.name or Path(spec.path).name for spec in blend]
+
+
+class _TokenizerInfo:
+    """What megatron-core's GPTDatasetConfig reads from a tokenizer: `vocab_size` (picks the token dtype
+    for its per-dataset sequence counts), `eod` (used only by the reset/eod-mask options, all off here)
+    and `unique_identifiers` (part of the cache key: only eod, so a padded vocab reuses the cache).
+    Without `pad`, megatron-core pads with -1, which no token is; train samples are never padded."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod, self.vocab_size = eod, vocab_size
+        self.unique_identifiers = {"class": "megatron_llm", "eod": eod}
+
+
+class _TaggedWithChannel(torch.utils.data.Dataset):
+    """A single GPTDataset whose samples carry `dataset_id` like a BlendedDataset's."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, channel: int):
+        self.dataset, self.channel = dataset, channel
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        return {"dataset_id": np.int16(self.channel), **self.dataset[idx]}
+
+
+_IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+
+
+def _idx_layout_ok(idx_path: Path) -> bool:
+    """Whether the .idx has megatron-core's header and room for the arrays it announces. Checked before
+    megatron-core reads it, whose reader fails on a bad file by assertion and then again in __del__."""
+    with open(idx_path, "rb") as f:
+        head = f.read(_IDX_HEADER.size)
+    if len(head) < _IDX_HEADER.size:
+        return False
+    magic, version, _code, sequences, documents = _IDX_HEADER.unpack(head)
+    arrays = sequences * (4 + 8) + documents * 8  # int32 lengths, int64 pointers, int64 document starts
+    return magic == b"MMIDIDX\x00\x00" and version == 1 and idx_path.stat().st_size >= _IDX_HEADER.size + arrays
+
+
+def check_indexed_dataset(prefix: str, vocab_size: int) -> np.ndarray:
+    """Checks a .bin/.idx pair; returns its sequence (= document) lengths. Raises UsageError naming
+    the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size."""
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    for path in (bin_path, idx_path):
+        if not path.is_file():
+            raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
+    corrupt = f"dataset index {idx_path} is corrupt; rerun tools/preprocess_data.py"
+    if not _idx_layout_ok(idx_path):
+        raise UsageError(corrupt)
+    indexed = mcore("datasets.indexed_dataset")
+    try:
+        dataset = indexed.IndexedDataset(prefix, mmap=False)  # reads the index only
+    except (AssertionError, ValueError, OSError, struct.error) as e:
+        raise UsageError(f"{corrupt} ({str(e).strip() or type(e).__name__})") from None
+    # Copies: the arrays are views of the index mmap, which the reader unmaps when it is collected.
+    lengths, pointers = dataset.sequence_lengths.copy(), dataset.index.sequence_pointers.copy()
+    dtype = dataset.index.dtype
+    del dataset
+    itemsize = np.dtype(dtype).itemsize
+    described = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    actual = bin_path.stat().st_size
+    if described != actual or int(lengths.sum()) * itemsize != actual:
+        raise UsageError(
+            f"{idx_path} describes {described} bytes but {bin_path} holds {actual}: the pair does not match "
+            "(truncated or overwritten); rerun tools/preprocess_data.py"
+        )
+    if actual:
+        max_id = int(np.memmap(bin_path, dtype=dtype, mode="r").max())
+        if max_id >= vocab_size:
+            raise UsageError(
+                f"{bin_path} holds token id {max_id} but the vocabulary has {vocab_size} ids "
+                "(model.vocab_size); use the tokenizer it was made with or raise model.vocab_size"
+            )
+    return lengths
+
+
+def _check_split_sizes(prefix: str, lengths: np.ndarray, split_matrix: list, seq_len: int) -> None:
+    """megatron-core loops forever on a split without tokens: require one full sample in each."""
+    n = len(lengths)
+    for name, bounds in zip(("train", "valid", "test"), split_matrix):
+        if bounds is None:
+            continue
+        beg, end = int(round(bounds[0] * n)), int(round(bounds[1] * n))  # as megatron-core splits
+        tokens = int(lengths[beg:end].sum())
+        if tokens < seq_len + 1:
+            raise UsageError(
+                f"dataset {prefix}: its {name} split (documents {beg}..{end} of {n}) holds {tokens} tokens, "
+                f"fewer than data.seq_len + 1 = {seq_len + 1}; add documents or change data.split"
+            )
+
+
+def _cache_dir(cfg: DataConfig) -> str:
+    path = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.blend[0].path).parent / ".cache"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass
+    if not (path.is_dir() and os.access(path, os.W_OK)):
+        raise UsageError(f"cannot write the dataset index cache {path}; set data.cache_dir to a writable directory")
+    return str(path)
+
+
+def build_datasets(
+    cfg: DataConfig, vocab_size: int, seed: int, num_train_samples: int, num_valid_samples: int
+) -> Datasets:
+    """The blended train and valid datasets plus one valid dataset per channel. Every rank calls it.
+
+    num_valid_samples is the length of `valid` and of each `valid_by_channel` entry; 0 skips them.
+    """
+    lengths = [check_indexed_dataset(spec.path, vocab_size) for spec in cfg.blend]
+    cache = _cache_dir(cfg)
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("build_datasets needs torch.distributed initialised (gloo with world size 1 is fine)")
+    gpt = mcore("datasets.gpt_dataset")
+    builder_mod = mcore("datasets.blended_megatron_dataset_builder")
+    config = gpt.GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=cfg.seq_len,
+        blend=([spec.path for spec in cfg.blend], [spec.weight for spec in cfg.blend]),
+        split=cfg.split,
+        path_to_cache=cache,
+        tokenizer=_TokenizerInfo(load_tokenizer(cfg.tokenizer).eod, vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    for spec, doc_lengths in zip(cfg.blend, lengths):
+        _check_split_sizes(spec.path, doc_lengths, config.split_matrix, cfg.seq_len)
+
+    # Always a BlendedDataset, even for one dataset (its weight list is not None), so every sample has
+    # a dataset_id. The test split, if weighted at all, is built at its minimum (one epoch) and unused.
+    sizes = [num_train_samples, num_valid_samples, 0]
+    train, valid, _test = builder_mod.BlendedMegatronDatasetBuilder(
+        gpt.GPTDataset, sizes, is_built_on_rank=lambda: True, config=config
+    ).build()
+    names = channel_names(cfg.blend)
+    if valid is None or num_valid_samples <= 0:
+        return Datasets(train=train, valid=None, channel_names=names)
+
+    # Per channel: a GPTDataset over the same held-out documents (valid.datasets[i]) but with
+    # num_valid_samples samples of its own, built rank 0 first like megatron-core's own splits.
+    by_channel = {}
+    for channel, (name, part) in enumerate(zip(names, valid.datasets)):
+        dataset = builder_mod.BlendedMegatronDatasetBuilder.build_generic_dataset(
+            gpt.GPTDataset, lambda: True, True,
+            part.dataset, part.dataset_path, part.indices, num_valid_samples, part.index_split, config,
+        )
+        by_channel[name] = _TaggedWithChannel(dataset, channel)
+    return Datasets(train=train, valid=valid, valid_by_channel=by_channel, channel_names=names)
