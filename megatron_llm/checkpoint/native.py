@@ -23,7 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from megatron_llm.errors import UsageError
 
@@ -93,7 +98,17 @@ class Checkpointer:
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
         """Restores model and optimizer in place; returns the saved values of `trainer_state`'s keys
-        (DCP loads into a template: only keys present in it are read)."""
+        (DCP loads into a template: only keys present in it are read).
+
+        A weights-only checkpoint (written by tools/convert_checkpoint.py) restores the model alone and
+        returns {}: training starts at step 0 from those weights.
+        """
+        if not has_training_state(path):
+            state = {"model": get_model_state_dict(model)}
+            with _quiet_dcp():
+                dcp.load(state, checkpoint_id=path)
+            set_model_state_dict(model, state["model"])
+            return {}
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd, "trainer": dict(trainer_state)}
         with _quiet_dcp():
@@ -135,6 +150,24 @@ def load_model_state(path: Path, model: torch.nn.Module) -> None:
     with _quiet_dcp():
         dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"])
+
+
+def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict) -> None:
+    """A weights-only checkpoint at `path` (atomically: a temporary directory renamed into place).
+    `config` is a full config dict (Config.to_dict()); train.py can resume from the result."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _quiet_dcp():
+        dcp.save({"model": model_state}, checkpoint_id=tmp)
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def has_training_state(path: Path) -> bool:
+    """False for a weights-only checkpoint: one holding just `model` and config.yaml."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return any(key.startswith("trainer.") for key in keys)
 
 
 def read_config(path: Path) -> dict:

@@ -95,6 +95,9 @@ class Trainer:
         if changed:
             raise UsageError(f"checkpoint {path} has a different model.{changed[0]}; resume with the same model config")
         state = self.checkpointer.load(path, self.model, self.optimizer, self._trainer_state())
+        if not state:
+            self._print(f"initialised the model from the weights-only checkpoint {path}; training starts at step 0")
+            return
         self.step = state["step"]
         self.consumed_samples = state["consumed_samples"]
         self.consumed_tokens = state["consumed_tokens"]
