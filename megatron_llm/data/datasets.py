@@ -30,7 +30,8 @@ class Datasets:
     train: torch.utils.data.Dataset
     """BlendedDataset of the train splits, at least num_train_samples long."""
     valid: Optional[torch.utils.data.Dataset]
-    """BlendedDataset of the validation splits; None when data.split gives valid no weight."""
+    """BlendedDataset of the validation splits; None when data.split gives valid no weight or
+    num_valid_samples is 0."""
     valid_by_channel: dict[str, torch.utils.data.Dataset] = field(default_factory=dict)
     """Each dataset's own validation split, num_valid_samples long, samples tagged with its channel."""
     channel_names: list[str] = field(default_factory=list)
