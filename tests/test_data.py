@@ -304,13 +304,13 @@ def test_two_dp_ranks_see_the_single_rank_global_batch(train_dataset):
 def test_resume_and_workers_give_the_same_batches(train_dataset):
     straight = TrainBatches(train_dataset.train, 2, 3, dp_rank=1, dp_size=2)
     steps = [straight.next_step() for _ in range(4)]
-    resumed = TrainBatches(train_dataset.train, 2, 3, dp_rank=1, dp_size=2, start_step=2)
-    workers = TrainBatches(train_dataset.train, 2, 3, dp_rank=1, dp_size=2, start_step=2, num_workers=2)
+    resumed = TrainBatches(train_dataset.train, 2, 3, dp_rank=1, dp_size=2, start_sample=2 * 12)
+    workers = TrainBatches(train_dataset.train, 2, 3, dp_rank=1, dp_size=2, start_sample=2 * 12, num_workers=2)
     for k in (2, 3):
         for batches in (resumed.next_step(), workers.next_step()):
             for got, want in zip(batches, steps[k]):
                 assert all(torch.equal(got[key], want[key]) for key in want)
-    assert resumed.step == 4
+    assert resumed.next_sample == 4 * 12  # global batch 2 x 3 x 2
 
 
 def test_eval_batches_repeat(train_dataset):

@@ -3,8 +3,8 @@
 The global batch of step k is samples [k*G, (k+1)*G) of the train dataset, G = micro * accum * dp.
 Micro-batch m of data-parallel rank r is samples k*G + m*(micro*dp) + r*micro + [0, micro): the dp
 ranks together see one contiguous slice per accumulation step, so the global batch does not depend on
-how it is split. The position is a pure function of the step, so resuming at step k is exact; the
-checkpoint stores only k.
+how it is split. The position is a pure function of the consumed samples (k*G), which the checkpoint
+stores, so resuming is exact.
 
 The dataset is sized by megatron-core to the requested number of samples (steps * G), so indices
 never run past its end in a correctly configured run; if they do (more steps than it was built for),
@@ -35,21 +35,23 @@ def micro_batch_indices(first: int, micro_batch_size: int, dp_rank: int, dp_size
 
 
 class _StepSampler:
-    """Batch sampler for DataLoader workers: the index lists of every micro-batch from start_step on."""
+    """Batch sampler for DataLoader workers: the index lists of every micro-batch from start_sample on."""
 
-    def __init__(self, batches: "TrainBatches", start_step: int):
-        self.batches, self.start_step = batches, start_step
+    def __init__(self, batches: "TrainBatches", start_sample: int):
+        self.batches, self.start_sample = batches, start_sample
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
+        first = self.start_sample
         while True:
             for m in range(self.batches.grad_accum_steps):
-                yield self.batches.indices(step, m)
-            step += 1
+                yield self.batches.indices(first, m)
+            first += self.batches.global_batch_size
 
 
 class TrainBatches:
-    """`next_step()` returns the grad_accum_steps micro-batch dicts of this rank for step `self.step`.
+    """`next_step()` returns the grad_accum_steps micro-batch dicts of this rank for the global batch
+    starting at sample `self.next_sample`. The position is a sample count (what a checkpoint records
+    as consumed_samples), so a run may resume with another global batch size.
 
     With num_workers > 0 a DataLoader prefetches them in worker processes, in the same order.
     """
@@ -61,18 +63,18 @@ class TrainBatches:
         grad_accum_steps: int,
         dp_rank: int,
         dp_size: int,
-        start_step: int = 0,
+        start_sample: int = 0,
         num_workers: int = 0,
     ):
         self.dataset = dataset
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.step = start_step  # the next step to return; what a checkpoint records
+        self.next_sample = start_sample
         self._length = len(dataset)
         self._prefetched: Optional[Iterator[dict]] = None
         if num_workers > 0:
             loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=_StepSampler(self, start_step), num_workers=num_workers, collate_fn=collate
+                dataset, batch_sampler=_StepSampler(self, start_sample), num_workers=num_workers, collate_fn=collate
             )
             self._prefetched = iter(loader)
 
@@ -80,8 +82,8 @@ class TrainBatches:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.dp_size
 
-    def indices(self, step: int, micro: int) -> list[int]:
-        first = step * self.global_batch_size + micro * self.micro_batch_size * self.dp_size
+    def indices(self, batch_start: int, micro: int) -> list[int]:
+        first = batch_start + micro * self.micro_batch_size * self.dp_size
         return micro_batch_indices(first, self.micro_batch_size, self.dp_rank, self.dp_size, self._length)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
@@ -89,9 +91,9 @@ class TrainBatches:
             batches = [next(self._prefetched) for _ in range(self.grad_accum_steps)]
         else:
             batches = [
-                collate([self.dataset[i] for i in self.indices(self.step, m)]) for m in range(self.grad_accum_steps)
+                collate([self.dataset[i] for i in self.indices(self.next_sample, m)]) for m in range(self.grad_accum_steps)
             ]
-        self.step += 1
+        self.next_sample += self.global_batch_size
         return batches
 
 

@@ -127,7 +127,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         result = TrainResult(final_step=self.step)
         batches = TrainBatches(
-            self.data.train, t.micro_batch_size, t.grad_accum_steps, self.dims.dp_rank, self.dims.dp, self.consumed_samples
+            self.data.train, t.micro_batch_size, t.grad_accum_steps, self.dims.dp_rank, self.dims.dp,
+            start_sample=self.consumed_samples, num_workers=cfg.data.num_workers,
         )
         flops = flops_per_token(cfg.model, cfg.data.seq_len)
         peak = peak_flops(self.device)
