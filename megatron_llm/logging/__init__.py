@@ -29,10 +29,10 @@ class MetricsLogger:
 
 
 def _format(key: str, value: float) -> str:
-    if key in ("tokens", "skipped_steps") or key.startswith("tokens/"):
-        return f"{key} {int(value)}"
-    if key in ("lr",):
-        return f"{key} {value:.3e}"
-    if abs(value) >= 1000:
+    if key in ("tokens", "tokens_per_s", "skipped_steps") or key.startswith("tokens/"):
         return f"{key} {value:,.0f}"
+    if key == "lr":
+        return f"{key} {value:.3e}"
+    if key in ("ms_per_step", "peak_mem_gb"):
+        return f"{key} {value:.1f}"
     return f"{key} {value:.4f}"
