@@ -35,8 +35,9 @@ class ParallelDims:
 
     @property
     def is_logger(self) -> bool:
-        """Rank 0 writes the console and TensorBoard."""
-        return self.rank == 0
+        """The one rank that prints and writes TensorBoard: coordinates (pp=last, dp=0, tp=0), because
+        the loss and the per-channel sums exist only on the last pipeline stage."""
+        return self.rank == (self.pp - 1) * self.dp * self.tp
 
 
 def check_layout(parallel: ParallelConfig, world_size: int) -> int:
