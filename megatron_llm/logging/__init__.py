@@ -17,7 +17,11 @@ class MetricsLogger:
     def log(self, step: int, scalars: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
             return
-        print(f"{prefix}step {step:>6} | " + " | ".join(_format(k, v) for k, v in scalars.items()), flush=True)
+        # Per-channel values go last, compactly; token counts per channel only to TensorBoard.
+        main = [_format(k, v) for k, v in scalars.items() if "/" not in k]
+        channels = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in scalars.items() if k.startswith(("loss/", "val_loss/"))]
+        line = f"{prefix}step {step:>6} | " + " | ".join(main)
+        print(line + (" | channels: " + ", ".join(channels) if channels else ""), flush=True)
         if self.writer is not None:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
@@ -29,7 +33,7 @@ class MetricsLogger:
 
 
 def _format(key: str, value: float) -> str:
-    if key in ("tokens", "tokens_per_s", "skipped_steps") or key.startswith("tokens/"):
+    if key in ("tokens", "tokens_per_s", "skipped_steps"):
         return f"{key} {value:,.0f}"
     if key == "lr":
         return f"{key} {value:.3e}"

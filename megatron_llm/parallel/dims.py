@@ -34,6 +34,10 @@ class ParallelDims:
         return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
 
     @property
+    def dp_group(self) -> Optional[dist.ProcessGroup]:
+        return self.mesh["dp"].get_group() if self.dp > 1 else None
+
+    @property
     def is_logger(self) -> bool:
         """The one rank that prints and writes TensorBoard: coordinates (pp=last, dp=0, tp=0), because
         the loss and the per-channel sums exist only on the last pipeline stage."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from megatron_llm.parallel import ParallelDims, all_reduce_sum
+from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
 
 
@@ -20,6 +21,7 @@ class StepResult:
     tokens: int  # loss tokens in the global batch
     grad_norm: float
     skipped: bool  # NaN/Inf loss or gradient norm: no update was made
+    channels: ChannelTotals  # channel -> (loss sum, tokens) over the global batch
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
@@ -42,6 +44,7 @@ def train_step(
     z_loss: float,
     grad_clip: float,
     autocast: Optional[torch.dtype],
+    num_channels: int = 1,
 ) -> StepResult:
     """Forward and backward over the micro-batches, then one clipped AdamW update (or a skip)."""
     device = next(model.parameters()).device
@@ -52,6 +55,7 @@ def train_step(
     # DDP and FSDP average gradients over dp, so each rank divides by its share of the tokens.
     per_rank_tokens = global_tokens / dims.dp
     ce_sum = torch.zeros((), device=device)
+    channel_sums = ChannelSums(num_channels, device)
     model.train()
     for mb in micro_batches:
         mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
@@ -60,6 +64,7 @@ def train_step(
         loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
         loss.backward()
         ce_sum += token_ce.sum()
+        channel_sums.add(token_ce, mb["loss_mask"], mb["channel"])
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     # One host sync for both numbers.
@@ -68,7 +73,8 @@ def train_step(
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite)
+    channels = channel_sums.gather(dims.dp_group)
+    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels)
 
 
 @torch.no_grad()

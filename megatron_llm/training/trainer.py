@@ -21,6 +21,7 @@ from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
 from megatron_llm.model import build_model, flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize, pick_device
+from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
@@ -35,6 +36,8 @@ class TrainingDiverged(UsageError):
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss, steps run by this call
     val_losses: dict[int, float] = field(default_factory=dict)
+    channels: dict[int, ChannelTotals] = field(default_factory=dict)  # step -> channel -> (loss sum, tokens)
+    val_channel_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> channel name -> loss
     skipped_steps: int = 0
     final_step: int = 0
 
@@ -132,7 +135,8 @@ class Trainer:
         )
         flops = flops_per_token(cfg.model, cfg.data.seq_len)
         peak = peak_flops(self.device)
-        window = _Window()
+        names = self.data.channel_names
+        window = _Window(names)
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
@@ -142,6 +146,7 @@ class Trainer:
                 out = train_step(
                     self.model, self.optimizer, batches.next_step(), self.dims,
                     z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=self.autocast_dtype,
+                    num_channels=len(names),
                 )
                 self._account(out, result)
                 self.step += 1
@@ -150,11 +155,9 @@ class Trainer:
                 window.add(out, time.perf_counter() - start, self.global_batch * cfg.data.seq_len)
                 if self.step % cfg.logging.interval == 0 or self.step == t.steps:
                     self.logger.log(self.step, window.scalars(lr, self.consumed_tokens, self.skipped, flops, peak, self.dims, self.device))
-                    window = _Window()
+                    window = _Window(names)
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.data.valid is not None:
-                    valid = eval_batches(self.data.valid, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp)
-                    result.val_losses[self.step] = evaluate(self.model, valid, self.dims, self.autocast_dtype)
-                    self.logger.log(self.step, {"val_loss": result.val_losses[self.step]}, prefix="eval ")
+                    self._evaluate(result)
                 if self.step < t.steps and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
                     self._save()
             if result.losses:  # this call trained: save its end state
@@ -164,8 +167,24 @@ class Trainer:
         result.final_step, result.skipped_steps = self.step, self.skipped
         return result
 
+    def _evaluate(self, result: TrainResult) -> None:
+        """val_loss on the blended validation split, and val_loss/<channel> on each channel's own."""
+        t = self.cfg.training
+
+        def loss_on(dataset) -> float:
+            batches = eval_batches(dataset, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp)
+            return evaluate(self.model, batches, self.dims, self.autocast_dtype)
+
+        result.val_losses[self.step] = loss_on(self.data.valid)
+        per_channel = {name: loss_on(ds) for name, ds in self.data.valid_by_channel.items()}
+        result.val_channel_losses[self.step] = per_channel
+        scalars = {"val_loss": result.val_losses[self.step]}
+        scalars.update({f"val_loss/{tag_safe(name)}": loss for name, loss in per_channel.items()})
+        self.logger.log(self.step, scalars, prefix="eval ")
+
     def _account(self, out: StepResult, result: TrainResult) -> None:
         result.losses[self.step] = out.loss
+        result.channels[self.step] = out.channels
         if not out.skipped:
             self.bad_in_a_row = 0
             return
@@ -185,11 +204,13 @@ class Trainer:
 
 
 class _Window:
-    """Sums over one log interval; the logged loss is token-weighted over the interval's good steps."""
+    """Sums over one log interval; logged losses are token-weighted over the interval's good steps."""
 
-    def __init__(self):
+    def __init__(self, channel_names: list[str]):
+        self.channel_names = channel_names
         self.loss_sum = self.tokens = self.processed = self.steps = self.seconds = 0.0
         self.grad_norm = 0.0
+        self.channels: dict[int, list[float]] = {}
 
     def add(self, out: StepResult, seconds: float, processed_tokens: int) -> None:
         self.steps += 1
@@ -199,6 +220,7 @@ class _Window:
         if not out.skipped:
             self.loss_sum += out.loss * out.tokens
             self.tokens += out.tokens
+            merge(self.channels, out.channels)
 
     def scalars(self, lr, consumed_tokens, skipped, flops_per_tok, peak, dims: ParallelDims, device) -> dict:
         tokens_per_s = self.processed / self.seconds if self.seconds else 0.0
@@ -210,6 +232,10 @@ class _Window:
             "tokens_per_s": tokens_per_s,
             "ms_per_step": 1000 * self.seconds / self.steps,
         }
+        for c, (loss_sum, tokens) in sorted(self.channels.items()):  # channels absent in the interval: not logged
+            name = tag_safe(self.channel_names[c])
+            out[f"loss/{name}"] = loss_sum / tokens
+            out[f"tokens/{name}"] = tokens
         if skipped:
             out["skipped_steps"] = skipped
         if peak:
