@@ -124,6 +124,9 @@ class DataConfig:
     split: str = param("98,2,0", "train,valid,test weights of each dataset's documents")
     cache_dir: Optional[str] = param(None, "where megatron-core caches its sample indices; null: beside the data")
     num_workers: int = param(0, "DataLoader worker processes")
+    random_channels: Optional[int] = param(
+        None, "give every training sample a seeded random channel out of K (all K curves must then agree)"
+    )
 
 
 @dataclass
@@ -219,6 +222,8 @@ class Config:
         names = [spec.name or Path(spec.path).name for spec in d.blend]
         if len(set(names)) != len(names):
             raise UsageError(f"data.blend has duplicate channel names {names}: give each dataset a distinct name")
+        if d.random_channels is not None and d.random_channels <= 0:
+            raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):
             raise UsageError("data.blend weights must be positive")
         if o.min_lr > o.lr:

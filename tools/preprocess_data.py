@@ -5,7 +5,8 @@
         --tokenizer path/to/tokenizer.json --text-field content --workers 8
 
 Writes PREFIX.bin and PREFIX.idx (readable by megatron-core's IndexedDataset and by Megatron-LM);
-bad input prints `error: ...` and exits 2.
+with --channel-field FIELD, one PREFIX_VALUE.bin/.idx per distinct value of FIELD, and prints the
+data.blend lines that make each one a channel. Bad input prints `error: ...` and exits 2.
 """
 
 import argparse
@@ -25,14 +26,20 @@ def main(argv=None) -> int:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
     parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
+    parser.add_argument("--channel-field", help="split the output by this JSON field's value (one dataset per channel)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     args = parser.parse_args(argv)
     try:
-        stats = preprocess(args.input, args.output_prefix, args.tokenizer, args.text_field, max(args.workers, 1))
+        stats = preprocess(
+            args.input, args.output_prefix, args.tokenizer, args.text_field, max(args.workers, 1),
+            channel_field=args.channel_field,
+        )
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(stats.summary(args.output_prefix))
+    print(stats.summary())
+    if args.channel_field:
+        print("data:\n  blend:\n" + stats.blend_lines())
     return 0
 
 

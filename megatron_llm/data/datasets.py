@@ -66,6 +66,22 @@ class _TaggedWithChannel(torch.utils.data.Dataset):
         return {"dataset_id": np.int16(self.channel), **self.dataset[idx]}
 
 
+class _RandomChannels(torch.utils.data.Dataset):
+    """Replaces each sample's channel by a seeded random one of k, a pure function of (seed, index):
+    every channel then sees the same data distribution, so all k loss curves must agree within noise,
+    a check of the per-channel machinery itself."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, k: int, seed: int):
+        self.dataset, self.k, self.seed = dataset, k, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        channel = np.random.default_rng([self.seed, idx]).integers(self.k)
+        return {**self.dataset[idx], "dataset_id": np.int16(channel)}
+
+
 _IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
 
 
@@ -179,13 +195,17 @@ def build_datasets(
         gpt.GPTDataset, sizes, is_built_on_rank=lambda: True, config=config
     ).build()
     names = channel_names(cfg.blend)
+    if cfg.random_channels:
+        # Validation stays per source (below); only training samples are reassigned.
+        train = _RandomChannels(train, cfg.random_channels, seed)
+        names = [f"random_{c}" for c in range(cfg.random_channels)]
     if valid is None or num_valid_samples <= 0:
         return Datasets(train=train, valid=None, channel_names=names)
 
     # Per channel: a GPTDataset over the same held-out documents (valid.datasets[i]) but with
     # num_valid_samples samples of its own, built rank 0 first like megatron-core's own splits.
     by_channel = {}
-    for channel, (name, part) in enumerate(zip(names, valid.datasets)):
+    for channel, (name, part) in enumerate(zip(channel_names(cfg.blend), valid.datasets)):
         dataset = builder_mod.BlendedMegatronDatasetBuilder.build_generic_dataset(
             gpt.GPTDataset, lambda: True, True,
             part.dataset, part.dataset_path, part.indices, num_valid_samples, part.index_split, config,

@@ -74,7 +74,7 @@ def build_subject(subject: str, output_prefix: str, tokenizer_spec: str = "byte"
                 f.write(json.dumps({"text": text}) + "\n")
         # In-process: a few MB tokenize in ~0.1 s, faster than starting workers (and no fork of a trainer).
         stats = preprocess(str(jsonl), output_prefix, tokenizer_spec, workers=1, progress=False)
-    return f"default corpus: {subject} from {len(files)} stdlib files -> " + stats.summary(output_prefix)
+    return f"default corpus: {subject} from {len(files)} stdlib files -> " + stats.summary()
 
 
 def ensure_default_corpus(blend: list[DatasetSpec], tokenizer_spec: str = "byte") -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -32,11 +33,18 @@ class PreprocessStats:
     documents: int
     tokens: int
     seconds: float
+    outputs: dict[str, str]  # channel value ("" without --channel-field) -> output prefix
 
-    def summary(self, output_prefix: str) -> str:
-        return (
-            f"wrote {output_prefix}.bin/.idx: {self.documents} documents, {self.tokens} tokens "
-            f"in {self.seconds:.1f} s"
+    def summary(self) -> str:
+        written = ", ".join(f"{prefix}.bin/.idx" for prefix in self.outputs.values())
+        return f"wrote {written}: {self.documents} documents, {self.tokens} tokens in {self.seconds:.1f} s"
+
+    def blend_lines(self) -> str:
+        """The data.blend entries for these outputs, to paste into a config."""
+        return "\n".join(
+            # JSON strings are YAML strings, quoted whatever the channel value holds
+            f"    - {{path: {json.dumps(prefix)}, weight: 1.0, name: {json.dumps(channel)}}}"
+            for channel, prefix in self.outputs.items()
         )
 
 
@@ -44,16 +52,16 @@ class PreprocessStats:
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_spec: str, text_field: str) -> None:
+def _init_worker(tokenizer_spec: str, text_field: str, channel_field: Optional[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; no fork warning
-    _worker.update(tokenizer=load_tokenizer(tokenizer_spec), field=text_field)
+    _worker.update(tokenizer=load_tokenizer(tokenizer_spec), field=text_field, channel_field=channel_field)
 
 
-def _encode_line(item: tuple[int, bytes]) -> tuple[Optional[np.ndarray], int]:
-    """(line number, raw line) -> (token ids + eod, or None for a blank line; bytes consumed)."""
+def _encode_line(item: tuple[int, bytes]) -> tuple[Optional[np.ndarray], str, int]:
+    """(line number, raw line) -> (token ids + eod, or None for a blank line; channel; bytes consumed)."""
     lineno, line = item
     if not line.strip():
-        return None, len(line)
+        return None, "", len(line)
     try:
         record = json.loads(line.strip())
     except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
@@ -65,10 +73,16 @@ def _encode_line(item: tuple[int, bytes]) -> tuple[Optional[np.ndarray], int]:
     text = record[field]
     if not isinstance(text, str):
         raise UsageError(f"line {lineno}: field {field!r} is {type(text).__name__}, not a string")
+    channel = ""
+    if _worker["channel_field"] is not None:
+        channel_field = _worker["channel_field"]
+        if record.get(channel_field) is None:
+            raise UsageError(f"line {lineno} has no {channel_field!r} field (the --channel-field)")
+        channel = str(record[channel_field])
     tokenizer: Tokenizer = _worker["tokenizer"]
     ids = tokenizer.encode(text)
     ids.append(tokenizer.eod)
-    return np.asarray(ids, dtype=np.int32), len(line)  # the builder narrows to its dtype
+    return np.asarray(ids, dtype=np.int32), channel, len(line)  # the builder narrows to its dtype
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -77,13 +91,14 @@ def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 @contextmanager
-def _encoded_lines(src: Path, tokenizer_spec: str, text_field: str, workers: int):
+def _encoded_lines(src: Path, tokenizer_spec: str, text_field: str, channel_field: Optional[str], workers: int):
     """Yields an iterator of _encode_line results in line order; workers > 1 runs a process pool."""
     if workers <= 1:
-        _init_worker(tokenizer_spec, text_field)
+        _init_worker(tokenizer_spec, text_field, channel_field)
         yield map(_encode_line, _numbered_lines(src))
         return
-    with multiprocessing.Pool(workers, _init_worker, (tokenizer_spec, text_field)) as pool:  # exit terminates
+    initargs = (tokenizer_spec, text_field, channel_field)
+    with multiprocessing.Pool(workers, _init_worker, initargs) as pool:  # exit terminates
         yield pool.imap(_encode_line, _numbered_lines(src), CHUNK_LINES)
 
 
@@ -135,10 +150,12 @@ def preprocess(
     text_field: str = "text",
     workers: int = 1,
     progress: bool = True,
+    channel_field: Optional[str] = None,
 ) -> PreprocessStats:
-    """Tokenizes every line's `text_field` of a jsonl file into `output_prefix`.bin/.idx.
+    """Tokenizes every line's `text_field` of a jsonl file into `output_prefix`.bin/.idx, or, with
+    `channel_field`, into one `output_prefix`_VALUE.bin/.idx per distinct value of that field.
 
-    Raises UsageError (one line) for a missing input, a line that is not JSON or lacks the field,
+    Raises UsageError (one line) for a missing input, a line that is not JSON or lacks a field,
     or an input without documents; nothing is left under the output names in that case.
     """
     start = time.perf_counter()
@@ -148,30 +165,42 @@ def preprocess(
     tokenizer = load_tokenizer(tokenizer_spec)
     out = Path(output_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp_bin, tmp_idx = Path(f"{tmp}.bin"), Path(f"{tmp}.idx")
 
     # The workers start before megatron-core is imported (3 s), so that they tokenize meanwhile.
-    with _encoded_lines(src, tokenizer_spec, text_field, workers) as encoded:
+    with _encoded_lines(src, tokenizer_spec, text_field, channel_field, workers) as encoded:
         indexed = mcore("datasets.indexed_dataset")
-        builder = indexed.IndexedDatasetBuilder(str(tmp_bin), dtype=indexed.DType.optimal_dtype(tokenizer.vocab_size))
+        dtype = indexed.DType.optimal_dtype(tokenizer.vocab_size)
+        builders: dict[str, tuple] = {}  # channel -> (builder, final prefix, tmp prefix)
         bar = _progress_bar(src.stat().st_size, f"tokenizing {src.name}", progress)
         documents = tokens = 0
         try:
-            for ids, nbytes in encoded:
+            for ids, channel, nbytes in encoded:
                 bar.update(nbytes)
-                if ids is not None:
-                    builder.add_document(ids, [len(ids)])
-                    documents += 1
-                    tokens += len(ids)
+                if ids is None:
+                    continue
+                if channel not in builders:
+                    final = Path(f"{out}_{_file_safe(channel)}") if channel_field else out
+                    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+                    builders[channel] = (indexed.IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype), final, tmp)
+                builders[channel][0].add_document(ids, [len(ids)])
+                documents += 1
+                tokens += len(ids)
             if documents == 0:
                 raise UsageError(f"input file {src} holds no documents")
-            builder.finalize(str(tmp_idx))
-            os.replace(tmp_bin, f"{out}.bin")  # .idx last: a pair with its .idx in place is complete
-            os.replace(tmp_idx, f"{out}.idx")
+            for builder, _, tmp in builders.values():
+                builder.finalize(f"{tmp}.idx")
+            for _, final, tmp in builders.values():
+                os.replace(f"{tmp}.bin", f"{final}.bin")  # .idx last: a pair with its .idx in place is complete
+                os.replace(f"{tmp}.idx", f"{final}.idx")
         finally:
             bar.close()
-            builder.data_file.close()
-            tmp_bin.unlink(missing_ok=True)
-            tmp_idx.unlink(missing_ok=True)
-    return PreprocessStats(documents, tokens, time.perf_counter() - start)
+            for builder, _, tmp in builders.values():
+                builder.data_file.close()
+                Path(f"{tmp}.bin").unlink(missing_ok=True)
+                Path(f"{tmp}.idx").unlink(missing_ok=True)
+    outputs = {channel: str(final) for channel, (_, final, _) in sorted(builders.items())}
+    return PreprocessStats(documents, tokens, time.perf_counter() - start, outputs)
+
+
+def _file_safe(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", value) or "_"
