@@ -51,17 +51,17 @@ ACTIVATIONS = {"silu": "swiglu", "gelu": "geglu"}  # HF hidden_act of a gated ML
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def rename_key(key: str, table: dict) -> str:
+    """One key through HF_TO_NATIVE or NATIVE_TO_HF; KeyError when the table has no such key."""
+    match = LAYER.search(key)
+    template = LAYER.sub("layers.{i}.", key, count=1)
+    if template not in table:
+        raise KeyError(f"no mapping for checkpoint key {key!r}")
+    return table[template].format(i=match.group(1) if match else "")
+
+
 def _rename(state_dict: dict, table: dict) -> dict:
-    out = {}
-    for key, value in state_dict.items():
-        if HF_IGNORED.match(key):
-            continue
-        match = LAYER.search(key)
-        template = LAYER.sub("layers.{i}.", key, count=1)
-        if template not in table:
-            raise KeyError(f"no mapping for checkpoint key {key!r}")
-        out[table[template].format(i=match.group(1) if match else "")] = value
-    return out
+    return {rename_key(key, table): value for key, value in state_dict.items() if not HF_IGNORED.match(key)}
 
 
 def hf_to_native(state_dict: dict) -> dict:
@@ -179,3 +179,26 @@ def hf_config_from_model_config(cfg: ModelConfig, family: str) -> dict:
         if back[key] != value:
             raise UsageError(f"{family} cannot express model.{key}={value!r} (it would read back as {back[key]!r})")
     return out
+
+
+# Rewritten by hf_config_from_model_config in transformers 4's layout, so dropped from a carried-over
+# config: transformers 5 writes `rope_parameters` and `dtype`, which would otherwise contradict ours.
+REWRITTEN_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "dtype", "torch_dtype")
+
+
+def infer_family(cfg: ModelConfig) -> str:
+    """The plainest family that expresses `cfg`: QK-norm needs qwen3, q/k/v bias alone qwen2."""
+    if cfg.qk_norm:
+        return "qwen3"
+    if cfg.qkv_bias and not cfg.linear_bias:
+        return "qwen2"
+    return "llama"
+
+
+def export_hf_config(cfg: ModelConfig, dtype: str, base: "dict | None" = None, family: "str | None" = None) -> dict:
+    """config.json for `cfg`. `base` is the source model's own config.json when known (from a Hugging Face
+    input or carried beside a converted checkpoint): its other fields (token ids, ...) are kept.
+    The family is `family`, else base's, else the plainest that fits."""
+    base = {k: v for k, v in (base or {}).items() if k not in REWRITTEN_KEYS}
+    family = family or base.get("model_type") or infer_family(cfg)
+    return {**base, **hf_config_from_model_config(cfg, family), "torch_dtype": dtype}

@@ -1,0 +1,165 @@
+"""Conversion between Hugging Face, Megatron-LM and native checkpoints, in any direction, and loading
+any of the three as a model. tools/convert_checkpoint.py is the command line over convert().
+
+Every pair goes through the same loop (stream.stream): the reader of the input format hands our
+native tensors group by group to the writer of the output format, so megatron -> megatron with another
+tp/pp (resharding) is simply a Megatron reader feeding a Megatron writer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_llm.checkpoint.hf_io import INDEX, SINGLE, HFReader, HFWriter
+from megatron_llm.checkpoint.megatron import SPECS
+from megatron_llm.checkpoint.megatron_io import TRACKER, MegatronReader, MegatronWriter
+from megatron_llm.checkpoint.native_io import NativeReader, NativeWriter
+from megatron_llm.checkpoint.stream import (
+    DTYPES,
+    HF_CONFIG,
+    Reader,
+    Writer,
+    atomic_directory,
+    directory_bytes,
+    native_groups,
+    stream,
+)
+from megatron_llm.model import build_model
+from megatron_llm.errors import UsageError
+
+FORMATS = ("hf", "megatron", "native")
+READERS = {"hf": HFReader, "megatron": MegatronReader, "native": NativeReader}
+# Copied through unchanged from the input directory, whatever the formats: a model keeps its tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+
+
+@dataclass
+class Options:
+    tp: int = 1
+    pp: int = 1
+    spec: str = "local"  # Megatron key names: megatron-core's local spec or the Transformer Engine spec
+    dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's
+    hf_family: Optional[str] = None  # None: the input's own family when known, else the plainest that fits
+    max_shard_bytes: int = 2 * 1024**3  # Hugging Face output: bytes per safetensors shard, at most
+    overwrite: bool = False
+
+
+@dataclass
+class Summary:
+    direction: str
+    parameters: int
+    files: int
+    bytes: int
+    seconds: float
+    output: Path
+
+    def __str__(self) -> str:
+        return (f"converted {self.direction}: {self.parameters / 1e6:,.1f}M parameters, {self.files} weight files, "
+                f"{self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s -> {self.output}")
+
+
+def detect_format(path: str) -> str:
+    p = Path(path)
+    if (p / TRACKER).is_file():
+        return "megatron"
+    if (p / "config.json").is_file() and ((p / SINGLE).is_file() or (p / INDEX).is_file()):
+        return "hf"
+    if (p / ".metadata").is_file() or (p / "latest").is_file():
+        return "native"
+    raise UsageError(
+        f"{path} is not a checkpoint we know: expected a Hugging Face directory (config.json + safetensors), "
+        f"a Megatron-LM one ({TRACKER}) or a native one (.metadata or latest)"
+    )
+
+
+def open_reader(fmt: str, path: Path) -> Reader:
+    if not Path(path).is_dir():
+        raise UsageError(f"input {path} is not a directory")
+    return READERS[fmt](Path(path))
+
+
+def _open_writer(fmt: str, path: Path, reader: Reader, opts: Options, dtype: torch.dtype) -> Writer:
+    cfg = reader.config
+    if fmt == "megatron":
+        return MegatronWriter(path, cfg, opts.tp, opts.pp, opts.spec, dtype)
+    if (opts.tp, opts.pp) != (1, 1) and fmt == "hf":
+        raise UsageError("--tp/--pp set a Megatron layout; Hugging Face checkpoints are unsharded: drop them")
+    if fmt == "hf":
+        return HFWriter(path, cfg, dtype, reader.hf_config, opts.hf_family, opts.max_shard_bytes)
+    return NativeWriter(path, cfg)
+
+
+def _first_dtype(reader: Reader) -> torch.dtype:
+    """The input's dtype, from its first tensor (one norm weight or the embedding: read, then dropped)."""
+    first = native_groups(reader.config)[1][0]
+    return reader.read([first])[first].dtype
+
+
+def convert(input: str, input_format: str, output: str, output_format: str, opts: Options = Options()) -> Summary:
+    """Converts a checkpoint; the output directory appears complete or not at all."""
+    for fmt in (input_format, output_format):
+        if fmt not in FORMATS:
+            raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if opts.spec not in SPECS:
+        raise UsageError(f"unknown --megatron-spec {opts.spec!r}; choose one of {', '.join(SPECS)}")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
+    src, dst = Path(input).resolve(), Path(output).resolve()
+    if src == dst or src in dst.parents:
+        raise UsageError(f"--output {output} would overwrite the input; choose a directory outside it")
+    start = time.perf_counter()
+    reader = open_reader(input_format, src)
+    dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
+    label = f"{input_format} -> {output_format}"
+    with atomic_directory(dst, opts.overwrite) as tmp:
+        writer = _open_writer(output_format, tmp, reader, opts, dtype)
+        totals = stream(reader, writer, dtype, label)
+        files = writer.finish()
+        _carry_files(reader, tmp, output_format)
+    if output_format == "megatron":
+        label += f" (tp={opts.tp}, pp={opts.pp}, {opts.spec} spec)"
+    elif output_format == "native":
+        label += " (layout-free: train.py loads it at any tp/pp)"
+    return Summary(label, totals.parameters, files, directory_bytes(dst), time.perf_counter() - start, Path(output))
+
+
+def _carry_files(reader: Reader, out: Path, output_format: str) -> None:
+    """Tokenizer files go everywhere; the Hugging Face config rides beside non-HF outputs (hf_config.json)."""
+    for name in TOKENIZER_FILES:
+        if (reader.directory / name).is_file():
+            shutil.copy2(reader.directory / name, out / name)
+    if output_format != "hf" and reader.hf_config is not None:
+        (out / HF_CONFIG).write_text(json.dumps(reader.hf_config, indent=2))
+
+
+class _IntoModel:
+    """A writer that copies each group into a model's parameters: loading holds the model once."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = model.state_dict()  # shares storage with the parameters
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            self.params[name].copy_(tensor)  # casts to the model's fp32
+
+    def finish(self) -> int:
+        return 0
+
+
+def load_model(path: str) -> torch.nn.Module:
+    """A checkpoint in any of the three formats (detected) as an fp32 model on CPU, in eval mode."""
+    reader = open_reader(detect_format(path), Path(path))
+    model = build_model(reader.config, torch.device("cpu"))
+    with torch.no_grad():
+        stream(reader, _IntoModel(model), None, f"loading {path}")  # every state-dict entry is written
+    return model.eval()

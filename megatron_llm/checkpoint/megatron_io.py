@@ -1,0 +1,176 @@
+"""Megatron-LM's legacy checkpoint directories, read lazily and written one pipeline stage at a time.
+
+    <dir>/latest_checkpointed_iteration.txt          "release" (what we write) or an iteration number
+    <dir>/release/mp_rank_TT[_PPP]/model_optim_rng.pt {args, checkpoint_version, iteration, model}
+
+Files are opened with torch.load(weights_only=True, mmap=True): unpickling may build only the types on
+an allow-list (a pickle that would run code is refused, not run), and tensors stay on disk until a
+layer needs them, so optimizer states in the file cost nothing. The key mapping is in megatron.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pathlib
+import pickle
+import re
+import signal
+import types
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_llm.checkpoint.megatron import Layout, entries, megatron_args, merge, model_config_from_args, split
+from megatron_llm.checkpoint.stream import check_names, native_shapes, own_storage, read_hf_sidecar
+from megatron_llm.config import ModelConfig
+from megatron_llm.errors import UsageError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARD_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+
+def _allowed_globals() -> list:
+    """What a Megatron-LM file may contain besides tensors and containers: the args Namespace, numpy RNG
+    state, paths and enums. megatron-core keeps its own list (megatron.core.safe_globals); we add it when
+    it imports, for the enums in newer args."""
+    import numpy as np
+
+    allowed = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO, signal.Signals,
+               np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        from megatron_llm.data.mcore import mcore
+
+        allowed += mcore("safe_globals").SAFE_GLOBALS
+    except Exception:  # an older megatron-core without the list, or none: the basic list still loads our files
+        allowed.append(getattr(np, "_core", np.core).multiarray._reconstruct)
+    return allowed
+
+
+def safe_load(path: Path) -> dict:
+    """A Megatron file's dict, its tensors memory-mapped; refuses anything beyond the allow-list."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first type it refused
+        detail = [line for line in str(e).splitlines() if line.strip()][-2][:200]
+        what = f"build {found.group(1)}, which is not" if found else f"use pickle content ({detail}) that is not"
+        raise UsageError(
+            f"refused to load {path}: it would {what} on the allow-list of what a Megatron checkpoint needs; "
+            "nothing in it was run. Convert only checkpoints from a source you trust"
+        ) from None
+    except RuntimeError as e:
+        raise UsageError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0]}") from None
+
+
+class MegatronReader:
+    def __init__(self, path: Path):
+        self.directory = Path(path)
+        tracker = self.directory / TRACKER
+        if not tracker.is_file():
+            raise UsageError(f"{path} is not a Megatron-LM checkpoint: it has no {TRACKER}")
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise UsageError(f"{tracker} holds {text!r}; expected an iteration number or 'release'")
+        self.iter_dir = self.directory / ("release" if text == "release" else f"iter_{int(text):07d}")
+        if not self.iter_dir.is_dir():
+            raise UsageError(f"{tracker} names {self.iter_dir.name}, which does not exist")
+        first = sorted(self.iter_dir.glob(f"mp_rank_00*/{SHARD_FILE}"))
+        if not first:
+            raise UsageError(f"{self.iter_dir} has no mp_rank_00*/{SHARD_FILE}: not a legacy Megatron-LM checkpoint")
+        state = safe_load(first[0])
+        args = state.get("args")
+        if not isinstance(args, argparse.Namespace):
+            raise UsageError(f"{first[0]} has no args Namespace; cannot tell the model's architecture")
+        try:
+            self.config: ModelConfig = model_config_from_args(args)
+            tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        except AttributeError as e:
+            raise UsageError(f"the args in {first[0]} lack {e.name!r}; cannot tell the model's architecture") from None
+        self.config.validate()
+        self.layout = Layout.of(self.config, tp, pp, padded_vocab_size=args.padded_vocab_size)
+        self._check_shard_dirs()
+        self.hf_config = read_hf_sidecar(self.directory)
+        self._stage: Optional[int] = None
+        self._shards: list[dict] = []
+        # The Transformer Engine spec fuses layer 0's norm into linear_qkv; stage 0 always holds layer 0.
+        self.spec = "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state.get("model", {})) else "local"
+        self._entries = entries(native_shapes(self.config), self.layout, self.spec, self.config.tie_embeddings)
+
+    def _check_shard_dirs(self) -> None:
+        lay = self.layout
+        expected = {lay.shard_dir(t, p) for t in range(lay.tp) for p in range(lay.pp)}
+        found = {d.name for d in self.iter_dir.glob("mp_rank_*") if (d / SHARD_FILE).is_file()}
+        check_names(f"{self.iter_dir} does not match its args (tp={lay.tp}, pp={lay.pp})", expected, found, "shards")
+
+    def _load_stage(self, stage: int) -> list[dict]:
+        """The model dicts of every TP rank of one stage (memory-mapped); the previous stage is dropped."""
+        if stage != self._stage:
+            self._shards = []
+            for t in range(self.layout.tp):
+                path = self.iter_dir / self.layout.shard_dir(t, stage) / SHARD_FILE
+                state = safe_load(path)
+                if "model" not in state:
+                    raise UsageError(f"{path} has no 'model' (model0, model1, ...: virtual pipeline chunks are not supported)")
+                self._shards.append(state["model"])
+            self._stage = stage
+            self._check_keys(stage)
+        return self._shards
+
+    def _check_keys(self, stage: int) -> None:
+        """Every rank of the stage holds exactly the tensors its layout implies (extra states aside)."""
+        expected = {e.key for e in self._entries if e.stage == stage}
+        for t, shard in enumerate(self._shards):
+            present = {k for k in shard if not k.endswith("._extra_state")}
+            check_names(str(self.iter_dir / self.layout.shard_dir(t, stage)), expected, present)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for entry in self._entries:
+            if entry.sources[0] in names:
+                shards = [shard[entry.key] for shard in self._load_stage(entry.stage)]
+                out.update(zip(entry.sources, merge(entry, shards, self.layout)))
+        return {n: out[n] for n in names}
+
+
+class MegatronWriter:
+    """Collects each stage's TP shards as groups arrive and saves them when the next stage begins, so
+    one stage (1/pp of the model) is in memory at a time."""
+
+    def __init__(self, path: Path, cfg: ModelConfig, tp: int, pp: int, spec: str, dtype: torch.dtype):
+        self.path, self.spec = Path(path), spec
+        self.layout = Layout.of(cfg, tp, pp)
+        self.args = megatron_args(cfg, self.layout, dtype, spec)
+        self.entries = entries(native_shapes(cfg), self.layout, spec, cfg.tie_embeddings)
+        self.stage = 0
+        self.ranks: list[dict] = [{} for _ in range(tp)]
+        self.files = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        for entry in self.entries:
+            if entry.sources[0] not in tensors:
+                continue
+            if entry.stage != self.stage:
+                self._flush()
+                self.stage = entry.stage
+            parts = split(entry, [tensors[n] for n in entry.sources], self.layout)
+            for shard, rank in zip(parts, self.ranks):
+                rank[entry.key] = own_storage(shard)
+
+    def _flush(self) -> None:
+        for t, model in enumerate(self.ranks):
+            model.update(dict.fromkeys(self.layout.extra_state_keys(self.stage, self.spec)))
+            target = self.path / "release" / self.layout.shard_dir(t, self.stage)
+            target.mkdir(parents=True, exist_ok=True)
+            state = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": model}
+            torch.save(state, target / SHARD_FILE)
+            self.files += 1
+        self.ranks = [{} for _ in range(self.layout.tp)]
+
+    def finish(self) -> int:
+        self._flush()
+        (self.path / TRACKER).write_text("release\n")
+        return self.files
