@@ -1,0 +1,120 @@
+"""megatron-core's own GPTModel on CPU, built from the `args` a Megatron checkpoint carries: the reference
+our Megatron shards must load into with strict=True, and (at tp=pp=1) run forward.
+
+World size 1 cannot hold a tp=2 group, but GPTModel (megatron-core 0.16) asks its process groups only
+for their size and rank while it allocates parameters. So each shard's model is built from the real
+args (tp, pp and all) with stand-in tp and pp groups that report that shard's (size, rank): its
+parameters then have exactly the shapes, names and local layer numbers megatron-core gives that rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+@contextlib.contextmanager
+def megatron_core_world():
+    """A gloo group of one and megatron-core's parallel state over it (GPTModel reads it when built)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+class RankInGroup:
+    """Stands in for a tp or pp process group: GPTModel only asks its size and this rank's place in it."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def transformer_config_from_args(args) -> TransformerConfig:
+    """As Megatron-LM's core_transformer_config_from_args: every field named like an arg is copied, then
+    the renamed and derived ones; use_cpu_initialization is the one setting of our own (no GPU)."""
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    kw = {name: value for name, value in vars(args).items() if name in names}
+    kw.update(
+        layernorm_epsilon=args.norm_epsilon,
+        layernorm_zero_centered_gamma=args.apply_layernorm_1p,
+        pipeline_dtype=args.params_dtype,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        use_cpu_initialization=True,
+    )
+    if args.swiglu:
+        kw.update(activation_func=F.silu, gated_linear_unit=True)
+    return TransformerConfig(**kw)
+
+
+def gpt_model(args, tp_rank: int, pp_rank: int) -> GPTModel:
+    """The GPTModel of pretrain_gpt.py's model_provider, as TP rank tp_rank of PP stage pp_rank holds it."""
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.tp = RankInGroup(args.tensor_model_parallel_size, tp_rank)
+    groups.pp = RankInGroup(args.pipeline_model_parallel_size, pp_rank)
+    # The embedding group only all-reduces the tied head's initial copy between first and last stage (on
+    # CUDA); megatron-core's documented way to go without it is None. The weights come from the shard.
+    groups.embd = None
+    config = transformer_config_from_args(args)
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    return GPTModel(
+        config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pp_rank == 0, post_process=pp_rank == args.pipeline_model_parallel_size - 1,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, pg_collection=groups,
+    )
+
+
+def te_to_local_names(state: dict) -> dict:
+    """megatron-core's own rewrite of Transformer Engine spec names into the local spec's (the hook
+    modelopt registers), minus core_attention's extra state, a Transformer Engine module of its own."""
+    state = {k: v for k, v in state.items() if not k.endswith("core_attention._extra_state")}
+    mcore_gpt_load_te_state_dict_pre_hook(state, "", {}, True, [], [], [])
+    return state
+
+
+@contextlib.contextmanager
+def forward_on_cpu():
+    """megatron-core's forward asks CUDA twice even in a CPU model: RoPE moves its table to
+    torch.cuda.current_device(), and core attention forks the CUDA RNG tracker (for dropout, which is 0
+    here). Point the first at the CPU and make the second a no-op; the arithmetic is untouched."""
+    current_device, tracker = torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker
+    torch.cuda.current_device = lambda: "cpu"
+    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: types.SimpleNamespace(fork=contextlib.nullcontext)
+    try:
+        yield
+    finally:
+        torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker = current_device, tracker
+
+
+def logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> [b, s, padded vocab], with an explicit causal mask (the default one is built on CUDA)."""
+    s = tokens.shape[1]
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+    with forward_on_cpu(), torch.no_grad():
+        return model(tokens, torch.arange(s)[None].expand_as(tokens), mask)
