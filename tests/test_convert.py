@@ -364,3 +364,7 @@ def test_cli_end_to_end(hf_dirs, tmp_path):
     assert "converted hf -> megatron (tp=2, pp=2, local spec)" in result.stdout and "4 weight files" in result.stdout
     shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_01_001" / "model_optim_rng.pt")
     assert shard["args"].bf16 and shard["model"]["decoder.final_layernorm.weight"].dtype == torch.bfloat16
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "hf"), "hf")
+    expected = {k: v.to(torch.bfloat16) for k, v in hf_tensors(hf_dirs["qwen2"][0]).items()}
+    assert_same_tensors(expected, hf_tensors(tmp_path / "hf"))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16

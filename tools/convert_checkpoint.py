@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
     p.add_argument("--hf-family", choices=("llama", "mistral", "qwen2", "qwen3"), default=None,
                    help="model_type of a Hugging Face output (default: the source's, else the plainest that fits)")
-    p.add_argument("--max-shard-size", type=_bytes, default="2GB", help="largest safetensors shard of a Hugging Face output")
+    p.add_argument("--max-shard-size", type=_bytes, default="5GB", help="largest safetensors shard of a Hugging Face output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
 

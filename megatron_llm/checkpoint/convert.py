@@ -50,7 +50,7 @@ class Options:
     spec: str = "local"  # Megatron key names: megatron-core's local spec or the Transformer Engine spec
     dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's
     hf_family: Optional[str] = None  # None: the input's own family when known, else the plainest that fits
-    max_shard_bytes: int = 2 * 1024**3  # Hugging Face output: bytes per safetensors shard, at most
+    max_shard_bytes: int = 5 * 1024**3  # Hugging Face output: bytes per safetensors shard, at most (as transformers)
     overwrite: bool = False
 
 
@@ -123,7 +123,7 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     label = f"{input_format} -> {output_format}"
     with atomic_directory(dst, opts.overwrite) as tmp:
         writer = _open_writer(output_format, tmp, reader, opts, dtype)
-        totals = stream(reader, writer, dtype, label)
+        totals = stream(reader, writer, dtype, label)  # always cast: writers plan for one dtype
         files = writer.finish()
         _carry_files(reader, tmp, output_format)
     if output_format == "megatron":

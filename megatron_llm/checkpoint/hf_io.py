@@ -1,7 +1,7 @@
 """Hugging Face directories: config.json plus safetensors, one file or shards with an index.
 
 Reading memory-maps each file (safetensors safe_open) and copies out only the tensors asked for.
-Writing buffers tensors up to max_shard_bytes, then writes a shard; shards are named
+Writing streams each tensor into a planned place in its shard (see HFWriter); shards are named
 model-0000k-of-0000n.safetensors with model.safetensors.index.json, or model.safetensors when one
 suffices, as transformers' save_pretrained does. The key table is in hf.py.
 """
@@ -9,12 +9,12 @@ suffices, as transformers' save_pretrained does. The key table is in hf.py.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from megatron_llm.checkpoint.hf import HF_IGNORED, NATIVE_TO_HF, export_hf_config, model_config_from_hf, rename_key
 from megatron_llm.checkpoint.stream import HEAD, check_names, native_shapes
@@ -23,6 +23,7 @@ from megatron_llm.errors import UsageError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 class HFReader:
@@ -35,7 +36,6 @@ class HFReader:
         self.config: ModelConfig = model_config_from_hf(self.hf_config)
         self.config.validate()
         self.file_of = self._weight_map()
-        self._open: dict[str, object] = {}
         self._check_keys()
 
     def _weight_map(self) -> dict[str, str]:
@@ -62,53 +62,82 @@ class HFReader:
         check_names(f"{self.directory} does not match its config.json", expected, present - optional)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Opens the files for this group only: a mapping kept open would keep every page read so far
+        resident, so the process would grow to the size of the input."""
+        keys = {name: rename_key(name, NATIVE_TO_HF) for name in names}
         out = {}
-        for name in names:
-            key = rename_key(name, NATIVE_TO_HF)
-            file = self.file_of[key]
-            if file not in self._open:
-                self._open[file] = safe_open(self.directory / file, framework="pt")
-            out[name] = self._open[file].get_tensor(key)
-        return out
+        for file in sorted({self.file_of[key] for key in keys.values()}):
+            with safe_open(self.directory / file, framework="pt") as f:
+                out.update({name: f.get_tensor(key) for name, key in keys.items() if self.file_of[key] == file})
+        return {name: out[name] for name in names}
 
 
 class HFWriter:
+    """Streams each tensor straight into its place in a shard file. Every name, shape and dtype is known
+    from the config before the first tensor arrives, so the shards and their safetensors headers are
+    planned up front and nothing is buffered: memory stays at one group whatever the shard size."""
+
     def __init__(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, hf_config: Optional[dict],
                  family: Optional[str], max_shard_bytes: int):
-        self.path, self.cfg, self.max_shard_bytes = Path(path), cfg, max_shard_bytes
+        self.path, self.dtype = Path(path), dtype
         # Built first: a family that cannot express the model is refused before any tensor is read.
         self.config_json = export_hf_config(cfg, str(dtype).removeprefix("torch."), hf_config, family)
         self.path.mkdir(parents=True)
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = 0
-        self.shards: list[list[str]] = []  # tensor names of each written shard
-        self.total = 0
+        shapes = {n: s for n, s in native_shapes(cfg).items() if not (cfg.tie_embeddings and n == HEAD)}  # re-tied on load
+        self.shards = _plan(shapes, dtype.itemsize, max_shard_bytes)
+        n = len(self.shards)
+        self.files = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.place = {name: (k, start) for k, shard in enumerate(self.shards) for name, (start, _, _) in shard.items()}
+        self.open: dict[int, tuple] = {}  # shard -> (file, where its data starts, tensors still to come)
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
-            if self.cfg.tie_embeddings and name == HEAD:
-                continue  # transformers re-ties lm_head to the embedding on load
-            if self.buffer and self.buffered + tensor.nbytes > self.max_shard_bytes:
-                self._flush()
-            self.buffer[rename_key(name, NATIVE_TO_HF)] = tensor.contiguous()
-            self.buffered += tensor.nbytes
+            if name not in self.place:
+                continue  # the tied head
+            k, start = self.place[name]
+            if k not in self.open:
+                self.open[k] = (*self._create(k), len(self.shards[k]))
+            f, data_start, left = self.open[k]
+            f.seek(data_start + start)
+            f.write(tensor.to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            self.open[k] = (f, data_start, left - 1)
+            if left == 1:
+                f.close()
+                del self.open[k]
 
-    def _flush(self) -> None:
-        save_file(self.buffer, self.path / f"part-{len(self.shards)}.safetensors", metadata={"format": "pt"})
-        self.shards.append(list(self.buffer))
-        self.total += self.buffered
-        self.buffer, self.buffered = {}, 0
+    def _create(self, k: int):
+        """Opens shard k and writes its header: u64 length, then JSON padded to 8 bytes, as safetensors does."""
+        entries = {rename_key(name, NATIVE_TO_HF): {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                                                    "data_offsets": [start, start + size]}
+                   for name, (start, size, shape) in self.shards[k].items()}
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        f = open(self.path / self.files[k], "wb")
+        f.write(struct.pack("<Q", len(header)) + header)
+        return f, 8 + len(header)
 
     def finish(self) -> int:
-        if self.buffer:
-            self._flush()
-        n = len(self.shards)
-        names = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        for k, name in enumerate(names):
-            (self.path / f"part-{k}.safetensors").rename(self.path / name)
-        if n > 1:
-            weight_map = {key: name for name, keys in zip(names, self.shards) for key in keys}
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        if self.open:
+            raise RuntimeError(f"shards {sorted(self.open)} were not completed")  # a reader skipped a tensor: a bug
+        if len(self.files) > 1:
+            weight_map = {rename_key(name, NATIVE_TO_HF): file for file, shard in zip(self.files, self.shards) for name in shard}
+            total = sum(size for shard in self.shards for _, size, _ in shard.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.path / INDEX).write_text(json.dumps(index, indent=2))
         (self.path / "config.json").write_text(json.dumps(self.config_json, indent=2))
-        return n
+        return len(self.files)
+
+
+def _plan(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[dict]:
+    """Native names in order, cut into shards of at most max_shard_bytes (a larger tensor gets its own):
+    each shard maps name -> (offset in its data, bytes, shape)."""
+    shards: list[dict] = [{}]
+    used = 0
+    for name, shape in shapes.items():
+        size = shape.numel() * itemsize
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = (used, size, shape)
+        used += size
+    return shards

@@ -154,8 +154,12 @@ def split(entry: Entry, parts: list[torch.Tensor], layout: Layout) -> list[torch
         return [c.contiguous() if tp > 1 else c for c in parts[0].chunk(tp, dim=1)]
     if kind == VOCAB:  # pad with copies of the last row, as Megatron-LM's own converter does
         full = parts[0]
-        pad = full[-1:].expand(layout.padded_vocab_size - full.shape[0], *full.shape[1:])
-        return list(torch.cat([full, pad]).chunk(tp))
+        rows = layout.padded_vocab_size // tp
+        out = []
+        for t in range(tp):  # rows [t*rows, (t+1)*rows) of the padded table, built in one copy
+            real = full[t * rows : (t + 1) * rows]
+            out.append(torch.cat([real, full[-1:].expand(rows - real.shape[0], *full.shape[1:])]))
+        return out
     if kind == GATED:
         gate, up = parts
         return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp), up.chunk(tp))]  # [2*ffn/tp, ...]

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import pathlib
 import pickle
 import re
 import signal
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 
@@ -32,38 +34,52 @@ SHARD_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 
 
-def _allowed_globals() -> list:
+def _allowed_globals(with_megatron_core: bool) -> list:
     """What a Megatron-LM file may contain besides tensors and containers: the args Namespace, numpy RNG
-    state, paths and enums. megatron-core keeps its own list (megatron.core.safe_globals); we add it when
-    it imports, for the enums in newer args."""
+    state, paths. Newer Megatron-LM args also hold megatron-core enums: megatron-core's own list
+    (megatron.core.safe_globals) adds them, but importing it costs seconds, so only when a file needs it."""
     import numpy as np
 
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, io.BytesIO, signal.Signals,
-               np.ndarray, np.dtype, np.dtypes.UInt32DType]
-    try:
+               np.ndarray, np.dtype, np.dtypes.UInt32DType, multiarray._reconstruct,
+               (multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # as numpy 1 pickled it
+    if with_megatron_core:
         from megatron_llm.data.mcore import mcore
 
         allowed += mcore("safe_globals").SAFE_GLOBALS
-    except Exception:  # an older megatron-core without the list, or none: the basic list still loads our files
-        allowed.append(getattr(np, "_core", np.core).multiarray._reconstruct)
     return allowed
 
 
 def safe_load(path: Path) -> dict:
     """A Megatron file's dict, its tensors memory-mapped; refuses anything beyond the allow-list."""
     try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _load(path, with_megatron_core=False)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first type it refused
-        detail = [line for line in str(e).splitlines() if line.strip()][-2][:200]
-        what = f"build {found.group(1)}, which is not" if found else f"use pickle content ({detail}) that is not"
-        raise UsageError(
-            f"refused to load {path}: it would {what} on the allow-list of what a Megatron checkpoint needs; "
-            "nothing in it was run. Convert only checkpoints from a source you trust"
-        ) from None
+        if "GLOBAL megatron." not in str(e):
+            _refuse(path, e)
+    try:
+        return _load(path, with_megatron_core=True)
+    except pickle.UnpicklingError as e:
+        _refuse(path, e)
+
+
+def _load(path: Path, with_megatron_core: bool) -> dict:
+    try:
+        with torch.serialization.safe_globals(_allowed_globals(with_megatron_core)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
         raise UsageError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def _refuse(path: Path, e: pickle.UnpicklingError) -> NoReturn:
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first type it refused
+    detail = [line for line in str(e).splitlines() if line.strip()][-2][:200]
+    what = f"build {found.group(1)}, which is not" if found else f"use pickle content ({detail}) that is not"
+    raise UsageError(
+        f"refused to load {path}: it would {what} on the allow-list of what a Megatron checkpoint needs; "
+        "nothing in it was run. Convert only checkpoints from a source you trust"
+    ) from None
 
 
 class MegatronReader:
@@ -161,13 +177,18 @@ class MegatronWriter:
                 rank[entry.key] = own_storage(shard)
 
     def _flush(self) -> None:
-        for t, model in enumerate(self.ranks):
-            model.update(dict.fromkeys(self.layout.extra_state_keys(self.stage, self.spec)))
+        """Saves the stage's TP files side by side: torch.save spends its time in C++ (the zip CRC and the
+        writes) with the GIL released, so threads overlap them."""
+        def save(t: int) -> None:
+            model = {**self.ranks[t], **dict.fromkeys(self.layout.extra_state_keys(self.stage, self.spec))}
             target = self.path / "release" / self.layout.shard_dir(t, self.stage)
             target.mkdir(parents=True, exist_ok=True)
             state = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": model}
             torch.save(state, target / SHARD_FILE)
-            self.files += 1
+
+        with ThreadPoolExecutor(max_workers=min(self.layout.tp, os.cpu_count() or 1)) as pool:
+            list(pool.map(save, range(self.layout.tp)))  # list(): re-raises a failed save here
+        self.files += self.layout.tp
         self.ranks = [{} for _ in range(self.layout.tp)]
 
     def finish(self) -> int:
