@@ -21,6 +21,9 @@ from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from megatron_llm.checkpoint.megatron_io import safe_load
 
+# megatron-core's constructors and imports warn about deprecations and CUDA-graph defaults we do not use.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning")]
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 101  # not a multiple of 128: the Megatron vocabulary padding is exercised
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
@@ -133,6 +136,35 @@ def test_native_round_trips_and_reshard_is_a_copy(hf_dirs, tmp_path):
     convert(str(tmp_path / "n2"), "native", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
     convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "n3"), "native")
     convert(str(tmp_path / "n3"), "native", str(tmp_path / "hf"), "hf")
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "hf"))
+
+
+def test_reads_a_checkpoint_as_megatron_lm_saves_it(hf_dirs, tmp_path):
+    """An iteration directory, optimizer and RNG state (numpy's included), a megatron-core enum in args,
+    no _extra_state entries (older megatron-core): read as well as our own release checkpoints."""
+    import random
+
+    import numpy as np
+    from megatron.core.transformer.enums import AttnBackend
+
+    src, _ = hf_dirs["qwen2"]
+    convert(str(src), "hf", str(tmp_path / "ours"), "megatron", Options(tp=2, pp=2))
+    lm = tmp_path / "megatron-lm"
+    for path in sorted((tmp_path / "ours" / "release").glob("*/model_optim_rng.pt")):
+        state = load_to_memory(path)
+        state["args"].attention_backend = AttnBackend.auto
+        model = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
+        state.update(
+            iteration=100, model=model, num_floating_point_operations_so_far=1e15,
+            optimizer={"optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-4}]}},
+            opt_param_scheduler={"num_steps": 100}, rng_state=[{
+                "random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+                "torch_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}],
+        )
+        (lm / "iter_0000100" / path.parent.name).mkdir(parents=True)
+        torch.save(state, lm / "iter_0000100" / path.parent.name / "model_optim_rng.pt")
+    (lm / "latest_checkpointed_iteration.txt").write_text("100")
+    convert(str(lm), "megatron", str(tmp_path / "hf"), "hf")
     assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "hf"))
 
 

@@ -100,7 +100,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
+    p.add_argument("--workdir", default=None, help="where the checkpoints go: hf/, megatron/, hf-back/ (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints (the random input is reused if present)")
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--pp", type=int, default=2)
@@ -109,7 +109,7 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-convert-"))
     work.mkdir(parents=True, exist_ok=True)
-    hf, mg, back = work / "hf", work / "megatron", work / "hf-back"
+    hf, mg, back = work / "hf", work / "megatron", work / "hf-back"  # only these are created and removed
     try:
         if not (hf / "config.json").exists():
             print(f"writing a random {LLAMA_1B.num_params() / 1e9:.2f}B-parameter model to {hf} ...", flush=True)
@@ -133,7 +133,10 @@ def main() -> None:
                   f"{r['peak_rss'] / model_bytes:8.2f}")
     finally:
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            for path in (hf, mg, back, work / "copy"):
+                shutil.rmtree(path, ignore_errors=True)
+            if not args.workdir:
+                work.rmdir()
 
 
 if __name__ == "__main__":

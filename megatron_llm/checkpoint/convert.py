@@ -64,8 +64,15 @@ class Summary:
     output: Path
 
     def __str__(self) -> str:
-        return (f"converted {self.direction}: {self.parameters / 1e6:,.1f}M parameters, {self.files} weight files, "
-                f"{self.bytes / 1e9:.2f} GB in {self.seconds:.1f} s -> {self.output}")
+        return (f"converted {self.direction}: {_si(self.parameters)} parameters, {self.files} weight files, "
+                f"{_si(self.bytes)}B in {self.seconds:.1f} s -> {self.output}")
+
+
+def _si(n: float) -> str:
+    for unit in ("", "k", "M", "G", "T"):
+        if n < 999.5 or unit == "T":  # what .3g would print as 1e+03
+            return f"{n:.3g} {unit}".rstrip()
+        n /= 1000
 
 
 def detect_format(path: str) -> str:
@@ -105,8 +112,9 @@ def _first_dtype(reader: Reader) -> torch.dtype:
     return reader.read([first])[first].dtype
 
 
-def convert(input: str, input_format: str, output: str, output_format: str, opts: Options = Options()) -> Summary:
+def convert(input: str, input_format: str, output: str, output_format: str, opts: Optional[Options] = None) -> Summary:
     """Converts a checkpoint; the output directory appears complete or not at all."""
+    opts = opts or Options()
     for fmt in (input_format, output_format):
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
