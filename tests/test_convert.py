@@ -252,7 +252,7 @@ def test_tensor_parallel_shards_are_megatron_slices_of_the_tp1_tensors(hf_dirs, 
 # Training continues from a converted checkpoint.
 
 
-def test_train_from_converted_hf_starts_at_the_transformers_loss(tiny_config, tmp_path):
+def test_train_from_converted_hf_starts_at_the_transformers_loss_and_converts_back(tiny_config, tmp_path):
     from megatron_llm.data.datasets import build_datasets
     from megatron_llm.data.loader import TrainBatches
     from megatron_llm.training.trainer import train
@@ -279,6 +279,15 @@ def test_train_from_converted_hf_starts_at_the_transformers_loss(tiny_config, tm
     ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
     expected = (ce * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
     assert first_loss == pytest.approx(expected.item(), abs=1e-5)
+
+    # And back: the trainer's checkpoint (optimizer and all) -> Hugging Face, which transformers runs as
+    # megatron_llm runs the trained weights.
+    convert(resumed.checkpoint.dir, "native", str(tmp_path / "trained-hf"), "hf")
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained-hf", attn_implementation="eager")
+    with torch.no_grad():
+        ours = megatron_llm.load_model(resumed.checkpoint.dir)(batch["tokens"])
+        torch.testing.assert_close(trained(batch["tokens"]).logits, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ours, logits)  # the step changed the weights
 
 
 # ------------------------------------------------------------------------------------------------

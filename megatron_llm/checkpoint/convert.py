@@ -107,7 +107,7 @@ def _open_writer(fmt: str, path: Path, reader: Reader, opts: Options, dtype: tor
 
 
 def _first_dtype(reader: Reader) -> torch.dtype:
-    """The input's dtype, from its first tensor (one norm weight or the embedding: read, then dropped)."""
+    """The input's dtype, from layer 0's first tensor (a norm weight: cheap to read, then dropped)."""
     first = native_groups(reader.config)[1][0]
     return reader.read([first])[first].dtype
 
@@ -123,8 +123,8 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
     src, dst = Path(input).resolve(), Path(output).resolve()
-    if src == dst or src in dst.parents:
-        raise UsageError(f"--output {output} would overwrite the input; choose a directory outside it")
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise UsageError(f"--output {output} overlaps the input {input}; choose a directory outside it")
     start = time.perf_counter()
     reader = open_reader(input_format, src)
     dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)

@@ -9,7 +9,9 @@ suffices, as transformers' save_pretrained does. The key table is in hf.py.
 from __future__ import annotations
 
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,7 @@ from megatron_llm.errors import UsageError
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+WRITE_CHUNK = 64 << 20  # bytes per positioned write: large tensors are split among the writer threads
 
 
 class HFReader:
@@ -75,7 +78,9 @@ class HFReader:
 class HFWriter:
     """Streams each tensor straight into its place in a shard file. Every name, shape and dtype is known
     from the config before the first tensor arrives, so the shards and their safetensors headers are
-    planned up front and nothing is buffered: memory stays at one group whatever the shard size."""
+    planned up front and nothing is buffered: memory stays at one group whatever the shard size.
+    The bytes go out as positioned writes (pwrite, which releases the GIL) from a few threads: copying
+    into the page cache is most of a conversion's time, and threads share it among the cores."""
 
     def __init__(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, hf_config: Optional[dict],
                  family: Optional[str], max_shard_bytes: int):
@@ -88,37 +93,42 @@ class HFWriter:
         n = len(self.shards)
         self.files = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         self.place = {name: (k, start) for k, shard in enumerate(self.shards) for name, (start, _, _) in shard.items()}
-        self.open: dict[int, tuple] = {}  # shard -> (file, where its data starts, tensors still to come)
+        self.left = [len(shard) for shard in self.shards]  # tensors still to come, per shard
+        self.fds: dict[int, tuple[int, int]] = {}  # open shard -> (file descriptor, where its data starts)
+        self.pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        jobs = []
         for name, tensor in tensors.items():
             if name not in self.place:
                 continue  # the tied head
             k, start = self.place[name]
-            if k not in self.open:
-                self.open[k] = (*self._create(k), len(self.shards[k]))
-            f, data_start, left = self.open[k]
-            f.seek(data_start + start)
-            f.write(tensor.to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            self.open[k] = (f, data_start, left - 1)
-            if left == 1:
-                f.close()
-                del self.open[k]
+            fd, data_start = self.fds[k] if k in self.fds else self._create(k)
+            data = tensor.to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+            for offset in range(0, data.nbytes, WRITE_CHUNK):
+                jobs.append(self.pool.submit(_pwrite, fd, data[offset : offset + WRITE_CHUNK], data_start + start + offset))
+            self.left[k] -= 1
+        for job in jobs:
+            job.result()  # written before the group's tensors are let go; re-raises a failed write
+        for k in [k for k in self.fds if self.left[k] == 0]:
+            os.close(self.fds.pop(k)[0])
 
-    def _create(self, k: int):
+    def _create(self, k: int) -> tuple[int, int]:
         """Opens shard k and writes its header: u64 length, then JSON padded to 8 bytes, as safetensors does."""
         entries = {rename_key(name, NATIVE_TO_HF): {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
                                                     "data_offsets": [start, start + size]}
                    for name, (start, size, shape) in self.shards[k].items()}
         header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
-        f = open(self.path / self.files[k], "wb")
-        f.write(struct.pack("<Q", len(header)) + header)
-        return f, 8 + len(header)
+        fd = os.open(self.path / self.files[k], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
+        self.fds[k] = (fd, 8 + len(header))
+        return self.fds[k]
 
     def finish(self) -> int:
-        if self.open:
-            raise RuntimeError(f"shards {sorted(self.open)} were not completed")  # a reader skipped a tensor: a bug
+        self.pool.shutdown()
+        if self.fds:
+            raise RuntimeError(f"shards {sorted(self.fds)} were not completed")  # a reader skipped a tensor: a bug
         if len(self.files) > 1:
             weight_map = {rename_key(name, NATIVE_TO_HF): file for file, shard in zip(self.files, self.shards) for name in shard}
             total = sum(size for shard in self.shards for _, size, _ in shard.values())
@@ -126,6 +136,13 @@ class HFWriter:
             (self.path / INDEX).write_text(json.dumps(index, indent=2))
         (self.path / "config.json").write_text(json.dumps(self.config_json, indent=2))
         return len(self.files)
+
+
+def _pwrite(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _plan(shapes: dict, itemsize: int, max_shard_bytes: int) -> list[dict]:
