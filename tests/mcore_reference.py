@@ -86,7 +86,8 @@ def gpt_model(args, tp_rank: int, pp_rank: int) -> GPTModel:
         pre_process=pp_rank == 0, post_process=pp_rank == args.pipeline_model_parallel_size - 1,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, pg_collection=groups,
+        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+        pg_collection=groups,
     )
 
 

@@ -34,6 +34,9 @@ FAMILIES = {
     "mistral": ("Mistral", dict(sliding_window=None)),
     "qwen2": ("Qwen2", {}),  # q/k/v bias
     "qwen3": ("Qwen3", dict(head_dim=24, tie_word_embeddings=True)),  # QK-norm, tied, head_dim != hidden/heads
+    "llama3.2": ("Llama", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={  # Megatron's fixed bands
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})),
 }
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE"}}'  # carried through, never parsed
