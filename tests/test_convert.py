@@ -202,9 +202,10 @@ def test_converted_logits_match_transformers(hf_dirs, tmp_path, family, target):
 
 @pytest.fixture
 def mcore():
-    ref = pytest.importorskip("mcore_reference")
-    with ref.megatron_core_world():
-        yield ref
+    import mcore_reference  # megatron-core is a dependency: a failed import fails the test
+
+    with mcore_reference.megatron_core_world():
+        yield mcore_reference
 
 
 @pytest.mark.parametrize("spec", ["local", "te"])
