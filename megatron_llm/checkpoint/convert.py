@@ -129,11 +129,14 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     reader = open_reader(input_format, src)
     dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
     label = f"{input_format} -> {output_format}"
-    with atomic_directory(dst, opts.overwrite) as tmp:
-        writer = _open_writer(output_format, tmp, reader, opts, dtype)
-        totals = stream(reader, writer, dtype, label)  # always cast: writers plan for one dtype
-        files = writer.finish()
-        _carry_files(reader, tmp, output_format)
+    try:
+        with atomic_directory(dst, opts.overwrite) as tmp:
+            writer = _open_writer(output_format, tmp, reader, opts, dtype)
+            totals = stream(reader, writer, dtype, label)  # always cast: writers plan for one dtype
+            files = writer.finish()
+            _carry_files(reader, tmp, output_format)
+    except OSError as e:  # a full disk, a read-only directory: the partial output is already gone
+        raise UsageError(f"cannot write {output} ({e.strerror or e}); nothing was left behind: free space or choose another --output") from None
     if output_format == "megatron":
         label += f" (tp={opts.tp}, pp={opts.pp}, {opts.spec} spec)"
     elif output_format == "native":
