@@ -189,8 +189,9 @@ def merge(entry: Entry, shards: list[torch.Tensor], layout: Layout) -> list[torc
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
     ng, r, d = layout.groups, layout.heads // layout.groups, layout.head_dim
     rest = shards[0].shape[1:]
-    fused = torch.cat(shards).view(ng, (r + 2) * d, *rest)
-    return [x.reshape(-1, *rest) for x in fused.split([r * d, d, d], dim=1)]
+    # Each rank's groups split into q, k, v views; one cat per output copies each element once.
+    views = [s.view(ng // len(shards), (r + 2) * d, *rest).split([r * d, d, d], dim=1) for s in shards]
+    return [torch.cat([v[j] for v in views]).view(-1, *rest) for j in range(3)]
 
 
 # ------------------------------------------------------------------------------------------------
