@@ -102,8 +102,68 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = param(1, "tensor-parallel size")
     pp: int = param(1, "pipeline-parallel size")
-    sp: bool = param(False, "sequence parallelism inside tensor-parallel groups")
+    sp: bool = param(False, "sequence parallelism inside tensor-parallel groups (needs data.seq_len % tp == 0)")
     data_parallel: Literal["fsdp", "ddp"] = param("fsdp", "data-parallel wrapper over the dp mesh dimension")
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv"] = param(
+        "1f1b", "pipeline schedule; the interleaved ones need virtual_stages > 1, zbv exactly 2"
+    )
+    virtual_stages: int = param(1, "pipeline stages per pp rank (model chunks of the interleaved schedules)")
+    stage_layers: Optional[list[int]] = param(
+        None, "layers of each pipeline stage, pp x virtual_stages entries summing to model.num_layers; null: even"
+    )
+    timeout_s: float = param(600.0, "seconds a collective may wait before the job fails (a dead or stuck rank)")
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def validate(self, model: ModelConfig, seq_len: int, micro_batches: int, evaluates: bool) -> None:
+        """Layout checks that need no process group, so every rank refuses before any collective."""
+        tp, stages = self.tp, self.num_stages
+        if self.virtual_stages <= 0 or self.timeout_s <= 0:
+            raise UsageError("parallel.virtual_stages and parallel.timeout_s must be positive")
+        for key in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
+            if getattr(model, key) % tp:
+                # Key/value heads are split, never replicated: each tp rank owns whole GQA groups.
+                raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
+        if self.sp and seq_len % tp:
+            raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
+        if self.stage_layers is not None:
+            if len(self.stage_layers) != stages or sum(self.stage_layers) != model.num_layers:
+                raise UsageError(
+                    f"parallel.stage_layers {self.stage_layers} needs {stages} entries (pp x virtual_stages) "
+                    f"summing to model.num_layers ({model.num_layers})"
+                )
+            if min(self.stage_layers[1:-1], default=1) < 1 or min(self.stage_layers) < 0:
+                raise UsageError(f"parallel.stage_layers {self.stage_layers}: a middle stage needs at least one layer")
+        elif model.num_layers % stages:
+            raise UsageError(
+                f"model.num_layers ({model.num_layers}) is not divisible by the {stages} pipeline stages "
+                "(pp x virtual_stages); set parallel.stage_layers"
+            )
+        if self.pp == 1:
+            if self.virtual_stages != 1:
+                raise UsageError("parallel.virtual_stages > 1 needs parallel.pp > 1")
+            return
+        interleaved = self.schedule in ("interleaved_1f1b", "interleaved_zb")
+        if self.schedule in ("gpipe", "1f1b") and self.virtual_stages != 1:
+            raise UsageError(f"parallel.schedule {self.schedule} runs one stage per rank: set parallel.virtual_stages 1")
+        if interleaved and self.virtual_stages < 2:
+            raise UsageError(f"parallel.schedule {self.schedule} needs parallel.virtual_stages >= 2")
+        if self.schedule == "zbv" and self.virtual_stages != 2:
+            raise UsageError("parallel.schedule zbv needs parallel.virtual_stages 2 (a V of two stages per rank)")
+        if self.schedule == "zbv" and evaluates:
+            raise UsageError(
+                "parallel.schedule zbv cannot evaluate (torch's ZBV has no forward-only pass): set "
+                "training.eval_interval 0, or use interleaved_zb, the other zero-bubble schedule"
+            )
+        need = {"1f1b": self.pp, "zbv": stages}.get(self.schedule, 1)
+        if micro_batches < need or (interleaved and micro_batches % self.pp):
+            rule = f"a multiple of parallel.pp ({self.pp})" if interleaved else f"at least {need}"
+            raise UsageError(
+                f"parallel.schedule {self.schedule} needs training.grad_accum_steps (the micro-batches) {rule}, "
+                f"got {micro_batches}"
+            )
 
 
 @dataclass
@@ -215,6 +275,7 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise UsageError(f"{key} must be positive, got {value}")
+        self.parallel.validate(self.model, d.seq_len, t.grad_accum_steps, evaluates=t.eval_interval > 0)
         if d.seq_len > self.model.max_seq_len:
             raise UsageError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         if not d.blend:
