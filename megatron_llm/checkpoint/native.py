@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -87,11 +88,11 @@ class Checkpointer:
                 _write_atomically(self.dir / "latest", final.name + "\n")
                 self._prune()
             _barrier()
-        except OSError as e:
+        except (OSError, CheckpointException) as e:  # DCP wraps a rank's failed write in CheckpointException
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise UsageError(
-                f"cannot write checkpoint {final} ({e.strerror or e}); the previous checkpoint is intact: "
+                f"cannot write checkpoint {final} ({_write_failure(e, self.dir)}); the previous checkpoint is intact: "
                 "free space or point checkpoint.dir at a writable place"
             ) from None
         return final
@@ -122,6 +123,23 @@ class Checkpointer:
         steps = sorted(p for p in self.dir.iterdir() if STEP_DIR.match(p.name))
         for old in steps[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_failure(e: BaseException, directory: Path) -> str:
+    """One line: the first failed rank's error (torch's writer reports a full disk as a short write),
+    and the free space left, which is what the user checks first."""
+    if isinstance(e, CheckpointException):
+        rank, (inner, _) = min(e.failures.items(), key=lambda item: item[0])
+        reason = f"rank {rank}: {getattr(inner, 'strerror', None) or str(inner).strip().splitlines()[-1]}"
+    else:
+        reason = str(e.strerror or e)
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return reason
+    if free < 2**20 and "No space left" not in reason:  # torch's writer says "unexpected pos" instead
+        reason = f"the disk is full: {reason}"
+    return f"{reason}; {free / 2**20:,.0f} MiB free there"
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -22,6 +22,7 @@ from megatron_llm.logging import MetricsLogger
 from megatron_llm.model import build_model, flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
+from megatron_llm.training.faults import StopSignals, name_hung_ranks, restarted_by_launcher
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
@@ -40,16 +41,19 @@ class TrainResult:
     val_channel_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> channel name -> loss
     skipped_steps: int = 0
     final_step: int = 0
+    stopped: str | None = None  # the signal that ended this call early, after a checkpoint
 
 
 def train(cfg: Config) -> TrainResult:
     """Entry point used by train.py and the tests. Validates, joins the group, trains, tears down."""
     device = pick_device(cfg.training.device)
-    dims = init_distributed(cfg.parallel, device)
-    try:
-        return Trainer(cfg, dims, device).run()
-    finally:
-        dist.destroy_process_group()
+    with StopSignals() as stop:  # from here on SIGTERM/SIGUSR1 mean: finish the step, checkpoint, stop
+        dims = init_distributed(cfg.parallel, device, timeout_s=cfg.parallel.timeout_s)
+        try:
+            with name_hung_ranks(cfg.parallel.timeout_s):
+                return Trainer(cfg, dims, device).run(stop)
+        finally:
+            dist.destroy_process_group()
 
 
 class Trainer:
@@ -87,6 +91,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     def _resume(self) -> None:
         resume = self.cfg.checkpoint.resume
+        if resume is None and restarted_by_launcher():
+            resume = "auto"  # a restart continues its run: starting over would overwrite its checkpoints
         if resume is None:
             return
         path = self.checkpointer.latest() if resume == "auto" else resolve_checkpoint(resume)
@@ -126,7 +132,7 @@ class Trainer:
         self._print(f"saved checkpoint {path}")
 
     # ----------------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, stop: StopSignals | None = None) -> TrainResult:
         cfg, t = self.cfg, self.cfg.training
         result = TrainResult(final_step=self.step)
         batches = TrainBatches(
@@ -158,9 +164,14 @@ class Trainer:
                     window = _Window(names)
                 if t.eval_interval and self.step % t.eval_interval == 0 and self.data.valid is not None:
                     self._evaluate(result)
-                if self.step < t.steps and cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                stop_signal = stop.agreed() if stop is not None and self.step < t.steps else None  # collective
+                if self.step < t.steps and (stop_signal or cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
                     self._save()
-            if result.losses:  # this call trained: save its end state
+                if stop_signal:
+                    result.stopped = stop_signal
+                    self._print(f"{stop_signal}: stopped after step {self.step}, checkpoint saved; run again to continue")
+                    break
+            if result.losses and not result.stopped:  # this call trained to the end: save its end state
                 self._save()
         finally:
             self.logger.close()
