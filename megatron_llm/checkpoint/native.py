@@ -24,14 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 
 from megatron_llm.errors import UsageError
+from megatron_llm.parallel.state import layout_free_state, load_layout_free_state
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -73,7 +68,7 @@ class Checkpointer:
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, config: dict) -> Path:
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f".tmp-{final.name}"
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = layout_free_state(model, optimizer)
         try:
             if self.is_writer:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -105,16 +100,12 @@ class Checkpointer:
         returns {}: training starts at step 0 from those weights.
         """
         if not has_training_state(path):
-            state = {"model": get_model_state_dict(model)}
-            with _quiet_dcp():
-                dcp.load(state, checkpoint_id=path)
-            set_model_state_dict(model, state["model"])
-            return {}
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+            optimizer, trainer_state = None, {}
+        model_sd, optim_sd = layout_free_state(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd, "trainer": dict(trainer_state)}
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        load_layout_free_state(model, optimizer, state["model"], state["optimizer"])
         return state["trainer"]
 
     def _prune(self) -> None:

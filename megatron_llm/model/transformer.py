@@ -7,6 +7,7 @@ while every remaining name stays the same as in the full model.
 """
 
 import math
+import zlib
 from typing import Optional, Union
 
 import torch
@@ -40,7 +41,7 @@ class Transformer(nn.Module):
 
     On a pipeline stage without tok_embeddings the input is hidden states [b, s, hidden]; on one
     without output the result is hidden states. Construct on the meta device and call
-    init_weights() after to_empty() (see build_model): __init__ allocates nothing worth keeping.
+    init_weights(seed) after to_empty() (see build_model): __init__ allocates nothing worth keeping.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -62,9 +63,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) weights; wo and w2 at init_std / sqrt(2 * num_layers) when scaled_init,
-        since each block adds their outputs to the residual stream (GPT-2). Norms 1, biases 0."""
+        since each block adds their outputs to the residual stream (GPT-2). Norms 1, biases 0.
+
+        Each weight draws from its own generator, seeded by `seed` and the module's name, so a pipeline
+        stage holding only some of the modules initialises them to the very values of the full model.
+        A tied head is drawn under the embedding's name: both copies of a split pipeline start equal.
+        """
         cfg = self.cfg
         self.rope_cos, self.rope_sin = rope_tables(
             cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, self.rope_cos.device
@@ -73,7 +79,10 @@ class Transformer(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out_proj = name.endswith(("attention.wo", "feed_forward.w2"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out_proj else cfg.init_std)
+                key = "tok_embeddings" if name == "output" and cfg.tie_embeddings else name
+                generator = torch.Generator(module.weight.device).manual_seed(seed + zlib.crc32(key.encode()))
+                std = out_std if is_out_proj else cfg.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
@@ -110,9 +119,7 @@ def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Option
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.tie_weights()
-    if seed is not None:
-        torch.manual_seed(seed)
-    model.init_weights()
+    model.init_weights(seed if seed is not None else int(torch.randint(2**31, ())))
     return model
 
 

@@ -1,31 +1,87 @@
 """Parallelism applied to a plain model from outside, in one fixed order (see `parallelize`)."""
 
+from __future__ import annotations
+
 import torch
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
 
-from megatron_llm.config import ParallelConfig
+from megatron_llm.config import ModelConfig, ParallelConfig
+from megatron_llm.model import Transformer
 from megatron_llm.parallel.dims import ParallelDims, all_reduce_sum, init_distributed, pick_device
+from megatron_llm.parallel.gradients import clip_grads_, grad_norm
+from megatron_llm.parallel.pipeline import (
+    PipelineModel,
+    build_schedule,
+    split_stage,
+    stage_layers,
+    stages_of_rank,
+    tie_group,
+)
+from megatron_llm.parallel.tensor_parallel import apply_tp
 
-__all__ = ["ParallelDims", "all_reduce_sum", "init_distributed", "parallelize", "pick_device"]
+__all__ = [
+    "ParallelDims", "PipelineModel", "all_reduce_sum", "clip_grads_", "grad_norm", "init_distributed",
+    "parallelize", "pick_device",
+]
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, parallel: ParallelConfig, compile: bool) -> nn.Module:
-    """Order matters: compile sees the unsharded blocks; data parallelism wraps last so it shards or
-    replicates what the earlier steps produced."""
-    if compile:
+def parallelize(
+    cfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig, *, device: torch.device, seed: int,
+    compile: bool, micro_batches: int,
+) -> nn.Module:
+    """This rank's part of the model, holding the numbers one process would initialise, parallelised in
+    one fixed order:
+
+      1. pipeline split, on the meta device: each stage is a cheap copy with the other modules deleted;
+      2. allocate and initialise each stage: the init draws per parameter name, so a stage gets the very
+         values of the whole model, and no rank ever allocates more than its stages;
+      3. tensor and sequence parallelism (the plan in tensor_parallel.py) shards those values;
+      4. compile the blocks, in place, so parameter names do not change;
+      5. data parallelism last, sharding (FSDP2) or replicating (DDP) what the earlier steps produced.
+
+    Returns the model itself at pp = 1, else a PipelineModel over this rank's stages and the schedule.
+    """
+    with torch.device("meta"):
+        whole = Transformer(cfg)
+    stage_ids, parts = [0], [whole]
+    if dims.pp > 1:
+        stage_ids = stages_of_rank(dims.mesh["pp"].get_local_rank(), parallel)
+        layers = stage_layers(cfg.num_layers, parallel)
+        parts = [split_stage(whole, layers[i], first=i == 0, last=i == parallel.num_stages - 1) for i in stage_ids]
+    for part in parts:
+        part.to_empty(device=device)
+        part.tie_weights()
+        part.init_weights(seed)
+        if dims.tp > 1:
+            apply_tp(part, dims.mesh["tp"], parallel.sp)
+        if compile:
+            for block in part.layers.values():
+                block.compile()
+        if dims.dp > 1:
+            apply_data_parallel(part, dims, parallel.data_parallel)
+    if dims.pp == 1:
+        return parts[0]
+    pp_group = dims.mesh["pp"].get_group()
+    stages, schedule, loss = build_schedule(parts, stage_ids, parallel, pp_group, device, micro_batches)
+    group = tie_group(dims.mesh, parallel.schedule) if cfg.tie_embeddings else None
+    return PipelineModel(parts, stages, schedule, loss, group)
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, kind: str) -> None:
+    """FSDP2, or DDP as PyTorch's FSDP2-based `replicate` (nn.parallel.DistributedDataParallel cannot hold
+    the DTensor parameters of tensor parallelism), both in place so parameter names do not change. One
+    unit per block lets each block's communication overlap the next block's compute."""
+    dp_mesh = dims.mesh["dp"]
+    if kind == "fsdp":
+        # Under a pipeline every micro-batch's backward would all-gather again: keep blocks unsharded
+        # between forward and backward there (torchtitan does the same).
+        reshard = dims.pp == 1
         for block in model.layers.values():
-            block.compile()  # in place, so parameter names do not change
-    if dims.dp == 1:
-        return model
-    if parallel.data_parallel == "fsdp":
-        dp_mesh = dims.mesh["dp"]
-        for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh)  # one all-gather per block: overlaps with the previous block's compute
-        fully_shard(model, mesh=dp_mesh)  # embedding, final norm and head (tied or not) in the root group
-        return model
-    device = next(model.parameters()).device
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, process_group=dims.mesh["dp"].get_group()
-    )
+            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)  # embedding, final norm, head
+        return
+    for block in model.layers.values():
+        replicate(block, mesh=dp_mesh)
+    replicate(model, mesh=dp_mesh)

@@ -37,23 +37,27 @@ class ParallelDims:
     def dp_group(self) -> Optional[dist.ProcessGroup]:
         return self.mesh["dp"].get_group() if self.dp > 1 else None
 
+    logger_rank: int = 0  # see logging_rank
+
     @property
     def is_logger(self) -> bool:
-        """The one rank that prints and writes TensorBoard: coordinates (pp=last, dp=0, tp=0), because
-        the loss and the per-channel sums exist only on the last pipeline stage."""
-        return self.rank == (self.pp - 1) * self.dp * self.tp
+        return self.rank == self.logger_rank
+
+
+def logging_rank(parallel: ParallelConfig, world_size: int) -> int:
+    """The one rank that prints and writes TensorBoard: coordinates (pp, dp=0, tp=0) with pp the rank
+    holding the last pipeline stage, because the per-channel sums exist only there. That is the last
+    pp rank, except for ZBV, whose V of stages ends back on pp rank 0."""
+    last = 0 if parallel.schedule == "zbv" else parallel.pp - 1
+    return last * world_size // parallel.pp
 
 
 def check_layout(parallel: ParallelConfig, world_size: int) -> int:
-    """Returns dp; raises UsageError on a layout this world cannot hold. Pure: safe to call on every rank."""
+    """Returns dp; raises UsageError on a layout this world cannot hold. Pure: safe to call on every rank.
+    The checks that need no world size (heads, layers, micro-batches, sequence) ran in Config.validate."""
     if world_size % (parallel.tp * parallel.pp):
         raise UsageError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {parallel.tp} x {parallel.pp}"
-        )
-    if parallel.tp > 1 or parallel.pp > 1:
-        raise UsageError(
-            "parallel.tp and parallel.pp > 1 are not available yet in this version; use data parallelism "
-            "(parallel.tp 1, parallel.pp 1) with torchrun"
         )
     return world_size // (parallel.tp * parallel.pp)
 
@@ -70,7 +74,8 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_s: 
     """Joins (or creates, for a plain `python train.py`) the process group and builds the mesh.
 
     The layout is checked from the environment before the group exists, so a bad layout stops every
-    rank with the same message instead of leaving some waiting in a collective.
+    rank with the same message instead of leaving some waiting in a collective. A collective that waits
+    longer than `timeout_s` (parallel.timeout_s: a peer died or hangs) raises instead of blocking forever.
     """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -85,11 +90,16 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_s: 
         else:  # one process without a launcher: an in-memory store needs no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (parallel.pp, dp, parallel.tp), mesh_dim_names=("pp", "dp", "tp"))
-    return ParallelDims(world_size=world_size, rank=rank, tp=parallel.tp, pp=parallel.pp, dp=dp, mesh=mesh)
+    return ParallelDims(
+        world_size, rank, parallel.tp, parallel.pp, dp, mesh, logger_rank=logging_rank(parallel, world_size)
+    )
 
 
-def all_reduce_sum(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
-    """Sum over the data-parallel group (a no-op at dp=1)."""
+def all_reduce_sum(value: torch.Tensor, dims: ParallelDims, over_stages: bool = False) -> torch.Tensor:
+    """Sum over the data-parallel group (a no-op at dp=1); with `over_stages` also over the pipeline
+    stages, for a value only the last stage computes (the others contribute zeros)."""
     if dims.dp > 1:
         dist.all_reduce(value, group=dims.mesh["dp"].get_group())
+    if over_stages and dims.pp > 1:
+        dist.all_reduce(value, group=dims.mesh["pp"].get_group())
     return value

@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from megatron_llm.config import OptimizerConfig
 
@@ -16,17 +17,22 @@ def _decays(name: str, param: nn.Parameter, cfg: OptimizerConfig) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():  # a tied head is yielded once, under tok_embeddings
+    # (decays, is a DTensor) -> params. A foreach/fused update runs per group and cannot mix DTensor
+    # parameters (tensor parallelism) with plain ones (norms without sequence parallelism).
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    # A tied head is yielded once, under tok_embeddings; on a pipeline's last stage it is a copy of the
+    # embedding (PipelineModel.tied_copy) and follows the embedding's rule.
+    tied_copy = getattr(model, "tied_copy", None)
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if _decays(name, param, cfg) else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    on_cuda = any(p.is_cuda for p in decay + no_decay)
+        if param is tied_copy:
+            name = "tok_embeddings.weight"
+        groups.setdefault((_decays(name, param, cfg), isinstance(param, DTensor)), []).append(param)
+    params = [p for group in groups.values() for p in group]
+    on_cuda = any(p.is_cuda for p in params)
     # fused is the fastest AdamW on CUDA; foreach is on CPU.
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=on_cuda, foreach=not on_cuda
+        [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0} for (decays, _), ps in sorted(groups.items())],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=on_cuda, foreach=not on_cuda,
     )

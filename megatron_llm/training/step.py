@@ -9,8 +9,10 @@ from typing import Iterable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel import loss_parallel
 
-from megatron_llm.parallel import ParallelDims, all_reduce_sum
+from megatron_llm.parallel import ParallelDims, PipelineModel, all_reduce_sum, clip_grads_, grad_norm
+from megatron_llm.parallel.pipeline import Records
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
 
@@ -57,20 +59,19 @@ def train_step(
     ce_sum = torch.zeros((), device=device)
     channel_sums = ChannelSums(num_channels, device)
     model.train()
-    for mb in micro_batches:
-        mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-        with _autocast(device, autocast):
-            logits = model(mb["tokens"])  # [b, s, vocab]
-        loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
-        loss.backward()
+
+    def loss_fn(logits, mb):
+        return micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
+
+    for mb, token_ce in _run(model, micro_batches, dims, autocast, loss_fn, train=True):  # last stage only under pp
         ce_sum += token_ce.sum()
         channel_sums.add(token_ce, mb["loss_mask"], mb["channel"])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-    # One host sync for both numbers.
-    loss_value, norm_value = torch.stack([all_reduce_sum(ce_sum, dims) / global_tokens, grad_norm]).tolist()
+    norm = grad_norm(model, dims)  # the same on every rank: so is the decision to skip
+    # One host sync for both numbers; the loss exists on the last stage only, zeros elsewhere.
+    loss_value, norm_value = torch.stack([all_reduce_sum(ce_sum, dims, over_stages=True) / global_tokens, norm]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:
+        clip_grads_(model, grad_clip, norm_value)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     channels = channel_sums.gather(dims.dp_group)
@@ -83,12 +84,31 @@ def evaluate(model: nn.Module, batches: Iterable[dict], dims: ParallelDims, auto
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device)  # [loss sum, tokens]
-    for mb in batches:
-        mb = {k: v.to(device) for k, v in mb.items()}
-        with _autocast(device, autocast):
-            logits = model(mb["tokens"])
-        _, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], 0.0, 1)
+
+    def loss_fn(logits, mb):
+        return micro_batch_loss(logits, mb["labels"], mb["loss_mask"], 0.0, 1)
+
+    for mb, token_ce in _run(model, list(batches), dims, autocast, loss_fn, train=False):
         sums += torch.stack([token_ce.sum(), mb["loss_mask"].sum()])
     model.train()
-    loss_sum, tokens = all_reduce_sum(sums, dims).tolist()
+    loss_sum, tokens = all_reduce_sum(sums, dims, over_stages=True).tolist()
     return loss_sum / tokens
+
+
+def _run(model: nn.Module, micro_batches: list[dict], dims: ParallelDims, autocast, loss_fn, train: bool) -> Records:
+    """Forward (and backward when `train`) of every micro-batch; returns (micro-batch, per-token
+    cross-entropy) for each, in order. Under a pipeline the schedule runs them, and only the last stage
+    returns any. Vocabulary-parallel logits need `loss_parallel` around both the loss and its backward."""
+    device = next(model.parameters()).device
+    micro_batches = [{k: v.to(device, non_blocking=True) for k, v in mb.items()} for mb in micro_batches]
+    vocab_parallel = loss_parallel() if dims.tp > 1 else contextlib.nullcontext()
+    with _autocast(device, autocast), vocab_parallel:
+        if isinstance(model, PipelineModel):
+            return model.run(micro_batches, loss_fn, train)
+        records = []
+        for mb in micro_batches:
+            loss, token_ce = loss_fn(model(mb["tokens"]), mb)  # logits [b, s, vocab]
+            if train:
+                loss.backward()
+            records.append((mb, token_ce))
+        return records

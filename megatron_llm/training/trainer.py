@@ -19,7 +19,7 @@ from megatron_llm.data.default_corpus import ensure_default_corpus
 from megatron_llm.data.loader import TrainBatches, eval_batches
 from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
-from megatron_llm.model import build_model, flops_per_token
+from megatron_llm.model import flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
 from megatron_llm.training.faults import StopSignals, name_hung_ranks, restarted_by_launcher
@@ -65,8 +65,9 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same init on every rank
         self.data = self._build_data()
-        model = build_model(cfg.model, device, seed=t.seed)
-        self.model = parallelize(model, dims, cfg.parallel, compile=t.compile)
+        self.model = parallelize(
+            cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps
+        )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
         self.logger = MetricsLogger(cfg.logging.tensorboard_dir, enabled=dims.is_logger)

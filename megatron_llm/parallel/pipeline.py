@@ -1,0 +1,198 @@
+"""Pipeline parallelism with torch.distributed.pipelining: stages, schedules, and this rank's view.
+
+The model is split by layer count into pp x virtual_stages stages (evenly, or as parallel.stage_layers
+says); the first stage also holds the embedding, the last the final norm and the head, and the loss is
+computed there by the schedule. Each stage is a Transformer with the other modules deleted, so every
+parameter keeps its full-model name. Which stages a rank runs depends on the schedule: one for GPipe
+and 1F1B; stages r, r + pp, ... for the interleaved ones ("loop"); r and 2pp - 1 - r for ZBV ("v").
+
+The training micro-batches are the schedule's micro-batches (training.grad_accum_steps of them).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.tensor import DTensor
+
+from megatron_llm.config import ParallelConfig
+from megatron_llm.model import Transformer
+from megatron_llm.parallel.gradients import match_param_layouts
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zb": ScheduleInterleavedZeroBubble,
+    "zbv": ScheduleZBVZeroBubble,
+}
+SINGLE_STAGE = ("gpipe", "1f1b")
+
+# (micro-batch, per-token cross-entropy [b, s]) for each micro-batch, from the loss on the last stage
+Records = list[tuple[dict, torch.Tensor]]
+# (logits, micro-batch) -> (loss to backpropagate, per-token cross-entropy)
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def stage_layers(num_layers: int, parallel: ParallelConfig) -> list[list[int]]:
+    """Global layer indices of each stage, in order."""
+    counts = parallel.stage_layers or [num_layers // parallel.num_stages] * parallel.num_stages
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return [list(range(start, start + n)) for start, n in zip(starts, counts)]
+
+
+def stages_of_rank(pp_rank: int, parallel: ParallelConfig) -> list[int]:
+    """The stage indices this pp rank runs, in order."""
+    pp, v = parallel.pp, parallel.virtual_stages
+    if parallel.schedule == "zbv":  # a V: down the ranks and back up, so rank 0 holds the first and last stage
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(v)]
+
+
+def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
+    """A copy of (meta) `model` holding only `layers`, plus the embedding if first, norm and head if last."""
+    stage = copy.deepcopy(model)
+    for key in list(stage.layers):
+        if int(key) not in layers:
+            del stage.layers[key]
+    if not first:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm = stage.output = None
+    return stage
+
+
+class ScheduleLoss:
+    """The schedule's loss_fn. The schedule calls it on the last stage with each micro-batch's logits and
+    target; the target here is the micro-batch's index, so the loss sees the micro-batch itself (labels,
+    loss mask, channel) and the per-token cross-entropy is kept for the caller.
+
+    Records are keyed by that index: on its first step after a switch between training and evaluation,
+    the schedule also calls the loss on placeholder logits to infer gradient shapes, before the real
+    micro-batches, whose records then replace that one."""
+
+    def __init__(self, count: int):
+        self.count = count  # micro-batches per schedule step
+        self.micro_batches: list[dict] = []
+        self.fn: Optional[LossFn] = None
+        self.records: dict[int, tuple[dict, torch.Tensor]] = {}
+
+    def __call__(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        i = int(index[0])
+        loss, token_ce = self.fn(logits, self.micro_batches[i])
+        self.records[i] = (self.micro_batches[i], token_ce)
+        return loss
+
+
+class PipelineModel(nn.Module):
+    """This rank's stages seen as one module whose parameter names are the full model's
+    (tok_embeddings.*, layers.<i>.*, norm.*, output.*): the optimizer, checkpoints and the gradient norm
+    work on it as on the whole model. `run` feeds micro-batches through the schedule.
+
+    With tied embeddings the first stage's embedding and the last stage's head are two copies of one
+    weight: they start equal (init is per name) and `run` sums their gradients (Megatron's embedding
+    group), so identical AdamW updates keep them equal.
+    """
+
+    def __init__(self, parts: list[Transformer], stages: list[PipelineStage], schedule, loss: ScheduleLoss, tie_group):
+        super().__init__()
+        self.cfg = parts[0].cfg
+        self.layers = nn.ModuleDict()
+        for part in parts:
+            for name in ("tok_embeddings", "norm", "output"):
+                if getattr(part, name, None) is not None:
+                    setattr(self, name, getattr(part, name))
+            self.layers.update(part.layers)
+        self.stages, self.schedule, self.loss, self.tie_group = stages, schedule, loss, tie_group
+        self.is_first = any(s.is_first for s in stages)
+        self.is_last = any(s.is_last for s in stages)
+        ends = [getattr(self, name, None) for name in ("tok_embeddings", "output")]
+        self.tied = [m.weight for m in ends if m is not None] if self.cfg.tie_embeddings else []
+
+    @property
+    def tied_copy(self) -> Optional[nn.Parameter]:
+        """The head's weight when it is a second copy of the embedding: counted once in the gradient norm,
+        saved and loaded under the embedding's optimizer state."""
+        return self.tied[-1] if self.tied and hasattr(self, "output") else None
+
+    def run(self, micro_batches: list[dict], loss_fn: LossFn, train: bool) -> Records:
+        """Forward (and backward when `train`) over the micro-batches, already on the device; returns the
+        loss records on the last stage, [] elsewhere. Training passes exactly the schedule's micro-batch
+        count; evaluation may pass any number: they run in groups of that count, the last group filled
+        up with copies whose loss mask is zero (their records are dropped)."""
+        m = self.loss.count
+        if train and len(micro_batches) != m:
+            raise ValueError(f"the schedule was built for {m} micro-batches, got {len(micro_batches)}")
+        records: Records = []
+        for start in range(0, len(micro_batches), m):
+            group = micro_batches[start : start + m]
+            real = len(group)
+            group += [dict(group[-1], loss_mask=torch.zeros_like(group[-1]["loss_mask"]))] * (m - real)
+            records += self._run_group(group, loss_fn, train)[:real]
+        if train:
+            self._sum_tied_grads()
+        return records
+
+    def _run_group(self, micro_batches: list[dict], loss_fn: LossFn, train: bool) -> Records:
+        b = micro_batches[0]["tokens"].shape[0]
+        args = (torch.cat([mb["tokens"] for mb in micro_batches]),) if self.is_first else ()  # [m * b, s]
+        # The schedule splits the target along dim 0 into the micro-batches: each gets its index b times.
+        target = torch.arange(len(micro_batches)).repeat_interleave(b) if self.is_last else None
+        self.loss.micro_batches, self.loss.fn, self.loss.records = micro_batches, loss_fn, {}
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target, return_outputs=False)
+        records = [self.loss.records[i] for i in sorted(self.loss.records)]
+        self.loss.records, self.loss.micro_batches = {}, []
+        return records
+
+    def _sum_tied_grads(self) -> None:
+        match_param_layouts(self.tied)  # each rank's own vocabulary rows, as on the other stage
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.tied]
+        if len(grads) == 2:  # both copies on this rank (ZBV); their shards line up (same placements)
+            grads[0].add_(grads[1])
+            grads[1].copy_(grads[0])
+        elif grads:
+            dist.all_reduce(grads[0], group=self.tie_group)
+
+    def forward(self, *args):
+        raise RuntimeError("a pipeline stage runs through PipelineModel.run, not forward()")
+
+
+def tie_group(mesh, schedule: str) -> Optional[dist.ProcessGroup]:
+    """For each (dp, tp) position, the group of the ranks holding the first and the last stage; every rank
+    takes part in creating every group. None when one rank holds both (ZBV)."""
+    if schedule == "zbv":
+        return None
+    ranks = mesh.mesh  # [pp, dp, tp] global ranks
+    mine = None
+    for d in range(ranks.shape[1]):
+        for t in range(ranks.shape[2]):
+            pair = [int(ranks[0, d, t]), int(ranks[-1, d, t])]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                mine = group
+    return mine
+
+
+def build_schedule(
+    parts: list[nn.Module], stage_ids: list[int], parallel: ParallelConfig, pp_group, device, micro_batches: int
+):
+    """(this rank's PipelineStages, the configured schedule, its loss) over `parts` (possibly wrapped for
+    data parallelism). Gradients are not rescaled: the loss is already divided by the step's tokens."""
+    stages = [PipelineStage(part, i, parallel.num_stages, device, group=pp_group) for part, i in zip(parts, stage_ids)]
+    loss = ScheduleLoss(micro_batches)
+    owner = stages[0] if parallel.schedule in SINGLE_STAGE else stages
+    schedule = SCHEDULES[parallel.schedule](owner, n_microbatches=micro_batches, loss_fn=loss, scale_grads=False)
+    return stages, schedule, loss

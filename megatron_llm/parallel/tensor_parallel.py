@@ -1,0 +1,119 @@
+"""Tensor and sequence parallelism (Megatron's split) as DTensor plans keyed by module name.
+
+Inside a block, q/k/v and gate/up are column-parallel (each tp rank computes its own heads and its
+slice of the MLP's inner width) and the attention output and down projections are row-parallel (each
+rank's partial result is summed). Splitting wq/wk/wv by rows keeps whole heads on a rank, and since
+num_kv_heads % tp == 0 (checked in config), query head j and its key/value head j // group land on the
+same rank: heads are split by key/value group, no key/value head is replicated.
+
+The embedding and the output head are vocabulary-parallel: each rank holds vocab/tp rows, the head
+returns logits as a DTensor sharded on the vocabulary, and the cross-entropy runs under DTensor's
+`loss_parallel()`, which reduces max and sum-exp across ranks: no rank ever holds the full logits.
+
+With sequence parallelism the residual stream between tensor-parallel regions is sharded along the
+sequence ([b, s/tp, h] per rank): the norms run on their shard, the entry of attention and MLP
+all-gathers the sequence, and their row-parallel exits reduce-scatter instead of all-reducing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+VOCAB_MULTIPLE = 128  # Megatron's make-vocab-size-divisible-by: the vocabulary is padded to 128 x tp
+
+
+def block_plan(sp: bool, qk_norm: bool, gated: bool) -> dict:
+    """One transformer block, module name -> placement. `seq` is the residual stream's layout."""
+    seq = Shard(1) if sp else Replicate()
+    plan = {
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=seq),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+    }
+    if gated:
+        plan["feed_forward.w3"] = ColwiseParallel()
+    if sp:  # norms on the sequence shard; attention and MLP all-gather it on entry (args: x, rope_cos, rope_sin)
+        plan["attention_norm"] = SequenceParallel()
+        plan["attention"] = PrepareModuleInput(
+            input_layouts=(seq, None, None), desired_input_layouts=(Replicate(), None, None)
+        )
+        plan["ffn_norm"] = SequenceParallel()
+        plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+    if qk_norm:
+        # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
+        # sharded makes its weight a replicated DTensor whose gradient is summed over tp.
+        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
+
+
+def outer_plan(sp: bool) -> dict:
+    """Embedding, final norm and head; the head keeps its logits a DTensor sharded on the vocabulary."""
+    seq = Shard(1) if sp else Replicate()
+    plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
+    }
+    if sp:
+        plan["norm"] = SequenceParallel()
+    return plan
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_MULTIPLE * tp
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
+    """Shards `model` (a Transformer or one pipeline stage of it) in place over `tp_mesh`."""
+    cfg = model.cfg
+    pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, block_plan(sp, cfg.qk_norm, block.feed_forward.w3 is not None))
+    present = {name: style for name, style in outer_plan(sp).items() if getattr(model, name) is not None}
+    parallelize_module(model, tp_mesh, present)
+    model.tie_weights()  # the head and the embedding were distributed one by one: share the DTensor again
+    if model.output is not None and model.output.weight.shape[0] > cfg.vocab_size:
+        _mask_padded_logits(model, tp_mesh)
+
+
+def pad_vocab(model: nn.Module, padded: int) -> None:
+    """Appends zero rows to the embedding and the head. Pad tokens never occur as inputs, and their logits
+    are -inf (see _mask_padded_logits), so those rows get zero gradients and stay zero: the loss, the
+    gradient norm and the trained weights are those of the unpadded model. Checkpoints hold the unpadded
+    rows (parallel/state.py), so a checkpoint does not depend on tp."""
+    for module in (model.tok_embeddings, model.output):
+        if module is None or module.weight.shape[0] >= padded:
+            continue
+        weight = module.weight.detach()
+        rows = weight.new_zeros(padded - weight.shape[0], weight.shape[1])
+        module.weight = nn.Parameter(torch.cat([weight, rows]))  # [padded, hidden]
+    model.tie_weights()
+
+
+def _mask_padded_logits(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Adds -inf to the padded columns of the logits, after any soft-capping, so softmax gives them 0."""
+    vocab, padded = model.cfg.vocab_size, model.output.weight.shape[0]
+    bias = torch.zeros(padded, device=model.output.weight.device)
+    bias[vocab:] = -math.inf
+    bias = distribute_tensor(bias, tp_mesh, [Shard(0)], src_data_rank=None)  # [padded/tp] per rank, like the logits
+
+    def hook(module, args, logits):
+        return logits + bias  # [b, s, padded] sharded on the vocabulary
+
+    model.register_forward_hook(hook)

@@ -1,0 +1,148 @@
+"""Tensor, sequence, pipeline and data parallelism against one process, through the real entry point.
+
+Two chains of multi-process runs, each run resuming from the checkpoint of the one before at another
+layout, must reproduce a single-process run step for step: the per-step loss, the per-channel sums,
+the validation loss and the parameters of each run's final checkpoint. Between them the runs cover the
+layouts (tp, pp, dp) = (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,1,2) (1,2,2) (1,1,4), sequence parallelism on
+and off, the five pipeline schedules, FSDP2 and DDP, tied and untied embeddings (with GQA, QK-norm,
+biases and z-loss), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) -> (2,1,2) -> (2,2,1).
+Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import megatron_llm
+from conftest import ROOT, tiny_overrides
+from megatron_llm.config import load_config
+from megatron_llm.errors import UsageError
+from megatron_llm.parallel.dims import check_layout
+from megatron_llm.training.trainer import train
+from parallel_harness import Workers
+
+LOSS_RTOL = 1e-5
+PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-5
+GLOBAL_MICRO_BATCH = 4  # sequences per micro-batch over all dp ranks, so every layout sees the same data
+
+# 4 layers (4 pipeline stages at pp 2 x 2 virtual), GQA 4 heads / 2 kv heads, vocabulary 257 (padded
+# to 512 at tp 2), 4 micro-batches per step; warm-up and decay fixed, so the LR at a step does not
+# depend on where a run stops.
+COMMON = dict(
+    model__num_layers=4, training__grad_accum_steps=4, schedule__warmup_steps=2, schedule__decay_steps=8,
+    training__eval_interval=2, training__eval_iters=3, checkpoint__interval=2, logging__interval=2,
+    checkpoint__keep=0, logging__tensorboard_dir=None, parallel__timeout_s=60,
+)
+TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3)
+UNTIED = dict(model__linear_bias=True)
+
+# (name, tp, pp, dp, extra settings); each runs 2 steps from the previous run's last checkpoint.
+TIED_CHAIN = [
+    ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
+    ("dp4-fsdp", 1, 1, 4, dict(parallel__data_parallel="fsdp")),
+    ("tp2-pp2-interleaved-1f1b", 2, 2, 1, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2)),
+    ("tp2-dp2-ddp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="ddp")),
+    ("tp2-pp2-zbv-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="zbv", parallel__virtual_stages=2,
+                                     training__eval_interval=0)),
+]
+UNTIED_CHAIN = [
+    ("tp2", 2, 1, 1, {}),
+    ("pp2-gpipe", 1, 2, 1, dict(parallel__schedule="gpipe")),
+    ("dp2-ddp", 1, 1, 2, dict(parallel__data_parallel="ddp")),
+    ("pp2-dp2-interleaved-zb-fsdp", 1, 2, 2, dict(parallel__schedule="interleaved_zb", parallel__virtual_stages=2,
+                                                  parallel__data_parallel="fsdp")),
+]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    pool = Workers(4)
+    yield pool
+    pool.close()
+
+
+def overrides(corpus, run_dir, steps: int, dp: int = 1, **extra) -> list[str]:
+    settings = {**COMMON, "training__steps": steps, "training__micro_batch_size": GLOBAL_MICRO_BATCH // dp, **extra}
+    return tiny_overrides(corpus, run_dir, **settings)
+
+
+def single_process(corpus, run_dir, steps: int, model: dict):
+    return train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus, run_dir, steps, **model)))
+
+
+def check_chain(workers, corpus, tmp_path, model: dict, chain: list):
+    ref_dir = tmp_path / "one-process"
+    ref = single_process(corpus, ref_dir, 2 * len(chain), model)
+    resume = None
+    for i, (name, tp, pp, dp, extra) in enumerate(chain):
+        start, end = 2 * i, 2 * i + 2
+        layout = dict(parallel__tp=tp, parallel__pp=pp, checkpoint__resume=resume, **model, **extra)
+        got = workers.run(tp * pp * dp, overrides(corpus, tmp_path / name, end, dp, **layout), tmp_path / name)
+        assert sorted(got.losses) == list(range(start, end)), name
+        for step in got.losses:
+            assert got.losses[step] == pytest.approx(ref.losses[step], rel=LOSS_RTOL), (name, step)
+            for c, (loss_sum, tokens) in ref.channels[step].items():  # what the last stage delivered per channel
+                assert got.channels[step][c][1] == tokens, (name, step, c)
+                assert got.channels[step][c][0] == pytest.approx(loss_sum, rel=LOSS_RTOL), (name, step, c)
+        for step, value in got.val_losses.items():
+            assert value == pytest.approx(ref.val_losses[step], rel=LOSS_RTOL), (name, "val", step)
+        resume = str(tmp_path / name / "ckpt" / f"step_{end:07d}")
+        trained = megatron_llm.load_model(resume)
+        expected = megatron_llm.load_model(str(ref_dir / "ckpt" / f"step_{end:07d}"))
+        for (key, value), ref_value in zip(trained.state_dict().items(), expected.state_dict().values()):
+            torch.testing.assert_close(value, ref_value, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"{name} {key}: {m}")
+
+
+def test_tied_chain_matches_one_process(workers, corpus_dir, tmp_path):
+    check_chain(workers, corpus_dir, tmp_path, TIED, TIED_CHAIN)
+
+
+def test_untied_chain_matches_one_process(workers, corpus_dir, tmp_path):
+    check_chain(workers, corpus_dir, tmp_path, UNTIED, UNTIED_CHAIN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: refused with one line before any process group, so on every rank alike.
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(parallel__tp=4), r"model.num_kv_heads \(2\) is not divisible by parallel.tp \(4\)"),
+    (dict(parallel__tp=3), r"model.num_heads \(4\) is not divisible by parallel.tp \(3\)"),
+    (dict(parallel__pp=3), r"model.num_layers \(4\) is not divisible by the 3 pipeline stages"),
+    (dict(parallel__pp=2, parallel__stage_layers="[1, 2]"), r"needs 2 entries .* summing to model.num_layers \(4\)"),
+    (dict(parallel__pp=2, training__grad_accum_steps=1), "1f1b needs training.grad_accum_steps .* at least 2"),
+    (dict(parallel__pp=2, parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2, training__grad_accum_steps=3),
+     "a multiple of parallel.pp"),
+    (dict(parallel__pp=2, parallel__schedule="zbv", parallel__virtual_stages=2), "zbv cannot evaluate"),
+    (dict(parallel__tp=2, parallel__sp=True, data__seq_len=31), r"data.seq_len \(31\) must be divisible by parallel.tp"),
+])
+def test_bad_layouts_are_refused_by_the_config(corpus_dir, tmp_path, settings, message):
+    with pytest.raises(UsageError, match=message):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path, 4, **settings))
+
+
+def test_world_size_must_hold_the_layout(corpus_dir, tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path, 4, parallel__pp=4))
+    with pytest.raises(UsageError, match=r"world size 2 is not divisible by parallel.tp x parallel.pp = 1 x 4"):
+        check_layout(cfg.parallel, 2)
+    assert check_layout(cfg.parallel, 8) == 2
+
+
+def test_every_rank_refuses_and_a_dead_rank_stops_the_others(workers, corpus_dir, tmp_path):
+    args = overrides(corpus_dir, tmp_path / "bad", 4, parallel__pp=4)
+    with pytest.raises(AssertionError) as refused:
+        workers.run(2, args, tmp_path / "bad", timeout_s=60)
+    for rank in (0, 1):  # each refuses on its own, before any collective: no rank waits for the other
+        assert f"rank {rank}: UsageError: world size 2 is not divisible by parallel.tp x parallel.pp = 1 x 4" in str(refused.value)
+
+    # Rank 1 crashes in step 1 of a pipeline: rank 0, waiting for its activations' gradients, fails too.
+    timeout = 20
+    args = overrides(corpus_dir, tmp_path / "dead", 4, parallel__pp=2, parallel__timeout_s=timeout)
+    start = time.monotonic()
+    with pytest.raises(AssertionError) as failed:
+        workers.run(2, args, tmp_path / "dead", timeout_s=timeout + 60, die={1: 1})
+    assert time.monotonic() - start < timeout + 30
+    assert "rank 1: process died" in str(failed.value) and "rank 0: " in str(failed.value)
