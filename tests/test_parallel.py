@@ -11,6 +11,7 @@ Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~1e-
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -146,3 +147,18 @@ def test_every_rank_refuses_and_a_dead_rank_stops_the_others(workers, corpus_dir
         workers.run(2, args, tmp_path / "dead", timeout_s=timeout + 60, die={1: 1})
     assert time.monotonic() - start < timeout + 30
     assert "rank 1: process died" in str(failed.value) and "rank 0: " in str(failed.value)
+
+
+def test_memory_estimate_counts_every_parameter_once():
+    """tools/estimate_memory.py: its per-GPU parameter counts add up to the model's at any layout
+    (vocabulary padding aside). Its activation model is checked by `--measure` runs (README)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from estimate_memory import estimate
+
+    cfg = load_config(str(ROOT / "configs" / "llama3_8b.yaml"), ["--training.micro_batch_size", "1"])
+    assert estimate(cfg, dp=1, act_bytes=2)[0].params == cfg.model.num_params()
+    sharded = load_config(str(ROOT / "configs" / "llama3_8b.yaml"), ["--parallel.pp", "4"])
+    assert sum(s.params for s in estimate(sharded, dp=1, act_bytes=2)) == cfg.model.num_params()
+    stages = estimate(sharded, dp=1, act_bytes=2)
+    fsdp = estimate(sharded, dp=8, act_bytes=2)
+    assert [s.params for s in fsdp] == [-(-s.params // 8) for s in stages]  # FSDP shards each stage over dp

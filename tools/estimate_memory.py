@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Memory per GPU of a config at a layout: parameters, gradients, AdamW state and activations.
+
+    python tools/estimate_memory.py --config configs/llama3_8b.yaml --dp 8 --parallel.tp 2 --parallel.pp 4 \\
+        --training.micro_batch_size 1 --data.seq_len 8192
+    python tools/estimate_memory.py --config configs/tiny.yaml --dp 2 --parallel.tp 2 --measure
+
+Every pipeline stage is estimated (the first holds the embedding and the most micro-batches in flight,
+the last the head and the logits); the largest is what a GPU must hold. With --measure the layout runs
+on this machine's CPU (gloo, fp32, random tokens, three steps) and each rank's peak resident memory
+above its state before the model was built is printed next to the estimate of its stage.
+
+The model counts what this code keeps, measured with saved-tensor hooks on the tiny config:
+  - parameters fp32 (4 B), gradients fp32 (4 B), AdamW exp_avg + exp_avg_sq (8 B); the optimizer step's
+    foreach temporaries (sqrt(v) and the update, 8 B) while it runs;
+  - FSDP2 shards all of them over dp, DDP none. Under a pipeline FSDP keeps the stage unsharded through
+    the step (reshard_after_forward off) and accumulates unsharded gradients until the last micro-batch;
+    DDP (FSDP2's replicate) computes with a second copy of the weights;
+  - activations per token and layer, in elements: norms 4h (4h/tp + 2h gathered with sp); attention
+    3 x heads x d + 2 x kv_heads x d (q and k after RoPE, v, SDPA output and its reshaped copy); MLP 3f;
+    all but the norms divided by tp. Outside the blocks: the last stage keeps 3h + 3 x vocab/tp (final
+    norm; logits, log-probabilities and, in the backward, their gradient; one more vocab/tp under
+    loss_parallel, measured, and one more under a pipeline, whose last stage keeps its output);
+  - micro-batches in flight on stage i of pp (Megatron's counting): 1 without a pipeline, m for GPipe,
+    min(m, pp - i) for 1F1B and the zero-bubble schedules, pp x (1 + (pp - 1) / (pp x v)) for interleaved
+    1F1B on the first rank.
+Activations take 4 bytes per element in fp32 and about 2 under bf16 autocast (matmul inputs are saved
+in bf16; the norms' fp32 internals make this a slight underestimate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_llm.config import Config, ModelConfig, ParallelConfig, load_config  # noqa: E402
+from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.parallel.pipeline import stage_layers, stages_of_rank  # noqa: E402
+from megatron_llm.parallel.tensor_parallel import padded_vocab_size  # noqa: E402
+
+GIB = 2**30
+
+
+@dataclass
+class StageMemory:
+    rank: int  # pp rank
+    params: int  # parameters held by one GPU of this pp rank (after tp and FSDP sharding)
+    param_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    unsharded_bytes: float  # FSDP's gathered parameters and gradients, alongside the activations
+    step_bytes: float  # the optimizer step's temporaries, after the activations are freed
+
+    @property
+    def total(self) -> float:
+        state = self.param_bytes + self.grad_bytes + self.optimizer_bytes
+        return state + max(self.activation_bytes + self.unsharded_bytes, self.step_bytes)
+
+
+def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
+    """(split over tp, replicated) parameters of one block."""
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    q, kv = m.num_heads * d, m.num_kv_heads * d
+    gated = m.mlp in ("swiglu", "geglu")
+    split = h * (q + 2 * kv) + q * h + h * f * (3 if gated else 2)
+    split += (q + 2 * kv if m.qkv_bias else 0) + (f * (2 if gated else 1) if m.linear_bias else 0)
+    norm = h if m.norm == "rmsnorm" else 2 * h
+    replicated = 2 * norm + (2 * d if m.qk_norm else 0) + (2 * h if m.linear_bias else 0)
+    return split // tp, replicated
+
+
+def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool) -> float:
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    norms = 4 * h / tp + 2 * h if sp and tp > 1 else 4 * h
+    attention = 3 * m.num_heads * d + 2 * m.num_kv_heads * d
+    return norms + (attention + 3 * f) / tp
+
+
+def in_flight(parallel: ParallelConfig, pp_rank: int, micro_batches: int) -> float:
+    """Micro-batches whose activations a pp rank holds at its peak, in units of all its layers."""
+    pp, v = parallel.pp, parallel.virtual_stages
+    if pp == 1:
+        return 1
+    if parallel.schedule == "gpipe":
+        return micro_batches
+    if parallel.schedule == "interleaved_1f1b":  # Megatron's interleaved-schedule memory, first rank
+        return min(micro_batches, pp * (1 + (pp - 1) / (pp * v)) - pp_rank)
+    if parallel.schedule == "zbv":  # each rank's V of two chunks balances memory: as 1F1B's first rank
+        return min(micro_batches, pp)
+    return min(micro_batches, pp - pp_rank)
+
+
+def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    tp, pp = p.tp, p.pp
+    vocab = padded_vocab_size(m.vocab_size, tp) if tp > 1 else m.vocab_size
+    split, replicated = block_params(m, tp)
+    layers = stage_layers(m.num_layers, p)
+    tokens = t.micro_batch_size * cfg.data.seq_len
+    fsdp = p.data_parallel == "fsdp" and dp > 1
+    out = []
+    for rank in range(pp):
+        stages = stages_of_rank(rank, p)
+        first, last = 0 in stages, p.num_stages - 1 in stages
+        n_layers = sum(len(layers[s]) for s in stages)
+        full = n_layers * (split + replicated)  # this rank's parameters before FSDP
+        full += vocab * m.hidden_size // tp * (first + (last and not (m.tie_embeddings and first)))
+        full += m.hidden_size if last else 0
+        params = math.ceil(full / dp) if fsdp else full
+        acts = n_layers * activations_per_token_layer(m, tp, p.sp) * in_flight(p, rank, t.grad_accum_steps)
+        if last:  # final norm; logits, log-probabilities, their gradient (+ the masked logits under loss_parallel;
+            # + the logits a pipeline stage keeps as its output until the backward)
+            acts += 3 * m.hidden_size + (3 + (tp > 1) + (pp > 1)) * vocab / tp
+        block = split + replicated
+        if fsdp and pp > 1:  # unsharded stage and gradients through the step
+            unsharded = 8 * full
+        elif fsdp:  # the current and the prefetched block, with their gradients
+            unsharded = 2 * 8 * block
+        elif dp > 1:  # DDP is FSDP2's replicate: the weights it computes with are a second copy
+            unsharded = 4 * full
+        else:
+            unsharded = 0
+        activations = acts * tokens * act_bytes
+        out.append(StageMemory(rank, params, 4 * params, 4 * params, 8 * params, activations, unsharded, 8 * params))
+    return out
+
+
+def report(cfg: Config, dp: int, stages: list[StageMemory], measured: dict[int, float] | None = None) -> None:
+    p = cfg.parallel
+    print(f"layout tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp={p.sp}, schedule={p.schedule}), "
+          f"micro-batch {cfg.training.micro_batch_size} x {cfg.data.seq_len} tokens, "
+          f"{cfg.training.grad_accum_steps} micro-batches; GiB per GPU")
+    columns = ["weights", "grads", "AdamW", "activ.", "FSDP", "step", "total"]
+    print(f"{'pp rank':>7} {'params':>14}" + "".join(f" {c:>8}" for c in columns) + ("  measured" if measured else ""))
+    for s in stages:
+        values = [
+            s.param_bytes, s.grad_bytes, s.optimizer_bytes, s.activation_bytes, s.unsharded_bytes, s.step_bytes, s.total
+        ]
+        row = f"{s.rank:>7} {s.params:>14,}" + "".join(f" {v / GIB:>8.2f}" for v in values)
+        if measured and s.rank in measured:
+            row += f"  {measured[s.rank] / GIB:>8.2f} ({measured[s.rank] / s.total - 1:+.0%})"
+        print(row)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring on CPU: one process per rank over gloo, the real parallelize/train_step, random tokens.
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list[str], replies) -> None:
+    import resource
+
+    import torch
+
+    from megatron_llm.parallel import init_distributed, parallelize
+    from megatron_llm.training.optimizer import build_optimizer
+    from megatron_llm.training.step import train_step
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    cfg = load_config(config, overrides)
+    m, t = cfg.model, cfg.training
+    dims = init_distributed(cfg.parallel, torch.device("cpu"))
+    base = _rss_bytes()
+    model = parallelize(m, dims, cfg.parallel, device=torch.device("cpu"), seed=0, compile=False,
+                        micro_batches=t.grad_accum_steps)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    generator = torch.Generator().manual_seed(dims.dp_rank)
+    shape = (t.micro_batch_size, cfg.data.seq_len)
+    for _ in range(3):  # the first step creates the AdamW state; the peak comes after
+        batches = [
+            {"tokens": torch.randint(m.vocab_size, shape, generator=generator),
+             "labels": torch.randint(m.vocab_size, shape, generator=generator),
+             "loss_mask": torch.ones(shape), "channel": torch.zeros(shape[0], dtype=torch.long)}
+            for _ in range(t.grad_accum_steps)
+        ]
+        train_step(model, optimizer, batches, dims, z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB
+    pp_rank = dims.mesh["pp"].get_local_rank()
+    torch.distributed.destroy_process_group()
+    replies.put((pp_rank, peak))
+
+
+def measure(config: str, overrides: list[str], world: int) -> dict[int, float]:
+    """pp rank -> the largest peak over its ranks, in bytes above the state before the model was built."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Large blocks straight from mmap and back on free: resident memory then follows live tensors, where
+    # glibc's adaptive threshold would keep freed blocks of up to 32 MB in the heap.
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    ctx = multiprocessing.get_context("spawn")
+    replies = ctx.Queue()
+    procs = [ctx.Process(target=_measure_rank, args=(r, world, port, config, overrides, replies)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = [replies.get(timeout=3600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    peaks: dict[int, float] = {}
+    for pp_rank, peak in results:
+        peaks[pp_rank] = max(peaks.get(pp_rank, 0), peak)
+    return peaks
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (world = tp x pp x dp)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="activations; default: bf16 unless --measure"
+    )
+    parser.add_argument("--measure", action="store_true", help="run the layout on CPU and compare")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype or ("fp32" if args.measure else "bf16")
+    stages = estimate(cfg, args.dp, 4 if dtype == "fp32" else 2)
+    measured = measure(args.config, overrides, cfg.parallel.tp * cfg.parallel.pp * args.dp) if args.measure else None
+    report(cfg, args.dp, stages, measured)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
