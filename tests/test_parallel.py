@@ -4,9 +4,10 @@ Two chains of multi-process runs, each run resuming from the checkpoint of the o
 layout, must reproduce a single-process run step for step: the per-step loss, the per-channel sums,
 the validation loss and the parameters of each run's final checkpoint. Between them the runs cover the
 layouts (tp, pp, dp) = (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,1,2) (1,2,2) (1,1,4), sequence parallelism on
-and off, the five pipeline schedules, FSDP2 and DDP, tied and untied embeddings (with GQA, QK-norm,
-biases and z-loss), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) -> (2,1,2) -> (2,2,1).
-Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~1e-6.
+and off, the five pipeline schedules, an uneven stage split, FSDP2 and DDP, tied and untied embeddings
+(with GQA, QK-norm, biases and z-loss), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) ->
+(2,1,2) -> (2,2,1). Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~2e-6
+absolute (Adam's normalised update amplifies rounding on near-zero gradients).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ TIED_CHAIN = [
 ]
 UNTIED_CHAIN = [
     ("tp2", 2, 1, 1, {}),
-    ("pp2-gpipe", 1, 2, 1, dict(parallel__schedule="gpipe")),
+    ("pp2-gpipe-uneven", 1, 2, 1, dict(parallel__schedule="gpipe", parallel__stage_layers="[1, 3]")),
     ("dp2-ddp", 1, 1, 2, dict(parallel__data_parallel="ddp")),
     ("pp2-dp2-interleaved-zb-fsdp", 1, 2, 2, dict(parallel__schedule="interleaved_zb", parallel__virtual_stages=2,
                                                   parallel__data_parallel="fsdp")),
