@@ -1,10 +1,11 @@
 """A real two-node Slurm cluster on this machine, for the launch tests (../shared/SLURM_LOCAL.md).
 
-MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off to 32 s when jobs are kept longer).
-
 Debian's slurm-wlm and munge, installed when missing (root and apt-get needed): munged, slurmctld and
 one slurmd per emulated node, on free ports, with config, state and logs under one directory, so
 nothing outside it changes besides the packages and a running munged. Every node is this host.
+MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off to 32 s when jobs are kept longer);
+cred_expire=10 lets a requeued job start again after 11 s instead of 121 (the node refuses it until
+the killed run's credential has expired).
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        self._started_munged = False
 
     def start(self, cpus_per_node: int = 2) -> "SlurmCluster":
         self._start_munged()
@@ -69,11 +69,12 @@ class SlurmCluster:
             "RealMemory=1000 State=UNKNOWN"
             for n in NODES
         )
-        self.conf.write_text(f"""ClusterName=megatron_llm_test
+        self.conf.write_text(f"""ClusterName=megatron_llm_test_{os.getpid()}
 SlurmctldHost={host}
 SlurmctldPort={free_port()}
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
@@ -110,18 +111,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         out = subprocess.run(["sinfo", "-h", "-t", "idle", "-o", "%D"], env=self.env, capture_output=True, text=True)
         return sum(int(x) for x in out.stdout.split()) if out.returncode == 0 else 0
 
-    def job_state(self, job_id: str) -> str:
-        out = subprocess.run(["scontrol", "show", "job", job_id], env=self.env, capture_output=True, text=True)
-        for field in out.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
-
     def stop(self) -> None:
-        pid_files = [self.root / f"slurmd-{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"]
-        if self._started_munged:
-            pid_files.append(Path("/run/munge/munged.pid"))
-        _stop(pid_files)
+        # munged stays: another cluster on this machine (a second test session) may be using it.
+        _stop([self.root / f"slurmd-{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"])
 
     def _run(self, *cmd: str) -> None:
         subprocess.run(cmd, env=self.env, check=True, capture_output=True)
@@ -131,7 +123,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return  # already running
         subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "755", "/run/munge"], check=True)
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, capture_output=True)
-        self._started_munged = True
 
 
 def _stop(pid_files: list[Path], timeout: float = 10) -> None:

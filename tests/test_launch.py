@@ -23,7 +23,8 @@ from slurm_cluster import SlurmCluster, free_port, unavailable
 STEPS, INTERVAL = 40, 10
 # One thread per worker: two workers share the two cores of CI. torchrun must be on PATH.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-LAYOUT = ["--parallel.tp", "1"]  # two ranks, one per node: data parallel (dp = 2)
+TP = 2  # tensor parallel across the two nodes (dp = 2 // TP): the issue asks for it; 1 gives dp = 2
+LAYOUT = ["--parallel.tp", str(TP)]
 
 
 def run_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -109,9 +110,9 @@ def reference(corpus_dir, tmp_path_factory) -> dict[int, float]:
 
 
 def test_two_torchrun_nodes_match_one_process(reference, tiny_config, tmp_path):
-    # The global batch of two ranks x micro-batch 4, in one process.
-    single = train(tiny_config(tmp_path, training__steps=STEPS, training__micro_batch_size=8, logging__interval=1,
-                               training__eval_interval=0, checkpoint__interval=0))
+    # The same global batch (micro-batch 4 x dp) in one process.
+    single = train(tiny_config(tmp_path, training__steps=STEPS, training__micro_batch_size=4 * (2 // TP),
+                               logging__interval=1, training__eval_interval=0, checkpoint__interval=0))
     for step, loss in single.losses.items():
         assert reference[step + 1] == pytest.approx(loss, rel=1e-4), step  # TensorBoard counts steps done
     assert reference[STEPS] < reference[1] - 1.0
@@ -134,12 +135,14 @@ def test_a_stop_signal_to_one_node_checkpoints_every_rank_after_the_same_step(co
     nodes.wait_for_checkpoint()
     os.kill(nodes.procs[1].pid, signal.SIGUSR1)  # launch/torchrun.sh of the second node only
     codes = nodes.wait()
-    # Node 1's script reports the stop; node 0's torchrun saw its worker leave with 75 (no restarts left).
+    # Node 1's script reports the stop; node 0's torchrun, with no restarts left, fails with its worker.
     assert codes == [1, 75], nodes.log()[-3000:]
-    assert re.search(r"exitcode\s*:\s*75", nodes.log(0)) and "stopped by SIGUSR1" in nodes.log(1)
+    assert "stopped by SIGUSR1" in nodes.log(1)
     stopped = re.search(r"SIGUSR1: stopped after step (\d+), checkpoint saved", nodes.log())
     assert stopped and int(stopped[1]) < STEPS
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == native.step_dir_name(int(stopped[1]))
+    latest = tmp_path / "ckpt" / (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert latest.name == native.step_dir_name(int(stopped[1]))
+    assert len(list(latest.glob("*.distcp"))) == 2  # both ranks wrote their part: the signal-free one too
     assert not list((tmp_path / "ckpt").glob(".tmp-*"))
 
 
@@ -231,7 +234,8 @@ def test_sbatch_trains_on_two_nodes_and_requeues_itself_on_sigusr1(slurm, refere
         return "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
 
     def queued() -> str:
-        return subprocess.run(["squeue", "-h", "-o", "%i", "-n", name], env=env, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["squeue", "-h", "-o", "%i", "-n", name], env=env, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
 
     try:
         wait_until(lambda: (tmp_path / "ckpt" / "latest").exists() or sbatch.poll() is not None, 180, "a checkpoint")
@@ -239,12 +243,10 @@ def test_sbatch_trains_on_two_nodes_and_requeues_itself_on_sigusr1(slurm, refere
         assert job, slurm_log()[-3000:]
         # What Slurm sends before the time limit (--signal=USR1@300): every process of the job step.
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-        wait_until(lambda: "requeueing job" in slurm_log() and slurm.job_state(job) == "PENDING", 60, "the requeue")
-        # Slurm holds a requeued job for about two minutes before it may start again; skip the wait.
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
+        wait_until(lambda: "(restart 1)" in slurm_log(), 120, "the requeued job to start")
         # `sbatch --wait` takes a requeued job for a finished one if it looks at that moment, so the end
         # of the second run is read from the queue and the log.
-        wait_until(lambda: not queued(), 240, "the requeued job")
+        wait_until(lambda: not queued(), 240, "the requeued job to end")
     finally:
         sbatch.kill()
     log = slurm_log()
