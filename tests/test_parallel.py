@@ -27,7 +27,11 @@ from megatron_llm.training.trainer import train
 from parallel_harness import Workers
 
 LOSS_RTOL = 1e-5
-PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-5
+# AdamW divides by sqrt(v): on a weight whose gradients stay near zero, reduction-order differences
+# (sequence-parallel reduce-scatter against one process's sum) become update differences of up to
+# ~lr x 1e-3. Measured worst at the committed model: 1.12e-5 absolute on one of 8192 elements of a
+# ~7e-3 weight (tp2-pp2-1f1b-sp); the losses of the same runs agree to 1e-5 relative.
+PARAM_RTOL, PARAM_ATOL = 1e-4, 2e-5
 GLOBAL_MICRO_BATCH = 4  # sequences per micro-batch over all dp ranks, so every layout sees the same data
 
 # 4 layers (4 pipeline stages at pp 2 x 2 virtual), GQA 4 heads / 2 kv heads, vocabulary 257 (padded
