@@ -47,6 +47,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotation loses precision at large angles for no speed worth having."""
     s = x.shape[1]
     cos, sin = cos[:s, None, :], sin[:s, None, :]  # [s, 1, d/2], broadcast over heads
+    if torch.compiler.is_compiling():  # the compiler fuses the plain ops into one kernel each way
+        x1, x2 = x.float().chunk(2, dim=-1)  # each [b, s, heads, d/2]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return _RotateFunction.apply(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1 cos - x2 sin, x2 cos + x1 sin), each half written in place into one fp32 output: the same
+    roundings as the plain expression, without its temporaries and concatenation."""
     x1, x2 = x.float().chunk(2, dim=-1)  # each [b, s, heads, d/2]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).sub_(x2 * sin)
+    torch.mul(x2, cos, out=out2).add_(x1 * sin)
+    return out
+
+
+class _RotateFunction(torch.autograd.Function):
+    """A rotation's gradient is the inverse rotation (by -angle) of the output gradient: one more
+    _rotate in backward, where autograd would replay the four products, a negation and the split.
+    Outputs and gradients are bit-identical to autograd through the plain expression."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin).to(grad.dtype), None, None
