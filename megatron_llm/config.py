@@ -237,6 +237,7 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = param(10, "console and TensorBoard every N steps")
     tensorboard_dir: Optional[str] = param("runs/tiny", "TensorBoard event directory; null disables")
+    per_channel: bool = param(True, "loss/<channel>, tokens/<channel> and val_loss/<channel>; false skips that accounting")
 
 
 SECTIONS = {

@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded corpus built once per session, and a tiny-model config maker."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,12 @@ from megatron_llm.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = ("networking", "text", "concurrency")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

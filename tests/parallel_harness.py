@@ -12,20 +12,16 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
-import socket
 import time
 import traceback
 from pathlib import Path
 from typing import Optional
+
 import torch
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(tasks: multiprocessing.Queue, replies: multiprocessing.Queue) -> None:

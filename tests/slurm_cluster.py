@@ -19,14 +19,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from conftest import free_port
+
 NODES = ("n1", "n2")
 PACKAGES = ("slurm-wlm", "munge")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unavailable() -> Optional[str]:

@@ -1,6 +1,8 @@
-"""tools/benchmark.py end to end on a tiny shape: both models must compute the same first step."""
+"""tools/benchmark.py end to end on a tiny shape: against Hugging Face both models must compute the
+same first step; under torchrun the layout report has every rank's memory and pipeline bubble."""
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import benchmark  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 SHAPE = [
     "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4", "--model.num_kv_heads", "2",
@@ -33,3 +36,28 @@ def test_benchmark_compares_the_same_step(capsys):
     ours, hf = first_step(out, "grad norm")
     assert ours == pytest.approx(hf, rel=1e-5)
     assert re.search(r"tokens/s +\d+ +\d+ +\d+\.\d+", out), out
+
+
+def test_layout_reports_speed_memory_and_bubble_per_rank(tmp_path):
+    """Two torchrun ranks at pp=2: both speeds, every rank's memory and bubble, and the theory line."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "tools" / "benchmark.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--steps", "2", "--warmup", "1", "--device", "cpu", "--parallel.pp", "2", "--parallel.schedule", "gpipe",
+        *SHAPE,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert re.search(r"tokens/s +\d+ +\d+ +\d+\.\d+", text), text
+    rows = re.findall(r"^ +(\d) +(\d) +0 +0 +(\d+\.\d) +(\d+\.\d)%$", text, re.M)
+    assert [(r[0], r[1]) for r in rows] == [("0", "0"), ("1", "1")], text  # rank, pp rank
+    assert all(float(r[2]) > 0 and 0 <= float(r[3]) < 100 for r in rows), text
+    # gpipe, pp=2, m=2: (2 - 1) / (2 + 2 - 1)
+    assert re.search(r"pipeline bubble: measured \d+\.\d% .* = 33\.3% with pp=2, m=2, v=1", text), text
+
+
+def test_hf_reference_is_refused_under_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert benchmark.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--reference", "hf"]) == 2
+    assert "--reference hf runs in one process" in capsys.readouterr().err

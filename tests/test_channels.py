@@ -3,7 +3,6 @@ read back with TensorBoard's own reader, torchrun dp=2 against one process, rand
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CHANNELS, ROOT, tiny_overrides
+from conftest import CHANNELS, ROOT, free_port, tiny_overrides
 from megatron_llm.config import load_config
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.loader import TrainBatches
@@ -77,10 +76,14 @@ def test_channel_sums_are_exact_and_logged(tiny_config, tmp_path):
     assert len({round(result.val_channel_losses[4][n], 3) for n in names}) == 3  # the sources differ
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_per_channel_off_trains_the_same_without_channel_curves(tiny_config, tmp_path):
+    on = train(tiny_config(tmp_path / "on", training__steps=4, training__eval_interval=4))
+    off = train(tiny_config(tmp_path / "off", training__steps=4, training__eval_interval=4, logging__per_channel=False))
+    assert off.losses == on.losses  # the accounting only reads the loss
+    assert all(channels == {} for channels in off.channels.values()) and off.val_channel_losses[4] == {}
+    tags = set(scalars(tmp_path / "off" / "tb"))
+    assert {"loss", "val_loss"} <= tags and not any("/" in tag for tag in tags), tags
+    assert {f"loss/{name}" for name in CHANNELS} <= set(scalars(tmp_path / "on" / "tb"))
 
 
 @pytest.mark.parametrize("data_parallel", ["ddp"])

@@ -14,11 +14,11 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import megatron_llm
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, free_port, tiny_overrides
 from megatron_llm.checkpoint import native
 from megatron_llm.errors import UsageError
 from megatron_llm.training.trainer import train
-from slurm_cluster import SlurmCluster, free_port, unavailable
+from slurm_cluster import SlurmCluster, unavailable
 
 STEPS, INTERVAL = 40, 10
 # One thread per worker: two workers share the two cores of CI. torchrun must be on PATH.

@@ -1,8 +1,12 @@
-"""Training-step speed of our model against Hugging Face's LlamaForCausalLM on the same math.
+"""Training-step speed against a reference run in the same process: Hugging Face, or ours without per-channel loss.
 
     python tools/benchmark.py --config configs/tiny.yaml
     python tools/benchmark.py --config configs/llama_100m.yaml --steps 10 --warmup 1
     python tools/benchmark.py --config configs/llama3.2_1b.yaml --device cuda --dtype bf16 --data.seq_len 2048
+    torchrun --nproc_per_node 4 tools/benchmark.py --config configs/tiny.yaml --parallel.tp 2 --parallel.pp 2
+    python tools/benchmark.py --config configs/tiny.yaml --reference channels-off
+
+--reference hf (the default in one process):
 
 Both models start from the same weights (ours, copied into HF through the checkpoint table), see the
 same random token batch (training.micro_batch_size x data.seq_len, training.grad_accum_steps
@@ -13,9 +17,19 @@ cross-entropy in fp32, backward, clip_grad_norm_, step, zero_grad) with SDPA att
 Steps alternate between the two (ours first on even steps, HF first on odd ones) so machine noise
 hits both; medians are reported. The first-step losses and gradient norms are printed side by side:
 they agree to ~1e-5 in fp32 when both compute the same function.
+
+--reference channels-off (the default under torchrun, any layout): our parallelised model, built as
+train.py builds it, alternates steps with per-channel accounting on (logging.per_channel, as trained)
+and off, on random tokens from 8 random channels. Besides the two speeds it prints each rank's peak
+memory (CUDA: allocated; CPU: resident, above the process before the model was built) and, with a
+pipeline, the measured bubble: the share of each rank's schedule time spent blocked waiting on its
+pipeline peers for activations or gradients, next to the theoretical (pp - 1) / (v m + pp - 1) for m
+micro-batches and v stages per rank (GPipe and 1F1B: v = 1; the zero-bubble schedules aim below it).
+A step's time is its slowest rank's.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -25,9 +39,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch import nn
+from torch.distributed.pipelining import schedules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,13 +51,15 @@ from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf
 from megatron_llm.config import Config, load_config  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.model import build_model, flops_per_token  # noqa: E402
-from megatron_llm.parallel import ParallelDims  # noqa: E402
+from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize  # noqa: E402
 from megatron_llm.parallel.dims import pick_device  # noqa: E402
-from megatron_llm.training.metrics import peak_flops  # noqa: E402
+from megatron_llm.training.metrics import peak_flops, peak_resident_bytes, resident_bytes  # noqa: E402
 from megatron_llm.training.optimizer import build_optimizer  # noqa: E402
 from megatron_llm.training.step import autocast_dtype, train_step  # noqa: E402
 
 SINGLE = ParallelDims(world_size=1, rank=0, tp=1, pp=1, dp=1)
+CHANNELS = 8  # random channel ids of the channels-off comparison
+MIB = 2**20
 
 
 @dataclass
@@ -49,7 +67,7 @@ class Runner:
     """One side of the comparison: a step function and what it measured."""
 
     step: Callable[[], tuple[float, float]]  # -> (loss, grad norm), after one host sync
-    resting_bytes: Callable[[], int]  # parameters + AdamW state, which the step does not free
+    resting_bytes: Callable[[], int] = lambda: 0  # parameters + AdamW state, which the step does not free
     seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0  # resting + the step's largest transient allocation (CUDA only)
     first: Optional[tuple[float, float]] = None
@@ -95,17 +113,18 @@ def hf_step(hf, optimizer, micro_batches: list[dict], *, grad_clip: float, autoc
     return loss_value, norm_value
 
 
-def random_batches(cfg: Config, device: torch.device) -> list[dict]:
-    """grad_accum_steps micro-batches of uniform random tokens, every label counted."""
+def random_batches(cfg: Config, device: torch.device, seed: int, channels: int = 1) -> list[dict]:
+    """grad_accum_steps micro-batches of uniform random tokens, every label counted, each sample in one
+    of `channels` random channels."""
     t, seq = cfg.training, cfg.data.seq_len
-    gen = torch.Generator().manual_seed(t.seed)
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(t.grad_accum_steps):
         ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, seq + 1), generator=gen)
         out.append({
             "tokens": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device),  # [b, s] each, next-token
             "loss_mask": torch.ones(t.micro_batch_size, seq, device=device),
-            "channel": torch.zeros(t.micro_batch_size, dtype=torch.long, device=device),
+            "channel": torch.randint(0, channels, (t.micro_batch_size,), generator=gen).to(device),
         })
     return out
 
@@ -141,7 +160,7 @@ def build_runners(cfg: Config, device: torch.device, autocast) -> tuple[Runner, 
     hf = hf_twin(model, device)
     optimizer = build_optimizer(model, cfg.optimizer)
     hf_optimizer = matching_optimizer(optimizer, model, hf)
-    batches = random_batches(cfg, device)
+    batches = random_batches(cfg, device, cfg.training.seed)
     z_loss, clip = cfg.training.z_loss, cfg.optimizer.grad_clip
 
     def ours_step() -> tuple[float, float]:
@@ -168,41 +187,179 @@ def benchmark(cfg: Config, steps: int, warmup: int, device: torch.device, autoca
     return ours, theirs
 
 
+def speed_table(tokens: int, a: list[float], b: list[float], names: tuple[str, str], mfu_scale) -> list[str]:
+    """tokens/s, ms/step (medians), MFU when `mfu_scale` (FLOP per token / peak FLOP/s) is known, and
+    the step-pair ratios: step i of one side ran next to step i of the other, under much the same load,
+    so the paired ratios cancel slow drifts in the load that the medians can still show."""
+    ms = [statistics.median(x) * 1e3 for x in (a, b)]
+    rate = [tokens / (m / 1e3) for m in ms]
+    lines = [
+        f"{'':14}{names[0]:>14}{names[1]:>14}{'ratio':>10}",
+        f"{'tokens/s':14}{rate[0]:14.0f}{rate[1]:14.0f}{rate[0] / rate[1]:10.3f}",
+        f"{'ms/step':14}{ms[0]:14.1f}{ms[1]:14.1f}{ms[0] / ms[1]:10.3f}",
+    ]
+    if mfu_scale is not None:
+        mfu = [r * mfu_scale for r in rate]
+        lines.append(f"{'MFU':14}{mfu[0]:14.1%}{mfu[1]:14.1%}{mfu[0] / mfu[1]:10.3f}")
+    paired = [y / x for x, y in zip(a, b)]
+    lines.append(
+        f"{'paired':14}{names[0]} faster in {sum(r > 1 for r in paired)} of {len(paired)} step pairs,"
+        f" median ratio {statistics.median(paired):.3f}"
+    )
+    return lines
+
+
+def machine_line(device: torch.device, autocast) -> str:
+    dtype = "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", "")
+    return (
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {device.type} {dtype}, "
+        f"{torch.get_num_threads()} threads per process; load average {os.getloadavg()[0]:.1f} over the last"
+        f" minute on {os.cpu_count()} CPUs (other processes slow the two sides unevenly)"
+    )
+
+
 def report(cfg: Config, ours: Runner, theirs: Runner, device: torch.device, autocast) -> str:
     t = cfg.training
     tokens = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps
-    flops, peak = flops_per_token(cfg.model, cfg.data.seq_len), peak_flops(device)
-    dtype = "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", "")
+    peak = peak_flops(device)
     (loss_a, norm_a), (loss_b, norm_b) = ours.first, theirs.first
     lines = [
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {device} {dtype}, "
-        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f} over the last minute on"
-        f" {os.cpu_count()} CPUs (other processes slow the two sides unevenly)",
+        machine_line(device, autocast),
         f"model {cfg.model.num_params() / 1e6:.1f}M params, {t.micro_batch_size} x {cfg.data.seq_len} tokens"
         f" x {t.grad_accum_steps} micro-batches = {tokens} tokens/step; {len(ours.seconds)} timed steps each,"
         " interleaved; medians",
         f"first-step loss:      ours {loss_a:.6f}  HF {loss_b:.6f}  |diff| {abs(loss_a - loss_b):.1e}",
         f"first-step grad norm: ours {norm_a:.6f}  HF {norm_b:.6f}  |diff| {abs(norm_a - norm_b):.1e}",
         "",
-        f"{'':14}{'ours':>12}{'HF':>12}{'ours/HF':>10}",
     ]
-    ms = [statistics.median(r.seconds) * 1e3 for r in (ours, theirs)]
-    rate = [tokens / (m / 1e3) for m in ms]
-    lines.append(f"{'tokens/s':14}{rate[0]:12.0f}{rate[1]:12.0f}{rate[0] / rate[1]:10.3f}")
-    lines.append(f"{'ms/step':14}{ms[0]:12.1f}{ms[1]:12.1f}{ms[0] / ms[1]:10.3f}")
-    if peak is not None:
-        mfu = [flops * r / peak for r in rate]
-        lines.append(f"{'MFU':14}{mfu[0]:12.1%}{mfu[1]:12.1%}{mfu[0] / mfu[1]:10.3f}")
-    # Each step i of ours ran next to step i of HF, under much the same load: the paired ratios
-    # cancel slow drifts in the load that the medians above can still show.
-    paired = [b / a for a, b in zip(ours.seconds, theirs.seconds)]
-    lines.append(
-        f"{'paired':14}ours faster in {sum(r > 1 for r in paired)} of {len(paired)} step pairs,"
-        f" median ratio {statistics.median(paired):.3f}"
-    )
+    mfu_scale = flops_per_token(cfg.model, cfg.data.seq_len) / peak if peak else None
+    lines += speed_table(tokens, ours.seconds, theirs.seconds, ("ours", "HF"), mfu_scale)
     if device.type == "cuda":
         gib = [r.peak_bytes / 2**30 for r in (ours, theirs)]
-        lines.append(f"{'peak GiB':14}{gib[0]:12.2f}{gib[1]:12.2f}{gib[0] / gib[1]:10.3f}")
+        lines.append(f"{'peak GiB':14}{gib[0]:14.2f}{gib[1]:14.2f}{gib[0] / gib[1]:10.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# --reference channels-off: our parallelised model, per-channel accounting on against off.
+
+
+class PeerWaits:
+    """Seconds this pipeline rank spends in its schedule, and blocked on its peers within it.
+
+    Every schedule of torch.distributed.pipelining waits for its sends and receives through
+    schedules._wait_batch_p2p: timing that function, and the schedule's step, measures the bubble from
+    the outside without changing any schedule."""
+
+    def __init__(self, model: PipelineModel, device: torch.device):
+        self.model, self.device = model, device
+        self.waiting = self.scheduled = 0.0
+
+    @contextlib.contextmanager
+    def installed(self):
+        wait = schedules._wait_batch_p2p
+        schedules._wait_batch_p2p = self._timed(wait, "waiting")
+        self.model.schedule.step = self._timed(self.model.schedule.step, "scheduled")
+        try:
+            yield self
+        finally:
+            schedules._wait_batch_p2p = wait
+            del self.model.schedule.step  # the class's method again
+
+    def reset(self) -> None:
+        self.waiting = self.scheduled = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.waiting / self.scheduled
+
+    def _timed(self, fn, counter: str):
+        def timed(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self._sync()
+            setattr(self, counter, getattr(self, counter) + time.perf_counter() - start)
+            return out
+
+        return timed
+
+    def _sync(self) -> None:
+        # NCCL's wait() only orders the GPU's streams: synchronising before and after it times the wait
+        # itself, not the compute queued ahead of it.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def benchmark_layout(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> Optional[str]:
+    """Runs on every rank of the layout; returns the report on rank 0, None on the others."""
+    dims = init_distributed(cfg.parallel, device, cfg.parallel.timeout_s)
+    base = resident_bytes()
+    t = cfg.training
+    torch.manual_seed(t.seed)
+    model = parallelize(
+        cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps
+    )
+    optimizer = build_optimizer(model, cfg.optimizer)
+    batches = random_batches(cfg, device, t.seed + dims.dp_rank, CHANNELS)
+
+    def step(num_channels: int) -> tuple[float, float]:
+        result = train_step(
+            model, optimizer, batches, dims, z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=autocast,
+            num_channels=num_channels,
+        )
+        return result.loss, result.grad_norm
+
+    on, off = Runner(lambda: step(CHANNELS)), Runner(lambda: step(0))
+    waits = PeerWaits(model, device) if isinstance(model, PipelineModel) else None
+    with waits.installed() if waits else contextlib.nullcontext():
+        for i in range(warmup + steps):
+            if i == warmup and waits:
+                waits.reset()
+            for runner in (on, off) if i % 2 == 0 else (off, on):
+                run_step(runner, device, record=i >= warmup)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_resident_bytes() - base
+    coords = tuple(dims.mesh[d].get_local_rank() for d in ("pp", "dp", "tp"))
+    mine = {"coords": coords, "on": on.seconds, "off": off.seconds, "peak": peak, "bubble": waits and waits.fraction}
+    everyone: list[Optional[dict]] = [None] * dims.world_size
+    dist.all_gather_object(everyone, mine)
+    dist.destroy_process_group()
+    return layout_report(cfg, dims, everyone, device, autocast) if dims.rank == 0 else None
+
+
+def layout_report(cfg: Config, dims: ParallelDims, ranks: list[dict], device: torch.device, autocast) -> str:
+    p, t = cfg.parallel, cfg.training
+    m = t.grad_accum_steps
+    tokens = t.micro_batch_size * cfg.data.seq_len * m * dims.dp
+    slowest = {side: [max(step) for step in zip(*(r[side] for r in ranks))] for side in ("on", "off")}
+    peak = peak_flops(device)
+    memory = "CUDA allocated" if device.type == "cuda" else "resident, above the process before the model"
+    lines = [
+        machine_line(device, autocast),
+        f"layout tp={p.tp} pp={p.pp} dp={dims.dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, schedule"
+        f" {p.schedule}) on {dims.world_size} ranks; model {cfg.model.num_params() / 1e6:.1f}M params;"
+        f" {t.micro_batch_size} x {cfg.data.seq_len} tokens x {m} micro-batches x dp {dims.dp} = {tokens}"
+        f" tokens/step; {len(slowest['on'])} timed steps each, interleaved; medians of the slowest rank",
+        "",
+    ]
+    mfu_scale = flops_per_token(cfg.model, cfg.data.seq_len) / (peak * dims.world_size) if peak else None
+    lines += speed_table(tokens, slowest["on"], slowest["off"], ("channels on", "channels off"), mfu_scale)
+    lines += ["", f"{'rank':>4} {'pp':>3} {'dp':>3} {'tp':>3} {'peak MiB':>10}" + (f" {'bubble':>8}" if p.pp > 1 else "")]
+    for rank, r in enumerate(ranks):
+        row = f"{rank:>4}" + "".join(f" {c:>3}" for c in r["coords"]) + f" {r['peak'] / MIB:>10.1f}"
+        lines.append(row + (f" {r['bubble']:>8.1%}" if p.pp > 1 else ""))
+    lines.append(f"peak memory: {memory}")
+    if p.pp > 1:
+        v = 2 if p.schedule == "zbv" else p.virtual_stages
+        theory = (p.pp - 1) / (v * m + p.pp - 1)
+        measured = statistics.mean(r["bubble"] for r in ranks)
+        lines.append(
+            f"pipeline bubble: measured {measured:.1%} (mean over ranks; time blocked on pipeline peers / schedule"
+            f" time), theory (pp - 1) / (v m + pp - 1) = {theory:.1%} with pp={p.pp}, m={m}, v={v}"
+        )
     return "\n".join(lines)
 
 
@@ -213,18 +370,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: training.device")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None, help="default: training.dtype")
+    parser.add_argument(
+        "--reference", choices=("hf", "channels-off"), default=None,
+        help="what to time against: Hugging Face (one process) or ours without per-channel accounting"
+        " (any layout); default: hf in one process, channels-off under torchrun",
+    )
     args, overrides = parser.parse_known_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
     try:
         if args.steps < 1 or args.warmup < 0:
             raise UsageError("--steps must be >= 1 and --warmup >= 0")
+        reference = args.reference or ("hf" if world == 1 else "channels-off")
+        if reference == "hf" and world > 1:
+            raise UsageError("--reference hf runs in one process: run without torchrun, or use --reference channels-off")
         cfg = load_config(args.config, overrides)
         device = pick_device(args.device or cfg.training.device)
         autocast = autocast_dtype(args.dtype or cfg.training.dtype, device)
-        ours, theirs = benchmark(cfg, args.steps, args.warmup, device, autocast)
+        if reference == "hf":
+            text = report(cfg, *benchmark(cfg, args.steps, args.warmup, device, autocast), device, autocast)
+        else:
+            text = benchmark_layout(cfg, args.steps, args.warmup, device, autocast)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(report(cfg, ours, theirs, device, autocast))
+    if text:
+        print(text)
     return 0
 
 

@@ -153,17 +153,11 @@ def report(cfg: Config, dp: int, stages: list[StageMemory], measured: dict[int, 
 # Measuring on CPU: one process per rank over gloo, the real parallelize/train_step, random tokens.
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list[str], replies) -> None:
-    import resource
-
     import torch
 
     from megatron_llm.parallel import init_distributed, parallelize
+    from megatron_llm.training.metrics import peak_resident_bytes, resident_bytes
     from megatron_llm.training.optimizer import build_optimizer
     from megatron_llm.training.step import train_step
 
@@ -172,7 +166,7 @@ def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list
     cfg = load_config(config, overrides)
     m, t = cfg.model, cfg.training
     dims = init_distributed(cfg.parallel, torch.device("cpu"))
-    base = _rss_bytes()
+    base = resident_bytes()
     model = parallelize(m, dims, cfg.parallel, device=torch.device("cpu"), seed=0, compile=False,
                         micro_batches=t.grad_accum_steps)
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -186,7 +180,7 @@ def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list
             for _ in range(t.grad_accum_steps)
         ]
         train_step(model, optimizer, batches, dims, z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base  # ru_maxrss is in KiB
+    peak = peak_resident_bytes() - base
     pp_rank = dims.mesh["pp"].get_local_rank()
     torch.distributed.destroy_process_group()
     replies.put((pp_rank, peak))

@@ -1,6 +1,7 @@
-"""Throughput and model-FLOPs utilisation."""
+"""Throughput, model-FLOPs utilisation and process memory."""
 
 import os
+import resource
 from typing import Optional
 
 import torch
@@ -17,3 +18,14 @@ def peak_flops(device: torch.device) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """The most resident memory this process has held so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB

@@ -57,7 +57,7 @@ def train_step(
     # DDP and FSDP average gradients over dp, so each rank divides by its share of the tokens.
     per_rank_tokens = global_tokens / dims.dp
     ce_sum = torch.zeros((), device=device)
-    channel_sums = ChannelSums(num_channels, device)
+    channel_sums = ChannelSums(num_channels, device) if num_channels else None  # 0: no per-channel accounting
     model.train()
 
     def loss_fn(logits, mb):
@@ -65,7 +65,8 @@ def train_step(
 
     for mb, token_ce in _run(model, micro_batches, dims, autocast, loss_fn, train=True):  # last stage only under pp
         ce_sum += token_ce.sum()
-        channel_sums.add(token_ce, mb["loss_mask"], mb["channel"])
+        if channel_sums is not None:
+            channel_sums.add(token_ce, mb["loss_mask"], mb["channel"])
     norm = grad_norm(model, dims)  # the same on every rank: so is the decision to skip
     # One host sync for both numbers; the loss exists on the last stage only, zeros elsewhere.
     loss_value, norm_value = torch.stack([all_reduce_sum(ce_sum, dims, over_stages=True) / global_tokens, norm]).tolist()
@@ -74,7 +75,7 @@ def train_step(
         clip_grads_(model, grad_clip, norm_value)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    channels = channel_sums.gather(dims.dp_group)
+    channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
     return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels)
 
 

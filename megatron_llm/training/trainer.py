@@ -153,7 +153,7 @@ class Trainer:
                 out = train_step(
                     self.model, self.optimizer, batches.next_step(), self.dims,
                     z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=self.autocast_dtype,
-                    num_channels=len(names),
+                    num_channels=len(names) if cfg.logging.per_channel else 0,
                 )
                 self._account(out, result)
                 self.step += 1
@@ -188,7 +188,8 @@ class Trainer:
             return evaluate(self.model, batches, self.dims, self.autocast_dtype)
 
         result.val_losses[self.step] = loss_on(self.data.valid)
-        per_channel = {name: loss_on(ds) for name, ds in self.data.valid_by_channel.items()}
+        by_channel = self.data.valid_by_channel if self.cfg.logging.per_channel else {}
+        per_channel = {name: loss_on(ds) for name, ds in by_channel.items()}
         result.val_channel_losses[self.step] = per_channel
         scalars = {"val_loss": result.val_losses[self.step]}
         scalars.update({f"val_loss/{tag_safe(name)}": loss for name, loss in per_channel.items()})
