@@ -11,15 +11,16 @@ on this machine's CPU (gloo, fp32, random tokens, three steps) and each rank's p
 above its state before the model was built is printed next to the estimate of its stage.
 
 The model counts what this code keeps, measured with saved-tensor hooks on the tiny config:
-  - parameters fp32 (4 B), gradients fp32 (4 B), AdamW exp_avg + exp_avg_sq (8 B); the optimizer step's
-    foreach temporaries (sqrt(v) and the update, 8 B) while it runs;
+  - parameters fp32 (4 B), gradients fp32 (4 B), AdamW exp_avg + exp_avg_sq (8 B); the fused AdamW
+    step updates them in place, without temporaries;
   - FSDP2 shards all of them over dp, DDP none. Under a pipeline FSDP keeps the stage unsharded through
     the step (reshard_after_forward off) and accumulates unsharded gradients until the last micro-batch;
     DDP (FSDP2's replicate) computes with a second copy of the weights;
   - activations per token and layer, in elements: norms 4h (4h/tp + 2h gathered with sp); attention
     3 x heads x d + 2 x kv_heads x d (q and k after RoPE, v, SDPA output and its reshaped copy); MLP 3f;
-    all but the norms divided by tp. Outside the blocks: the last stage keeps 3h + 3 x vocab/tp (final
-    norm; logits, log-probabilities and, in the backward, their gradient; one more vocab/tp under
+    all but the norms divided by tp; plus one layer of one micro-batch more, for the gradients of the
+    layer in its backward. Outside the blocks: the last stage keeps 3h + 3 x vocab/tp (final norm;
+    logits, log-probabilities and, in the backward, their gradient; one more vocab/tp under
     loss_parallel, measured, and one more under a pipeline, whose last stage keeps its output);
   - micro-batches in flight on stage i of pp (Megatron's counting): 1 without a pipeline, m for GPipe,
     min(m, pp - i) for 1F1B and the zero-bubble schedules, pp x (1 + (pp - 1) / (pp x v)) for interleaved
@@ -56,12 +57,10 @@ class StageMemory:
     optimizer_bytes: float
     activation_bytes: float
     unsharded_bytes: float  # FSDP's gathered parameters and gradients, alongside the activations
-    step_bytes: float  # the optimizer step's temporaries, after the activations are freed
 
     @property
     def total(self) -> float:
-        state = self.param_bytes + self.grad_bytes + self.optimizer_bytes
-        return state + max(self.activation_bytes + self.unsharded_bytes, self.step_bytes)
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.unsharded_bytes
 
 
 def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
@@ -114,7 +113,8 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         full += vocab * m.hidden_size // tp * (first + (last and not (m.tie_embeddings and first)))
         full += m.hidden_size if last else 0
         params = math.ceil(full / dp) if fsdp else full
-        acts = n_layers * activations_per_token_layer(m, tp, p.sp) * in_flight(p, rank, t.grad_accum_steps)
+        # + one layer of one micro-batch: the backward of a layer holds gradients as large as its activations
+        acts = activations_per_token_layer(m, tp, p.sp) * (n_layers * in_flight(p, rank, t.grad_accum_steps) + 1)
         if last:  # final norm; logits, log-probabilities, their gradient (+ the masked logits under loss_parallel;
             # + the logits a pipeline stage keeps as its output until the backward)
             acts += 3 * m.hidden_size + (3 + (tp > 1) + (pp > 1)) * vocab / tp
@@ -128,7 +128,7 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         else:
             unsharded = 0
         activations = acts * tokens * act_bytes
-        out.append(StageMemory(rank, params, 4 * params, 4 * params, 8 * params, activations, unsharded, 8 * params))
+        out.append(StageMemory(rank, params, 4 * params, 4 * params, 8 * params, activations, unsharded))
     return out
 
 
@@ -137,12 +137,10 @@ def report(cfg: Config, dp: int, stages: list[StageMemory], measured: dict[int, 
     print(f"layout tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp={p.sp}, schedule={p.schedule}), "
           f"micro-batch {cfg.training.micro_batch_size} x {cfg.data.seq_len} tokens, "
           f"{cfg.training.grad_accum_steps} micro-batches; GiB per GPU")
-    columns = ["weights", "grads", "AdamW", "activ.", "FSDP", "step", "total"]
+    columns = ["weights", "grads", "AdamW", "activ.", "FSDP", "total"]
     print(f"{'pp rank':>7} {'params':>14}" + "".join(f" {c:>8}" for c in columns) + ("  measured" if measured else ""))
     for s in stages:
-        values = [
-            s.param_bytes, s.grad_bytes, s.optimizer_bytes, s.activation_bytes, s.unsharded_bytes, s.step_bytes, s.total
-        ]
+        values = [s.param_bytes, s.grad_bytes, s.optimizer_bytes, s.activation_bytes, s.unsharded_bytes, s.total]
         row = f"{s.rank:>7} {s.params:>14,}" + "".join(f" {v / GIB:>8.2f}" for v in values)
         if measured and s.rank in measured:
             row += f"  {measured[s.rank] / GIB:>8.2f} ({measured[s.rank] / s.total - 1:+.0%})"
