@@ -353,7 +353,7 @@ def layout_report(cfg: Config, dims: ParallelDims, ranks: list[dict], device: to
         lines.append(row + (f" {r['bubble']:>8.1%}" if p.pp > 1 else ""))
     lines.append(f"peak memory: {memory}")
     if p.pp > 1:
-        v = 2 if p.schedule == "zbv" else p.virtual_stages
+        v = p.virtual_stages
         theory = (p.pp - 1) / (v * m + p.pp - 1)
         measured = statistics.mean(r["bubble"] for r in ranks)
         lines.append(
