@@ -88,6 +88,23 @@ def test_loss_matches_hugging_face():
     torch.testing.assert_close(token_ce.sum() / (shifted >= 0).sum(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-gqa-tied"])
+def test_gradients_match_hugging_face(name):
+    """Every gradient, dense: a tied embedding takes a sparse lookup gradient into the head's dense one."""
+    hf = hf_model(name).train()
+    model = converted(hf).train()
+    x = tokens()
+    shifted = F.pad(x[:, 1:], (0, 1), value=-100)
+    (model(x, labels=shifted).sum() / (shifted >= 0).sum()).backward()
+    hf(x, labels=x).loss.backward()
+    ours = native_to_hf({name: p.grad for name, p in model.named_parameters()})
+    theirs = {name: p.grad for name, p in hf.named_parameters()}
+    assert sorted(ours) == sorted(theirs)
+    for key, grad in ours.items():
+        assert grad.layout == torch.strided, key
+        torch.testing.assert_close(grad, theirs[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
 def test_token_cross_entropy():
     logits = torch.randn(2, 7, 13).bfloat16()
     labels = torch.randint(0, 13, (2, 7))
