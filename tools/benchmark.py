@@ -202,9 +202,13 @@ def speed_table(tokens: int, a: list[float], b: list[float], names: tuple[str, s
         mfu = [r * mfu_scale for r in rate]
         lines.append(f"{'MFU':14}{mfu[0]:14.1%}{mfu[1]:14.1%}{mfu[0] / mfu[1]:10.3f}")
     paired = [y / x for x, y in zip(a, b)]
+    spread = ""
+    if len(paired) >= 4:  # how far single pairs scatter: the machine's noise, beside the median
+        low, _, high = statistics.quantiles(paired, n=4)
+        spread = f" (quartiles {low:.3f}-{high:.3f})"
     lines.append(
         f"{'paired':14}{names[0]} faster in {sum(r > 1 for r in paired)} of {len(paired)} step pairs,"
-        f" median ratio {statistics.median(paired):.3f}"
+        f" median ratio {statistics.median(paired):.3f}{spread}"
     )
     return lines
 
