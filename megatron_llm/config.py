@@ -223,6 +223,9 @@ class TrainingConfig:
     eval_interval: int = param(50, "evaluate every N steps (0 disables)")
     eval_iters: int = param(4, "micro-batches per evaluation")
     compile: bool = param(False, "torch.compile the blocks")
+    activation_checkpointing: Literal["none", "full"] = param(
+        "none", "full: each block keeps only its input and recomputes its forward in the backward (~1/3 more compute)"
+    )
 
 
 @dataclass

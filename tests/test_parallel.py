@@ -48,9 +48,10 @@ UNTIED = dict(model__linear_bias=True)
 # (name, tp, pp, dp, extra settings); each runs 2 steps from the previous run's last checkpoint.
 TIED_CHAIN = [
     ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
-    ("dp4-fsdp", 1, 1, 4, dict(parallel__data_parallel="fsdp")),
+    ("dp4-fsdp-recompute", 1, 1, 4, dict(parallel__data_parallel="fsdp", training__activation_checkpointing="full")),
     ("tp2-pp2-interleaved-1f1b", 2, 2, 1, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2)),
-    ("tp2-dp2-ddp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="ddp")),
+    ("tp2-dp2-ddp-sp-recompute", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="ddp",
+                                               training__activation_checkpointing="full")),
     ("tp2-pp2-zbv-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="zbv", parallel__virtual_stages=2,
                                      training__eval_interval=0)),
 ]
@@ -58,8 +59,9 @@ UNTIED_CHAIN = [
     ("tp2", 2, 1, 1, {}),
     ("pp2-gpipe-uneven", 1, 2, 1, dict(parallel__schedule="gpipe", parallel__stage_layers="[1, 3]")),
     ("dp2-ddp", 1, 1, 2, dict(parallel__data_parallel="ddp")),
-    ("pp2-dp2-interleaved-zb-fsdp", 1, 2, 2, dict(parallel__schedule="interleaved_zb", parallel__virtual_stages=2,
-                                                  parallel__data_parallel="fsdp")),
+    ("pp2-dp2-interleaved-zb-fsdp-recompute", 1, 2, 2, dict(
+        parallel__schedule="interleaved_zb", parallel__virtual_stages=2, parallel__data_parallel="fsdp",
+        training__activation_checkpointing="full")),
 ]
 
 

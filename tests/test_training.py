@@ -12,10 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import megatron_llm
 from megatron_llm.checkpoint import native
 from megatron_llm.errors import UsageError
+from megatron_llm.parallel import ParallelDims, parallelize
 from megatron_llm.training import step as step_module
 from megatron_llm.training.trainer import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
+SINGLE = ParallelDims(world_size=1, rank=0, tp=1, pp=1, dp=1)
 
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
@@ -57,6 +59,29 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config, tmp_path):
     a, b = megatron_llm.load_model(str(tmp_path / "big" / "ckpt")), megatron_llm.load_model(str(tmp_path / "acc" / "ckpt"))
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(tiny_config):
+    cfg = tiny_config()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    labels = tokens.roll(-1, dims=1)
+
+    def step(recompute: bool):
+        model = parallelize(cfg.model, SINGLE, cfg.parallel, device=torch.device("cpu"), seed=0, compile=False,
+                            micro_batches=1, recompute=recompute)
+        attention_calls = []
+        model.layers["0"].attention.register_forward_hook(lambda *_: attention_calls.append(1))
+        saved = []  # elements autograd keeps for the backward, outside the recomputed blocks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(tokens, labels=labels).mean()
+        loss.backward()
+        return loss, [p.grad for p in model.parameters()], len(attention_calls), sum(saved)
+
+    loss, grads, calls, saved = step(recompute=False)
+    loss_r, grads_r, calls_r, saved_r = step(recompute=True)
+    assert (calls, calls_r) == (1, 2)  # forward, then once more in the backward
+    assert saved_r < saved / 2
+    assert torch.equal(loss, loss_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r))
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeypatch):

@@ -302,7 +302,8 @@ def benchmark_layout(cfg: Config, steps: int, warmup: int, device: torch.device,
     t = cfg.training
     torch.manual_seed(t.seed)
     model = parallelize(
-        cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps
+        cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps,
+        recompute=t.activation_checkpointing == "full",
     )
     optimizer = build_optimizer(model, cfg.optimizer)
     batches = random_batches(cfg, device, t.seed + dims.dp_rank, CHANNELS)

@@ -19,9 +19,12 @@ The model counts what this code keeps, measured with saved-tensor hooks on the t
   - activations per token and layer, in elements: norms 4h (4h/tp + 2h gathered with sp); attention
     3 x heads x d + 2 x kv_heads x d (q and k after RoPE, v, SDPA output and its reshaped copy); MLP 3f;
     all but the norms divided by tp; plus one layer of one micro-batch more, for the gradients of the
-    layer in its backward. Outside the blocks: the last stage keeps 3h + 3 x vocab/tp (final norm;
-    logits, log-probabilities and, in the backward, their gradient; one more vocab/tp under
-    loss_parallel, measured, and one more under a pipeline, whose last stage keeps its output);
+    layer in its backward. With training.activation_checkpointing full a block keeps only its input
+    (h; h/tp with sp), and the block in its backward its recomputed activations and their gradients
+    (measured: about 1.5 layers of one micro-batch at the peak).
+    Outside the blocks: the last stage keeps 3h + 3 x vocab/tp (final norm; logits, log-probabilities
+    and, in the backward, their gradient; one more vocab/tp under loss_parallel, measured, and one more
+    under a pipeline, whose last stage keeps its output);
   - micro-batches in flight on stage i of pp (Megatron's counting): 1 without a pipeline, m for GPipe,
     min(m, pp - i) for 1F1B and the zero-bubble schedules, pp x (1 + (pp - 1) / (pp x v)) for interleaved
     1F1B on the first rank.
@@ -113,8 +116,12 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         full += vocab * m.hidden_size // tp * (first + (last and not (m.tie_embeddings and first)))
         full += m.hidden_size if last else 0
         params = math.ceil(full / dp) if fsdp else full
-        # + one layer of one micro-batch: the backward of a layer holds gradients as large as its activations
-        acts = activations_per_token_layer(m, tp, p.sp) * (n_layers * in_flight(p, rank, t.grad_accum_steps) + 1)
+        per_layer = activations_per_token_layer(m, tp, p.sp)
+        layers_in_flight = n_layers * in_flight(p, rank, t.grad_accum_steps)
+        if t.activation_checkpointing == "full":  # blocks keep their input; the one in its backward recomputes
+            acts = (m.hidden_size / tp if p.sp else m.hidden_size) * layers_in_flight + 1.5 * per_layer
+        else:  # + one layer of one micro-batch: the backward of a layer holds gradients as large as its activations
+            acts = per_layer * (layers_in_flight + 1)
         if last:  # final norm; logits, log-probabilities, their gradient (+ the masked logits under loss_parallel;
             # + the logits a pipeline stage keeps as its output until the backward)
             acts += 3 * m.hidden_size + (3 + (tp > 1) + (pp > 1)) * vocab / tp
@@ -166,7 +173,7 @@ def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list
     dims = init_distributed(cfg.parallel, torch.device("cpu"))
     base = resident_bytes()
     model = parallelize(m, dims, cfg.parallel, device=torch.device("cpu"), seed=0, compile=False,
-                        micro_batches=t.grad_accum_steps)
+                        micro_batches=t.grad_accum_steps, recompute=t.activation_checkpointing == "full")
     optimizer = build_optimizer(model, cfg.optimizer)
     generator = torch.Generator().manual_seed(dims.dp_rank)
     shape = (t.micro_batch_size, cfg.data.seq_len)

@@ -65,8 +65,8 @@ class Transformer(nn.Module):
     def _sparse_embedding_grad(self) -> bool:
         """Whether the lookup may return a sparse gradient (only the rows of this batch's tokens). Tied to
         the head of this same module, autograd adds it into the head's dense gradient in one buffer,
-        which saves zero-filling and adding a second [vocab, hidden] tensor: ~2% of a 100M model's CPU
-        step. Not when the head is elsewhere or the embedding untied (AdamW needs a dense gradient), nor
+        which saves zero-filling and adding a second [vocab, hidden] tensor: 1.5-2% of a 100M model's
+        CPU step. Not when the head is elsewhere or the embedding untied (AdamW needs a dense gradient), nor
         for a tensor subclass (the DTensor shards of tensor and data parallelism, applied with hooks
         on the module)."""
         weight = self.tok_embeddings.weight

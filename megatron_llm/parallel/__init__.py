@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import fully_shard
 
@@ -29,7 +32,7 @@ __all__ = [
 
 def parallelize(
     cfg: ModelConfig, dims: ParallelDims, parallel: ParallelConfig, *, device: torch.device, seed: int,
-    compile: bool, micro_batches: int,
+    compile: bool, micro_batches: int, recompute: bool = False,
 ) -> nn.Module:
     """This rank's part of the model, holding the numbers one process would initialise, parallelised in
     one fixed order:
@@ -38,7 +41,8 @@ def parallelize(
       2. allocate and initialise each stage: the init draws per parameter name, so a stage gets the very
          values of the whole model, and no rank ever allocates more than its stages;
       3. tensor and sequence parallelism (the plan in tensor_parallel.py) shards those values;
-      4. compile the blocks, in place, so parameter names do not change;
+      4. activation checkpointing (`recompute`) and compilation of the blocks, in place, so parameter
+         names do not change;
       5. data parallelism last, sharding (FSDP2) or replicating (DDP) what the earlier steps produced.
 
     Returns the model itself at pp = 1, else a PipelineModel over this rank's stages and the schedule.
@@ -56,8 +60,10 @@ def parallelize(
         part.init_weights(seed)
         if dims.tp > 1:
             apply_tp(part, dims.mesh["tp"], parallel.sp)
-        if compile:
-            for block in part.layers.values():
+        for block in part.layers.values():
+            if recompute:
+                recompute_in_backward(block)
+            if compile:
                 block.compile()
         if dims.dp > 1:
             apply_data_parallel(part, dims, parallel.data_parallel)
@@ -67,6 +73,14 @@ def parallelize(
     stages, schedule, loss = build_schedule(parts, stage_ids, parallel, pp_group, device, micro_batches)
     group = tie_group(dims.mesh, parallel.schedule) if cfg.tie_embeddings else None
     return PipelineModel(parts, stages, schedule, loss, group)
+
+
+def recompute_in_backward(block: nn.Module) -> None:
+    """Full activation checkpointing: the block saves only its input for the backward and runs its
+    forward again there (non-reentrant torch.utils.checkpoint, which composes with DTensor, FSDP2 and
+    the pipeline schedules). Set on the instance rather than wrapping the module, so that parameter names
+    (and checkpoints) stay the same; the model has no dropout, so the recomputation is exact."""
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def apply_data_parallel(model: nn.Module, dims: ParallelDims, kind: str) -> None:

@@ -66,7 +66,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same init on every rank
         self.data = self._build_data()
         self.model = parallelize(
-            cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps
+            cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps,
+            recompute=t.activation_checkpointing == "full",
         )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
