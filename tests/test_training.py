@@ -84,6 +84,25 @@ def test_activation_checkpointing_recomputes_each_block_and_changes_nothing(tiny
     assert torch.equal(loss, loss_r) and all(torch.equal(a, b) for a, b in zip(grads, grads_r))
 
 
+def test_activation_checkpointing_compiles(tiny_config):
+    """torch.compile traces the recomputed blocks (a wrapper it cannot trace would silently run eager)."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counters.clear()
+    losses = []
+    for compile in (True, False):
+        model = parallelize(cfg.model, SINGLE, cfg.parallel, device=torch.device("cpu"), seed=0, compile=compile,
+                            micro_batches=1, recompute=True)
+        loss = model(tokens, labels=tokens.roll(-1, dims=1)).mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeypatch):
     real_loss = step_module.micro_batch_loss
     calls = {"n": 0}

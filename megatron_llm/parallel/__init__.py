@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -77,10 +75,16 @@ def parallelize(
 
 def recompute_in_backward(block: nn.Module) -> None:
     """Full activation checkpointing: the block saves only its input for the backward and runs its
-    forward again there (non-reentrant torch.utils.checkpoint, which composes with DTensor, FSDP2 and
-    the pipeline schedules). Set on the instance rather than wrapping the module, so that parameter names
-    (and checkpoints) stay the same; the model has no dropout, so the recomputation is exact."""
-    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    forward again there (non-reentrant torch.utils.checkpoint, which composes with DTensor, FSDP2, the
+    pipeline schedules and torch.compile). Set on the instance rather than wrapping the module, so that
+    parameter names (and checkpoints) stay the same; the model has no dropout: the recomputation is exact.
+    A plain function, not functools.partial, which torch.compile would silently leave uncompiled."""
+    forward = block.forward
+
+    def forward_recomputed_in_backward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward_recomputed_in_backward
 
 
 def apply_data_parallel(model: nn.Module, dims: ParallelDims, kind: str) -> None:
