@@ -49,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
 from megatron_llm.config import Config, load_config  # noqa: E402
+from megatron_llm.data.synthetic import random_batches  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.model import build_model, flops_per_token  # noqa: E402
-from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize  # noqa: E402
+from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize_from_config  # noqa: E402
 from megatron_llm.parallel.dims import pick_device  # noqa: E402
 from megatron_llm.training.metrics import peak_flops, peak_resident_bytes, resident_bytes  # noqa: E402
 from megatron_llm.training.optimizer import build_optimizer  # noqa: E402
@@ -113,22 +114,6 @@ def hf_step(hf, optimizer, micro_batches: list[dict], *, grad_clip: float, autoc
     return loss_value, norm_value
 
 
-def random_batches(cfg: Config, device: torch.device, seed: int, channels: int = 1) -> list[dict]:
-    """grad_accum_steps micro-batches of uniform random tokens, every label counted, each sample in one
-    of `channels` random channels."""
-    t, seq = cfg.training, cfg.data.seq_len
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(t.grad_accum_steps):
-        ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, seq + 1), generator=gen)
-        out.append({
-            "tokens": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device),  # [b, s] each, next-token
-            "loss_mask": torch.ones(t.micro_batch_size, seq, device=device),
-            "channel": torch.randint(0, channels, (t.micro_batch_size,), generator=gen).to(device),
-        })
-    return out
-
-
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     tensors = list(model.parameters()) + [
         v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
@@ -153,6 +138,13 @@ def run_step(runner: Runner, device: torch.device, record: bool) -> None:
         if cuda:
             transient = torch.cuda.max_memory_allocated(device) - before
             runner.peak_bytes = max(runner.peak_bytes, runner.resting_bytes() + transient)
+
+
+def alternate(a: Runner, b: Runner, steps: int, device: torch.device, record: bool) -> None:
+    """`steps` steps of each, a first on even steps and b first on odd ones, so machine noise hits both."""
+    for i in range(steps):
+        for runner in (a, b) if i % 2 == 0 else (b, a):
+            run_step(runner, device, record)
 
 
 def build_runners(cfg: Config, device: torch.device, autocast) -> tuple[Runner, Runner]:
@@ -180,10 +172,8 @@ def benchmark(cfg: Config, steps: int, warmup: int, device: torch.device, autoca
     if cfg.training.z_loss:
         raise UsageError("the Hugging Face side has no z-loss: run with --training.z_loss 0")
     ours, theirs = build_runners(cfg, device, autocast)
-    for i in range(warmup + steps):
-        pair = (ours, theirs) if i % 2 == 0 else (theirs, ours)
-        for runner in pair:
-            run_step(runner, device, record=i >= warmup)
+    alternate(ours, theirs, warmup, device, record=False)
+    alternate(ours, theirs, steps, device, record=True)
     return ours, theirs
 
 
@@ -300,11 +290,7 @@ def benchmark_layout(cfg: Config, steps: int, warmup: int, device: torch.device,
     dims = init_distributed(cfg.parallel, device, cfg.parallel.timeout_s)
     base = resident_bytes()
     t = cfg.training
-    torch.manual_seed(t.seed)
-    model = parallelize(
-        cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps,
-        recompute=t.activation_checkpointing == "full",
-    )
+    model = parallelize_from_config(cfg, dims, device)
     optimizer = build_optimizer(model, cfg.optimizer)
     batches = random_batches(cfg, device, t.seed + dims.dp_rank, CHANNELS)
 
@@ -318,11 +304,10 @@ def benchmark_layout(cfg: Config, steps: int, warmup: int, device: torch.device,
     on, off = Runner(lambda: step(CHANNELS)), Runner(lambda: step(0))
     waits = PeerWaits(model, device) if isinstance(model, PipelineModel) else None
     with waits.installed() if waits else contextlib.nullcontext():
-        for i in range(warmup + steps):
-            if i == warmup and waits:
-                waits.reset()
-            for runner in (on, off) if i % 2 == 0 else (off, on):
-                run_step(runner, device, record=i >= warmup)
+        alternate(on, off, warmup, device, record=False)
+        if waits:
+            waits.reset()
+        alternate(on, off, steps, device, record=True)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:

@@ -161,7 +161,8 @@ def report(cfg: Config, dp: int, stages: list[StageMemory], measured: dict[int, 
 def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list[str], replies) -> None:
     import torch
 
-    from megatron_llm.parallel import init_distributed, parallelize
+    from megatron_llm.data.synthetic import random_batches
+    from megatron_llm.parallel import init_distributed, parallelize_from_config
     from megatron_llm.training.metrics import peak_resident_bytes, resident_bytes
     from megatron_llm.training.optimizer import build_optimizer
     from megatron_llm.training.step import train_step
@@ -169,21 +170,14 @@ def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     cfg = load_config(config, overrides)
-    m, t = cfg.model, cfg.training
-    dims = init_distributed(cfg.parallel, torch.device("cpu"))
+    t = cfg.training
+    device = torch.device("cpu")
+    dims = init_distributed(cfg.parallel, device)
     base = resident_bytes()
-    model = parallelize(m, dims, cfg.parallel, device=torch.device("cpu"), seed=0, compile=False,
-                        micro_batches=t.grad_accum_steps, recompute=t.activation_checkpointing == "full")
+    model = parallelize_from_config(cfg, dims, device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    generator = torch.Generator().manual_seed(dims.dp_rank)
-    shape = (t.micro_batch_size, cfg.data.seq_len)
+    batches = random_batches(cfg, device, seed=dims.dp_rank)
     for _ in range(3):  # the first step creates the AdamW state; the peak comes after
-        batches = [
-            {"tokens": torch.randint(m.vocab_size, shape, generator=generator),
-             "labels": torch.randint(m.vocab_size, shape, generator=generator),
-             "loss_mask": torch.ones(shape), "channel": torch.zeros(shape[0], dtype=torch.long)}
-            for _ in range(t.grad_accum_steps)
-        ]
         train_step(model, optimizer, batches, dims, z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=None)
     peak = peak_resident_bytes() - base
     pp_rank = dims.mesh["pp"].get_local_rank()

@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import fully_shard
 
-from megatron_llm.config import ModelConfig, ParallelConfig
+from megatron_llm.config import Config, ModelConfig, ParallelConfig
 from megatron_llm.model import Transformer
 from megatron_llm.parallel.dims import ParallelDims, all_reduce_sum, init_distributed, pick_device
 from megatron_llm.parallel.gradients import clip_grads_, grad_norm
@@ -24,7 +24,7 @@ from megatron_llm.parallel.tensor_parallel import apply_tp
 
 __all__ = [
     "ParallelDims", "PipelineModel", "all_reduce_sum", "clip_grads_", "grad_norm", "init_distributed",
-    "parallelize", "pick_device",
+    "parallelize", "parallelize_from_config", "pick_device",
 ]
 
 
@@ -71,6 +71,16 @@ def parallelize(
     stages, schedule, loss = build_schedule(parts, stage_ids, parallel, pp_group, device, micro_batches)
     group = tie_group(dims.mesh, parallel.schedule) if cfg.tie_embeddings else None
     return PipelineModel(parts, stages, schedule, loss, group)
+
+
+def parallelize_from_config(cfg: Config, dims: ParallelDims, device: torch.device) -> nn.Module:
+    """`parallelize` with the model, layout, seed, compilation, micro-batches and recomputation of a run's
+    config: the model train.py trains, and the one the tools measure."""
+    t = cfg.training
+    return parallelize(
+        cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps,
+        recompute=t.activation_checkpointing == "full",
+    )
 
 
 def recompute_in_backward(block: nn.Module) -> None:

@@ -20,7 +20,7 @@ from megatron_llm.data.loader import TrainBatches, eval_batches
 from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
 from megatron_llm.model import flops_per_token
-from megatron_llm.parallel import ParallelDims, init_distributed, parallelize, pick_device
+from megatron_llm.parallel import ParallelDims, init_distributed, parallelize_from_config, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
 from megatron_llm.training.faults import StopSignals, name_hung_ranks, restarted_by_launcher
 from megatron_llm.training.lr_schedule import lr_at
@@ -65,10 +65,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same init on every rank
         self.data = self._build_data()
-        self.model = parallelize(
-            cfg.model, dims, cfg.parallel, device=device, seed=t.seed, compile=t.compile, micro_batches=t.grad_accum_steps,
-            recompute=t.activation_checkpointing == "full",
-        )
+        self.model = parallelize_from_config(cfg, dims, device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
         self.logger = MetricsLogger(cfg.logging.tensorboard_dir, enabled=dims.is_logger)
