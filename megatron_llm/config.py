@@ -8,6 +8,8 @@ and impossible combinations raise `UsageError` naming the key, before any proces
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import re
 import sys
 import types
 import typing
@@ -171,6 +173,16 @@ class DatasetSpec:
     path: str = param("", "prefix of a .bin/.idx pair written by tools/preprocess_data.py")
     weight: float = param(1.0, "sampling weight in the blend")
     name: Optional[str] = param(None, "channel name; null means the file stem")
+    run_name: Optional[str] = param(
+        None, "this run's directory under tensorboard_dir and its W&B id; null: a resumed run's own, else the start time"
+    )
+    wandb_project: Optional[str] = param(None, "also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works)")
+
+    def validate(self) -> None:
+        if self.run_name is not None and (not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.run_name) or set(self.run_name) == {"."}):
+            raise UsageError(f"logging.run_name {self.run_name!r} must be a plain name: letters, digits, '_', '-' and '.'")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise UsageError("logging.wandb_project is set but wandb is not installed: pip install wandb, or unset the key")
 
 
 @dataclass
@@ -199,6 +211,7 @@ class OptimizerConfig:
     eps: float = param(1e-8, "AdamW epsilon")
     grad_clip: float = param(1.0, "clip the global gradient norm to this; 0 disables")
     decay_norms_and_biases: bool = param(False, "apply weight decay to norm weights and biases too")
+        self.logging.validate()
     decay_embeddings: bool = param(False, "apply weight decay to the token embedding too")
 
 

@@ -16,13 +16,14 @@ from conftest import CHANNELS, ROOT, free_port, tiny_overrides
 from megatron_llm.config import load_config
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.loader import TrainBatches
+from megatron_llm.logging.runs import find_run
 from megatron_llm.model import build_model
 from megatron_llm.training.channels import tag_safe
 from megatron_llm.training.trainer import train
 
 
 def scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(find_run(str(tb_dir))), size_guidance={"scalars": 0})  # the run's own directory
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
 

@@ -17,6 +17,7 @@ import megatron_llm
 from conftest import ROOT, free_port, tiny_overrides
 from megatron_llm.checkpoint import native
 from megatron_llm.errors import UsageError
+from megatron_llm.logging.runs import find_run
 from megatron_llm.training.trainer import train
 from slurm_cluster import SlurmCluster, unavailable
 
@@ -34,7 +35,7 @@ def run_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss from TensorBoard; a restarted run's rewritten steps replace the first attempt's."""
-    acc = EventAccumulator(str(run_dir / "tb"))
+    acc = EventAccumulator(str(find_run(str(run_dir / "tb"))))  # restarts continue the run's own directory
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars("loss")}
 
@@ -255,6 +256,6 @@ def test_sbatch_trains_on_two_nodes_and_requeues_itself_on_sigusr1(slurm, refere
     assert "the job step exited with 75" in first, log[-3000:]
     assert "resumed from" in second and "the job step exited with 0" in second, log[-3000:]
     assert losses(tmp_path) == reference
-    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc = EventAccumulator(str(find_run(str(tmp_path / "tb"))))
     acc.Reload()
     assert {"lr", "grad_norm", "tokens_per_s"} <= set(acc.Tags()["scalars"])

@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import megatron_llm
 from megatron_llm.checkpoint import native
 from megatron_llm.errors import UsageError
+from megatron_llm.logging.runs import find_run
 from megatron_llm.parallel import ParallelDims, parallelize
 from megatron_llm.training import step as step_module
 from megatron_llm.training.trainer import TrainingDiverged, train
@@ -21,7 +22,7 @@ SINGLE = ParallelDims(world_size=1, rank=0, tp=1, pp=1, dp=1)
 
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(str(tb_dir))
+    acc = EventAccumulator(str(find_run(str(tb_dir))))  # the run's own directory under tensorboard_dir
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
 
@@ -165,7 +166,7 @@ def test_cli_runs_end_to_end_and_refuses_bad_data(corpus_dir, tmp_path):
     args = [sys.executable, "train.py", "--config", "configs/tiny.yaml", *tiny_overrides(corpus_dir, tmp_path)]
     out = subprocess.run(args + ["--training.steps", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "step      2 | loss" in out.stdout and "tokens_per_s" in out.stdout
+    assert "step 2/2 | loss" in out.stdout and "tokens_per_s" in out.stdout and "| eta " in out.stdout
 
     bad = subprocess.run(
         args + ["--data.blend", f"[{{path: {tmp_path / 'missing'}}}]"], cwd=ROOT, capture_output=True, text=True, timeout=300

@@ -41,7 +41,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from torch.distributed.pipelining import schedules
 
@@ -74,8 +73,21 @@ class Runner:
     first: Optional[tuple[float, float]] = None
 
 
+def import_transformers():
+    """Hugging Face transformers, needed by --reference hf only: the other comparison runs without it."""
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError(
+            "--reference hf compares with Hugging Face transformers, which is not installed: "
+            'pip install transformers (or pip install -e ".[hf]"), or use --reference channels-off'
+        ) from None
+    return transformers
+
+
 def hf_twin(model: nn.Module, device: torch.device) -> nn.Module:
     """LlamaForCausalLM with `model`'s config and weights."""
+    transformers = import_transformers()
     config = transformers.LlamaConfig(**hf_config_from_model_config(model.cfg, "llama"), attn_implementation="sdpa")
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(config)
@@ -203,10 +215,10 @@ def speed_table(tokens: int, a: list[float], b: list[float], names: tuple[str, s
     return lines
 
 
-def machine_line(device: torch.device, autocast) -> str:
+def machine_line(device: torch.device, autocast, libraries: str = "") -> str:
     dtype = "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", "")
     return (
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {device.type} {dtype}, "
+        f"torch {torch.__version__}, {libraries}{device.type} {dtype}, "
         f"{torch.get_num_threads()} threads per process; load average {os.getloadavg()[0]:.1f} over the last"
         f" minute on {os.cpu_count()} CPUs (other processes slow the two sides unevenly)"
     )
@@ -218,7 +230,7 @@ def report(cfg: Config, ours: Runner, theirs: Runner, device: torch.device, auto
     peak = peak_flops(device)
     (loss_a, norm_a), (loss_b, norm_b) = ours.first, theirs.first
     lines = [
-        machine_line(device, autocast),
+        machine_line(device, autocast, f"transformers {import_transformers().__version__}, "),
         f"model {cfg.model.num_params() / 1e6:.1f}M params, {t.micro_batch_size} x {cfg.data.seq_len} tokens"
         f" x {t.grad_accum_steps} micro-batches = {tokens} tokens/step; {len(ours.seconds)} timed steps each,"
         " interleaved; medians",
@@ -373,6 +385,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         reference = args.reference or ("hf" if world == 1 else "channels-off")
         if reference == "hf" and world > 1:
             raise UsageError("--reference hf runs in one process: run without torchrun, or use --reference channels-off")
+        if reference == "hf":
+            import_transformers()  # before the model is built: a missing install is reported at once
         cfg = load_config(args.config, overrides)
         device = pick_device(args.device or cfg.training.device)
         autocast = autocast_dtype(args.dtype or cfg.training.dtype, device)

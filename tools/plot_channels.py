@@ -1,9 +1,12 @@
 """Draw the per-channel loss curves of a run from its TensorBoard event files.
 
-    python tools/plot_channels.py runs/tiny --output channels.png
+    python tools/plot_channels.py runs/tiny --output channels.png            # the newest run
+    python tools/plot_channels.py runs/tiny --run 20261130-081613 --output channels.png
 
-One panel for training loss (loss/<channel> and the overall loss), one for validation loss
-(val_loss/<channel>) when the run evaluated. Needs matplotlib (`pip install -e ".[plot]"`).
+Each run logs to its own directory under logging.tensorboard_dir (logging.run_name, or its start
+time); the newest is drawn unless --run names another, and the picture is titled with it. One panel for
+training loss (loss/<channel> and the overall loss), one for validation loss (val_loss/<channel>) when
+the run evaluated.
 """
 
 import argparse
@@ -13,15 +16,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.logging.runs import find_run  # noqa: E402
 
 
-def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
-    """Every scalar tag of the run -> (steps, values), with TensorBoard's own event reader."""
+def read_scalars(logdir: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Every scalar tag of one run's directory -> (steps, values), with TensorBoard's own event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    if not Path(logdir).is_dir():
-        raise UsageError(f"{logdir} is not a directory; pass the run's logging.tensorboard_dir")
-    acc = EventAccumulator(logdir, size_guidance={"scalars": 0})  # 0: keep every point
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every point
     acc.Reload()
     tags = acc.Tags()["scalars"]
     if not tags:
@@ -29,7 +31,7 @@ def read_scalars(logdir: str) -> dict[str, tuple[list[int], list[float]]]:
     return {tag: ([e.step for e in acc.Scalars(tag)], [e.value for e in acc.Scalars(tag)]) for tag in tags}
 
 
-def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str) -> list[str]:
+def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: str) -> list[str]:
     """Writes the figure; returns the channel names drawn."""
     import matplotlib
 
@@ -49,6 +51,7 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str) -> list
         ax.set(title=title, xlabel="step", ylabel="cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     tmp = Path(output).with_name(f".tmp-{Path(output).name}")
     fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
@@ -59,15 +62,17 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str) -> list
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("logdir", help="the run's TensorBoard directory (logging.tensorboard_dir)")
+    parser.add_argument("logdir", help="logging.tensorboard_dir (its newest run is drawn), or one run's directory")
+    parser.add_argument("--run", help="the run to draw: its name (logging.run_name or start time) under logdir")
     parser.add_argument("--output", default="channels.png", help="image file to write")
     args = parser.parse_args(argv)
     try:
-        channels = plot(read_scalars(args.logdir), args.output)
+        run = find_run(args.logdir, args.run)
+        channels = plot(read_scalars(run), args.output, f"run {run.name}")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(f"wrote {args.output}: {len(channels)} channels ({', '.join(channels)})")
+    print(f"wrote {args.output}: run {run.name}, {len(channels)} channels ({', '.join(channels)})")
     return 0
 
 

@@ -5,8 +5,9 @@
         --tokenizer path/to/tokenizer.json --text-field content --workers 8
 
 Writes PREFIX.bin and PREFIX.idx (readable by megatron-core's IndexedDataset and by Megatron-LM);
-with --channel-field FIELD, one PREFIX_VALUE.bin/.idx per distinct value of FIELD, and prints the
-data.blend lines that make each one a channel. Bad input prints `error: ...` and exits 2.
+with --channel-field FIELD, one PREFIX_VALUE.bin/.idx per distinct value of FIELD, and prints the blend
+that makes each one a channel, as a ready-to-paste `--data.blend '[...]'` flag and as YAML for a config,
+weighted by each channel's tokens (--equal-weights: 1.0 each). Bad input prints `error: ...` and exits 2.
 """
 
 import argparse
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
     parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
     parser.add_argument("--channel-field", help="split the output by this JSON field's value (one dataset per channel)")
+    parser.add_argument("--equal-weights", action="store_true",
+                        help="blend weights of 1.0 for every channel instead of each channel's share of the tokens")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="tokenizer processes")
     args = parser.parse_args(argv)
     try:
@@ -39,7 +42,11 @@ def main(argv=None) -> int:
         return e.exit_code
     print(stats.summary())
     if args.channel_field:
-        print("data:\n  blend:\n" + stats.blend_lines())
+        by_tokens = not args.equal_weights
+        print(f"the blend, weighted {'by tokens' if by_tokens else 'equally'}; on the command line:")
+        print(stats.blend_flag(by_tokens))
+        print("or in a config:")
+        print("data:\n  blend:\n" + stats.blend_lines(by_tokens))
     return 0
 
 

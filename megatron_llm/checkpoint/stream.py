@@ -16,8 +16,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Protocol
@@ -26,6 +24,7 @@ import torch
 
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
+from megatron_llm.logging.progress import Progress
 from megatron_llm.model import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,13 +44,14 @@ def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def native_groups(cfg: ModelConfig) -> list[list[str]]:
-    """[embedding], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
+    """[embeddings], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
     groups: list[list[str]] = [[] for _ in range(cfg.num_layers + 2)]
     for name in native_shapes(cfg):
-        if name.startswith("layers."):
+        module = name.split(".")[0]
+        if module == "layers":
             groups[1 + int(name.split(".")[1])].append(name)
         else:
-            groups[0 if name.startswith("tok_embeddings.") else -1].append(name)
+            groups[0 if module in Transformer.FIRST_STAGE else -1].append(name)
     return groups
 
 
@@ -86,7 +86,7 @@ def stream(reader: Reader, writer: Writer, dtype: Optional[torch.dtype], label: 
     shapes = native_shapes(cfg)
     groups = native_groups(cfg)
     totals = Totals()
-    progress = Progress(label, len(groups))
+    progress = Progress(label, len(groups), "groups")
     for names in groups:
         tied_head = cfg.tie_embeddings and HEAD in names
         wanted = [n for n in names if not (tied_head and n == HEAD)]
@@ -110,28 +110,6 @@ def stream(reader: Reader, writer: Writer, dtype: Optional[torch.dtype], label: 
         progress.update(totals.groups)
     progress.close()
     return totals
-
-
-class Progress:
-    """A one-line bar on stderr, redrawn in place; silent when stderr is not a terminal (CI logs)."""
-
-    def __init__(self, label: str, total: int, width: int = 30):
-        self.label, self.total, self.width = label, total, width
-        self.enabled = sys.stderr.isatty()
-        self.start = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        if not self.enabled:
-            return
-        filled = self.width * done // self.total
-        seconds = time.perf_counter() - self.start
-        bar = "#" * filled + "-" * (self.width - filled)
-        sys.stderr.write(f"\r{self.label} [{bar}] {done}/{self.total} groups, {seconds:.1f} s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 @contextlib.contextmanager

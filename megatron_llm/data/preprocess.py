@@ -12,7 +12,7 @@ import json
 import multiprocessing
 import os
 import re
-import sys
+import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ import numpy as np
 from megatron_llm.data.mcore import mcore
 from megatron_llm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_llm.errors import UsageError
+from megatron_llm.logging.progress import Progress
 
 CHUNK_LINES = 64  # lines per worker task: big enough to amortise the pipe, small enough to stream
 
@@ -34,18 +35,30 @@ class PreprocessStats:
     tokens: int
     seconds: float
     outputs: dict[str, str]  # channel value ("" without --channel-field) -> output prefix
+    channel_tokens: dict[str, int]  # channel value -> its tokens
 
     def summary(self) -> str:
         written = ", ".join(f"{prefix}.bin/.idx" for prefix in self.outputs.values())
         return f"wrote {written}: {self.documents} documents, {self.tokens} tokens in {self.seconds:.1f} s"
 
-    def blend_lines(self) -> str:
-        """The data.blend entries for these outputs, to paste into a config."""
-        return "\n".join(
+    def blend_entries(self, by_tokens: bool = True) -> list[str]:
+        """One data.blend entry per output, in YAML flow style; weight: the channel's share of the tokens
+        (so the blend samples the corpus as it is), or 1.0 each."""
+        total = sum(self.channel_tokens.values())
+        return [
             # JSON strings are YAML strings, quoted whatever the channel value holds
-            f"    - {{path: {json.dumps(prefix)}, weight: 1.0, name: {json.dumps(channel)}}}"
+            f"{{path: {json.dumps(prefix)}, weight: {self.channel_tokens[channel] / total if by_tokens else 1.0:.4g}, "
+            f"name: {json.dumps(channel)}}}"
             for channel, prefix in self.outputs.items()
-        )
+        ]
+
+    def blend_lines(self, by_tokens: bool = True) -> str:
+        """The data.blend entries for these outputs, to paste into a config."""
+        return "\n".join(f"    - {entry}" for entry in self.blend_entries(by_tokens))
+
+    def blend_flag(self, by_tokens: bool = True) -> str:
+        """The same blend as a command-line override, quoted for a POSIX shell."""
+        return "--data.blend " + shlex.quote("[" + ", ".join(self.blend_entries(by_tokens)) + "]")
 
 
 # Worker state, set once per process by _init_worker (the tokenizer is too big to send per task).
@@ -102,47 +115,6 @@ def _encoded_lines(src: Path, tokenizer_spec: str, text_field: str, channel_fiel
         yield pool.imap(_encode_line, _numbered_lines(src), CHUNK_LINES)
 
 
-class _SimpleBar:
-    """Stand-in for tqdm: one carriage-returned line on stderr, redrawn at most twice a second."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self._drawn = total, desc, 0, 0.0
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if time.monotonic() - self._drawn > 0.5:
-            self._draw()
-
-    def _draw(self) -> None:
-        self._drawn = time.monotonic()
-        pct = 100.0 * self.n / max(self.total, 1)
-        sys.stderr.write(f"\r{self.desc}: {pct:5.1f}% of {self.total / 1e6:.1f} MB")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        self._draw()
-        sys.stderr.write("\n")
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    """tqdm when importable (it comes with transformers/huggingface_hub), else _SimpleBar; only on a terminal."""
-    if not (enabled and sys.stderr.isatty()):
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _SimpleBar(total, desc)
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr)
-
-
 def preprocess(
     input_path: str,
     output_prefix: str,
@@ -171,11 +143,11 @@ def preprocess(
         indexed = mcore("datasets.indexed_dataset")
         dtype = indexed.DType.optimal_dtype(tokenizer.vocab_size)
         builders: dict[str, tuple] = {}  # channel -> (builder, final prefix, tmp prefix)
-        bar = _progress_bar(src.stat().st_size, f"tokenizing {src.name}", progress)
-        documents = tokens = 0
+        bar = Progress(f"tokenizing {src.name}", src.stat().st_size / 1e6, "MB", enabled=progress)
+        documents, channel_tokens = 0, {}
         try:
             for ids, channel, nbytes in encoded:
-                bar.update(nbytes)
+                bar.advance(nbytes / 1e6)
                 if ids is None:
                     continue
                 if channel not in builders:
@@ -184,7 +156,7 @@ def preprocess(
                     builders[channel] = (indexed.IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype), final, tmp)
                 builders[channel][0].add_document(ids, [len(ids)])
                 documents += 1
-                tokens += len(ids)
+                channel_tokens[channel] = channel_tokens.get(channel, 0) + len(ids)
             if documents == 0:
                 raise UsageError(f"input file {src} holds no documents")
             for builder, _, tmp in builders.values():
@@ -199,7 +171,8 @@ def preprocess(
                 Path(f"{tmp}.bin").unlink(missing_ok=True)
                 Path(f"{tmp}.idx").unlink(missing_ok=True)
     outputs = {channel: str(final) for channel, (_, final, _) in sorted(builders.items())}
-    return PreprocessStats(documents, tokens, time.perf_counter() - start, outputs)
+    tokens = sum(channel_tokens.values())
+    return PreprocessStats(documents, tokens, time.perf_counter() - start, outputs, channel_tokens)
 
 
 def _file_safe(value: str) -> str:

@@ -80,8 +80,11 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict], dims: ParallelDims, autocast: Optional[torch.dtype]) -> float:
-    """Token-mean cross-entropy over the batches of every data-parallel rank."""
+def evaluate(
+    model: nn.Module, batches: Iterable[dict], dims: ParallelDims, autocast: Optional[torch.dtype]
+) -> tuple[float, float]:
+    """(cross-entropy sum, tokens) over the batches of every data-parallel rank: sums, so that results on
+    several datasets combine into an exact token-weighted mean."""
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device)  # [loss sum, tokens]
@@ -93,7 +96,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict], dims: ParallelDims, auto
         sums += torch.stack([token_ce.sum(), mb["loss_mask"].sum()])
     model.train()
     loss_sum, tokens = all_reduce_sum(sums, dims, over_stages=True).tolist()
-    return loss_sum / tokens
+    return loss_sum, tokens
 
 
 def _run(model: nn.Module, micro_batches: list[dict], dims: ParallelDims, autocast, loss_fn, train: bool) -> Records:

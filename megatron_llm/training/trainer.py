@@ -6,23 +6,29 @@ group, the global token count is fixed before the first micro-batch, and only ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_llm.checkpoint.native import Checkpointer, read_config, resolve_checkpoint
-from megatron_llm.config import Config
+from megatron_llm.checkpoint.native import read_config
+from megatron_llm.checkpoint.run_dir import RunDirectory, open_run_directory
+from megatron_llm.config import Config, config_from_dict
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.default_corpus import ensure_default_corpus
 from megatron_llm.data.loader import TrainBatches, eval_batches
 from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
+from megatron_llm.logging.banner import banner, parameters_per_rank
+from megatron_llm.logging.progress import Clock
+from megatron_llm.logging.runs import new_run_name
 from megatron_llm.model import flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize_from_config, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
-from megatron_llm.training.faults import StopSignals, name_hung_ranks, restarted_by_launcher
+from megatron_llm.training.faults import StopSignals, name_hung_ranks, weights_finite
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
@@ -50,14 +56,14 @@ def train(cfg: Config) -> TrainResult:
     with StopSignals() as stop:  # from here on SIGTERM/SIGUSR1 mean: finish the step, checkpoint, stop
         dims = init_distributed(cfg.parallel, device, timeout_s=cfg.parallel.timeout_s)
         try:
-            with name_hung_ranks(cfg.parallel.timeout_s):
-                return Trainer(cfg, dims, device).run(stop)
+            with name_hung_ranks(cfg.parallel.timeout_s), open_run_directory(cfg, dims.is_logger) as run_dir:
+                return Trainer(cfg, dims, device, run_dir).run(stop)
         finally:
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, run_dir: RunDirectory):
         self.cfg, self.dims, self.device = cfg, dims, device
         t = cfg.training
         self.autocast_dtype = autocast_dtype(t.dtype, device)
@@ -67,10 +73,15 @@ class Trainer:
         self.data = self._build_data()
         self.model = parallelize_from_config(cfg, dims, device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
-        self.logger = MetricsLogger(cfg.logging.tensorboard_dir, enabled=dims.is_logger)
+        self.checkpointer = run_dir.checkpointer
         self.step, self.consumed_samples, self.consumed_tokens, self.bad_in_a_row, self.skipped = 0, 0, 0, 0, 0
-        self._resume()
+        self.resumed_from: str | None = None
+        self._resume(run_dir.resume_from)
+        # Only the logging rank's name is used: it writes the run directory and the checkpoints' config.yaml.
+        cfg.logging.run_name = cfg.logging.run_name or new_run_name(cfg.logging.tensorboard_dir)
+        self.logger = MetricsLogger(cfg.logging, cfg.to_dict(), Clock(self.step, t.steps), enabled=dims.is_logger)
+        per_rank = parameters_per_rank(self.model)  # a collective: every rank
+        self._print(banner(cfg, dims.dp, per_rank, self.logger.run_dir, self.resumed_from, device))
 
     def _build_data(self):
         cfg, t = self.cfg, self.cfg.training
@@ -88,18 +99,13 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None and restarted_by_launcher():
-            resume = "auto"  # a restart continues its run: starting over would overwrite its checkpoints
-        if resume is None:
-            return
-        path = self.checkpointer.latest() if resume == "auto" else resolve_checkpoint(resume)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
-            self._print(f"no checkpoint in {self.cfg.checkpoint.dir}: starting from scratch")
             return
-        saved_model = read_config(path)["model"]
-        changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model.get(k) != v]
+        saved = read_config(path)
+        # Fields added since the checkpoint was written take their defaults, which reproduce the old model.
+        saved_model = dataclasses.asdict(config_from_dict({"model": saved["model"]}).model)
+        changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model[k] != v]
         if changed:
             raise UsageError(f"checkpoint {path} has a different model.{changed[0]}; resume with the same model config")
         state = self.checkpointer.load(path, self.model, self.optimizer, self._trainer_state())
@@ -112,7 +118,9 @@ class Trainer:
         self.bad_in_a_row = state["bad_in_a_row"]
         self.skipped = state["skipped"]
         torch.set_rng_state(state["rng_cpu"])
-        self._print(f"resumed from {path} at step {self.step}")
+        self.resumed_from = f"{path} at step {self.step}"
+        # The run continues its own TensorBoard directory and W&B run unless logging.run_name names another.
+        self.cfg.logging.run_name = self.cfg.logging.run_name or saved.get("logging", {}).get("run_name")
 
     def _trainer_state(self) -> dict:
         """Everything besides model and optimizer that a resumed run needs to continue exactly. The model
@@ -126,9 +134,15 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
         }
 
-    def _save(self) -> None:
+    def _save(self) -> Path | None:
+        # In a NaN/Inf streak, or with weights no longer finite, a save would become "the last good
+        # checkpoint" and prune one that is. (bad_in_a_row is the same on every rank: no collective skipped.)
+        if self.bad_in_a_row or not weights_finite(self.model):
+            self._print(f"step {self.step}: no checkpoint while not finite; the latest stays {self.checkpointer.latest() or 'none'}")
+            return None
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(), self.cfg.to_dict())
         self._print(f"saved checkpoint {path}")
+        return path
 
     # ----------------------------------------------------------------------------------------------
     def run(self, stop: StopSignals | None = None) -> TrainResult:
@@ -161,14 +175,17 @@ class Trainer:
                 if self.step % cfg.logging.interval == 0 or self.step == t.steps:
                     self.logger.log(self.step, window.scalars(lr, self.consumed_tokens, self.skipped, flops, peak, self.dims, self.device))
                     window = _Window(names)
-                if t.eval_interval and self.step % t.eval_interval == 0 and self.data.valid is not None:
+                # Every eval_interval steps, and after the last step whatever its number.
+                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps) and self.data.valid_by_channel:
                     self._evaluate(result)
                 stop_signal = stop.agreed() if stop is not None and self.step < t.steps else None  # collective
+                saved = None
                 if self.step < t.steps and (stop_signal or cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
-                    self._save()
+                    saved = self._save()
                 if stop_signal:
                     result.stopped = stop_signal
-                    self._print(f"{stop_signal}: stopped after step {self.step}, checkpoint saved; run again to continue")
+                    kept = "checkpoint saved" if saved else f"latest checkpoint {self.checkpointer.latest()}"
+                    self._print(f"{stop_signal}: stopped after step {self.step}, {kept}; run again to continue")
                     break
             if result.losses and not result.stopped:  # this call trained to the end: save its end state
                 self._save()
@@ -178,20 +195,19 @@ class Trainer:
         return result
 
     def _evaluate(self, result: TrainResult) -> None:
-        """val_loss on the blended validation split, and val_loss/<channel> on each channel's own."""
+        """val_loss/<channel> on each channel's own validation split, and val_loss as their token-weighted
+        mean over the very same tokens, so the overall curve always lies among the channels' curves."""
         t = self.cfg.training
-
-        def loss_on(dataset) -> float:
+        sums = {}  # channel name -> (loss sum, tokens)
+        for name, dataset in self.data.valid_by_channel.items():
             batches = eval_batches(dataset, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp)
-            return evaluate(self.model, batches, self.dims, self.autocast_dtype)
-
-        result.val_losses[self.step] = loss_on(self.data.valid)
-        by_channel = self.data.valid_by_channel if self.cfg.logging.per_channel else {}
-        per_channel = {name: loss_on(ds) for name, ds in by_channel.items()}
+            sums[name] = evaluate(self.model, batches, self.dims, self.autocast_dtype)
+        result.val_losses[self.step] = sum(loss for loss, _ in sums.values()) / sum(n for _, n in sums.values())
+        per_channel = {name: loss / n for name, (loss, n) in sums.items()} if self.cfg.logging.per_channel else {}
         result.val_channel_losses[self.step] = per_channel
         scalars = {"val_loss": result.val_losses[self.step]}
         scalars.update({f"val_loss/{tag_safe(name)}": loss for name, loss in per_channel.items()})
-        self.logger.log(self.step, scalars, prefix="eval ")
+        self.logger.log_eval(self.step, scalars)
 
     def _account(self, out: StepResult, result: TrainResult) -> None:
         result.losses[self.step] = out.loss
