@@ -44,14 +44,13 @@ def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def native_groups(cfg: ModelConfig) -> list[list[str]]:
-    """[embeddings], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
+    """[embedding], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
     groups: list[list[str]] = [[] for _ in range(cfg.num_layers + 2)]
     for name in native_shapes(cfg):
-        module = name.split(".")[0]
-        if module == "layers":
+        if name.startswith("layers."):
             groups[1 + int(name.split(".")[1])].append(name)
         else:
-            groups[0 if module in Transformer.FIRST_STAGE else -1].append(name)
+            groups[0 if name.startswith("tok_embeddings.") else -1].append(name)
     return groups
 
 
