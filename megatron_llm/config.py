@@ -173,16 +173,6 @@ class DatasetSpec:
     path: str = param("", "prefix of a .bin/.idx pair written by tools/preprocess_data.py")
     weight: float = param(1.0, "sampling weight in the blend")
     name: Optional[str] = param(None, "channel name; null means the file stem")
-    run_name: Optional[str] = param(
-        None, "this run's directory under tensorboard_dir and its W&B id; null: a resumed run's own, else the start time"
-    )
-    wandb_project: Optional[str] = param(None, "also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works)")
-
-    def validate(self) -> None:
-        if self.run_name is not None and (not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.run_name) or set(self.run_name) == {"."}):
-            raise UsageError(f"logging.run_name {self.run_name!r} must be a plain name: letters, digits, '_', '-' and '.'")
-        if self.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise UsageError("logging.wandb_project is set but wandb is not installed: pip install wandb, or unset the key")
 
 
 @dataclass
@@ -211,7 +201,6 @@ class OptimizerConfig:
     eps: float = param(1e-8, "AdamW epsilon")
     grad_clip: float = param(1.0, "clip the global gradient norm to this; 0 disables")
     decay_norms_and_biases: bool = param(False, "apply weight decay to norm weights and biases too")
-        self.logging.validate()
     decay_embeddings: bool = param(False, "apply weight decay to the token embedding too")
 
 
@@ -254,6 +243,16 @@ class LoggingConfig:
     interval: int = param(10, "console and TensorBoard every N steps")
     tensorboard_dir: Optional[str] = param("runs/tiny", "TensorBoard event directory; null disables")
     per_channel: bool = param(True, "loss/<channel>, tokens/<channel> and val_loss/<channel>; false skips that accounting")
+    run_name: Optional[str] = param(
+        None, "this run's directory under tensorboard_dir and its W&B id; null: a resumed run's own, else the start time"
+    )
+    wandb_project: Optional[str] = param(None, "also log to this Weights & Biases project (needs wandb; WANDB_MODE=offline works)")
+
+    def validate(self) -> None:
+        if self.run_name is not None and (not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.run_name) or set(self.run_name) == {"."}):
+            raise UsageError(f"logging.run_name {self.run_name!r} must be a plain name: letters, digits, '_', '-' and '.'")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise UsageError("logging.wandb_project is set but wandb is not installed: pip install wandb, or unset the key")
 
 
 SECTIONS = {
@@ -282,6 +281,7 @@ class Config:
     def validate(self) -> None:
         """Checks that need no process group; layout checks against the world size live in parallel/."""
         self.model.validate()
+        self.logging.validate()
         t, d, o, s = self.training, self.data, self.optimizer, self.schedule
         positive = {
             "training.steps": t.steps, "training.micro_batch_size": t.micro_batch_size,
