@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 import sys
 import types
@@ -20,84 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megatron_llm.errors import UsageError
-
-
-def param(default: Any, help: str) -> Any:
-    """A dataclass field carrying its one-line help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = param(257, "tokenizer vocabulary size (the byte tokenizer has 257: 256 bytes + end-of-document)")
-    hidden_size: int = param(256, "width of the residual stream")
-    num_layers: int = param(4, "number of transformer blocks")
-    num_heads: int = param(8, "query heads per attention layer")
-    num_kv_heads: Optional[int] = param(None, "key/value heads (grouped-query attention); null means num_heads")
-    head_dim: Optional[int] = param(None, "per-head width; null means hidden_size / num_heads")
-    ffn_hidden_size: int = param(688, "inner width of the MLP")
-    mlp: Literal["swiglu", "geglu", "gelu", "relu"] = param("swiglu", "MLP kind: gated (swiglu, geglu) or plain")
-    norm: Literal["rmsnorm", "layernorm"] = param("rmsnorm", "normalisation layer (pre-norm)")
-    norm_eps: float = param(1e-5, "epsilon of the norm layers")
-    max_seq_len: int = param(256, "longest sequence the RoPE tables cover")
-    rope_theta: float = param(10000.0, "RoPE base frequency")
-    rope_scaling: Optional[dict] = param(
-        None,
-        "Llama-3 frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}",
-    )
-    qk_norm: bool = param(False, "RMSNorm over head_dim on queries and keys before RoPE (Qwen3)")
-    qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
-    linear_bias: bool = param(False, "bias on every other linear layer")
-    tie_embeddings: bool = param(False, "share the token embedding with the output head")
-    logit_softcap: Optional[float] = param(None, "final-logit soft-capping: cap * tanh(logits / cap); null disables")
-    init_std: float = param(0.02, "std of the normal init of every weight matrix")
-    scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
-
-    def __post_init__(self) -> None:
-        if self.num_kv_heads is None:
-            self.num_kv_heads = self.num_heads
-        if self.head_dim is None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0:
-            self.head_dim = self.hidden_size // self.num_heads
-
-    def validate(self) -> None:
-        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size", "max_seq_len"):
-            if getattr(self, key) <= 0:
-                raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
-        if self.head_dim is None:
-            raise UsageError(
-                f"model.hidden_size ({self.hidden_size}) is not divisible by model.num_heads ({self.num_heads}); "
-                "change one of them or set model.head_dim"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise UsageError(
-                f"model.num_heads ({self.num_heads}) is not divisible by model.num_kv_heads ({self.num_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise UsageError(f"model.head_dim ({self.head_dim}) must be even for RoPE")
-        if self.rope_scaling is not None:
-            needed = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-            if set(self.rope_scaling) != needed:
-                raise UsageError(f"model.rope_scaling needs exactly the keys {sorted(needed)}, got {sorted(self.rope_scaling)}")
-        if self.logit_softcap is not None and self.logit_softcap <= 0:
-            raise UsageError(f"model.logit_softcap must be positive or null, got {self.logit_softcap}")
-
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count, computed from the shapes (no model needed)."""
-        h, d = self.hidden_size, self.head_dim
-        q, kv = self.num_heads * d, self.num_kv_heads * d
-        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * d if self.qk_norm else 0)
-        gated = self.mlp in ("swiglu", "geglu")
-        mlp = h * self.ffn_hidden_size * (3 if gated else 2)
-        if self.linear_bias:  # wo and the MLP projections
-            attn += h
-            mlp += self.ffn_hidden_size * (2 if gated else 1) + h
-        norm_size = h if self.norm == "rmsnorm" else 2 * h
-        block = attn + mlp + 2 * norm_size
-        embed = self.vocab_size * h
-        head = 0 if self.tie_embeddings else self.vocab_size * h
-        return self.num_layers * block + norm_size + (embed if include_embedding else 0) + head
+from megatron_llm.model_config import LayerSpec, ModelConfig, param  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -130,6 +54,13 @@ class ParallelConfig:
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
+        if tp > 1 and model.qk_norm and not model.qk_norm_per_head:
+            raise UsageError("model.qk_norm_per_head false normalises across all heads, which parallel.tp splits: use tp 1")
+        if self.sp and (model.position in ("learned", "sinusoidal") or model.embedding_norm):
+            raise UsageError(
+                f"parallel.sp: absolute positions (model.position {model.position}) and model.embedding_norm act on "
+                "the whole sequence before it is sharded; set parallel.sp false"
+            )
         if self.stage_layers is not None:
             if len(self.stage_layers) != stages or sum(self.stage_layers) != model.num_layers:
                 raise UsageError(
@@ -166,6 +97,11 @@ class ParallelConfig:
                 f"parallel.schedule {self.schedule} needs training.grad_accum_steps (the micro-batches) {rule}, "
                 f"got {micro_batches}"
             )
+
+
+def tag_safe(name: str) -> str:
+    """A channel name as a TensorBoard tag component and a file name: letters, digits, '_', '-', '.' only."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "_"
 
 
 @dataclass
@@ -236,6 +172,9 @@ class CheckpointConfig:
     interval: int = param(100, "save every N steps (and always at the end); 0 saves only at the end")
     keep: int = param(2, "keep the newest K checkpoints (0 keeps all)")
     resume: Optional[str] = param(None, "'auto' continues from dir/latest; a path resumes from that checkpoint")
+    overwrite: bool = param(
+        False, "start from scratch in a dir that holds another run's checkpoints (checkpoint.keep prunes them as this run saves)"
+    )
 
 
 @dataclass
@@ -292,6 +231,7 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise UsageError(f"{key} must be positive, got {value}")
+        self._check_numbers()
         self.parallel.validate(self.model, d.seq_len, t.grad_accum_steps, evaluates=t.eval_interval > 0)
         if d.seq_len > self.model.max_seq_len:
             raise UsageError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
@@ -300,6 +240,13 @@ class Config:
         names = [spec.name or Path(spec.path).name for spec in d.blend]
         if len(set(names)) != len(names):
             raise UsageError(f"data.blend has duplicate channel names {names}: give each dataset a distinct name")
+        same_tag = [[n for n in names if tag_safe(n) == tag_safe(name)] for name in names]
+        clash = next((group for group in same_tag if len(group) > 1), None)
+        if clash:
+            raise UsageError(
+                f"data.blend channel names {clash} would all be logged as loss/{tag_safe(clash[0])}: rename them to "
+                "differ in letters, digits, '_', '-' or '.'"
+            )
         if d.random_channels is not None and d.random_channels <= 0:
             raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):
@@ -318,6 +265,26 @@ class Config:
             split = []
         if len(split) != 3 or min(split) < 0 or split[0] <= 0:
             raise UsageError(f"data.split must be three non-negative weights 'train,valid,test', got {d.split!r}")
+
+    def _check_numbers(self) -> None:
+        """Values the type check lets through: nan and inf (YAML's .nan, .inf), seeds numpy refuses, and an
+        evaluation of zero batches (a division by zero tokens after the first eval_interval steps)."""
+        for section in SECTIONS:
+            values = getattr(self, section)
+            for f in dataclasses.fields(values):
+                value = getattr(values, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UsageError(f"{section}.{f.name} must be a finite number, got {value}")
+        t = self.training
+        if not 0 <= t.seed < 2**32:
+            raise UsageError(f"training.seed must be in [0, 2**32), got {t.seed}")
+        if t.eval_interval < 0:
+            raise UsageError(f"training.eval_interval must be >= 0 (0 disables evaluation), got {t.eval_interval}")
+        if t.eval_interval and t.eval_iters <= 0:
+            raise UsageError(
+                f"training.eval_iters must be positive when evaluating (training.eval_interval {t.eval_interval}), "
+                f"got {t.eval_iters}; or set training.eval_interval 0"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -429,6 +396,10 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raw = yaml.safe_load(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise UsageError(f"config file {path} not found") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
+        except OSError as e:  # a directory, no permission
+            raise UsageError(f"cannot read config file {path} ({e.strerror or e}): pass a YAML file") from None
         except yaml.YAMLError as e:
             raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):

@@ -56,7 +56,7 @@ def hf_model(name: str) -> nn.Module:
 
 def converted(hf: nn.Module) -> Transformer:
     model = build_model(model_config_from_hf(hf.config.to_dict()), "cpu")
-    model.load_state_dict(hf_to_native(hf.state_dict()))
+    model.load_state_dict(hf_to_native(hf.state_dict(), hf.config.to_dict()))
     return model.eval()
 
 
@@ -97,7 +97,7 @@ def test_gradients_match_hugging_face(name):
     shifted = F.pad(x[:, 1:], (0, 1), value=-100)
     (model(x, labels=shifted).sum() / (shifted >= 0).sum()).backward()
     hf(x, labels=x).loss.backward()
-    ours = native_to_hf({name: p.grad for name, p in model.named_parameters()})
+    ours = native_to_hf({name: p.grad for name, p in model.named_parameters()}, model.cfg, hf.config.model_type)
     theirs = {name: p.grad for name, p in hf.named_parameters()}
     assert sorted(ours) == sorted(theirs)
     for key, grad in ours.items():
@@ -124,7 +124,7 @@ def test_llama3_frequencies_match_transformers():
         hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=scaling
     )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    ours = rope_frequencies(128, 500000.0, {k: v for k, v in scaling.items() if k != "rope_type"})
+    ours, _ = rope_frequencies(128, 500000.0, scaling, max_seq_len=8192)
     torch.testing.assert_close(ours, expected, atol=0, rtol=0)
 
 
@@ -144,16 +144,17 @@ def test_logit_softcap():
 
 
 def test_state_dict_round_trip():
-    sd = hf_model("qwen3").state_dict()
-    back = native_to_hf(hf_to_native(sd))
-    assert list(back) == list(sd) and all(back[k] is sd[k] for k in sd)
+    hf = hf_model("qwen3")
+    sd = hf.state_dict()
+    back = native_to_hf(hf_to_native(sd, hf.config.to_dict()), model_config_from_hf(hf.config.to_dict()), "qwen3")
+    assert sorted(back) == sorted(sd) and all(back[k].data_ptr() == sd[k].data_ptr() for k in sd)  # no copies
 
 
 def test_tied_checkpoint_without_lm_head_loads():
     hf = hf_model("llama-gqa-tied")
     sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
     model = build_model(model_config_from_hf(hf.config.to_dict()), "cpu")
-    model.load_state_dict(hf_to_native(sd))  # strict
+    model.load_state_dict(hf_to_native(sd, hf.config.to_dict()))  # strict
     torch.testing.assert_close(model.output.weight, hf.lm_head.weight)
 
 
@@ -206,8 +207,7 @@ def test_variants_train(overrides):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_num_params_and_flops_match_the_model(tied):
-    # config.num_params leaves out linear_bias biases, so this is checked without them.
-    cfg = tiny_cfg(tie_embeddings=tied, qk_norm=True, qkv_bias=True)
+    cfg = tiny_cfg(tie_embeddings=tied, qk_norm=True, qkv_bias=True, linear_bias=True)
     model = build_model(cfg, "cpu")
     params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
     assert cfg.num_params() == sum(p.numel() for p in params.values())
@@ -240,12 +240,13 @@ def test_attention_shards_by_heads_without_model_change():
     model = build_model(tiny_cfg(qk_norm=True), "cpu", seed=0)
     attn = model.layers["0"].attention
     x = torch.randn(2, SEQ, 64)
-    full = attn(x, model.rope_cos, model.rope_sin)
+    ctx = model.attention_context()
+    full = attn(x, ctx=ctx)
     total = torch.zeros_like(full)
     for rank in range(2):
         shard = copy.deepcopy(attn)
         for proj in (shard.wq, shard.wk, shard.wv):  # rows are heads: keep this rank's half
             proj.weight = nn.Parameter(proj.weight.chunk(2, dim=0)[rank])
         shard.wo.weight = nn.Parameter(shard.wo.weight.chunk(2, dim=1)[rank])
-        total += shard(x, model.rope_cos, model.rope_sin)
+        total += shard(x, ctx=ctx)
     torch.testing.assert_close(total, full)

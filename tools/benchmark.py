@@ -46,6 +46,7 @@ from torch.distributed.pipelining import schedules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_llm.checkpoint.families import family  # noqa: E402
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
 from megatron_llm.config import Config, load_config  # noqa: E402
 from megatron_llm.data.synthetic import random_batches  # noqa: E402
@@ -91,13 +92,13 @@ def hf_twin(model: nn.Module, device: torch.device) -> nn.Module:
     config = transformers.LlamaConfig(**hf_config_from_model_config(model.cfg, "llama"), attn_implementation="sdpa")
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(config)
-    hf.load_state_dict(native_to_hf(model.state_dict()))
+    hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, "llama"))
     return hf.train()
 
 
 def matching_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, hf: nn.Module) -> torch.optim.Optimizer:
     """An AdamW over `hf` with `optimizer`'s groups and settings, each parameter mapped by name."""
-    hf_name = native_to_hf({name: id(p) for name, p in model.named_parameters()})  # hf name -> id(ours)
+    hf_name = {family("llama").hf_name(name): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
     by_id = dict(zip(hf_name.values(), hf_name.keys()))
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     groups = [

@@ -3,7 +3,7 @@
 Reading memory-maps each file (safetensors safe_open) and copies out only the tensors asked for.
 Writing streams each tensor into a planned place in its shard (see HFWriter); shards are named
 model-0000k-of-0000n.safetensors with model.safetensors.index.json, or model.safetensors when one
-suffices, as transformers' save_pretrained does. The key table is in hf.py.
+suffices, as transformers' save_pretrained does. The name tables are the families' (checkpoint/families/).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from megatron_llm.checkpoint.hf import HF_IGNORED, NATIVE_TO_HF, export_hf_config, model_config_from_hf, rename_key
+from megatron_llm.checkpoint.families import family
+from megatron_llm.checkpoint.hf import HF_IGNORED, export_hf_config, model_config_from_hf
 from megatron_llm.checkpoint.stream import HEAD, check_names, native_shapes
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
@@ -38,6 +39,7 @@ class HFReader:
         self.hf_config: Optional[dict] = json.loads(config_file.read_text())
         self.config: ModelConfig = model_config_from_hf(self.hf_config)
         self.config.validate()
+        self.family = family(self.hf_config["model_type"])
         self.file_of = self._weight_map()
         self._check_keys()
 
@@ -58,21 +60,22 @@ class HFReader:
 
     def _check_keys(self) -> None:
         tied = self.config.tie_embeddings
-        expected = {rename_key(n, NATIVE_TO_HF) for n in native_shapes(self.config) if not (tied and n == HEAD)}
+        shapes = {n: shape for n, shape in native_shapes(self.config).items() if not (tied and n == HEAD)}
+        expected = set(self.family.hf_names(shapes, self.config))
         present = {k for k in self.file_of if not HF_IGNORED.match(k)}
         # A tied checkpoint may still store the head (some exporters do); it is the embedding, so skipped.
-        optional = {rename_key(HEAD, NATIVE_TO_HF)} if tied else set()
+        optional = {self.family.hf_name(HEAD)} if tied else set()
         check_names(f"{self.directory} does not match its config.json", expected, present - optional)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Opens the files for this group only: a mapping kept open would keep every page read so far
         resident, so the process would grow to the size of the input."""
-        keys = {name: rename_key(name, NATIVE_TO_HF) for name in names}
-        out = {}
-        for file in sorted({self.file_of[key] for key in keys.values()}):
+        keys = {self.family.hf_name(name) for name in names}
+        theirs = {}
+        for file in sorted({self.file_of[key] for key in keys}):
             with safe_open(self.directory / file, framework="pt") as f:
-                out.update({name: f.get_tensor(key) for name, key in keys.items() if self.file_of[key] == file})
-        return {name: out[name] for name in names}
+                theirs.update({key: f.get_tensor(key) for key in keys if self.file_of[key] == file})
+        return self.family.from_hf(names, theirs.__getitem__, self.config)
 
 
 class HFWriter:
@@ -83,13 +86,14 @@ class HFWriter:
     into the page cache is most of a conversion's time, and threads share it among the cores."""
 
     def __init__(self, path: Path, cfg: ModelConfig, dtype: torch.dtype, hf_config: Optional[dict],
-                 family: Optional[str], max_shard_bytes: int):
+                 model_type: Optional[str], max_shard_bytes: int):
         self.path, self.dtype = Path(path), dtype
         # Built first: a family that cannot express the model is refused before any tensor is read.
-        self.config_json = export_hf_config(cfg, str(dtype).removeprefix("torch."), hf_config, family)
+        self.config_json = export_hf_config(cfg, str(dtype).removeprefix("torch."), hf_config, model_type)
+        self.cfg, self.family = cfg, family(self.config_json["model_type"])
         self.path.mkdir(parents=True)
         shapes = {n: s for n, s in native_shapes(cfg).items() if not (cfg.tie_embeddings and n == HEAD)}  # re-tied on load
-        self.shards = _plan(shapes, dtype.itemsize, max_shard_bytes)
+        self.shards = _plan(self.family.hf_names(shapes, cfg), dtype.itemsize, max_shard_bytes)
         n = len(self.shards)
         self.files = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
         self.place = {name: (k, start) for k, shard in enumerate(self.shards) for name, (start, _, _) in shard.items()}
@@ -99,7 +103,7 @@ class HFWriter:
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         jobs = []
-        for name, tensor in tensors.items():
+        for name, tensor in self.family.to_hf(tensors, self.cfg).items():
             if name not in self.place:
                 continue  # the tied head
             k, start = self.place[name]
@@ -115,7 +119,7 @@ class HFWriter:
 
     def _create(self, k: int) -> tuple[int, int]:
         """Opens shard k and writes its header: u64 length, then JSON padded to 8 bytes, as safetensors does."""
-        entries = {rename_key(name, NATIVE_TO_HF): {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+        entries = {name: {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
                                                     "data_offsets": [start, start + size]}
                    for name, (start, size, shape) in self.shards[k].items()}
         header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
@@ -130,7 +134,7 @@ class HFWriter:
         if self.fds:
             raise RuntimeError(f"shards {sorted(self.fds)} were not completed")  # a reader skipped a tensor: a bug
         if len(self.files) > 1:
-            weight_map = {rename_key(name, NATIVE_TO_HF): file for file, shard in zip(self.files, self.shards) for name in shard}
+            weight_map = {name: file for file, shard in zip(self.files, self.shards) for name in shard}
             total = sum(size for shard in self.shards for _, size, _ in shard.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.path / INDEX).write_text(json.dumps(index, indent=2))

@@ -11,6 +11,7 @@ Both directions read MEGATRON_TO_NATIVE; reading and writing files is megatron_i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -202,18 +203,22 @@ def merge(entry: Entry, shards: list[torch.Tensor], layout: Layout) -> list[torc
 def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
     """Every architecture field Megatron-LM reads, for `cfg` at `layout`; UsageError if Megatron cannot
     express the model."""
-    if cfg.mlp != "swiglu":
-        raise UsageError(f"Megatron export supports the swiglu MLP only, not model.mlp={cfg.mlp!r}")
-    if cfg.logit_softcap is not None:
-        raise UsageError("Megatron-LM has no final-logit soft-capping; this model cannot be exported to it")
-    if cfg.linear_bias and not cfg.qkv_bias:
-        raise UsageError("Megatron's add_bias_linear also adds q/k/v biases; a model with linear_bias needs qkv_bias too")
-    if cfg.qk_norm and cfg.norm != "rmsnorm":
-        raise UsageError("Megatron's QK-norm uses the model's norm; ours is RMSNorm, so QK-norm needs norm=rmsnorm")
     scaling = cfg.rope_scaling
-    if scaling is not None and {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3:
-        raise UsageError(f"Megatron's Llama-3 RoPE scaling fixes {MEGATRON_LLAMA3}; this model has {scaling}")
-    theta = cfg.rope_theta
+    if scaling is not None and (scaling["rope_type"] != "llama3" or
+                                {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
+        raise UsageError(f"Megatron's RoPE scaling is Llama-3's with {MEGATRON_LLAMA3} fixed; this model has {scaling}")
+    args = _args(cfg, layout, dtype, spec)
+    # Every field must survive a read back: what Megatron cannot express is refused here, by name.
+    back = dataclasses.asdict(model_config_from_args(args))
+    back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
+    for key, value in dataclasses.asdict(cfg).items():
+        if back[key] != value:
+            raise UsageError(f"Megatron-LM cannot express model.{key}={value!r}; convert to native or hf instead")
+    return args
+
+
+def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
+    scaling, theta = cfg.rope_scaling, cfg.rope_theta
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_heads, num_query_groups=cfg.num_kv_heads,
@@ -229,7 +234,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
         rotary_base=int(theta) if float(theta).is_integer() else theta, rotary_percent=1.0, rotary_interleaved=False,
         use_rope_scaling=scaling is not None, rope_scaling_factor=float(scaling["factor"]) if scaling else 8.0,
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
-        add_bias_linear=cfg.linear_bias, add_qkv_bias=cfg.qkv_bias,
+        add_bias_linear=cfg.out_bias, add_qkv_bias=cfg.qkv_bias,
         init_method_std=cfg.init_std, hidden_dropout=0.0, attention_dropout=0.0,
         apply_query_key_layer_scaling=False, attention_softmax_in_fp32=True,
         transformer_impl="transformer_engine" if spec == "te" else "local",
@@ -249,7 +254,10 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     heads = args.num_attention_heads
     groups = args.num_query_groups if arg("group_query_attention") else heads
     bias = bool(arg("add_bias_linear", True))
-    scaling = {"factor": float(arg("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3} if arg("use_rope_scaling") else None
+    scaling = (
+        {"rope_type": "llama3", "factor": float(arg("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3}
+        if arg("use_rope_scaling") else None
+    )
     return ModelConfig(
         vocab_size=arg("vocab_size") or args.padded_vocab_size,  # Megatron-LM itself does not always record it
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads, num_kv_heads=groups,

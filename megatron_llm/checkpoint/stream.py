@@ -44,13 +44,14 @@ def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 
 
 def native_groups(cfg: ModelConfig) -> list[list[str]]:
-    """[embedding], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
+    """[embeddings], [layer 0's names], ..., [layer L-1's names], [final norm and head]."""
     groups: list[list[str]] = [[] for _ in range(cfg.num_layers + 2)]
     for name in native_shapes(cfg):
-        if name.startswith("layers."):
+        module = name.split(".")[0]
+        if module == "layers":
             groups[1 + int(name.split(".")[1])].append(name)
         else:
-            groups[0 if name.startswith("tok_embeddings.") else -1].append(name)
+            groups[0 if module in Transformer.FIRST_STAGE else -1].append(name)
     return groups
 
 

@@ -1,44 +1,84 @@
-"""Causal grouped-query self-attention with RoPE and optional QK-norm."""
+"""Causal grouped-query self-attention, and the context it receives besides the hidden states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from megatron_llm.config import ModelConfig
-from megatron_llm.model.norms import RMSNorm
+from megatron_llm.model.attention_kernels import ScoreRules, attend
+from megatron_llm.model.norms import build_norm
 from megatron_llm.model.rope import apply_rope
+from megatron_llm.model_config import LayerSpec, ModelConfig
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward shares. Built inside each pipeline stage's forward, so
+    stage inputs and outputs stay plain tensors, and passed by keyword, so tensor-parallel plans that
+    prepare a module's inputs see only the hidden states.
+
+    rope: table name ("global", "local") -> (cos, sin), each [max_seq_len, rope_dim/2].
+    positions: [s] or [b, s] positions of the tokens; None means 0..s-1 of the length attention sees
+    (under sequence parallelism that is the gathered sequence, not this rank's shard).
+    """
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    positions: Optional[torch.Tensor] = None
+
+    def rope_at(self, name: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope[name]
+        if self.positions is None:
+            return cos[:seq_len], sin[:seq_len]
+        return cos[self.positions], sin[self.positions]
 
 
 class Attention(nn.Module):
     """Grouped-query attention: num_kv_heads divides num_heads; MHA and MQA are the two ends.
 
     Head counts are read from the projected tensors, never stored: a tensor-parallel plan that shards
-    wq/wk/wv by output rows and wo by input columns leaves each rank a smaller but complete attention.
+    wq/wk/wv by output rows, wo by input columns (and alibi_slopes by heads) leaves each rank a smaller
+    but complete attention.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
         d = self.head_dim = cfg.head_dim
         q_dim, kv_dim = cfg.num_heads * d, cfg.num_kv_heads * d
         self.wq = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.linear_bias)
-        # Qwen3: a per-head RMSNorm on queries and keys, before RoPE, bounds the attention logits.
-        self.q_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.norm_eps) if cfg.qk_norm else None
+        self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        # A norm on queries and keys before RoPE bounds the attention logits: over each head (Qwen3) or
+        # over the whole projection (OLMo2).
+        self.qk_norm_per_head = cfg.qk_norm_per_head
+        self.q_norm = build_norm(cfg, d if cfg.qk_norm_per_head else q_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, d if cfg.qk_norm_per_head else kv_dim) if cfg.qk_norm else None
+        self.rope, self.rope_interleaved, self.clip = spec.rope, cfg.rope_interleaved, cfg.qkv_clip
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else d**-0.5
+        self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi")
+        # Derived from the head count, so kept out of checkpoints; filled by init_weights.
+        slopes = torch.empty(cfg.num_heads) if self.rules.alibi else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
 
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim)  # [b, s, heads, d]; local heads under TP
-        k = self.wk(x).view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
-        v = self.wv(x).view(b, s, -1, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [b, s, heads * d], [b, s, kv_heads * d] x2
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        if self.q_norm is not None and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        q = q.view(b, s, -1, self.head_dim)  # [b, s, heads, d]; local heads under TP
+        k = k.view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
+        v = v.view(b, s, -1, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            cos, sin = ctx.rope_at(self.rope, s)
+            q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
-        # enable_gqa lets SDPA broadcast kv heads itself: no repeated K/V copy, and on CPU it measured
-        # as fast as repeat_interleave or expand (within noise). FlashAttention takes it on GPU.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = attend(q, k, v, self.rules, self.scale, self.alibi_slopes)
         out = out.transpose(1, 2).reshape(b, s, -1)  # [b, s, heads * d]
         return self.wo(out)

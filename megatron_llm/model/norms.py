@@ -1,6 +1,10 @@
-"""Normalisation layers: RMSNorm (default) and LayerNorm, both applied before each sublayer (pre-norm)."""
+"""Normalisation layers: RMSNorm (default) and LayerNorm, each with the menu's options (bias, no weight,
+a unit-offset weight). Where a norm sits in the block is the block's business (model/transformer.py)."""
+
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -8,18 +12,23 @@ class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the weight multiply, exactly as Hugging Face's
     LlamaRMSNorm, so converted checkpoints reproduce their logits bit for bit in fp32."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, affine: bool = True, unit_offset: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.empty(dim)) if affine else None
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 0.0 if self.unit_offset else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return _normalize(x, self.eps)[0]
+        # Gemma stores w and scales by 1 + w: the offset lives here, so checkpoints keep their own numbers.
+        weight = 1.0 + self.weight if self.unit_offset else self.weight
         if torch.compiler.is_compiling():  # the compiler fuses the plain ops into one kernel each way
-            return self.weight * _normalize(x, self.eps)[0]
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+            return weight * _normalize(x, self.eps)[0]
+        return _RMSNormFunction.apply(x, weight, self.eps)
 
 
 def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +61,26 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
-def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
-    """'rmsnorm' or 'layernorm' (with bias); both have reset_parameters() for init_weights."""
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps, bias=True)
-    raise ValueError(f"unknown norm {kind!r}")
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with an optional unit-offset weight (Nemotron's LayerNorm1P: scale by 1 + w)."""
+
+    def __init__(self, dim: int, eps: float, affine: bool, bias: bool, unit_offset: bool):
+        self.unit_offset = unit_offset  # before nn.LayerNorm's __init__, which calls reset_parameters
+        super().__init__(dim, eps=eps, elementwise_affine=affine, bias=bias and affine)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.unit_offset:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = 1.0 + self.weight if self.unit_offset else self.weight
+        return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
+
+
+def build_norm(cfg, dim: Optional[int] = None) -> nn.Module:
+    """The config's norm over `dim` (default: hidden_size); each has reset_parameters() for init_weights."""
+    dim = dim or cfg.hidden_size
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_unit_offset)
+    return LayerNorm(dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias, cfg.norm_unit_offset)

@@ -1,8 +1,9 @@
-"""Rotary position embeddings in Hugging Face's rotate-half (non-interleaved) layout.
+"""Rotary position embeddings: rotate-half (default) or interleaved pairs, whole or partial heads, with
+the frequency scalings the open families use (linear, llama3, yarn, longrope).
 
-Rotate-half pairs dimension j with j + head_dim/2 (Hugging Face and Megatron) where Meta's original
-code pairs 2j with 2j+1. Using the Hugging Face layout means q/k weights copy across with no row
-permutation. The tables hold only head_dim/2 columns: the two halves share each frequency.
+Rotate-half pairs dimension j with j + d/2 (Hugging Face's Llama layout and Megatron), so q/k weights
+copy across with no row permutation; interleaved pairs 2j with 2j+1 (GPT-J, GLM, Cohere, Meta's
+original code). The tables hold d/2 columns: the two members of a pair share each frequency.
 """
 
 import math
@@ -11,16 +12,30 @@ from typing import Optional
 import torch
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], with Llama-3 scaling when `scaling` is given.
+def rope_frequencies(dim: int, theta: float, scaling: Optional[dict], max_seq_len: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [dim/2], attention factor) for the `dim` rotated dimensions of a head.
 
-    Follows transformers' `_compute_llama3_parameters` operation for operation, so the fp32 values match
-    exactly: wavelengths shorter than original_len/high_freq_factor are kept, longer than
-    original_len/low_freq_factor are divided by `factor`, and those between are interpolated smoothly.
+    `scaling` is model.rope_scaling ({rope_type, ...}, transformers' names); each kind follows
+    transformers' `_compute_<kind>_parameters` operation for operation, so fp32 values match exactly.
+    The attention factor (YaRN, LongRoPE) multiplies cos and sin, scaling q.k by its square.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling is None:
-        return inv_freq
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (theta**exponents)
+    kind = scaling["rope_type"] if scaling else "default"
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return _yarn(dim, theta, scaling)
+    return _longrope(exponents, theta, scaling, max_seq_len)
+
+
+def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Wavelengths shorter than original_len/high_freq_factor are kept, longer than
+    original_len/low_freq_factor are divided by `factor`, and those between are interpolated smoothly."""
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
@@ -32,21 +47,70 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Optional[dict] = None
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate the frequencies that rotate fewer than beta_slow times over the original
+    context, keep those that rotate more than beta_fast times, ramp linearly between."""
+    factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = (
+            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all else _yarn_mscale(factor)
+        )
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high += 0.001 if low == high else 0  # no division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def _longrope(exponents: torch.Tensor, theta: float, scaling: dict, max_seq_len: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3): per-dimension rescaling factors, the long set when the model's context
+    (max_seq_len) exceeds the original one. transformers switches per forward by the sequence length;
+    a trained context is one length, so we fix it by the configured one."""
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or max_seq_len / old_len
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
+    ext = torch.tensor(scaling["long_factor" if max_seq_len > old_len else "short_factor"], dtype=torch.float32)
+    return 1.0 / (ext * theta**exponents), float(attention_factor)
+
+
 def rope_tables(
-    head_dim: int, max_seq_len: int, theta: float, scaling: Optional[dict], device: torch.device
+    dim: int, max_seq_len: int, theta: float, scaling: Optional[dict], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each [max_seq_len, head_dim/2] in fp32."""
-    inv_freq = rope_frequencies(head_dim, theta, scaling).to(device)
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)  # [s, d/2]
-    return angles.cos(), angles.sin()
+    """(cos, sin), each [max_seq_len, dim/2] in fp32, times the scaling's attention factor."""
+    inv_freq, attention_factor = rope_frequencies(dim, theta, scaling, max_seq_len)
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq.to(device))  # [s, d/2]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [b, s, heads, head_dim] by position. The tables are sliced here, to the length x has,
-    so a sequence-parallel caller can pass the whole table. Computed in fp32 and cast back: a bf16
-    rotation loses precision at large angles for no speed worth having."""
-    s = x.shape[1]
-    cos, sin = cos[:s, None, :], sin[:s, None, :]  # [s, 1, d/2], broadcast over heads
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotates the leading 2 * cos.shape[-1] dimensions of x [b, s, heads, head_dim] by position; the rest
+    pass through (partial rotary). cos/sin are [s, d/2] or [b, s, d/2], already at x's positions.
+    Computed in fp32 and cast back: a bf16 rotation loses precision at large angles for no speed worth having."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    rot_dim = 2 * cos.shape[-1]
+    if rot_dim < x.shape[-1]:
+        rotated = apply_rope(x[..., :rot_dim], cos.squeeze(-2), sin.squeeze(-2), interleaved)
+        return torch.cat((rotated, x[..., rot_dim:]), dim=-1)
+    if interleaved:  # pairs (2j, 2j+1) share frequency j
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each [b, s, heads, d/2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
     if torch.compiler.is_compiling():  # the compiler fuses the plain ops into one kernel each way
         x1, x2 = x.float().chunk(2, dim=-1)  # each [b, s, heads, d/2]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer, its initialisation, the per-token loss and the FLOPs count for MFU.
+"""The decoder-only Transformer, its initialisation, the per-token loss, and parameter and FLOPs counts.
 
 Parameter names are fixed: the checkpoint tables in `checkpoint/` and the parallel plans in
 `parallel/` are keyed by them. Blocks live in a ModuleDict keyed by the global layer index, so a
@@ -6,6 +6,7 @@ pipeline stage deletes the blocks it does not own (and sets tok_embeddings, norm
 while every remaining name stays the same as in the full model.
 """
 
+import functools
 import math
 import zlib
 from typing import Optional, Union
@@ -14,47 +15,87 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_llm.config import ModelConfig
-from megatron_llm.model.attention import Attention
+from megatron_llm.model.attention import Attention, AttentionContext
+from megatron_llm.model.attention_kernels import alibi_slopes
 from megatron_llm.model.mlp import FeedForward
 from megatron_llm.model.norms import RMSNorm, build_norm
 from megatron_llm.model.rope import rope_tables
+from megatron_llm.model_config import LayerSpec, ModelConfig
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+    """One block with fixed slot names; the topology is chosen once, here, from the config:
 
-    def __init__(self, cfg: ModelConfig):
+      pre / sandwich / output-norm:  h = x + m * post(sublayer(pre(x)))     (absent norms are identities)
+      post-residual (post, deepnorm):  h = norm(alpha * x + sublayer(x))
+      parallel:  h = x + m * (attention(n1(x)) + feed_forward(n2(x)))   (n2 = n1 when shared)
+
+    A slot a topology does not use is None; new slots only add names, so the checkpoint tables and the
+    tensor-parallel plan are keyed by the same names in every topology.
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        self.attention_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.mlp, cfg.linear_bias)
+        placement = cfg.norm_placement
+        post_sublayer = placement in ("sandwich", "output")
+        self.attention_norm = build_norm(cfg) if placement != "output" else None
+        self.attention = Attention(cfg, spec)
+        self.attention_post_norm = build_norm(cfg) if post_sublayer else None
+        shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
+        self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
+        self.feed_forward = FeedForward(cfg)
+        self.ffn_post_norm = build_norm(cfg) if post_sublayer else None
+        self.parallel = cfg.parallel_residual
+        self.post_residual = placement in ("post", "deepnorm")
+        self.alpha, self.multiplier = cfg.residual_alpha, cfg.residual_multiplier
 
-    def forward(self, x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.parallel:
+            a = self.attention_norm(x)
+            f = a if self.ffn_norm is None else self.ffn_norm(x)
+            return x + self._scaled(self.attention(a, ctx=ctx) + self.feed_forward(f))
+        h = self._residual(x, self.attention_norm, functools.partial(self.attention, ctx=ctx), self.attention_post_norm)
+        return self._residual(h, self.ffn_norm, self.feed_forward, self.ffn_post_norm)
+
+    def _residual(self, x: torch.Tensor, norm, sublayer, post_norm) -> torch.Tensor:
+        if self.post_residual:
+            return norm(x * self.alpha + sublayer(x)) if self.alpha != 1.0 else norm(x + sublayer(x))
+        y = sublayer(x if norm is None else norm(x))
+        return x + self._scaled(y if post_norm is None else post_norm(y))
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.multiplier == 1.0 else y * self.multiplier
 
 
 class Transformer(nn.Module):
     """tokens [b, s] -> logits [b, s, vocab], or per-token losses [b, s] when labels are given.
 
-    On a pipeline stage without tok_embeddings the input is hidden states [b, s, hidden]; on one
-    without output the result is hidden states. Construct on the meta device and call
+    On a pipeline stage without the FIRST_STAGE modules the input is hidden states [b, s, hidden]; on one
+    without the LAST_STAGE modules the result is hidden states. Construct on the meta device and call
     init_weights(seed) after to_empty() (see build_model): __init__ allocates nothing worth keeping.
     """
+
+    FIRST_STAGE = ("tok_embeddings", "pos_embeddings", "embedding_norm")
+    LAST_STAGE = ("norm", "output")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg) for i in range(cfg.num_layers)})
-        self.norm = build_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
+        # Post-residual blocks end in a norm already; every other topology needs a final one.
+        self.norm = build_norm(cfg) if cfg.norm_placement not in ("post", "deepnorm") else None
+        self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, cfg.vocab_size, bias=cfg.output_bias)
         self.tie_weights()
         # Derived from the config, so kept out of checkpoints; filled by init_weights on the real device.
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim // 2), persistent=False)
+        tables = {layer.attention.rope for layer in self.layers.values()} - {None}
+        for name in sorted(tables):
+            for part in ("cos", "sin"):
+                self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.rope_dim // 2), persistent=False)
+        sinusoid = torch.empty(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "sinusoidal" else None
+        self.register_buffer("pos_table", sinusoid, persistent=False)
 
     def tie_weights(self) -> None:
         """Makes output.weight the very Parameter of tok_embeddings.weight (when tied and both exist).
@@ -75,46 +116,101 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) weights; wo and w2 at init_std / sqrt(2 * num_layers) when scaled_init,
-        since each block adds their outputs to the residual stream (GPT-2). Norms 1, biases 0.
+        since each block adds their outputs to the residual stream (GPT-2); DeepNorm's value, output and
+        MLP projections times its beta. Norms 1 (0 for unit-offset weights), biases 0; the derived
+        buffers (RoPE tables, ALiBi slopes, the sinusoid table) computed.
 
         Each weight draws from its own generator, seeded by `seed` and the module's name, so a pipeline
         stage holding only some of the modules initialises them to the very values of the full model.
         A tied head is drawn under the embedding's name: both copies of a split pipeline start equal.
         """
         cfg = self.cfg
-        self.rope_cos, self.rope_sin = rope_tables(
-            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, self.rope_cos.device
-        )
+        self._fill_position_buffers()
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_init else cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out_proj = name.endswith(("attention.wo", "feed_forward.w2"))
                 key = "tok_embeddings" if name == "output" and cfg.tie_embeddings else name
                 generator = torch.Generator(module.weight.device).manual_seed(seed + zlib.crc32(key.encode()))
-                std = out_std if is_out_proj else cfg.init_std
+                std = out_std if name.endswith(OUT_PROJECTIONS) else cfg.init_std
+                std *= cfg.init_beta if name.endswith(DEEPNORM_SCALED) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
+            elif isinstance(module, Attention) and module.alibi_slopes is not None:
+                module.alibi_slopes.copy_(alibi_slopes(cfg.num_heads))
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.tok_embeddings is None:  # a later pipeline stage: hidden states [b, s, hidden] already
-            h = tokens
-        elif self._sparse_embedding_grad():
+    def _fill_position_buffers(self) -> None:
+        cfg = self.cfg
+        for name, theta in (("global", cfg.rope_theta), ("local", cfg.rope_local_theta)):
+            cos_buffer = getattr(self, _rope_buffer(name, "cos"), None)
+            if cos_buffer is not None:
+                cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, theta, cfg.rope_scaling, cos_buffer.device)
+                cos_buffer.copy_(cos)
+                getattr(self, _rope_buffer(name, "sin")).copy_(sin)
+        if self.pos_table is not None:
+            self.pos_table.copy_(sinusoid_table(cfg.max_seq_len, cfg.hidden_size))
+
+    def attention_context(self) -> AttentionContext:
+        """The context every attention layer of this forward shares (positions from 0, this model's RoPE tables)."""
+        names = [name for name in ("global", "local") if hasattr(self, _rope_buffer(name, "cos"))]
+        rope = {n: (getattr(self, _rope_buffer(n, "cos")), getattr(self, _rope_buffer(n, "sin"))) for n in names}
+        return AttentionContext(rope=rope)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self._sparse_embedding_grad():
             h = F.embedding(tokens, self.tok_embeddings.weight, sparse=True)
         else:
             h = self.tok_embeddings(tokens)  # [b, s, hidden]; through the module, where tp hooks in
+        if self.cfg.embedding_multiplier != 1.0:
+            h = h * self.cfg.embedding_multiplier
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+        if self.pos_table is not None:
+            h = h + self.pos_table[: tokens.shape[1]].to(h.dtype)
+        return h if self.embedding_norm is None else self.embedding_norm(h)
+
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # a later pipeline stage gets hidden states [b, s, hidden] already
+        h = tokens if self.tok_embeddings is None else self._embed(tokens)
+        ctx = self.attention_context()
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, ctx)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
             return h
         logits = self.output(h)  # [b, s, vocab]
+        if self.cfg.logit_multiplier != 1.0:
+            logits = logits * self.cfg.logit_multiplier
         if self.cfg.logit_softcap is not None:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits if labels is None else token_cross_entropy(logits, labels)
+
+
+OUT_PROJECTIONS = ("attention.wo", "feed_forward.w2")  # write into the residual stream
+DEEPNORM_SCALED = ("attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def _rope_buffer(table: str, part: str) -> str:
+    """rope_cos / rope_sin for the global table, rope_local_cos / rope_local_sin for the local one."""
+    return f"rope_{part}" if table == "global" else f"rope_{table}_{part}"
+
+
+class NormHead(nn.Linear):
+    """Baichuan2's output head: each vocabulary row of the weight is L2-normalised before the matmul
+    (rows are local under a vocabulary-parallel split, so tensor parallelism needs nothing more)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, F.normalize(self.weight, dim=-1), self.bias)
+
+
+def sinusoid_table(max_seq_len: int, dim: int) -> torch.Tensor:
+    """Vaswani et al.'s absolute positions [max_seq_len, dim]: sin on even, cos on odd dimensions."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # [s, dim/2]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,10 +234,20 @@ def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Option
     return model
 
 
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameters of the model `cfg` builds, from a meta-device model (nothing allocated), so that every
+    module counts as it is built. A tied head counts once; without the embedding, the lookups (token and
+    learned positions) are left out and the head stays."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    lookups = ("tok_embeddings.weight", "pos_embeddings.weight")
+    return sum(p.numel() for name, p in model.named_parameters() if include_embedding or name not in lookups)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM, appendix B): 6N for the forward and backward matmuls, with N the
     non-embedding parameters plus the output head (a lookup costs nothing, the head is a matmul even
     when tied), plus 12 * layers * heads * head_dim * seq_len for the attention scores and values.
     The causal mask is not discounted, as in PaLM and Megatron's MFU."""
-    n = cfg.num_params(include_embedding=False) + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
+    n = count_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
     return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

@@ -62,15 +62,13 @@ def stages_of_rank(pp_rank: int, parallel: ParallelConfig) -> list[int]:
 
 
 def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
-    """A copy of (meta) `model` holding only `layers`, plus the embedding if first, norm and head if last."""
+    """A copy of (meta) `model` holding only `layers`, plus the embeddings if first, norm and head if last."""
     stage = copy.deepcopy(model)
     for key in list(stage.layers):
         if int(key) not in layers:
             del stage.layers[key]
-    if not first:
-        stage.tok_embeddings = None
-    if not last:
-        stage.norm = stage.output = None
+    for name in (() if first else Transformer.FIRST_STAGE) + (() if last else Transformer.LAST_STAGE):
+        setattr(stage, name, None)
     return stage
 
 
@@ -111,7 +109,7 @@ class PipelineModel(nn.Module):
         self.cfg = parts[0].cfg
         self.layers = nn.ModuleDict()
         for part in parts:
-            for name in ("tok_embeddings", "norm", "output"):
+            for name in Transformer.FIRST_STAGE + Transformer.LAST_STAGE:
                 if getattr(part, name, None) is not None:
                     setattr(self, name, getattr(part, name))
             self.layers.update(part.layers)

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-EMBEDDING, HEAD = "tok_embeddings.weight", "output.weight"
+EMBEDDING, HEAD, HEAD_BIAS = "tok_embeddings.weight", "output.weight", "output.bias"
 
 
 def layout_free_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, dict]:
@@ -38,7 +38,7 @@ def layout_free_state(model: nn.Module, optimizer: Optional[torch.optim.Optimize
         for key, value in sd.items():
             if _is_vocab_rows(key, value) and value.shape[0] > vocab:
                 full = value.full_tensor() if isinstance(value, DTensor) else value
-                sd[key] = full[:vocab].clone()  # [vocab, hidden], the same on every rank
+                sd[key] = full[:vocab].clone()  # [vocab, ...], the same on every rank
     if getattr(model, "tied_copy", None) is not None:
         optim_sd = _rename_head_state(optim_sd, has_embedding=hasattr(model, "tok_embeddings"))
     return model_sd, optim_sd
@@ -68,12 +68,12 @@ def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tupl
 
 
 def _is_vocab_rows(key: str, value) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim == 2 and (EMBEDDING in key or HEAD in key)
+    return isinstance(value, torch.Tensor) and value.ndim >= 1 and any(name in key for name in (EMBEDDING, HEAD, HEAD_BIAS))
 
 
 def _repad(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[vocab, hidden] -> `like`'s padded shape and placements; the pad rows are zero, as in training."""
-    padded = torch.cat([rows, rows.new_zeros(like.shape[0] - rows.shape[0], rows.shape[1])]).to(like.device)
+    """[vocab, ...] -> `like`'s padded shape and placements; the pad rows are zero, as in training."""
+    padded = torch.cat([rows, rows.new_zeros(like.shape[0] - rows.shape[0], *rows.shape[1:])]).to(like.device)
     if not isinstance(like, DTensor):
         return padded
     # Every rank holds the full padded tensor: each keeps its own shard, no communication.

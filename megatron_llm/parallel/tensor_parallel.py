@@ -34,8 +34,9 @@ from torch.distributed.tensor.parallel import (
 VOCAB_MULTIPLE = 128  # Megatron's make-vocab-size-divisible-by: the vocabulary is padded to 128 x tp
 
 
-def block_plan(sp: bool, qk_norm: bool, gated: bool) -> dict:
-    """One transformer block, module name -> placement. `seq` is the residual stream's layout."""
+def block_plan(block: nn.Module, sp: bool) -> dict:
+    """One transformer block, module name -> placement, for the slots this block has. `seq` is the
+    residual stream's layout."""
     seq = Shard(1) if sp else Replicate()
     plan = {
         "attention.wq": ColwiseParallel(),
@@ -44,22 +45,31 @@ def block_plan(sp: bool, qk_norm: bool, gated: bool) -> dict:
         "attention.wo": RowwiseParallel(output_layouts=seq),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+        "feed_forward.w3": ColwiseParallel(),
     }
-    if gated:
-        plan["feed_forward.w3"] = ColwiseParallel()
-    if sp:  # norms on the sequence shard; attention and MLP all-gather it on entry (args: x, rope_cos, rope_sin)
-        plan["attention_norm"] = SequenceParallel()
-        plan["attention"] = PrepareModuleInput(
-            input_layouts=(seq, None, None), desired_input_layouts=(Replicate(), None, None)
-        )
-        plan["ffn_norm"] = SequenceParallel()
+    if sp:
+        # Norms on the sequence shard (the post-sublayer norms see the row-parallel exits' shards), returning
+        # plain local shards like those exits, so every topology's residual adds match; attention and MLP
+        # all-gather the sequence on entry. Attention's other input, the context, is a keyword: untouched.
+        for norm in ("attention_norm", "attention_post_norm", "ffn_norm", "ffn_post_norm"):
+            plan[norm] = SequenceParallel(use_local_output=True)
+        plan["attention"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
-    if qk_norm:
-        # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
-        # sharded makes its weight a replicated DTensor whose gradient is summed over tp.
-        plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-        plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    return plan
+    # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
+    # sharded makes its weight a replicated DTensor whose gradient is summed over tp.
+    plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return {name: style for name, style in plan.items() if _has_params(block, name)}
+
+
+def _has_params(block: nn.Module, name: str) -> bool:
+    """Whether the slot `name` is present in `block` with parameters: an absent slot, or a weightless norm
+    (which works on whatever shard it is given), needs no placement."""
+    try:
+        module = block.get_submodule(name)
+    except AttributeError:  # a None slot, or its parent is None
+        return False
+    return module is not None and any(True for _ in module.parameters())
 
 
 def outer_plan(sp: bool) -> dict:
@@ -84,12 +94,19 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     cfg = model.cfg
     pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan(sp, cfg.qk_norm, block.feed_forward.w3 is not None))
+        parallelize_module(block, tp_mesh, block_plan(block, sp))
+        _shard_alibi_slopes(block.attention, tp_mesh)
     present = {name: style for name, style in outer_plan(sp).items() if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, present)
     model.tie_weights()  # the head and the embedding were distributed one by one: share the DTensor again
     if model.output is not None and model.output.weight.shape[0] > cfg.vocab_size:
         _mask_padded_logits(model, tp_mesh)
+
+
+def _shard_alibi_slopes(attention: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """ALiBi's per-head slopes follow the heads: this rank keeps the slopes of the query heads it owns."""
+    if attention.alibi_slopes is not None:
+        attention.alibi_slopes = attention.alibi_slopes.chunk(tp_mesh.size())[tp_mesh.get_local_rank()].clone()
 
 
 def pad_vocab(model: nn.Module, padded: int) -> None:
@@ -100,9 +117,11 @@ def pad_vocab(model: nn.Module, padded: int) -> None:
     for module in (model.tok_embeddings, model.output):
         if module is None or module.weight.shape[0] >= padded:
             continue
-        weight = module.weight.detach()
-        rows = weight.new_zeros(padded - weight.shape[0], weight.shape[1])
-        module.weight = nn.Parameter(torch.cat([weight, rows]))  # [padded, hidden]
+        for name in ("weight", "bias"):  # the head's bias (GPT-J, Phi) is padded like its rows
+            rows = getattr(module, name, None)
+            if rows is not None:
+                pad = rows.new_zeros(padded - rows.shape[0], *rows.shape[1:])
+                setattr(module, name, nn.Parameter(torch.cat([rows.detach(), pad])))  # [padded, ...]
     model.tie_weights()
 
 

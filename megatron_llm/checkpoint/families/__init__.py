@@ -1,0 +1,14 @@
+"""Every Hugging Face family we read and write, by model_type: one declarative table each (table.py
+says what a table holds). A family is added by writing its table and listing it here."""
+
+from megatron_llm.checkpoint.families import llama
+from megatron_llm.checkpoint.families.table import Family
+from megatron_llm.errors import UsageError
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES,)}
+
+
+def family(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise UsageError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]

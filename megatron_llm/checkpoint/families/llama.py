@@ -1,0 +1,101 @@
+"""Llama and the families written as a difference from it (transformers' modular files do the same):
+each table is Llama's keys and tensor names plus what the family changes."""
+
+from megatron_llm.checkpoint.families.common import (
+    LLAMA_CONFIG,
+    LLAMA_TENSORS,
+    SQRT_HIDDEN_EMBEDDING,
+    scale_key,
+    without,
+)
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
+
+LLAMA = Family("llama", "LlamaForCausalLM", LLAMA_CONFIG, LLAMA_TENSORS)
+
+MISTRAL = Family(
+    "mistral", "MistralForCausalLM",
+    (*without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias"), Fixed("qkv_bias", False), Fixed("out_bias", False),
+     Fixed("mlp_bias", False)),
+    LLAMA_TENSORS,
+)
+
+MINISTRAL = Family("ministral", "MinistralForCausalLM", MISTRAL.config, LLAMA_TENSORS)
+
+QWEN2 = Family(
+    "qwen2", "Qwen2ForCausalLM",
+    (*without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias"), Fixed("qkv_bias", True), Fixed("out_bias", False),
+     Fixed("mlp_bias", False)),
+    LLAMA_TENSORS,
+)
+
+QWEN3 = Family(
+    "qwen3", "Qwen3ForCausalLM",
+    (*without(LLAMA_CONFIG, "mlp_bias"), Fixed("mlp_bias", False), Fixed("qk_norm", True)),
+    LLAMA_TENSORS,
+)
+
+SMOLLM3 = Family(
+    "smollm3", "SmolLM3ForCausalLM",
+    (*LLAMA_CONFIG,
+     # no_rope_layers holds 1 where a layer uses RoPE and 0 where it has no positions.
+     Derived(lambda hf: dict(nope_layers=[i for i, use in enumerate(hf.get("no_rope_layers") or []) if not use]),
+             lambda cfg: {"no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]})),
+    LLAMA_TENSORS,
+)
+
+GRANITE = Family(
+    "granite", "GraniteForCausalLM",
+    (*LLAMA_CONFIG,
+     Key("embedding_multiplier", "embedding_multiplier", default=1.0),
+     Key("residual_multiplier", "residual_multiplier", default=1.0),
+     Key("attention_multiplier", "attention_scale", default=None),
+     Key("logits_scaling", "logit_multiplier", default=1.0, read=lambda v: 1.0 / v, write=lambda v: 1.0 / v)),
+    LLAMA_TENSORS,
+)
+
+# Gemma: RMSNorm weights act as 1 + w, embeddings are scaled by sqrt(hidden), the MLP is GeGLU (tanh).
+GEMMA_NORMS = (Fixed("norm_unit_offset", True), SQRT_HIDDEN_EMBEDDING)
+GEMMA = Family(
+    "gemma", "GemmaForCausalLM",
+    (*without(LLAMA_CONFIG, "mlp_bias"), Fixed("mlp_bias", False), *GEMMA_NORMS),
+    LLAMA_TENSORS,
+)
+
+# Gemma2/3: sandwich norms around both sublayers, a query scale of their own, soft-caps (Gemma2),
+# QK-norm and a local RoPE base for the sliding layers (Gemma3).
+SANDWICH_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if "post_attention_layernorm" not in k},
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attention_post_norm.weight",
+    "model.layers.{i}.pre_feedforward_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight",
+}
+GEMMA2_CONFIG = (
+    *without(LLAMA_CONFIG, "mlp", "mlp_bias"),
+    *GEMMA_NORMS,
+    Fixed("norm_placement", "sandwich"), Fixed("mlp_bias", False),
+    Key("hidden_activation", "mlp", default="gelu_pytorch_tanh", read=lambda v: {"gelu_pytorch_tanh": "geglu_tanh"}.get(v, v),
+        write=lambda v: {"geglu_tanh": "gelu_pytorch_tanh"}.get(v, v)),
+    scale_key("query_pre_attn_scalar", "attention_scale"),
+    Key("attn_logit_softcapping", "attn_softcap", default=None),
+    Key("final_logit_softcapping", "logit_softcap", default=None),
+)
+GEMMA2 = Family("gemma2", "Gemma2ForCausalLM", GEMMA2_CONFIG, SANDWICH_TENSORS)
+GEMMA3 = Family("gemma3_text", "Gemma3ForCausalLM", (*GEMMA2_CONFIG, Fixed("qk_norm", True)), SANDWICH_TENSORS)
+
+# OLMo: a parameter-free LayerNorm, optional q/k/v clipping. OLMo2: RMSNorm on each sublayer's output
+# inside the residual, QK-norm over the whole projection.
+OLMO = Family(
+    "olmo", "OlmoForCausalLM",
+    (*without(LLAMA_CONFIG, "norm_eps"), Fixed("norm", "layernorm"), Fixed("norm_affine", False), Fixed("norm_eps", 1e-5),
+     Key("clip_qkv", "qkv_clip", default=None)),
+    {k: v for k, v in LLAMA_TENSORS.items() if "norm" not in k},
+)
+OLMO2 = Family(
+    "olmo2", "Olmo2ForCausalLM",
+    (*LLAMA_CONFIG, Fixed("norm_placement", "output"), Fixed("qk_norm", True), Fixed("qk_norm_per_head", False)),
+    {**{k: v for k, v in LLAMA_TENSORS.items() if "layernorm" not in k},
+     "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attention_post_norm.weight",
+     "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
+)
+
+FAMILIES = (LLAMA, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA, GEMMA2, GEMMA3, OLMO, OLMO2)

@@ -1,0 +1,264 @@
+"""The vocabulary a family table is written in: config keys, tensor names, and the named transforms.
+
+A `Family` is data: which Hugging Face config keys set which ModelConfig fields (`Key`), what the family
+always is (`Fixed`), the odd keys that need a small function each way (`Derived`), and a tensor table
+from Hugging Face name templates to ours (`{i}` is the layer), where an entry may fuse several of our
+tensors into one of theirs (`Fused`: q/k/v in one of three layouts, gate/up) or store a weight
+transposed (GPT-2's Conv1D). One engine below reads every table in both directions, so no family has
+a conversion loop of its own, and export is proven by reading the written config back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from megatron_llm.errors import UsageError
+from megatron_llm.model_config import ModelConfig
+
+REQUIRED = object()  # a Key without a default: the config.json must have it
+
+
+@dataclass(frozen=True)
+class Key:
+    """One Hugging Face config key <-> one ModelConfig field; `read`/`write` convert the value."""
+
+    hf: str
+    ours: str
+    default: Any = REQUIRED
+    read: Callable[[Any], Any] = lambda v: v
+    write: Callable[[Any], Any] = lambda v: v
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A value the family always has (its config has no key for it); export refuses any other value."""
+
+    ours: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Keys that need a function each way: read(hf config) -> our fields, write(ModelConfig) -> HF keys."""
+
+    read: Callable[[dict], dict]
+    write: Callable[[ModelConfig], dict]
+
+
+ConfigEntry = Union[Key, Fixed, Derived]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """One Hugging Face tensor holding several of ours, split along the output rows:
+    concat: [part0; part1; ...] (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn, Baichuan's W_pack);
+    heads: per query head [q_h; k_h; v_h] (GPT-NeoX, BLOOM; equal head counts only);
+    groups: per key/value group [q of the group; k; v] (Falcon's new decoder, InternLM2, Megatron)."""
+
+    parts: tuple[str, ...]
+    layout: str = "concat"
+    transpose: bool = False
+
+
+@dataclass(frozen=True)
+class Transposed:
+    """A weight stored [in, out] (GPT-2's Conv1D)."""
+
+    ours: str
+
+
+TensorEntry = Union[str, Fused, Transposed]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str  # the class transformers builds for config.json's "architectures"
+    config: tuple[ConfigEntry, ...]
+    tensors: dict[str, TensorEntry]
+    # Hugging Face config keys written on export besides the mapped ones (constants transformers reads).
+    extra: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------------------------------------
+    # config.json <-> ModelConfig
+
+    def read_config(self, hf: dict) -> ModelConfig:
+        values: dict[str, Any] = {}
+        for entry in self.config:
+            if isinstance(entry, Fixed):
+                values[entry.ours] = entry.value
+            elif isinstance(entry, Derived):
+                values.update(entry.read(hf))
+            else:
+                raw = hf.get(entry.hf)
+                if raw is None:
+                    if entry.default is REQUIRED:
+                        raise UsageError(
+                            f"config.json lacks {entry.hf!r}, which model_type {self.model_type} needs; "
+                            "is this checkpoint of another family?"
+                        )
+                    raw = entry.default
+                values[entry.ours] = entry.read(raw)
+        values.setdefault("init_std", hf.get("initializer_range", 0.02))
+        return ModelConfig(**values)
+
+    def write_config(self, cfg: ModelConfig) -> dict:
+        """config.json for `cfg`, refused with the first field this family cannot express: the result is
+        read back and every field must survive (init-only fields excepted)."""
+        out = {"architectures": [self.architecture], "model_type": self.model_type, **self.extra}
+        for entry in self.config:
+            if isinstance(entry, Key):
+                out[entry.hf] = entry.write(getattr(cfg, entry.ours))
+            elif isinstance(entry, Derived):
+                out.update(entry.write(cfg))
+        out["initializer_range"] = cfg.init_std
+        try:
+            back = dataclasses.asdict(self.read_config(out))
+        except UsageError as e:
+            raise UsageError(f"{self.model_type} cannot express this model: {e}") from None
+        back["scaled_init"] = cfg.scaled_init  # an init choice Hugging Face does not record
+        for key, value in dataclasses.asdict(cfg).items():
+            if back[key] != value:
+                raise UsageError(
+                    f"{self.model_type} cannot express model.{key}={value!r} (it would read back as {back[key]!r}); "
+                    "choose another --output-family"
+                )
+        return out
+
+    # ---------------------------------------------------------------------------------------------
+    # tensors
+
+    def hf_names(self, native: dict[str, torch.Size], cfg: ModelConfig) -> dict[str, torch.Size]:
+        """Hugging Face name -> shape for our tensors `native` (name -> shape), in our order."""
+        out: dict[str, torch.Size] = {}
+        for name, shape in native.items():
+            hf, entry, _ = self._entry_of(name)
+            if hf in out:
+                continue
+            if isinstance(entry, Fused):
+                shapes = [native[_layer(part, name)] for part in entry.parts]
+                rows = sum(s[0] for s in shapes)
+                shape = torch.Size((rows, *shapes[0][1:]))
+            out[hf] = shape.__class__(reversed(shape)) if _transposed(entry, shape) else shape
+        return out
+
+    def to_hf(self, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """One group of our tensors -> theirs; every part of a fused tensor is in the same group (a layer)."""
+        out = {}
+        for name, tensor in tensors.items():
+            hf, entry, _ = self._entry_of(name)
+            if hf in out:
+                continue
+            if isinstance(entry, Fused):
+                tensor = _fuse([tensors[_layer(part, name)] for part in entry.parts], entry.layout, cfg)
+            out[hf] = tensor.t() if _transposed(entry, tensor.shape) else tensor
+        return out
+
+    def from_hf(self, names: list[str], get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """Our tensors `names`, reading theirs with `get(hf_name)` once each."""
+        cache: dict[str, list[torch.Tensor]] = {}
+        out = {}
+        for name in names:
+            hf, entry, index = self._entry_of(name)
+            if hf not in cache:
+                tensor = get(hf)
+                tensor = tensor.t() if _transposed(entry, tensor.shape) else tensor
+                cache[hf] = _split(tensor, entry, name, cfg) if isinstance(entry, Fused) else [tensor]
+            out[name] = cache[hf][index]
+        return out
+
+    def hf_name(self, name: str) -> str:
+        return self._entry_of(name)[0]
+
+    def _entry_of(self, name: str) -> tuple[str, TensorEntry, int]:
+        """(Hugging Face name, its entry, our tensor's index among the entry's parts) for our `name`."""
+        template, layer = _template(name)
+        found = _reverse(self).get(template)
+        if found is None:
+            raise UsageError(f"model_type {self.model_type} has no tensor for our {name!r}: the model uses a choice "
+                             "this family cannot store; choose another --output-family")
+        hf, entry, index = found
+        return hf.format(i=layer), entry, index
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def _template(name: str) -> tuple[str, str]:
+    """'layers.3.attention.wq.weight' -> ('layers.{i}.attention.wq.weight', '3'); no layer: (name, '')."""
+    match = _LAYER.search(name)
+    if match is None:
+        return name, ""
+    return name[: match.start()] + ".{i}." + name[match.end() :], match.group(1)
+
+
+def _layer(template: str, like: str) -> str:
+    return template.format(i=_template(like)[1])
+
+
+_REVERSE: dict[str, dict] = {}
+
+
+def _reverse(family: Family) -> dict[str, tuple[str, TensorEntry, int]]:
+    """Our template -> (their template, entry, part index), built once per family."""
+    if family.model_type not in _REVERSE:
+        table = {}
+        for hf, entry in family.tensors.items():
+            parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, Transposed) else entry,)
+            for index, ours in enumerate(parts):
+                table[ours] = (hf, entry, index)
+        _REVERSE[family.model_type] = table
+    return _REVERSE[family.model_type]
+
+
+def _transposed(entry: TensorEntry, shape) -> bool:
+    """Conv1D weights are transposed, their biases (1-D) are not."""
+    return len(shape) == 2 and (isinstance(entry, Transposed) or (isinstance(entry, Fused) and entry.transpose))
+
+
+def _fuse(parts: list[torch.Tensor], layout: str, cfg: ModelConfig) -> torch.Tensor:
+    if layout == "concat":
+        return torch.cat(parts)
+    rest = parts[0].shape[1:]
+    d, kv = cfg.head_dim, cfg.num_kv_heads
+    if layout == "heads":  # [heads, 3, d, ...]
+        return torch.stack([p.view(-1, d, *rest) for p in parts], dim=1).reshape(-1, *rest)
+    q, k, v = (p.view(kv, -1, d, *rest) for p in parts)  # groups: [kv, q/kv + 2, d, ...]
+    return torch.cat((q, k, v), dim=1).reshape(-1, *rest)
+
+
+def _split(fused: torch.Tensor, entry: Fused, name: str, cfg: ModelConfig) -> list[torch.Tensor]:
+    rest = fused.shape[1:]
+    d, kv = cfg.head_dim, cfg.num_kv_heads
+    if entry.layout == "heads":
+        return [t.reshape(-1, *rest) for t in fused.view(-1, len(entry.parts), d, *rest).unbind(1)]
+    if entry.layout == "groups":
+        grouped = fused.view(kv, -1, d, *rest)  # [kv, q/kv + 2, d, ...]
+        q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+    sizes = [_concat_rows(part, name, cfg) for part in entry.parts]
+    if sum(sizes) != fused.shape[0]:
+        raise UsageError(f"a fused tensor for {name} has {fused.shape[0]} rows, the config implies {sum(sizes)}")
+    return list(fused.split(sizes))
+
+
+def _concat_rows(part: str, like: str, cfg: ModelConfig) -> int:
+    """Rows of one part of a concat fusion, from the config: q, k/v or the MLP's inner width."""
+    if ".wq." in part:
+        return cfg.num_heads * cfg.head_dim
+    if ".wk." in part or ".wv." in part:
+        return cfg.num_kv_heads * cfg.head_dim
+    return cfg.ffn_hidden_size
+
+
+def get_family_value(hf: dict, *keys: str, default: Optional[Any] = None) -> Any:
+    """The first of `keys` the config has (families renamed keys across transformers versions)."""
+    for key in keys:
+        if hf.get(key) is not None:
+            return hf[key]
+    return default
