@@ -169,8 +169,11 @@ def without(config: tuple, *ours: str) -> tuple:
 
 def scale_key(hf_key: str, ours: str) -> Key:
     """A key stored as a scalar s whose effect we hold as s ** -0.5 (Gemma's query_pre_attn_scalar)."""
-    return Key(hf_key, ours, default=None, read=lambda v: None if v is None else v**-0.5,
-               write=lambda v: None if v is None else round(v**-2, 6))
+    def write(value):
+        scalar = None if value is None else round(value**-2, 6)
+        return int(scalar) if scalar is not None and scalar.is_integer() else scalar  # transformers types it int
+
+    return Key(hf_key, ours, default=None, read=lambda v: None if v is None else v**-0.5, write=write)
 
 
 SQRT_HIDDEN_EMBEDDING = Derived(lambda hf: dict(embedding_multiplier=math.sqrt(hf["hidden_size"])), lambda cfg: {})

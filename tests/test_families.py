@@ -1,0 +1,169 @@
+"""Every family in the registry against transformers' own model of it, on tiny random models (fp32, CPU):
+logits and loss of `megatron_llm.load_model(hf_dir)`, the Hugging Face round trip through native (bit
+exact, config fields kept, transformers loads it and gives the same logits), and the Megatron round trip
+at tp 2 x pp 2 where Megatron-LM can express the family (refused with one line, nothing written, where
+it cannot). Norm weights and biases are randomised so that a mapping mistake shows.
+
+A family is tested by adding its tiny config to CASES; `test_every_family_is_tested` keeps the registry
+and the cases in step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+import megatron_llm
+from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.families import FAMILIES
+from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.errors import UsageError
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+VOCAB, SEQ = 101, 24
+# Llama-style names; a family with other key names lists its own in CASES.
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+WINDOW = 8  # shorter than SEQ, so sliding layers differ from full ones
+# model_type -> (config keys over SMALL, whether Megatron-LM can express it)
+CASES = {
+    "llama": (dict(attention_bias=True, mlp_bias=True), True),
+    "mistral": (dict(sliding_window=WINDOW), False),
+    "ministral": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
+    "qwen2": ({}, True),
+    "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
+    "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
+    "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0), False),
+    "gemma": (dict(head_dim=16), False),
+    "gemma2": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                    query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0), False),
+    "gemma3_text": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                         query_pre_attn_scalar=24, rope_parameters={
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}), False),
+    "olmo": (dict(clip_qkv=0.5), False),
+    "olmo2": ({}, False),
+}
+
+
+def hf_model(model_type: str) -> torch.nn.Module:
+    extra, _ = CASES[model_type]
+    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **extra})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers zero-initialises biases and ones its norms: randomise so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2]:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """model_type -> (its saved directory, the transformers model), built once per module."""
+    built: dict = {}
+
+    def get(model_type: str):
+        if model_type not in built:
+            model = hf_model(model_type)
+            path = tmp_path_factory.mktemp(model_type)
+            model.save_pretrained(path)
+            built[model_type] = (path, model)
+        return built[model_type]
+
+    return get
+
+
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def test_every_family_is_tested():
+    assert sorted(CASES) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_logits_and_loss_match_transformers(hf_dir, model_type):
+    path, hf = hf_dir(model_type)
+    model = megatron_llm.load_model(path)
+    x = tokens()
+    with torch.no_grad():
+        expected = hf(x, labels=x)
+        torch.testing.assert_close(model(x), expected.logits, atol=1e-5, rtol=1e-5)
+        shifted = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
+        loss = model(x, labels=shifted).sum() / (shifted >= 0).sum()
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, model_type):
+    path, hf = hf_dir(model_type)
+    convert(str(path), "hf", str(tmp_path / "native"), "native")
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.model_type == model_type
+    assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())
+    config._attn_implementation = "eager"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_megatron_round_trip_or_refusal(hf_dir, tmp_path, model_type):
+    path, _ = hf_dir(model_type)
+    expressible = CASES[model_type][1]
+    if not expressible:
+        with pytest.raises(UsageError, match="cannot express model"):
+            convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
+        assert not (tmp_path / "mg").exists()
+        return
+    convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "hf"), "hf")
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_model_type_is_one_line():
+    with pytest.raises(UsageError, match="model_type 'no_such_family' is not supported"):
+        model_config_from_hf({"model_type": "no_such_family"})
+
+
+def test_missing_key_is_named():
+    config = transformers.AutoConfig.for_model("llama", **SMALL).to_dict()
+    del config["hidden_size"]
+    with pytest.raises(UsageError, match="lacks 'hidden_size'"):
+        model_config_from_hf(config)
+
+
+def test_sliding_window_differs_from_full_attention(hf_dir):
+    """The window is real: past it, a sliding layer's output differs from full attention's."""
+    path, _ = hf_dir("mistral")
+    model = megatron_llm.load_model(path)
+    full = megatron_llm.load_model(path)
+    full.cfg.sliding_window = None
+    for layer in full.layers.values():
+        layer.attention.rules = type(layer.attention.rules)()
+    with torch.no_grad():
+        windowed, plain = model(tokens()), full(tokens())
+    torch.testing.assert_close(windowed[:, :WINDOW], plain[:, :WINDOW])
+    assert not torch.allclose(windowed[:, WINDOW:], plain[:, WINDOW:], atol=1e-3)
+    assert math.isfinite(windowed.sum().item())
+
+
+def test_megatron_refusal_names_the_field(hf_dir, tmp_path):
+    path, _ = hf_dir("gemma2")
+    with pytest.raises(UsageError, match=r"model\.\w+="):
+        convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=1, pp=1))
+    assert not Path(tmp_path / "mg").exists()
