@@ -35,6 +35,8 @@ def _bytes(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from megatron_llm.checkpoint.families import FAMILIES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="checkpoint directory to read")
     p.add_argument("--input-format", required=True, choices=FORMATS)
@@ -45,8 +47,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--megatron-spec", choices=("local", "te"), default="local",
                    help="Megatron key names: megatron-core's local spec or the Transformer Engine spec")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
-    p.add_argument("--hf-family", choices=("llama", "mistral", "qwen2", "qwen3"), default=None,
-                   help="model_type of a Hugging Face output (default: the source's, else the plainest that fits)")
+    p.add_argument("--output-family", "--hf-family", dest="hf_family", choices=sorted(FAMILIES), default=None,
+                   metavar="MODEL_TYPE",
+                   help="model_type of a Hugging Face output, rewriting the model as that family when it can express it "
+                        "(default: the source's, else the first that fits); one of: " + ", ".join(sorted(FAMILIES)))
     p.add_argument("--max-shard-size", type=_bytes, default="5GB", help="largest safetensors shard of a Hugging Face output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from megatron_llm.checkpoint.families.bridge import BridgedReader, bridged_config
 from megatron_llm.checkpoint.hf_io import INDEX, SINGLE, HFReader, HFWriter
 from megatron_llm.checkpoint.megatron import SPECS
 from megatron_llm.checkpoint.megatron_io import TRACKER, MegatronReader, MegatronWriter
@@ -31,6 +32,7 @@ from megatron_llm.checkpoint.stream import (
     native_groups,
     stream,
 )
+from megatron_llm.config import ModelConfig
 from megatron_llm.model import build_model
 from megatron_llm.errors import UsageError
 
@@ -127,6 +129,9 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
         raise UsageError(f"--output {output} overlaps the input {input}; choose a directory outside it")
     start = time.perf_counter()
     reader = open_reader(input_format, src)
+    if output_format == "hf" and opts.hf_family is not None:  # trans_X_to_Y: the target family's form of the model
+        bridged = bridged_config(reader.config, opts.hf_family)
+        reader = reader if bridged == reader.config else BridgedReader(reader, bridged)
     dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
     label = f"{input_format} -> {output_format}"
     try:
@@ -165,6 +170,11 @@ class _IntoModel:
 
     def finish(self) -> int:
         return 0
+
+
+def checkpoint_model_config(path: str) -> ModelConfig:
+    """The model config of a checkpoint in any of the three formats, read without its tensors."""
+    return open_reader(detect_format(path), Path(path)).config
 
 
 def load_model(path: str) -> torch.nn.Module:

@@ -43,13 +43,17 @@ REWRITTEN_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "dtype", "tor
                   "architectures", "partial_rotary_factor")
 
 
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept across families too
+
+
 def export_hf_config(cfg: ModelConfig, dtype: str, base: Optional[dict] = None, model_type: Optional[str] = None) -> dict:
     """config.json for `cfg`. `base` is the source model's own config.json when known (from a Hugging Face
-    input or carried beside a converted checkpoint): its other fields (token ids, ...) are kept when the
-    family stays the same. The family is `model_type`, else base's, else the plainest that fits."""
+    input or carried beside a converted checkpoint): its other fields are kept when the family stays the
+    same, its token ids always. The family is `model_type`, else base's, else the plainest that fits."""
     base = base or {}
     model_type = model_type or base.get("model_type") or infer_family(cfg)
-    kept = {k: v for k, v in base.items() if k not in REWRITTEN_KEYS} if base.get("model_type") == model_type else {}
+    same_family = base.get("model_type") == model_type
+    kept = {k: v for k, v in base.items() if k not in REWRITTEN_KEYS and (same_family or k in TOKEN_KEYS)}
     return {**kept, **hf_config_from_model_config(cfg, model_type), "torch_dtype": dtype}
 
 

@@ -8,15 +8,16 @@ suffices, as transformers' save_pretrained does. The name tables are the familie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from megatron_llm.checkpoint.families import family
 from megatron_llm.checkpoint.hf import HF_IGNORED, export_hf_config, model_config_from_hf
@@ -30,13 +31,32 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 WRITE_CHUNK = 64 << 20  # bytes per positioned write: large tensors are split among the writer threads
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UsageError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path) -> Iterator:
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise UsageError(f"{path} is not a complete safetensors file ({e}): a cut download or copy?") from None
+
+
 class HFReader:
     def __init__(self, path: Path):
         self.directory = Path(path)
         config_file = self.directory / "config.json"
         if not config_file.is_file():
             raise UsageError(f"{path} is not a Hugging Face model directory: it has no config.json")
-        self.hf_config: Optional[dict] = json.loads(config_file.read_text())
+        self.hf_config: Optional[dict] = _read_json(config_file)
         self.config: ModelConfig = model_config_from_hf(self.hf_config)
         self.config.validate()
         self.family = family(self.hf_config["model_type"])
@@ -47,15 +67,18 @@ class HFReader:
         """tensor name -> file name, from the index or from the single file's own header."""
         index = self.directory / INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index)["weight_map"]
         elif (self.directory / SINGLE).is_file():
-            with safe_open(self.directory / SINGLE, framework="pt") as f:
+            with _open_safetensors(self.directory / SINGLE) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE)
         else:
             raise UsageError(f"{self.directory} has neither {SINGLE} nor {INDEX} (only safetensors checkpoints are read)")
         missing = sorted({f for f in weight_map.values() if not (self.directory / f).is_file()})
         if missing:
             raise UsageError(f"{self.directory} lacks the shard files {missing} named by its index")
+        for file in sorted(set(weight_map.values())):
+            with _open_safetensors(self.directory / file):  # a cut file is named now, before any output exists
+                pass
         return weight_map
 
     def _check_keys(self) -> None:
@@ -73,7 +96,7 @@ class HFReader:
         keys = {self.family.hf_name(name) for name in names}
         theirs = {}
         for file in sorted({self.file_of[key] for key in keys}):
-            with safe_open(self.directory / file, framework="pt") as f:
+            with _open_safetensors(self.directory / file) as f:
                 theirs.update({key: f.get_tensor(key) for key in keys if self.file_of[key] == file})
         return self.family.from_hf(names, theirs.__getitem__, self.config)
 

@@ -131,7 +131,6 @@ LLAMA_CONFIG = (
     activation("hidden_act", GATED_ACTIVATIONS, default="silu"),
     Key("rms_norm_eps", "norm_eps", default=1e-6),
     ROPE,
-    LAYERS,
     Key("attention_bias", "qkv_bias", default=False),
     Key("attention_bias", "out_bias", default=False),
     Key("mlp_bias", "mlp_bias", default=False),

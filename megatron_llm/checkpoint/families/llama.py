@@ -2,6 +2,7 @@
 each table is Llama's keys and tensor names plus what the family changes."""
 
 from megatron_llm.checkpoint.families.common import (
+    LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
     SQRT_HIDDEN_EMBEDDING,
@@ -12,10 +13,11 @@ from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 
 LLAMA = Family("llama", "LlamaForCausalLM", LLAMA_CONFIG, LLAMA_TENSORS)
 
+# Llama has no sliding windows; these families add them (LAYERS: a window on all layers or a pattern).
 MISTRAL = Family(
     "mistral", "MistralForCausalLM",
     (*without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias"), Fixed("qkv_bias", False), Fixed("out_bias", False),
-     Fixed("mlp_bias", False)),
+     Fixed("mlp_bias", False), LAYERS),
     LLAMA_TENSORS,
 )
 
@@ -24,19 +26,19 @@ MINISTRAL = Family("ministral", "MinistralForCausalLM", MISTRAL.config, LLAMA_TE
 QWEN2 = Family(
     "qwen2", "Qwen2ForCausalLM",
     (*without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias"), Fixed("qkv_bias", True), Fixed("out_bias", False),
-     Fixed("mlp_bias", False)),
+     Fixed("mlp_bias", False), LAYERS),
     LLAMA_TENSORS,
 )
 
 QWEN3 = Family(
     "qwen3", "Qwen3ForCausalLM",
-    (*without(LLAMA_CONFIG, "mlp_bias"), Fixed("mlp_bias", False), Fixed("qk_norm", True)),
+    (*without(LLAMA_CONFIG, "mlp_bias"), Fixed("mlp_bias", False), Fixed("qk_norm", True), LAYERS),
     LLAMA_TENSORS,
 )
 
 SMOLLM3 = Family(
     "smollm3", "SmolLM3ForCausalLM",
-    (*LLAMA_CONFIG,
+    (*LLAMA_CONFIG, LAYERS,
      # no_rope_layers holds 1 where a layer uses RoPE and 0 where it has no positions.
      Derived(lambda hf: dict(nope_layers=[i for i, use in enumerate(hf.get("no_rope_layers") or []) if not use]),
              lambda cfg: {"no_rope_layers": [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]})),
@@ -71,6 +73,7 @@ SANDWICH_TENSORS = {
 }
 GEMMA2_CONFIG = (
     *without(LLAMA_CONFIG, "mlp", "mlp_bias"),
+    LAYERS,
     *GEMMA_NORMS,
     Fixed("norm_placement", "sandwich"), Fixed("mlp_bias", False),
     Key("hidden_activation", "mlp", default="gelu_pytorch_tanh", read=lambda v: {"gelu_pytorch_tanh": "geglu_tanh"}.get(v, v),
