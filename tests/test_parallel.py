@@ -5,7 +5,7 @@ layout, must reproduce a single-process run step for step: the per-step loss, th
 the validation loss and the parameters of each run's final checkpoint. Between them the runs cover the
 layouts (tp, pp, dp) = (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,1,2) (1,2,2) (1,1,4), sequence parallelism on
 and off, the five pipeline schedules, an uneven stage split, FSDP2 and DDP, tied and untied embeddings
-(with GQA, QK-norm, biases and z-loss), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) ->
+(with GQA, QK-norm, biases and z-loss, and the architecture menu below), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) ->
 (2,1,2) -> (2,2,1). Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~2e-6
 absolute (Adam's normalised update amplifies rounding on near-zero gradients).
 """
@@ -42,8 +42,15 @@ COMMON = dict(
     training__eval_interval=2, training__eval_iters=3, checkpoint__interval=2, logging__interval=2,
     checkpoint__keep=0, logging__tensorboard_dir=None, parallel__timeout_s=60,
 )
-TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3)
-UNTIED = dict(model__linear_bias=True)
+# The two chains also carry the architecture menu: a Gemma2/3-like model (sandwich unit-offset norms, soft-caps,
+# sliding and full layers with their own RoPE bases, scaled embeddings, tanh GeGLU) and a BLOOM/NeoX-like one
+# (ALiBi, LayerNorm with biases, parallel residual with two norms, biases everywhere including the head's).
+TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3,
+            model__norm_placement="sandwich", model__norm_unit_offset=True, model__attn_softcap=20.0,
+            model__logit_softcap=30.0, model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]",
+            model__rope_local_theta=100.0, model__embedding_multiplier=8.0, model__mlp="geglu_tanh")
+UNTIED = dict(model__linear_bias=True, model__position="alibi", model__norm="layernorm", model__parallel_residual=True,
+              model__parallel_shared_norm=False, model__output_bias=True, model__mlp="gelu_tanh")
 
 # (name, tp, pp, dp, extra settings); each runs 2 steps from the previous run's last checkpoint.
 TIED_CHAIN = [

@@ -5,6 +5,7 @@
     python tools/benchmark.py --config configs/llama3.2_1b.yaml --device cuda --dtype bf16 --data.seq_len 2048
     torchrun --nproc_per_node 4 tools/benchmark.py --config configs/tiny.yaml --parallel.tp 2 --parallel.pp 2
     python tools/benchmark.py --config configs/tiny.yaml --reference channels-off
+    python tools/benchmark.py --config configs/tiny.yaml --family gemma2     # any registered model_type
 
 --reference hf (the default in one process):
 
@@ -86,19 +87,43 @@ def import_transformers():
     return transformers
 
 
-def hf_twin(model: nn.Module, device: torch.device) -> nn.Module:
-    """LlamaForCausalLM with `model`'s config and weights."""
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
+                "max_seq_len")
+
+
+def family_model(cfg: Config, model_type: str) -> None:
+    """Replaces cfg.model with `model_type`'s architecture at the config's shape: transformers' default config of
+    the family, its shape keys set from ours through the family table, read back as our model. A sliding
+    window (where the family has one) is set to half the sequence, so that it is exercised."""
     transformers = import_transformers()
-    config = transformers.LlamaConfig(**hf_config_from_model_config(model.cfg, "llama"), attn_implementation="sdpa")
+    table = family(model_type)
+    shape = {e.hf: e.write(getattr(cfg.model, e.ours)) for e in table.config if getattr(e, "ours", None) in SHAPE_FIELDS}
+    hf = {**transformers.AutoConfig.for_model(model_type).to_dict(), **shape}
+    hf.update(num_key_value_heads=cfg.model.num_kv_heads, head_dim=cfg.model.head_dim)  # derived keys of most tables
+    if hf.get("sliding_window"):
+        hf["sliding_window"] = cfg.data.seq_len // 2
+    if hf.get("layer_types"):  # the family's pattern, repeated over our layer count
+        hf["layer_types"] = [hf["layer_types"][i % len(hf["layer_types"])] for i in range(cfg.model.num_layers)]
+    cfg.model = table.read_config(hf)
+    cfg.model.validate()
+
+
+def hf_twin(model: nn.Module, model_type: str, device: torch.device) -> nn.Module:
+    """transformers' model of `model_type` with `model`'s config and weights; eager attention where the
+    family's soft-cap needs it (as transformers advises), SDPA elsewhere."""
+    transformers = import_transformers()
+    written = hf_config_from_model_config(model.cfg, model_type)
+    config = transformers.AutoConfig.for_model(written.pop("model_type"), **written)
+    config._attn_implementation = "eager" if model.cfg.attn_softcap else "sdpa"
     with torch.device(device):
-        hf = transformers.LlamaForCausalLM(config)
-    hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, "llama"))
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, model_type))
     return hf.train()
 
 
-def matching_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, hf: nn.Module) -> torch.optim.Optimizer:
+def matching_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, hf: nn.Module, model_type: str):
     """An AdamW over `hf` with `optimizer`'s groups and settings, each parameter mapped by name."""
-    hf_name = {family("llama").hf_name(name): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
+    hf_name = {family(model_type).hf_name(name): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
     by_id = dict(zip(hf_name.values(), hf_name.keys()))
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     groups = [
@@ -160,11 +185,11 @@ def alternate(a: Runner, b: Runner, steps: int, device: torch.device, record: bo
             run_step(runner, device, record)
 
 
-def build_runners(cfg: Config, device: torch.device, autocast) -> tuple[Runner, Runner]:
+def build_runners(cfg: Config, model_type: str, device: torch.device, autocast) -> tuple[Runner, Runner]:
     model = build_model(cfg.model, device, seed=cfg.training.seed)
-    hf = hf_twin(model, device)
+    hf = hf_twin(model, model_type, device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    hf_optimizer = matching_optimizer(optimizer, model, hf)
+    hf_optimizer = matching_optimizer(optimizer, model, hf, model_type)
     batches = random_batches(cfg, device, cfg.training.seed)
     z_loss, clip = cfg.training.z_loss, cfg.optimizer.grad_clip
 
@@ -181,10 +206,10 @@ def build_runners(cfg: Config, device: torch.device, autocast) -> tuple[Runner, 
     return ours, theirs
 
 
-def benchmark(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> tuple[Runner, Runner]:
+def benchmark(cfg: Config, model_type: str, steps: int, warmup: int, device: torch.device, autocast) -> tuple[Runner, Runner]:
     if cfg.training.z_loss:
         raise UsageError("the Hugging Face side has no z-loss: run with --training.z_loss 0")
-    ours, theirs = build_runners(cfg, device, autocast)
+    ours, theirs = build_runners(cfg, model_type, device, autocast)
     alternate(ours, theirs, warmup, device, record=False)
     alternate(ours, theirs, steps, device, record=True)
     return ours, theirs
@@ -378,6 +403,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="what to time against: Hugging Face (one process) or ours without per-channel accounting"
         " (any layout); default: hf in one process, channels-off under torchrun",
     )
+    parser.add_argument(
+        "--family", default=None, metavar="MODEL_TYPE",
+        help="--reference hf: that family's architecture at the config's shape, against transformers' model of it"
+        " (default: llama with the config's own model)",
+    )
     args, overrides = parser.parse_known_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     try:
@@ -389,10 +419,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if reference == "hf":
             import_transformers()  # before the model is built: a missing install is reported at once
         cfg = load_config(args.config, overrides)
+        if args.family is not None:
+            family_model(cfg, args.family)
         device = pick_device(args.device or cfg.training.device)
         autocast = autocast_dtype(args.dtype or cfg.training.dtype, device)
         if reference == "hf":
-            text = report(cfg, *benchmark(cfg, args.steps, args.warmup, device, autocast), device, autocast)
+            model_type = args.family or "llama"
+            text = report(cfg, *benchmark(cfg, model_type, args.steps, args.warmup, device, autocast), device, autocast)
         else:
             text = benchmark_layout(cfg, args.steps, args.warmup, device, autocast)
     except UsageError as e:
