@@ -250,3 +250,31 @@ def test_attention_shards_by_heads_without_model_change():
         shard.wo.weight = nn.Parameter(shard.wo.weight.chunk(2, dim=1)[rank])
         total += shard(x, ctx=ctx)
     torch.testing.assert_close(total, full)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("rules", [
+    dict(window=5), dict(alibi=True), dict(softcap=2.0), dict(window=5, alibi=True, softcap=2.0),
+], ids=["window", "alibi", "softcap", "all"])
+def test_attention_kernels_agree_with_the_dense_oracle(rules):
+    """Each rule is written once: the CPU kernel attend() picks, and FlexAttention (its eager reference:
+    torch 2.13 runs FlexAttention's forward on CPU), equal softmax(rules(q k^T)) v computed densely."""
+    from megatron_llm.model.attention_kernels import ScoreRules, alibi_slopes, attend, attention_probs, flex_attention
+
+    rules = ScoreRules(**rules)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 16, 8, generator=gen), torch.randn(2, 2, 16, 8, generator=gen), torch.randn(2, 2, 16, 8, generator=gen)
+    slopes = alibi_slopes(4)
+    expected = attention_probs(q, k, rules, 0.5, slopes) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(attend(q, k, v, rules, 0.5, slopes), expected)
+    torch.testing.assert_close(flex_attention(q, k, v, rules, 0.5, slopes, compiled=False), expected)
+
+
+def test_alibi_slopes_match_bloom():
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    from megatron_llm.model.attention_kernels import alibi_slopes
+
+    for heads in (4, 6, 12):
+        alibi = build_alibi_tensor(torch.ones(1, 3), heads, torch.float32)  # [heads, 1, 3]: slope * position
+        torch.testing.assert_close(alibi_slopes(heads), alibi[:, 0, 1], atol=0, rtol=0)
