@@ -193,11 +193,25 @@ def test_meta_build_is_fully_materialised_seeded_and_tied():
 @pytest.mark.parametrize("overrides", [
     dict(), dict(mlp="gelu"), dict(mlp="relu"), dict(mlp="geglu"), dict(norm="layernorm"),
     dict(qk_norm=True, qkv_bias=True, linear_bias=True, tie_embeddings=True, logit_softcap=10.0),
+    dict(norm_placement="sandwich", norm_unit_offset=True, attn_softcap=5.0, sliding_window=4,
+         layer_types=["sliding", "full", "sliding", "full"], rope_local_theta=100.0, mlp="geglu_tanh"),
+    dict(norm_placement="output", qk_norm=True, qk_norm_per_head=False, mlp="reglu"),
+    dict(norm_placement="deepnorm", norm="layernorm", position="learned", mlp="relu2"),
+    dict(norm_placement="post", position="sinusoidal", norm_affine=False, norm="layernorm", mlp="silu"),
+    dict(parallel_residual=True, parallel_shared_norm=False, position="alibi", output_bias=True, embedding_norm=True),
+    dict(parallel_residual=True, rope_interleaved=True, rope_fraction=0.5, norm_head=True, nope_layers=[1],
+         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
 ])
 def test_variants_train(overrides):
     cfg = tiny_cfg(**overrides)
+    cfg.validate()
     model = build_model(cfg, "cpu", seed=0)
-    assert hasattr(model.layers["0"].feed_forward.w3, "weight") == (cfg.mlp in ("swiglu", "geglu"))
+    assert hasattr(model.layers["0"].feed_forward.w3, "weight") == cfg.gated
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    for name, p in model.named_parameters():  # every parameter initialised: finite, and weights drawn
+        assert torch.isfinite(p).all(), name
+        if p.ndim == 2:
+            assert p.std() > 0, name
     x = tokens()
     logits = model(x)
     assert logits.shape == (2, SEQ, VOCAB) and torch.isfinite(logits).all()
