@@ -201,7 +201,7 @@ def test_a_full_or_read_only_disk_fails_clearly_and_keeps_the_checkpoint(trouble
         reason = "(No space left on device|the disk is full)" if trouble == "full" else "Read-only file system"
         with pytest.raises(UsageError, match=f"cannot write checkpoint .*step_0000008 .*{reason}.*previous checkpoint is intact"):
             train(tiny_config(tmp_path, **cfg))
-        assert sorted(p.name for p in disk.iterdir()) == ["latest", "step_0000004"]
+        assert sorted(p.name for p in disk.iterdir()) == [".lock", "latest", "step_0000004"]
         assert (disk / "latest").read_text().strip() == "step_0000004"
         megatron_llm.load_model(str(disk))
     finally:

@@ -121,7 +121,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeyp
     with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
         train(cfg)
     latest = native.Checkpointer(cfg.checkpoint.dir, keep=0, is_writer=False).latest()
-    assert latest.name == "step_0000006"  # saved after step 5's skip; nothing written after the abort
+    assert latest.name == "step_0000004"  # the last save before the streak: none is written during one
     model = megatron_llm.load_model(str(latest))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -141,7 +141,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkey
         train(cfg)
     ckpt = Path(cfg.checkpoint.dir)
     assert (ckpt / "latest").read_text().strip() == "step_0000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000002"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [".lock", "latest", "step_0000002"]
     megatron_llm.load_model(str(ckpt))
 
 
@@ -169,7 +169,8 @@ def test_cli_runs_end_to_end_and_refuses_bad_data(corpus_dir, tmp_path):
     assert "step 2/2 | loss" in out.stdout and "tokens_per_s" in out.stdout and "| eta " in out.stdout
 
     bad = subprocess.run(
-        args + ["--data.blend", f"[{{path: {tmp_path / 'missing'}}}]"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        args + ["--data.blend", f"[{{path: {tmp_path / 'missing'}}}]", "--checkpoint.dir", str(tmp_path / "other")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert str(tmp_path / "missing") in bad.stderr and bad.stderr.strip().count("\n") == 0

@@ -224,6 +224,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--measure", action="store_true", help="run the layout on CPU and compare")
     args, overrides = parser.parse_known_args(argv)
     try:
+        if args.dp <= 0:
+            raise UsageError(f"--dp must be positive (the data-parallel size), got {args.dp}")
         cfg = load_config(args.config, overrides)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.logging.runs import find_run  # noqa: E402
+from megatron_llm.paths import writable_directory  # noqa: E402
 
 
 def read_scalars(logdir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -53,6 +54,7 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    writable_directory(str(Path(output).parent), "--output's directory")  # created when missing
     tmp = Path(output).with_name(f".tmp-{Path(output).name}")
     fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
     tmp.replace(output)

@@ -3,21 +3,22 @@
 Layout of `checkpoint.dir`:
     step_0000100/      .metadata + *.distcp shards (model, optimizer, trainer state) and config.yaml
     latest             text file naming the newest complete step directory
+    .lock              held by the run writing here (run_dir.py)
 
-A save goes to `.tmp-step_XXXXXXX/`, is renamed into place once every rank has written, and only then
-is `latest` replaced (write, fsync, rename). A crash at any point leaves `latest` naming a complete
-checkpoint. DCP stores each tensor with its global shape, so a later run may load it at another layout.
+A save goes to `.tmp-<run tag>-step_XXXXXXX/` (no two runs share a temporary name), is renamed into
+place once every rank has written, and only then is `latest` replaced (write, fsync, rename). A crash
+at any point leaves `latest` naming a complete checkpoint. Retention keeps the newest saves, never the
+one `latest` names. DCP stores each tensor with its global shape, so a later run may load it at another
+layout. Reading goes through safe_dcp: nothing stored in a checkpoint is ever run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,13 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_llm.checkpoint import safe_dcp
+from megatron_llm.checkpoint.safe_dcp import quiet_dcp
 from megatron_llm.errors import UsageError
 from megatron_llm.parallel.state import layout_free_state, load_layout_free_state
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
+TMP_PREFIX = ".tmp-"  # everything named so is a save in progress, or left by a killed one
 
 
 def step_dir_name(step: int) -> str:
@@ -40,21 +44,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextlib.contextmanager
-def _quiet_dcp():
-    # DCP warns when it runs without a process group; a single-process load is what we want.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 class Checkpointer:
     """Saves and restores model, optimizer and trainer state under one directory."""
 
-    def __init__(self, directory: str, keep: int, is_writer: bool):
+    def __init__(self, directory: str, keep: int, is_writer: bool, run_tag: str = "run"):
         self.dir = Path(directory)
         self.keep = keep
         self.is_writer = is_writer  # one rank renames, points `latest` and prunes
+        self.run_tag = run_tag  # the same on every rank of a run, different for every run
 
     def latest(self) -> Optional[Path]:
         pointer = self.dir / "latest"
@@ -65,32 +62,58 @@ class Checkpointer:
             raise UsageError(f"{pointer} names {path}, which is not a complete checkpoint; fix or remove the pointer")
         return path
 
+    def resume_point(self) -> Optional[Path]:
+        """What `checkpoint.resume auto` continues from: `latest`, or, when that one cannot be read (a
+        truncated copy, a missing shard), the newest save that can, saying so. None in an empty directory."""
+        pointer = self.dir / "latest"
+        named = [self.dir / pointer.read_text().strip()] if pointer.exists() else []
+        problems = []
+        for path in dict.fromkeys(named + saves_newest_first(self.dir)):
+            try:
+                safe_dcp.check_complete(path, safe_dcp.read_metadata(path))
+            except UsageError as e:
+                problems.append(str(e))
+                continue
+            if problems and self.is_writer:
+                print(f"{problems[0]}: resuming from the previous complete checkpoint {path}", flush=True)
+            return path
+        if problems:
+            raise UsageError(f"no complete checkpoint in {self.dir}: {problems[0]}")
+        return None
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, config: dict) -> Path:
         final = self.dir / step_dir_name(step)
-        tmp = self.dir / f".tmp-{final.name}"
+        tmp = self.dir / f"{TMP_PREFIX}{self.run_tag}-{final.name}"
         model_sd, optim_sd = layout_free_state(model, optimizer)
         try:
-            if self.is_writer:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
-            _barrier()
             dcp.save({"model": model_sd, "optimizer": optim_sd, "trainer": trainer_state}, checkpoint_id=tmp)
             _barrier()
             if self.is_writer:
                 (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-                shutil.rmtree(final, ignore_errors=True)  # an older run's save of the same step
-                os.replace(tmp, final)
+                self._move_into_place(tmp, final)
                 _write_atomically(self.dir / "latest", final.name + "\n")
-                self._prune()
+                self._prune(final)
             _barrier()
         except (OSError, CheckpointException) as e:  # DCP wraps a rank's failed write in CheckpointException
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
+            pointer = self.dir / "latest"
+            kept = f"the previous checkpoint is intact ({pointer.read_text().strip()})" if pointer.exists() else "no checkpoint was written before"
             raise UsageError(
-                f"cannot write checkpoint {final} ({_write_failure(e, self.dir)}); the previous checkpoint is intact: "
+                f"cannot write checkpoint {final} ({_write_failure(e, self.dir)}); {kept}: "
                 "free space or point checkpoint.dir at a writable place"
             ) from None
         return final
+
+    def _move_into_place(self, tmp: Path, final: Path) -> None:
+        """Renames a finished save to its step name. An older save of that step (a run resumed from an
+        earlier checkpoint) is renamed aside first, never deleted in place, so `latest` cannot name a
+        half-deleted directory; run_dir puts it back if a crash falls between the two renames."""
+        aside = self.dir / f"{TMP_PREFIX}{self.run_tag}-replaced-{final.name}"
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> dict:
         """Restores model and optimizer in place; returns the saved values of `trainer_state`'s keys
@@ -103,17 +126,25 @@ class Checkpointer:
             optimizer, trainer_state = None, {}
         model_sd, optim_sd = layout_free_state(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd, "trainer": dict(trainer_state)}
-        with _quiet_dcp():
-            dcp.load(state, checkpoint_id=path)
+        safe_dcp.load(state, path)
         load_layout_free_state(model, optimizer, state["model"], state["optimizer"])
         return state["trainer"]
 
-    def _prune(self) -> None:
+    def _prune(self, written: Path) -> None:
+        """Keeps the `keep` newest saves, by time and not by step number: a run resumed from an earlier
+        step writes lower numbers than the saves it follows, and must not delete its own."""
         if self.keep <= 0:
             return
-        steps = sorted(p for p in self.dir.iterdir() if STEP_DIR.match(p.name))
-        for old in steps[: -self.keep]:
+        others = [p for p in saves_newest_first(self.dir) if p != written]
+        for old in others[self.keep - 1 :]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def saves_newest_first(directory: Path) -> list[Path]:
+    """The complete step directories, the most recently saved first (the time their .metadata was
+    written; the step number breaks ties)."""
+    steps = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()] if directory.is_dir() else []
+    return sorted(steps, key=lambda p: ((p / ".metadata").stat().st_mtime_ns, p.name), reverse=True)
 
 
 def _write_failure(e: BaseException, directory: Path) -> str:
@@ -153,21 +184,13 @@ def resolve_checkpoint(path: str) -> Path:
     return latest
 
 
-def load_model_state(path: Path, model: torch.nn.Module) -> None:
-    """Loads only the model weights of a checkpoint into an unsharded model (no process group needed)."""
-    state: dict[str, Any] = {"model": model.state_dict()}
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-
-
 def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict) -> None:
     """A weights-only checkpoint at `path` (atomically: a temporary directory renamed into place).
     `config` is a full config dict (Config.to_dict()); train.py can resume from the result."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with _quiet_dcp():
+    with quiet_dcp():
         dcp.save({"model": model_state}, checkpoint_id=tmp)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     os.replace(tmp, path)
@@ -175,9 +198,15 @@ def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict)
 
 def has_training_state(path: Path) -> bool:
     """False for a weights-only checkpoint: one holding just `model` and config.yaml."""
-    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    keys = safe_dcp.read_metadata(path).state_dict_metadata
     return any(key.startswith("trainer.") for key in keys)
 
 
 def read_config(path: Path) -> dict:
-    return yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:  # missing, not UTF-8 (a ValueError), not YAML
+        raise UsageError(f"cannot read {path / 'config.yaml'} ({e}); the checkpoint's config is needed to load it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UsageError(f"{path / 'config.yaml'} holds no model section; it is not one of our checkpoints")
+    return config

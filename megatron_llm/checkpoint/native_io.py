@@ -1,9 +1,10 @@
 """Our own DCP checkpoints as a conversion source or target.
 
 A source may be a weights-only checkpoint or a trainer's step directory: only its `model.*` entries
-are read, one group at a time (DCP loads exactly the keys of the template it is given). A target is a
-weights-only checkpoint (native.save_weights) that train.py --checkpoint.resume starts from; DCP stores
-global tensors, so it loads at any tp/pp and no resharding is needed.
+are read, one group at a time (DCP loads exactly the keys of the template it is given), through
+safe_dcp, which runs nothing stored in the files. A target is a weights-only checkpoint
+(native.save_weights) that train.py --checkpoint.resume starts from; DCP stores global tensors, so it
+loads at any tp/pp and no resharding is needed.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from megatron_llm.checkpoint.native import _quiet_dcp, read_config, resolve_checkpoint, save_weights
+from megatron_llm.checkpoint import safe_dcp
+from megatron_llm.checkpoint.native import read_config, resolve_checkpoint, save_weights
 from megatron_llm.checkpoint.stream import HEAD, check_names, native_shapes, read_hf_sidecar
 from megatron_llm.config import Config, ModelConfig, config_from_dict
 
@@ -26,7 +27,7 @@ class NativeReader:
         self.config: ModelConfig = config_from_dict({"model": read_config(self.step_dir)["model"]}).model
         self.config.validate()
         self.hf_config: Optional[dict] = read_hf_sidecar(self.step_dir)
-        self.metadata = dcp.FileSystemReader(str(self.step_dir)).read_metadata().state_dict_metadata
+        self.metadata = safe_dcp.read_metadata(self.step_dir).state_dict_metadata
         tied = self.config.tie_embeddings
         expected = {f"model.{n}" for n in native_shapes(self.config) if not (tied and n == HEAD)}
         present = {k for k in self.metadata if k.startswith("model.")} - ({f"model.{HEAD}"} if tied else set())
@@ -37,8 +38,7 @@ class NativeReader:
         for name in names:
             meta = self.metadata[f"model.{name}"]
             template[f"model.{name}"] = torch.empty(meta.size, dtype=meta.properties.dtype)
-        with _quiet_dcp():
-            dcp.load(template, storage_reader=dcp.FileSystemReader(str(self.step_dir)))
+        safe_dcp.load(template, self.step_dir)
         return {name: template[f"model.{name}"] for name in names}
 
 

@@ -2,8 +2,9 @@
 
 Worker processes parse and tokenize lines (ordered `imap`, so the output order is the input order);
 the parent writes with megatron-core's `IndexedDatasetBuilder`. Both files are written under
-temporary names beside the output and moved into place at the end, .bin first and .idx last, so an
-interrupted run never leaves a half-written pair under the final names.
+temporary names beside the output (`.NAME.tmpPID.bin`) and moved into place at the end, .bin first
+and .idx last, so an interrupted run never leaves a half-written pair under the final names; the next
+run removes the temporary files of a process that is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,10 +23,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from megatron_llm.config import tag_safe
 from megatron_llm.data.mcore import mcore
 from megatron_llm.data.tokenizer import Tokenizer, load_tokenizer
 from megatron_llm.errors import UsageError
 from megatron_llm.logging.progress import Progress
+from megatron_llm.paths import writable_directory
 
 CHUNK_LINES = 64  # lines per worker task: big enough to amortise the pipe, small enough to stream
 
@@ -136,7 +140,8 @@ def preprocess(
         raise UsageError(f"input file {src} not found")
     tokenizer = load_tokenizer(tokenizer_spec)
     out = Path(output_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writable_directory(str(out.parent), "--output-prefix's directory")
+    _remove_stale_temporaries(out)
 
     # The workers start before megatron-core is imported (3 s), so that they tokenize meanwhile.
     with _encoded_lines(src, tokenizer_spec, text_field, channel_field, workers) as encoded:
@@ -151,7 +156,8 @@ def preprocess(
                 if ids is None:
                     continue
                 if channel not in builders:
-                    final = Path(f"{out}_{_file_safe(channel)}") if channel_field else out
+                    final = Path(f"{out}_{tag_safe(channel)}") if channel_field else out
+                    _refuse_same_file(channel, final, builders)
                     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
                     builders[channel] = (indexed.IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype), final, tmp)
                 builders[channel][0].add_document(ids, [len(ids)])
@@ -175,5 +181,32 @@ def preprocess(
     return PreprocessStats(documents, tokens, time.perf_counter() - start, outputs, channel_tokens)
 
 
-def _file_safe(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", value) or "_"
+def _refuse_same_file(channel: str, final: Path, builders: dict[str, tuple]) -> None:
+    """Two channel values that become one file name ('a/b', 'a b', 'a_b') would mix their documents."""
+    other = next((value for value, (_, path, _) in builders.items() if path == final), None)
+    if other is not None:
+        raise UsageError(
+            f"--channel-field values {other!r} and {channel!r} both map to the file name {final.name}.bin; "
+            "nothing was written: make the values differ in letters, digits, '_', '-' or '.'"
+        )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of this prefix left by a killed run (their process is gone) are removed."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}.*\.tmp(\d+)\.(bin|idx)$")
+    for path in sorted(out.parent.iterdir()):
+        found = pattern.match(path.name)
+        if found and not _process_alive(int(found[1])):
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            print(f"removed {path} ({size / 2**20:.1f} MiB), left by a preprocess run that was killed", file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True

@@ -10,11 +10,12 @@ each token once.
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_llm.config import tag_safe  # noqa: F401  (re-exported: the rule config.py checks names with)
 
 # channel id -> (loss sum, token count) over a global batch
 ChannelTotals = dict[int, tuple[float, float]]
@@ -55,8 +56,3 @@ def merge(into: dict[int, list[float]], totals: ChannelTotals) -> None:
         acc = into.setdefault(c, [0.0, 0.0])
         acc[0] += loss
         acc[1] += tokens
-
-
-def tag_safe(name: str) -> str:
-    """A channel name as a TensorBoard tag component: letters, digits, '_', '-', '.' only."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name) or "_"

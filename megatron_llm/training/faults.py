@@ -9,6 +9,11 @@
 - Launcher restart. torchrun (`--max-restarts`) and a Slurm requeue start train.py again with the same
   command line; such a restart resumes from `latest` even without `checkpoint.resume auto`, because
   starting over would overwrite the checkpoints of the run it continues.
+- Divergence. A checkpoint written in a NaN/Inf streak, or of weights no longer finite, would be named
+  "the last good checkpoint" and would prune one that is: weights_finite lets the trainer skip it.
+- A refusal at start-up. A check that only some ranks make (the lock, a directory's permissions on one
+  node) must stop all of them, or the others wait in their next collective for parallel.timeout_s:
+  refuse_together shares the refusals of a block of checks with one all_gather_object.
 - Hung rank. Every collective waits at most `parallel.timeout_s`. gloo's timeout error does not say
   who is missing, so each rank that times out reports itself in the process group's store; after the
   same grace period the ranks that never reported are named as the hung or dead ones. (On GPU, NCCL's
@@ -26,12 +31,13 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from megatron_llm.errors import UsageError
 
 # EX_TEMPFAIL of sysexits.h ("try again later"): launch/torchrun.sh passes it on, launch/slurm.sbatch
 # requeues the job on it.
-REQUEUE_EXIT_CODE = 75
+REQUEUE_EXIT_CODE = os.EX_TEMPFAIL  # 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -70,6 +76,15 @@ class StopSignals:
         return signal.Signals(int(flag)).name if flag else None
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Collective over the world: every rank's parameters (its shards, its pipeline stage) are finite."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    flag = torch.stack([torch.isfinite(p).all() for p in local]).all().to("cpu", torch.int64).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # a CPU tensor: gloo, also beside NCCL
+    return bool(flag)
+
+
 def restarted_by_launcher() -> bool:
     """Collective: True when any rank was restarted by torchrun or belongs to a requeued Slurm job.
     torchrun counts restarts per node, and a node restarted only because another one failed keeps 0,
@@ -79,6 +94,24 @@ def restarted_by_launcher() -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+@contextlib.contextmanager
+def refuse_together() -> Iterator[None]:
+    """A UsageError raised inside the block on any rank is raised on every rank. The block must hold no
+    collective of its own: a rank that refuses leaves it early."""
+    error: Optional[UsageError] = None
+    try:
+        yield
+    except UsageError as e:
+        error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, str(error) if error else None)
+        first = next((m for m in messages if m), None)
+        error = error or (UsageError(first) if first else None)
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager

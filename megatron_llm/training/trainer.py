@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_llm.checkpoint.native import Checkpointer, read_config, resolve_checkpoint
+from megatron_llm.checkpoint.native import read_config
+from megatron_llm.checkpoint.run_dir import RunDirectory, open_run_directory
 from megatron_llm.config import Config
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.default_corpus import ensure_default_corpus
@@ -25,7 +27,7 @@ from megatron_llm.logging.runs import new_run_name
 from megatron_llm.model import flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize_from_config, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
-from megatron_llm.training.faults import StopSignals, name_hung_ranks, restarted_by_launcher
+from megatron_llm.training.faults import StopSignals, name_hung_ranks, weights_finite
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
@@ -53,14 +55,14 @@ def train(cfg: Config) -> TrainResult:
     with StopSignals() as stop:  # from here on SIGTERM/SIGUSR1 mean: finish the step, checkpoint, stop
         dims = init_distributed(cfg.parallel, device, timeout_s=cfg.parallel.timeout_s)
         try:
-            with name_hung_ranks(cfg.parallel.timeout_s):
-                return Trainer(cfg, dims, device).run(stop)
+            with name_hung_ranks(cfg.parallel.timeout_s), open_run_directory(cfg, dims.is_logger) as run_dir:
+                return Trainer(cfg, dims, device, run_dir).run(stop)
         finally:
             dist.destroy_process_group()
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device):
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, run_dir: RunDirectory):
         self.cfg, self.dims, self.device = cfg, dims, device
         t = cfg.training
         self.autocast_dtype = autocast_dtype(t.dtype, device)
@@ -70,10 +72,10 @@ class Trainer:
         self.data = self._build_data()
         self.model = parallelize_from_config(cfg, dims, device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep, is_writer=dims.is_logger)
+        self.checkpointer = run_dir.checkpointer
         self.step, self.consumed_samples, self.consumed_tokens, self.bad_in_a_row, self.skipped = 0, 0, 0, 0, 0
         self.resumed_from: str | None = None
-        self._resume()
+        self._resume(run_dir.resume_from)
         # Only the logging rank's name is used: it writes the run directory and the checkpoints' config.yaml.
         cfg.logging.run_name = cfg.logging.run_name or new_run_name(cfg.logging.tensorboard_dir)
         self.logger = MetricsLogger(cfg.logging, cfg.to_dict(), Clock(self.step, t.steps), enabled=dims.is_logger)
@@ -96,15 +98,8 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        resume = self.cfg.checkpoint.resume
-        if resume is None and restarted_by_launcher():
-            resume = "auto"  # a restart continues its run: starting over would overwrite its checkpoints
-        if resume is None:
-            return
-        path = self.checkpointer.latest() if resume == "auto" else resolve_checkpoint(resume)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
-            self._print(f"no checkpoint in {self.cfg.checkpoint.dir}: starting from scratch")
             return
         saved = read_config(path)
         saved_model = saved["model"]
@@ -137,9 +132,15 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
         }
 
-    def _save(self) -> None:
+    def _save(self) -> Path | None:
+        # In a NaN/Inf streak, or with weights no longer finite, a save would become "the last good
+        # checkpoint" and prune one that is. (bad_in_a_row is the same on every rank: no collective skipped.)
+        if self.bad_in_a_row or not weights_finite(self.model):
+            self._print(f"step {self.step}: no checkpoint while not finite; the latest stays {self.checkpointer.latest() or 'none'}")
+            return None
         path = self.checkpointer.save(self.step, self.model, self.optimizer, self._trainer_state(), self.cfg.to_dict())
         self._print(f"saved checkpoint {path}")
+        return path
 
     # ----------------------------------------------------------------------------------------------
     def run(self, stop: StopSignals | None = None) -> TrainResult:
@@ -176,11 +177,13 @@ class Trainer:
                 if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps) and self.data.valid_by_channel:
                     self._evaluate(result)
                 stop_signal = stop.agreed() if stop is not None and self.step < t.steps else None  # collective
+                saved = None
                 if self.step < t.steps and (stop_signal or cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
-                    self._save()
+                    saved = self._save()
                 if stop_signal:
                     result.stopped = stop_signal
-                    self._print(f"{stop_signal}: stopped after step {self.step}, checkpoint saved; run again to continue")
+                    kept = "checkpoint saved" if saved else f"latest checkpoint {self.checkpointer.latest()}"
+                    self._print(f"{stop_signal}: stopped after step {self.step}, {kept}; continue with --checkpoint.resume auto")
                     break
             if result.losses and not result.stopped:  # this call trained to the end: save its end state
                 self._save()

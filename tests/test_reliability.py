@@ -1,0 +1,352 @@
+"""Nothing lost, nothing executed: retention, divergence, concurrent runs, colliding names, stale
+temporaries, crafted checkpoints, bad input and stop signals at start-up, on the tiny model."""
+
+import fcntl
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron_llm
+from megatron_llm.checkpoint import native
+from megatron_llm.checkpoint.convert import convert
+from megatron_llm.data.preprocess import preprocess
+from megatron_llm.errors import UsageError
+from megatron_llm.training import trainer
+from megatron_llm.training.trainer import TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = dict(training__eval_interval=0, logging__interval=100)  # the cases below need no evaluation or log lines
+
+
+def ckpt_dir(tmp_path: Path) -> Path:
+    return tmp_path / "ckpt"  # conftest.tiny_overrides' checkpoint.dir
+
+
+def saves(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step_"))
+
+
+def latest(directory: Path) -> str:
+    return (directory / "latest").read_text().strip()
+
+
+def finite(model: torch.nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def files_under(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()}
+
+
+def tool(name: str):
+    """tools/NAME.py as a module, to call its main(argv) in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Retention keeps the newest saves, and always the one `latest` names
+
+
+def test_a_run_resumed_from_an_earlier_step_keeps_its_own_checkpoints(tiny_config, tmp_path):
+    train(tiny_config(tmp_path, training__steps=8, checkpoint__interval=2, checkpoint__keep=0, **QUIET))
+    ckpt = ckpt_dir(tmp_path)
+    assert saves(ckpt) == ["step_0000002", "step_0000004", "step_0000006", "step_0000008"]
+    # From step 2 again: its saves (3, 4) carry lower numbers than the earlier run's 6 and 8.
+    resumed = train(tiny_config(tmp_path, training__steps=4, checkpoint__interval=1, checkpoint__keep=2,
+                                checkpoint__resume=str(ckpt / "step_0000002"), **QUIET))
+    assert sorted(resumed.losses) == [2, 3]
+    assert saves(ckpt) == ["step_0000003", "step_0000004"] and latest(ckpt) == "step_0000004"
+    assert finite(megatron_llm.load_model(str(ckpt)))
+
+
+def test_a_fresh_run_into_another_runs_directory_is_refused(tiny_config, tmp_path, monkeypatch):
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    ckpt = ckpt_dir(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in files_under(ckpt)}
+    with pytest.raises(UsageError, match=r"already holds another run's checkpoints \(up to step 2\).*"
+                                         r"--checkpoint.resume auto.*--checkpoint.dir.*--checkpoint.overwrite true"):
+        train(tiny_config(tmp_path, training__steps=3, **QUIET))
+    assert {p: p.stat().st_mtime_ns for p in files_under(ckpt)} == before  # nothing touched
+
+    # A launcher restart of the same command line continues the run instead.
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = train(tiny_config(tmp_path, training__steps=3, **QUIET))
+    assert sorted(restarted.losses) == [2] and latest(ckpt) == "step_0000003"
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+
+    fresh = train(tiny_config(tmp_path, training__steps=2, checkpoint__overwrite=True, **QUIET))
+    assert sorted(fresh.losses) == [0, 1] and latest(ckpt) == "step_0000002"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Divergence: no checkpoint in a bad streak; the one named is finite, present and resumable
+
+
+def test_after_a_divergence_the_named_checkpoint_is_the_last_finite_one(tiny_config, tmp_path, monkeypatch):
+    real_step, calls = trainer.train_step, []
+
+    def weights_blow_up_after_step_2(model, *args, **kwargs):
+        out = real_step(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # step 2 itself is finite; its update leaves NaN weights, so step 3 on is NaN
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer, "train_step", weights_blow_up_after_step_2)
+    cfg = dict(training__steps=12, checkpoint__interval=1, checkpoint__keep=2, training__max_bad_steps=3, **QUIET)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is .*step_0000002:") as failure:
+        train(tiny_config(tmp_path, **cfg))
+    named = Path(str(failure.value).split("last good checkpoint is ")[1].split(":")[0])
+    assert named.is_dir() and latest(ckpt_dir(tmp_path)) == named.name
+    assert finite(megatron_llm.load_model(str(named)))
+    monkeypatch.undo()
+    resumed = train(tiny_config(tmp_path, **{**cfg, "training__steps": 4, "checkpoint__resume": "auto"}))
+    assert sorted(resumed.losses) == [2, 3] and all(torch.isfinite(torch.tensor(list(resumed.losses.values()))))
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_a_non_finite_learning_rate_is_refused_at_config_time(tiny_config, value):
+    with pytest.raises(UsageError, match="optimizer.lr must be a finite number"):
+        tiny_config(optimizer__lr=value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. One run per checkpoint directory
+
+
+def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_config, tmp_path, monkeypatch, capsys):
+    ckpt = ckpt_dir(tmp_path)
+    ckpt.mkdir()
+    holder = open(ckpt / ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+    holder.write("pid 4242 on node7\n")
+    holder.flush()
+    with pytest.raises(UsageError, match=r"in use by another run \(pid 4242 on node7\)"):
+        train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    assert saves(ckpt) == []
+    holder.close()  # the other run dies: its line stays in the file, its flock goes with it
+
+    temporaries = []
+    real_dcp_save = native.dcp.save
+    monkeypatch.setattr(native.dcp, "save", lambda state, checkpoint_id: temporaries.append(Path(checkpoint_id).name)
+                        or real_dcp_save(state, checkpoint_id=checkpoint_id))
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    assert "took over the lock of" in capsys.readouterr().out and (ckpt / ".lock").read_text() == ""
+    train(tiny_config(tmp_path / "other", training__steps=2, **QUIET))
+    assert len(temporaries) == 2 and temporaries[0] != temporaries[1]  # no two runs share a temporary name
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Channel names that become one file name or one TensorBoard tag
+
+
+def test_channel_values_that_share_a_file_name_are_refused_before_anything_is_written(tmp_path):
+    source = tmp_path / "mixed.jsonl"
+    source.write_text("".join(json.dumps({"text": f"doc {i}", "src": src}) + "\n" for i, src in enumerate(["a/b", "x", "a_b"])))
+    with pytest.raises(UsageError, match=r"values 'a/b' and 'a_b' both map to the file name out_a_b.bin"):
+        preprocess(str(source), str(tmp_path / "out"), channel_field="src", progress=False)
+    assert files_under(tmp_path) == {source}
+
+
+def test_channel_names_that_share_a_tensorboard_tag_are_refused(tiny_config, corpus_dir):
+    blend = f"[{{path: {corpus_dir / 'text'}, name: 'web/en'}}, {{path: {corpus_dir / 'networking'}, name: 'web en'}}]"
+    with pytest.raises(UsageError, match=r"\['web/en', 'web en'\] would all be logged as loss/web_en"):
+        tiny_config(data__blend=blend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. What a killed process left behind
+
+
+def test_a_killed_save_is_cleaned_up_or_put_back_by_the_next_run(tiny_config, tmp_path, capsys):
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    ckpt = ckpt_dir(tmp_path)
+    # Killed while saving step 4 over an older step 2... (native.Checkpointer._move_into_place)
+    os.replace(ckpt / "step_0000002", ckpt / ".tmp-0badc0de-replaced-step_0000002")
+    (ckpt / ".tmp-0badc0de-step_0000004").mkdir()
+    (ckpt / ".tmp-0badc0de-step_0000004" / "__0_0.distcp").write_bytes(b"\0" * 2**20)
+    capsys.readouterr()
+    resumed = train(tiny_config(tmp_path, training__steps=3, checkpoint__resume="auto", **QUIET))
+    out = capsys.readouterr().out
+    assert f"restored {ckpt / 'step_0000002'}" in out and f"removed {ckpt / '.tmp-0badc0de-step_0000004'} (1.0 MiB)" in out
+    assert sorted(resumed.losses) == [2] and not list(ckpt.glob(".tmp-*"))
+
+
+def test_a_killed_preprocess_leaves_nothing_the_next_run_keeps(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid belongs to no process now
+    stale = tmp_path / f".out.tmp{dead.pid}.bin"
+    stale.write_bytes(b"\0" * 1024)
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "hello"}) + "\n")
+    preprocess(str(source), str(tmp_path / "out"), progress=False)
+    assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. A crafted checkpoint runs nothing
+
+
+MARKER = Path(os.environ.get("TMPDIR", "/tmp")) / f"megatron_llm-pwned-{os.getpid()}"
+
+
+class Payload:
+    """Unpickling this would touch MARKER: what a crafted checkpoint does instead of loading."""
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (MARKER,)
+
+
+def test_a_crafted_metadata_file_is_refused_and_runs_nothing(tiny_config, tmp_path, capsys):
+    import pickle
+
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    step = ckpt_dir(tmp_path) / "step_0000002"
+    (step / ".metadata").write_bytes(pickle.dumps(Payload()))
+    MARKER.unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="refused to load .*.metadata: it would build .*nothing in it was run"):
+        megatron_llm.load_model(str(step))
+    with pytest.raises(UsageError, match="refused to load"):
+        convert(str(step), "native", str(tmp_path / "hf"), "hf")
+    with pytest.raises(UsageError, match="refused to load"):
+        train(tiny_config(tmp_path, training__steps=3, checkpoint__resume="auto", **QUIET))
+    assert not MARKER.exists() and not (tmp_path / "hf").exists()
+
+
+def test_a_crafted_value_in_a_shard_is_refused_on_resume(tiny_config, tmp_path, monkeypatch):
+    real_state = trainer.Trainer._trainer_state
+    monkeypatch.setattr(trainer.Trainer, "_trainer_state", lambda self: {**real_state(self), "skipped": Payload()})
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))  # DCP pickles the value into the .distcp
+    monkeypatch.undo()
+    MARKER.unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="refused to load trainer.skipped of .*step_0000002: it would build"):
+        train(tiny_config(tmp_path, training__steps=3, checkpoint__resume="auto", **QUIET))
+    assert not MARKER.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Bad input: one line, exit 2, nothing written
+
+
+def test_a_truncated_shard_is_named_and_auto_resumes_from_the_previous_checkpoint(tiny_config, tmp_path, capsys):
+    train(tiny_config(tmp_path, training__steps=4, checkpoint__interval=2, checkpoint__keep=0, **QUIET))
+    ckpt = ckpt_dir(tmp_path)
+    shard = ckpt / "step_0000004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UsageError, match=f"{shard} is truncated"):
+        train(tiny_config(tmp_path, training__steps=6, checkpoint__resume=str(shard.parent), **QUIET))
+    capsys.readouterr()
+    resumed = train(tiny_config(tmp_path, training__steps=6, checkpoint__resume="auto", **QUIET))
+    assert f"{shard} is truncated" in capsys.readouterr().out
+    assert sorted(resumed.losses) == [2, 3, 4, 5] and latest(ckpt) == "step_0000006"
+
+
+def test_a_truncated_safetensors_file_and_a_malformed_config_json_are_named(tiny_config, tmp_path, capsys):
+    train(tiny_config(tmp_path, training__steps=2, **QUIET))
+    convert(str(ckpt_dir(tmp_path)), "native", str(tmp_path / "hf"), "hf")
+    convert_tool = tool("convert_checkpoint")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    args = ["--input", str(tmp_path / "hf"), "--input-format", "hf", "--output", str(tmp_path / "out"), "--output-format", "native"]
+    assert convert_tool.main(args) == 2 and str(weights) in one_error_line(capsys)
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",')
+    assert convert_tool.main(args) == 2 and "config.json is not valid JSON" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (overrides, what the error line says)"""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("training: {steps: 2}  # caf\xe9".encode("latin-1"))
+    return {
+        "config is a directory": (["--config", str(tmp_path)], "cannot read config file"),
+        "config is not UTF-8": (["--config", str(latin1)], "is not UTF-8 text"),
+        "negative seed": (["--training.seed", "-1"], "training.seed must be in [0, 2**32)"),
+        "no eval batches": (["--training.eval_iters", "0"], "training.eval_iters must be positive"),
+        "nan timeout": (["--parallel.timeout_s", ".nan"], "parallel.timeout_s must be a finite number"),
+        "tensorboard under a file": (["--logging.tensorboard_dir", str(a_file / "tb")], "logging.tensorboard_dir"),
+        "checkpoint.dir is a file": (["--checkpoint.dir", str(a_file)], "is a file, not a directory"),
+        "checkpoint.dir under a file": (["--checkpoint.dir", str(a_file / "ckpt")], "ckpt is not writable"),
+    }
+
+
+def test_bad_training_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    sys.path.insert(0, str(ROOT))
+    import train as train_script  # train.py's main, in this process
+
+    for case, (extra, says) in bad_train_inputs(tmp_path).items():
+        before = files_under(tmp_path)
+        argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *tiny_overrides(corpus_dir, tmp_path / "run"), *extra]
+        if extra[0] == "--config":  # the later --config wins: drop the tiny one
+            argv = argv[2:]
+        assert train_script.main(argv) == 2, case
+        line = one_error_line(capsys)
+        assert says in line, (case, line)
+        assert files_under(tmp_path) == before, case
+
+
+def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny_config, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert tool("preprocess_data").main(["--input", str(source), "--output-prefix", str(a_file / "out")]) == 2
+    assert "--output-prefix's directory" in one_error_line(capsys)
+    for dp in ("0", "-2"):
+        assert tool("estimate_memory").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--dp", dp]) == 2
+        assert "--dp must be positive" in one_error_line(capsys)
+    assert files_under(tmp_path) == {a_file, source}
+
+    train(tiny_config(tmp_path, training__steps=2))
+    picture = tmp_path / "new" / "dir" / "channels.png"
+    assert tool("plot_channels").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0 and picture.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. A stop signal during start-up asks for a requeue, like one during training
+
+
+def handles(pid: int, sig: signal.Signals) -> bool:
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_during_start_up_exits_75(sig, corpus_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    args = [sys.executable, "train.py", "--config", "configs/tiny.yaml", *tiny_overrides(corpus_dir, tmp_path)]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As soon as train.py's handler is in place (it is importing torch then), or at the latest after 1.5 s,
+    # well inside the imports (before the fix, a signal there killed the process: -15, shell status 143).
+    deadline = time.monotonic() + 1.5
+    while not handles(proc.pid, sig) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
