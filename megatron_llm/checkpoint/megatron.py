@@ -206,7 +206,8 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     scaling = cfg.rope_scaling
     if scaling is not None and (scaling["rope_type"] != "llama3" or
                                 {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
-        raise UsageError(f"Megatron's RoPE scaling is Llama-3's with {MEGATRON_LLAMA3} fixed; this model has {scaling}")
+        raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is Llama-3's "
+                         f"with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
     args = _args(cfg, layout, dtype, spec)
     # Every field must survive a read back: what Megatron cannot express is refused here, by name.
     back = dataclasses.asdict(model_config_from_args(args))

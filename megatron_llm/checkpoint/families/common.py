@@ -76,6 +76,19 @@ def _write_rope(cfg: ModelConfig) -> dict:
 ROPE = Derived(_read_rope, _write_rope)  # transformers 5's rope_parameters; 4's rope_theta/rope_scaling read too
 
 
+def partial_rope(default: float) -> Derived:
+    """ROPE for a family whose config class fills partial_rotary_factor with `default` when config.json
+    omits it (GLM, Nemotron: 0.5), so it is always written."""
+
+    def read(hf: dict) -> dict:
+        return _read_rope({**hf, "partial_rotary_factor": hf.get("partial_rotary_factor") or default})
+
+    def write(cfg: ModelConfig) -> dict:
+        return {"rope_parameters": {**_rope_params(cfg, cfg.rope_theta), "partial_rotary_factor": cfg.rope_fraction}}
+
+    return Derived(read, write)
+
+
 def _read_layers(hf: dict) -> dict:
     """Sliding windows per layer: transformers 5's layer_types, or a window on every layer (Mistral), or
     Qwen2's use_sliding_window flag."""
@@ -111,6 +124,8 @@ def _read_head_dim(hf: dict) -> dict:
 
 
 HEAD_DIM = Derived(_read_head_dim, lambda cfg: {"head_dim": cfg.head_dim})
+KV_HEADS = Derived(lambda hf: dict(num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+                   lambda cfg: {"num_key_value_heads": cfg.num_kv_heads})
 
 # The keys nearly every family names the same way.
 SHAPE = (
@@ -118,13 +133,20 @@ SHAPE = (
     Key("hidden_size", "hidden_size"),
     Key("num_hidden_layers", "num_layers"),
     Key("num_attention_heads", "num_heads"),
-    Derived(lambda hf: dict(num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-            lambda cfg: {"num_key_value_heads": cfg.num_kv_heads}),
+    KV_HEADS,
     HEAD_DIM,
     Key("intermediate_size", "ffn_hidden_size"),
     Key("max_position_embeddings", "max_seq_len"),
     Key("tie_word_embeddings", "tie_embeddings", default=False),
 )
+
+
+def shape_defaulting(head_dim: int, kv_heads: int) -> tuple:
+    """SHAPE for a config class that fills a missing head_dim and num_key_value_heads with constants of
+    its own (GLM, Helium, Seed-OSS) rather than from the other keys."""
+    return (*(e for e in SHAPE if e not in (HEAD_DIM, KV_HEADS)), Key("head_dim", "head_dim", default=head_dim),
+            Key("num_key_value_heads", "num_kv_heads", default=kv_heads))
+
 
 LLAMA_CONFIG = (
     *SHAPE,
