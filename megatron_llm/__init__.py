@@ -1,4 +1,4 @@
-"""megatron_llm: Megatron-style pretraining of LLaMA-family models on PyTorch's own distributed engine."""
+"""megatron_llm: Megatron-style pretraining of open model families on PyTorch's own distributed engine."""
 
 
 def load_model(path: str):
@@ -9,3 +9,12 @@ def load_model(path: str):
     from megatron_llm.checkpoint.convert import load_model as load_any
 
     return load_any(str(path))
+
+
+def __getattr__(name: str):
+    """`megatron_llm.LLM` (a loaded model to generate with, score and inspect), imported on first use."""
+    if name == "LLM":
+        from megatron_llm.inference.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'megatron_llm' has no attribute {name!r}")

@@ -43,6 +43,7 @@ class LayerSpec:
 
     window: Optional[int]  # sliding-window size in tokens (a query sees itself and window - 1 before it), or None
     rope: Optional[str]  # "global" or "local" RoPE table; None: no positions in this layer (NoPE)
+    moe: bool = False  # a mixture of experts in the feed_forward slot (model/moe.py) instead of one MLP
 
 
 @dataclass
@@ -80,7 +81,9 @@ class ModelConfig:
     )
     rope_interleaved: bool = param(False, "rotate pairs (2j, 2j+1) (GPT-J, GLM, Cohere) instead of halves (j, j+d/2)")
     rope_fraction: float = param(1.0, "fraction of head_dim that is rotated (partial rotary: NeoX, Phi, GLM)")
-    rope_local_theta: Optional[float] = param(None, "RoPE base of sliding-window layers (Gemma3); null: rope_theta")
+    rope_local_theta: Optional[float] = param(
+        None, "RoPE base of sliding-window layers, which rope_scaling leaves unscaled (Gemma3); null: rope_theta"
+    )
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
         None, "per layer 'full' or 'sliding' attention; null: all sliding when sliding_window is set, else all full"
@@ -105,6 +108,23 @@ class ModelConfig:
     logit_multiplier: float = param(1.0, "scale of the logits (Cohere's logit_scale; Granite's 1 / logits_scaling)")
     logit_softcap: Optional[float] = param(None, "final-logit soft-capping: cap * tanh(logits / cap); null disables")
     norm_head: bool = param(False, "normalise each row of the head weight before the matmul (Baichuan2's NormHead)")
+    moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
+    moe_top_k: int = param(2, "experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
+    moe_score: Literal["softmax", "sigmoid"] = param("softmax", "router scores: softmax over experts or per-expert sigmoid (DeepSeek-V3)")
+    moe_renormalize: bool = param(True, "divide the top-k scores by their sum (Mixtral; Qwen2/3-MoE and OLMoE: false)")
+    moe_routed_scale: float = param(1.0, "multiplier of the routed experts' weights (DeepSeek's routed_scaling_factor)")
+    moe_groups: int = param(1, "expert groups of group-limited routing (DeepSeek n_group); 1: no groups")
+    moe_topk_groups: int = param(1, "groups a token may use, ranked by the sum of each group's top-2 scores (DeepSeek-V3)")
+    moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
+    moe_bias_update_rate: float = param(1e-3, "step of the expert bias towards balance after each optimizer step")
+    moe_shared_ffn_hidden_size: int = param(0, "inner width of the shared experts every token passes through; 0: none")
+    moe_shared_gate: bool = param(False, "scale the shared experts' output by sigmoid(w x) (Qwen2-MoE)")
+    moe_layer_freq: int = param(1, "every n-th layer is MoE (layer i when (i + 1) % n == 0; Qwen2-MoE's decoder_sparse_step)")
+    moe_dense_layers: list[int] = param([], "layers kept dense (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)")
+    moe_capacity_factor: Optional[float] = param(None, "expert capacity = factor x tokens x top_k / experts, the rest dropped; null: dropless")
+    moe_aux_loss_coeff: float = param(0.0, "load-balancing loss coefficient (Switch; transformers' router_aux_loss_coef)")
+    moe_z_loss_coeff: float = param(0.0, "router z-loss coefficient: mean(logsumexp(router logits)^2) (ST-MoE)")
     init_std: float = param(0.02, "std of the normal init of every weight matrix")
     scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
 
@@ -118,6 +138,8 @@ class ModelConfig:
         if self.mlp_bias is None:
             self.mlp_bias = self.linear_bias
         self.linear_bias = self.out_bias and self.mlp_bias  # canonical: equal configs compare equal
+        if self.moe_experts and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
         if self.rope_scaling is not None and "rope_type" not in self.rope_scaling:
             self.rope_scaling = {"rope_type": "llama3", **self.rope_scaling}  # the only kind before rope_type
 
@@ -144,12 +166,13 @@ class ModelConfig:
         return (8 * self.num_layers) ** -0.25 if self.norm_placement == "deepnorm" else 1.0
 
     def layer(self, i: int) -> LayerSpec:
-        """Layer i's window and RoPE table."""
+        """Layer i's window, RoPE table and feed-forward kind."""
         kind = self.layer_types[i] if self.layer_types else ("sliding" if self.sliding_window else "full")
         window = self.sliding_window if kind == "sliding" else None
+        moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
         if self.position != "rope" or i in self.nope_layers:
-            return LayerSpec(window, None)
-        return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global")
+            return LayerSpec(window, None, moe)
+        return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameters of the model this config builds, counted on the meta device (no memory)."""
@@ -175,6 +198,7 @@ class ModelConfig:
         self._validate_positions()
         self._validate_layers()
         self._validate_norms()
+        self._validate_moe()
 
     def _validate_scalars(self) -> None:
         for key in ("norm_eps", "init_std", "embedding_multiplier", "residual_multiplier", "logit_multiplier"):
@@ -234,3 +258,37 @@ class ModelConfig:
             )
         if self.norm_head and self.tie_embeddings:
             raise UsageError("model.norm_head normalises the head alone: it cannot be tied (set tie_embeddings false)")
+
+    def _validate_moe(self) -> None:
+        if self.moe_experts < 0:
+            raise UsageError(f"model.moe_experts must be 0 (dense) or positive, got {self.moe_experts}")
+        if not self.moe_experts:
+            return
+        if not 0 < self.moe_top_k <= self.moe_experts:
+            raise UsageError(f"model.moe_top_k ({self.moe_top_k}) must be in 1..model.moe_experts ({self.moe_experts})")
+        for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups"):
+            if getattr(self, key) <= 0:
+                raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
+        for key in ("moe_routed_scale", "moe_capacity_factor"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"model.{key} must be a positive finite number, got {value}")
+        for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_bias_update_rate", "moe_shared_ffn_hidden_size"):
+            if getattr(self, key) < 0:
+                raise UsageError(f"model.{key} must not be negative, got {getattr(self, key)}")
+        if self.moe_experts % self.moe_groups or self.moe_topk_groups > self.moe_groups:
+            raise UsageError(
+                f"model.moe_groups ({self.moe_groups}) must divide model.moe_experts ({self.moe_experts}) and be at "
+                f"least model.moe_topk_groups ({self.moe_topk_groups})"
+            )
+        if self.moe_groups > 1 and self.moe_experts // self.moe_groups < 2:
+            raise UsageError("model.moe_groups ranks groups by their top-2 scores: each group needs at least 2 experts")
+        if self.moe_top_k > self.moe_topk_groups * self.moe_experts // self.moe_groups:
+            raise UsageError(
+                f"model.moe_top_k ({self.moe_top_k}) exceeds the experts of model.moe_topk_groups groups "
+                f"({self.moe_topk_groups} x {self.moe_experts // self.moe_groups})"
+            )
+        if self.moe_shared_gate and not self.moe_shared_ffn_hidden_size:
+            raise UsageError("model.moe_shared_gate gates the shared experts: set model.moe_shared_ffn_hidden_size")
+        if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
+            raise UsageError(f"model.moe_dense_layers {self.moe_dense_layers}: layer indices are 0..{self.num_layers - 1}")

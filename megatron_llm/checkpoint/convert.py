@@ -21,6 +21,8 @@ from megatron_llm.checkpoint.families.bridge import BridgedReader, bridged_confi
 from megatron_llm.checkpoint.hf_io import INDEX, SINGLE, HFReader, HFWriter
 from megatron_llm.checkpoint.megatron import SPECS
 from megatron_llm.checkpoint.megatron_io import TRACKER, MegatronReader, MegatronWriter
+from megatron_llm.checkpoint.hf import TOKEN_KEYS
+from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
 from megatron_llm.checkpoint.native_io import NativeReader, NativeWriter
 from megatron_llm.checkpoint.stream import (
     DTYPES,
@@ -34,6 +36,7 @@ from megatron_llm.checkpoint.stream import (
 )
 from megatron_llm.config import ModelConfig
 from megatron_llm.model import build_model
+from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.errors import UsageError
 
 FORMATS = ("hf", "megatron", "native")
@@ -129,6 +132,8 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
         raise UsageError(f"--output {output} overlaps the input {input}; choose a directory outside it")
     start = time.perf_counter()
     reader = open_reader(input_format, src)
+    if input_format == "native" and reader.hf_config is None:  # a model trained here: nothing to inherit ids from
+        reader.hf_config = byte_token_ids(src, reader.config)
     if output_format == "hf" and opts.hf_family is not None:  # trans_X_to_Y: the target family's form of the model
         bridged = bridged_config(reader.config, opts.hf_family)
         reader = reader if bridged == reader.config else BridgedReader(reader, bridged)
@@ -149,11 +154,28 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     return Summary(label, totals.parameters, files, directory_bytes(dst), time.perf_counter() - start, Path(output))
 
 
+def byte_token_ids(path: Path, cfg: ModelConfig) -> Optional[dict]:
+    """Token ids for config.json of a native checkpoint trained with the byte tokenizer. Preprocessing ends
+    every document with the end-of-document id (256) and adds no other special token, so that id is what
+    the model saw between documents: its eos, bos and pad. None for any other tokenizer or vocabulary."""
+    saved = read_config(resolve_checkpoint(str(path)))
+    if saved.get("data", {}).get("tokenizer") != "byte" or cfg.vocab_size != ByteTokenizer.vocab_size:
+        return None
+    return dict.fromkeys(TOKEN_KEYS, ByteTokenizer.eod)
+
+
 def _carry_files(reader: Reader, out: Path, output_format: str) -> None:
-    """Tokenizer files go everywhere; the Hugging Face config rides beside non-HF outputs (hf_config.json)."""
+    """Tokenizer files go everywhere; the Hugging Face config rides beside non-HF outputs (hf_config.json);
+    a Hugging Face output without a generation_config.json gets one with config.json's token ids, which
+    transformers' generate() reads."""
     for name in TOKENIZER_FILES:
         if (reader.directory / name).is_file():
             shutil.copy2(reader.directory / name, out / name)
+    if output_format == "hf" and not (out / "generation_config.json").exists():
+        config = json.loads((out / "config.json").read_text())
+        ids = {key: config[key] for key in TOKEN_KEYS if config.get(key) is not None}
+        if ids:
+            (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
     if output_format != "hf" and reader.hf_config is not None:
         (out / HF_CONFIG).write_text(json.dumps(reader.hf_config, indent=2))
 
@@ -166,7 +188,7 @@ class _IntoModel:
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
-            self.params[name].copy_(tensor)  # casts to the model's fp32
+            self.params[name].copy_(tensor)  # casts to the model's dtype and device
 
     def finish(self) -> int:
         return 0
@@ -177,10 +199,12 @@ def checkpoint_model_config(path: str) -> ModelConfig:
     return open_reader(detect_format(path), Path(path)).config
 
 
-def load_model(path: str) -> torch.nn.Module:
-    """A checkpoint in any of the three formats (detected) as an fp32 model on CPU, in eval mode."""
+def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A checkpoint in any of the three formats (detected) as a model on `device` in `dtype`, in eval mode.
+    Built on the meta device and allocated once in its final dtype: no random initialisation, and each
+    tensor read is copied straight into its place (one copy of the weights, plus one layer in flight)."""
     reader = open_reader(detect_format(path), Path(path))
-    model = build_model(reader.config, torch.device("cpu"))
+    model = build_model(reader.config, torch.device(device), init=False, dtype=dtype)  # the stream writes every weight
     with torch.no_grad():
         stream(reader, _IntoModel(model), None, f"loading {path}")  # every state-dict entry is written
     return model.eval()

@@ -8,7 +8,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_llm.model.attention_kernels import ScoreRules, attend
+from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, ScoreRules, attend
+from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.norms import build_norm
 from megatron_llm.model.rope import apply_rope
 from megatron_llm.model_config import LayerSpec, ModelConfig
@@ -21,12 +22,23 @@ class AttentionContext:
     prepare a module's inputs see only the hidden states.
 
     rope: table name ("global", "local") -> (cos, sin), each [max_seq_len, rope_dim/2].
-    positions: [s] or [b, s] positions of the tokens; None means 0..s-1 of the length attention sees
-    (under sequence parallelism that is the gathered sequence, not this rank's shard).
+    positions: [s] or [b, s] positions of this forward's tokens (a KV cache's continuation, left-padded
+    prompts, packed documents restarting at 0); None means 0..s-1 of the length attention sees (under
+    sequence parallelism that is the gathered sequence, not this rank's shard).
+    keys: per-sequence masks (padding, document boundaries); cache: the caller's KV cache, or None.
     """
 
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
     positions: Optional[torch.Tensor] = None
+    keys: KeyMask = NO_MASK
+    cache: Optional[KVCache] = None
+
+    def to(self, device: torch.device) -> "AttentionContext":
+        """This context with its tensors on `device` (a model spread over devices, inference.set_device)."""
+        keys = KeyMask(*(None if t is None else t.to(device) for t in (self.keys.valid, self.keys.documents)))
+        rope = {name: (cos.to(device), sin.to(device)) for name, (cos, sin) in self.rope.items()}
+        positions = None if self.positions is None else self.positions.to(device)
+        return AttentionContext(rope, positions, keys, self.cache)
 
     def rope_at(self, name: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.rope[name]
@@ -65,6 +77,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
+        q, k, v = self.qkv(x, ctx)
+        out = attend(q, k, v, self.rules, self.scale, self.alibi_slopes, ctx.keys)  # [b, heads, s, d]
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # from [b, s, heads * d]
+
+    def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,
+        clipped, normed, rotated, and joined to the cache's. The attention probe reads them too."""
+        b, s, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [b, s, heads * d], [b, s, kv_heads * d] x2
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
@@ -79,6 +99,6 @@ class Attention(nn.Module):
             cos, sin = ctx.rope_at(self.rope, s)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
-        out = attend(q, k, v, self.rules, self.scale, self.alibi_slopes)
-        out = out.transpose(1, 2).reshape(b, s, -1)  # [b, s, heads * d]
-        return self.wo(out)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]
+        return q, k, v

@@ -35,19 +35,44 @@ class ScoreRules:
         return self.window is None and self.softcap is None and not self.alibi
 
 
-def mask_rule(window: Optional[int]) -> Callable:
-    """mask_mod: causal, and within the window when there is one."""
+@dataclass(frozen=True)
+class KeyMask:
+    """Per-sequence masking of one forward, shared by every layer (indices are key positions in the sequence
+    or the cache; queries are the last s_q of them).
+    valid: [b, s_kv] False at padding (left-padded prompts of a batch);
+    documents: [b, s_kv] document id of each key: no token attends across a document boundary (packing)."""
 
-    def causal(b, h, q, kv):
-        return kv <= q
+    valid: Optional[torch.Tensor] = None
+    documents: Optional[torch.Tensor] = None
 
-    def sliding(b, h, q, kv):
-        return (kv <= q) & (q - kv < window)
+    @property
+    def empty(self) -> bool:
+        return self.valid is None and self.documents is None
 
-    return causal if window is None else sliding
+
+NO_MASK = KeyMask()
 
 
-def score_rule(rules: ScoreRules, slopes: Optional[torch.Tensor]) -> Optional[Callable]:
+def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0) -> Callable:
+    """mask_mod(b, h, q, kv) -> keep: causal, within the window when there is one, on valid keys of the
+    query's document. Query index q counts from the first query, which sits at key index q_offset."""
+    valid, documents = keys.valid, keys.documents
+
+    def keep(b, h, q, kv):
+        q = q + q_offset
+        out = kv <= q
+        if window is not None:
+            out = out & (q - kv < window)
+        if valid is not None:  # a padding query still sees itself: no row of all -inf, no NaN to spread
+            out = out & (valid[b, kv] | (kv == q))
+        if documents is not None:
+            out = out & (documents[b, q] == documents[b, kv])
+        return out
+
+    return keep
+
+
+def score_rule(rules: ScoreRules, slopes: Optional[torch.Tensor], q_offset: int = 0) -> Optional[Callable]:
     """score_mod for the soft-cap and ALiBi (applied in that order, as Gemma2 caps raw scores), or None."""
     if rules.softcap is None and not rules.alibi:
         return None
@@ -57,7 +82,7 @@ def score_rule(rules: ScoreRules, slopes: Optional[torch.Tensor]) -> Optional[Ca
         if cap is not None:
             score = torch.tanh(score / cap) * cap
         if rules.alibi:
-            score = score + slopes[h] * (kv - q)
+            score = score + slopes[h] * (kv - q - q_offset)
         return score
 
     return modify
@@ -76,46 +101,58 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return slopes
 
 
-def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv: int, device) -> torch.Tensor:
-    """The additive rules materialised: [heads or 1, s_q, s_kv] fp32, 0 or ALiBi where kept, -inf where masked."""
-    q = torch.arange(s_kv - s_q, s_kv, device=device)[:, None]  # queries are the last s_q positions
+def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv: int, device,
+               keys: KeyMask = NO_MASK) -> torch.Tensor:
+    """The additive rules materialised: [b or 1, heads or 1, s_q, s_kv] fp32, 0 or ALiBi where kept, -inf
+    where masked. Queries are the last s_q of the s_kv positions (a KV cache holds the others)."""
+    offset = s_kv - s_q
+    q = torch.arange(s_q, device=device)[:, None]
     kv = torch.arange(s_kv, device=device)[None, :]
-    keep = mask_rule(rules.window)(None, None, q, kv)  # [s_q, s_kv]
+    if keys.empty:
+        keep = mask_rule(rules.window, q_offset=offset)(None, None, q, kv)[None, None]  # [1, 1, s_q, s_kv]
+    else:
+        batch = (keys.valid if keys.valid is not None else keys.documents).shape[0]
+        b = torch.arange(batch, device=device)[:, None, None, None]
+        keep = mask_rule(rules.window, keys, offset)(b, None, q, kv)  # [b, 1, s_q, s_kv]
     bias = torch.zeros(keep.shape, device=device).masked_fill(~keep, -math.inf)
     if rules.alibi:
         heads = torch.arange(len(slopes), device=device)[:, None, None]
-        bias = score_rule(ScoreRules(alibi=True), slopes)(bias, None, heads, q, kv)  # [heads, s_q, s_kv]
-    return bias[None] if bias.ndim == 2 else bias
+        bias = score_rule(ScoreRules(alibi=True), slopes, offset)(bias, None, heads, q, kv)  # [b, heads, s_q, s_kv]
+    return bias
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, rules: ScoreRules, scale: float, slopes=None) -> torch.Tensor:
-    """Softmax(scores) [b, heads, s_q, s_kv] in fp32 by eager math: the oracle and the soft-cap kernel.
-    q [b, heads, s_q, d], k [b, kv_heads, s_kv, d]."""
+def attention_probs(q: torch.Tensor, k: torch.Tensor, rules: ScoreRules, scale: float, slopes=None,
+                    keys: KeyMask = NO_MASK) -> torch.Tensor:
+    """Softmax(scores) [b, heads, s_q, s_kv] in fp32 by eager math: the oracle, the soft-cap kernel and
+    what the attention probe reads. q [b, heads, s_q, d], k [b, kv_heads, s_kv, d]."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: each kv head serves a group
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, heads, s_q, s_kv]
     s_q, s_kv = scores.shape[-2:]
     if rules.softcap is not None:
         scores = torch.tanh(scores / rules.softcap) * rules.softcap
-    bias = dense_bias(ScoreRules(window=rules.window, alibi=rules.alibi), slopes, s_q, s_kv, q.device)
+    bias = dense_bias(ScoreRules(window=rules.window, alibi=rules.alibi), slopes, s_q, s_kv, q.device, keys)
     return torch.softmax(scores + bias, dim=-1, dtype=torch.float32)
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rules: ScoreRules, scale: float,
-    slopes: Optional[torch.Tensor] = None,
+    slopes: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
 ) -> torch.Tensor:
-    """Attention output [b, heads, s, d] from q [b, heads, s, d] and k, v [b, kv_heads, s, d]."""
+    """Attention output [b, heads, s_q, d] from q [b, heads, s_q, d] and k, v [b, kv_heads, s_kv, d]; the
+    queries are the last s_q positions (s_q < s_kv when a KV cache holds the earlier ones)."""
     gqa = q.shape[1] != k.shape[1]
-    if rules.plain:
-        # enable_gqa lets SDPA broadcast kv heads itself: no repeated K/V copy, and on CPU it measured
-        # as fast as repeat_interleave or expand (within noise). FlashAttention takes it on GPU.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    s_q, s_kv = q.shape[2], k.shape[2]
+    if rules.plain and keys.empty and (s_q == s_kv or s_q == 1):
+        # Causal over the whole sequence, or one new token that sees every cached key. enable_gqa lets SDPA
+        # broadcast kv heads itself: no repeated K/V copy, and on CPU it measured as fast as
+        # repeat_interleave or expand (within noise). FlashAttention takes it on GPU.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=s_q > 1, scale=scale, enable_gqa=gqa)
     if q.is_cuda:
-        return flex_attention(q, k, v, rules, scale, slopes)
+        return flex_attention(q, k, v, rules, scale, slopes, keys=keys)
     if rules.softcap is None:
-        bias = dense_bias(rules, slopes, q.shape[2], k.shape[2], q.device).to(q.dtype)
+        bias = dense_bias(rules, slopes, s_q, s_kv, q.device, keys).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
-    probs = attention_probs(q, k, rules, scale, slopes).to(v.dtype)
+    probs = attention_probs(q, k, rules, scale, slopes, keys).to(v.dtype)
     return torch.matmul(probs, v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))
 
 
@@ -128,20 +165,27 @@ def _compiled_flex() -> Callable:
 
 @functools.lru_cache(maxsize=32)
 def _block_mask(window: Optional[int], s_q: int, s_kv: int, device: str):
-    """Block masks depend only on the rule and the lengths: built once per shape, not per layer or step."""
+    """Without per-sequence masks a block mask depends only on the rule and the lengths: built once per
+    shape, not per layer or step."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_rule(window), None, None, s_q, s_kv, device=device)
+    return create_block_mask(mask_rule(window, q_offset=s_kv - s_q), None, None, s_q, s_kv, device=device)
 
 
-def flex_attention(q, k, v, rules: ScoreRules, scale: float, slopes=None, compiled: bool = True) -> torch.Tensor:
+def flex_attention(q, k, v, rules: ScoreRules, scale: float, slopes=None, compiled: bool = True,
+                   keys: KeyMask = NO_MASK) -> torch.Tensor:
     """FlexAttention with the same rules; `compiled=False` runs its eager reference (CPU forward, tests)."""
+    from torch.nn.attention.flex_attention import create_block_mask
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
-    block_mask = _block_mask(rules.window, q.shape[2], k.shape[2], str(q.device))
+    s_q, s_kv = q.shape[2], k.shape[2]
+    if keys.empty:
+        block_mask = _block_mask(rules.window, s_q, s_kv, str(q.device))
+    else:
+        block_mask = create_block_mask(mask_rule(rules.window, keys, s_kv - s_q), q.shape[0], None, s_q, s_kv,
+                                       device=str(q.device))
     kernel = _compiled_flex() if compiled else eager_flex
     return kernel(
-        q, k, v, score_mod=score_rule(rules, slopes), block_mask=block_mask, scale=scale,
+        q, k, v, score_mod=score_rule(rules, slopes, s_kv - s_q), block_mask=block_mask, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-

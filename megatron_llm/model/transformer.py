@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llm.model.attention import Attention, AttentionContext
-from megatron_llm.model.attention_kernels import alibi_slopes
+from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
+from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.mlp import FeedForward
+from megatron_llm.model.moe import GroupedExperts, MoE, Router
 from megatron_llm.model.norms import RMSNorm, build_norm
 from megatron_llm.model.rope import rope_tables
 from megatron_llm.model_config import LayerSpec, ModelConfig
@@ -43,7 +45,7 @@ class TransformerBlock(nn.Module):
         self.attention_post_norm = build_norm(cfg) if post_sublayer else None
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
         self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoE(cfg) if spec.moe else FeedForward(cfg)
         self.ffn_post_norm = build_norm(cfg) if post_sublayer else None
         self.parallel = cfg.parallel_residual
         self.post_residual = placement in ("post", "deepnorm")
@@ -125,72 +127,108 @@ class Transformer(nn.Module):
         A tied head is drawn under the embedding's name: both copies of a split pipeline start equal.
         """
         cfg = self.cfg
-        self._fill_position_buffers()
+        self.init_buffers()
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scaled_init else cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 key = "tok_embeddings" if name == "output" and cfg.tie_embeddings else name
-                generator = torch.Generator(module.weight.device).manual_seed(seed + zlib.crc32(key.encode()))
-                std = out_std if name.endswith(OUT_PROJECTIONS) else cfg.init_std
-                std *= cfg.init_beta if name.endswith(DEEPNORM_SCALED) else 1.0
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                self._draw(module.weight, key, seed, out_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, (Router, GroupedExperts)):
+                for part, weight in module.named_parameters(recurse=False):  # each stacked [E, ...] under its own name
+                    self._draw(weight, f"{name}.{part}", seed, out_std)
+                if getattr(module, "expert_bias", None) is not None:
+                    nn.init.zeros_(module.expert_bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
-            elif isinstance(module, Attention) and module.alibi_slopes is not None:
-                module.alibi_slopes.copy_(alibi_slopes(cfg.num_heads))
 
-    def _fill_position_buffers(self) -> None:
+    def _draw(self, weight: torch.Tensor, key: str, seed: int, out_std: float) -> None:
+        """Normal init of one weight from the generator of its name (see init_weights)."""
         cfg = self.cfg
-        for name, theta in (("global", cfg.rope_theta), ("local", cfg.rope_local_theta)):
+        generator = torch.Generator(weight.device).manual_seed(seed + zlib.crc32(key.encode()))
+        std = out_std if key.endswith(OUT_PROJECTIONS) else cfg.init_std
+        std *= cfg.init_beta if key.endswith(DEEPNORM_SCALED) else 1.0
+        nn.init.normal_(weight, mean=0.0, std=std, generator=generator)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The buffers derived from the config (RoPE tables, the sinusoid table, ALiBi slopes): all a model
+        whose every weight is about to be loaded needs (build_model(init=False))."""
+        cfg = self.cfg
+        for module in self.modules():
+            if isinstance(module, Attention) and module.alibi_slopes is not None:
+                module.alibi_slopes.copy_(alibi_slopes(cfg.num_heads))
+        # The local table (sliding layers) is unscaled: Gemma3 stretches only its full layers' context.
+        for name, theta, scaling in (("global", cfg.rope_theta, cfg.rope_scaling), ("local", cfg.rope_local_theta, None)):
             cos_buffer = getattr(self, _rope_buffer(name, "cos"), None)
             if cos_buffer is not None:
-                cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, theta, cfg.rope_scaling, cos_buffer.device)
+                cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, theta, scaling, cos_buffer.device)
                 cos_buffer.copy_(cos)
                 getattr(self, _rope_buffer(name, "sin")).copy_(sin)
         if self.pos_table is not None:
             self.pos_table.copy_(sinusoid_table(cfg.max_seq_len, cfg.hidden_size))
 
-    def attention_context(self) -> AttentionContext:
-        """The context every attention layer of this forward shares (positions from 0, this model's RoPE tables)."""
+    def attention_context(self, positions: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
+                          cache: Optional[KVCache] = None) -> AttentionContext:
+        """The context every attention layer of this forward shares: this model's RoPE tables and what the
+        caller passed (see forward)."""
         names = [name for name in ("global", "local") if hasattr(self, _rope_buffer(name, "cos"))]
         rope = {n: (getattr(self, _rope_buffer(n, "cos")), getattr(self, _rope_buffer(n, "sin"))) for n in names}
-        return AttentionContext(rope=rope)
+        return AttentionContext(rope=rope, positions=positions, keys=keys, cache=cache)
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _embed(self, tokens: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
         if self._sparse_embedding_grad():
             h = F.embedding(tokens, self.tok_embeddings.weight, sparse=True)
         else:
             h = self.tok_embeddings(tokens)  # [b, s, hidden]; through the module, where tp hooks in
         if self.cfg.embedding_multiplier != 1.0:
             h = h * self.cfg.embedding_multiplier
+        if positions is None and (self.pos_embeddings is not None or self.pos_table is not None):
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
         if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(torch.arange(tokens.shape[1], device=tokens.device))
+            h = h + self.pos_embeddings(positions)
         if self.pos_table is not None:
-            h = h + self.pos_table[: tokens.shape[1]].to(h.dtype)
+            h = h + self.pos_table[positions].to(h.dtype)
         return h if self.embedding_norm is None else self.embedding_norm(h)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
+        keys: KeyMask = NO_MASK, cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Training passes tokens (and labels) alone. Inference may pass the tokens' positions [b, s] (left
+        padding), per-sequence key masks and a KV cache, which this forward fills and advances; positions
+        default to the cache's continuation, else 0..s-1."""
+        if positions is None and cache is not None and cache.length:
+            positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
         # a later pipeline stage gets hidden states [b, s, hidden] already
-        h = tokens if self.tok_embeddings is None else self._embed(tokens)
-        ctx = self.attention_context()
+        h = tokens if self.tok_embeddings is None else self._embed(tokens, positions)
+        ctx = self.attention_context(positions, keys, cache)
         for layer in self.layers.values():
             h = layer(h, ctx)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        if self.output is None:
+            return h if self.norm is None else self.norm(h)
+        logits = self.logits(h)
+        return logits if labels is None else token_cross_entropy(logits, labels)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The last blocks' hidden states [b, s, hidden] through the final norm and the head: logits [b, s, vocab]
+        (also the logit lens's view of any layer)."""
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is None:
-            return h
         logits = self.output(h)  # [b, s, vocab]
         if self.cfg.logit_multiplier != 1.0:
             logits = logits * self.cfg.logit_multiplier
         if self.cfg.logit_softcap is not None:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
-        return logits if labels is None else token_cross_entropy(logits, labels)
+        return logits
 
 
-OUT_PROJECTIONS = ("attention.wo", "feed_forward.w2")  # write into the residual stream
-DEEPNORM_SCALED = ("attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+OUT_PROJECTIONS = ("attention.wo", "feed_forward.w2", "experts.w2")  # write into the residual stream
+DEEPNORM_SCALED = ("attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+                   "experts.w1", "experts.w2", "experts.w3")
 
 
 def _rope_buffer(table: str, part: str) -> str:
@@ -224,13 +262,20 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return loss.view(labels.shape)
 
 
-def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Optional[int] = None) -> Transformer:
-    """Builds on the meta device, allocates once on `device`, then initialises (seeded when asked)."""
+def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Optional[int] = None,
+                init: bool = True, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Builds on the meta device, allocates once on `device` (parameters in `dtype`), then initialises (seeded
+    when asked). With init=False the weights stay uninitialised memory, for a loader that writes every one."""
     with torch.device("meta"):
         model = Transformer(cfg)
+    if dtype != torch.float32:
+        model.to(dtype)  # on meta: nothing allocated yet
     model.to_empty(device=device)
     model.tie_weights()
-    model.init_weights(seed if seed is not None else int(torch.randint(2**31, ())))
+    if init:
+        model.init_weights(seed if seed is not None else int(torch.randint(2**31, ())))
+    else:
+        model.init_buffers()
     return model
 
 

@@ -53,14 +53,17 @@ def _read_rope(hf: dict) -> dict:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if "full_attention" in params:  # Gemma3: one block per layer type; the sliding layers' base is local
         theta, scaling, fraction = _rope_block(params["full_attention"], hf)
-        local = _rope_block(params["sliding_attention"], hf)[0] if "sliding_attention" in params else None
+        local, local_scaling, _ = _rope_block(params["sliding_attention"], hf) if "sliding_attention" in params else (None,) * 3
+        if local_scaling is not None:
+            raise UsageError("config.json scales the sliding layers' RoPE too (rope_parameters.sliding_attention); "
+                             "only the full layers' scaling is supported")
         return dict(rope_theta=theta, rope_scaling=scaling, rope_fraction=fraction, rope_local_theta=local)
     theta, scaling, fraction = _rope_block(params, hf)
     return dict(rope_theta=theta, rope_scaling=scaling, rope_fraction=fraction)
 
 
-def _rope_params(cfg: ModelConfig, theta: float) -> dict:
-    out = {"rope_type": "default", "rope_theta": theta, **(cfg.rope_scaling or {})}
+def _rope_params(cfg: ModelConfig, theta: float, scaling: dict | None) -> dict:
+    out = {"rope_type": "default", "rope_theta": theta, **(scaling or {})}
     if cfg.rope_fraction != 1.0:
         out["partial_rotary_factor"] = cfg.rope_fraction
     return out
@@ -68,9 +71,9 @@ def _rope_params(cfg: ModelConfig, theta: float) -> dict:
 
 def _write_rope(cfg: ModelConfig) -> dict:
     if cfg.rope_local_theta is not None:
-        return {"rope_parameters": {"full_attention": _rope_params(cfg, cfg.rope_theta),
-                                    "sliding_attention": _rope_params(cfg, cfg.rope_local_theta)}}
-    return {"rope_parameters": _rope_params(cfg, cfg.rope_theta)}
+        return {"rope_parameters": {"full_attention": _rope_params(cfg, cfg.rope_theta, cfg.rope_scaling),
+                                    "sliding_attention": _rope_params(cfg, cfg.rope_local_theta, None)}}
+    return {"rope_parameters": _rope_params(cfg, cfg.rope_theta, cfg.rope_scaling)}
 
 
 ROPE = Derived(_read_rope, _write_rope)  # transformers 5's rope_parameters; 4's rope_theta/rope_scaling read too
@@ -84,7 +87,7 @@ def partial_rope(default: float) -> Derived:
         return _read_rope({**hf, "partial_rotary_factor": hf.get("partial_rotary_factor") or default})
 
     def write(cfg: ModelConfig) -> dict:
-        return {"rope_parameters": {**_rope_params(cfg, cfg.rope_theta), "partial_rotary_factor": cfg.rope_fraction}}
+        return {"rope_parameters": {**_rope_params(cfg, cfg.rope_theta, cfg.rope_scaling), "partial_rotary_factor": cfg.rope_fraction}}
 
     return Derived(read, write)
 

@@ -1,0 +1,117 @@
+"""Autoregressive generation over token ids: a batch of prompts of different lengths (left-padded, positions
+from the padding mask), a KV cache owned here, greedy or sampled decoding, per-row stopping.
+
+The model is any megatron_llm Transformer; nothing here is used by training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from megatron_llm.errors import UsageError
+from megatron_llm.model.attention_kernels import NO_MASK, KeyMask
+from megatron_llm.model.kv_cache import KVCache
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy at temperature 0, else sampled from the temperature-scaled
+    distribution cut to the top_k tokens and to the smallest set whose probability reaches top_p
+    (in that order, as transformers applies them)."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop_tokens: frozenset = field(default_factory=frozenset)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UsageError(f"top_k must be positive or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[b, vocab] fp32 logits -> [b] token ids."""
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if sampling.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the first token past top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream_ids(
+    model: nn.Module, prompts: list[list[int]], sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]] = None,
+) -> Iterator[list[Optional[int]]]:
+    """Yields, after each decoding step, the new token of every row (None for rows already finished).
+    A row finishes at a stop token (which is yielded) or when `stopped(row, its tokens so far)` says so."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    longest, batch = max(map(len, prompts)), len(prompts)
+    total = longest + sampling.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise UsageError(
+            f"a prompt of {longest} tokens plus max_new_tokens {sampling.max_new_tokens} exceeds the model's "
+            f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for fewer tokens"
+        )
+    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the same index
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, longest - len(prompt):] = True
+    valid[:, longest:] = True
+    padded = bool((~valid[:, :longest]).any())
+    positions = (valid[:, :longest].cumsum(-1) - 1).clamp(min=0)  # [b, longest]: each row's own 0, 1, ...
+    cache = KVCache(total)
+    generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    keys = KeyMask(valid=valid[:, :longest]) if padded else NO_MASK
+    logits = model(tokens, positions=positions, keys=keys, cache=cache)[:, -1].float()  # [b, vocab]
+    done = [False] * batch
+    produced: list[list[int]] = [[] for _ in prompts]
+    for _ in range(sampling.max_new_tokens):
+        chosen = next_tokens(logits, sampling, generator).tolist()
+        step: list[Optional[int]] = []
+        for row, token in enumerate(chosen):
+            if done[row]:
+                step.append(None)
+                continue
+            produced[row].append(token)
+            step.append(token)
+            done[row] = token in sampling.stop_tokens or (stopped is not None and stopped(row, produced[row]))
+        yield step
+        if all(done):
+            return
+        positions = positions[:, -1:] + 1  # [b, 1]
+        keys = KeyMask(valid=valid[:, : cache.length + 1]) if padded else NO_MASK
+        new = torch.tensor(chosen, device=device)[:, None]
+        logits = model(new, positions=positions, keys=keys, cache=cache)[:, -1].float()
+
+
+def generate_ids(model: nn.Module, prompts: list[list[int]], sampling: Sampling,
+                 stopped: Optional[Callable[[int, list[int]], bool]] = None) -> list[list[int]]:
+    """The new tokens of every prompt (a stop token included, as transformers returns it)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream_ids(model, prompts, sampling, stopped):
+        for row, token in enumerate(step):
+            if token is not None:
+                out[row].append(token)
+    return out

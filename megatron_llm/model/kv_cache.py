@@ -1,0 +1,35 @@
+"""A key/value cache for incremental decoding, owned by the caller (inference/), never stored on modules:
+the model receives it through the attention context, so training code never sees one."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of every attention layer for one batch, in buffers [b, kv_heads, max_len, d] allocated
+    at a layer's first write. All layers of a forward write at the same offset, `length`; the model's
+    forward advances it by the tokens it added."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length = max_len, 0
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this forward's k, v [b, kv_heads, s, d] for `layer`; returns all of its keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; this forward needs {end}")
+        key = id(layer)
+        if key not in self.buffers:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.buffers[key] = (k.new_empty(shape), v.new_empty(shape))
+        k_all, v_all = self.buffers[key]
+        k_all[:, :, self.length : end] = k
+        v_all[:, :, self.length : end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keeps only the batch rows `rows` (finished sequences leave the batch)."""
+        self.buffers = {key: (k[rows], v[rows]) for key, (k, v) in self.buffers.items()}

@@ -1,0 +1,153 @@
+"""The mixture-of-experts feed-forward: a router picks k of E experts per token, the tokens are sorted by
+expert and each expert's rows go through its own MLP in one grouped matrix multiply, and the outputs are
+summed back per token with the router's weights; optional shared experts see every token.
+
+The experts are stacked weights, `experts.w1` [E, ffn, hidden] and so on, not E modules: one parameter
+per projection, which expert parallelism (parallel/expert_parallel.py) splits along E from outside by
+wrapping `experts.forward`. The auxiliary losses are not computed here: each forward leaves its router
+statistics on the module (`MoE.stats`) and the training step turns them into losses (training/moe_loss.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_llm.model.mlp import ACTIVATIONS, FeedForward
+from megatron_llm.model_config import ModelConfig
+
+
+@dataclass
+class RouterStats:
+    """One forward's routing, for the losses and the logs (sums, so micro-batches and layers add up)."""
+
+    counts: torch.Tensor  # [E] assignments per expert (k per token), before any dropping; no gradient
+    prob_sum: torch.Tensor  # [E] sum over tokens of each expert's normalised score; carries the gradient
+    z_sum: torch.Tensor  # sum over tokens of logsumexp(router logits)^2; carries the gradient
+    tokens: int  # tokens routed
+    dropped: torch.Tensor  # assignments past an expert's capacity (0 when dropless)
+
+
+class Router(nn.Module):
+    """x [T, hidden] -> (expert indices [T, k], their weights [T, k], stats). Scores are a softmax over the
+    experts or a sigmoid per expert; the choice may add the expert bias (DeepSeek-V3's aux-loss-free
+    balancing, a buffer the training step moves, never a gradient) and be limited to the best groups of
+    experts; the weights are the unbiased scores of the chosen experts, renormalised or not, scaled."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.moe_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.empty(cfg.moe_experts) if cfg.moe_expert_bias else None)
+        self.top_k, self.score = cfg.moe_top_k, cfg.moe_score
+        self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
+        self.renormalize, self.scale = cfg.moe_renormalize, cfg.moe_routed_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(indices [T, k], weights [T, k] in x's dtype, logits [T, E] and scores [T, E] in fp32)."""
+        logits = F.linear(x, self.weight).float()  # [T, E]
+        scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if self.groups > 1:
+            choice = self._best_groups_only(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, indices)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return indices, (weights * self.scale).to(x.dtype), logits, scores
+
+    def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
+        """Scores outside the topk_groups groups with the largest top-2 sums set to 0 (DeepSeek-V3's
+        noaux_tc), so no token reaches more than topk_groups groups."""
+        grouped = choice.view(choice.shape[0], self.groups, -1)  # [T, groups, E / groups]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, groups]
+        best = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x [N, in], sorted by expert with counts[e] rows for expert e, times w[e]^T ([E, out, in])
+    -> [N, out]. One `torch._grouped_mm` where it runs (its operands need 16-byte-aligned strides; on
+    CUDA it takes bf16), else a loop over the experts (a fallback, not the hot path)."""
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    if hasattr(torch, "_grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+    parts = x.split(counts.tolist())
+    return torch.cat([part @ w[e].T for e, part in enumerate(parts)])
+
+
+class GroupedExperts(nn.Module):
+    """E MLPs of the config's kind as stacked weights: gated w2(act(w1 x) * w3 x) or plain w2(act(w1 x)).
+    x [N, hidden] is sorted by expert, counts [E] rows each; the result is [N, hidden] in the same order."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, dim, hidden = cfg.moe_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
+        self.act = ACTIVATIONS[cfg.mlp]
+        self.w1 = nn.Parameter(torch.empty(e, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(e, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(e, hidden, dim)) if cfg.gated else None
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        h = self.act(grouped_mm(x, self.w1, counts))  # [N, moe_ffn_hidden]
+        if self.w3 is not None:
+            h = h * grouped_mm(x, self.w3, counts)
+        return grouped_mm(h, self.w2, counts)  # [N, hidden]
+
+
+class MoE(nn.Module):
+    """The feed_forward slot of a MoE layer: x [b, s, hidden] -> [b, s, hidden]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg)
+        shared = cfg.moe_shared_ffn_hidden_size
+        self.shared_experts = FeedForward(cfg, shared) if shared else None
+        self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe_shared_gate else None
+        self.num_experts, self.top_k, self.capacity_factor = cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor
+        self.stats: Optional[RouterStats] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, hidden]
+        indices, weights, logits, scores = self.router(x)  # [T, k], [T, k], [T, E], [T, E]
+        flat = indices.flatten()  # [T * k], token t's slots at t * k ...
+        order = flat.argsort(stable=True)  # assignments sorted by expert, tokens in order within one
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        self._record(logits, scores, counts)
+        if self.capacity_factor is not None:
+            order, counts = self._drop_over_capacity(order, counts, flat)
+        token = order // self.top_k  # the token of each sorted assignment
+        y = self.experts(x[token], counts)  # [N, hidden], sorted by expert
+        y = y * weights.flatten()[order].unsqueeze(-1)
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # [T, hidden]: the k outputs summed per token
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
+        return out.view(shape)
+
+    def _drop_over_capacity(self, order, counts, flat):
+        """Keeps the first `capacity` assignments of each expert, in token order (earlier tokens win)."""
+        capacity = math.ceil(self.capacity_factor * flat.numel() / self.num_experts)
+        starts = counts.cumsum(0) - counts  # [E] first sorted position of each expert
+        position = torch.arange(order.numel(), device=order.device) - starts[flat[order]]
+        keep = position < capacity
+        self.stats.dropped = (~keep).sum()
+        return order[keep], counts.clamp(max=capacity)
+
+    def _record(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
+        """The router statistics of this forward (see RouterStats); the losses are the training step's.
+        Softmax routers balance their probabilities (transformers' load_balancing_loss_func); sigmoid
+        ones their scores normalised per token (DeepSeek-V3's balance loss)."""
+        probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        z = torch.logsumexp(logits, dim=-1)
+        self.stats = RouterStats(
+            counts.detach().float(), probs.sum(0), z.square().sum(), logits.shape[0], counts.new_zeros(())
+        )

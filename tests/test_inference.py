@@ -1,0 +1,111 @@
+"""Using a trained model (megatron_llm.LLM) against transformers on tiny random models in fp32: greedy
+generation token for token for batches of unequal prompts (KV cache, left padding, sliding windows,
+soft-caps), streaming, stop rules, the probes against output_hidden_states and eager output_attentions,
+and a model spread over devices."""
+
+import pytest
+import torch
+import transformers
+
+import megatron_llm
+from megatron_llm.errors import UsageError
+
+EOD = 256  # the byte tokenizer's end of document: a stop token
+SMALL = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=EOD)
+CASES = {
+    "llama": {},
+    "qwen3": dict(head_dim=24),
+    "gemma2": dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=16),
+    "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5, use_parallel_residual=True),
+}
+PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [100, 101, 102], [119, 111, 114, 108, 100]]  # unequal lengths
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in {**SMALL, **CASES[model_type]}.items()
+                                                                       if v is not None})
+            config._attn_implementation = "eager"
+            torch.manual_seed(0)
+            hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+            with torch.no_grad():
+                for name, p in hf.named_parameters():
+                    if "norm" in name or name.endswith("bias"):
+                        p.add_(torch.randn_like(p) * 0.1)
+            path = tmp_path_factory.mktemp(model_type)
+            hf.save_pretrained(path)
+            built[model_type] = (megatron_llm.LLM.load(str(path)), hf)
+        return built[model_type]
+
+    return get
+
+
+def hf_greedy(hf, prompts, new_tokens):
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                      eos_token_id=EOD)[:, longest:].tolist()
+    return [row[: row.index(EOD) + 1] if EOD in row else row for row in out]  # each row up to its stop token
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_greedy_generate_equals_transformers(models, model_type):
+    llm, hf = models(model_type)
+    assert llm.generate(PROMPTS, max_new_tokens=16) == hf_greedy(hf, PROMPTS, 16)
+
+
+def test_stream_pieces_join_to_generate(models):
+    llm, _ = models("llama")
+    prompt = "naïve café ☕ "  # multi-byte characters in the prompt; the model's bytes may form more
+    pieces = list(llm.stream_generate(prompt, max_new_tokens=24))
+    assert "".join(pieces) == llm.generate(prompt, max_new_tokens=24)
+    assert all(not piece.endswith("\ufffd") for piece in pieces[:-1])  # no character split across pieces
+
+
+def test_sampling_is_seeded_and_stops(models):
+    llm, _ = models("llama")
+    a = llm.generate(PROMPTS, max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    assert a == llm.generate(PROMPTS, max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    first = a[0][0]
+    assert llm.generate([PROMPTS[0]], max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, seed=3,
+                        stop=[first]) == [[first]]  # a stop token id ends the row, kept in the ids
+    with pytest.raises(UsageError, match="stop must be a list"):
+        llm.generate(PROMPTS, stop="x")
+    with pytest.raises(UsageError, match="exceeds the model's context of 64"):
+        llm.generate([list(range(60))], max_new_tokens=8)
+
+
+def test_probes_match_transformers(models):
+    llm, hf = models("gemma2")
+    text = [5, 80, 33, 17, 99, 12, 64, 2, 45, 8]  # longer than the window of 6
+    with torch.no_grad():
+        out = hf(torch.tensor([text]), output_hidden_states=True, output_attentions=True)
+    for layer in (0, 1):
+        attentions = out.attentions[layer][0]  # [heads, s, s], with gemma2's window and soft-cap
+        weights = llm.show_attention(text, layer, 9, 5)
+        torch.testing.assert_close(torch.tensor([weights[f"head {h}"] for h in range(4)]), attentions[:, 9, 5])
+    assert llm.show_attention(text, 0, 9, 2)["mean"] == 0.0  # outside layer 0's window
+    hidden = out.hidden_states  # [embeddings, after layer 0, after layer 1 (final norm applied)]
+    expected = 1 - torch.nn.functional.cosine_similarity(hidden[0][0], hidden[1][0], dim=-1)
+    torch.testing.assert_close(torch.tensor(llm.show_cos_distance(text, 0)), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lens = hf.lm_head(hf.model.norm(hidden[1][:, -1]))
+        lens = (torch.tanh(lens / 3.0) * 3.0).softmax(-1)[0]
+    top = lens.topk(5)
+    pairs = llm.show_topk_token(text, 0, k=5)
+    assert [t for t, _ in pairs] == [llm.tokenizer.decode([i]) for i in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([p for _, p in pairs]), top.values, atol=1e-6, rtol=1e-5)
+
+
+def test_spread_over_devices_keeps_outputs(models):
+    llm, _ = models("qwen3")
+    before = llm.generate(PROMPTS, max_new_tokens=8)
+    llm.set_device(["cpu", "cpu"])  # the hooks that carry hidden states and context across a boundary run
+    assert llm.generate(PROMPTS, max_new_tokens=8) == before
