@@ -1,6 +1,7 @@
 """The feed-forward sublayer: gated (SwiGLU, GeGLU, ReGLU) or plain (GELU, ReLU, squared ReLU, SiLU)."""
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,12 @@ ACTIVATIONS = {
 
 class FeedForward(nn.Module):
     """Gated: w2(act(w1 x) * w3 x), with w1 the gate and w3 the up projection (HF gate_proj/up_proj).
-    Plain: w2(act(w1 x)), with w1 the up projection; there is no w3."""
+    Plain: w2(act(w1 x)), with w1 the up projection; there is no w3. `hidden_dim` defaults to
+    model.ffn_hidden_size (the shared experts of a MoE layer have their own)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden_dim: Optional[int] = None):
         super().__init__()
-        dim, hidden_dim, bias = cfg.hidden_size, cfg.ffn_hidden_size, cfg.mlp_bias
+        dim, hidden_dim, bias = cfg.hidden_size, hidden_dim or cfg.ffn_hidden_size, cfg.mlp_bias
         self.act = ACTIVATIONS[cfg.mlp]
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
