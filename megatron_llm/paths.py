@@ -17,8 +17,8 @@ def writable_directory(path: str, key: str) -> Path:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
             pass
     except FileExistsError:
-        raise UsageError(f"{key} {path} is a file, not a directory: point {key} at a directory") from None
+        raise UsageError(f"{key} {path} is a file, not a directory: choose another place") from None
     except OSError as e:
-        raise UsageError(f"{key} {path} is not writable ({e.strerror or e}): point {key} at a writable directory") from None
+        raise UsageError(f"{key} {path} is not writable ({e.strerror or e}): choose a writable place") from None
     return directory
 

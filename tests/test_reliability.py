@@ -316,7 +316,7 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"text": "hello"}) + "\n")
     assert tool("preprocess_data").main(["--input", str(source), "--output-prefix", str(a_file / "out")]) == 2
-    assert "--output-prefix's directory" in one_error_line(capsys)
+    assert f"the directory of --output-prefix {a_file} is a file" in one_error_line(capsys)
     for dp in ("0", "-2"):
         assert tool("estimate_memory").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--dp", dp]) == 2
         assert "--dp must be positive" in one_error_line(capsys)

@@ -54,7 +54,7 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    writable_directory(str(Path(output).parent), "--output's directory")  # created when missing
+    writable_directory(str(Path(output).parent), "the directory of --output")  # created when missing
     tmp = Path(output).with_name(f".tmp-{Path(output).name}")
     fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
     tmp.replace(output)

@@ -113,6 +113,8 @@ class _DirectoryLock:
                 f"checkpoint.dir {self.path.parent} is in use by another run ({owner}); two runs would overwrite "
                 "each other's checkpoints: wait for it to end or choose another checkpoint.dir"
             ) from None
+        except OSError as e:  # a file system without locks (some network mounts): run, unguarded, and say so
+            print(f"warning: cannot lock {self.path} ({e.strerror}): a second run into it would go unnoticed", flush=True)
         file.seek(0)
         previous = file.read().strip()  # empty after a clean exit
         if previous:

@@ -140,7 +140,7 @@ def preprocess(
         raise UsageError(f"input file {src} not found")
     tokenizer = load_tokenizer(tokenizer_spec)
     out = Path(output_prefix)
-    writable_directory(str(out.parent), "--output-prefix's directory")
+    writable_directory(str(out.parent), "the directory of --output-prefix")
     _remove_stale_temporaries(out)
 
     # The workers start before megatron-core is imported (3 s), so that they tokenize meanwhile.
