@@ -12,8 +12,10 @@
 #                     train.py resumes from the latest checkpoint
 #   SHUTDOWN_TIMEOUT  seconds the workers get to finish their step and save after SIGTERM/SIGUSR1 [300]
 #
-# Exit status: torchrun's, or 75 when this script got SIGTERM or SIGUSR1 (the workers saved a
-# checkpoint and stopped): run it again to continue; launch/slurm.sbatch requeues the job on 75.
+# Exit status: torchrun's; 2 with one `error: ...` line when the config or its layout for
+# NNODES x NPROC_PER_NODE ranks is refused (checked once here, before any worker starts); or 75 when
+# this script got SIGTERM or SIGUSR1 (the workers saved a checkpoint and stopped): run it again to
+# continue; launch/slurm.sbatch requeues the job on 75.
 # Needs torch 2.12 or newer (torchrun's --signals-to-handle and --shutdown-timeout).
 set -euo pipefail
 if [ $# -lt 1 ]; then
@@ -24,6 +26,14 @@ config=$1
 shift
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
 nproc=${NPROC_PER_NODE:-$([ "${gpus:-0}" -gt 0 ] && echo "$gpus" || echo 1)}
+root=$(cd "$(dirname "$0")/.." && pwd)
+
+# The config and the layout, once, as every rank would check them. An elastic NNODES (MIN:MAX) leaves
+# the world size open: the ranks check it themselves.
+if [[ "${NNODES:-1}" =~ ^[0-9]+$ ]]; then
+  PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" python3 -m megatron_llm.check_config \
+    --world-size $(( ${NNODES:-1} * nproc )) "$config" "$@" || exit $?
+fi
 
 # A store shared between torchrun's rendezvous and the workers keeps the keys of the failed attempt,
 # so a restarted group connects to dead workers (pytorch/pytorch#135712): give each attempt its own.
@@ -35,7 +45,7 @@ torchrun \
   --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
   --rdzv-id "${RDZV_ID:-megatron_llm}" --max-restarts "${MAX_RESTARTS:-0}" \
   --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-300}" \
-  "$(dirname "$0")/../train.py" --config "$config" "$@" &
+  "$root/train.py" --config "$config" "$@" &
 child=$!
 
 stopped=""

@@ -45,10 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.config import Config, ModelConfig, ParallelConfig, load_config  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.logging.progress import Progress  # noqa: E402
 from megatron_llm.parallel.pipeline import stage_layers, stages_of_rank  # noqa: E402
 from megatron_llm.parallel.tensor_parallel import padded_vocab_size  # noqa: E402
 
 GIB = 2**30
+MEASURE_MAX_RANKS = 8  # --measure runs every rank as a process on this machine's CPUs
+RANK_BASE_BYTES = 400 * 2**20  # a rank's resident memory before the model: Python, torch, gloo (~300 MiB measured)
 
 
 @dataclass
@@ -185,6 +188,50 @@ def _measure_rank(rank: int, world: int, port: int, config: str, overrides: list
     replies.put((pp_rank, peak))
 
 
+def check_measurable(stages: list[StageMemory], cfg: Config, dp: int) -> None:
+    """Refuses a layout this machine cannot run for --measure: too many ranks for its CPUs, or more memory
+    than it has available (every rank's estimate, in fp32, plus each process's own)."""
+    p = cfg.parallel
+    world = p.tp * p.pp * dp
+    if world > MEASURE_MAX_RANKS:
+        raise UsageError(
+            f"--measure runs {world} ranks (tp x pp x dp) as processes here, more than {MEASURE_MAX_RANKS}: "
+            "measure a smaller layout, or drop --measure for the estimate alone"
+        )
+    needed = sum(s.total for s in stages) * p.tp * dp + world * RANK_BASE_BYTES
+    available = _available_bytes()
+    if needed > available:
+        raise UsageError(
+            f"--measure needs about {needed / GIB:.1f} GiB for {world} rank(s) but this machine has {available / GIB:.1f} GiB "
+            "available: measure a smaller model (e.g. --model.num_layers 2) or drop --measure for the estimate alone"
+        )
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024  # kB
+
+
+def _collect(procs: list, replies, progress: Progress) -> list:
+    """Every rank's reply; fails as soon as a rank died without one, instead of waiting for it."""
+    import queue
+
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(replies.get(timeout=1))
+        except queue.Empty:
+            dead = [rank for rank, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.kill()  # the others wait for it in a collective
+                raise UsageError(f"rank {dead[0]} of the measurement exited with code {procs[dead[0]].exitcode} (its error is above)")
+        progress.update(len(results))
+    progress.close()
+    return results
+
+
 def measure(config: str, overrides: list[str], world: int) -> dict[int, float]:
     """pp rank -> the largest peak over its ranks, in bytes above the state before the model was built."""
     import multiprocessing
@@ -202,7 +249,7 @@ def measure(config: str, overrides: list[str], world: int) -> dict[int, float]:
     for p in procs:
         p.start()
     try:
-        results = [replies.get(timeout=3600) for _ in procs]
+        results = _collect(procs, replies, Progress(f"measuring {world} ranks (three steps each)", world, "ranks"))
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -232,7 +279,15 @@ def main(argv: list[str]) -> int:
         return 2
     dtype = args.dtype or ("fp32" if args.measure else "bf16")
     stages = estimate(cfg, args.dp, 4 if dtype == "fp32" else 2)
-    measured = measure(args.config, overrides, cfg.parallel.tp * cfg.parallel.pp * args.dp) if args.measure else None
+    if args.measure:
+        try:
+            check_measurable(stages, cfg, args.dp)
+            measured = measure(args.config, overrides, cfg.parallel.tp * cfg.parallel.pp * args.dp)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_code
+    else:
+        measured = None
     report(cfg, args.dp, stages, measured)
     return 0
 

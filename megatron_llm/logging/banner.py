@@ -48,7 +48,7 @@ def banner(cfg: Config, dp: int, per_rank: list[int], run_dir: Optional[Path], r
     lines = [
         f"run {cfg.logging.run_name}",
         f"  parameters   {_count(total_parameters(cfg))} total, {spread} per rank",
-        f"  layout       {len(per_rank)} ranks: tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, "
+        f"  layout       {len(per_rank)} rank{'s' if len(per_rank) > 1 else ''}: tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, "
         f"schedule {p.schedule}) on {device.type}",
         f"  global batch {sequences} sequences x {cfg.data.seq_len} tokens = {sequences * cfg.data.seq_len:,} tokens "
         f"({t.micro_batch_size} per micro-batch x {t.grad_accum_steps} micro-batches x dp {dp})",

@@ -18,7 +18,7 @@ from megatron_llm.checkpoint.run_dir import RunDirectory, open_run_directory
 from megatron_llm.config import Config
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.default_corpus import ensure_default_corpus
-from megatron_llm.data.loader import TrainBatches, eval_batches
+from megatron_llm.data.loader import TrainBatches
 from megatron_llm.errors import UsageError
 from megatron_llm.logging import MetricsLogger
 from megatron_llm.logging.banner import banner, parameters_per_rank
@@ -31,7 +31,8 @@ from megatron_llm.training.faults import StopSignals, name_hung_ranks, weights_f
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
-from megatron_llm.training.step import StepResult, autocast_dtype, evaluate, train_step
+from megatron_llm.training.evaluation import channel_sums, mean_loss
+from megatron_llm.training.step import StepResult, autocast_dtype, train_step
 
 
 class TrainingDiverged(UsageError):
@@ -196,11 +197,8 @@ class Trainer:
         """val_loss/<channel> on each channel's own validation split, and val_loss as their token-weighted
         mean over the very same tokens, so the overall curve always lies among the channels' curves."""
         t = self.cfg.training
-        sums = {}  # channel name -> (loss sum, tokens)
-        for name, dataset in self.data.valid_by_channel.items():
-            batches = eval_batches(dataset, t.micro_batch_size, t.eval_iters, self.dims.dp_rank, self.dims.dp)
-            sums[name] = evaluate(self.model, batches, self.dims, self.autocast_dtype)
-        result.val_losses[self.step] = sum(loss for loss, _ in sums.values()) / sum(n for _, n in sums.values())
+        sums = channel_sums(self.model, self.data.valid_by_channel, t.micro_batch_size, t.eval_iters, self.dims, self.autocast_dtype)
+        result.val_losses[self.step] = mean_loss(sums)
         per_channel = {name: loss / n for name, (loss, n) in sums.items()} if self.cfg.logging.per_channel else {}
         result.val_channel_losses[self.step] = per_channel
         scalars = {"val_loss": result.val_losses[self.step]}

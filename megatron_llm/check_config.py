@@ -1,0 +1,44 @@
+"""Check a training config and its layout for a world size, as every rank of train.py would, starting nothing.
+
+    python -m megatron_llm.check_config --world-size 8 configs/llama3_8b.yaml --parallel.tp 2
+
+launch/torchrun.sh runs it once before it starts the workers: a bad config or layout then prints one
+line and exits 2, instead of one line per rank followed by torchrun's ChildFailedError traceback.
+Exit status: 0 when train.py would start, 2 with `error: ...` on stderr when it would refuse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_llm.config import load_config
+from megatron_llm.errors import UsageError
+
+
+def check(config: str, overrides: list[str], world_size: int) -> None:
+    """Raises UsageError where train.py would, before its process group: config, layout, device."""
+    from megatron_llm.parallel.dims import check_layout, pick_device  # torch: after the cheap checks
+
+    cfg = load_config(config, overrides)
+    check_layout(cfg.parallel, world_size)
+    pick_device(cfg.training.device)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
+    parser.add_argument("config", help="the training YAML file")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.world_size < 1:
+            raise UsageError(f"--world-size must be positive, got {args.world_size}")
+        check(args.config, overrides, args.world_size)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
