@@ -23,8 +23,6 @@ from megatron_llm.checkpoint.megatron import SPECS
 from megatron_llm.checkpoint.megatron_io import TRACKER, MegatronReader, MegatronWriter
 from megatron_llm.checkpoint.hf import TOKEN_KEYS
 from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
-from megatron_llm.checkpoint.hf import TOKEN_KEYS
-from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
 from megatron_llm.checkpoint.native_io import NativeReader, NativeWriter
 from megatron_llm.checkpoint.stream import (
     DTYPES,
@@ -38,7 +36,6 @@ from megatron_llm.checkpoint.stream import (
 )
 from megatron_llm.config import ModelConfig
 from megatron_llm.model import build_model
-from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.errors import UsageError
 
@@ -135,8 +132,6 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
         raise UsageError(f"--output {output} overlaps the input {input}; choose a directory outside it")
     start = time.perf_counter()
     reader = open_reader(input_format, src)
-    if input_format == "native" and reader.hf_config is None:  # a model trained here: nothing to inherit ids from
-        reader.hf_config = byte_token_ids(src, reader.config)
     if input_format == "native" and reader.hf_config is None:  # a model trained here: nothing to inherit ids from
         reader.hf_config = byte_token_ids(src, reader.config)
     if output_format == "hf" and opts.hf_family is not None:  # trans_X_to_Y: the target family's form of the model
