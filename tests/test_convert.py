@@ -354,7 +354,7 @@ def _break(kind: str, mg: Path, hf: Path) -> None:
         del tensors["model.layers.2.mlp.up_proj.weight"]
         save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
     elif kind == "unknown-family":
-        (hf / "config.json").write_text((hf / "config.json").read_text().replace('"llama"', '"gpt2"'))
+        (hf / "config.json").write_text((hf / "config.json").read_text().replace('"llama"', '"t5"'))
 
 
 BAD = {
@@ -366,7 +366,7 @@ BAD = {
     "extra-shard": ("extra-shard", "megatron", ["--output-format", "hf"], "unexpected shards ['mp_rank_02_000']"),
     "shapes-disagree": ("shapes-disagree", "megatron", ["--output-format", "hf"], "shards disagree in shape"),
     "hf-missing-tensor": ("hf-missing-tensor", "hf", ["--output-format", "native"], "missing tensors ['model.layers.2.mlp.up_proj.weight']"),
-    "unknown-family": ("unknown-family", "hf", ["--output-format", "native"], "model_type 'gpt2' is not supported"),
+    "unknown-family": ("unknown-family", "hf", ["--output-format", "native"], "model_type 't5' is not supported"),
 }
 
 

@@ -123,7 +123,7 @@ def hf_twin(model: nn.Module, model_type: str, device: torch.device) -> nn.Modul
 
 def matching_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, hf: nn.Module, model_type: str):
     """An AdamW over `hf` with `optimizer`'s groups and settings, each parameter mapped by name."""
-    hf_name = {family(model_type).hf_name(name): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
+    hf_name = {family(model_type).hf_name(name, model.cfg): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
     by_id = dict(zip(hf_name.values(), hf_name.keys()))
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     groups = [

@@ -12,8 +12,9 @@ from megatron_llm.checkpoint.stream import EMBEDDING, HEAD, native_shapes
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
 
-# Older Hugging Face checkpoints saved the RoPE table (and GPT-2 its causal mask); we recompute them.
-HF_IGNORED = re.compile(r".*\.(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+# Older Hugging Face checkpoints saved the RoPE table (and GPT-2, GPT-J and GPT-NeoX their causal masks);
+# we recompute them.
+HF_IGNORED = re.compile(r".*\.(rotary_emb\.inv_freq|(attn|attention)\.(bias|masked_bias))$")
 
 
 def model_config_from_hf(hf_config: dict) -> ModelConfig:

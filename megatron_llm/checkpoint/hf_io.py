@@ -87,13 +87,13 @@ class HFReader:
         expected = set(self.family.hf_names(shapes, self.config))
         present = {k for k in self.file_of if not HF_IGNORED.match(k)}
         # A tied checkpoint may still store the head (some exporters do); it is the embedding, so skipped.
-        optional = {self.family.hf_name(HEAD)} if tied else set()
+        optional = {self.family.hf_name(HEAD, self.config)} if tied else set()
         check_names(f"{self.directory} does not match its config.json", expected, present - optional)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Opens the files for this group only: a mapping kept open would keep every page read so far
         resident, so the process would grow to the size of the input."""
-        keys = {self.family.hf_name(name) for name in names}
+        keys = {self.family.hf_name(name, self.config) for name in names}
         theirs = {}
         for file in sorted({self.file_of[key] for key in keys}):
             with _open_safetensors(self.directory / file) as f:

@@ -4,8 +4,9 @@ A `Family` is data: which Hugging Face config keys set which ModelConfig fields 
 always is (`Fixed`), the odd keys that need a small function each way (`Derived`), and a tensor table
 from Hugging Face name templates to ours (`{i}` is the layer), where an entry may fuse several of our
 tensors into one of theirs (`Fused`: q/k/v in one of three layouts, gate/up) or store a weight
-transposed (GPT-2's Conv1D). One engine below reads every table in both directions, so no family has
-a conversion loop of its own, and export is proven by reading the written config back.
+transposed (GPT-2's Conv1D); names that follow the config are the family's variants (`When`). One engine
+below reads every table in both directions, so no family has a conversion loop of its own, and export is
+proven by reading the written config back.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Key:
     default: Any = REQUIRED
     read: Callable[[Any], Any] = lambda v: v
     write: Callable[[Any], Any] = lambda v: v
+    also: tuple[str, ...] = ()  # older names of the key, read where `hf` is absent (BLOOM's n_embed)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,15 @@ TensorEntry = Union[str, Fused, Transposed]
 
 
 @dataclass(frozen=True)
+class When:
+    """Tensor names that hold where the model has the given field values, in place of the family's own
+    names for the same tensors of ours (Falcon names its norms by its decoder architecture)."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, TensorEntry]
+
+
+@dataclass(frozen=True)
 class Family:
     model_type: str
     architecture: str  # the class transformers builds for config.json's "architectures"
@@ -83,6 +94,7 @@ class Family:
     tensors: dict[str, TensorEntry]
     # Hugging Face config keys written on export besides the mapped ones (constants transformers reads).
     extra: dict = field(default_factory=dict)
+    variants: tuple[When, ...] = ()  # tensor names that follow the config
 
     # ---------------------------------------------------------------------------------------------
     # config.json <-> ModelConfig
@@ -95,7 +107,7 @@ class Family:
             elif isinstance(entry, Derived):
                 values.update(entry.read(hf))
             else:
-                raw = hf.get(entry.hf)
+                raw = get_family_value(hf, entry.hf, *entry.also)
                 if raw is None:
                     if entry.default is REQUIRED:
                         raise UsageError(
@@ -137,7 +149,7 @@ class Family:
         """Hugging Face name -> shape for our tensors `native` (name -> shape), in our order."""
         out: dict[str, torch.Size] = {}
         for name, shape in native.items():
-            hf, entry, _ = self._entry_of(name)
+            hf, entry, _ = self._entry_of(name, cfg)
             if hf in out:
                 continue
             if isinstance(entry, Fused):
@@ -151,7 +163,7 @@ class Family:
         """One group of our tensors -> theirs; every part of a fused tensor is in the same group (a layer)."""
         out = {}
         for name, tensor in tensors.items():
-            hf, entry, _ = self._entry_of(name)
+            hf, entry, _ = self._entry_of(name, cfg)
             if hf in out:
                 continue
             if isinstance(entry, Fused):
@@ -164,7 +176,7 @@ class Family:
         cache: dict[str, list[torch.Tensor]] = {}
         out = {}
         for name in names:
-            hf, entry, index = self._entry_of(name)
+            hf, entry, index = self._entry_of(name, cfg)
             if hf not in cache:
                 tensor = get(hf)
                 tensor = tensor.t() if _transposed(entry, tensor.shape) else tensor
@@ -172,13 +184,13 @@ class Family:
             out[name] = cache[hf][index]
         return out
 
-    def hf_name(self, name: str) -> str:
-        return self._entry_of(name)[0]
+    def hf_name(self, name: str, cfg: ModelConfig) -> str:
+        return self._entry_of(name, cfg)[0]
 
-    def _entry_of(self, name: str) -> tuple[str, TensorEntry, int]:
+    def _entry_of(self, name: str, cfg: ModelConfig) -> tuple[str, TensorEntry, int]:
         """(Hugging Face name, its entry, our tensor's index among the entry's parts) for our `name`."""
         template, layer = _template(name)
-        found = _reverse(self).get(template)
+        found = _reverse(self, cfg).get(template)
         if found is None:
             raise UsageError(f"model_type {self.model_type} has no tensor for our {name!r}: the model uses a choice "
                              "this family cannot store; choose another --output-family")
@@ -201,19 +213,23 @@ def _layer(template: str, like: str) -> str:
     return template.format(i=_template(like)[1])
 
 
-_REVERSE: dict[str, dict] = {}
+_REVERSE: dict[tuple, dict] = {}
 
 
-def _reverse(family: Family) -> dict[str, tuple[str, TensorEntry, int]]:
-    """Our template -> (their template, entry, part index), built once per family."""
-    if family.model_type not in _REVERSE:
+def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEntry, int]]:
+    """Our template -> (their template, entry, part index), built once per family and set of variants that
+    hold for `cfg`; a variant's names replace the family's own."""
+    chosen = [i for i, v in enumerate(family.variants) if all(getattr(cfg, k) == x for k, x in v.fields.items())]
+    key = (family.model_type, *chosen)
+    if key not in _REVERSE:
         table = {}
-        for hf, entry in family.tensors.items():
-            parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, Transposed) else entry,)
-            for index, ours in enumerate(parts):
-                table[ours] = (hf, entry, index)
-        _REVERSE[family.model_type] = table
-    return _REVERSE[family.model_type]
+        for tensors in (family.tensors, *(family.variants[i].tensors for i in chosen)):
+            for hf, entry in tensors.items():
+                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, Transposed) else entry,)
+                for index, ours in enumerate(parts):
+                    table[ours] = (hf, entry, index)
+        _REVERSE[key] = table
+    return _REVERSE[key]
 
 
 def _transposed(entry: TensorEntry, shape) -> bool:

@@ -1,0 +1,235 @@
+"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM and Falcon. All use LayerNorm and a
+plain MLP; their tables are written by module (`modules`: each module's weight and bias are ours of the
+same module), and their fused q/k/v tensors in the layouts table.Fused names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_llm.checkpoint.families.common import PLAIN_ACTIVATIONS, ROPE, SHAPE, activation, partial_rope
+from megatron_llm.checkpoint.families.table import (
+    Derived,
+    Family,
+    Fixed,
+    Fused,
+    Key,
+    TensorEntry,
+    Transposed,
+    When,
+    get_family_value,
+)
+from megatron_llm.errors import UsageError
+
+QKV = ("layers.{i}.attention.wq", "layers.{i}.attention.wk", "layers.{i}.attention.wv")
+
+
+def modules(table: dict) -> dict[str, TensorEntry]:
+    """A tensor table from module names ('{i}': the layer): a Hugging Face module's weight and bias are ours
+    of the module it maps to (an entry for a tensor our model lacks is never asked for). Fused and
+    Transposed entries name modules too; Conv1D's transposition applies to the weight alone (table.py)."""
+
+    def tensor(entry, kind: str) -> TensorEntry:
+        if isinstance(entry, Fused):
+            return dataclasses.replace(entry, parts=tuple(f"{part}.{kind}" for part in entry.parts))
+        if isinstance(entry, Transposed):
+            return Transposed(f"{entry.ours}.{kind}")
+        return f"{entry}.{kind}"
+
+    return {f"{hf}.{kind}": tensor(ours, kind) for hf, ours in table.items() for kind in ("weight", "bias")}
+
+
+def refused(key: str, why: str) -> Derived:
+    """A config key whose true value the menu cannot express: refused by name on read, written false."""
+
+    def read(hf: dict) -> dict:
+        if hf.get(key):
+            raise UsageError(f"config.json {key}={hf[key]!r} is not supported: {why}")
+        return {}
+
+    return Derived(read, lambda cfg: {key: False})
+
+
+def inner_size(key: str, *hidden: str) -> Derived:
+    """The MLP width under `key`; 4 * the hidden size (under the first of `hidden` present) where it is null."""
+    return Derived(lambda hf: dict(ffn_hidden_size=hf.get(key) or 4 * get_family_value(hf, *hidden)),
+                   lambda cfg: {key: cfg.ffn_hidden_size})
+
+
+# SHAPE's plain keys: a config without key/value heads or a head width of its own. Both follow from
+# hidden_size / num_attention_heads, and export refuses a model where they do not.
+MHA_SHAPE = tuple(e for e in SHAPE if isinstance(e, Key))
+# RoPE over whole heads from one table: these families' rotary reads no partial_rotary_factor.
+WHOLE_ROPE = (ROPE, Fixed("rope_fraction", 1.0), Fixed("rope_local_theta", None))
+LAYERNORM = Fixed("norm", "layernorm")
+ALL_BIASES = (Fixed("qkv_bias", True), Fixed("linear_bias", True))
+
+# GPT-2 and GPT-J: their own key names, 4 * hidden for a null n_inner.
+GPT2_CONFIG = (
+    Key("vocab_size", "vocab_size"), Key("n_embd", "hidden_size"), Key("n_layer", "num_layers"),
+    Key("n_head", "num_heads"), Key("n_positions", "max_seq_len"), inner_size("n_inner", "n_embd"),
+    activation("activation_function", PLAIN_ACTIVATIONS, default="gelu_new"),
+    Key("layer_norm_epsilon", "norm_eps", default=1e-5), LAYERNORM,
+)
+
+# GPT-2: learned absolute positions; Conv1D layers store weights [in, out]; c_attn holds q, k, v in turn.
+# reorder_and_upcast_attn is read as the same model: it changes where the attention scale is applied and
+# the precision of the scores, not the function.
+GPT2 = Family(
+    "gpt2", "GPT2LMHeadModel",
+    (*GPT2_CONFIG, Key("tie_word_embeddings", "tie_embeddings", default=True), Fixed("position", "learned"), *ALL_BIASES,
+     # scale_attn_weights false: scores are q.k unscaled
+     Key("scale_attn_weights", "attention_scale", default=True, read=lambda v: None if v else 1.0,
+         write=lambda scale: scale is None),
+     refused("scale_attn_by_inverse_layer_idx", "a query scale per layer (1 / (layer + 1)) is not in the menu"),
+     refused("add_cross_attention", "cross-attention to an encoder is not in the menu")),
+    modules({
+        "transformer.wte": "tok_embeddings",
+        "transformer.wpe": "pos_embeddings",
+        "transformer.h.{i}.ln_1": "layers.{i}.attention_norm",
+        "transformer.h.{i}.attn.c_attn": Fused(QKV, transpose=True),
+        "transformer.h.{i}.attn.c_proj": Transposed("layers.{i}.attention.wo"),
+        "transformer.h.{i}.ln_2": "layers.{i}.ffn_norm",
+        "transformer.h.{i}.mlp.c_fc": Transposed("layers.{i}.feed_forward.w1"),
+        "transformer.h.{i}.mlp.c_proj": Transposed("layers.{i}.feed_forward.w2"),
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+)
+
+
+def _read_rotary_dim(hf: dict) -> dict:
+    head_dim = hf["n_embd"] // hf["n_head"]
+    return dict(rope_fraction=(hf.get("rotary_dim") or head_dim) / head_dim)
+
+
+# GPT-J: attention and MLP in parallel from one norm; the first rotary_dim dimensions of each head rotate
+# in interleaved pairs; biases on the MLP and the head only.
+GPTJ = Family(
+    "gptj", "GPTJForCausalLM",
+    (*GPT2_CONFIG, Key("tie_word_embeddings", "tie_embeddings", default=False),
+     Derived(_read_rotary_dim, lambda cfg: {"rotary_dim": cfg.rope_dim}), Fixed("rope_interleaved", True),
+     Fixed("parallel_residual", True), Fixed("mlp_bias", True), Fixed("output_bias", True)),
+    modules({
+        "transformer.wte": "tok_embeddings",
+        "transformer.h.{i}.ln_1": "layers.{i}.attention_norm",
+        "transformer.h.{i}.attn.q_proj": "layers.{i}.attention.wq",
+        "transformer.h.{i}.attn.k_proj": "layers.{i}.attention.wk",
+        "transformer.h.{i}.attn.v_proj": "layers.{i}.attention.wv",
+        "transformer.h.{i}.attn.out_proj": "layers.{i}.attention.wo",
+        "transformer.h.{i}.mlp.fc_in": "layers.{i}.feed_forward.w1",
+        "transformer.h.{i}.mlp.fc_out": "layers.{i}.feed_forward.w2",
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+)
+
+
+def megatron_deepspeed_layer(layer: str, attention: str, qkv_layout: str) -> dict:
+    """The layer's module names GPT-NeoX, BLOOM and Falcon keep from Megatron-DeepSpeed."""
+    return {
+        f"{layer}.input_layernorm": "layers.{i}.attention_norm",
+        f"{layer}.{attention}.query_key_value": Fused(QKV, qkv_layout),
+        f"{layer}.{attention}.dense": "layers.{i}.attention.wo",
+        f"{layer}.post_attention_layernorm": "layers.{i}.ffn_norm",
+        f"{layer}.mlp.dense_h_to_4h": "layers.{i}.feed_forward.w1",
+        f"{layer}.mlp.dense_4h_to_h": "layers.{i}.feed_forward.w2",
+    }
+
+
+# GPT-NeoX (Pythia): parallel attention and MLP with a norm each (use_parallel_residual false: sequential
+# pre-norm), partial rotate-half RoPE (rotary_pct, 0.25 by default), q/k/v fused per head.
+NEOX_ROPE = partial_rope(0.25)
+
+
+def _read_neox_rope(hf: dict) -> dict:
+    """transformers 4 named the fraction rotary_pct and the base rotary_emb_base."""
+    old = {"partial_rotary_factor": hf.get("rotary_pct"), "rope_theta": hf.get("rotary_emb_base")}
+    return NEOX_ROPE.read({**{k: v for k, v in old.items() if v is not None}, **hf})
+
+
+GPT_NEOX = Family(
+    "gpt_neox", "GPTNeoXForCausalLM",
+    (*MHA_SHAPE, activation("hidden_act", PLAIN_ACTIVATIONS, default="gelu"),
+     Key("layer_norm_eps", "norm_eps", default=1e-5), LAYERNORM, Derived(_read_neox_rope, NEOX_ROPE.write),
+     Derived(lambda hf: dict(parallel_residual=hf.get("use_parallel_residual", True),
+                             parallel_shared_norm=not hf.get("use_parallel_residual", True)),
+             lambda cfg: {"use_parallel_residual": cfg.parallel_residual}),
+     Key("attention_bias", "qkv_bias", default=True), Key("attention_bias", "out_bias", default=True),
+     Fixed("mlp_bias", True)),
+    modules({
+        "gpt_neox.embed_in": "tok_embeddings",
+        **megatron_deepspeed_layer("gpt_neox.layers.{i}", "attention", "heads"),
+        "gpt_neox.final_layer_norm": "norm",
+        "embed_out": "output",
+    }),
+)
+
+# BLOOM: ALiBi, a norm on the embeddings, the MLP 4 * hidden with BLOOM's tanh GELU, every bias, q/k/v
+# fused per head. ALiBi has no position table: the trained length is kept under seq_length, which
+# transformers ignores.
+BLOOM = Family(
+    "bloom", "BloomForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size", also=("n_embed",)), Key("n_layer", "num_layers"),
+     Key("n_head", "num_heads"), Key("seq_length", "max_seq_len", default=2048),
+     Derived(lambda hf: dict(ffn_hidden_size=4 * get_family_value(hf, "hidden_size", "n_embed")), lambda cfg: {}),
+     Key("layer_norm_epsilon", "norm_eps", default=1e-5), Key("tie_word_embeddings", "tie_embeddings", default=True),
+     LAYERNORM, Fixed("mlp", "gelu_tanh"), Fixed("position", "alibi"), Fixed("embedding_norm", True), *ALL_BIASES,
+     refused("apply_residual_connection_post_layernorm", "a residual taken after the norm is not in the menu")),
+    modules({
+        "transformer.word_embeddings": "tok_embeddings",
+        "transformer.word_embeddings_layernorm": "embedding_norm",
+        **megatron_deepspeed_layer("transformer.h.{i}", "self_attention", "heads"),
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+)
+
+
+def _read_falcon_decoder(hf: dict) -> dict:
+    """Falcon's two decoders: the new one is parallel with a norm per sublayer (or one, when
+    num_ln_in_parallel_attn is 1) and grouped key/value heads; the old one is parallel with one norm
+    (parallel_attn) or sequential, with one key/value head (multi_query) or one per query head."""
+    heads = hf["num_attention_heads"]
+    if hf.get("new_decoder_architecture"):
+        return dict(parallel_residual=True, parallel_shared_norm=hf.get("num_ln_in_parallel_attn") == 1,
+                    num_kv_heads=hf.get("num_kv_heads") or heads)
+    return dict(parallel_residual=hf.get("parallel_attn") is not False, parallel_shared_norm=True,
+                num_kv_heads=heads if hf.get("multi_query") is False else 1)
+
+
+def _write_falcon_decoder(cfg) -> dict:
+    """The old decoder where it fits (Falcon-7B's layout), else the new one; what neither fits reads back
+    differently and is refused."""
+    grouped = cfg.num_kv_heads not in (1, cfg.num_heads)
+    if cfg.parallel_residual and (grouped or not cfg.parallel_shared_norm):
+        return dict(new_decoder_architecture=True, parallel_attn=True, num_kv_heads=cfg.num_kv_heads,
+                    num_ln_in_parallel_attn=1 if cfg.parallel_shared_norm else 2)
+    return dict(new_decoder_architecture=False, parallel_attn=cfg.parallel_residual,
+                multi_query=cfg.num_kv_heads == 1, num_kv_heads=cfg.num_kv_heads)
+
+
+# Falcon: q/k/v fused in key/value groups [q of the group; k; v] in both decoders: multi-query (one group:
+# all q, then k, v) and one head per group (per head q, k, v) are that layout's two ends. The new
+# decoder's separate norms are ln_attn and ln_mlp.
+FALCON = Family(
+    "falcon", "FalconForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size", also=("n_embed",)),
+     Key("num_hidden_layers", "num_layers"), Key("num_attention_heads", "num_heads"),
+     Derived(_read_falcon_decoder, _write_falcon_decoder), inner_size("ffn_hidden_size", "hidden_size", "n_embed"),
+     Key("max_position_embeddings", "max_seq_len", default=2048), activation("activation", PLAIN_ACTIVATIONS, default="gelu"),
+     Key("layer_norm_epsilon", "norm_eps", default=1e-5), LAYERNORM, *WHOLE_ROPE,
+     Key("tie_word_embeddings", "tie_embeddings", default=True),
+     Key("bias", "qkv_bias", default=False), Key("bias", "out_bias", default=False), Key("bias", "mlp_bias", default=False),
+     refused("alibi", "Falcon's ALiBi (bf16 slopes added before the 1/sqrt(head_dim) scale) is not the menu's")),
+    modules({
+        "transformer.word_embeddings": "tok_embeddings",
+        **megatron_deepspeed_layer("transformer.h.{i}", "self_attention", "groups"),
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+    variants=(When({"parallel_residual": True, "parallel_shared_norm": False},
+                   modules({"transformer.h.{i}.ln_attn": "layers.{i}.attention_norm",
+                            "transformer.h.{i}.ln_mlp": "layers.{i}.ffn_norm"})),),
+)
+
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON)

@@ -1,0 +1,83 @@
+"""LayerNorm families with Llama's tensor names: Phi (phi-2), StarCoder2, StableLM and Cohere. Each is
+Llama's table with its norms' biases, and what the family changes."""
+
+from megatron_llm.checkpoint.families.common import (
+    GATED_ACTIVATIONS,
+    HEAD_DIM,
+    LLAMA_TENSORS,
+    PLAIN_ACTIVATIONS,
+    SHAPE,
+    activation,
+    partial_rope,
+    without,
+)
+from megatron_llm.checkpoint.families.gpt import LAYERNORM, WHOLE_ROPE, modules, refused
+from megatron_llm.checkpoint.families.table import Family, Fixed, Key
+
+LAYERNORM_TENSORS = {
+    **LLAMA_TENSORS,
+    **{k.replace(".weight", ".bias"): v.replace(".weight", ".bias") for k, v in LLAMA_TENSORS.items() if "norm" in k},
+}
+TIED = (*without(SHAPE, "tie_embeddings"), Key("tie_word_embeddings", "tie_embeddings", default=True))
+
+# Phi (phi-2): attention and MLP in parallel from one norm, half of each head rotated (rotate-half), a
+# plain fc1/fc2 MLP, every bias including the head's, an optional LayerNorm on each head's q and k.
+PHI = Family(
+    "phi", "PhiForCausalLM",
+    (*SHAPE, activation("hidden_act", PLAIN_ACTIVATIONS, default="gelu_new"), Key("layer_norm_eps", "norm_eps", default=1e-5),
+     LAYERNORM, partial_rope(0.5), Key("qk_layernorm", "qk_norm", default=False), Fixed("parallel_residual", True),
+     Fixed("qkv_bias", True), Fixed("linear_bias", True), Fixed("output_bias", True)),
+    modules({
+        "model.embed_tokens": "tok_embeddings",
+        "model.layers.{i}.input_layernorm": "layers.{i}.attention_norm",
+        "model.layers.{i}.self_attn.q_proj": "layers.{i}.attention.wq",
+        "model.layers.{i}.self_attn.k_proj": "layers.{i}.attention.wk",
+        "model.layers.{i}.self_attn.v_proj": "layers.{i}.attention.wv",
+        "model.layers.{i}.self_attn.dense": "layers.{i}.attention.wo",
+        "model.layers.{i}.self_attn.q_layernorm": "layers.{i}.attention.q_norm",
+        "model.layers.{i}.self_attn.k_layernorm": "layers.{i}.attention.k_norm",
+        "model.layers.{i}.mlp.fc1": "layers.{i}.feed_forward.w1",
+        "model.layers.{i}.mlp.fc2": "layers.{i}.feed_forward.w2",
+        "model.final_layernorm": "norm",
+        "lm_head": "output",
+    }),
+)
+
+# StarCoder2: a plain c_fc/c_proj MLP (tanh GELU), use_bias on every linear layer, a sliding window on
+# every layer when set.
+STARCODER2 = Family(
+    "starcoder2", "Starcoder2ForCausalLM",
+    (*TIED, activation("hidden_act", {"gelu_pytorch_tanh": "gelu_tanh", **PLAIN_ACTIVATIONS}, default="gelu_pytorch_tanh"),
+     Key("norm_epsilon", "norm_eps", default=1e-5), LAYERNORM, *WHOLE_ROPE,
+     Key("sliding_window", "sliding_window", default=None),
+     Key("use_bias", "qkv_bias", default=True), Key("use_bias", "out_bias", default=True),
+     Key("use_bias", "mlp_bias", default=True)),
+    {**{k: v for k, v in LAYERNORM_TENSORS.items() if ".mlp." not in k},
+     **modules({"model.layers.{i}.mlp.c_fc": "layers.{i}.feed_forward.w1",
+                "model.layers.{i}.mlp.c_proj": "layers.{i}.feed_forward.w2"})},
+)
+
+# StableLM: a quarter of each head rotated, q/k/v biases optional, attention and MLP in parallel from one
+# norm when use_parallel_residual. Its head width is hidden / heads whatever head_dim says.
+STABLELM = Family(
+    "stablelm", "StableLmForCausalLM",
+    (*(e for e in SHAPE if e is not HEAD_DIM), activation("hidden_act", GATED_ACTIVATIONS, default="silu"),
+     Key("layer_norm_eps", "norm_eps", default=1e-5), LAYERNORM, partial_rope(0.25),
+     Key("use_qkv_bias", "qkv_bias", default=False), Key("use_parallel_residual", "parallel_residual", default=False),
+     refused("qk_layernorm", "StableLM's q/k LayerNorm has weights per head; model.qk_norm shares one across heads")),
+    LAYERNORM_TENSORS,
+)
+
+# Cohere (Command-R): attention and MLP in parallel from one LayerNorm without bias, RoPE in interleaved
+# pairs, the logits scaled by logit_scale.
+COHERE = Family(
+    "cohere", "CohereForCausalLM",
+    (*TIED, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("layer_norm_eps", "norm_eps", default=1e-5),
+     LAYERNORM, Fixed("norm_bias", False), *WHOLE_ROPE, Fixed("rope_interleaved", True), Fixed("parallel_residual", True),
+     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+     Key("logit_scale", "logit_multiplier", default=0.0625),
+     refused("use_qk_norm", "Cohere's q/k LayerNorm has weights per head; model.qk_norm shares one across heads")),
+    LLAMA_TENSORS,
+)
+
+FAMILIES = (PHI, STARCODER2, STABLELM, COHERE)
