@@ -163,7 +163,8 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_config,
 
 def test_channel_values_that_share_a_file_name_are_refused_before_anything_is_written(tmp_path):
     source = tmp_path / "mixed.jsonl"
-    source.write_text("".join(json.dumps({"text": f"doc {i}", "src": src}) + "\n" for i, src in enumerate(["a/b", "x", "a_b"])))
+    lines = [json.dumps({"text": f"doc {i}", "src": src}) for i, src in enumerate(["a/b", "x", "a_b"])]
+    source.write_text("\n".join(lines) + "\n")
     with pytest.raises(UsageError, match=r"values 'a/b' and 'a_b' both map to the file name out_a_b.bin"):
         preprocess(str(source), str(tmp_path / "out"), channel_field="src", progress=False)
     assert files_under(tmp_path) == {source}
@@ -189,7 +190,8 @@ def test_a_killed_save_is_cleaned_up_or_put_back_by_the_next_run(tiny_config, tm
     capsys.readouterr()
     resumed = train(tiny_config(tmp_path, training__steps=3, checkpoint__resume="auto", **QUIET))
     out = capsys.readouterr().out
-    assert f"restored {ckpt / 'step_0000002'}" in out and f"removed {ckpt / '.tmp-0badc0de-step_0000004'} (1.0 MiB)" in out
+    assert f"restored {ckpt / 'step_0000002'}" in out
+    assert f"removed {ckpt / '.tmp-0badc0de-step_0000004'} (1.0 MiB)" in out
     assert sorted(resumed.losses) == [2] and not list(ckpt.glob(".tmp-*"))
 
 
@@ -268,7 +270,8 @@ def test_a_truncated_safetensors_file_and_a_malformed_config_json_are_named(tiny
     convert_tool = tool("convert_checkpoint")
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    args = ["--input", str(tmp_path / "hf"), "--input-format", "hf", "--output", str(tmp_path / "out"), "--output-format", "native"]
+    args = ["--input", str(tmp_path / "hf"), "--input-format", "hf",
+            "--output", str(tmp_path / "out"), "--output-format", "native"]
     assert convert_tool.main(args) == 2 and str(weights) in one_error_line(capsys)
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",')
     assert convert_tool.main(args) == 2 and "config.json is not valid JSON" in one_error_line(capsys)

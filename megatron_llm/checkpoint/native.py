@@ -98,7 +98,8 @@ class Checkpointer:
             if self.is_writer:
                 shutil.rmtree(tmp, ignore_errors=True)
             pointer = self.dir / "latest"
-            kept = f"the previous checkpoint is intact ({pointer.read_text().strip()})" if pointer.exists() else "no checkpoint was written before"
+            kept = (f"the previous checkpoint is intact ({pointer.read_text().strip()})" if pointer.exists()
+                    else "no checkpoint was written before")
             raise UsageError(
                 f"cannot write checkpoint {final} ({_write_failure(e, self.dir)}); {kept}: "
                 "free space or point checkpoint.dir at a writable place"
@@ -143,7 +144,9 @@ class Checkpointer:
 def saves_newest_first(directory: Path) -> list[Path]:
     """The complete step directories, the most recently saved first (the time their .metadata was
     written; the step number breaks ties)."""
-    steps = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()] if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    steps = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
     return sorted(steps, key=lambda p: ((p / ".metadata").stat().st_mtime_ns, p.name), reverse=True)
 
 
@@ -206,7 +209,7 @@ def read_config(path: Path) -> dict:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:  # missing, not UTF-8 (a ValueError), not YAML
-        raise UsageError(f"cannot read {path / 'config.yaml'} ({e}); the checkpoint's config is needed to load it") from None
+        raise UsageError(f"cannot read {path / 'config.yaml'} ({e}); a checkpoint needs its config to load") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UsageError(f"{path / 'config.yaml'} holds no model section; it is not one of our checkpoints")
     return config

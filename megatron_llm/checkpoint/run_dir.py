@@ -97,33 +97,39 @@ def _resume_point(resume: Optional[str], checkpointer: Checkpointer) -> Optional
 
 
 class _DirectoryLock:
+    """An exclusive flock on DIR/.lock while inside; the file names its holder (pid on host)."""
+
     def __init__(self, directory: Path):
         self.path = directory / ".lock"
         self.file = None
 
     def __enter__(self) -> "_DirectoryLock":
-        file = open(self.path, "a+")  # not "w": the owner's line is read before it is replaced
+        self.file = open(self.path, "a+")  # not "w": the owner's line is read before it is replaced
+        locked = self._lock()
+        self.file.seek(0)
+        previous = self.file.read().strip()  # empty after a clean exit
+        if locked and previous:
+            print(f"took over the lock of {self.path.parent} from {previous}, which is no longer running", flush=True)
+        self.file.truncate(0)
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        return self
+
+    def _lock(self) -> bool:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            file.seek(0)
-            owner = file.read().strip() or "another process"
-            file.close()
+            self.file.seek(0)
+            owner = self.file.read().strip() or "another process"
+            self.file.close()
             raise UsageError(
                 f"checkpoint.dir {self.path.parent} is in use by another run ({owner}); two runs would overwrite "
                 "each other's checkpoints: wait for it to end or choose another checkpoint.dir"
             ) from None
         except OSError as e:  # a file system without locks (some network mounts): run, unguarded, and say so
-            print(f"warning: cannot lock {self.path} ({e.strerror}): a second run into it would go unnoticed", flush=True)
-        file.seek(0)
-        previous = file.read().strip()  # empty after a clean exit
-        if previous:
-            print(f"took over the lock of {self.path.parent} from {previous}, which is no longer running", flush=True)
-        file.truncate(0)
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        file.flush()
-        self.file = file
-        return self
+            print(f"warning: cannot lock {self.path} ({e.strerror}): a second run would go unnoticed", flush=True)
+            return False
+        return True
 
     def __exit__(self, *exc) -> None:
         self.file.truncate(0)  # released cleanly: the next run has nothing to take over

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -70,7 +71,8 @@ def read_metadata(step_dir: Path) -> Metadata:
             _refuse(str(path), str(e).removeprefix("GLOBAL "))
         raise UsageError(f"{path} is truncated or corrupt ({e}); the checkpoint cannot be read") from None
     except (EOFError, ValueError, TypeError, AttributeError) as e:  # what a cut or scrambled pickle raises
-        raise UsageError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); the checkpoint cannot be read") from None
+        reason = f"{type(e).__name__}: {e}"
+        raise UsageError(f"{path} is truncated or corrupt ({reason}); the checkpoint cannot be read") from None
 
 
 def _refuse(where: str, what: str) -> NoReturn:
@@ -118,7 +120,8 @@ class SafePlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            found = next((line.split("GLOBAL ", 1)[1].split()[0] for line in str(e).splitlines() if "GLOBAL " in line), "code")
+            named = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names the first type it refused
+            found = named[1] if named else "code"
             _refuse(f"{read_item.dest_index.fqn} of {self.step_dir}", found)
         if self.flatten_state_dict:  # what DefaultLoadPlanner.load_bytes does with the value
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
