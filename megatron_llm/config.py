@@ -52,6 +52,11 @@ class ParallelConfig:
             if getattr(model, key) % tp:
                 # Key/value heads are split, never replicated: each tp rank owns whole GQA groups.
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
+        if self.pp > 1 and model.moe_experts and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
+            raise UsageError(
+                "model.moe_aux_loss_coeff and model.moe_z_loss_coeff take the routers of every layer in one loss, "
+                "which parallel.pp splits: set them 0 (model.moe_expert_bias balances without a loss) or use pp 1"
+            )
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
         if tp > 1 and model.qk_norm and not model.qk_norm_per_head:

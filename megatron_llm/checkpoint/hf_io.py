@@ -93,7 +93,7 @@ class HFReader:
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Opens the files for this group only: a mapping kept open would keep every page read so far
         resident, so the process would grow to the size of the input."""
-        keys = {self.family.hf_name(name, self.config) for name in names}
+        keys = {key for name in names for key in self.family.hf_keys(name, self.config)}
         theirs = {}
         for file in sorted({self.file_of[key] for key in keys}):
             with _open_safetensors(self.directory / file) as f:

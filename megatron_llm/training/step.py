@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
@@ -15,6 +15,7 @@ from megatron_llm.parallel import ParallelDims, PipelineModel, all_reduce_sum, c
 from megatron_llm.parallel.pipeline import Records
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
+from megatron_llm.training.moe_loss import router_collector
 
 
 @dataclass
@@ -24,6 +25,7 @@ class StepResult:
     grad_norm: float
     skipped: bool  # NaN/Inf loss or gradient norm: no update was made
     channels: ChannelTotals  # channel -> (loss sum, tokens) over the global batch
+    moe: dict[str, float] = field(default_factory=dict)  # router losses and expert loads (training/moe_loss.py)
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> Optional[torch.dtype]:
@@ -59,9 +61,16 @@ def train_step(
     ce_sum = torch.zeros((), device=device)
     channel_sums = ChannelSums(num_channels, device) if num_channels else None  # 0: no per-channel accounting
     model.train()
+    routers = router_collector(model)  # None without MoE layers
+    if routers is not None:
+        routers.reset()
 
     def loss_fn(logits, mb):
-        return micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
+        loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
+        router_loss = routers.take_loss() if routers is not None else None
+        if router_loss is not None:  # a mean over the micro-batches (and, by the gradient average, over dp)
+            loss = loss + router_loss / len(micro_batches)
+        return loss, token_ce
 
     for mb, token_ce in _run(model, micro_batches, dims, autocast, loss_fn, train=True):  # last stage only under pp
         ce_sum += token_ce.sum()
@@ -76,7 +85,8 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
-    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels)
+    moe = routers.finish_step(model, dims, updated=finite) if routers is not None else {}
+    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe)
 
 
 @torch.no_grad()

@@ -234,12 +234,15 @@ class _Window:
         self.loss_sum = self.tokens = self.processed = self.steps = self.seconds = 0.0
         self.grad_norm = 0.0
         self.channels: dict[int, list[float]] = {}
+        self.moe: dict[str, float] = {}  # router losses, dropped assignments, expert loads: summed over steps
 
     def add(self, out: StepResult, seconds: float, processed_tokens: int) -> None:
         self.steps += 1
         self.seconds += seconds
         self.processed += processed_tokens
         self.grad_norm = out.grad_norm
+        for key, value in out.moe.items():
+            self.moe[key] = self.moe.get(key, 0.0) + value
         if not out.skipped:
             self.loss_sum += out.loss * out.tokens
             self.tokens += out.tokens
@@ -259,6 +262,7 @@ class _Window:
             name = tag_safe(self.channel_names[c])
             out[f"loss/{name}"] = loss_sum / tokens
             out[f"tokens/{name}"] = tokens
+        out.update({key: value / self.steps for key, value in self.moe.items()})  # means over the interval's steps
         if skipped:
             out["skipped_steps"] = skipped
         if peak:

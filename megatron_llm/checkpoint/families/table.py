@@ -74,7 +74,15 @@ class Transposed:
     ours: str
 
 
-TensorEntry = Union[str, Fused, Transposed]
+@dataclass(frozen=True)
+class Stacked:
+    """One of our tensors [E, ...] stored as E tensors, one per expert; the name template has `{e}`
+    (Mixtral's experts.{e}.w1.weight for our experts.w1 [E, ffn, hidden])."""
+
+    ours: str
+
+
+TensorEntry = Union[str, Fused, Transposed, Stacked]
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,9 @@ class Family:
             hf, entry, _ = self._entry_of(name, cfg)
             if hf in out:
                 continue
+            if isinstance(entry, Stacked):
+                out.update({hf.format(e=e): shape[1:] for e in range(shape[0])})
+                continue
             if isinstance(entry, Fused):
                 shapes = [native[_layer(part, name)] for part in entry.parts]
                 rows = sum(s[0] for s in shapes)
@@ -164,6 +175,9 @@ class Family:
         out = {}
         for name, tensor in tensors.items():
             hf, entry, _ = self._entry_of(name, cfg)
+            if isinstance(entry, Stacked):
+                out.update({hf.format(e=e): expert for e, expert in enumerate(tensor.unbind(0))})
+                continue
             if hf in out:
                 continue
             if isinstance(entry, Fused):
@@ -177,6 +191,9 @@ class Family:
         out = {}
         for name in names:
             hf, entry, index = self._entry_of(name, cfg)
+            if isinstance(entry, Stacked):
+                out[name] = torch.stack([get(hf.format(e=e)) for e in range(cfg.moe_experts)])  # [E, ...]
+                continue
             if hf not in cache:
                 tensor = get(hf)
                 tensor = tensor.t() if _transposed(entry, tensor.shape) else tensor
@@ -185,7 +202,12 @@ class Family:
         return out
 
     def hf_name(self, name: str, cfg: ModelConfig) -> str:
-        return self._entry_of(name, cfg)[0]
+        return self.hf_keys(name, cfg)[0]
+
+    def hf_keys(self, name: str, cfg: ModelConfig) -> list[str]:
+        """The Hugging Face tensors holding our `name`: one, or one per expert for a stacked tensor."""
+        hf, entry, _ = self._entry_of(name, cfg)
+        return [hf.format(e=e) for e in range(cfg.moe_experts)] if isinstance(entry, Stacked) else [hf]
 
     def _entry_of(self, name: str, cfg: ModelConfig) -> tuple[str, TensorEntry, int]:
         """(Hugging Face name, its entry, our tensor's index among the entry's parts) for our `name`."""
@@ -195,7 +217,7 @@ class Family:
             raise UsageError(f"model_type {self.model_type} has no tensor for our {name!r}: the model uses a choice "
                              "this family cannot store; choose another --output-family")
         hf, entry, index = found
-        return hf.format(i=layer), entry, index
+        return hf.replace("{i}", layer), entry, index  # a stacked entry's {e} stays for the caller
 
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -225,7 +247,7 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
         table = {}
         for tensors in (family.tensors, *(family.variants[i].tensors for i in chosen)):
             for hf, entry in tensors.items():
-                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, Transposed) else entry,)
+                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, (Transposed, Stacked)) else entry,)
                 for index, ours in enumerate(parts):
                     table[ours] = (hf, entry, index)
         _REVERSE[key] = table

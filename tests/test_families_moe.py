@@ -1,0 +1,148 @@
+"""The mixture-of-experts families against transformers' own models, tiny and random (fp32, CPU): logits,
+the router's choices in every MoE layer, the Hugging Face round trip through native (bit exact), and one
+training step from the Hugging Face directory, whose loss including the load-balancing loss, and whose
+gradients, equal transformers' with output_router_logits. Megatron-LM export refuses them by name.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+import megatron_llm
+from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.families import moe
+from megatron_llm.errors import UsageError
+from megatron_llm.model.moe import Router
+from megatron_llm.parallel import ParallelDims
+from megatron_llm.training.step import train_step
+from tests.test_families import SMALL, tokens
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
+# model_type -> config keys over SMALL: 4 experts, top-2, each family's own options switched on.
+CASES = {
+    "mixtral": dict(num_local_experts=4),
+    "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True,
+                      mlp_only_layers=[0]),
+    "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=24, decoder_sparse_step=2),
+    "olmoe": dict(num_experts=4, pad_token_id=0, eos_token_id=1),
+}
+
+
+def hf_model(model_type: str) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases, norms and routers away from their constant inits, so a mapping mistake shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or name.endswith("gate.weight"):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_every_moe_family_is_tested():
+    assert sorted(CASES) == sorted(f.model_type for f in moe.FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """model_type -> (its saved directory, the transformers model), built once per module."""
+
+    @functools.cache
+    def get(model_type: str):
+        model = hf_model(model_type)
+        model.save_pretrained(path := tmp_path_factory.mktemp(model_type))
+        return path, model
+
+    return get
+
+
+def routes(model: torch.nn.Module, router_type: type, x: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """The expert indices [tokens, k] every router of `model` chose for x, in layer order."""
+    chosen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: chosen.append(out[0] if isinstance(m, Router) else out[2]))
+             for m in model.modules() if isinstance(m, router_type)]
+    with torch.no_grad():
+        model(x, **kwargs)
+    for h in hooks:
+        h.remove()
+    return chosen
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_logits_and_routes_match_transformers(hf_dir, model_type):
+    path, hf = hf_dir(model_type)
+    model = megatron_llm.load_model(path)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+    hf_router = type(hf.model.layers[-1].mlp.gate)
+    ours, theirs = routes(model, Router, x), routes(hf, hf_router, x)
+    assert len(ours) == len(theirs) == sum(model.cfg.layer(i).moe for i in range(model.cfg.num_layers)) > 0
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert all(len(r.unique()) == 4 for r in ours)  # every expert is used: the stacking order is tested
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, model_type):
+    path, hf = hf_dir(model_type)
+    convert(str(path), "hf", str(tmp_path / "native"), "native")
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert back.config.model_type == model_type
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
+    """Our training step (SGD, lr 1, no clipping: the update is minus the gradient) against transformers'
+    loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and its gradients."""
+    path, hf = hf_dir(model_type)
+    model = megatron_llm.load_model(path)
+    x = tokens()
+    labels = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
+    batch = dict(tokens=x, labels=labels, loss_mask=(labels >= 0).float(), channel=torch.zeros(2, dtype=torch.long))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
+                        z_loss=0.0, grad_clip=0.0, autocast=None)
+
+    hf.train()
+    expected = hf(x, labels=x, output_router_logits=True)
+    expected.loss.backward()
+    coeff = hf.config.router_aux_loss_coef
+    assert result.moe["moe_aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
+    assert result.loss + coeff * result.moe["moe_aux_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+    grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
+    for i in (i for i in range(model.cfg.num_layers) if model.cfg.layer(i).moe):
+        theirs = hf.model.layers[i].mlp  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], theirs.gate.weight.grad,
+                                   atol=1e-6, rtol=1e-4)  # the router's gradient carries the aux loss's
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.experts.w2"], theirs.experts.down_proj.grad,
+                                   atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral"])
+def test_megatron_export_refuses_moe_by_name(hf_dir, tmp_path, model_type):
+    path, _ = hf_dir(model_type)
+    with pytest.raises(UsageError, match=r"model\.moe_\w+="):
+        convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=1, pp=1))
+    assert not (tmp_path / "mg").exists()
+
+
+def test_unsupported_router_option_is_one_line():
+    config = transformers.AutoConfig.for_model("mixtral", **SMALL, num_local_experts=4, router_jitter_noise=0.1)
+    with pytest.raises(UsageError, match="router_jitter_noise"):
+        megatron_llm.checkpoint.hf.model_config_from_hf(config.to_dict())

@@ -1,0 +1,174 @@
+"""The mixture-of-experts layer against a per-token reference (every router option), the grouped matrix
+multiply against its loop, capacity dropping, expert-bias balancing, the config's refusals, and a MoE
+run through the trainer that logs its router losses and expert loads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_llm.errors import UsageError
+from megatron_llm.model import build_model
+from megatron_llm.model.moe import MoE, grouped_mm
+from megatron_llm.model_config import ModelConfig
+from megatron_llm.parallel import ParallelDims
+from megatron_llm.training.moe_loss import router_collector
+from megatron_llm.training.step import train_step
+from tests.test_reliability import tool
+
+E = 8
+
+
+def moe_cfg(**overrides) -> ModelConfig:
+    values = dict(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=48, max_seq_len=32,
+                  moe_experts=E, moe_top_k=2, moe_ffn_hidden_size=16)
+    cfg = ModelConfig(**{**values, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def reference(moe: MoE, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    """The layer's equations token by token: scores, the (group-limited, biased) choice, the weights, and
+    the weighted sum of the chosen experts' MLPs plus the (gated) shared experts."""
+    r, ex = moe.router, moe.experts
+    out = []
+    for t in x.reshape(-1, x.shape[-1]):
+        logits = r.weight @ t
+        scores = logits.softmax(-1) if cfg.moe_score == "softmax" else logits.sigmoid()
+        choice = scores + (r.expert_bias if r.expert_bias is not None else 0)
+        if cfg.moe_groups > 1:
+            groups = choice.view(cfg.moe_groups, -1)
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(cfg.moe_topk_groups).indices
+            allowed = torch.zeros(cfg.moe_groups, dtype=torch.bool)
+            allowed[best] = True
+            choice = groups.masked_fill(~allowed[:, None], 0).flatten()
+        chosen = choice.topk(cfg.moe_top_k).indices
+        w = scores[chosen] / (scores[chosen].sum() if cfg.moe_renormalize else 1) * cfg.moe_routed_scale
+        y = sum(wi * (ex.w2[e] @ (F.silu(ex.w1[e] @ t) * (ex.w3[e] @ t))) for wi, e in zip(w, chosen.tolist()))
+        if moe.shared_experts is not None:
+            shared = moe.shared_experts(t)
+            y = y + (torch.sigmoid(moe.shared_gate(t)) * shared if moe.shared_gate is not None else shared)
+        out.append(y)
+    return torch.stack(out).view(x.shape)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(moe_renormalize=False, moe_shared_ffn_hidden_size=24, moe_shared_gate=True),
+    dict(moe_score="sigmoid", moe_routed_scale=2.5, moe_groups=4, moe_topk_groups=2, moe_expert_bias=True,
+         moe_shared_ffn_hidden_size=32),
+])
+def test_moe_layer_equals_the_per_token_reference(overrides):
+    cfg = moe_cfg(**overrides)
+    model = build_model(cfg, "cpu", seed=0)
+    moe = model.layers["1"].feed_forward
+    if moe.router.expert_bias is not None:
+        moe.router.expert_bias.copy_(torch.randn(E) * 0.1)  # the bias changes the choice, not the weights
+    x = torch.randn(2, 12, cfg.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), reference(moe, cfg, x), atol=1e-6, rtol=1e-5)
+    assert moe.stats.counts.sum() == 2 * 12 * cfg.moe_top_k and moe.stats.dropped == 0
+
+
+def test_groups_limit_the_experts_a_token_reaches():
+    cfg = moe_cfg(moe_score="sigmoid", moe_groups=4, moe_topk_groups=1)
+    router = build_model(cfg, "cpu", seed=0).layers["0"].feed_forward.router
+    indices = router(torch.randn(64, cfg.hidden_size))[0]
+    assert (indices // (E // 4)).unique(dim=1).shape[1] == 1  # both experts of every token in one group
+
+
+@pytest.mark.parametrize("inner", [16, 6])  # 6 fp32 columns are not 16-byte aligned: the loop fallback
+def test_grouped_mm_equals_a_loop_and_its_gradient(inner):
+    x = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(4, inner, 8, requires_grad=True)
+    counts = torch.tensor([2, 3, 0, 5])
+    loop = torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate([(0, 2), (2, 5), (5, 5), (5, 10)])])
+    out = grouped_mm(x, w, counts)
+    torch.testing.assert_close(out, loop)
+    grads = torch.autograd.grad(out.square().sum(), (x, w))
+    for got, want in zip(grads, torch.autograd.grad(loop.square().sum(), (x, w))):
+        torch.testing.assert_close(got, want)
+
+
+def test_capacity_drops_the_latest_assignments_and_counts_them():
+    dropless = build_model(moe_cfg(), "cpu", seed=0).layers["0"].feed_forward
+    x = torch.randn(1, 32, 32)
+    with torch.no_grad():
+        full = dropless(x)
+        counts = dropless.stats.counts
+        dropless.capacity_factor = 1.0  # capacity = ceil(32 tokens x 2 / 8) = 8 per expert
+        capped = dropless(x)
+    assert dropless.stats.dropped == (counts - 8).clamp(min=0).sum() > 0
+    dropless.capacity_factor = 100.0
+    with torch.no_grad():
+        torch.testing.assert_close(dropless(x), full)  # nothing past capacity: the dropless result
+    assert not torch.allclose(capped, full)
+
+
+def test_expert_bias_moves_towards_balance_and_training_logs_router_losses():
+    cfg = moe_cfg(moe_expert_bias=True, moe_bias_update_rate=0.01, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3,
+                  moe_dense_layers=[0])
+    model = build_model(cfg, "cpu", seed=0)
+    x = torch.randint(0, 101, (4, 16))
+    batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(4, 16), channel=torch.zeros(4, dtype=torch.long))
+    result = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), [batch, batch], ParallelDims(1, 0, 1, 1, 1),
+                        z_loss=0.0, grad_clip=1.0, autocast=None)
+    loads = torch.tensor([result.moe[f"expert_load/layer1/expert{e}"] for e in range(E)])
+    assert loads.sum().item() == pytest.approx(1.0) and "expert_load/layer0/expert0" not in result.moe
+    bias = model.layers["1"].feed_forward.router.expert_bias
+    torch.testing.assert_close(bias, 0.01 * torch.sign(loads.mean() - loads))
+    assert 1.0 <= result.moe["moe_aux_loss"] <= E and result.moe["moe_z_loss"] > 0 and result.moe["moe_dropped"] == 0
+    assert router_collector(model).fresh == []
+
+
+def test_moe_model_counts_and_initialises_every_parameter():
+    cfg = moe_cfg(moe_shared_ffn_hidden_size=24, moe_shared_gate=True, moe_layer_freq=2)
+    model = build_model(cfg, "cpu", seed=0)
+    assert [cfg.layer(i).moe for i in range(2)] == [False, True]
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    experts = model.layers["1"].feed_forward.experts
+    assert experts.w1.shape == (E, 16, 32) and experts.w2.shape == (E, 32, 16)
+    assert experts.w2.std() < 0.6 * experts.w1.std()  # an output projection: scaled init
+    again = build_model(cfg, "cpu", seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(experts.w1[0], experts.w1[1])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(moe_top_k=9), r"model\.moe_top_k \(9\) must be in 1\.\.model\.moe_experts \(8\)"),
+    (dict(moe_groups=3), r"model\.moe_groups \(3\) must divide"),
+    (dict(moe_groups=4, moe_topk_groups=1, moe_top_k=3), r"model\.moe_top_k \(3\) exceeds"),
+    (dict(moe_shared_gate=True), r"model\.moe_shared_gate"),
+    (dict(moe_capacity_factor=0.0), r"model\.moe_capacity_factor"),
+    (dict(moe_dense_layers=[2]), r"model\.moe_dense_layers"),
+])
+def test_bad_moe_config_is_one_line(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        moe_cfg(**overrides)
+
+
+def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_path):
+    from megatron_llm.training.trainer import train
+
+    cfg = tiny_config(tmp_path, training__steps=4, training__eval_interval=0, model__moe_experts=4,
+                      model__moe_ffn_hidden_size=32, model__moe_aux_loss_coeff=0.01, model__moe_capacity_factor=1.0)
+    result = train(cfg)
+    assert all(math.isfinite(v) for v in result.losses.values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "tb").iterdir()))).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"moe_aux_loss", "moe_dropped", "expert_load/layer0/expert3", "expert_load/layer1/expert0"} <= set(tags)
+    picture = tmp_path / "experts.png"
+    assert tool("plot_experts").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0
+    assert picture.stat().st_size > 1000
+    assert tool("plot_experts").main([str(tmp_path / "tb"), "--output", str(picture), "--run", "nope"]) == 2
+
+
+def test_router_losses_refuse_a_pipeline_before_any_process_group(tiny_config, tmp_path):
+    with pytest.raises(UsageError, match=r"model\.moe_aux_loss_coeff .* parallel\.pp"):
+        tiny_config(tmp_path, model__moe_experts=4, model__moe_aux_loss_coeff=0.01, parallel__pp=2,
+                    training__grad_accum_steps=2)
