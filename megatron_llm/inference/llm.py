@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -18,6 +18,7 @@ from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
 from megatron_llm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from megatron_llm.errors import UsageError
 from megatron_llm.inference import probes
+from megatron_llm.inference.batching import continuous_batches
 from megatron_llm.inference.devices import spread_over
 from megatron_llm.inference.generate import Sampling, generate_ids, stream_ids
 
@@ -39,7 +40,7 @@ class LLM:
         if dtype not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         model = load_model(str(path), device, DTYPES[dtype])
-        tok = load_tokenizer(tokenizer or _tokenizer_of(Path(path), model.cfg.vocab_size))
+        tok = load_tokenizer(tokenizer or tokenizer_of(Path(path), model.cfg.vocab_size))
         return cls(model, tok, frozenset({tok.eod, *_generation_eos(Path(path))}))
 
     # ---------------------------------------------------------------------------------------------
@@ -75,6 +76,19 @@ class LLM:
                 sent = text
         if self._text(ids) != sent:
             yield self._text(ids)[len(sent):]
+
+    def batched(self, prompts: Iterable[tuple[object, Prompt]], batch_size: int = 8, max_new_tokens: int = 64,
+                temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                stop: Optional[list] = None, seed: Optional[int] = None) -> Iterator[tuple[object, list[int]]]:
+        """(key, new token ids) for each (key, prompt), as they finish: `batch_size` sequences decode at once
+        and a finished one's slot goes to the next prompt at once (continuous batching)."""
+        sampling, strings = self._sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
+        keyed = ((key, self._ids(prompt)) for key, prompt in prompts)
+        return continuous_batches(self.model, keyed, sampling, batch_size, self._stop_check(strings))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids, stop tokens left out."""
+        return self._text(ids)
 
     def set_device(self, devices: list[str]) -> "LLM":
         """Spreads the layers over `devices` in order (embedding on the first, head on the last)."""
@@ -129,7 +143,7 @@ class LLM:
         return [repr(self.tokenizer.decode([i])) for i in self._ids(prompt)]
 
 
-def _tokenizer_of(path: Path, vocab_size: int) -> str:
+def tokenizer_of(path: Path, vocab_size: int) -> str:
     if detect_format(str(path)) == "native":
         saved = read_config(resolve_checkpoint(str(path))).get("data", {}).get("tokenizer")
         if saved:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,8 @@ class AttentionContext:
 
     def to(self, device: torch.device) -> "AttentionContext":
         """This context with its tensors on `device` (a model spread over devices, inference.set_device)."""
-        keys = KeyMask(*(None if t is None else t.to(device) for t in (self.keys.valid, self.keys.documents)))
+        fields = (getattr(self.keys, f.name) for f in dataclasses.fields(KeyMask))  # astuple would deep-copy tensors
+        keys = KeyMask(*(None if t is None else t.to(device) for t in fields))
         rope = {name: (cos.to(device), sin.to(device)) for name, (cos, sin) in self.rope.items()}
         positions = None if self.positions is None else self.positions.to(device)
         return AttentionContext(rope, positions, keys, self.cache)

@@ -38,28 +38,32 @@ class ScoreRules:
 @dataclass(frozen=True)
 class KeyMask:
     """Per-sequence masking of one forward, shared by every layer (indices are key positions in the sequence
-    or the cache; queries are the last s_q of them).
-    valid: [b, s_kv] False at padding (left-padded prompts of a batch);
-    documents: [b, s_kv] document id of each key: no token attends across a document boundary (packing)."""
+    or the cache; queries are the last s_q of them, or end at query_end).
+    valid: [b, s_kv] False at padding (left-padded prompts of a batch, free cache columns);
+    documents: [b, s_kv] document id of each key: no token attends across a document boundary (packing);
+    query_end: [b] where each row's queries end, for a cache whose rows have different lengths
+    (continuous batching)."""
 
     valid: Optional[torch.Tensor] = None
     documents: Optional[torch.Tensor] = None
+    query_end: Optional[torch.Tensor] = None  # [b] key index of each row's last query, when rows end apart
 
     @property
     def empty(self) -> bool:
-        return self.valid is None and self.documents is None
+        return self.valid is None and self.documents is None and self.query_end is None
 
 
 NO_MASK = KeyMask()
 
 
-def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0) -> Callable:
+def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0, s_q: int = 1) -> Callable:
     """mask_mod(b, h, q, kv) -> keep: causal, within the window when there is one, on valid keys of the
-    query's document. Query index q counts from the first query, which sits at key index q_offset."""
-    valid, documents = keys.valid, keys.documents
+    query's document. Query index q counts from the first query, which sits at key index q_offset (or at
+    query_end[b] - s_q + 1 in row b)."""
+    valid, documents, query_end = keys.valid, keys.documents, keys.query_end
 
     def keep(b, h, q, kv):
-        q = q + q_offset
+        q = q + q_offset if query_end is None else q + query_end[b] - (s_q - 1)
         out = kv <= q
         if window is not None:
             out = out & (q - kv < window)
@@ -111,9 +115,9 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
     if keys.empty:
         keep = mask_rule(rules.window, q_offset=offset)(None, None, q, kv)[None, None]  # [1, 1, s_q, s_kv]
     else:
-        batch = (keys.valid if keys.valid is not None else keys.documents).shape[0]
+        batch = next(t for t in (keys.valid, keys.documents, keys.query_end) if t is not None).shape[0]
         b = torch.arange(batch, device=device)[:, None, None, None]
-        keep = mask_rule(rules.window, keys, offset)(b, None, q, kv)  # [b, 1, s_q, s_kv]
+        keep = mask_rule(rules.window, keys, offset, s_q)(b, None, q, kv)  # [b, 1, s_q, s_kv]
     bias = torch.zeros(keep.shape, device=device).masked_fill(~keep, -math.inf)
     if rules.alibi:
         heads = torch.arange(len(slopes), device=device)[:, None, None]
@@ -182,7 +186,7 @@ def flex_attention(q, k, v, rules: ScoreRules, scale: float, slopes=None, compil
     if keys.empty:
         block_mask = _block_mask(rules.window, s_q, s_kv, str(q.device))
     else:
-        block_mask = create_block_mask(mask_rule(rules.window, keys, s_kv - s_q), q.shape[0], None, s_q, s_kv,
+        block_mask = create_block_mask(mask_rule(rules.window, keys, s_kv - s_q, s_q), q.shape[0], None, s_q, s_kv,
                                        device=str(q.device))
     kernel = _compiled_flex() if compiled else eager_flex
     return kernel(

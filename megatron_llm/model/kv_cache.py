@@ -10,7 +10,7 @@ from torch import nn
 class KVCache:
     """Keys and values of every attention layer for one batch, in buffers [b, kv_heads, max_len, d] allocated
     at a layer's first write. All layers of a forward write at the same offset, `length`; the model's
-    forward advances it by the tokens it added."""
+    forward advances it by the tokens it added. (inference/batching.py has one whose rows differ in length.)"""
 
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
@@ -30,6 +30,6 @@ class KVCache:
         v_all[:, :, self.length : end] = v
         return k_all[:, :, :end], v_all[:, :, :end]
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keeps only the batch rows `rows` (finished sequences leave the batch)."""
-        self.buffers = {key: (k[rows], v[rows]) for key, (k, v) in self.buffers.items()}
+    def advance(self, tokens: int) -> None:
+        """Called by the model's forward once every layer has written its `tokens` new positions."""
+        self.length += tokens

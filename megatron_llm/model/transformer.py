@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         for layer in self.layers.values():
             h = layer(h, ctx)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         if self.output is None:
             return h if self.norm is None else self.norm(h)
         logits = self.logits(h)

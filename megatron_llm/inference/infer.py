@@ -1,0 +1,272 @@
+"""Many prompts, many workers: `Infer(model, data, output, num_workers).run()` and tools/infer.py.
+
+Reads jsonl prompts (a `prompt` string or token-id list, or chat `messages`), generates with `num_workers`
+model replicas (processes) that share the devices and the CPU cores, each decoding with continuous
+batching, and writes jsonl results in input order, every input's fields kept plus `output`.
+
+Nothing finished is lost: each worker appends its results, one flushed line at a time, to its own part
+file beside the output; a rerun reads the parts (dropping a line torn by a crash), skips the ids they
+hold and gives the rest out again, so a killed run or a dead worker only delays the prompts it held.
+The output appears complete or not at all (written under a temporary name, then renamed). Under torchrun
+(several nodes), each node takes every WORLD_SIZE-th prompt and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megatron_llm.errors import UsageError
+
+DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"  # each message on its own line; the reply follows "assistant: "
+
+
+@dataclass
+class Generation:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    stop: Optional[list] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class Infer:
+    model_path: str
+    data_path: str
+    output_path: str
+    num_workers: int = 1
+    devices: Optional[list[str]] = None  # split among the workers in order; None: CPU
+    batch_size: int = 8  # sequences each worker decodes at once
+    generation: Generation = field(default_factory=Generation)
+    tokenizer: Optional[str] = None
+    dtype: str = "fp32"
+
+    def run(self) -> Path:
+        records = read_prompts(Path(self.data_path))
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        device_sets = worker_devices(self.devices, self.num_workers)
+        if not Path(self.model_path).exists():
+            raise UsageError(f"model {self.model_path} not found")
+        check_lengths(records, self.model_path, self.tokenizer, self.generation.max_new_tokens)
+        output = Path(self.output_path)
+        parts = output.with_name(output.name + ".parts")
+        parts.mkdir(parents=True, exist_ok=True)
+        drop_torn_lines(parts, rank)
+        done = finished(parts)
+        mine = [r for i, r in enumerate(records) if i % world == rank and r["_id"] not in done]
+        if mine:
+            self._run_workers(mine, parts, rank, device_sets)
+        if world > 1:
+            _barrier()
+        if rank == 0:
+            merge(records, parts, output)
+        return output
+
+    def _run_workers(self, records: list[dict], parts: Path, rank: int, device_sets: list[Optional[list[str]]]) -> None:
+        import torch.multiprocessing as mp
+
+        context = mp.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // self.num_workers)
+        shares = [records[w :: self.num_workers] for w in range(self.num_workers)]  # balanced by count
+        procs = []
+        for w, share in enumerate(shares):
+            if not share:
+                continue
+            part = parts / f"node{rank}-worker{w}.jsonl"
+            args = (self.model_path, share, str(part), device_sets[w], threads, asdict(self.generation),
+                    self.batch_size, self.tokenizer, self.dtype)
+            proc = context.Process(target=_worker, args=args, name=f"worker {w}")
+            proc.start()
+            procs.append(proc)
+        self._wait(procs, parts, len(records))
+
+    def _wait(self, procs: list, parts: Path, total: int) -> None:
+        from megatron_llm.logging.progress import Progress
+
+        progress = Progress("infer", total, "prompts", every_s=10.0)
+        before = len(finished(parts))
+        while any(p.is_alive() for p in procs):
+            time.sleep(0.5)
+            progress.update(len(finished(parts)) - before)
+        progress.update(len(finished(parts)) - before)
+        progress.close()
+        dead = [f"{p.name} (exit code {p.exitcode})" for p in procs if p.exitcode != 0]
+        if dead:
+            raise UsageError(f"{', '.join(dead)} died; what finished is kept in {parts}: run the same command again "
+                             "to finish the rest")
+
+
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype) -> None:
+    import torch
+
+    from megatron_llm.inference.llm import LLM
+
+    torch.set_num_threads(threads)
+    llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
+    if devices and len(devices) > 1:
+        llm.set_device(devices)
+    by_key = {r["_id"]: r for r in records}
+    prompts = [(r["_id"], prompt_ids(llm.tokenizer, r)) for r in records]
+    with open(part, "a", encoding="utf-8") as out:
+        for key, ids in llm.batched(prompts, batch_size=batch_size, **generation):
+            record = by_key[key]
+            text_prompt = isinstance(record.get("prompt"), str) or "messages" in record
+            result = {**record, "output": llm.decode(ids) if text_prompt else ids}
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()  # a crash tears at most the line being written
+
+
+def prompt_ids(tokenizer, record: dict) -> list[int]:
+    if "messages" in record:
+        text = "".join(DEFAULT_CHAT_TEMPLATE.format(**m) for m in record["messages"]) + "assistant: "
+        return tokenizer.encode(text)
+    prompt = record["prompt"]
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def check_lengths(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int) -> None:
+    """Refuses, before any worker starts, a prompt that with max_new_tokens does not fit the model's context."""
+    from megatron_llm.checkpoint.convert import checkpoint_model_config
+    from megatron_llm.data.tokenizer import load_tokenizer
+    from megatron_llm.inference.llm import tokenizer_of
+
+    cfg = checkpoint_model_config(model_path)
+    tok = load_tokenizer(tokenizer or tokenizer_of(Path(model_path), cfg.vocab_size))
+    for record in records:
+        n = len(prompt_ids(tok, record))
+        if n == 0 or n + max_new_tokens > cfg.max_seq_len:
+            raise UsageError(f"prompt id {record['_id']} has {n} tokens; with max_new_tokens {max_new_tokens} it "
+                             f"must fit the model's context of {cfg.max_seq_len} (and not be empty)")
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The input records, each with its `_id` (its `id` field, else its line number); bad lines are refused."""
+    if not path.is_file():
+        raise UsageError(f"prompt file {path} not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise UsageError(f"{path}:{number} is not a JSON object; fix the line") from None
+            if not isinstance(record, dict) or not ("prompt" in record or _is_chat(record.get("messages"))):
+                raise UsageError(f"{path}:{number} has no 'prompt' (string or token ids) or chat 'messages' "
+                                 "(a list of {role, content}); add one")
+            key = record.get("id", number)
+            if not isinstance(key, (str, int)):
+                raise UsageError(f"{path}:{number} has an 'id' that is not a string or an integer")
+            records.append({**record, "_id": key})
+    if len({r["_id"] for r in records}) != len(records):
+        raise UsageError(f"{path} repeats an id: give every line a distinct 'id' (or none, to use line numbers)")
+    return records
+
+
+def _is_chat(messages) -> bool:
+    return isinstance(messages, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+
+
+def finished(parts: Path) -> dict:
+    """id -> result, from the complete lines of the part files (a line torn by a crash is dropped)."""
+    results = {}
+    for part in sorted(parts.glob("*.jsonl")):
+        for result in _complete_lines(part):
+            results[result.pop("_id")] = result
+    return results
+
+
+def drop_torn_lines(parts: Path, rank: int) -> None:
+    """Rewrites this node's part files with their complete lines only, so that appending starts a fresh line
+    (other nodes' files are theirs to mend: they may be writing them)."""
+    for part in sorted(parts.glob(f"node{rank}-*.jsonl")):
+        tmp = part.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _complete_lines(part)), encoding="utf-8")
+        os.replace(tmp, part)
+
+
+def _complete_lines(part: Path) -> list[dict]:
+    out = []
+    for line in part.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # the line a crash tore
+    return out
+
+
+def merge(records: list[dict], parts: Path, output: Path) -> None:
+    """The output in input order, written under a temporary name and renamed; the parts removed after."""
+    results = finished(parts)
+    missing = [r["_id"] for r in records if r["_id"] not in results]
+    if missing:
+        raise UsageError(f"{len(missing)} prompts have no result (first: id {missing[0]}); run the same command again")
+    tmp = output.with_name(f".{output.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(results[record["_id"]], ensure_ascii=False) + "\n")
+    os.replace(tmp, output)
+    shutil.rmtree(parts)
+
+
+def worker_devices(devices: Optional[list[str]], workers: int) -> list[Optional[list[str]]]:
+    """Each worker's devices: one each, or an equal share each (8 GPUs, 2 workers: 4 each); None on CPU."""
+    if workers < 1:
+        raise UsageError(f"num_workers must be positive, got {workers}")
+    if not devices:
+        return [None] * workers
+    if len(devices) < workers or len(devices) % workers:
+        raise UsageError(f"{workers} workers cannot share {len(devices)} devices equally: use a divisor of "
+                         f"{len(devices)} workers, or more devices")
+    share = len(devices) // workers
+    return [devices[w * share : (w + 1) * share] for w in range(workers)]
+
+
+def _barrier() -> None:
+    """All nodes' workers done before rank 0 merges (gloo, only for this)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Generate for every prompt of a jsonl file with several workers.")
+    p.add_argument("--model", required=True, help="checkpoint directory (native, Hugging Face or Megatron-LM)")
+    p.add_argument("--data", required=True, help="jsonl with a 'prompt' (text or token ids) or chat 'messages' per line")
+    p.add_argument("--output", required=True, help="jsonl to write, in input order (a rerun resumes)")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--devices", nargs="*", default=None, help="e.g. cuda:0 cuda:1 (default: CPU)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", nargs="*", default=None, help="stop strings")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    a = p.parse_args(argv)
+    generation = Generation(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.stop, a.seed)
+    try:
+        out = Infer(a.model, a.data, a.output, a.num_workers, a.devices, a.batch_size, generation, a.tokenizer,
+                    a.dtype).run()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {out}")
+    return 0

@@ -1,0 +1,85 @@
+"""Many prompts, many workers: Infer writes one result per prompt in input order with the input's fields kept;
+2 workers and 2 torchrun nodes give exactly 1 worker's greedy outputs; a rerun after a crash keeps what
+finished, drops a torn line and completes the rest; bad input is one line, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from conftest import ROOT, free_port
+from megatron_llm.errors import UsageError
+from megatron_llm.inference.infer import Generation, Infer
+
+PROMPTS = ["def main(", "import os\n", "class A:", "# a comment", "x = [1, 2", "while True:", "print(", "if x:"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    config = transformers.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
+    lines = [{"prompt": p, "source": f"s{i}"} for i, p in enumerate(PROMPTS)]
+    lines[3] = {"id": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    (root / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "one.jsonl"), num_workers=1,
+                batch_size=3, generation=Generation(max_new_tokens=12)).run()
+    return root, [json.loads(line) for line in one.read_text().splitlines()]
+
+
+def test_one_worker_keeps_order_and_fields(setup):
+    root, results = setup
+    assert [r.get("source") for r in results] == [f"s{i}" if i != 3 else None for i in range(len(PROMPTS))]
+    assert results[3]["id"] == "chat" and all(isinstance(r["output"], str) for r in results)
+    assert not (root / "one.jsonl.parts").exists()
+
+
+def test_two_workers_equal_one(setup):
+    root, results = setup
+    out = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "two.jsonl"), num_workers=2,
+                batch_size=2, generation=Generation(max_new_tokens=12)).run()
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
+
+
+def test_rerun_after_a_crash_completes(setup):
+    root, results = setup
+    parts = root / "resumed.jsonl.parts"
+    parts.mkdir()
+    kept = dict(results[0], _id=1, output="kept from the first run")
+    (parts / "node0-worker0.jsonl").write_text(json.dumps(kept) + "\n" + '{"_id": 2, "outp')  # torn by a kill
+    out = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "resumed.jsonl"),
+                generation=Generation(max_new_tokens=12)).run()
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got[0]["output"] == "kept from the first run" and got[1:] == results[1:]
+
+
+def test_two_nodes_under_torchrun_equal_one(setup):
+    root, results = setup
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(ROOT / "tools" / "infer.py"), "--model", str(root / "model"), "--data", str(root / "prompts.jsonl"),
+               "--output", str(root / "nodes.jsonl"), "--max-new-tokens", "12", "--batch-size", "3"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line) for line in (root / "nodes.jsonl").read_text().splitlines()] == results
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"text": "no prompt"}', "prompts.jsonl:1 has no 'prompt'"),
+    ('not json', "prompts.jsonl:1 is not a JSON object"),
+    ('{"prompt": "' + "x" * 70 + '"}', "has 70 tokens; with max_new_tokens 12 it must fit the model's context of 64"),
+])
+def test_bad_input_is_one_line(setup, tmp_path, line, message):
+    root, _ = setup
+    (tmp_path / "prompts.jsonl").write_text(line + "\n")
+    with pytest.raises(UsageError, match=message):
+        Infer(str(root / "model"), str(tmp_path / "prompts.jsonl"), str(tmp_path / "out.jsonl"),
+              generation=Generation(max_new_tokens=12)).run()
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(UsageError, match="3 workers cannot share 2 devices"):
+        Infer(str(root / "model"), str(root / "prompts.jsonl"), str(tmp_path / "x.jsonl"), num_workers=3,
+              devices=["cpu", "cpu"]).run()

@@ -1,0 +1,101 @@
+"""Decoding speed of megatron_llm's generate against transformers' generate, same model and prompts, in one run.
+
+    python tools/benchmark_generate.py --config configs/tiny.yaml
+    python tools/benchmark_generate.py --config configs/llama_100m.yaml --new-tokens 32 --repeats 2
+
+Both sides get the same random weights (ours, copied into transformers' Llama through the family table), the
+same prompts (random token ids of --prompt-len) and greedy decoding of exactly --new-tokens tokens (no stop
+token), at batch 1 and --batch. Runs alternate between the two sides; medians are reported. Printed per side:
+prefill latency (the prompt's forward), per-token decode latency, decode tokens/s, and the ratio. The outputs
+are checked to be the same tokens (fp32), so both sides did the same work.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
+from megatron_llm.config import load_config  # noqa: E402
+from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.inference.generate import Sampling, generate_ids  # noqa: E402
+from megatron_llm.model import build_model  # noqa: E402
+
+
+def hf_model(model):
+    import transformers
+
+    config = transformers.LlamaConfig(**hf_config_from_model_config(model.cfg, "llama"), attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, "llama"))
+    return hf
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def side_times(generate, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, seconds per decoded token): a 1-token run is the prefill plus one pick."""
+    prefill = timed(lambda: generate(prompts, 1))
+    total = timed(lambda: generate(prompts, new_tokens))
+    return prefill, (total - prefill) / (new_tokens - 1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a training YAML file: its model is used")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8, help="the larger batch size (batch 1 is always run)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side and batch")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.prompt_len + args.new_tokens > cfg.model.max_seq_len or args.new_tokens < 2:
+            raise UsageError("--prompt-len + --new-tokens must fit model.max_seq_len, and --new-tokens be >= 2")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu", seed=0).eval()
+    hf = hf_model(model)
+
+    def ours(prompts, n):
+        return generate_ids(model, prompts.tolist(), Sampling(max_new_tokens=n))
+
+    def theirs(prompts, n):
+        with torch.no_grad():
+            out = hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return out[:, prompts.shape[1]:].tolist()
+
+    print(f"torch {torch.__version__}, cpu fp32, {torch.get_num_threads()} threads; model {cfg.model.num_params() / 1e6:.1f}M "
+          f"params; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
+    print(f"{'batch':>5} {'side':>6} {'prefill ms':>11} {'ms/token':>9} {'tokens/s':>9}")
+    for batch in (1, args.batch):
+        prompts = torch.randint(0, cfg.model.vocab_size, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+        if ours(prompts, 8) != theirs(prompts, 8):
+            print("warning: the two sides decoded different tokens", file=sys.stderr)
+        runs = {"ours": [], "HF": []}
+        for _ in range(args.repeats):
+            runs["ours"].append(side_times(ours, prompts, args.new_tokens))
+            runs["HF"].append(side_times(theirs, prompts, args.new_tokens))
+        rates = {}
+        for side, values in runs.items():
+            prefill = statistics.median(v[0] for v in values)
+            per_token = statistics.median(v[1] for v in values)
+            rates[side] = batch / per_token
+            print(f"{batch:>5} {side:>6} {prefill * 1e3:>11.1f} {per_token * 1e3:>9.2f} {rates[side]:>9.0f}")
+        print(f"{batch:>5}  ratio ours/HF decode tokens/s: {rates['ours'] / rates['HF']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
