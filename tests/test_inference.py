@@ -109,3 +109,25 @@ def test_spread_over_devices_keeps_outputs(models):
     before = llm.generate(PROMPTS, max_new_tokens=8)
     llm.set_device(["cpu", "cpu"])  # the hooks that carry hidden states and context across a boundary run
     assert llm.generate(PROMPTS, max_new_tokens=8) == before
+
+
+def test_tools_generate_and_inspect_run_from_the_command_line(models, tmp_path, capsys):
+    """The two tools' command lines, run in this process (their own imports cost seconds in a subprocess)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    def tool(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    llm, hf = models("llama")
+    hf.save_pretrained(tmp_path / "model")
+    assert tool("generate").main(["--model", str(tmp_path / "model"), "--prompt", "Hello", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("Hello" + llm.generate("Hello", max_new_tokens=8))
+    args = ["--model", str(tmp_path / "model"), "--text", "def f():", "--layer", "1", "--output", str(tmp_path / "p" / "i.png")]
+    assert tool("inspect_model").main(args) == 0
+    assert (tmp_path / "p" / "i.png").stat().st_size > 10_000
+    assert tool("inspect_model").main(args[:5] + ["7"] + args[6:]) == 2  # one line: no such layer

@@ -101,17 +101,17 @@ class LLM:
     # probes (inference/probes.py): plain numbers back, a readable table printed
 
     def show_cos_distance(self, text: Prompt, layer: int) -> list[float]:
-        values = probes.cos_distance(self.model, self._tensor(text), layer)
+        values = probes.cos_distance(self.model, self.tensor(text), layer)
         print(probes.table(["token", "cos distance"], zip(self._pieces(text), values)))
         return values
 
     def show_topk_token(self, text: Prompt, layer: int, k: int = 10) -> list[tuple[str, float]]:
-        pairs = [(self._text([t]), p) for t, p in probes.logit_lens(self.model, self._tensor(text), layer, k)]
+        pairs = [(self._text([t]), p) for t, p in probes.logit_lens(self.model, self.tensor(text), layer, k)]
         print(probes.table(["token", "probability"], pairs))
         return pairs
 
     def show_attention(self, text: Prompt, layer: int, token_a: int, token_b: int) -> dict[str, float]:
-        weights = probes.attention_between(self.model, self._tensor(text), layer, token_a, token_b)
+        weights = probes.attention_between(self.model, self.tensor(text), layer, token_a, token_b)
         result = {f"head {h}": w for h, w in enumerate(weights)} | {"mean": sum(weights) / len(weights)}
         print(probes.table(["head", f"attention {token_a} -> {token_b}"], result.items()))
         return result
@@ -133,7 +133,8 @@ class LLM:
     def _ids(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
-    def _tensor(self, prompt: Prompt) -> torch.Tensor:
+    def tensor(self, prompt: Prompt) -> torch.Tensor:
+        """A prompt as token ids [1, s] on the model's first device."""
         return torch.tensor([self._ids(prompt)], device=next(self.model.parameters()).device)
 
     def _text(self, ids: Sequence[int]) -> str:

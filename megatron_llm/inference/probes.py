@@ -51,6 +51,13 @@ def logit_lens(model: nn.Module, tokens: torch.Tensor, layer: int, k: int) -> li
     return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
+def lens_tokens(model: nn.Module, tokens: torch.Tensor, layer: int) -> list[int]:
+    """The logit lens's most likely next token at every position after block `layer`."""
+    _, _, out = _capture(_block(model, layer), lambda: model(tokens))
+    with torch.no_grad():
+        return model.logits(out)[0].argmax(-1).tolist()
+
+
 def attention_weights(model: nn.Module, tokens: torch.Tensor, layer: int) -> torch.Tensor:
     """Block `layer`'s attention probabilities [heads, s, s] on tokens [1, s]."""
     attention = _block(model, layer).attention
