@@ -2,7 +2,8 @@
 
 Debian's slurm-wlm and munge, installed when missing (root and apt-get needed): munged, slurmctld and
 one slurmd per emulated node, on free ports, with config, state and logs under one directory, so
-nothing outside it changes besides the packages and a running munged. Every node is this host.
+nothing outside it changes besides the packages. Every node is this host. `stop` ends every daemon
+the cluster started, munged included when it was not already running.
 MinJobAge=4 keeps `sbatch --wait` polling every 2 s (it backs off to 32 s when jobs are kept longer);
 cred_expire=10 lets a requeued job start again after 11 s instead of 121 (the node refuses it until
 the killed run's credential has expired).
@@ -23,6 +24,7 @@ from conftest import free_port
 
 NODES = ("n1", "n2")
 PACKAGES = ("slurm-wlm", "munge")
+MUNGED_PID = Path("/run/munge/munged.pid")  # Debian's munged writes its pid there
 
 
 def unavailable() -> Optional[str]:
@@ -53,6 +55,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.started_munged = False
 
     def start(self, cpus_per_node: int = 2) -> "SlurmCluster":
         self._start_munged()
@@ -108,8 +111,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return sum(int(x) for x in out.stdout.split()) if out.returncode == 0 else 0
 
     def stop(self) -> None:
-        # munged stays: another cluster on this machine (a second test session) may be using it.
-        _stop([self.root / f"slurmd-{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"])
+        # A munged that was running before is left alone: it is someone else's.
+        pid_files = [self.root / f"slurmd-{n}.pid" for n in NODES] + [self.root / "slurmctld.pid"]
+        _stop(pid_files + ([MUNGED_PID] if self.started_munged else []))
 
     def _run(self, *cmd: str) -> None:
         subprocess.run(cmd, env=self.env, check=True, capture_output=True)
@@ -119,6 +123,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return  # already running
         subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "-m", "755", "/run/munge"], check=True)
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, capture_output=True)
+        self.started_munged = True
 
 
 def _stop(pid_files: list[Path], timeout: float = 10) -> None:

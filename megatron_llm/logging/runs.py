@@ -34,7 +34,7 @@ def run_names(logdir: Path) -> list[str]:
 
 def find_run(logdir: str, run: Optional[str] = None) -> Path:
     """The directory of run `run` under `logdir`, or of its newest run. `logdir` may also be one run's
-    own directory (it holds event files itself), which is then the answer when no `run` is named."""
+    own directory (event files and no runs below it), which is then the answer when no `run` is named."""
     root = Path(logdir)
     if not root.is_dir():
         raise UsageError(f"{logdir} is not a directory; pass the run's logging.tensorboard_dir")
@@ -43,8 +43,8 @@ def find_run(logdir: str, run: Optional[str] = None) -> Path:
         if run not in names:
             raise UsageError(f"{logdir} has no run {run!r}; its runs: {', '.join(names) or 'none'}")
         return root / run
-    if any(root.glob(EVENTS)):
-        return root
-    if not names:
+    if names:
+        return root / names[-1]
+    if not any(root.glob(EVENTS)):
         raise UsageError(f"{logdir} holds no TensorBoard runs; pass the run's logging.tensorboard_dir")
-    return root / names[-1]
+    return root
