@@ -33,6 +33,7 @@ class AttentionContext:
     positions: Optional[torch.Tensor] = None
     keys: KeyMask = NO_MASK
     cache: Optional[KVCache] = None
+    _gathered: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def to(self, device: torch.device) -> "AttentionContext":
         """This context with its tensors on `device` (a model spread over devices, inference.set_device)."""
@@ -43,10 +44,12 @@ class AttentionContext:
         return AttentionContext(rope, positions, keys, self.cache)
 
     def rope_at(self, name: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.rope[name]
-        if self.positions is None:
-            return cos[:seq_len], sin[:seq_len]
-        return cos[self.positions], sin[self.positions]
+        """The table's rows at this forward's positions, gathered once per forward for all layers."""
+        if (name, seq_len) not in self._gathered:
+            cos, sin = self.rope[name]
+            rows = slice(seq_len) if self.positions is None else self.positions
+            self._gathered[name, seq_len] = (cos[rows], sin[rows])
+        return self._gathered[name, seq_len]
 
 
 class Attention(nn.Module):

@@ -114,6 +114,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if torch.compiler.is_compiling():  # the compiler fuses the plain ops into one kernel each way
         x1, x2 = x.float().chunk(2, dim=-1)  # each [b, s, heads, d/2]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    if not torch.is_grad_enabled():  # inference: the same rotation without the Function's overhead
+        return _rotate(x, cos, sin).to(x.dtype)
     return _RotateFunction.apply(x, cos, sin)
 
 
