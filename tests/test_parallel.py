@@ -43,14 +43,18 @@ COMMON = dict(
     checkpoint__keep=0, logging__tensorboard_dir=None, parallel__timeout_s=60,
 )
 # The two chains also carry the architecture menu: a Gemma2/3-like model (sandwich unit-offset norms, soft-caps,
-# sliding and full layers with their own RoPE bases, scaled embeddings, tanh GeGLU) and a BLOOM/NeoX-like one
-# (ALiBi, LayerNorm with biases, parallel residual with two norms, biases everywhere including the head's).
+# sliding and full layers with their own RoPE bases, scaled embeddings, tanh GeGLU; interleaved partial RoPE
+# and a NoPE layer) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
+# biases everywhere including the head's, Baichuan's NormHead, Granite's multipliers, OLMo's q/k/v clipping).
 TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3,
             model__norm_placement="sandwich", model__norm_unit_offset=True, model__attn_softcap=20.0,
             model__logit_softcap=30.0, model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]",
-            model__rope_local_theta=100.0, model__embedding_multiplier=8.0, model__mlp="geglu_tanh")
+            model__rope_local_theta=100.0, model__embedding_multiplier=8.0, model__mlp="geglu_tanh",
+            model__rope_interleaved=True, model__rope_fraction=0.5, model__nope_layers="[3]")
 UNTIED = dict(model__linear_bias=True, model__position="alibi", model__norm="layernorm", model__parallel_residual=True,
-              model__parallel_shared_norm=False, model__output_bias=True, model__mlp="gelu_tanh")
+              model__output_bias=True, model__mlp="gelu_tanh", model__norm_head=True,
+              model__residual_multiplier=0.5, model__logit_multiplier=0.8, model__qkv_clip=2.0,
+              model__attention_scale=0.3, model__parallel_shared_norm=True)
 
 # (name, tp, pp, dp, extra settings); each runs 2 steps from the previous run's last checkpoint.
 TIED_CHAIN = [
@@ -63,7 +67,7 @@ TIED_CHAIN = [
                                      training__eval_interval=0)),
 ]
 UNTIED_CHAIN = [
-    ("tp2", 2, 1, 1, {}),
+    ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
     ("pp2-gpipe-uneven", 1, 2, 1, dict(parallel__schedule="gpipe", parallel__stage_layers="[1, 3]")),
     ("dp2-ddp", 1, 1, 2, dict(parallel__data_parallel="ddp")),
     ("pp2-dp2-interleaved-zb-fsdp-recompute", 1, 2, 2, dict(
