@@ -44,6 +44,7 @@ def banner(cfg: Config, dp: int, per_rank: list[int], run_dir: Optional[Path], r
     sequences = t.micro_batch_size * t.grad_accum_steps * dp
     low, high = min(per_rank), max(per_rank)
     spread = _count(low) if low == high else f"{_count(low)} to {_count(high)}"
+    saves = f"every {cfg.checkpoint.interval} steps and at the end" if cfg.checkpoint.interval else "at the end"
     evaluation = f"every {t.eval_interval} steps and at the end, {t.eval_iters} batches per channel" if t.eval_interval else "off"
     lines = [
         f"run {cfg.logging.run_name}",
@@ -53,7 +54,7 @@ def banner(cfg: Config, dp: int, per_rank: list[int], run_dir: Optional[Path], r
         f"  global batch {sequences} sequences x {cfg.data.seq_len} tokens = {sequences * cfg.data.seq_len:,} tokens "
         f"({t.micro_batch_size} per micro-batch x {t.grad_accum_steps} micro-batches x dp {dp})",
         f"  steps        {t.steps}; evaluation {evaluation}",
-        f"  checkpoints  {cfg.checkpoint.dir} (every {cfg.checkpoint.interval or '-'} steps and at the end)",
+        f"  checkpoints  {cfg.checkpoint.dir} ({saves})",
         f"  tensorboard  {run_dir or 'off'}" + (f"; wandb project {cfg.logging.wandb_project}" if cfg.logging.wandb_project else ""),
         f"  resumed from {resumed or '- (a fresh start)'}",
     ]

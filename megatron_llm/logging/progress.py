@@ -27,7 +27,8 @@ def _amount(x: float) -> str:
 
 class Clock:
     """Elapsed time since the run (this process) started and an ETA from the pace of the steps done
-    since then: evaluation and checkpoint time are in that pace, so the ETA includes them."""
+    since then: evaluation and checkpoint time are in that pace, so the ETA includes them. Steps may be
+    any unit of work (Progress counts bytes, groups, ranks)."""
 
     def __init__(self, start_step: int, total_steps: int):
         self.start_step, self.total_steps = start_step, total_steps
@@ -36,13 +37,13 @@ class Clock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def eta(self, step: int) -> Optional[float]:
+    def eta(self, step: float) -> Optional[float]:
         done = step - self.start_step
         return self.elapsed() / done * (self.total_steps - step) if done > 0 else None
 
-    def text(self, step: int) -> str:
+    def text(self, step: float, separator: str = " | ") -> str:
         eta = self.eta(step)
-        return f"elapsed {duration(self.elapsed())} | eta {duration(eta) if eta is not None else '?'}"
+        return f"elapsed {duration(self.elapsed())}{separator}eta {duration(eta) if eta is not None else '?'}"
 
 
 class Progress:
@@ -51,7 +52,7 @@ class Progress:
     def __init__(self, label: str, total: float, unit: str, every_s: float = 10.0, enabled: bool = True):
         self.label, self.total, self.unit, self.every_s, self.enabled = label, total, unit, every_s, enabled
         self.tty = sys.stderr.isatty()
-        self.started = time.perf_counter()
+        self.clock = Clock(0, total)
         self.done = 0.0
         self._shown = time.perf_counter() if not self.tty else 0.0  # a log's first line only after every_s
 
@@ -67,16 +68,14 @@ class Progress:
 
     def close(self) -> None:
         """The final state: the line is completed on a terminal, printed once more in a log if it ever was."""
-        if self.enabled and (self.tty or time.perf_counter() - self.started >= self.every_s):
+        if self.enabled and (self.tty or self.clock.elapsed() >= self.every_s):
             self._show()
         if self.enabled and self.tty:
             sys.stderr.write("\n")
 
     def _show(self) -> None:
         fraction = self.done / self.total if self.total else 1.0
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else None
         line = (f"{self.label}: {fraction:6.1%} ({_amount(self.done)} of {_amount(self.total)} {self.unit}), "
-                f"elapsed {duration(elapsed)}, eta {duration(eta) if eta is not None else '?'}")
+                f"{self.clock.text(self.done, ', ')}")
         sys.stderr.write(f"\r{line}" if self.tty else f"{line}\n")
         sys.stderr.flush()
