@@ -130,6 +130,16 @@ class DataConfig:
     random_channels: Optional[int] = param(
         None, "give every training sample a seeded random channel out of K (all K curves must then agree)"
     )
+    format: Literal["pretrain", "sft"] = param(
+        "pretrain", "pretrain: documents concatenated into sequences; sft: conversations with loss masks "
+        "(tools/preprocess_data.py --format chat), the loss on their assistant tokens only"
+    )
+    packing: bool = param(
+        True, "sft: several conversations per sequence (best-fit) with document masks; false: one each, padded"
+    )
+    document_mask: bool = param(
+        False, "pretrain: no token attends across the end of a document; positions restart at each document"
+    )
 
 
 @dataclass
@@ -254,6 +264,8 @@ class Config:
                 f"data.blend channel names {clash} would all be logged as loss/{tag_safe(clash[0])}: rename them to "
                 "differ in letters, digits, '_', '-' or '.'"
             )
+        if d.document_mask and d.format != "pretrain":
+            raise UsageError("data.document_mask is for data.format pretrain; packed sft conversations are always masked")
         if d.random_channels is not None and d.random_channels <= 0:
             raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):

@@ -8,6 +8,18 @@ Writes PREFIX.bin and PREFIX.idx (readable by megatron-core's IndexedDataset and
 with --channel-field FIELD, one PREFIX_VALUE.bin/.idx per distinct value of FIELD, and prints the blend
 that makes each one a channel, as a ready-to-paste `--data.blend '[...]'` flag and as YAML for a config,
 weighted by each channel's tokens (--equal-weights: 1.0 each). Bad input prints `error: ...` and exits 2.
+
+Post-training data (megatron_llm/data/chat.py describes the templates):
+
+    python tools/preprocess_data.py --format chat --input chats.jsonl.gz --output-prefix data/sft \
+        --tokenizer path/to/tokenizer.json --channel-field source --max-length 4096
+    python tools/preprocess_data.py --format prompt_response --input qa.parquet --output-prefix data/qa
+    python tools/preprocess_data.py --format pairs --input prefs.jsonl --output-prefix data/prefs
+
+--format chat reads {"messages": [{"role", "content"}, ...]}, prompt_response {"prompt", "response"}; both
+write PREFIX.bin/.idx and the loss mask PREFIX.mask.bin/.idx (assistant tokens; --loss-on all: every token),
+for training with data.format sft. --format pairs reads {"chosen", "rejected"}, each text or messages, and
+writes them as consecutive documents, for data.format pairs. Inputs: .jsonl, .jsonl.gz, .parquet (pyarrow).
 """
 
 import argparse
@@ -17,13 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_llm.data.chat import FORMATS  # noqa: E402
 from megatron_llm.data.preprocess import preprocess  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, help="jsonl file, one JSON object per line")
+    parser.add_argument("--input", required=True, help="jsonl (or .jsonl.gz, .parquet) file, one JSON object per line")
+    parser.add_argument("--format", default="text", choices=FORMATS,
+                        help="text: pretraining documents; chat, prompt_response: conversations with a loss mask; pairs")
+    parser.add_argument("--loss-on", default="assistant", choices=("assistant", "all"),
+                        help="conversations: train on the assistant turns' tokens only, or on every token")
+    parser.add_argument("--max-length", type=int, help="truncate conversations to this many tokens; drop longer pairs")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", default="byte", help="'byte' or the path of a Hugging Face tokenizer.json")
     parser.add_argument("--text-field", default="text", help="the JSON field holding each document's text")
@@ -35,7 +53,7 @@ def main(argv=None) -> int:
     try:
         stats = preprocess(
             args.input, args.output_prefix, args.tokenizer, args.text_field, max(args.workers, 1),
-            channel_field=args.channel_field,
+            channel_field=args.channel_field, fmt=args.format, loss_on=args.loss_on, max_length=args.max_length,
         )
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ import torch
 
 from megatron_llm.config import DataConfig, DatasetSpec
 from megatron_llm.data.mcore import mcore
+from megatron_llm.data.packing import DocumentMasked, build_conversation_datasets
 from megatron_llm.data.tokenizer import load_tokenizer
 from megatron_llm.errors import UsageError
 
@@ -36,6 +37,8 @@ class Datasets:
     """Each dataset's own validation split, num_valid_samples long, samples tagged with its channel."""
     channel_names: list[str] = field(default_factory=list)
     """Channel id -> name (spec.name or the file stem), in blend order."""
+    note: str = ""
+    """What the run prints about its sequences at start (data.format sft: packing efficiency)."""
 
 
 def channel_names(blend: list[DatasetSpec]) -> list[str]:
@@ -166,7 +169,23 @@ def build_datasets(
     """The blended train and valid datasets plus one valid dataset per channel. Every rank calls it.
 
     num_valid_samples is the length of `valid` and of each `valid_by_channel` entry; 0 skips them.
+    data.format sft packs conversations instead (data/packing.py), and data.document_mask gives each
+    sample the positions and document ids of the documents it holds.
     """
+    names = [f"random_{c}" for c in range(cfg.random_channels)] if cfg.random_channels else channel_names(cfg.blend)
+    eod = load_tokenizer(cfg.tokenizer).eod
+    if cfg.format == "sft":
+        train, by_channel, note = build_conversation_datasets(cfg, vocab_size, seed, num_train_samples, eod)
+        return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
+    datasets = _build_pretraining(cfg, vocab_size, seed, num_train_samples, num_valid_samples, names, eod)
+    if cfg.document_mask:
+        datasets.train = DocumentMasked(datasets.train, eod)
+        datasets.valid_by_channel = {name: DocumentMasked(d, eod) for name, d in datasets.valid_by_channel.items()}
+    return datasets
+
+
+def _build_pretraining(cfg: DataConfig, vocab_size: int, seed: int, num_train_samples: int, num_valid_samples: int,
+                       names: list[str], eod: int) -> Datasets:
     lengths = [check_indexed_dataset(spec.path, vocab_size) for spec in cfg.blend]
     cache = _cache_dir(cfg)
     if not torch.distributed.is_initialized():
@@ -179,7 +198,7 @@ def build_datasets(
         blend=([spec.path for spec in cfg.blend], [spec.weight for spec in cfg.blend]),
         split=cfg.split,
         path_to_cache=cache,
-        tokenizer=_TokenizerInfo(load_tokenizer(cfg.tokenizer).eod, vocab_size),
+        tokenizer=_TokenizerInfo(eod, vocab_size),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -194,11 +213,9 @@ def build_datasets(
     train, valid, _test = builder_mod.BlendedMegatronDatasetBuilder(
         gpt.GPTDataset, sizes, is_built_on_rank=lambda: True, config=config
     ).build()
-    names = channel_names(cfg.blend)
     if cfg.random_channels:
         # Validation stays per source (below); only training samples are reassigned.
         train = _RandomChannels(train, cfg.random_channels, seed)
-        names = [f"random_{c}" for c in range(cfg.random_channels)]
     if valid is None or num_valid_samples <= 0:
         return Datasets(train=train, valid=None, channel_names=names)
 

@@ -15,17 +15,24 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """megatron-core samples -> tokens, labels: Long[b, s]; loss_mask: Float[b, s]; channel: Long[b]."""
-    return {
+    """megatron-core samples -> tokens, labels: Long[b, s]; loss_mask: Float[b, s]; channel: Long[b], or
+    Long[b, s] when a sample's tokens carry their own (packed conversations); positions and documents:
+    Long[b, s] when the samples have them (document masks)."""
+    batch = {
         "tokens": torch.stack([s["tokens"] for s in samples]),  # [b, s]
         "labels": torch.stack([s["labels"] for s in samples]),  # [b, s]: tokens shifted left by one
         "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),  # [b, s]
-        "channel": torch.tensor([int(s["dataset_id"]) for s in samples], dtype=torch.long),  # [b]
+        "channel": torch.as_tensor(np.stack([s["dataset_id"] for s in samples]), dtype=torch.long),  # [b] or [b, s]
     }
+    for key in ("positions", "documents"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])  # [b, s]
+    return batch
 
 
 def micro_batch_indices(first: int, micro_batch_size: int, dp_rank: int, dp_size: int, length: int) -> list[int]:

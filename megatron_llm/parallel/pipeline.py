@@ -7,6 +7,8 @@ parameter keeps its full-model name. Which stages a rank runs depends on the sch
 and 1F1B; stages r, r + pp, ... for the interleaved ones ("loop"); r and 2pp - 1 - r for ZBV ("v").
 
 The training micro-batches are the schedule's micro-batches (training.grad_accum_steps of them).
+Micro-batches with document masks (packed conversations, data.document_mask) send their positions and
+document ids along with the hidden states from stage to stage (see `carry_documents`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from megatron_llm.config import ParallelConfig
 from megatron_llm.model import Transformer
+from megatron_llm.model.attention_kernels import KeyMask
 from megatron_llm.parallel.gradients import match_param_layouts
 
 SCHEDULES = {
@@ -44,6 +47,35 @@ SINGLE_STAGE = ("gpipe", "1f1b")
 Records = list[tuple[dict, torch.Tensor]]
 # (logits, micro-batch) -> (loss to backpropagate, per-token cross-entropy)
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def document_inputs(mb: dict) -> dict:
+    """The model's keyword inputs for a micro-batch with document masks (positions restarting at each
+    document, no attention across documents), or none for plain causal sequences."""
+    if "documents" not in mb:
+        return {}
+    return {"positions": mb["positions"], "keys": KeyMask(documents=mb["documents"])}
+
+
+def carry_documents(part: nn.Module) -> None:
+    """Makes a stage module take (tokens or hidden states, positions, documents) and, unless it holds the
+    head, return the same three, so that every stage masks as the first does: the schedule splits all three
+    into micro-batches and sends them between stages (the integer ones need no gradient). Forward hooks
+    rather than a wrapper module, so that the schedule still drives the part itself (its FSDP2 or DDP
+    gradient synchronisation) and parameter names stay those of the whole model."""
+
+    def before(module, args, kwargs):
+        x, positions, documents = args
+        # The schedule infers each stage's output shapes once by running it on uninitialised inputs: keep
+        # such positions inside the RoPE table (real ones always are; documents may hold anything).
+        positions = positions.clamp(0, module.cfg.max_seq_len - 1)
+        return (x,), {**kwargs, "positions": positions, "keys": KeyMask(documents=documents)}
+
+    def after(module, args, kwargs, out):
+        return out if module.output is not None else (out, kwargs["positions"], kwargs["keys"].documents)
+
+    part.register_forward_pre_hook(before, with_kwargs=True)
+    part.register_forward_hook(after, with_kwargs=True)
 
 
 def stage_layers(num_layers: int, parallel: ParallelConfig) -> list[list[int]]:
@@ -114,6 +146,7 @@ class PipelineModel(nn.Module):
                     setattr(self, name, getattr(part, name))
             self.layers.update(part.layers)
         self.stages, self.schedule, self.loss, self.tie_group = stages, schedule, loss, tie_group
+        self.carries_documents = False  # set by the first micro-batches with document masks (see run)
         self.is_first = any(s.is_first for s in stages)
         self.is_last = any(s.is_last for s in stages)
         ends = [getattr(self, name, None) for name in ("tok_embeddings", "output")]
@@ -133,6 +166,10 @@ class PipelineModel(nn.Module):
         m = self.loss.count
         if train and len(micro_batches) != m:
             raise ValueError(f"the schedule was built for {m} micro-batches, got {len(micro_batches)}")
+        if "documents" in micro_batches[0] and not self.carries_documents:  # a run's batches all have them or none
+            for stage in self.stages:
+                carry_documents(stage.submod)
+            self.carries_documents = True
         records: Records = []
         for start in range(0, len(micro_batches), m):
             group = micro_batches[start : start + m]
@@ -145,7 +182,8 @@ class PipelineModel(nn.Module):
 
     def _run_group(self, micro_batches: list[dict], loss_fn: LossFn, train: bool) -> Records:
         b = micro_batches[0]["tokens"].shape[0]
-        args = (torch.cat([mb["tokens"] for mb in micro_batches]),) if self.is_first else ()  # [m * b, s]
+        keys = ("tokens", "positions", "documents") if self.carries_documents else ("tokens",)
+        args = tuple(torch.cat([mb[k] for mb in micro_batches]) for k in keys) if self.is_first else ()  # [m * b, s]
         # The schedule splits the target along dim 0 into the micro-batches: each gets its index b times.
         target = torch.arange(len(micro_batches)).repeat_interleave(b) if self.is_last else None
         self.loss.micro_batches, self.loss.fn, self.loss.records = micro_batches, loss_fn, {}

@@ -28,7 +28,12 @@ class ChannelSums:
         self.sums = torch.zeros(num_channels, 2, dtype=torch.float64, device=device)  # exact token counts
 
     def add(self, token_ce: torch.Tensor, loss_mask: torch.Tensor, channel: torch.Tensor) -> None:
-        """token_ce, loss_mask: [b, s] (masked tokens already 0 in token_ce); channel: [b]."""
+        """token_ce, loss_mask: [b, s] (masked tokens already 0 in token_ce); channel: [b], or [b, s] when
+        the tokens of a sequence belong to different channels (packed conversations)."""
+        if channel.dim() == 2:
+            per_token = torch.stack([token_ce.flatten(), loss_mask.flatten()], dim=1)  # [b * s, 2]
+            self.sums.index_add_(0, channel.flatten().to(self.sums.device), per_token.to(self.sums.dtype))
+            return
         per_sample = torch.stack([token_ce.sum(1), loss_mask.sum(1)], dim=1)  # [b, 2]
         self.sums.index_add_(0, channel.to(self.sums.device), per_sample.to(self.sums.dtype))
 

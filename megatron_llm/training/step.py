@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import loss_parallel
 
 from megatron_llm.parallel import ParallelDims, PipelineModel, all_reduce_sum, clip_grads_, grad_norm
-from megatron_llm.parallel.pipeline import Records
+from megatron_llm.parallel.pipeline import Records, document_inputs
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
 from megatron_llm.training.moe_loss import router_collector
@@ -121,7 +121,7 @@ def _run(model: nn.Module, micro_batches: list[dict], dims: ParallelDims, autoca
             return model.run(micro_batches, loss_fn, train)
         records = []
         for mb in micro_batches:
-            loss, token_ce = loss_fn(model(mb["tokens"]), mb)  # logits [b, s, vocab]
+            loss, token_ce = loss_fn(model(mb["tokens"], **document_inputs(mb)), mb)  # logits [b, s, vocab]
             if train:
                 loss.backward()
             records.append((mb, token_ce))

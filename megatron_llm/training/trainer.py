@@ -82,6 +82,8 @@ class Trainer:
         self.logger = MetricsLogger(cfg.logging, cfg.to_dict(), Clock(self.step, t.steps), enabled=dims.is_logger)
         per_rank = parameters_per_rank(self.model)  # a collective: every rank
         self._print(banner(cfg, dims.dp, per_rank, self.logger.run_dir, self.resumed_from, device))
+        if self.data.note:
+            self._print(self.data.note)
 
     def _build_data(self):
         cfg, t = self.cfg, self.cfg.training
