@@ -157,6 +157,27 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_config,
     assert len(temporaries) == 2 and temporaries[0] != temporaries[1]  # no two runs share a temporary name
 
 
+def test_every_rank_stops_when_the_writing_rank_finds_the_directory_locked(corpus_dir, tmp_path):
+    """Only the writing rank takes the lock; its refusal must reach the other ranks, which would
+    otherwise wait in their next collective until parallel.timeout_s."""
+    from conftest import tiny_overrides
+    from parallel_harness import Workers
+
+    ckpt = ckpt_dir(tmp_path)
+    ckpt.mkdir()
+    holder = open(ckpt / ".lock", "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    pool = Workers(2)
+    try:
+        with pytest.raises(AssertionError) as refused:
+            pool.run(2, tiny_overrides(corpus_dir, tmp_path, parallel__timeout_s=300, **QUIET), tmp_path, timeout_s=120)
+    finally:
+        pool.close()
+        holder.close()
+    for rank in (0, 1):
+        assert f"rank {rank}: UsageError: checkpoint.dir {ckpt} is in use by another run" in str(refused.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 4. Channel names that become one file name or one TensorBoard tag
 

@@ -1,4 +1,5 @@
-"""What a long run meets besides bad data: a stop request, a launcher restart, a hung rank.
+"""What a long run meets besides bad data: a stop request, a launcher restart, a divergence, a refusal
+at start-up, a hung rank.
 
 - Stop request. Slurm sends SIGUSR1 before the time limit (`--signal`) and SIGTERM on preemption or
   cancellation; Kubernetes and `docker stop` send SIGTERM. The handler only records the signal; the
@@ -6,6 +7,7 @@
   ranks and not others (`kill` of one process, nodes signalled one after another), so the decision is a
   collective: after every step each rank contributes what it received to a MAX all-reduce over the
   world, and all ranks stop after the same step. One int over gloo costs well under a millisecond.
+  Before train() records signals, during the imports, train.py exits with REQUEUE_EXIT_CODE at once.
 - Launcher restart. torchrun (`--max-restarts`) and a Slurm requeue start train.py again with the same
   command line; such a restart resumes from `latest` even without `checkpoint.resume auto`, because
   starting over would overwrite the checkpoints of the run it continues.
