@@ -17,7 +17,10 @@ micro-batches) and take the same clipped AdamW step: the same hyperparameters, t
 cross-entropy in fp32, backward, clip_grad_norm_, step, zero_grad) with SDPA attention and no KV cache.
 Steps alternate between the two (ours first on even steps, HF first on odd ones) so machine noise
 hits both; medians are reported. The first-step losses and gradient norms are printed side by side:
-they agree to ~1e-5 in fp32 when both compute the same function.
+they agree to ~1e-5 in fp32 when both compute the same function. (A family whose transformers embedding
+has a padding_idx, Gemma's, gives that row no lookup gradient; random tokens hit it, so its gradient
+norms differ by ~1e-4 while the losses are equal.) `--family MODEL_TYPE` compares any registered family,
+loading transformers' side from an exported directory as a user would.
 
 --reference channels-off (the default under torchrun, any layout): our parallelised model, built as
 train.py builds it, alternates steps with per-channel accounting on (logging.per_channel, as trained)
@@ -31,6 +34,7 @@ A step's time is its slowest rank's.
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -109,29 +113,39 @@ def family_model(cfg: Config, model_type: str) -> None:
 
 
 def hf_twin(model: nn.Module, model_type: str, device: torch.device) -> nn.Module:
-    """transformers' model of `model_type` with `model`'s config and weights; eager attention where the
-    family's soft-cap needs it (as transformers advises), SDPA elsewhere."""
+    """transformers' model of `model_type` with `model`'s config and weights, loaded the way a user loads an
+    exported checkpoint (from_pretrained applies transformers' own renames of old tensor names); eager
+    attention where the family's soft-cap needs it (as transformers advises), else its default."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
     transformers = import_transformers()
-    written = hf_config_from_model_config(model.cfg, model_type)
-    config = transformers.AutoConfig.for_model(written.pop("model_type"), **written)
-    config._attn_implementation = "eager" if model.cfg.attn_softcap else "sdpa"
-    with torch.device(device):
-        hf = transformers.AutoModelForCausalLM.from_config(config)
-    hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, model_type))
-    return hf.train()
+    config = hf_config_from_model_config(model.cfg, model_type)
+    state = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "output.weight")}
+    tensors = native_to_hf(state, model.cfg, model_type)  # a tied head is re-tied on load, as in an export
+    extra = {"attn_implementation": "eager"} if model.cfg.attn_softcap else {}
+    with tempfile.TemporaryDirectory() as directory:
+        (Path(directory) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "model.safetensors"),
+                  metadata={"format": "pt"})
+        hf = transformers.AutoModelForCausalLM.from_pretrained(directory, **extra)
+    return hf.to(device).train()
 
 
-def matching_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, hf: nn.Module, model_type: str):
-    """An AdamW over `hf` with `optimizer`'s groups and settings, each parameter mapped by name."""
-    hf_name = {family(model_type).hf_name(name, model.cfg): id(p) for name, p in model.named_parameters()}  # hf name -> id(ours)
-    by_id = dict(zip(hf_name.values(), hf_name.keys()))
-    hf_params = dict(hf.named_parameters(remove_duplicate=False))
-    groups = [
-        {**{k: v for k, v in group.items() if k != "params"}, "params": [hf_params[by_id[id(p)]] for p in group["params"]]}
-        for group in optimizer.param_groups
-    ]
+def matching_optimizer(optimizer: torch.optim.Optimizer, hf: nn.Module) -> torch.optim.Optimizer:
+    """An AdamW over `hf` with `optimizer`'s settings and its no-decay rule (norms, biases and the embedding:
+    training/optimizer.py), applied to transformers' own parameters: fused tensors (q/k/v, gate/up) have no
+    one-to-one counterpart, so groups follow the rule rather than a name map."""
+    embedding = hf.get_input_embeddings().weight
+    decay, no_decay = optimizer.param_groups[-1]["weight_decay"], optimizer.param_groups[0]["weight_decay"]
+    groups: dict[float, list] = {}
+    for param in hf.parameters():  # a tied head is yielded once, as the embedding
+        rate = no_decay if param.ndim < 2 or param is embedding else decay
+        groups.setdefault(rate, []).append(param)
     # Each group carries every setting; foreach and fused are also read from the defaults when built.
-    return torch.optim.AdamW(groups, **{k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "foreach", "fused")})
+    return torch.optim.AdamW([{"params": ps, "weight_decay": rate} for rate, ps in groups.items()],
+                             **{k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "foreach", "fused")})
 
 
 def hf_step(hf, optimizer, micro_batches: list[dict], *, grad_clip: float, autocast) -> tuple[float, float]:
@@ -189,7 +203,7 @@ def build_runners(cfg: Config, model_type: str, device: torch.device, autocast) 
     model = build_model(cfg.model, device, seed=cfg.training.seed)
     hf = hf_twin(model, model_type, device)
     optimizer = build_optimizer(model, cfg.optimizer)
-    hf_optimizer = matching_optimizer(optimizer, model, hf, model_type)
+    hf_optimizer = matching_optimizer(optimizer, hf)
     batches = random_batches(cfg, device, cfg.training.seed)
     z_loss, clip = cfg.training.z_loss, cfg.optimizer.grad_clip
 
