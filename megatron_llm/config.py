@@ -130,9 +130,10 @@ class DataConfig:
     random_channels: Optional[int] = param(
         None, "give every training sample a seeded random channel out of K (all K curves must then agree)"
     )
-    format: Literal["pretrain", "sft"] = param(
+    format: Literal["pretrain", "sft", "pairs"] = param(
         "pretrain", "pretrain: documents concatenated into sequences; sft: conversations with loss masks "
-        "(tools/preprocess_data.py --format chat), the loss on their assistant tokens only"
+        "(tools/preprocess_data.py --format chat), the loss on their assistant tokens only; pairs: preference "
+        "pairs (--format pairs) for a reward model (model.head score)"
     )
     packing: bool = param(
         True, "sft: several conversations per sequence (best-fit) with document masks; false: one each, padded"
@@ -172,6 +173,8 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = param("auto", "auto picks cuda when available")
     dtype: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on cuda, fp32 on cpu")
     z_loss: float = param(0.0, "z-loss coefficient: adds coeff * mean(logsumexp(logits)^2)")
+    reward_margin: float = param(0.0, "data.format pairs: the margin m of -log sigmoid(r_chosen - r_rejected - m)")
+    reward_centering: float = param(0.0, "data.format pairs: adds coeff * (r_chosen + r_rejected)^2, keeping rewards near 0")
     max_bad_steps: int = param(5, "stop after this many consecutive NaN/Inf steps (each is skipped)")
     eval_interval: int = param(50, "evaluate every N steps (0 disables)")
     # 40: on the tiny run a channel's val_loss then varies by ~0.02-0.03 nats between sample sets, below the
@@ -264,6 +267,11 @@ class Config:
                 f"data.blend channel names {clash} would all be logged as loss/{tag_safe(clash[0])}: rename them to "
                 "differ in letters, digits, '_', '-' or '.'"
             )
+        if (d.format == "pairs") != (self.model.head == "score"):
+            raise UsageError("a reward model trains on preference pairs: set data.format pairs together with model.head score")
+        if d.format == "pairs" and (t.micro_batch_size % 2 or self.parallel.tp > 1):
+            raise UsageError("data.format pairs needs an even training.micro_batch_size (chosen and rejected rows) and "
+                             "parallel.tp 1 (the score head is not split)")
         if d.document_mask and d.format != "pretrain":
             raise UsageError("data.document_mask is for data.format pretrain; packed sft conversations are always masked")
         if d.random_channels is not None and d.random_channels <= 0:

@@ -108,6 +108,10 @@ class ModelConfig:
     logit_multiplier: float = param(1.0, "scale of the logits (Cohere's logit_scale; Granite's 1 / logits_scaling)")
     logit_softcap: Optional[float] = param(None, "final-logit soft-capping: cap * tanh(logits / cap); null disables")
     norm_head: bool = param(False, "normalise each row of the head weight before the matmul (Baichuan2's NormHead)")
+    head: Literal["lm", "score"] = param(
+        "lm", "lm: next-token logits over the vocabulary; score: one scalar per position, read at a sequence's last "
+        "token (a reward model; Hugging Face's *ForSequenceClassification with one label)"
+    )
     moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
     moe_top_k: int = param(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
@@ -258,6 +262,9 @@ class ModelConfig:
             )
         if self.norm_head and self.tie_embeddings:
             raise UsageError("model.norm_head normalises the head alone: it cannot be tied (set tie_embeddings false)")
+        if self.head == "score" and (self.tie_embeddings or self.norm_head or self.output_bias):
+            raise UsageError("model.head score is a plain [1, hidden] projection: set tie_embeddings, norm_head and "
+                             "output_bias false")
 
     def _validate_moe(self) -> None:
         if self.moe_experts < 0:

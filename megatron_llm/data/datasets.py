@@ -21,7 +21,7 @@ import torch
 
 from megatron_llm.config import DataConfig, DatasetSpec
 from megatron_llm.data.mcore import mcore
-from megatron_llm.data.packing import DocumentMasked, build_conversation_datasets
+from megatron_llm.data.packing import DocumentMasked, build_conversation_datasets, build_pair_datasets
 from megatron_llm.data.tokenizer import load_tokenizer
 from megatron_llm.errors import UsageError
 
@@ -177,6 +177,9 @@ def build_datasets(
     if cfg.format == "sft":
         train, by_channel, note = build_conversation_datasets(cfg, vocab_size, seed, num_train_samples, eod)
         return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
+    if cfg.format == "pairs":  # no validation split yet: evaluation measures language modelling
+        train, note = build_pair_datasets(cfg, vocab_size, seed, num_train_samples, eod)
+        return Datasets(train=train, valid=None, channel_names=names, note=note)
     datasets = _build_pretraining(cfg, vocab_size, seed, num_train_samples, num_valid_samples, names, eod)
     if cfg.document_mask:
         datasets.train = DocumentMasked(datasets.train, eod)

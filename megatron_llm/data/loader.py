@@ -22,14 +22,14 @@ import torch
 def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     """megatron-core samples -> tokens, labels: Long[b, s]; loss_mask: Float[b, s]; channel: Long[b], or
     Long[b, s] when a sample's tokens carry their own (packed conversations); positions and documents:
-    Long[b, s] when the samples have them (document masks)."""
+    Long[b, s] when the samples have them (document masks); last: Long[b] for preference pairs."""
     batch = {
         "tokens": torch.stack([s["tokens"] for s in samples]),  # [b, s]
         "labels": torch.stack([s["labels"] for s in samples]),  # [b, s]: tokens shifted left by one
         "loss_mask": torch.stack([s["loss_mask"] for s in samples]).float(),  # [b, s]
         "channel": torch.as_tensor(np.stack([s["dataset_id"] for s in samples]), dtype=torch.long),  # [b] or [b, s]
     }
-    for key in ("positions", "documents"):
+    for key in ("positions", "documents", "last"):  # last: [b], a preference row's last real token
         if key in samples[0]:
             batch[key] = torch.stack([s[key] for s in samples])  # [b, s]
     return batch

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning sequences: conversations packed best-fit into data.seq_len slots.
+"""Post-training sequences: conversations packed best-fit into data.seq_len slots (data.format sft), and
+preference pairs as chosen/rejected rows (data.format pairs, `PreferenceRows`).
 
 Each blend dataset is a conversation set written by `tools/preprocess_data.py --format chat` (or
 prompt_response): PREFIX.bin/.idx with one document per conversation and PREFIX.mask.bin/.idx with its
@@ -61,22 +62,27 @@ def split_documents(n: int, split: str) -> tuple[range, range]:
 
 @dataclass
 class Conversations:
-    """One blend dataset: its token and loss-mask documents and their lengths."""
+    """One blend dataset: its token documents, their loss masks (when `masked`) and their lengths."""
 
     prefix: str
     lengths: np.ndarray
+    masked: bool = True
 
     def __post_init__(self):
         self._tokens = self._masks = None
 
-    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def tokens(self, i: int) -> np.ndarray:
         if self._tokens is None:  # opened lazily: once per DataLoader worker, after the fork
             indexed = mcore("datasets.indexed_dataset")
-            self._tokens, self._masks = indexed.IndexedDataset(self.prefix), indexed.IndexedDataset(f"{self.prefix}.mask")
-        return self._tokens[i], self._masks[i]
+            self._tokens = indexed.IndexedDataset(self.prefix)
+            self._masks = indexed.IndexedDataset(f"{self.prefix}.mask") if self.masked else None
+        return self._tokens[i]
+
+    def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens(i), self._masks[i]
 
     def __getstate__(self):  # DataLoader workers open their own readers
-        return {"prefix": self.prefix, "lengths": self.lengths, "_tokens": None, "_masks": None}
+        return {**self.__dict__, "_tokens": None, "_masks": None}
 
 
 class PackedConversations(torch.utils.data.Dataset):
@@ -231,3 +237,51 @@ def build_conversation_datasets(cfg, vocab_size: int, seed: int, num_train_sampl
             f"{'packed best-fit' if cfg.packing else 'one conversation each, padded'}: {efficiency:.1%} real tokens"
             + (f"; {truncated} train conversations longer than data.seq_len are truncated" if truncated else ""))
     return train, valid_by_channel, note
+
+
+class PreferenceRows(torch.utils.data.Dataset):
+    """Preference pairs as consecutive rows, 2k the chosen and 2k + 1 the rejected side of pair k, each
+    padded on the right to seq_len (a longer side keeps its last seq_len tokens: the score is read at
+    the end). `last` is a row's last real token; the loss mask holds a single 1, at the chosen row's,
+    so a batch's loss "tokens" count its pairs (training/reward.py). With an even micro-batch size every
+    micro-batch holds whole pairs."""
+
+    def __init__(self, sources: list[Conversations], pairs: list[tuple[int, int, int]], seq_len: int, pad_id: int):
+        self.sources, self.pairs, self.seq_len, self.pad_id = sources, pairs, seq_len, pad_id  # (dataset, pair, channel)
+
+    def __len__(self) -> int:
+        return 2 * len(self.pairs)
+
+    def __getitem__(self, idx: int) -> dict:
+        d, pair, channel = self.pairs[idx // 2]
+        ids = self.sources[d].tokens(2 * pair + idx % 2)[-self.seq_len :]
+        tokens = np.full(self.seq_len, self.pad_id, dtype=np.int64)
+        tokens[: len(ids)] = ids
+        loss_mask = np.zeros(self.seq_len, dtype=np.float32)
+        if idx % 2 == 0:
+            loss_mask[len(ids) - 1] = 1.0
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(loss_mask),
+                "last": torch.tensor(len(ids) - 1), "dataset_id": np.int64(channel)}
+
+
+def build_pair_datasets(cfg, vocab_size: int, seed: int, num_train_samples: int, pad_id: int):
+    """(train rows, the start-up note) for data.format pairs: pairs drawn from the blend by weight."""
+    from megatron_llm.data.datasets import check_indexed_dataset  # datasets.py calls this module
+
+    sources, trains, channels, longer = [], [], [], 0
+    for d, spec in enumerate(cfg.blend):
+        lengths = check_indexed_dataset(spec.path, vocab_size)
+        if len(lengths) % 2:
+            raise UsageError(f"{spec.path} holds {len(lengths)} documents, not pairs; write it with tools/preprocess_data.py --format pairs")
+        train, _ = split_documents(len(lengths) // 2, cfg.split)
+        if not len(train):
+            raise UsageError(f"dataset {spec.path}: its train split holds no pairs; add some or change data.split")
+        sources.append(Conversations(spec.path, lengths, masked=False))
+        trains.append(train)
+        channels.append(channel_of_documents(len(lengths) // 2, d, cfg.random_channels, seed))
+        longer += int((lengths[2 * train.start : 2 * train.stop] > cfg.seq_len).sum())
+    draws = _blend_order(sources, trains, [s.weight for s in cfg.blend], seed)
+    pairs = [(d, i, int(channels[d][i])) for d, i in (next(draws) for _ in range((num_train_samples + 1) // 2))]
+    note = (f"pairs: {len(pairs)} preference pairs as chosen/rejected rows of {cfg.seq_len} tokens"
+            + (f"; {longer} train sides longer than data.seq_len keep their last {cfg.seq_len} tokens" if longer else ""))
+    return PreferenceRows(sources, pairs, cfg.seq_len, pad_id), note

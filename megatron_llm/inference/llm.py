@@ -97,6 +97,18 @@ class LLM:
         self._device_hooks = spread_over(self.model, [torch.device(d) for d in devices])
         return self
 
+    @torch.no_grad()
+    def reward(self, texts: list[Prompt]) -> list[float]:
+        """A reward model's scores (model.head score): the head's value at each text's last token, as
+        transformers' *ForSequenceClassification reads it."""
+        if self.model.cfg.head != "score":
+            raise UsageError("reward() needs a reward model (model.head score); this one predicts tokens")
+        rows = [self._ids(t) for t in texts]
+        width = max(map(len, rows))
+        tokens = self.tensor([0] * width).new_tensor([r + [0] * (width - len(r)) for r in rows])  # [b, s] right-padded
+        scores = self.model(tokens)[..., 0]  # [b, s]: causal, so a last real token sees none of the padding
+        return scores[torch.arange(len(rows)), [len(r) - 1 for r in rows]].float().tolist()
+
     # ---------------------------------------------------------------------------------------------
     # probes (inference/probes.py): plain numbers back, a readable table printed
 

@@ -89,7 +89,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
         # Post-residual blocks end in a norm already; every other topology needs a final one.
         self.norm = build_norm(cfg) if cfg.norm_placement not in ("post", "deepnorm") else None
-        self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, cfg.vocab_size, bias=cfg.output_bias)
+        outputs = cfg.vocab_size if cfg.head == "lm" else 1  # score: one scalar per position
+        self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, outputs, bias=cfg.output_bias)
         self.tie_weights()
         # Derived from the config, so kept out of checkpoints; filled by init_weights on the real device.
         tables = {layer.attention.rope for layer in self.layers.values()} - {None}
@@ -218,7 +219,9 @@ class Transformer(nn.Module):
         (also the logit lens's view of any layer)."""
         if self.norm is not None:
             h = self.norm(h)
-        logits = self.output(h)  # [b, s, vocab]
+        logits = self.output(h)  # [b, s, vocab], or scores [b, s, 1]
+        if self.cfg.head == "score":  # the multiplier and soft-cap shape a distribution over the vocabulary only
+            return logits
         if self.cfg.logit_multiplier != 1.0:
             logits = logits * self.cfg.logit_multiplier
         if self.cfg.logit_softcap is not None:

@@ -16,6 +16,7 @@ from megatron_llm.parallel.pipeline import Records, document_inputs
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
 from megatron_llm.training.moe_loss import router_collector
+from megatron_llm.training.reward import PairwiseObjective
 
 
 @dataclass
@@ -25,6 +26,7 @@ class StepResult:
     grad_norm: float
     skipped: bool  # NaN/Inf loss or gradient norm: no update was made
     channels: ChannelTotals  # channel -> (loss sum, tokens) over the global batch
+    rates: dict[str, ChannelTotals] = field(default_factory=dict)  # reward "accuracy", "margin": channel -> (sum, pairs)
     moe: dict[str, float] = field(default_factory=dict)  # router losses and expert loads (training/moe_loss.py)
 
 
@@ -49,8 +51,10 @@ def train_step(
     grad_clip: float,
     autocast: Optional[torch.dtype],
     num_channels: int = 1,
+    objective: Optional[PairwiseObjective] = None,
 ) -> StepResult:
-    """Forward and backward over the micro-batches, then one clipped AdamW update (or a skip)."""
+    """Forward and backward over the micro-batches, then one clipped AdamW update (or a skip). The loss is
+    token cross-entropy, or a reward model's pairwise `objective` (then "tokens" are pairs)."""
     device = next(model.parameters()).device
     # The global token count is known before any forward; fixing it first keeps gradients a true
     # token mean however the tokens fall across micro-batches and ranks.
@@ -66,7 +70,10 @@ def train_step(
         routers.reset()
 
     def loss_fn(logits, mb):
-        loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
+        if objective is not None:
+            loss, token_ce = objective(logits, mb, per_rank_tokens)
+        else:
+            loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
         router_loss = routers.take_loss() if routers is not None else None
         if router_loss is not None:  # a mean over the micro-batches (and, by the gradient average, over dp)
             loss = loss + router_loss / len(micro_batches)
@@ -85,8 +92,9 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
+    rates = objective.gather(dims.dp_group) if objective is not None else {}
     moe = routers.finish_step(model, dims, updated=finite) if routers is not None else {}
-    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe)
+    return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe, rates=rates)
 
 
 @torch.no_grad()

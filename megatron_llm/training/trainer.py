@@ -32,6 +32,7 @@ from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
 from megatron_llm.training.evaluation import channel_sums, mean_loss
+from megatron_llm.training.reward import reward_objective
 from megatron_llm.training.step import StepResult, autocast_dtype, train_step
 
 
@@ -44,6 +45,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> loss, steps run by this call
     val_losses: dict[int, float] = field(default_factory=dict)
     channels: dict[int, ChannelTotals] = field(default_factory=dict)  # step -> channel -> (loss sum, tokens)
+    rates: dict[int, dict[str, ChannelTotals]] = field(default_factory=dict)  # step -> reward accuracy, margin sums
     val_channel_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> channel name -> loss
     skipped_steps: int = 0
     final_step: int = 0
@@ -167,6 +169,7 @@ class Trainer:
                     self.model, self.optimizer, batches.next_step(), self.dims,
                     z_loss=t.z_loss, grad_clip=cfg.optimizer.grad_clip, autocast=self.autocast_dtype,
                     num_channels=len(names) if cfg.logging.per_channel else 0,
+                    objective=reward_objective(cfg.data.format, t.reward_margin, t.reward_centering, len(names), self.device),
                 )
                 self._account(out, result)
                 self.step += 1
@@ -210,6 +213,7 @@ class Trainer:
     def _account(self, out: StepResult, result: TrainResult) -> None:
         result.losses[self.step] = out.loss
         result.channels[self.step] = out.channels
+        result.rates[self.step] = out.rates
         if not out.skipped:
             self.bad_in_a_row = 0
             return
@@ -237,6 +241,7 @@ class _Window:
         self.grad_norm = 0.0
         self.channels: dict[int, list[float]] = {}
         self.moe: dict[str, float] = {}  # router losses, dropped assignments, expert loads: summed over steps
+        self.rates: dict[str, dict[int, list[float]]] = {}  # reward accuracy, margin: channel -> [sum, pairs]
 
     def add(self, out: StepResult, seconds: float, processed_tokens: int) -> None:
         self.steps += 1
@@ -249,6 +254,8 @@ class _Window:
             self.loss_sum += out.loss * out.tokens
             self.tokens += out.tokens
             merge(self.channels, out.channels)
+            for key, totals in out.rates.items():
+                merge(self.rates.setdefault(key, {}), totals)
 
     def scalars(self, lr, consumed_tokens, skipped, flops_per_tok, peak, dims: ParallelDims, device) -> dict:
         tokens_per_s = self.processed / self.seconds if self.seconds else 0.0
@@ -265,6 +272,9 @@ class _Window:
             out[f"loss/{name}"] = loss_sum / tokens
             out[f"tokens/{name}"] = tokens
         out.update({key: value / self.steps for key, value in self.moe.items()})  # means over the interval's steps
+        for key, totals in self.rates.items():  # pair-weighted over the interval, overall and per channel
+            out[key] = sum(v for v, _ in totals.values()) / sum(n for _, n in totals.values())
+            out.update({f"{key}/{tag_safe(self.channel_names[c])}": v / n for c, (v, n) in sorted(totals.items())})
         if skipped:
             out["skipped_steps"] = skipped
         if peak:

@@ -22,6 +22,7 @@ from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
 REQUIRED = object()  # a Key without a default: the config.json must have it
+SCORE_SUFFIX, SCORE_HEAD = "ForSequenceClassification", "score.weight"  # model.head score (a reward model)
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,19 @@ class Family:
                     raw = entry.default
                 values[entry.ours] = entry.read(raw)
         values.setdefault("init_std", hf.get("initializer_range", 0.02))
+        if any(a.endswith(SCORE_SUFFIX) for a in hf.get("architectures") or []):
+            labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0, 1: 1}))  # transformers' default: 2
+            if labels != 1:
+                raise UsageError(f"a sequence classifier with {labels} labels is not a reward model: only one label loads")
+            values["head"] = "score"
         return ModelConfig(**values)
 
     def write_config(self, cfg: ModelConfig) -> dict:
         """config.json for `cfg`, refused with the first field this family cannot express: the result is
         read back and every field must survive (init-only fields excepted)."""
         out = {"architectures": [self.architecture], "model_type": self.model_type, **self.extra}
+        if cfg.head == "score":  # the family's sequence classifier with one label (a reward model)
+            out.update(architectures=[self.architecture.replace("ForCausalLM", SCORE_SUFFIX)], num_labels=1)
         for entry in self.config:
             if isinstance(entry, Key):
                 out[entry.hf] = entry.write(getattr(cfg, entry.ours))
@@ -217,6 +225,8 @@ class Family:
             raise UsageError(f"model_type {self.model_type} has no tensor for our {name!r}: the model uses a choice "
                              "this family cannot store; choose another --output-family")
         hf, entry, index = found
+        if name.startswith("output.") and cfg.head == "score":  # every *ForSequenceClassification names it so
+            hf = SCORE_HEAD
         return hf.replace("{i}", layer), entry, index  # a stacked entry's {e} stays for the caller
 
 
