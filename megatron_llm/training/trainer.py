@@ -93,13 +93,14 @@ class Trainer:
             if self.dims.rank == 0:
                 ensure_default_corpus(cfg.data.blend, cfg.data.tokenizer)
             dist.barrier()
-        evals = t.steps // t.eval_interval + 1 if t.eval_interval else 0
         return build_datasets(
             cfg.data,
             vocab_size=cfg.model.vocab_size,
             seed=t.seed,
             num_train_samples=t.steps * self.global_batch,
-            num_valid_samples=max(evals * t.eval_iters * t.micro_batch_size * self.dims.dp, 1),
+            # Every evaluation reads the same first samples: sized to them, the validation set does not
+            # depend on how often the run evaluates (more samples could span epochs and reshuffle them).
+            num_valid_samples=max(t.eval_iters * t.micro_batch_size * self.dims.dp, 1),
         )
 
     # ----------------------------------------------------------------------------------------------
