@@ -44,12 +44,12 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: 
         raise UsageError("the run logged no loss/<channel> curves")
     panels = [("loss", "training loss")] + ([("val_loss", "validation loss")] if any(t.startswith("val_loss/") for t in scalars) else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
-    for ax, (prefix, title) in zip(axes[0], panels):
+    for ax, (prefix, panel_title) in zip(axes[0], panels):
         for name in sorted(t.split("/", 1)[1] for t in scalars if t.startswith(prefix + "/")):
             ax.plot(*scalars[f"{prefix}/{name}"], label=name)
         if prefix in scalars:
             ax.plot(*scalars[prefix], label="all", color="black", linestyle="--", linewidth=1)
-        ax.set(title=title, xlabel="step", ylabel="cross-entropy (nats/token)")
+        ax.set(title=panel_title, xlabel="step", ylabel="cross-entropy (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
