@@ -38,6 +38,7 @@ class ParallelConfig:
         None, "layers of each pipeline stage, pp x virtual_stages entries summing to model.num_layers; null: even"
     )
     timeout_s: float = param(600.0, "seconds a collective may wait before the job fails (a dead or stuck rank)")
+    ep: int = param(1, "expert-parallel size: each rank holds model.moe_experts / ep experts; a split of the dp ranks")
 
     @property
     def num_stages(self) -> int:
@@ -52,6 +53,10 @@ class ParallelConfig:
             if getattr(model, key) % tp:
                 # Key/value heads are split, never replicated: each tp rank owns whole GQA groups.
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
+        if self.ep <= 0 or (self.ep > 1 and (not model.moe_experts or model.moe_experts % self.ep)):
+            raise UsageError(
+                f"parallel.ep ({self.ep}) must be positive and divide model.moe_experts ({model.moe_experts})"
+            )
         if self.pp > 1 and model.moe_experts and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
             raise UsageError(
                 "model.moe_aux_loss_coeff and model.moe_z_loss_coeff take the routers of every layer in one loss, "

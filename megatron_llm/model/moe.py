@@ -4,7 +4,7 @@ summed back per token with the router's weights; optional shared experts see eve
 
 The experts are stacked weights, `experts.w1` [E, ffn, hidden] and so on, not E modules: one parameter
 per projection, which expert parallelism (parallel/expert_parallel.py) splits along E from outside by
-wrapping `experts.forward`. The auxiliary losses are not computed here: each forward leaves its router
+replacing `experts.forward`. The auxiliary losses are not computed here: each forward leaves its router
 statistics on the module (`MoE.stats`) and the training step turns them into losses (training/moe_loss.py).
 """
 
@@ -95,10 +95,16 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, hidden, dim)) if cfg.gated else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        h = self.act(grouped_mm(x, self.w1, counts))  # [N, moe_ffn_hidden]
-        if self.w3 is not None:
-            h = h * grouped_mm(x, self.w3, counts)
-        return grouped_mm(h, self.w2, counts)  # [N, hidden]
+        return expert_mlp(x, counts, self.w1, self.w2, self.w3, self.act)
+
+
+def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1, w2, w3, act) -> torch.Tensor:
+    """The experts' MLPs over rows sorted by expert (counts [E'] rows each, E' = w1.shape[0]); a function
+    of the weights, so that expert parallelism can call it with the experts a rank holds."""
+    h = act(grouped_mm(x, w1, counts))  # [N, moe_ffn_hidden]
+    if w3 is not None:
+        h = h * grouped_mm(x, w3, counts)
+    return grouped_mm(h, w2, counts)  # [N, hidden]
 
 
 class MoE(nn.Module):

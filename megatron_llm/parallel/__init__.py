@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -11,6 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from megatron_llm.config import Config, ModelConfig, ParallelConfig
 from megatron_llm.model import Transformer
 from megatron_llm.parallel.dims import ParallelDims, all_reduce_sum, init_distributed, pick_device
+from megatron_llm.parallel.expert_parallel import apply_ep, expert_modules
 from megatron_llm.parallel.gradients import clip_grads_, grad_norm
 from megatron_llm.parallel.pipeline import (
     PipelineModel,
@@ -38,7 +41,8 @@ def parallelize(
       1. pipeline split, on the meta device: each stage is a cheap copy with the other modules deleted;
       2. allocate and initialise each stage: the init draws per parameter name, so a stage gets the very
          values of the whole model, and no rank ever allocates more than its stages;
-      3. tensor and sequence parallelism (the plan in tensor_parallel.py) shards those values;
+      3. tensor and sequence parallelism (the plan in tensor_parallel.py) shards those values, and expert
+         parallelism (expert_parallel.py) keeps each rank's experts;
       4. activation checkpointing (`recompute`) and compilation of the blocks, in place, so parameter
          names do not change;
       5. data parallelism last, sharding (FSDP2) or replicating (DDP) what the earlier steps produced.
@@ -58,6 +62,8 @@ def parallelize(
         part.init_weights(seed)
         if dims.tp > 1:
             apply_tp(part, dims.mesh["tp"], parallel.sp)
+        if dims.ep > 1:
+            apply_ep(part, dims.expert_mesh["ep"])
         for block in part.layers.values():
             if recompute:
                 recompute_in_backward(block)
@@ -100,16 +106,19 @@ def recompute_in_backward(block: nn.Module) -> None:
 def apply_data_parallel(model: nn.Module, dims: ParallelDims, kind: str) -> None:
     """FSDP2, or DDP as PyTorch's FSDP2-based `replicate` (nn.parallel.DistributedDataParallel cannot hold
     the DTensor parameters of tensor parallelism), both in place so parameter names do not change. One
-    unit per block lets each block's communication overlap the next block's compute."""
+    unit per block lets each block's communication overlap the next block's compute.
+
+    Split experts (ep > 1) are data-parallel over the edp ranks that hold the same ones, in a unit of their
+    own; with edp = 1 nothing else holds them and the blocks' units leave them alone."""
     dp_mesh = dims.mesh["dp"]
-    if kind == "fsdp":
-        # Under a pipeline every micro-batch's backward would all-gather again: keep blocks unsharded
-        # between forward and backward there (torchtitan does the same).
-        reshard = dims.pp == 1
-        for block in model.layers.values():
-            fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard)  # embedding, final norm, head
-        return
+    # Under a pipeline every micro-batch's backward would all-gather again: keep blocks unsharded
+    # between forward and backward there (torchtitan does the same).
+    wrap = functools.partial(fully_shard, reshard_after_forward=dims.pp == 1) if kind == "fsdp" else replicate
+    split = expert_modules(model) if dims.ep > 1 else []
+    if split and dims.dp > dims.ep:
+        for experts in split:
+            wrap(experts, mesh=dims.expert_mesh["edp"])
+    ignored = {p for experts in split for p in experts.parameters()} if dims.dp == dims.ep else None
     for block in model.layers.values():
-        replicate(block, mesh=dp_mesh)
-    replicate(model, mesh=dp_mesh)
+        wrap(block, mesh=dp_mesh, ignored_params=ignored)
+    wrap(model, mesh=dp_mesh, ignored_params=ignored)  # embedding, final norm, head

@@ -38,6 +38,10 @@ class ParallelDims:
         return self.mesh["dp"].get_group() if self.dp > 1 else None
 
     logger_rank: int = 0  # see logging_rank
+    ep: int = 1  # expert parallelism: a split of dp (see expert_mesh)
+    # With ep > 1, a second view of the same ranks, (pp, edp, ep, tp) with dp = edp x ep: "ep" holds one copy
+    # of the experts split E / ep per rank, "edp" the ranks holding the same experts.
+    expert_mesh: Optional[DeviceMesh] = None
 
     @property
     def is_logger(self) -> bool:
@@ -59,7 +63,12 @@ def check_layout(parallel: ParallelConfig, world_size: int) -> int:
         raise UsageError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {parallel.tp} x {parallel.pp}"
         )
-    return world_size // (parallel.tp * parallel.pp)
+    dp = world_size // (parallel.tp * parallel.pp)
+    if dp % parallel.ep:
+        raise UsageError(
+            f"parallel.ep ({parallel.ep}) splits the data-parallel ranks: it must divide dp = world size / (tp x pp) = {dp}"
+        )
+    return dp
 
 
 def pick_device(requested: str) -> torch.device:
@@ -90,8 +99,13 @@ def init_distributed(parallel: ParallelConfig, device: torch.device, timeout_s: 
         else:  # one process without a launcher: an in-memory store needs no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device.type, (parallel.pp, dp, parallel.tp), mesh_dim_names=("pp", "dp", "tp"))
+    expert_mesh = None
+    if parallel.ep > 1:  # the same rank order, dp split into (edp, ep)
+        shape = (parallel.pp, dp // parallel.ep, parallel.ep, parallel.tp)
+        expert_mesh = init_device_mesh(device.type, shape, mesh_dim_names=("pp", "edp", "ep", "tp"))
     return ParallelDims(
-        world_size, rank, parallel.tp, parallel.pp, dp, mesh, logger_rank=logging_rank(parallel, world_size)
+        world_size, rank, parallel.tp, parallel.pp, dp, mesh, logger_rank=logging_rank(parallel, world_size),
+        ep=parallel.ep, expert_mesh=expert_mesh,
     )
 
 

@@ -26,6 +26,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -55,6 +56,13 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
             plan[norm] = SequenceParallel(use_local_output=True)
         plan["attention"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        if _has_params(block, "feed_forward.router"):
+            # A MoE layer is not split by tp (each tp rank routes the whole sequence through whole experts,
+            # Megatron's expert tensor parallelism 1): plain tensors in, this rank's sequence shard out.
+            plan["feed_forward"] = PrepareModuleInputOutput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
+                output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True,
+            )
     # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
     # sharded makes its weight a replicated DTensor whose gradient is summed over tp.
     plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)

@@ -27,7 +27,9 @@ from megatron_llm.parallel import ParallelDims, all_reduce_sum
 class RouterCollector:
     """Forward hooks on a model's MoE layers (installed once per model): the statistics of each forward,
     kept until the micro-batch's loss takes them, and the step's assignments per expert per layer.
-    A layer's forward run again in the backward (activation checkpointing) is not counted twice."""
+    A layer's forward run again in the backward (activation checkpointing) is not counted twice, and
+    only the last m forwards of a layer in a step of m micro-batches count: a pipeline schedule runs one
+    more first, on placeholder inputs, to infer its stages' shapes."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig):
         self.cfg = cfg
@@ -42,8 +44,9 @@ class RouterCollector:
         """Forgets everything: called at the start and the end of each training step (evaluation's forwards
         and a pipeline's earlier stages, whose statistics no loss takes, leave theirs here)."""
         self.fresh: list[RouterStats] = []
-        self.load = torch.zeros(len(self.moe_layers), self.cfg.moe_experts, device=self.device)  # [MoE layers, E]
-        self.sums = torch.zeros(4, device=self.device)  # [aux losses, z-losses, losses taken, dropped assignments]
+        # per MoE layer, each forward's [assignments per expert..., dropped assignments], in order
+        self.forwards: list[list[torch.Tensor]] = [[] for _ in self.moe_layers]
+        self.sums = torch.zeros(3, device=self.device)  # [aux losses, z-losses, losses taken]
 
     def _hook(self, layer: int):
         row = self.moe_layers.index(layer)
@@ -52,8 +55,7 @@ class RouterCollector:
             if torch._C._current_graph_task_id() != -1:  # a recomputation inside the backward
                 return
             self.fresh.append(module.stats)
-            self.load[row] += module.stats.counts
-            self.sums[3] += module.stats.dropped
+            self.forwards[row].append(torch.cat([module.stats.counts, module.stats.dropped.view(1).float()]))
 
         return hook
 
@@ -67,15 +69,19 @@ class RouterCollector:
         self.sums[:3] += torch.stack([aux.detach(), z.detach(), torch.ones_like(z)])
         return self.cfg.moe_aux_loss_coeff * aux + self.cfg.moe_z_loss_coeff * z
 
-    def finish_step(self, model: nn.Module, dims: ParallelDims, updated: bool) -> dict[str, float]:
+    def finish_step(self, model: nn.Module, dims: ParallelDims, micro_batches: int, updated: bool) -> dict[str, float]:
         """Sums the step's statistics over data-parallel ranks and pipeline stages, moves the expert biases
         (aux-loss-free balancing) when the optimizer `updated` the weights, and returns the scalars to log;
         resets for the next step."""
-        load = all_reduce_sum(self.load, dims, over_stages=True).cpu()  # [MoE layers, E]
-        sums = all_reduce_sum(self.sums, dims, over_stages=True).cpu()
+        counts = torch.zeros(len(self.moe_layers), self.cfg.moe_experts + 1, device=self.device)  # + dropped
+        for row, forwards in enumerate(self.forwards):  # empty for the layers of other pipeline stages
+            for c in forwards[-micro_batches:]:
+                counts[row] += c
+        counts = all_reduce_sum(counts, dims, over_stages=True).cpu()
+        load, sums = counts[:, :-1], all_reduce_sum(self.sums, dims, over_stages=True).cpu()  # load [MoE layers, E]
         if self.cfg.moe_expert_bias and updated:
             update_expert_bias(model, self.moe_layers, load, self.cfg.moe_bias_update_rate)
-        scalars = {"moe_dropped": sums[3].item()}
+        scalars = {"moe_dropped": counts[:, -1].sum().item()}
         if sums[2] > 0:
             scalars.update(moe_aux_loss=(sums[0] / sums[2]).item(), moe_z_loss=(sums[1] / sums[2]).item())
         for row, layer in enumerate(self.moe_layers):

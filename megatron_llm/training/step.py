@@ -74,7 +74,8 @@ def train_step(
             loss, token_ce = objective(logits, mb, per_rank_tokens)
         else:
             loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
-        router_loss = routers.take_loss() if routers is not None else None
+        # Under a pipeline the last stage sees only its own layers' routers (router losses refuse pp > 1).
+        router_loss = routers.take_loss() if routers is not None and not isinstance(model, PipelineModel) else None
         if router_loss is not None:  # a mean over the micro-batches (and, by the gradient average, over dp)
             loss = loss + router_loss / len(micro_batches)
         return loss, token_ce
@@ -93,7 +94,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
     rates = objective.gather(dims.dp_group) if objective is not None else {}
-    moe = routers.finish_step(model, dims, updated=finite) if routers is not None else {}
+    moe = routers.finish_step(model, dims, len(micro_batches), updated=finite) if routers is not None else {}
     return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe, rates=rates)
 
 

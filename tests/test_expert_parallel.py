@@ -1,0 +1,60 @@
+"""Expert parallelism against one process, through the real entry point: one chain of multi-process runs,
+each resuming from the checkpoint of the one before at another layout, reproduces a single-process run
+step for step (losses, per-channel sums, validation losses, parameters), with the tolerances of
+test_parallel.py. Layouts: ep 2 over dp 2 with FSDP2 (the experts in no data-parallel unit), ep 2 x tp 2
+with sequence parallelism and DDP, ep 2 x pp 2, ep 2 over dp 4 with FSDP2 (experts sharded over the two
+ranks holding the same ones), then ep 1: a checkpoint written at ep 2 resumes at ep 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from megatron_llm.config import load_config
+from megatron_llm.errors import UsageError
+from megatron_llm.parallel.dims import check_layout
+from test_parallel import check_chain, overrides
+
+# A MoE model whose every option that crosses ranks is on: a dense first layer, shared experts with a
+# gate, the expert bias moved by the global load after each step. No router losses: their products of
+# means over a micro-batch differ between one rank's tokens and the whole batch's.
+MOE = dict(model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=32, model__moe_dense_layers="[0]",
+           model__moe_shared_ffn_hidden_size=32, model__moe_shared_gate=True, model__moe_expert_bias=True,
+           model__moe_bias_update_rate=0.01)
+EP_CHAIN = [
+    ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__ep=2)),
+    ("tp2-dp2-ep2-sp-ddp", 2, 1, 2, dict(parallel__ep=2, parallel__sp=True, parallel__data_parallel="ddp")),
+    ("pp2-dp2-ep2", 1, 2, 2, dict(parallel__ep=2)),
+    ("dp4-ep2-fsdp", 1, 1, 4, dict(parallel__ep=2)),
+    ("tp2-ep1", 2, 1, 1, {}),
+]
+
+
+@pytest.fixture(scope="module")
+def workers():
+    from parallel_harness import Workers
+
+    pool = Workers(4)
+    yield pool
+    pool.close()
+
+
+def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path):
+    check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(parallel__ep=3), r"parallel.ep \(3\) must be positive and divide model.moe_experts \(4\)"),
+    (dict(parallel__ep=2, model__moe_experts=0), r"parallel.ep \(2\) must be positive and divide model.moe_experts \(0\)"),
+])
+def test_bad_expert_layouts_are_refused_by_the_config(corpus_dir, tmp_path, settings, message):
+    with pytest.raises(UsageError, match=message):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path, 4, **{**MOE, **settings}))
+
+
+def test_ep_must_divide_the_data_parallel_ranks(corpus_dir, tmp_path):
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path, 4, parallel__ep=2, **MOE))
+    with pytest.raises(UsageError, match=r"parallel.ep \(2\) splits the data-parallel ranks: it must divide dp .* = 1"):
+        check_layout(cfg.parallel, 1)
+    assert check_layout(cfg.parallel, 4) == 4
