@@ -181,6 +181,20 @@ def test_wandb_offline_gets_the_tensorboard_scalars(corpus_dir, tmp_path, monkey
     assert list(tmp_path.glob("wandb/offline-run-*-wb/run-wb.wandb"))  # the offline run, id = run name
 
 
+def test_wandb_that_cannot_start_a_run_is_one_clear_error(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from megatron_llm.logging.sinks import WandbSink
+
+    wandb.teardown()  # wandb keeps the settings of an earlier run in this process (offline mode)
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key: online mode cannot log in
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    with pytest.raises(UsageError, match="wandb cannot start a run .*run `wandb login`, or set WANDB_MODE=offline"):
+        WandbSink("megatron_llm_test", "nokey", {})
+
+
 def test_wandb_project_without_wandb_is_one_clear_error(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(UsageError, match="wandb is not installed: pip install wandb"):

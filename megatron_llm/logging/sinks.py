@@ -12,6 +12,8 @@ from typing import Protocol
 
 import yaml
 
+from megatron_llm.errors import UsageError
+
 # Listed in the hparams view beside the settings; their values are the scalars of the same name.
 HPARAM_METRICS = ("loss", "val_loss")
 
@@ -73,7 +75,13 @@ class WandbSink:
     def __init__(self, project: str, run_name: str, config: dict):
         import wandb
 
-        self.run = wandb.init(project=project, name=run_name, id=run_name, resume="allow", config=flat(config))
+        try:
+            self.run = wandb.init(project=project, name=run_name, id=run_name, resume="allow", config=flat(config))
+        except wandb.errors.Error as e:  # no API key, no network, a bad project name
+            raise UsageError(
+                f"logging.wandb_project: wandb cannot start a run ({str(e).strip().splitlines()[0]}); "
+                "run `wandb login`, or set WANDB_MODE=offline"
+            ) from None
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
