@@ -45,9 +45,11 @@ class AttentionContext:
 
     def rope_at(self, name: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The table's rows at this forward's positions, gathered once per forward for all layers."""
+        cos, sin = self.rope[name]
+        rows = slice(seq_len) if self.positions is None else self.positions
+        if torch.compiler.is_compiling():  # a compiled block gathers for itself: no state across graphs
+            return cos[rows], sin[rows]
         if (name, seq_len) not in self._gathered:
-            cos, sin = self.rope[name]
-            rows = slice(seq_len) if self.positions is None else self.positions
             self._gathered[name, seq_len] = (cos[rows], sin[rows])
         return self._gathered[name, seq_len]
 
