@@ -61,3 +61,26 @@ def test_hf_reference_is_refused_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert benchmark.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--reference", "hf"]) == 2
     assert "--reference hf runs in one process" in capsys.readouterr().err
+
+
+def test_mixtral_benchmark_compares_the_same_step_aux_loss_included(capsys):
+    """transformers' MixtralForCausalLM (8 experts, top-2, its router_aux_loss_coef) from our weights: the same
+    first step, the load-balancing loss in both gradients."""
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--steps", "1", "--warmup", "0", "--device", "cpu",
+            "--family", "mixtral"]
+    assert benchmark.main(argv + SHAPE) == 0
+    out = capsys.readouterr().out
+    assert first_step(out, "loss")[0] == pytest.approx(first_step(out, "loss")[1], abs=1e-5)
+    assert first_step(out, "grad norm")[0] == pytest.approx(first_step(out, "grad norm")[1], rel=1e-5)
+
+
+def test_dense_reference_times_the_moe_against_its_active_flops(capsys):
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--steps", "2", "--warmup", "0", "--device", "cpu",
+            "--reference", "dense", "--model.moe_experts", "4", "--model.moe_ffn_hidden_size", "32",
+            "--model.moe_shared_ffn_hidden_size", "16"]
+    assert benchmark.main(argv + SHAPE) == 0
+    out = capsys.readouterr().out
+    assert "dense twin" in out and "(ffn 80)" in out, out  # 2 routed experts x 32 + the shared 16
+    assert re.search(r"tokens/s +\d+ +\d+ +\d+\.\d+", out) and "MoE overhead over the dense model" in out, out
+    assert benchmark.main(argv[:-6] + SHAPE) == 2  # a dense config has no dense twin
+    assert "set model.moe_experts" in capsys.readouterr().err

@@ -6,6 +6,8 @@
     torchrun --nproc_per_node 4 tools/benchmark.py --config configs/tiny.yaml --parallel.tp 2 --parallel.pp 2
     python tools/benchmark.py --config configs/tiny.yaml --reference channels-off
     python tools/benchmark.py --config configs/tiny.yaml --family gemma2     # any registered model_type
+    python tools/benchmark.py --config configs/mixtral_tiny.yaml --family mixtral
+    python tools/benchmark.py --config configs/mixtral_tiny.yaml --reference dense   # MoE vs its active FLOPs
 
 --reference hf (the default in one process):
 
@@ -34,6 +36,7 @@ A step's time is its slowest rank's.
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.checkpoint.families import family  # noqa: E402
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
-from megatron_llm.config import Config, load_config  # noqa: E402
+from megatron_llm.config import Config, ModelConfig, load_config  # noqa: E402
 from megatron_llm.data.synthetic import random_batches  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.model import build_model, flops_per_token  # noqa: E402
@@ -148,16 +151,19 @@ def matching_optimizer(optimizer: torch.optim.Optimizer, hf: nn.Module) -> torch
                              **{k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "foreach", "fused")})
 
 
-def hf_step(hf, optimizer, micro_batches: list[dict], *, grad_clip: float, autocast) -> tuple[float, float]:
-    """A plain Hugging Face training step: token-mean cross-entropy over all micro-batches' tokens."""
+def hf_step(hf, optimizer, micro_batches: list[dict], *, grad_clip: float, autocast, aux_coeff: float = 0.0
+            ) -> tuple[float, float]:
+    """A plain Hugging Face training step: token-mean cross-entropy over all micro-batches' tokens, plus, for a
+    mixture of experts, `aux_coeff` x transformers' load-balancing loss averaged over the micro-batches (as
+    train_step adds it; the reported loss is the cross-entropy, as ours)."""
     step_tokens = sum(mb["loss_mask"].sum() for mb in micro_batches)
     loss_sum = 0.0
     for mb in micro_batches:
         with torch.autocast(mb["tokens"].device.type, dtype=autocast, enabled=autocast is not None):
-            logits = hf(input_ids=mb["tokens"], use_cache=False).logits  # [b, s, vocab]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="none")
+            out = hf(input_ids=mb["tokens"], use_cache=False, **({"output_router_logits": True} if aux_coeff else {}))
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), mb["labels"].flatten(), reduction="none")
         loss = (ce * mb["loss_mask"].flatten()).sum() / step_tokens
-        loss.backward()
+        (loss + aux_coeff * out.aux_loss / len(micro_batches) if aux_coeff else loss).backward()
         loss_sum = loss_sum + loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), grad_clip or float("inf"))
     loss_value, norm_value = torch.stack([loss_sum, grad_norm]).tolist()  # one host sync, as train_step
@@ -205,19 +211,25 @@ def build_runners(cfg: Config, model_type: str, device: torch.device, autocast) 
     optimizer = build_optimizer(model, cfg.optimizer)
     hf_optimizer = matching_optimizer(optimizer, hf)
     batches = random_batches(cfg, device, cfg.training.seed)
-    z_loss, clip = cfg.training.z_loss, cfg.optimizer.grad_clip
-
-    def ours_step() -> tuple[float, float]:
-        result = train_step(model, optimizer, batches, SINGLE, z_loss=z_loss, grad_clip=clip, autocast=autocast)
-        return result.loss, result.grad_norm
+    aux = cfg.model.moe_aux_loss_coeff if cfg.model.moe_experts else 0.0
 
     def theirs_step() -> tuple[float, float]:
-        return hf_step(hf, hf_optimizer, batches, grad_clip=clip, autocast=autocast)
+        return hf_step(hf, hf_optimizer, batches, grad_clip=cfg.optimizer.grad_clip, autocast=autocast, aux_coeff=aux)
 
     # Read when measured: AdamW state only exists after the first step.
-    ours = Runner(ours_step, lambda: state_bytes(model, optimizer))
     theirs = Runner(theirs_step, lambda: state_bytes(hf, hf_optimizer))
-    return ours, theirs
+    return our_runner(cfg, model, optimizer, batches, autocast), theirs
+
+
+def our_runner(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict], autocast) -> Runner:
+    """train_step, the step train.py runs, on one process."""
+
+    def step() -> tuple[float, float]:
+        result = train_step(model, optimizer, batches, SINGLE, z_loss=cfg.training.z_loss,
+                            grad_clip=cfg.optimizer.grad_clip, autocast=autocast)
+        return result.loss, result.grad_norm
+
+    return Runner(step, lambda: state_bytes(model, optimizer))
 
 
 def benchmark(cfg: Config, model_type: str, steps: int, warmup: int, device: torch.device, autocast) -> tuple[Runner, Runner]:
@@ -283,6 +295,43 @@ def report(cfg: Config, ours: Runner, theirs: Runner, device: torch.device, auto
     if device.type == "cuda":
         gib = [r.peak_bytes / 2**30 for r in (ours, theirs)]
         lines.append(f"{'peak GiB':14}{gib[0]:14.2f}{gib[1]:14.2f}{gib[0] / gib[1]:10.3f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# --reference dense: a mixture of experts against the dense model of its active FLOPs, both ours.
+
+
+def dense_twin(model: ModelConfig) -> ModelConfig:
+    """Every layer's feed-forward as one MLP as wide as what a token of `model` passes through: its k routed
+    experts and the shared ones. The attention, embedding and head are the same: so are the active FLOPs
+    (the router's E x hidden per token aside)."""
+    if not model.moe_experts:
+        raise UsageError("--reference dense compares a mixture of experts with its dense twin: set model.moe_experts")
+    width = model.moe_top_k * model.moe_ffn_hidden_size + model.moe_shared_ffn_hidden_size
+    return dataclasses.replace(model, moe_experts=0, ffn_hidden_size=width, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0)
+
+
+def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> str:
+    batches = random_batches(cfg, device, cfg.training.seed)
+    runners = []
+    for model_cfg in (cfg.model, dense_twin(cfg.model)):
+        model = build_model(model_cfg, device, seed=cfg.training.seed)
+        runners.append(our_runner(cfg, model, build_optimizer(model, cfg.optimizer), batches, autocast))
+    alternate(*runners, warmup, device, record=False)
+    alternate(*runners, steps, device, record=True)
+    t, dense = cfg.training, dense_twin(cfg.model)
+    tokens = t.micro_batch_size * cfg.data.seq_len * t.grad_accum_steps
+    lines = [
+        machine_line(device, autocast),
+        f"MoE {cfg.model.num_params() / 1e6:.1f}M params ({cfg.model.moe_experts} experts, top-{cfg.model.moe_top_k});"
+        f" dense twin {dense.num_params() / 1e6:.1f}M params (ffn {dense.ffn_hidden_size}), the MoE's active ones;"
+        f" {tokens} tokens/step; {steps} timed steps each, interleaved; medians",
+        "",
+        *speed_table(tokens, runners[0].seconds, runners[1].seconds, ("MoE", "dense"), None),
+    ]
+    overhead = statistics.median(runners[0].seconds) / statistics.median(runners[1].seconds) - 1
+    lines.append(f"MoE overhead over the dense model of equal active FLOPs: {overhead:+.1%} step time")
     return "\n".join(lines)
 
 
@@ -413,9 +462,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: training.device")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None, help="default: training.dtype")
     parser.add_argument(
-        "--reference", choices=("hf", "channels-off"), default=None,
-        help="what to time against: Hugging Face (one process) or ours without per-channel accounting"
-        " (any layout); default: hf in one process, channels-off under torchrun",
+        "--reference", choices=("hf", "channels-off", "dense"), default=None,
+        help="what to time against: Hugging Face (one process), ours without per-channel accounting"
+        " (any layout), or (a MoE config, one process) the dense model of its active FLOPs;"
+        " default: hf in one process, channels-off under torchrun",
     )
     parser.add_argument(
         "--family", default=None, metavar="MODEL_TYPE",
@@ -428,8 +478,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.steps < 1 or args.warmup < 0:
             raise UsageError("--steps must be >= 1 and --warmup >= 0")
         reference = args.reference or ("hf" if world == 1 else "channels-off")
-        if reference == "hf" and world > 1:
-            raise UsageError("--reference hf runs in one process: run without torchrun, or use --reference channels-off")
+        if reference in ("hf", "dense") and world > 1:
+            raise UsageError(f"--reference {reference} runs in one process: run without torchrun, or use --reference channels-off")
         if reference == "hf":
             import_transformers()  # before the model is built: a missing install is reported at once
         cfg = load_config(args.config, overrides)
@@ -440,6 +490,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if reference == "hf":
             model_type = args.family or "llama"
             text = report(cfg, *benchmark(cfg, model_type, args.steps, args.warmup, device, autocast), device, autocast)
+        elif reference == "dense":
+            text = benchmark_dense(cfg, args.steps, args.warmup, device, autocast)
         else:
             text = benchmark_layout(cfg, args.steps, args.warmup, device, autocast)
     except UsageError as e:
