@@ -57,6 +57,8 @@ class ParallelConfig:
             raise UsageError(
                 f"parallel.ep ({self.ep}) must be positive and divide model.moe_experts ({model.moe_experts})"
             )
+        if tp > 1 and model.attention == "mla":
+            raise UsageError("model.attention mla has no tensor-parallel plan: use parallel.tp 1 (ep, pp and dp work)")
         if self.pp > 1 and model.moe_experts and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
             raise UsageError(
                 "model.moe_aux_loss_coeff and model.moe_z_loss_coeff take the routers of every layer in one loss, "

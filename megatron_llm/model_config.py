@@ -112,6 +112,13 @@ class ModelConfig:
         "lm", "lm: next-token logits over the vocabulary; score: one scalar per position, read at a sequence's last "
         "token (a reward model; Hugging Face's *ForSequenceClassification with one label)"
     )
+    attention: Literal["gqa", "mla"] = param(
+        "gqa", "attention kind: grouped-query (MHA and MQA included) or multi-head latent attention (DeepSeek-V2/V3)"
+    )
+    mla_q_lora_rank: Optional[int] = param(None, "mla: rank of the compressed queries (q_lora_rank); null: one projection")
+    mla_kv_lora_rank: int = param(0, "mla: rank of the latent shared by keys and values (kv_lora_rank)")
+    mla_rope_head_dim: int = param(0, "mla: rotated dims per query/key head, the last of head_dim (qk_rope_head_dim)")
+    mla_v_head_dim: int = param(0, "mla: value width per head (v_head_dim)")
     moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
     moe_top_k: int = param(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
@@ -156,7 +163,10 @@ class ModelConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Leading dimensions of each head that RoPE rotates (even); the rest pass through."""
+        """Leading dimensions of each head that RoPE rotates (even); the rest pass through. Latent attention
+        rotates its own decoupled dims (model/mla.py)."""
+        if self.attention == "mla":
+            return self.mla_rope_head_dim
         return int(self.head_dim * self.rope_fraction) // 2 * 2
 
     @property
@@ -203,6 +213,7 @@ class ModelConfig:
         self._validate_layers()
         self._validate_norms()
         self._validate_moe()
+        self._validate_mla()
 
     def _validate_scalars(self) -> None:
         for key in ("norm_eps", "init_std", "embedding_multiplier", "residual_multiplier", "logit_multiplier"):
@@ -299,3 +310,16 @@ class ModelConfig:
             raise UsageError("model.moe_shared_gate gates the shared experts: set model.moe_shared_ffn_hidden_size")
         if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
             raise UsageError(f"model.moe_dense_layers {self.moe_dense_layers}: layer indices are 0..{self.num_layers - 1}")
+
+    def _validate_mla(self) -> None:
+        if self.attention != "mla":
+            return
+        if self.mla_kv_lora_rank <= 0 or self.mla_v_head_dim <= 0 or (self.mla_q_lora_rank or 1) <= 0:
+            raise UsageError("model.attention mla needs positive model.mla_kv_lora_rank and model.mla_v_head_dim")
+        if not (0 < self.mla_rope_head_dim < self.head_dim and self.mla_rope_head_dim % 2 == 0):
+            raise UsageError(
+                f"model.mla_rope_head_dim ({self.mla_rope_head_dim}) must be even and in 1..model.head_dim - 1 "
+                f"({self.head_dim - 1}): the rest of each query/key head carries no positions"
+            )
+        if self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None:
+            raise UsageError("model.attention mla takes position rope or none, and no qk_norm or qkv_clip")

@@ -44,7 +44,7 @@ def reference(moe: MoE, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
             best = groups.topk(2, dim=-1).values.sum(-1).topk(cfg.moe_topk_groups).indices
             allowed = torch.zeros(cfg.moe_groups, dtype=torch.bool)
             allowed[best] = True
-            choice = groups.masked_fill(~allowed[:, None], 0).flatten()
+            choice = groups.masked_fill(~allowed[:, None], -math.inf).flatten()
         chosen = choice.topk(cfg.moe_top_k).indices
         w = scores[chosen] / (scores[chosen].sum() if cfg.moe_renormalize else 1) * cfg.moe_routed_scale
         y = sum(wi * (ex.w2[e] @ (F.silu(ex.w1[e] @ t) * (ex.w3[e] @ t))) for wi, e in zip(w, chosen.tolist()))
@@ -172,3 +172,30 @@ def test_router_losses_refuse_a_pipeline_before_any_process_group(tiny_config, t
     with pytest.raises(UsageError, match=r"model\.moe_aux_loss_coeff .* parallel\.pp"):
         tiny_config(tmp_path, model__moe_experts=4, model__moe_aux_loss_coeff=0.01, parallel__pp=2,
                     training__grad_accum_steps=2)
+
+
+def test_latent_attention_model_builds_counts_and_trains():
+    cfg = moe_cfg(attention="mla", head_dim=12, mla_rope_head_dim=4, mla_kv_lora_rank=16, mla_q_lora_rank=20,
+                  mla_v_head_dim=6, rope_interleaved=True, moe_score="sigmoid", moe_expert_bias=True)
+    model = build_model(cfg, "cpu", seed=0)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.rope_cos.shape == (cfg.max_seq_len, 2)  # the decoupled rope dims' frequencies
+    x = torch.randint(0, 101, (2, 16))
+    model(x, labels=x).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(mla_kv_lora_rank=0), r"model\.attention mla needs positive model\.mla_kv_lora_rank"),
+    (dict(mla_rope_head_dim=8), r"model\.mla_rope_head_dim \(8\) must be even and in 1\.\.model\.head_dim - 1 \(7\)"),
+    (dict(qk_norm=True), r"no qk_norm"),
+])
+def test_bad_latent_attention_config_is_one_line(overrides, message):
+    with pytest.raises(UsageError, match=message):
+        moe_cfg(**{**dict(attention="mla", mla_rope_head_dim=4, mla_kv_lora_rank=16, mla_v_head_dim=6), **overrides})
+
+
+def test_latent_attention_refuses_tensor_parallelism_before_any_process_group(tiny_config, tmp_path):
+    with pytest.raises(UsageError, match=r"model\.attention mla has no tensor-parallel plan"):
+        tiny_config(tmp_path, model__attention="mla", model__mla_rope_head_dim=4, model__mla_kv_lora_rank=16,
+                    model__mla_v_head_dim=8, parallel__tp=2)

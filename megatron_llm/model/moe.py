@@ -61,13 +61,13 @@ class Router(nn.Module):
         return indices, (weights * self.scale).to(x.dtype), logits, scores
 
     def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
-        """Scores outside the topk_groups groups with the largest top-2 sums set to 0 (DeepSeek-V3's
+        """Scores outside the topk_groups groups with the largest top-2 sums set to -inf (DeepSeek-V3's
         noaux_tc), so no token reaches more than topk_groups groups."""
         grouped = choice.view(choice.shape[0], self.groups, -1)  # [T, groups, E / groups]
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, groups]
         best = group_scores.topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
-        return grouped.masked_fill(~keep.unsqueeze(-1), 0.0).flatten(1)
+        return grouped.masked_fill(~keep.unsqueeze(-1), -math.inf).flatten(1)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from megatron_llm.model.attention import Attention, AttentionContext
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
 from megatron_llm.model.kv_cache import KVCache
+from megatron_llm.model.mla import LatentAttention
 from megatron_llm.model.mlp import FeedForward
 from megatron_llm.model.moe import GroupedExperts, MoE, Router
 from megatron_llm.model.norms import RMSNorm, build_norm
@@ -41,7 +42,7 @@ class TransformerBlock(nn.Module):
         placement = cfg.norm_placement
         post_sublayer = placement in ("sandwich", "output")
         self.attention_norm = build_norm(cfg) if placement != "output" else None
-        self.attention = Attention(cfg, spec)
+        self.attention = (LatentAttention if cfg.attention == "mla" else Attention)(cfg, spec)
         self.attention_post_norm = build_norm(cfg) if post_sublayer else None
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
         self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
