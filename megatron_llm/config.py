@@ -202,6 +202,11 @@ class CheckpointConfig:
     overwrite: bool = param(
         False, "start from scratch in a dir that holds another run's checkpoints (checkpoint.keep prunes them as this run saves)"
     )
+    init_from: Optional[str] = param(
+        None,
+        "fine-tune: start at step 0 from the weights of any checkpoint (Hugging Face, Megatron-LM, native), whose "
+        "model section replaces the config's; a resumable checkpoint in dir still wins (a restarted run continues)",
+    )
 
 
 @dataclass
@@ -438,7 +443,8 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise UsageError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise UsageError(f"config file {path} must hold a mapping of sections")
-    for dotted, value in _parse_overrides(list(overrides)).items():
+    parsed = _parse_overrides(list(overrides))
+    for dotted, value in parsed.items():
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
             raise UsageError(f"unknown section in --{dotted}; valid sections: {', '.join(SECTIONS)}")
@@ -446,9 +452,31 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
+    init_from = (raw.get("checkpoint") or {}).get("init_from")
+    if init_from is not None:
+        raw["model"] = _model_of_checkpoint(str(init_from), {k: v for k, v in parsed.items() if k.startswith("model.")})
     config = config_from_dict(raw)
     config.validate()
     return config
+
+
+def _model_of_checkpoint(path: str, model_overrides: dict[str, Any]) -> dict:
+    """The model section of the checkpoint `path` (any format), which replaces the config file's: a
+    fine-tune trains the architecture it loads. A command-line --model.KEY that contradicts it is refused."""
+    from megatron_llm.checkpoint.convert import checkpoint_model_config  # the checkpoint readers import this module
+
+    model = checkpoint_model_config(path)
+    hints = typing.get_type_hints(ModelConfig)
+    for dotted, value in model_overrides.items():
+        key = dotted.partition(".")[2]
+        if key not in hints:
+            raise UsageError(f"unknown key {dotted}; valid keys: {', '.join(sorted(hints))}")
+        if _coerce(value, hints[key], dotted) != getattr(model, key):
+            raise UsageError(
+                f"--{dotted} {value!r} contradicts checkpoint.init_from {path}, whose model has {key}="
+                f"{getattr(model, key)!r}: drop the override (the model section comes from the checkpoint)"
+            )
+    return dataclasses.asdict(model)
 
 
 def help_text() -> str:

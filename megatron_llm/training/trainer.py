@@ -6,6 +6,7 @@ group, the global token count is fixed before the first micro-batch, and only ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_llm.checkpoint.native import read_config
+from megatron_llm.checkpoint.convert import Options, convert, detect_format
+from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
 from megatron_llm.checkpoint.run_dir import RunDirectory, open_run_directory
-from megatron_llm.config import Config
+from megatron_llm.config import Config, config_from_dict
 from megatron_llm.data.datasets import build_datasets
 from megatron_llm.data.default_corpus import ensure_default_corpus
 from megatron_llm.data.loader import TrainBatches
@@ -79,6 +81,8 @@ class Trainer:
         self.step, self.consumed_samples, self.consumed_tokens, self.bad_in_a_row, self.skipped = 0, 0, 0, 0, 0
         self.resumed_from: str | None = None
         self._resume(run_dir.resume_from)
+        if run_dir.resume_from is None and cfg.checkpoint.init_from is not None:
+            self._init_from(cfg.checkpoint.init_from)
         # Only the logging rank's name is used: it writes the run directory and the checkpoints' config.yaml.
         cfg.logging.run_name = cfg.logging.run_name or new_run_name(cfg.logging.tensorboard_dir)
         self.logger = MetricsLogger(cfg.logging, cfg.to_dict(), Clock(self.step, t.steps), enabled=dims.is_logger)
@@ -108,8 +112,9 @@ class Trainer:
         if path is None:
             return
         saved = read_config(path)
-        saved_model = saved["model"]
-        changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model.get(k) != v]
+        # Fields added since the checkpoint was written take their defaults, which reproduce the old model.
+        saved_model = dataclasses.asdict(config_from_dict({"model": saved["model"]}).model)
+        changed = [k for k, v in self.cfg.to_dict()["model"].items() if saved_model[k] != v]
         if changed:
             raise UsageError(f"checkpoint {path} has a different model.{changed[0]}; resume with the same model config")
         state = self.checkpointer.load(path, self.model, self.optimizer, self._trainer_state())
@@ -125,6 +130,19 @@ class Trainer:
         self.resumed_from = f"{path} at step {self.step}"
         # The run continues its own TensorBoard directory and W&B run unless logging.run_name names another.
         self.cfg.logging.run_name = self.cfg.logging.run_name or saved.get("logging", {}).get("run_name")
+
+    def _init_from(self, source: str) -> None:
+        """Fine-tuning: the weights of `source` (any format) at step 0, with a fresh optimizer. A Hugging Face
+        or Megatron-LM source is first converted, by rank 0, into a weights-only native checkpoint beside this
+        run's, which every rank then loads at its own layout as it would any native checkpoint."""
+        native = source
+        if detect_format(source) != "native":
+            native = str(Path(self.cfg.checkpoint.dir) / ".init_from")
+            if self.dims.rank == 0:
+                convert(source, detect_format(source), native, "native", Options(overwrite=True))
+            dist.barrier()
+        self.checkpointer.load(resolve_checkpoint(native), self.model, None, {})
+        self.resumed_from = f"the weights of {source} (checkpoint.init_from; its model section replaces the config's), step 0"
 
     def _trainer_state(self) -> dict:
         """Everything besides model and optimizer that a resumed run needs to continue exactly. The model
