@@ -7,6 +7,7 @@ group, the global token count is fixed before the first micro-batch, and only ra
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,13 +136,15 @@ class Trainer:
         """Fine-tuning: the weights of `source` (any format) at step 0, with a fresh optimizer. A Hugging Face
         or Megatron-LM source is first converted, by rank 0, into a weights-only native checkpoint beside this
         run's, which every rank then loads at its own layout as it would any native checkpoint."""
-        native = source
-        if detect_format(source) != "native":
-            native = str(Path(self.cfg.checkpoint.dir) / ".init_from")
-            if self.dims.rank == 0:
-                convert(source, detect_format(source), native, "native", Options(overwrite=True))
-            dist.barrier()
+        staged = detect_format(source) != "native"
+        native = str(Path(self.cfg.checkpoint.dir) / ".init_from") if staged else source
+        if staged and self.dims.rank == 0:
+            convert(source, detect_format(source), native, "native", Options(overwrite=True))
+        dist.barrier()
         self.checkpointer.load(resolve_checkpoint(native), self.model, None, {})
+        dist.barrier()  # every rank has read the staged copy: it can go
+        if staged and self.dims.rank == 0:
+            shutil.rmtree(native)
         self.resumed_from = f"the weights of {source} (checkpoint.init_from; its model section replaces the config's), step 0"
 
     def _trainer_state(self) -> dict:
