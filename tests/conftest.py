@@ -55,3 +55,22 @@ def tiny_config(corpus_dir, tmp_path):
         return load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(corpus_dir, run_dir, **extra))
 
     return make
+
+
+def first_batch(cfg) -> dict:
+    """The trainer's first global batch at one process, built the way it builds it (megatron-core's datasets
+    need a process group, even of one)."""
+    import torch.distributed as dist
+
+    from megatron_llm.data.datasets import build_datasets
+    from megatron_llm.data.loader import TrainBatches
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        t = cfg.training
+        data = build_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seed=t.seed,
+                              num_train_samples=t.steps * t.micro_batch_size, num_valid_samples=1)
+        (batch,) = TrainBatches(data.train, t.micro_batch_size, 1, 0, 1).next_step()
+    finally:
+        dist.destroy_process_group()
+    return batch

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
 import megatron_llm
+from conftest import first_batch
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from megatron_llm.checkpoint.megatron_io import safe_load
@@ -257,8 +257,6 @@ def test_tensor_parallel_shards_are_megatron_slices_of_the_tp1_tensors(hf_dirs, 
 
 
 def test_train_from_converted_hf_starts_at_the_transformers_loss_and_converts_back(tiny_config, tmp_path):
-    from megatron_llm.data.datasets import build_datasets
-    from megatron_llm.data.loader import TrainBatches
     from megatron_llm.training.trainer import train
 
     cfg = tiny_config(tmp_path, training__steps=1, training__eval_interval=0)
@@ -269,15 +267,7 @@ def test_train_from_converted_hf_starts_at_the_transformers_loss_and_converts_ba
                           checkpoint__resume=str(tmp_path / "native"))
     first_loss = train(resumed).losses[0]
 
-    # The trainer's first global batch, built the way it builds it.
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        t = cfg.training
-        data = build_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                              num_train_samples=t.steps * t.micro_batch_size, num_valid_samples=1)
-        (batch,) = TrainBatches(data.train, t.micro_batch_size, 1, 0, 1).next_step()
-    finally:
-        dist.destroy_process_group()
+    batch = first_batch(cfg)
     with torch.no_grad():
         logits = hf(batch["tokens"]).logits
     ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")

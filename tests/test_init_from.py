@@ -4,11 +4,10 @@ section from the checkpoint, starts at step 0 with transformers' loss on the fir
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, first_batch, tiny_overrides
 from megatron_llm.config import load_config
 from megatron_llm.errors import UsageError
 
@@ -31,22 +30,6 @@ def gemma2_dir(tmp_path):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(tmp_path / "gemma2")
     return tmp_path / "gemma2", model
-
-
-def first_batch(cfg) -> dict:
-    """The trainer's first global batch at one process, built the way it builds it."""
-    from megatron_llm.data.datasets import build_datasets
-    from megatron_llm.data.loader import TrainBatches
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        t = cfg.training
-        data = build_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seed=t.seed,
-                              num_train_samples=t.steps * t.micro_batch_size, num_valid_samples=1)
-        (batch,) = TrainBatches(data.train, t.micro_batch_size, 1, 0, 1).next_step()
-    finally:
-        dist.destroy_process_group()
-    return batch
 
 
 def test_init_from_hugging_face_starts_at_the_transformers_loss(corpus_dir, tmp_path, gemma2_dir):
