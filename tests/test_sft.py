@@ -98,7 +98,7 @@ def test_a_malformed_line_is_one_error_and_nothing_is_written(tmp_path):
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     src = _write(tmp_path / "in.jsonl", [good, good, {"messages": [{"role": "robot", "content": "b"}]}])
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--format", "chat", "--input",
-                             str(src), "--output-prefix", str(tmp_path / "out")], capture_output=True, text=True)
+                             str(src), "--output-prefix", str(tmp_path / "out"), "--workers", "1"], capture_output=True, text=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: line 3 message 0 is not \{role", lines[0]), result.stderr

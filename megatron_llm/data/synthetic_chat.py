@@ -10,7 +10,12 @@ model can learn to tell them apart only by reading them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
+import sys
+from pathlib import Path
+from typing import Optional
 
 WORDS = ("apple", "river", "stone", "cloud", "garden", "silver", "window", "candle", "forest", "yellow")
 KINDS = ("arithmetic", "echo", "reverse", "count")
@@ -54,3 +59,24 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
         rejected = messages[:-1] + [{"role": "assistant", "content": wrong}]
         out.append({"chosen": messages, "rejected": rejected, "channel": kind})
     return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """python -m megatron_llm.data.synthetic_chat DIR [--conversations N] [--pairs N]: writes DIR/chats.jsonl
+    and DIR/pairs.jsonl, each record with its kind as "channel", for tools/preprocess_data.py."""
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("directory")
+    parser.add_argument("--conversations", type=int, default=8000)
+    parser.add_argument("--pairs", type=int, default=4000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, records in (("chats", conversations(args.conversations, args.seed)), ("pairs", pairs(args.pairs, args.seed))):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"wrote {out / name}.jsonl: {len(records)} records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
