@@ -58,3 +58,21 @@ def test_ep_must_divide_the_data_parallel_ranks(corpus_dir, tmp_path):
     with pytest.raises(UsageError, match=r"parallel.ep \(2\) splits the data-parallel ranks: it must divide dp .* = 1"):
         check_layout(cfg.parallel, 1)
     assert check_layout(cfg.parallel, 4) == 4
+
+
+def test_memory_estimate_holds_each_ranks_experts():
+    """tools/estimate_memory.py: one process holds every parameter; at ep 2 over dp 2 each rank holds half the
+    routed experts (DDP), and FSDP2 spreads the whole model over dp."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from estimate_memory import estimate
+
+    cfg = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"))
+    m = cfg.model
+    routed = m.num_layers * m.moe_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    assert estimate(cfg, dp=1, act_bytes=4)[0].params == m.num_params()
+    ddp = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), ["--parallel.ep", "2", "--parallel.data_parallel", "ddp"])
+    assert estimate(ddp, dp=2, act_bytes=4)[0].params == m.num_params() - routed // 2
+    fsdp = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), ["--parallel.ep", "2"])
+    assert estimate(fsdp, dp=2, act_bytes=4)[0].params == pytest.approx(m.num_params() / 2, abs=1)
