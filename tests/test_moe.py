@@ -199,3 +199,22 @@ def test_latent_attention_refuses_tensor_parallelism_before_any_process_group(ti
     with pytest.raises(UsageError, match=r"model\.attention mla has no tensor-parallel plan"):
         tiny_config(tmp_path, model__attention="mla", model__mla_rope_head_dim=4, model__mla_kv_lora_rank=16,
                     model__mla_v_head_dim=8, parallel__tp=2)
+
+
+def test_compiled_blocks_train_the_moe_as_eager_ones():
+    """training.compile: the grouped matmul runs eagerly inside the compiled block in fp32 (torch's shape
+    kernel for it takes bf16 only), the router statistics still reach the step."""
+    cfg = moe_cfg(moe_aux_loss_coeff=0.01)
+    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
+    runs = []
+    for compiled in (False, True):
+        model = build_model(cfg, "cpu", seed=0)
+        for block in model.layers.values() if compiled else ():
+            block.compile()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        runs.append([train_step(model, optimizer, [batch], ParallelDims(1, 0, 1, 1, 1), z_loss=0.0, grad_clip=0.0,
+                                autocast=None) for _ in range(2)])
+    for eager, compiled in zip(*runs):
+        assert compiled.loss == pytest.approx(eager.loss, rel=1e-6)
+        assert compiled.moe == pytest.approx(eager.moe, rel=1e-5)

@@ -73,13 +73,21 @@ class Router(nn.Module):
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x [N, in], sorted by expert with counts[e] rows for expert e, times w[e]^T ([E, out, in])
     -> [N, out]. One `torch._grouped_mm` where it runs (its operands need 16-byte-aligned strides; on
-    CUDA it takes bf16), else a loop over the experts (a fallback, not the hot path)."""
+    CUDA it takes bf16), else a loop over the experts (a fallback, not the hot path). Inside a compiled
+    block an fp32 one runs eagerly: the compiler's shape kernel for it accepts bf16 only (torch 2.13)."""
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
     if hasattr(torch, "_grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
+        eager = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
+        return (_eager_grouped_mm if eager else _grouped_mm)(x, w, counts)
     parts = x.split(counts.tolist())
     return torch.cat([part @ w[e].T for e, part in enumerate(parts)])
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+
+
+_eager_grouped_mm = torch.compiler.disable(_grouped_mm)
 
 
 class GroupedExperts(nn.Module):
