@@ -14,7 +14,7 @@ from megatron_llm.errors import UsageError
 from megatron_llm.model import build_model
 from megatron_llm.model.moe import MoE, grouped_mm
 from megatron_llm.model_config import ModelConfig
-from megatron_llm.parallel import ParallelDims
+from megatron_llm.parallel import ParallelDims, recompute_in_backward
 from megatron_llm.training.moe_loss import router_collector
 from megatron_llm.training.step import train_step
 from tests.test_reliability import tool
@@ -218,3 +218,24 @@ def test_compiled_blocks_train_the_moe_as_eager_ones():
     for eager, compiled in zip(*runs):
         assert compiled.loss == pytest.approx(eager.loss, rel=1e-6)
         assert compiled.moe == pytest.approx(eager.moe, rel=1e-5)
+
+
+def test_recomputed_blocks_give_the_same_router_losses_and_updates():
+    """training.activation_checkpointing full: a block's forward runs again in the backward; the router losses
+    still reach the gradients and the recomputation is not counted in the expert load."""
+    cfg = moe_cfg(moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
+    runs = []
+    for recompute in (False, True):
+        model = build_model(cfg, "cpu", seed=0)
+        for block in model.layers.values() if recompute else ():
+            recompute_in_backward(block)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch, batch],
+                            ParallelDims(1, 0, 1, 1, 1), z_loss=0.0, grad_clip=0.0, autocast=None)
+        runs.append((result, {k: before[k] - v for k, v in model.state_dict().items()}))
+    (plain, plain_update), (recomputed, recomputed_update) = runs
+    assert recomputed.moe == plain.moe and recomputed.loss == plain.loss
+    assert all(torch.equal(plain_update[k], recomputed_update[k]) for k in plain_update)
+    assert plain_update["layers.0.feed_forward.router.weight"].abs().max() > 0
