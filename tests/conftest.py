@@ -74,3 +74,20 @@ def first_batch(cfg) -> dict:
     finally:
         dist.destroy_process_group()
     return batch
+
+
+def hf_native_hf(source, tmp_path) -> "Path":
+    """Converts the Hugging Face directory `source` to native and back into tmp_path/hf, asserts every tensor
+    came back bit for bit under its own name, and returns the directory written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_llm.checkpoint.convert import convert
+
+    convert(str(source), "hf", str(tmp_path / "native"), "native")
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
+    before, after = load_file(Path(source) / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    return tmp_path / "hf"

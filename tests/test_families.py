@@ -21,6 +21,7 @@ import transformers
 from safetensors.torch import load_file
 
 import megatron_llm
+from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import FAMILIES, moe
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
@@ -135,12 +136,7 @@ def test_logits_and_loss_match_transformers(hf_dir, case):
 @pytest.mark.parametrize("case", CASES)
 def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
     path, hf = hf_dir(case)
-    convert(str(path), "hf", str(tmp_path / "native"), "native")
-    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
-    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
+    hf_native_hf(path, tmp_path)
     config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert config.model_type == model_type_of(case)
     assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())

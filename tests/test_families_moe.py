@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file
 
 import megatron_llm
+from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import moe
 from megatron_llm.errors import UsageError
@@ -123,12 +123,7 @@ def test_logits_and_routes_match_transformers(hf_dir, model_type):
 @pytest.mark.parametrize("model_type", CASES)
 def test_hf_native_hf_round_trip(hf_dir, tmp_path, model_type):
     path, hf = hf_dir(model_type)
-    convert(str(path), "hf", str(tmp_path / "native"), "native")
-    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
-    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert sorted(before) == sorted(after)
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
+    hf_native_hf(path, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert back.config.model_type == model_type
     with torch.no_grad():
