@@ -292,3 +292,10 @@ def test_alibi_slopes_match_bloom():
     for heads in (4, 6, 12):
         alibi = build_alibi_tensor(torch.ones(1, 3), heads, torch.float32)  # [heads, 1, 3]: slope * position
         torch.testing.assert_close(alibi_slopes(heads), alibi[:, 0, 1], atol=0, rtol=0)
+
+
+def test_input_longer_than_the_context_is_one_line():
+    model = build_model(tiny_cfg(sliding_window=4), "cpu", seed=0)  # a window is not the context: 32 positions
+    model(torch.zeros(1, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="an input of 33 positions exceeds the model's context of 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -201,6 +201,10 @@ class Transformer(nn.Module):
         """Training passes tokens (and labels) alone. Inference may pass the tokens' positions [b, s] (left
         padding), per-sequence key masks and a KV cache, which this forward fills and advances; positions
         default to the cache's continuation, else 0..s-1."""
+        end = tokens.shape[1] + getattr(cache, "length", 0)  # what a uniform KV cache already holds
+        if self.tok_embeddings is not None and end > self.cfg.max_seq_len:
+            raise ValueError(f"an input of {end} positions exceeds the model's context of {self.cfg.max_seq_len} "
+                             "(model.max_seq_len): shorten it")
         if positions is None and cache is not None and cache.length:
             positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
         # a later pipeline stage gets hidden states [b, s, hidden] already
