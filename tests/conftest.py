@@ -91,3 +91,15 @@ def hf_native_hf(source, tmp_path) -> "Path":
     for key in before:
         assert torch.equal(before[key], after[key]), key
     return tmp_path / "hf"
+
+
+def transformers_first_loss(hf, cfg) -> tuple[float, dict]:
+    """(transformers' masked token-mean loss on the trainer's first batch, that batch)."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = first_batch(cfg)
+    with torch.no_grad():
+        logits = hf(batch["tokens"]).logits
+    ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    return ((ce * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()).item(), batch

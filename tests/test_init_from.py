@@ -4,10 +4,9 @@ section from the checkpoint, starts at step 0 with transformers' loss on the fir
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
-from conftest import ROOT, first_batch, tiny_overrides
+from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm.config import load_config
 from megatron_llm.errors import UsageError
 
@@ -42,12 +41,8 @@ def test_init_from_hugging_face_starts_at_the_transformers_loss(corpus_dir, tmp_
     assert (cfg.model.norm_placement, cfg.model.attn_softcap, cfg.model.num_layers) == ("sandwich", 5.0, 2)
     first_loss = train(cfg).losses[0]
 
-    batch = first_batch(cfg)
-    with torch.no_grad():
-        logits = hf(batch["tokens"]).logits
-    ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-    expected = (ce * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()
-    assert first_loss == pytest.approx(expected.item(), abs=1e-5)
+    expected, _ = transformers_first_loss(hf, cfg)
+    assert first_loss == pytest.approx(expected, abs=1e-5)
 
 
 def test_init_from_refuses_a_contradicting_model_override(corpus_dir, tmp_path, gemma2_dir):
