@@ -281,9 +281,8 @@ class Config:
             )
         if (d.format == "pairs") != (self.model.head == "score"):
             raise UsageError("a reward model trains on preference pairs: set data.format pairs together with model.head score")
-        if d.format == "pairs" and (t.micro_batch_size % 2 or self.parallel.tp > 1):
-            raise UsageError("data.format pairs needs an even training.micro_batch_size (chosen and rejected rows) and "
-                             "parallel.tp 1 (the score head is not split)")
+        if d.format == "pairs" and t.micro_batch_size % 2:
+            raise UsageError("data.format pairs needs an even training.micro_batch_size (a pair is two rows, chosen and rejected)")
         if d.document_mask and d.format != "pretrain":
             raise UsageError("data.document_mask is for data.format pretrain; packed sft conversations are always masked")
         if d.random_channels is not None and d.random_channels <= 0:

@@ -19,11 +19,13 @@ from megatron_llm.config import DataConfig, DatasetSpec, load_config
 from megatron_llm.data.loader import collate
 from megatron_llm.data.packing import build_pair_datasets
 from megatron_llm.data.preprocess import preprocess
+from megatron_llm.data.synthetic_chat import pairs
 from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.inference.llm import LLM
 from megatron_llm.model import build_model
 from megatron_llm.training.reward import PairwiseObjective
 from megatron_llm.training.trainer import train
+from test_parallel import check_chain, workers  # noqa: F401 (workers: the module's pool of ranks, a fixture)
 
 TOK = ByteTokenizer()
 CHANNELS = ("upper", "lower")
@@ -124,3 +126,25 @@ def test_transformers_sequence_classifier_scores_equal_llm_reward_and_export(arc
     with torch.no_grad():
         scores = [again(torch.tensor([TOK.encode(t)])).logits[0, 0].item() for t in texts]
     assert scores == expected
+
+
+# tp2 x pp2 (1F1B, sequence parallel: the score head row-parallel) then pp2 x dp2 (GPipe, DDP), each resuming
+# the previous run's checkpoint: per-step and per-channel pairwise losses and parameters equal one process's.
+REWARD_CHAIN = [
+    ("rm-tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
+    ("rm-pp2-dp2-gpipe-ddp", 1, 2, 2, dict(parallel__schedule="gpipe", parallel__data_parallel="ddp")),
+]
+
+
+def test_reward_chain_matches_one_process(workers, tmp_path_factory):
+    from conftest import CHANNELS as CORPUS_NAMES
+
+    directory = tmp_path_factory.mktemp("pair_chain")
+    records = pairs(300, seed=2)
+    for c, name in enumerate(CORPUS_NAMES):
+        (directory / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[c::3]))
+        preprocess(str(directory / f"{name}.jsonl"), str(directory / name), fmt="pairs", progress=False)
+    # One score per row leaves most embedding rows a gradient of rounding noise, which AdamW's eps 1e-8 would
+    # turn into full-size updates of either sign (see test_parallel's PARAM_ATOL): eps 1e-4 keeps them small.
+    model = dict(data__format="pairs", model__head="score", optimizer__eps=1e-4)
+    check_chain(workers, directory, tmp_path_factory.mktemp("runs"), model, REWARD_CHAIN)

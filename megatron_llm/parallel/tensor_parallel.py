@@ -80,13 +80,17 @@ def _has_params(block: nn.Module, name: str) -> bool:
     return module is not None and any(True for _ in module.parameters())
 
 
-def outer_plan(sp: bool) -> dict:
-    """Embedding, final norm and head; the head keeps its logits a DTensor sharded on the vocabulary."""
+def outer_plan(sp: bool, score: bool = False) -> dict:
+    """Embedding, final norm and head; the head keeps its logits a DTensor sharded on the vocabulary. A score
+    head (one output) is row-parallel instead: each rank multiplies its slice of the hidden size and the
+    partial scores are summed, so every rank holds the whole [b, s, 1]."""
     seq = Shard(1) if sp else Replicate()
     plan = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
         "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
     }
+    if score:
+        plan["output"] = RowwiseParallel(input_layouts=seq, output_layouts=Replicate())
     if sp:
         plan["norm"] = SequenceParallel()
     return plan
@@ -104,7 +108,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(block, sp))
         _shard_alibi_slopes(block.attention, tp_mesh)
-    present = {name: style for name, style in outer_plan(sp).items() if getattr(model, name) is not None}
+    present = {name: style for name, style in outer_plan(sp, cfg.head == "score").items() if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, present)
     model.tie_weights()  # the head and the embedding were distributed one by one: share the DTensor again
     if model.output is not None and model.output.weight.shape[0] > cfg.vocab_size:
@@ -122,7 +126,7 @@ def pad_vocab(model: nn.Module, padded: int) -> None:
     are -inf (see _mask_padded_logits), so those rows get zero gradients and stay zero: the loss, the
     gradient norm and the trained weights are those of the unpadded model. Checkpoints hold the unpadded
     rows (parallel/state.py), so a checkpoint does not depend on tp."""
-    for module in (model.tok_embeddings, model.output):
+    for module in (model.tok_embeddings, model.output if model.cfg.head == "lm" else None):  # a score head has no vocabulary
         if module is None or module.weight.shape[0] >= padded:
             continue
         for name in ("weight", "bias"):  # the head's bias (GPT-J, Phi) is padded like its rows

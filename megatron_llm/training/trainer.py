@@ -295,6 +295,8 @@ class _Window:
             out[f"tokens/{name}"] = tokens
         out.update({key: value / self.steps for key, value in self.moe.items()})  # means over the interval's steps
         for key, totals in self.rates.items():  # pair-weighted over the interval, overall and per channel
+            if not totals:  # a rank before the last pipeline stage sees no scores
+                continue
             out[key] = sum(v for v, _ in totals.values()) / sum(n for _, n in totals.values())
             out.update({f"{key}/{tag_safe(self.channel_names[c])}": v / n for c, (v, n) in sorted(totals.items())})
         if skipped:
