@@ -470,6 +470,11 @@ def _model_of_checkpoint(path: str, model_overrides: dict[str, Any]) -> dict:
         key = dotted.partition(".")[2]
         if key not in hints:
             raise UsageError(f"unknown key {dotted}; valid keys: {', '.join(sorted(hints))}")
+        if key == "head" and _coerce(value, hints[key], dotted) == "score":
+            # The one change a fine-tune may make: a language model becomes a reward model under a new,
+            # plain score head (training/reward.py stages its weights without the old head).
+            model.head, model.tie_embeddings, model.norm_head, model.output_bias = "score", False, False, False
+            continue
         if _coerce(value, hints[key], dotted) != getattr(model, key):
             raise UsageError(
                 f"--{dotted} {value!r} contradicts checkpoint.init_from {path}, whose model has {key}="

@@ -148,3 +148,27 @@ def test_reward_chain_matches_one_process(workers, tmp_path_factory):
     # turn into full-size updates of either sign (see test_parallel's PARAM_ATOL): eps 1e-4 keeps them small.
     model = dict(data__format="pairs", model__head="score", optimizer__eps=1e-4)
     check_chain(workers, directory, tmp_path_factory.mktemp("runs"), model, REWARD_CHAIN)
+
+
+def test_init_from_a_language_model_keeps_its_body_under_a_new_score_head(pair_corpus, tmp_path):
+    """checkpoint.init_from a tied causal LM with --model.head score: every weight but the head is the LM's
+    (lr 0 keeps them), the head is the one training would draw, and the embedding is untied."""
+    from megatron_llm.checkpoint.native import save_weights
+
+    small = ["--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4", "--model.num_kv_heads", "2",
+             "--model.ffn_hidden_size", "128", "--model.tie_embeddings", "true"]
+    lm_config = load_config(str(ROOT / "configs" / "tiny.yaml"), small)
+    lm = build_model(lm_config.model, "cpu", seed=5)
+    save_weights(tmp_path / "lm", lm.state_dict(), lm_config.to_dict())
+    blend = "[" + ", ".join(f"{{path: {pair_corpus / n}}}" for n in CHANNELS) + "]"
+    args = ["--checkpoint.init_from", str(tmp_path / "lm"), "--model.head", "score", "--data.format", "pairs",
+            "--data.blend", blend, "--data.default_corpus", "false", "--data.seq_len", "32", "--training.steps", "1",
+            "--training.micro_batch_size", "4", "--training.eval_interval", "0", "--optimizer.lr", "0", "--optimizer.min_lr", "0",
+            "--logging.tensorboard_dir", "null", "--checkpoint.dir", str(tmp_path / "rm")]
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), args)
+    assert (cfg.model.head, cfg.model.tie_embeddings, cfg.model.hidden_size) == ("score", False, 64)
+    train(cfg)
+    reward = LLM.load(str(tmp_path / "rm")).model
+    for name, value in reward.state_dict().items():
+        expected = build_model(cfg.model, "cpu", seed=cfg.training.seed).output.weight if name == "output.weight" else lm.state_dict()[name]
+        assert torch.equal(value, expected), name

@@ -14,11 +14,13 @@ sums. Accuracy (r_chosen > r_rejected) and margin (r_chosen - r_rejected) are su
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_llm.errors import UsageError
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 
 
@@ -65,3 +67,19 @@ def reward_objective(data_format: str, margin: float, centering: float, num_chan
                      device: torch.device) -> Optional[PairwiseObjective]:
     """The pairwise objective for data.format pairs, else None (language modelling)."""
     return PairwiseObjective(margin, centering, max(num_channels, 1), device) if data_format == "pairs" else None
+
+
+def stage_under_score_head(source: str, cfg, out: Path) -> None:
+    """A weights-only native checkpoint at `out`: the language model `source` (any format) with its head
+    replaced by the score head `cfg` trains (drawn as training initialises it, from training.seed), for
+    checkpoint.init_from with model.head score. One process writes it; every rank then loads it."""
+    from megatron_llm.checkpoint.convert import load_model
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.model import build_model
+
+    scored = build_model(cfg.model, "cpu", seed=cfg.training.seed)
+    body = {k: v for k, v in load_model(source).state_dict().items() if not k.startswith("output.")}
+    missing, unexpected = scored.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("output.") for k in missing):
+        raise UsageError(f"{source} does not hold the model checkpoint.init_from describes ({(unexpected or missing)[0]})")
+    save_weights(out, scored.state_dict(), cfg.to_dict())

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_llm.checkpoint.convert import Options, convert, detect_format
+from megatron_llm.checkpoint.convert import Options, checkpoint_model_config, convert, detect_format
 from megatron_llm.checkpoint.native import read_config, resolve_checkpoint
 from megatron_llm.checkpoint.run_dir import RunDirectory, open_run_directory
 from megatron_llm.config import Config, config_from_dict
@@ -35,7 +35,7 @@ from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
 from megatron_llm.training.evaluation import channel_sums, mean_loss
-from megatron_llm.training.reward import reward_objective
+from megatron_llm.training.reward import reward_objective, stage_under_score_head
 from megatron_llm.training.step import StepResult, autocast_dtype, train_step
 
 
@@ -136,9 +136,12 @@ class Trainer:
         """Fine-tuning: the weights of `source` (any format) at step 0, with a fresh optimizer. A Hugging Face
         or Megatron-LM source is first converted, by rank 0, into a weights-only native checkpoint beside this
         run's, which every rank then loads at its own layout as it would any native checkpoint."""
-        staged = detect_format(source) != "native"
+        new_head = checkpoint_model_config(source).head != self.cfg.model.head  # a reward model from a language model
+        staged = detect_format(source) != "native" or new_head
         native = str(Path(self.cfg.checkpoint.dir) / ".init_from") if staged else source
-        if staged and self.dims.rank == 0:
+        if staged and self.dims.rank == 0 and new_head:
+            stage_under_score_head(source, self.cfg, Path(native))
+        elif staged and self.dims.rank == 0:
             convert(source, detect_format(source), native, "native", Options(overwrite=True))
         dist.barrier()
         self.checkpointer.load(resolve_checkpoint(native), self.model, None, {})
