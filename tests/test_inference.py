@@ -131,3 +131,16 @@ def test_tools_generate_and_inspect_run_from_the_command_line(models, tmp_path, 
     assert tool("inspect_model").main(args) == 0
     assert (tmp_path / "p" / "i.png").stat().st_size > 10_000
     assert tool("inspect_model").main(args[:5] + ["7"] + args[6:]) == 2  # one line: no such layer
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_continuous_batching_equals_each_prompt_alone(models, model_type):
+    """Slots refilled as sequences finish (prompts prefilled together, rows of different lengths in one cache,
+    a window included) give every prompt what generate gives it alone."""
+    llm, _ = models(model_type)
+    prompts = PROMPTS + [[9] * 11, [3], [40, 41, 42, 43, 44, 45]]
+    stop = [llm.generate(PROMPTS[0], max_new_tokens=4)[1]]  # a token some rows produce: lengths differ
+    alone = [llm.generate([p], max_new_tokens=14, stop=stop)[0] for p in prompts]
+    batched = dict(llm.batched(enumerate(prompts), batch_size=2, max_new_tokens=14, stop=stop))
+    assert [batched[i] for i in range(len(prompts))] == alone
+    assert len({len(a) for a in alone}) > 1

@@ -1,14 +1,16 @@
 """Continuous batching: a fixed number of slots decode together, and when a sequence finishes, the next
 prompt takes its slot at once instead of waiting for the whole batch (static batching).
 
-Each slot's sequence starts at column 0 of its cache row, so rows have different lengths: a new prompt is
-prefilled alone (a batch of one, its own KVCache) and copied into its row; decoding steps run all slots at
+Each slot's sequence starts at column 0 of its cache row, so rows have different lengths: the prompts that
+take free slots are prefilled together (left-padded, their own KVCache) and each is copied into its row;
+decoding steps run all slots at
 once, each row writing its new key at its own column and attending to its own columns (KeyMask.valid and
 query_end). Greedy results equal generate()'s for each prompt alone.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -28,15 +30,16 @@ class SlotCache:
         self.active = torch.zeros(slots, dtype=torch.bool)
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def insert(self, slot: int, prefilled: KVCache) -> None:
-        """Row `slot` takes a sequence prefilled alone in `prefilled` (batch 1)."""
-        n = prefilled.length
+    def insert(self, slot: int, prefilled: KVCache, row: int, start: int) -> None:
+        """Row `slot` takes row `row` of a batch prefilled together, whose prompt began at column `start`
+        (left padding before it)."""
+        n = prefilled.length - start
         for key, (k, v) in prefilled.buffers.items():
             if key not in self.buffers:
                 shape = (len(self.lengths), k.shape[1], self.max_len, k.shape[3])
                 self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
             k_all, v_all = self.buffers[key]
-            k_all[slot, :, :n], v_all[slot, :, :n] = k[0, :, :n], v[0, :, :n]
+            k_all[slot, :, :n], v_all[slot, :, :n] = k[row, :, start:], v[row, :, start:]
         self.lengths[slot], self.active[slot] = n, True
 
     def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,18 +83,19 @@ def continuous_batches(
 
     exhausted = False
     while True:
-        for slot in range(slots):  # fill free slots; a prompt may finish at its first token
-            while owner[slot] is None and not exhausted:
-                item = next(pending, None)
-                if item is None:
-                    exhausted = True
-                    break
-                key, prompt = item
-                first = _prefill(model, prompt, sampling, cache, slot, generator, device)
+        free = [slot for slot in range(slots) if owner[slot] is None]
+        while free and not exhausted:  # fill free slots, their prompts prefilled together
+            items = [item for item in itertools.islice(pending, len(free))]
+            exhausted = len(items) < len(free)
+            if not items:
+                break
+            firsts = _prefill(model, [prompt for _, prompt in items], sampling, cache, free, generator, device)
+            for slot, (key, _), first in zip(free, items, firsts):
                 owner[slot], produced[slot], last[slot] = key, [first], first
-                if finish(slot):
+                if finish(slot):  # a prompt may finish at its first token: its slot is free again
                     yield key, produced[slot]
                     owner[slot], cache.active[slot] = None, False
+            free = [slot for slot in range(slots) if owner[slot] is None]
         if all(o is None for o in owner):
             return
         positions, keys = cache.step_inputs(device)
@@ -107,12 +111,23 @@ def continuous_batches(
                 owner[slot], cache.active[slot] = None, False
 
 
-def _prefill(model, prompt: list[int], sampling: Sampling, cache: SlotCache, slot: int, generator, device) -> int:
-    """Runs `prompt` alone, moves its keys and values into row `slot`; returns its first new token."""
-    if len(prompt) + sampling.max_new_tokens > cache.max_len:
-        raise ValueError(f"a prompt of {len(prompt)} tokens plus {sampling.max_new_tokens} new ones exceeds the "
+def _prefill(model, prompts: list[list[int]], sampling: Sampling, cache: SlotCache, slots: list[int], generator,
+             device) -> list[int]:
+    """Runs `prompts` together (left-padded, as generate does), moves each one's keys and values into its slot
+    of `slots`; returns their first new tokens."""
+    longest = max(map(len, prompts))
+    if longest + sampling.max_new_tokens > cache.max_len:
+        raise ValueError(f"a prompt of {longest} tokens plus {sampling.max_new_tokens} new ones exceeds the "
                          f"model's context of {cache.max_len}")
-    alone = KVCache(len(prompt))
-    logits = model(torch.tensor([prompt], device=device), cache=alone)[:, -1].float()
-    cache.insert(slot, alone)
-    return int(next_tokens(logits, sampling, generator)[0])
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    valid = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, longest - len(prompt):] = True
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    keys = KeyMask(valid=valid) if not valid.all() else KeyMask()
+    together = KVCache(longest)
+    logits = model(tokens, positions=positions, keys=keys, cache=together)[:, -1].float()
+    for row, (slot, prompt) in enumerate(zip(slots, prompts)):
+        cache.insert(slot, together, row, longest - len(prompt))
+    return next_tokens(logits, sampling, generator).tolist()
