@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from megatron_llm.errors import UsageError
-from megatron_llm.model_config import LayerSpec, ModelConfig, param  # noqa: F401  (re-exported)
+from megatron_llm.model_config import ModelConfig, param  # noqa: F401  (ModelConfig re-exported)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 read back with TensorBoard's own reader, torchrun dp=2 against one process, random channels, tools."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

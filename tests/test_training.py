@@ -1,6 +1,5 @@
 """The training loop on one process: resume is exact, accumulation is exact, bad steps are skipped."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
