@@ -55,8 +55,9 @@ class ModelConfig:
     num_kv_heads: Optional[int] = param(None, "key/value heads (grouped-query attention); null means num_heads")
     head_dim: Optional[int] = param(None, "per-head width; null means hidden_size / num_heads")
     ffn_hidden_size: int = param(688, "inner width of the MLP")
-    mlp: Literal["swiglu", "geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu", "relu2", "silu"] = param(
-        "swiglu", "MLP kind: gated (swiglu, geglu, geglu_tanh, reglu: act(w1 x) * w3 x) or plain (act(w1 x))"
+    mlp: Literal["swiglu", "geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu", "relu2", "silu", "xielu"] = param(
+        "swiglu", "MLP kind: gated (swiglu, geglu, geglu_tanh, reglu: act(w1 x) * w3 x) or plain (act(w1 x)); xielu: "
+        "plain, with two learned scalars per layer (Apertus)"
     )
     norm: Literal["rmsnorm", "layernorm"] = param("rmsnorm", "normalisation layer")
     norm_eps: float = param(1e-5, "epsilon of the norm layers")
@@ -95,6 +96,7 @@ class ModelConfig:
     attn_softcap: Optional[float] = param(None, "attention-logit soft-capping: cap * tanh(scores / cap) (Gemma2)")
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
+    qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
     qkv_clip: Optional[float] = param(None, "clamp q, k and v to [-clip, clip] (OLMo's clip_qkv)")
     qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
     linear_bias: bool = param(False, "bias on every other linear layer (the default of out_bias and mlp_bias)")
@@ -136,6 +138,14 @@ class ModelConfig:
     moe_capacity_factor: Optional[float] = param(None, "expert capacity = factor x tokens x top_k / experts, the rest dropped; null: dropless")
     moe_aux_loss_coeff: float = param(0.0, "load-balancing loss coefficient (Switch; transformers' router_aux_loss_coef)")
     moe_z_loss_coeff: float = param(0.0, "router z-loss coefficient: mean(logsumexp(router logits)^2) (ST-MoE)")
+    moe_aux_loss_scope: Literal["model", "layer"] = param(
+        "model", "router losses over all MoE layers of a forward together, f summing to top_k (model: transformers' "
+        "formula) or per layer, f summing to 1, summed over layers (layer: Megatron's; works with parallel.pp > 1)"
+    )
+    moe_aux_loss_global: bool = param(
+        False, "balance over the global micro-batch: f from assignment counts summed over the data-parallel ranks "
+        "(Megatron's global_aux_loss, without its running mean over micro-batches); false: each rank's own tokens"
+    )
     init_std: float = param(0.02, "std of the normal init of every weight matrix")
     scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
 
@@ -271,6 +281,8 @@ class ModelConfig:
             raise UsageError(
                 f"model.parallel_residual uses pre-norm: model.norm_placement {self.norm_placement!r} cannot combine"
             )
+        if self.qk_norm_after_rope and not (self.qk_norm and self.qk_norm_per_head):
+            raise UsageError("model.qk_norm_after_rope moves the per-head norm: set model.qk_norm and model.qk_norm_per_head")
         if self.norm_head and self.tie_embeddings:
             raise UsageError("model.norm_head normalises the head alone: it cannot be tied (set tie_embeddings false)")
         if self.head == "score" and (self.tie_embeddings or self.norm_head or self.output_bias):
@@ -282,6 +294,8 @@ class ModelConfig:
             raise UsageError(f"model.moe_experts must be 0 (dense) or positive, got {self.moe_experts}")
         if not self.moe_experts:
             return
+        if self.mlp == "xielu":
+            raise UsageError("model.mlp xielu learns scalars per MLP, which the stacked experts do not hold: choose another model.mlp")
         if not 0 < self.moe_top_k <= self.moe_experts:
             raise UsageError(f"model.moe_top_k ({self.moe_top_k}) must be in 1..model.moe_experts ({self.moe_experts})")
         for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups"):

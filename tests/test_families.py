@@ -62,6 +62,14 @@ CASES = {
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),
     "helium": (dict(head_dim=16, attention_bias=True), False),
     "exaone4": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
+    "olmo3": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},  # YaRN on the full layer alone
+        "full_attention": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}}),
+        False),
+    "hunyuan_v1_dense": (dict(head_dim=16, attention_bias=True, rope_parameters={  # NTK-alpha: a stretched base
+        "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}), False),
+    "apertus": (dict(attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                "original_max_position_embeddings": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0}), False),
     "gpt2": (dict(n_inner=96), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),
     "gpt_neox": (dict(rotary_pct=0.5), False),

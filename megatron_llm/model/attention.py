@@ -72,7 +72,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         # A norm on queries and keys before RoPE bounds the attention logits: over each head (Qwen3) or
         # over the whole projection (OLMo2).
-        self.qk_norm_per_head = cfg.qk_norm_per_head
+        self.qk_norm_per_head, self.qk_norm_after_rope = cfg.qk_norm_per_head, cfg.qk_norm_after_rope  # HunYuan: after
         self.q_norm = build_norm(cfg, d if cfg.qk_norm_per_head else q_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, d if cfg.qk_norm_per_head else kv_dim) if cfg.qk_norm else None
         self.rope, self.rope_interleaved, self.clip = spec.rope, cfg.rope_interleaved, cfg.qkv_clip
@@ -100,11 +100,13 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, self.head_dim)  # [b, s, heads, d]; local heads under TP
         k = k.view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
         v = v.view(b, s, -1, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_per_head:
+        if self.q_norm is not None and self.qk_norm_per_head and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             cos, sin = ctx.rope_at(self.rope, s)
             q, k = apply_rope(q, cos, sin, self.rope_interleaved), apply_rope(k, cos, sin, self.rope_interleaved)
+        if self.qk_norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]

@@ -1,4 +1,4 @@
-"""The feed-forward sublayer: gated (SwiGLU, GeGLU, ReGLU) or plain (GELU, ReLU, squared ReLU, SiLU)."""
+"""The feed-forward sublayer: gated (SwiGLU, GeGLU, ReGLU) or plain (GELU, ReLU, squared ReLU, SiLU, xIELU)."""
 
 import functools
 from typing import Optional
@@ -24,6 +24,36 @@ ACTIVATIONS = {
 }
 
 
+class XIELU(nn.Module):
+    """xIELU (Huang et al. 2024, arXiv:2411.13010; Apertus): x > 0: a_p x^2 + beta x; else
+    a_n (expm1(min(x, eps)) - x) + beta x, with a_p = softplus(alpha_p) and a_n = beta + softplus(alpha_n)
+    learned per layer. beta and eps are buffers kept in checkpoints, as Hugging Face's XIELUActivation
+    stores them; the ops follow its Python path one for one, so fp32 outputs match exactly."""
+
+    ALPHA_P, ALPHA_N, BETA, EPS = 0.8, 0.8, 0.5, -1e-6  # the paper's initial slopes and Hugging Face's constants
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.empty(1))
+        self.alpha_n = nn.Parameter(torch.empty(1))
+        self.register_buffer("beta", torch.empty(()))
+        self.register_buffer("eps", torch.empty(()))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The inverse softplus of the initial slopes (a_n's includes beta), as transformers draws them."""
+        self.alpha_p.copy_(torch.tensor(self.ALPHA_P).expm1().log())
+        self.alpha_n.copy_(torch.tensor(self.ALPHA_N - self.BETA).expm1().log())
+        self.beta.fill_(self.BETA)
+        self.eps.fill_(self.EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        negative = (torch.expm1(torch.min(x, self.eps)) - x) * alpha_n + self.beta * x
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x, negative)
+
+
 class FeedForward(nn.Module):
     """Gated: w2(act(w1 x) * w3 x), with w1 the gate and w3 the up projection (HF gate_proj/up_proj).
     Plain: w2(act(w1 x)), with w1 the up projection; there is no w3. `hidden_dim` defaults to
@@ -32,7 +62,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig, hidden_dim: Optional[int] = None):
         super().__init__()
         dim, hidden_dim, bias = cfg.hidden_size, hidden_dim or cfg.ffn_hidden_size, cfg.mlp_bias
-        self.act = ACTIVATIONS[cfg.mlp]
+        self.act = XIELU() if cfg.mlp == "xielu" else ACTIVATIONS[cfg.mlp]  # xielu: a module, with parameters
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if cfg.gated else None

@@ -19,7 +19,7 @@ from megatron_llm.model.attention import Attention, AttentionContext
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
 from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.mla import LatentAttention
-from megatron_llm.model.mlp import FeedForward
+from megatron_llm.model.mlp import XIELU, FeedForward
 from megatron_llm.model.moe import GroupedExperts, MoE, Router
 from megatron_llm.model.norms import RMSNorm, build_norm
 from megatron_llm.model.rope import rope_tables
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
                     self._draw(weight, f"{name}.{part}", seed, out_std)
                 if getattr(module, "expert_bias", None) is not None:
                     nn.init.zeros_(module.expert_bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU)):
                 module.reset_parameters()
 
     def _draw(self, weight: torch.Tensor, key: str, seed: int, out_std: float) -> None:

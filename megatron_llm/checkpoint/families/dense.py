@@ -1,9 +1,13 @@
 """More dense decoders written as differences from Llama: Nemotron and Arcee (a plain squared-ReLU MLP),
 Seed-OSS (its own output-projection bias), Helium (interleaved RoPE), EXAONE 4 (output norms, QK-norm,
-no positions on its full-attention layers)."""
+no positions on its full-attention layers), OLMo 3 (OLMo 2 with sliding layers, the full ones' RoPE
+scaled alone), HunYuan dense (QK-norm after RoPE), Apertus (a plain xIELU MLP, QK-norm)."""
+
+import dataclasses
 
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
+    HEAD_DIM,
     LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
@@ -15,7 +19,7 @@ from megatron_llm.checkpoint.families.common import (
     shape_defaulting,
     without,
 )
-from megatron_llm.checkpoint.families.llama import OLMO2
+from megatron_llm.checkpoint.families.llama import OLMO2, OLMO2_CONFIG
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 from megatron_llm.errors import UsageError
 
@@ -87,8 +91,8 @@ def _read_exaone4_layers(hf: dict) -> dict:
     return {**LAYERS.read({**hf, "layer_types": types or None}), "nope_layers": nope}
 
 
-def _write_exaone4_layers(cfg) -> dict:
-    """Every layer's type, always: left out, transformers would apply its pattern."""
+def _write_every_layer_type(cfg) -> dict:
+    """Every layer's type, always: left out, transformers would apply its pattern (EXAONE 4, OLMo 3)."""
     kinds = ["sliding_attention" if cfg.layer(i).window else "full_attention" for i in range(cfg.num_layers)]
     return {"sliding_window": cfg.sliding_window, "layer_types": kinds}
 
@@ -96,9 +100,77 @@ def _write_exaone4_layers(cfg) -> dict:
 EXAONE4 = Family(
     "exaone4", "Exaone4ForCausalLM",
     (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
-     ROPE, Derived(_read_exaone4_layers, _write_exaone4_layers), Fixed("norm_placement", "output"),
+     ROPE, Derived(_read_exaone4_layers, _write_every_layer_type), Fixed("norm_placement", "output"),
      Fixed("qk_norm", True), Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False)),
     OLMO2.tensors,
 )
 
-FAMILIES = (NEMOTRON, ARCEE, SEED_OSS, HELIUM, EXAONE4)
+
+
+def _read_olmo3_layers(hf: dict) -> dict:
+    """Olmo3Config's defaults where config.json leaves them out: a 4096-token window on three layers of four."""
+    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(hf["num_hidden_layers"])]
+    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types})
+
+
+def _read_olmo3_rope(hf: dict) -> dict:
+    """Each layer type's own rope_parameters (the full layers' may be scaled, e.g. YaRN). A sliding base equal
+    to the unscaled full one is the same table, read as no local base (so a Llama-like model converts)."""
+    out = ROPE.read(hf)
+    if out.get("rope_local_theta") == out["rope_theta"] and out["rope_scaling"] is None:
+        out["rope_local_theta"] = None
+    return out
+
+
+def _write_olmo3_rope(cfg) -> dict:
+    """Both blocks, always: Olmo3Config fills a missing one with its own base (500000), not ours."""
+    theta = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    return ROPE.write(dataclasses.replace(cfg, rope_local_theta=theta))
+
+
+OLMO3 = Family(
+    "olmo3", "Olmo3ForCausalLM",
+    (*(e for e in OLMO2_CONFIG if e is not ROPE), Derived(_read_olmo3_rope, _write_olmo3_rope),
+     Derived(_read_olmo3_layers, _write_every_layer_type)),
+    OLMO2.tensors,
+)
+
+
+def _read_hunyuan_rope(hf: dict) -> dict:
+    """HunYuan's checkpoints label their RoPE "dynamic" with a fixed alpha (NTK-alpha): only the base is
+    stretched, theta * alpha ** (d / (d - 2)), a plain RoPE table that is written back as one."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type")) != "dynamic" or not params.get("alpha"):
+        return ROPE.read(hf)
+    d = HEAD_DIM.read(hf)["head_dim"]
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0)) * params["alpha"] ** (d / (d - 2))
+    return ROPE.read({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
+
+
+HUNYUAN_DENSE = Family(
+    "hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "mlp_bias") if e is not ROPE), Derived(_read_hunyuan_rope, ROPE.write),
+     Fixed("mlp_bias", False), Fixed("qk_norm", True), Fixed("qk_norm_after_rope", True)),
+    {**{k: v for k, v in LLAMA_TENSORS.items() if "_norm." not in k},
+     "model.layers.{i}.self_attn.query_layernorm.weight": "layers.{i}.attention.q_norm.weight",
+     "model.layers.{i}.self_attn.key_layernorm.weight": "layers.{i}.attention.k_norm.weight"},
+)
+
+# Apertus: the default a config.json without rope_parameters gets (ApertusConfig's).
+APERTUS_ROPE = {"rope_type": "llama3", "rope_theta": 12000000.0, "factor": 8.0, "original_max_position_embeddings": 8192,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+APERTUS = Family(
+    "apertus", "ApertusForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "mlp", "mlp_bias") if e is not ROPE),
+     activation("hidden_act", {**PLAIN_ACTIVATIONS, "xielu": "xielu"}, default="xielu"),
+     Derived(lambda hf: ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or APERTUS_ROPE}), ROPE.write),
+     Fixed("mlp_bias", False), Fixed("qk_norm", True)),
+    {**{k: v for k, v in PLAIN_MLP_TENSORS.items() if "layernorm" not in k},
+     "model.layers.{i}.attention_layernorm.weight": "layers.{i}.attention_norm.weight",
+     "model.layers.{i}.feedforward_layernorm.weight": "layers.{i}.ffn_norm.weight",
+     **{f"model.layers.{{i}}.mlp.act_fn.{t}": f"layers.{{i}}.feed_forward.act.{t}" for t in ("alpha_p", "alpha_n", "beta", "eps")}},
+)
+
+FAMILIES = (NEMOTRON, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS)

@@ -93,9 +93,10 @@ OLMO = Family(
      Key("clip_qkv", "qkv_clip", default=None)),
     {k: v for k, v in LLAMA_TENSORS.items() if "norm" not in k},
 )
+OLMO2_CONFIG = (*LLAMA_CONFIG, Fixed("norm_placement", "output"), Fixed("qk_norm", True), Fixed("qk_norm_per_head", False))
 OLMO2 = Family(
     "olmo2", "Olmo2ForCausalLM",
-    (*LLAMA_CONFIG, Fixed("norm_placement", "output"), Fixed("qk_norm", True), Fixed("qk_norm_per_head", False)),
+    OLMO2_CONFIG,
     {**{k: v for k, v in LLAMA_TENSORS.items() if "layernorm" not in k},
      "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.attention_post_norm.weight",
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
