@@ -37,6 +37,11 @@ WINDOW = 8  # shorter than SEQ, so sliding layers differ from full ones
 # model_type, '-' and a variant name where one family needs several configs (Falcon's two decoders).
 CASES = {
     "llama": (dict(attention_bias=True, mlp_bias=True), True),
+    "internlm3": (dict(head_dim=16, attention_bias=True, mlp_bias=True), True),
+    "iquestcoder": (dict(head_dim=16), True),
+    "exaone": ({}, True),
+    "vaultgemma": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0), False),
     "mistral": (dict(sliding_window=WINDOW), False),
     "ministral": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
     "qwen2": ({}, True),
@@ -80,6 +85,8 @@ CASES = {
     "starcoder2": (dict(sliding_window=WINDOW), False),
     "stablelm": (dict(use_qkv_bias=True), False),
     "cohere": (dict(attention_bias=True, logit_scale=0.5), False),
+    "cohere2": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], attention_bias=True,
+                     logit_scale=0.5), False),
 }
 
 
@@ -222,3 +229,15 @@ def test_falcon_decoder_follows_the_model(hf_dir):
     assert hf_config_from_model_config(cfg, "falcon")["new_decoder_architecture"]
     with pytest.raises(UsageError, match=r"falcon cannot express model\.num_kv_heads=2 "):
         hf_config_from_model_config(dataclasses.replace(cfg, parallel_residual=False), "falcon")
+
+
+def test_published_key_spellings_are_read():
+    """EXAONE 3 and InternLM3 checkpoints spell some keys as their remote code did; transformers maps them."""
+    small = {k: v for k, v in SMALL.items() if k not in ("num_hidden_layers", "num_key_value_heads")}
+    exaone = model_config_from_hf({"model_type": "exaone", **small, "num_layers": 3, "num_key_value_heads": 2,
+                                   "layer_norm_epsilon": 1e-3, "activation_function": "gelu"})
+    assert (exaone.num_layers, exaone.norm_eps, exaone.mlp) == (3, 1e-3, "geglu")
+    internlm3 = model_config_from_hf({"model_type": "internlm3", **SMALL, "qkv_bias": True, "bias": True})
+    assert internlm3.qkv_bias and internlm3.mlp_bias and internlm3.head_dim == 128
+    with pytest.raises(UsageError, match="^internlm3 runs on Llama's code, which needs attention_bias == mlp_bias"):
+        model_config_from_hf({"model_type": "internlm3", **SMALL, "qkv_bias": True, "bias": False})

@@ -3,6 +3,7 @@ sliding-window layer patterns. A family table takes these and states only how it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from megatron_llm.checkpoint.families.table import Derived, Fixed, Key
@@ -189,6 +190,13 @@ LLAMA_TENSORS = {
 def without(config: tuple, *ours: str) -> tuple:
     """A config table minus the entries that set the given fields (a family that fixes them instead)."""
     return tuple(e for e in config if not (isinstance(e, (Key, Fixed)) and e.ours in ours))
+
+
+def also(config: tuple, **older: str) -> tuple:
+    """A config table whose keys are also read under older names (hf key=older name), as a family's
+    published config.json spells them (EXAONE 3's num_layers, InternLM3's qkv_bias)."""
+    return tuple(dataclasses.replace(e, also=(*e.also, older[e.hf])) if isinstance(e, Key) and e.hf in older else e
+                 for e in config)
 
 
 def scale_key(hf_key: str, ours: str) -> Key:

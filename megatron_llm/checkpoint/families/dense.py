@@ -74,8 +74,9 @@ HELIUM = Family(
 )
 
 
-def _exaone4_layer_types(hf: dict):
-    """layer_types, or transformers' pattern: every sliding_window_pattern-th layer full, the rest sliding."""
+def layer_types_by_pattern(hf: dict):
+    """layer_types, or transformers' pattern: every sliding_window_pattern-th layer full, the rest sliding
+    (EXAONE 4, Cohere2)."""
     if hf.get("layer_types") or not hf.get("sliding_window"):
         return hf.get("layer_types")
     pattern = hf.get("sliding_window_pattern", 4)
@@ -86,12 +87,12 @@ def _exaone4_layer_types(hf: dict):
 
 def _read_exaone4_layers(hf: dict) -> dict:
     """With a sliding window configured, EXAONE 4's full-attention layers have no positions (NoPE)."""
-    types = _exaone4_layer_types(hf) or []
+    types = layer_types_by_pattern(hf) or []
     nope = [i for i, kind in enumerate(types) if kind == "full_attention"] if hf.get("sliding_window") else []
     return {**LAYERS.read({**hf, "layer_types": types or None}), "nope_layers": nope}
 
 
-def _write_every_layer_type(cfg) -> dict:
+def write_every_layer_type(cfg) -> dict:
     """Every layer's type, always: left out, transformers would apply its pattern (EXAONE 4, OLMo 3)."""
     kinds = ["sliding_attention" if cfg.layer(i).window else "full_attention" for i in range(cfg.num_layers)]
     return {"sliding_window": cfg.sliding_window, "layer_types": kinds}
@@ -100,7 +101,7 @@ def _write_every_layer_type(cfg) -> dict:
 EXAONE4 = Family(
     "exaone4", "Exaone4ForCausalLM",
     (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
-     ROPE, Derived(_read_exaone4_layers, _write_every_layer_type), Fixed("norm_placement", "output"),
+     ROPE, Derived(_read_exaone4_layers, write_every_layer_type), Fixed("norm_placement", "output"),
      Fixed("qk_norm", True), Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False)),
     OLMO2.tensors,
 )
@@ -133,7 +134,7 @@ def _write_olmo3_rope(cfg) -> dict:
 OLMO3 = Family(
     "olmo3", "Olmo3ForCausalLM",
     (*(e for e in OLMO2_CONFIG if e is not ROPE), Derived(_read_olmo3_rope, _write_olmo3_rope),
-     Derived(_read_olmo3_layers, _write_every_layer_type)),
+     Derived(_read_olmo3_layers, write_every_layer_type)),
     OLMO2.tensors,
 )
 

@@ -1,9 +1,10 @@
-"""LayerNorm families with Llama's tensor names: Phi (phi-2), StarCoder2, StableLM and Cohere. Each is
+"""LayerNorm families with Llama's tensor names: Phi (phi-2), StarCoder2, StableLM, Cohere and Cohere2. Each is
 Llama's table with its norms' biases, and what the family changes."""
 
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
     HEAD_DIM,
+    LAYERS,
     LLAMA_TENSORS,
     PLAIN_ACTIVATIONS,
     SHAPE,
@@ -11,8 +12,9 @@ from megatron_llm.checkpoint.families.common import (
     partial_rope,
     without,
 )
+from megatron_llm.checkpoint.families.dense import layer_types_by_pattern, write_every_layer_type
 from megatron_llm.checkpoint.families.gpt import LAYERNORM, WHOLE_ROPE, modules, refused
-from megatron_llm.checkpoint.families.table import Family, Fixed, Key
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 
 LAYERNORM_TENSORS = {
     **LLAMA_TENSORS,
@@ -70,14 +72,35 @@ STABLELM = Family(
 
 # Cohere (Command-R): attention and MLP in parallel from one LayerNorm without bias, RoPE in interleaved
 # pairs, the logits scaled by logit_scale.
+COHERE_CONFIG = (
+    *TIED, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("layer_norm_eps", "norm_eps", default=1e-5),
+    LAYERNORM, Fixed("norm_bias", False), *WHOLE_ROPE, Fixed("rope_interleaved", True), Fixed("parallel_residual", True),
+    Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+    Key("logit_scale", "logit_multiplier", default=0.0625),
+)
 COHERE = Family(
     "cohere", "CohereForCausalLM",
-    (*TIED, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("layer_norm_eps", "norm_eps", default=1e-5),
-     LAYERNORM, Fixed("norm_bias", False), *WHOLE_ROPE, Fixed("rope_interleaved", True), Fixed("parallel_residual", True),
-     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
-     Key("logit_scale", "logit_multiplier", default=0.0625),
+    (*COHERE_CONFIG,
      refused("use_qk_norm", "Cohere's q/k LayerNorm has weights per head; model.qk_norm shares one across heads")),
     LLAMA_TENSORS,
 )
 
-FAMILIES = (PHI, STARCODER2, STABLELM, COHERE)
+
+def _read_cohere2_layers(hf: dict) -> dict:
+    """Cohere2 rotates only in its sliding layers: the full layers, or every layer without a window, have no
+    positions (NoPE). Without the key, Cohere2Config's window of 4096 holds."""
+    hf = {"sliding_window": 4096, **hf}
+    types = layer_types_by_pattern(hf) or []
+    nope = [i for i, kind in enumerate(types) if kind == "full_attention" or not hf.get("sliding_window")]
+    return {**LAYERS.read({**hf, "layer_types": types or None}), "nope_layers": nope}
+
+
+# Cohere2 (Command R7B, Command A): Cohere with sliding layers (RoPE) and full ones (NoPE); its head width is
+# always hidden / heads.
+COHERE2 = Family(
+    "cohere2", "Cohere2ForCausalLM",
+    (*(e for e in COHERE_CONFIG if e is not HEAD_DIM), Derived(_read_cohere2_layers, write_every_layer_type)),
+    LLAMA_TENSORS,
+)
+
+FAMILIES = (PHI, STARCODER2, STABLELM, COHERE, COHERE2)

@@ -5,13 +5,49 @@ from megatron_llm.checkpoint.families.common import (
     LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
+    SHAPE,
     SQRT_HIDDEN_EMBEDDING,
+    also,
     scale_key,
+    shape_defaulting,
     without,
 )
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
+from megatron_llm.errors import UsageError
 
 LLAMA = Family("llama", "LlamaForCausalLM", LLAMA_CONFIG, LLAMA_TENSORS)
+
+# Families transformers builds with its Llama code: only their config defaults (and, for EXAONE 3, the
+# published tensor and key names) differ.
+LLAMA_REST = tuple(e for e in LLAMA_CONFIG if e not in SHAPE)  # Llama's keys past the shape
+
+
+def _same_biases(hf: dict) -> dict:
+    if bool(hf.get("attention_bias", hf.get("qkv_bias"))) != bool(hf.get("mlp_bias", hf.get("bias"))):
+        raise UsageError("internlm3 runs on Llama's code, which needs attention_bias == mlp_bias (qkv_bias == bias)")
+    return {}
+
+
+INTERNLM3 = Family(
+    "internlm3", "LlamaForCausalLM",
+    (*shape_defaulting(head_dim=128, kv_heads=2), *also(LLAMA_REST, attention_bias="qkv_bias", mlp_bias="bias"),
+     Derived(_same_biases, lambda cfg: {})),
+    LLAMA_TENSORS,
+)
+IQUESTCODER = Family("iquestcoder", "LlamaForCausalLM", (*shape_defaulting(head_dim=128, kv_heads=8), *LLAMA_REST), LLAMA_TENSORS)
+EXAONE = Family(
+    "exaone", "LlamaForCausalLM",
+    also(LLAMA_CONFIG, num_hidden_layers="num_layers", rms_norm_eps="layer_norm_epsilon", hidden_act="activation_function"),
+    {"transformer.wte.weight": "tok_embeddings.weight",
+     "transformer.h.{i}.ln_1.weight": "layers.{i}.attention_norm.weight",
+     **{f"transformer.h.{{i}}.attn.attention.{theirs}.{kind}": f"layers.{{i}}.attention.{ours}.{kind}"
+        for theirs, ours in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("out_proj", "wo")) for kind in ("weight", "bias")},
+     "transformer.h.{i}.ln_2.weight": "layers.{i}.ffn_norm.weight",
+     **{f"transformer.h.{{i}}.mlp.{theirs}.{kind}": f"layers.{{i}}.feed_forward.{ours}.{kind}"
+        for theirs, ours in (("c_fc_0", "w1"), ("c_fc_1", "w3"), ("c_proj", "w2")) for kind in ("weight", "bias")},
+     "transformer.ln_f.weight": "norm.weight",
+     "lm_head.weight": "output.weight"},
+)
 
 # Llama has no sliding windows; these families add them (LAYERS: a window on all layers or a pattern).
 MISTRAL = Family(
@@ -83,6 +119,11 @@ GEMMA2_CONFIG = (
     Key("final_logit_softcapping", "logit_softcap", default=None),
 )
 GEMMA2 = Family("gemma2", "Gemma2ForCausalLM", GEMMA2_CONFIG, SANDWICH_TENSORS)
+# VaultGemma: Gemma2 without the norms after each sublayer (plain pre-norm).
+VAULTGEMMA = Family(
+    "vaultgemma", "VaultGemmaForCausalLM", without(GEMMA2_CONFIG, "norm_placement"),
+    {k: v for k, v in SANDWICH_TENSORS.items() if "post_" not in k},
+)
 GEMMA3 = Family("gemma3_text", "Gemma3ForCausalLM", (*GEMMA2_CONFIG, Fixed("qk_norm", True)), SANDWICH_TENSORS)
 
 # OLMo: a parameter-free LayerNorm, optional q/k/v clipping. OLMo2: RMSNorm on each sublayer's output
@@ -102,4 +143,4 @@ OLMO2 = Family(
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
 )
 
-FAMILIES = (LLAMA, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA, GEMMA2, GEMMA3, OLMO, OLMO2)
+FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, VAULTGEMMA, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA, GEMMA2, GEMMA3, OLMO, OLMO2)
