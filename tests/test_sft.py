@@ -28,6 +28,7 @@ from megatron_llm.data.preprocess import preprocess
 from megatron_llm.data.synthetic_chat import conversations
 from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.model import build_model
+from megatron_llm.model.attention_kernels import KeyMask, ScoreRules, alibi_slopes, attend, document_chunks, masked_attend
 from megatron_llm.parallel.pipeline import document_inputs
 from megatron_llm.training.loss import micro_batch_loss
 from test_parallel import check_chain, workers  # noqa: F401 (workers: the module's pool of ranks, a fixture)
@@ -194,6 +195,26 @@ def test_document_mask_equals_pretraining_documents_run_alone():
     for start, end in ((0, 4), (4, 7), (7, 12)):
         alone = model(batch["tokens"][:, start:end], batch["labels"][:, start:end])
         torch.testing.assert_close(masked[:, start:end], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rules", [ScoreRules(), ScoreRules(window=17, alibi=True), ScoreRules(softcap=5.0)], ids=str)
+def test_attention_by_document_equals_the_dense_document_mask(rules):
+    """On CPU a document mask runs document by document (tiny ones grouped under the mask); outputs and
+    gradients equal the dense mask's (1e-5), for every score rule, grouped-query heads and padding rows."""
+    lengths = [[5, 3, 150, 20, 30, 92], [300], [1] * 40 + [259, 1]]  # the last: 40 tiny, one long, a pad document
+    documents = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    keys = KeyMask(documents=documents)
+    assert document_chunks(keys) == [[(8, True), (150, False), (142, True)], [(300, False)], [(40, True), (259, False), (1, False)]]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, h, 300, 16, requires_grad=True) for h in (4, 2, 2))
+    slopes = alibi_slopes(4)
+    outputs = [fn(q, k, v, rules, 0.25, slopes, keys) for fn in (attend, masked_attend)]
+    grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in outputs]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for ours, dense in zip(*grads):
+        torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+    # Ids that come back to an earlier document are not spans: the dense mask decides.
+    assert document_chunks(KeyMask(documents=torch.tensor([[0, 0, 1, 0]]))) is None
 
 
 def test_best_fit_packs_a_mixed_length_set_tightly():

@@ -7,6 +7,9 @@ the dense form is what CPU kernels use, the test oracle, and what a probe of the
 Kernel choice (`attend`), from cheapest to most general:
   - plain causal: SDPA with is_causal (FlashAttention on GPU);
   - masked or modified (window, ALiBi, soft-cap) on CUDA: FlexAttention, compiled once;
+  - document masks alone elsewhere: each document on its own, without the mask (every rule is relative
+    to the query, so a document alone sees what the mask lets it see), costing sum(L_i^2), not L^2;
+    short documents grouped under the mask (`document_chunks`);
   - elsewhere, additive rules only (window, ALiBi): SDPA with the dense mask or bias;
   - elsewhere with a soft-cap (not additive): eager math (torch 2.13 has no FlexAttention backward on CPU).
 """
@@ -153,11 +156,66 @@ def attend(
         return F.scaled_dot_product_attention(q, k, v, is_causal=s_q > 1, scale=scale, enable_gqa=gqa)
     if q.is_cuda:
         return flex_attention(q, k, v, rules, scale, slopes, keys=keys)
+    chunks = document_chunks(keys) if s_q == s_kv else None
+    if chunks is not None:
+        return attend_by_document(q, k, v, rules, scale, slopes, keys.documents, chunks)
+    return masked_attend(q, k, v, rules, scale, slopes, keys)
+
+
+def masked_attend(q, k, v, rules: ScoreRules, scale: float, slopes=None, keys: KeyMask = NO_MASK) -> torch.Tensor:
+    """`attend` off CUDA with the dense mask: SDPA with it as a bias (additive rules), else eager math."""
     if rules.softcap is None:
-        bias = dense_bias(rules, slopes, s_q, s_kv, q.device, keys).to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=gqa)
+        bias = dense_bias(rules, slopes, q.shape[2], k.shape[2], q.device, keys).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     probs = attention_probs(q, k, rules, scale, slopes, keys).to(v.dtype)
     return torch.matmul(probs, v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))
+
+
+def attend_by_document(q, k, v, rules: ScoreRules, scale: float, slopes, documents: torch.Tensor,
+                       chunks: list[list[tuple[int, bool]]]) -> torch.Tensor:
+    """`attend` under a document mask, chunk by chunk of `document_chunks`: CPU SDPA with a mask cannot skip
+    masked blocks; this never computes them. The splits are views and the concatenations route each
+    chunk's gradient back into place."""
+    rows = []
+    for i, row in enumerate(chunks):
+        lengths = [n for n, _ in row]
+        views = (t[i : i + 1].split(lengths, dim=2) for t in (q, k, v))  # [1, heads, n, d] each
+        parts = zip(row, *views, documents[i : i + 1].split(lengths, dim=1))
+        rows.append(torch.cat([
+            masked_attend(qc, kc, vc, rules, scale, slopes, KeyMask(documents=dc)) if several
+            else attend(qc, kc, vc, rules, scale, slopes)  # one document: plain causal within it
+            for (_, several), qc, kc, vc, dc in parts
+        ], dim=2))
+    return torch.cat(rows)  # [b, heads, s, d]
+
+
+SHORT_DOCUMENTS = 128  # consecutive documents shorter than this share one masked call, up to this many tokens
+
+
+def document_chunks(keys: KeyMask) -> Optional[list[list[tuple[int, bool]]]]:
+    """Each row cut at document boundaries into chunks (length, holds several documents), when document
+    masks are the only masking and each document is one contiguous run of its row (ids never decrease
+    along it, as packing and document_layout number them); otherwise None and the dense mask decides.
+    A document of SHORT_DOCUMENTS tokens or more is a chunk of its own; shorter ones are grouped while
+    their chunk is short, so many tiny documents cost a few kernel calls (each under 2 x SHORT_DOCUMENTS
+    tokens), not one each."""
+    documents = keys.documents
+    if documents is None or keys.valid is not None or keys.query_end is not None:
+        return None
+    if torch.compiler.is_compiling():  # lengths read on the host would recompile the graph for every batch
+        return None
+    if (documents[:, 1:] < documents[:, :-1]).any():
+        return None
+    rows = []
+    for row in documents:
+        chunks: list[tuple[int, bool]] = []
+        for n in torch.unique_consecutive(row, return_counts=True)[1].tolist():
+            if n < SHORT_DOCUMENTS and chunks and chunks[-1][0] < SHORT_DOCUMENTS:
+                chunks[-1] = (chunks[-1][0] + n, True)
+            else:
+                chunks.append((n, False))
+        rows.append(chunks)
+    return rows
 
 
 @functools.cache
