@@ -1,4 +1,4 @@
-"""The families transformers does not ship (Baichuan2, InternLM2), against their published equations.
+"""The families transformers does not ship (Baichuan v1 and 2, InternLM2), against their published equations.
 
 Each test writes a tiny random checkpoint in the published layout (config.json keys and tensor names of
 the trust_remote_code models, safetensors), loads it with `megatron_llm.load_model` and compares the
@@ -26,24 +26,27 @@ from megatron_llm.errors import UsageError
 VOCAB, SEQ = 101, 24
 BAICHUAN_7B = dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", vocab_size=VOCAB, hidden_size=64,
                    intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, hidden_act="silu",
-                   max_position_embeddings=64, model_max_length=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+                   max_position_embeddings=64, model_max_length=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                   z_loss_weight=0)  # Baichuan2's config class always writes it: the NormHead's mark
 # The 13B's config.json has no max_position_embeddings; its shape is what marks it (made tiny below).
 BAICHUAN_13B = {**{k: v for k, v in BAICHUAN_7B.items() if k != "max_position_embeddings"}, "num_hidden_layers": 3}
+# Baichuan-7B (v1): its own class name, no model_max_length, no NormHead (no z_loss_weight).
+BAICHUAN1_7B = {**{k: v for k, v in BAICHUAN_7B.items() if k not in ("model_max_length", "z_loss_weight")},
+                "architectures": ["BaiChuanForCausalLM"]}
 INTERNLM2 = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=VOCAB, hidden_size=64,
                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, bias=True,
                  hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1000000,
                  rope_scaling={"type": "linear", "factor": 2.0}, tie_word_embeddings=False)
-CASES = {"baichuan_7b": BAICHUAN_7B, "baichuan_13b": BAICHUAN_13B, "internlm2": INTERNLM2}
+CASES = {"baichuan_7b": BAICHUAN_7B, "baichuan_13b": BAICHUAN_13B, "baichuan1_7b": BAICHUAN1_7B, "internlm2": INTERNLM2}
 
-# Tensor names of each published layout ({i} is the layer), how its fused q/k/v rows are ordered, and
-# whether its head is a NormHead.
+# Tensor names of each published layout ({i} is the layer) and how its fused q/k/v rows are ordered.
 LAYOUTS = {
     "baichuan": dict(embed="model.embed_tokens", attn_norm="input_layernorm", qkv="self_attn.W_pack",
                      out="self_attn.o_proj", ffn_norm="post_attention_layernorm", gate="mlp.gate_proj",
-                     up="mlp.up_proj", down="mlp.down_proj", head="lm_head", split="concat", norm_head=True),
+                     up="mlp.up_proj", down="mlp.down_proj", head="lm_head", split="concat"),
     "internlm2": dict(embed="model.tok_embeddings", attn_norm="attention_norm", qkv="attention.wqkv",
                       out="attention.wo", ffn_norm="ffn_norm", gate="feed_forward.w1", up="feed_forward.w3",
-                      down="feed_forward.w2", head="output", split="groups", norm_head=False),
+                      down="feed_forward.w2", head="output", split="groups"),
 }
 
 
@@ -139,7 +142,7 @@ def reference_logits(c: dict, w: dict, tokens: torch.Tensor, alibi: bool) -> tor
         x = norm(h, "ffn_norm")
         h = h + linear(F.silu(linear(x, "gate")) * linear(x, "up"), "down")
     head = w[f"{n['head']}.weight"]
-    head = F.normalize(head, dim=-1) if n["norm_head"] else head  # Baichuan2's NormHead: unit rows
+    head = F.normalize(head, dim=-1) if "z_loss_weight" in c else head  # Baichuan2's NormHead: unit rows
     return rms_norm(h, w["model.norm.weight"], eps) @ head.T
 
 
@@ -184,6 +187,19 @@ def test_published_13b_shape_uses_alibi():
     base_13b = dict(common, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40)
     assert model_config_from_hf(base_13b).position == "alibi" and model_config_from_hf(base_7b).position == "rope"
     assert model_config_from_hf(base_13b).norm_head
+
+
+def test_baichuan_version_from_the_config():
+    """Baichuan-13B (v1, as published: 64000 tokens, no z_loss_weight) has ALiBi and a plain head; a config
+    with neither mark is refused in one line, and so is one with both."""
+    base_13b = dict(architectures=["BaichuanForCausalLM"], model_type="baichuan", vocab_size=64000, hidden_act="silu",
+                    hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40,
+                    model_max_length=4096, rms_norm_eps=1e-6)
+    cfg = model_config_from_hf(base_13b)
+    assert cfg.position == "alibi" and not cfg.norm_head
+    for config in ({**base_13b, "vocab_size": 65000}, {**base_13b, "z_loss_weight": 0}):
+        with pytest.raises(UsageError, match="^config.json cannot tell Baichuan .plain head. from Baichuan2"):
+            model_config_from_hf(config)
 
 
 def test_internlm2_dynamic_rope_is_refused():

@@ -1,5 +1,5 @@
 """Families transformers does not ship, read and written in the layout of their published checkpoints
-(config.json and tensor names of the trust_remote_code models): Baichuan2 and InternLM2. Their
+(config.json and tensor names of the trust_remote_code models): Baichuan (v1 and 2) and InternLM2. Their
 modeling code predates rope_parameters, so RoPE is written as rope_theta / rope_scaling, and it derives
 head_dim from hidden_size, so a model whose heads do not fill the width is refused on export."""
 
@@ -20,25 +20,47 @@ REMOTE_CONFIG = (
     Key("rms_norm_eps", "norm_eps", default=1e-6),
 )
 
-# Baichuan2: one model_type and architecture for two modeling files; the 13B's uses ALiBi where the 7B's
-# rotates (RoPE, base 10000). A config.json tells them apart only by its shape: these are the published 13B's.
+# Baichuan and Baichuan2 share model_type "baichuan" and four modeling files: the 13B's use ALiBi where the
+# 7B's rotate (RoPE, base 10000), and only Baichuan2 normalises its head (NormHead). A config.json tells the
+# sizes apart only by its shape (these are the published 13B's) or by Baichuan-7B's own architecture name.
 BAICHUAN_ALIBI_SHAPES = [{"hidden_size": 5120, "num_hidden_layers": 40}]
+BAICHUAN1_7B = "BaiChuanForCausalLM"  # Baichuan-7B (v1) spells its class so; every other one BaichuanForCausalLM
+# Vocabulary sizes of the published checkpoints: Baichuan 64000, Baichuan2 125696.
+BAICHUAN1_VOCAB, BAICHUAN2_VOCAB = 64000, 125696
 
 
 def _read_baichuan_position(hf: dict) -> dict:
     alibi = any(all(hf.get(key) == value for key, value in shape.items()) for shape in BAICHUAN_ALIBI_SHAPES)
-    return dict(position="alibi" if alibi else "rope")
+    return dict(position="alibi" if alibi and hf.get("architectures") != [BAICHUAN1_7B] else "rope")
 
 
-BAICHUAN2 = Family(
+def _read_baichuan_version(hf: dict) -> dict:
+    """Baichuan2 (NormHead): its config class always writes z_loss_weight, and its vocabulary is 125696.
+    Baichuan (v1, a plain head): neither, and Baichuan-7B's class name or the 64000 vocabulary say so."""
+    v2 = "z_loss_weight" in hf or hf.get("vocab_size") == BAICHUAN2_VOCAB
+    v1 = hf.get("architectures") == [BAICHUAN1_7B] or hf.get("vocab_size") == BAICHUAN1_VOCAB
+    if v1 == v2:
+        raise UsageError(f"config.json cannot tell Baichuan (plain head) from Baichuan2 (NormHead): add \"z_loss_weight\": 0 "
+                         f"for Baichuan2, or \"architectures\": [\"{BAICHUAN1_7B}\"] for Baichuan-7B")
+    return dict(norm_head=v2)
+
+
+def _write_baichuan_version(cfg) -> dict:
+    if cfg.norm_head:
+        return {"z_loss_weight": 0}
+    return {"architectures": [BAICHUAN1_7B if cfg.position == "rope" else "BaichuanForCausalLM"]}
+
+
+BAICHUAN = Family(
     "baichuan", "BaichuanForCausalLM",
     (*REMOTE_CONFIG,
      Derived(lambda hf: dict(num_kv_heads=hf["num_attention_heads"]), lambda cfg: {}),  # no grouped-query attention
-     # model_max_length sizes both the ALiBi mask (13B) and the RoPE cache (7B, which reads max_position_embeddings).
-     Derived(lambda hf: dict(max_seq_len=hf["model_max_length"]),
+     # model_max_length sizes both the ALiBi mask (13B) and the RoPE cache (7B, which reads max_position_embeddings;
+     # Baichuan-7B has only that).
+     Derived(lambda hf: dict(max_seq_len=hf.get("model_max_length") or hf["max_position_embeddings"]),
              lambda cfg: {"model_max_length": cfg.max_seq_len, "max_position_embeddings": cfg.max_seq_len}),
      Derived(_read_baichuan_position, lambda cfg: {}), Fixed("rope_theta", 10000.0),
-     Fixed("norm_head", True), Fixed("tie_embeddings", False),
+     Derived(_read_baichuan_version, _write_baichuan_version), Fixed("tie_embeddings", False),
      Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False)),
     {
         "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -92,4 +114,4 @@ INTERNLM2 = Family(
     },
 )
 
-FAMILIES = (BAICHUAN2, INTERNLM2)
+FAMILIES = (BAICHUAN, INTERNLM2)
