@@ -59,10 +59,11 @@ class ParallelConfig:
             )
         if tp > 1 and model.attention == "mla":
             raise UsageError("model.attention mla has no tensor-parallel plan: use parallel.tp 1 (ep, pp and dp work)")
-        if self.pp > 1 and model.moe_experts and (model.moe_aux_loss_coeff or model.moe_z_loss_coeff):
+        router_losses = model.moe_aux_loss_coeff or model.moe_z_loss_coeff
+        if self.pp > 1 and model.moe_experts and router_losses and model.moe_aux_loss_scope == "model":
             raise UsageError(
-                "model.moe_aux_loss_coeff and model.moe_z_loss_coeff take the routers of every layer in one loss, "
-                "which parallel.pp splits: set them 0 (model.moe_expert_bias balances without a loss) or use pp 1"
+                "model.moe_aux_loss_scope model takes the routers of every layer in one loss, which parallel.pp "
+                "splits: set model.moe_aux_loss_scope layer (Megatron's per-layer losses) or use pp 1"
             )
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")

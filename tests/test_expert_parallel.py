@@ -1,9 +1,9 @@
 """Expert parallelism against one process, through the real entry point: one chain of multi-process runs,
 each resuming from the checkpoint of the one before at another layout, reproduces a single-process run
-step for step (losses, per-channel sums, validation losses, parameters), with the tolerances of
-test_parallel.py. Layouts: ep 2 over dp 2 with FSDP2 (the experts in no data-parallel unit), ep 2 x tp 2
-with sequence parallelism and DDP, ep 2 x pp 2, ep 2 over dp 4 with FSDP2 (experts sharded over the two
-ranks holding the same ones), then ep 1: a checkpoint written at ep 2 resumes at ep 1.
+step for step (losses, per-channel sums, validation losses, logged router losses, parameters), with the
+tolerances of test_parallel.py. Layouts: ep 2 over dp 2 with FSDP2 (the experts in no data-parallel unit),
+ep 2 x tp 2 with sequence parallelism and DDP, ep 2 x pp 2, ep 2 over dp 4 with FSDP2 (experts sharded over
+the two ranks holding the same ones), then tp 2 x pp 2 at ep 1: a checkpoint written at ep 2 resumes at ep 1.
 """
 
 from __future__ import annotations
@@ -14,20 +14,22 @@ from conftest import ROOT
 from megatron_llm.config import load_config
 from megatron_llm.errors import UsageError
 from megatron_llm.parallel.dims import check_layout
-from test_parallel import check_chain, overrides
+from test_parallel import LOSS_RTOL, check_chain, overrides
 
 # A MoE model whose every option that crosses ranks is on: a dense first layer, shared experts with a
-# gate, the expert bias moved by the global load after each step. No router losses: their products of
-# means over a micro-batch differ between one rank's tokens and the whole batch's.
+# gate, the expert bias moved by the global load after each step, and both router losses per layer (so
+# they work across pipeline stages) with f over the global micro-batch (so a data-parallel rank's loss
+# averages to that of the whole micro-batch, which the single process routes at once).
 MOE = dict(model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=32, model__moe_dense_layers="[0]",
            model__moe_shared_ffn_hidden_size=32, model__moe_shared_gate=True, model__moe_expert_bias=True,
-           model__moe_bias_update_rate=0.01)
+           model__moe_bias_update_rate=0.01, model__moe_aux_loss_coeff=0.1, model__moe_z_loss_coeff=0.01,
+           model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True)
 EP_CHAIN = [
     ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__ep=2)),
     ("tp2-dp2-ep2-sp-ddp", 2, 1, 2, dict(parallel__ep=2, parallel__sp=True, parallel__data_parallel="ddp")),
     ("pp2-dp2-ep2", 1, 2, 2, dict(parallel__ep=2)),
     ("dp4-ep2-fsdp", 1, 1, 4, dict(parallel__ep=2)),
-    ("tp2-ep1", 2, 1, 1, {}),
+    ("tp2-pp2-ep1", 2, 2, 1, {}),
 ]
 
 
@@ -41,7 +43,11 @@ def workers():
 
 
 def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path):
-    check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN)
+    ref, runs = check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN)
+    for name, got in runs.items():  # the logged means over layers, micro-batches and ranks
+        for step, logged in got.router_losses.items():
+            assert logged.keys() == {"moe_aux_loss", "moe_z_loss"}, (name, step)
+            assert logged == pytest.approx(ref.router_losses[step], rel=LOSS_RTOL), (name, step)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -168,10 +168,57 @@ def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_p
     assert tool("plot_experts").main([str(tmp_path / "tb"), "--output", str(picture), "--run", "nope"]) == 2
 
 
-def test_router_losses_refuse_a_pipeline_before_any_process_group(tiny_config, tmp_path):
-    with pytest.raises(UsageError, match=r"model\.moe_aux_loss_coeff .* parallel\.pp"):
-        tiny_config(tmp_path, model__moe_experts=4, model__moe_aux_loss_coeff=0.01, parallel__pp=2,
-                    training__grad_accum_steps=2)
+def test_model_scope_router_losses_refuse_a_pipeline_before_any_process_group(tiny_config, tmp_path):
+    settings = dict(model__moe_experts=4, model__moe_aux_loss_coeff=0.01, parallel__pp=2, training__grad_accum_steps=2)
+    with pytest.raises(UsageError, match=r"model\.moe_aux_loss_scope model .* parallel\.pp splits: set model\.moe_aux_loss_scope layer"):
+        tiny_config(tmp_path, **settings)
+    assert tiny_config(tmp_path, model__moe_aux_loss_scope="layer", **settings).parallel.pp == 2
+
+
+def megatron_router_losses(logits: torch.Tensor, top_k: int, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's load-balancing and z-loss from its router logits [T, E], as Megatron-core's
+    switch_load_balancing_loss_func and z_loss_func write them: E / (k T^2) * sum_e probs_e * tokens_e and
+    mean(logsumexp^2); a sigmoid router balances its scores normalised per token."""
+    scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+    probs = scores if score == "softmax" else scores / scores.sum(-1, keepdim=True)
+    t, e = logits.shape
+    tokens_per_expert = F.one_hot(scores.topk(top_k, dim=-1).indices, e).sum((0, 1)).float()
+    aux = (probs.sum(0) * tokens_per_expert).sum() * e / (top_k * t * t)
+    return aux, torch.logsumexp(logits, -1).square().mean()
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_layer_scope_loss_gradient_equals_autograd_of_the_per_layer_formula(score):
+    """model.moe_aux_loss_scope layer: the gradient each layer's losses send back through its output (no loss
+    added to the step's) equals autograd of cross-entropy + sum over layers of coeff x Megatron's formula,
+    per micro-batch averaged; the logged values are those losses' means over layers and micro-batches."""
+    cfg = moe_cfg(moe_score=score, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, moe_aux_loss_scope="layer")
+    x = torch.randint(0, 101, (2, 4, 16), generator=torch.Generator().manual_seed(0))  # 2 micro-batches
+    ours, ref = build_model(cfg, "cpu", seed=0), build_model(cfg, "cpu", seed=0)
+    routers = router_collector(ours)
+    routers.start_step(ParallelDims(1, 0, 1, 1, 1), micro_batches=2)
+    for mb in x:
+        (ours(mb, labels=mb).mean() / 2).backward()  # the model's own test loss: cross-entropy only
+    logged = routers.finish_step(ours, ParallelDims(1, 0, 1, 1, 1), 2, updated=True)
+
+    logits = []
+    for block in ref.layers.values():
+        block.feed_forward.router.register_forward_hook(lambda m, args, out: logits.append(out[2]))
+    values = []
+    for mb in x:
+        loss = ref(mb, labels=mb).mean()
+        for layer_logits in logits:
+            aux, z = megatron_router_losses(layer_logits, cfg.moe_top_k, score)
+            loss = loss + cfg.moe_aux_loss_coeff * aux + cfg.moe_z_loss_coeff * z
+            values.append(torch.stack([aux, z]).detach())
+        (loss / 2).backward()
+        logits.clear()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert ours.layers["0"].feed_forward.router.weight.grad.abs().max() > 0
+    mean = torch.stack(values).mean(0)
+    assert logged["moe_aux_loss"] == pytest.approx(mean[0].item(), rel=1e-6)
+    assert logged["moe_z_loss"] == pytest.approx(mean[1].item(), rel=1e-6)
 
 
 def test_latent_attention_model_builds_counts_and_trains():
@@ -201,10 +248,11 @@ def test_latent_attention_refuses_tensor_parallelism_before_any_process_group(ti
                     model__mla_v_head_dim=8, parallel__tp=2)
 
 
-def test_compiled_blocks_train_the_moe_as_eager_ones():
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_compiled_blocks_train_the_moe_as_eager_ones(scope):
     """training.compile: the grouped matmul runs eagerly inside the compiled block in fp32 (torch's shape
     kernel for it takes bf16 only), the router statistics still reach the step."""
-    cfg = moe_cfg(moe_aux_loss_coeff=0.01)
+    cfg = moe_cfg(moe_aux_loss_coeff=0.01, moe_aux_loss_scope=scope)
     x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
     runs = []
@@ -220,10 +268,12 @@ def test_compiled_blocks_train_the_moe_as_eager_ones():
         assert compiled.moe == pytest.approx(eager.moe, rel=1e-5)
 
 
-def test_recomputed_blocks_give_the_same_router_losses_and_updates():
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_recomputed_blocks_give_the_same_router_losses_and_updates(scope):
     """training.activation_checkpointing full: a block's forward runs again in the backward; the router losses
-    still reach the gradients and the recomputation is not counted in the expert load."""
-    cfg = moe_cfg(moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+    still reach the gradients (layer scope: through the first forward's graph, nothing saved for them) and the
+    recomputation is not counted in the expert load."""
+    cfg = moe_cfg(moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, moe_aux_loss_scope=scope)
     x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
     runs = []

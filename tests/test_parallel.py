@@ -93,13 +93,14 @@ def single_process(corpus, run_dir, steps: int, model: dict):
 
 
 def check_chain(workers, corpus, tmp_path, model: dict, chain: list):
+    """Returns the single process's result and each run's, by name, for checks of their own."""
     ref_dir = tmp_path / "one-process"
     ref = single_process(corpus, ref_dir, 2 * len(chain), model)
-    resume = None
+    resume, runs = None, {}
     for i, (name, tp, pp, dp, extra) in enumerate(chain):
         start, end = 2 * i, 2 * i + 2
         layout = dict(parallel__tp=tp, parallel__pp=pp, checkpoint__resume=resume, **model, **extra)
-        got = workers.run(tp * pp * dp, overrides(corpus, tmp_path / name, end, dp, **layout), tmp_path / name)
+        got = runs[name] = workers.run(tp * pp * dp, overrides(corpus, tmp_path / name, end, dp, **layout), tmp_path / name)
         assert sorted(got.losses) == list(range(start, end)), name
         for step in got.losses:
             assert got.losses[step] == pytest.approx(ref.losses[step], rel=LOSS_RTOL), (name, step)
@@ -113,6 +114,7 @@ def check_chain(workers, corpus, tmp_path, model: dict, chain: list):
         expected = megatron_llm.load_model(str(ref_dir / "ckpt" / f"step_{end:07d}"))
         for (key, value), ref_value in zip(trained.state_dict().items(), expected.state_dict().values()):
             torch.testing.assert_close(value, ref_value, rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"{name} {key}: {m}")
+    return ref, runs
 
 
 def test_tied_chain_matches_one_process(workers, corpus_dir, tmp_path):

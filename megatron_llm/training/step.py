@@ -67,14 +67,15 @@ def train_step(
     model.train()
     routers = router_collector(model)  # None without MoE layers
     if routers is not None:
-        routers.reset()
+        routers.start_step(dims, len(micro_batches))
 
     def loss_fn(logits, mb):
         if objective is not None:
             loss, token_ce = objective(logits, mb, per_rank_tokens)
         else:
             loss, token_ce = micro_batch_loss(logits, mb["labels"], mb["loss_mask"], z_loss, per_rank_tokens)
-        # Under a pipeline the last stage sees only its own layers' routers (router losses refuse pp > 1).
+        # Model-scope router losses (training/moe_loss.py): under a pipeline the last stage sees only its own
+        # layers' routers (the config refuses that scope with pp > 1); layer-scope ones are attached per layer.
         router_loss = routers.take_loss() if routers is not None and not isinstance(model, PipelineModel) else None
         if router_loss is not None:  # a mean over the micro-batches (and, by the gradient average, over dp)
             loss = loss + router_loss / len(micro_batches)

@@ -50,6 +50,7 @@ class TrainResult:
     channels: dict[int, ChannelTotals] = field(default_factory=dict)  # step -> channel -> (loss sum, tokens)
     rates: dict[int, dict[str, ChannelTotals]] = field(default_factory=dict)  # step -> reward accuracy, margin sums
     val_channel_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> channel name -> loss
+    router_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> moe_aux_loss, moe_z_loss
     skipped_steps: int = 0
     final_step: int = 0
     stopped: str | None = None  # the signal that ended this call early, after a checkpoint
@@ -239,6 +240,7 @@ class Trainer:
         result.losses[self.step] = out.loss
         result.channels[self.step] = out.channels
         result.rates[self.step] = out.rates
+        result.router_losses[self.step] = {k: v for k, v in out.moe.items() if k in ("moe_aux_loss", "moe_z_loss")}
         if not out.skipped:
             self.bad_in_a_row = 0
             return
