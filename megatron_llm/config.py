@@ -67,13 +67,6 @@ class ParallelConfig:
             )
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
-        if tp > 1 and model.qk_norm and not model.qk_norm_per_head:
-            raise UsageError("model.qk_norm_per_head false normalises across all heads, which parallel.tp splits: use tp 1")
-        if self.sp and (model.position in ("learned", "sinusoidal") or model.embedding_norm):
-            raise UsageError(
-                f"parallel.sp: absolute positions (model.position {model.position}) and model.embedding_norm act on "
-                "the whole sequence before it is sharded; set parallel.sp false"
-            )
         if self.stage_layers is not None:
             if len(self.stage_layers) != stages or sum(self.stage_layers) != model.num_layers:
                 raise UsageError(

@@ -75,6 +75,27 @@ UNTIED_CHAIN = [
         training__activation_checkpointing="full")),
 ]
 
+# The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
+# with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
+# learned positions and an embedding norm, at tp x FSDP; the original transformer's post-norm with sinusoidal
+# positions and weightless LayerNorms; DeepNet's scaled residual and init with LayerNorm biases and squared ReLU.
+PLACEMENTS = {
+    "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
+                    model__position="learned", model__embedding_norm=True, model__mlp="relu2"), [
+        ("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="fsdp")),
+        ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
+    ]),
+    "post": (dict(model__norm_placement="post", model__position="sinusoidal", model__norm="layernorm",
+                  model__norm_affine=False, model__mlp="gelu"), [
+        ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
+    ]),
+    "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
+                      model__mlp="relu2"), [
+        ("pp2-dp2-interleaved-1f1b-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
+                                                       parallel__data_parallel="ddp")),
+    ]),
+}
+
 
 @pytest.fixture(scope="module")
 def workers():
@@ -123,6 +144,11 @@ def test_tied_chain_matches_one_process(workers, corpus_dir, tmp_path):
 
 def test_untied_chain_matches_one_process(workers, corpus_dir, tmp_path):
     check_chain(workers, corpus_dir, tmp_path, UNTIED, UNTIED_CHAIN)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_norm_placements_match_one_process(workers, corpus_dir, tmp_path, placement):
+    check_chain(workers, corpus_dir, tmp_path, *PLACEMENTS[placement])
 
 
 # ---------------------------------------------------------------------------------------------

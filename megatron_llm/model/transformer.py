@@ -85,7 +85,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        # Absolute positions, learned or fixed, fill one slot: the tensor-parallel plan shards either alike.
+        table = {"learned": nn.Embedding, "sinusoidal": SinusoidalPositions}.get(cfg.position)
+        self.pos_embeddings = table(cfg.max_seq_len, cfg.hidden_size) if table else None
         self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
         # Post-residual blocks end in a norm already; every other topology needs a final one.
@@ -98,8 +100,6 @@ class Transformer(nn.Module):
         for name in sorted(tables):
             for part in ("cos", "sin"):
                 self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.rope_dim // 2), persistent=False)
-        sinusoid = torch.empty(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "sinusoidal" else None
-        self.register_buffer("pos_table", sinusoid, persistent=False)
 
     def tie_weights(self) -> None:
         """Makes output.weight the very Parameter of tok_embeddings.weight (when tied and both exist).
@@ -168,8 +168,8 @@ class Transformer(nn.Module):
                 cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, theta, scaling, cos_buffer.device)
                 cos_buffer.copy_(cos)
                 getattr(self, _rope_buffer(name, "sin")).copy_(sin)
-        if self.pos_table is not None:
-            self.pos_table.copy_(sinusoid_table(cfg.max_seq_len, cfg.hidden_size))
+        if isinstance(self.pos_embeddings, SinusoidalPositions):
+            self.pos_embeddings.table.copy_(sinusoid_table(cfg.max_seq_len, cfg.hidden_size))
 
     def attention_context(self, positions: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
                           cache: Optional[KVCache] = None) -> AttentionContext:
@@ -186,12 +186,9 @@ class Transformer(nn.Module):
             h = self.tok_embeddings(tokens)  # [b, s, hidden]; through the module, where tp hooks in
         if self.cfg.embedding_multiplier != 1.0:
             h = h * self.cfg.embedding_multiplier
-        if positions is None and (self.pos_embeddings is not None or self.pos_table is not None):
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
         if self.pos_embeddings is not None:
-            h = h + self.pos_embeddings(positions)
-        if self.pos_table is not None:
-            h = h + self.pos_table[positions].to(h.dtype)
+            positions = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
+            h = h + self.pos_embeddings(positions).to(h.dtype)
         return h if self.embedding_norm is None else self.embedding_norm(h)
 
     def forward(
@@ -250,6 +247,18 @@ class NormHead(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, F.normalize(self.weight, dim=-1), self.bias)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed absolute positions: a lookup into sinusoid_table, a buffer derived from the config (no parameters,
+    kept out of checkpoints; filled by init_buffers)."""
+
+    def __init__(self, max_seq_len: int, dim: int):
+        super().__init__()
+        self.register_buffer("table", torch.empty(max_seq_len, dim), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return F.embedding(positions, self.table)  # [..., dim]; a lookup DTensor shards like the learned one
 
 
 def sinusoid_table(max_seq_len: int, dim: int) -> torch.Tensor:

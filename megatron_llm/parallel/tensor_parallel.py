@@ -22,9 +22,10 @@ import math
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     PrepareModuleInputOutput,
     RowwiseParallel,
@@ -64,20 +65,64 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
                 output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True,
             )
     # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
-    # sharded makes its weight a replicated DTensor whose gradient is summed over tp.
-    plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
-    return {name: style for name, style in plan.items() if _has_params(block, name)}
+    # sharded makes its weight a replicated DTensor whose gradient is summed over tp. A norm over the whole
+    # projection (OLMo2) needs every head's statistic: see ProjectionNorm.
+    per_head = getattr(block.attention, "qk_norm_per_head", True)
+    for name in ("attention.q_norm", "attention.k_norm"):
+        plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True) if per_head else ProjectionNorm()
+    return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, ProjectionNorm))}
 
 
-def _has_params(block: nn.Module, name: str) -> bool:
+class ProjectionNorm(ParallelStyle):
+    """A norm over a whole column-parallel projection (OLMo2's QK-norm over [b, s, heads * d]): this rank's
+    [b, s, heads/tp * d] is the Shard(-1) of it, and the weight (and bias) are sharded like the heads. The
+    norm then runs on DTensors, which reduce its statistics (RMSNorm's mean of squares, LayerNorm's mean
+    and variance) over tp; the result goes back to this rank's plain slice."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, _shard_rows, _as_last_dim_shard, _last_dim_shard_local)
+
+
+def _shard_rows(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    for key, param in list(module.named_parameters(recurse=False)):
+        module.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+
+def _as_last_dim_shard(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return (DTensor.from_local(inputs[0], mesh, [Shard(-1)], run_check=False),)
+
+
+def _last_dim_shard_local(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.redistribute(mesh, [Shard(-1)]).to_local()  # LayerNorm's result comes back replicated
+
+
+class PositionsOnShard(ParallelStyle):
+    """Absolute positions (a learned or a sinusoidal table) under sequence parallelism: the lookup takes every
+    position of the sequence, replicated, and returns this rank's sequence shard, as the token embedding
+    does. A learned table is a replicated DTensor: the backward of taking the shard all-gathers the
+    positions' gradients, so every rank's table gets all of them."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, None, _as_replicated, _sequence_shard_local)
+
+
+def _as_replicated(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return (DTensor.from_local(inputs[0], mesh, [Replicate()], run_check=False),)
+
+
+def _sequence_shard_local(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.redistribute(mesh, [Shard(output.ndim - 2)]).to_local()  # [s/tp, h] or [b, s/tp, h]
+
+
+def _has_params(block: nn.Module, name: str, weightless_too: bool = False) -> bool:
     """Whether the slot `name` is present in `block` with parameters: an absent slot, or a weightless norm
-    (which works on whatever shard it is given), needs no placement."""
+    over the hidden size (which works on whatever shard it is given), needs no placement; a norm over a
+    whole projection always does (`weightless_too`), for its statistic."""
     try:
         module = block.get_submodule(name)
     except AttributeError:  # a None slot, or its parent is None
         return False
-    return module is not None and any(True for _ in module.parameters())
+    return module is not None and (weightless_too or any(True for _ in module.parameters()))
 
 
 def outer_plan(sp: bool, score: bool = False) -> dict:
@@ -93,6 +138,8 @@ def outer_plan(sp: bool, score: bool = False) -> dict:
         plan["output"] = RowwiseParallel(input_layouts=seq, output_layouts=Replicate())
     if sp:
         plan["norm"] = SequenceParallel()
+        plan["pos_embeddings"] = PositionsOnShard()
+        plan["embedding_norm"] = SequenceParallel(use_local_output=True)  # on the shard, like the blocks' norms
     return plan
 
 
