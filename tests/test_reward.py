@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,7 +60,7 @@ def _score_model(seed=0, **extra):
 
 def test_pairwise_loss_equals_each_side_scored_alone(pair_corpus):
     data = DataConfig(blend=[DatasetSpec(path=str(pair_corpus / n)) for n in CHANNELS], seq_len=32, format="pairs")
-    rows, _ = build_pair_datasets(data, 257, 0, 8, TOK.eod)
+    rows, _, _ = build_pair_datasets(data, 257, 0, 8, TOK.eod)
     batch = collate([rows[i] for i in range(8)])  # 4 pairs
     model = _score_model()
     objective = PairwiseObjective(margin=0.5, centering=0.01, num_channels=2, device=torch.device("cpu"))
@@ -73,18 +76,22 @@ def test_pairwise_loss_equals_each_side_scored_alone(pair_corpus):
     assert sum(n for _, n in accuracy.values()) == 4
 
 
-def test_a_short_run_learns_to_rank_recognisable_pairs(pair_corpus, tmp_path):
-    blend = "[" + ", ".join(f"{{path: {pair_corpus / n}}}" for n in CHANNELS) + "]"
+def test_a_short_run_learns_to_rank_recognisable_pairs(pair_corpus, tmp_path, capsys):
+    """Training accuracy rises; validation on held-out pairs shows it per channel, and tools/evaluate.py
+    on the checkpoint reproduces that validation from the command line."""
+    blend = "[" + ", ".join(f"{{path: {pair_corpus / n}, name: {n}}}" for n in CHANNELS) + "]"
     overrides = {
         "model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.ffn_hidden_size": 128, "model.head": "score", "data.format": "pairs", "data.blend": blend,
-        "data.default_corpus": False, "data.seq_len": 32, "training.micro_batch_size": 16, "training.steps": 16,
-        "training.eval_interval": 0, "schedule.warmup_steps": 2, "optimizer.lr": 3e-3, "logging.interval": 4,
-        "logging.tensorboard_dir": None, "checkpoint.dir": str(tmp_path / "ckpt"), "checkpoint.interval": 0,
-        "training.reward_centering": 1e-3,
+        "data.default_corpus": False, "data.seq_len": 32, "training.micro_batch_size": 16,
+        "training.steps": 16, "training.eval_interval": 16, "training.eval_iters": 1, "schedule.warmup_steps": 2,
+        "optimizer.lr": 3e-3, "logging.interval": 4, "logging.tensorboard_dir": None,
+        "checkpoint.dir": str(tmp_path / "ckpt"), "checkpoint.interval": 0, "training.reward_centering": 1e-3,
     }
     args = [x for k, v in overrides.items() for x in (f"--{k}", "null" if v is None else str(v))]
     result = train(load_config(str(ROOT / "configs" / "tiny.yaml"), args))
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("eval step 16/16")]
+    assert float(re.search(r"val_accuracy (\S+)", line)[1]) > 0.9, line
 
     def accuracy(steps, channel=None):
         totals = [t for s in steps for c, t in result.rates[s]["accuracy"].items() if channel in (None, c)]
@@ -97,6 +104,20 @@ def test_a_short_run_learns_to_rank_recognisable_pairs(pair_corpus, tmp_path):
     llm = LLM.load(str(tmp_path / "ckpt"))
     chosen, rejected = llm.reward(["QWERTY sure", "QWERTY never"])
     assert chosen > rejected
+    out = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "ckpt"), "--data", blend],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {r[0]: [float(x) for x in r[1:]] for r in map(str.split, out.stdout.splitlines()[2:])}  # pairs loss accuracy margin
+    assert sorted(rows) == sorted([*CHANNELS, "all"])
+    for name, loss in result.val_channel_losses[16].items():
+        # data.split 98,2,0 holds out 4 pairs per channel; a micro-batch of 16 rows reads them twice.
+        assert rows[name][0] == 8 and rows[name][1] == pytest.approx(loss, abs=1e-4), out.stdout
+        assert rows[name][2] > 0.9 and rows[name][3] > 0, out.stdout
+    assert rows["all"][1] == pytest.approx(result.val_losses[16], abs=1e-4)
+    refused = subprocess.run([sys.executable, "tools/evaluate.py", "--checkpoint", str(tmp_path / "ckpt"), "--data", blend,
+                              "--format", "pretrain"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "preference pairs need a reward model" in refused.stderr
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -177,9 +177,9 @@ def build_datasets(
     if cfg.format == "sft":
         train, by_channel, note = build_conversation_datasets(cfg, vocab_size, seed, num_train_samples, eod)
         return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
-    if cfg.format == "pairs":  # no validation split yet: evaluation measures language modelling
-        train, note = build_pair_datasets(cfg, vocab_size, seed, num_train_samples, eod)
-        return Datasets(train=train, valid=None, channel_names=names, note=note)
+    if cfg.format == "pairs":
+        train, by_channel, note = build_pair_datasets(cfg, vocab_size, seed, num_train_samples, eod)
+        return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
     datasets = _build_pretraining(cfg, vocab_size, seed, num_train_samples, num_valid_samples, names, eod)
     if cfg.document_mask:
         datasets.train = DocumentMasked(datasets.train, eod)

@@ -265,23 +265,27 @@ class PreferenceRows(torch.utils.data.Dataset):
 
 
 def build_pair_datasets(cfg, vocab_size: int, seed: int, num_train_samples: int, pad_id: int):
-    """(train rows, the start-up note) for data.format pairs: pairs drawn from the blend by weight."""
-    from megatron_llm.data.datasets import check_indexed_dataset  # datasets.py calls this module
+    """(train rows, valid rows per channel name, the start-up note) for data.format pairs: train pairs drawn
+    from the blend by weight; each dataset's valid split in order, as its own channel (evaluated alone,
+    so its rows carry channel 0)."""
+    from megatron_llm.data.datasets import channel_names, check_indexed_dataset  # datasets.py calls this module
 
-    sources, trains, channels, longer = [], [], [], 0
-    for d, spec in enumerate(cfg.blend):
+    sources, trains, channels, valid_by_channel, longer = [], [], [], {}, 0
+    for d, (spec, name) in enumerate(zip(cfg.blend, channel_names(cfg.blend))):
         lengths = check_indexed_dataset(spec.path, vocab_size)
         if len(lengths) % 2:
             raise UsageError(f"{spec.path} holds {len(lengths)} documents, not pairs; write it with tools/preprocess_data.py --format pairs")
-        train, _ = split_documents(len(lengths) // 2, cfg.split)
+        train, valid = split_documents(len(lengths) // 2, cfg.split)
         if not len(train):
             raise UsageError(f"dataset {spec.path}: its train split holds no pairs; add some or change data.split")
         sources.append(Conversations(spec.path, lengths, masked=False))
         trains.append(train)
         channels.append(channel_of_documents(len(lengths) // 2, d, cfg.random_channels, seed))
         longer += int((lengths[2 * train.start : 2 * train.stop] > cfg.seq_len).sum())
+        if len(valid):
+            valid_by_channel[name] = PreferenceRows(sources, [(d, i, 0) for i in valid], cfg.seq_len, pad_id)
     draws = _blend_order(sources, trains, [s.weight for s in cfg.blend], seed)
     pairs = [(d, i, int(channels[d][i])) for d, i in (next(draws) for _ in range((num_train_samples + 1) // 2))]
     note = (f"pairs: {len(pairs)} preference pairs as chosen/rejected rows of {cfg.seq_len} tokens"
             + (f"; {longer} train sides longer than data.seq_len keep their last {cfg.seq_len} tokens" if longer else ""))
-    return PreferenceRows(sources, pairs, cfg.seq_len, pad_id), note
+    return PreferenceRows(sources, pairs, cfg.seq_len, pad_id), valid_by_channel, note

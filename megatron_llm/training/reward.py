@@ -57,9 +57,10 @@ class PairwiseObjective:
 
 
 def _at_mask(per_pair: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Per-pair values [p] spread to the pairs' loss-mask positions [2p, s], zero elsewhere."""
+    """Per-pair values [p] spread to the pairs' loss-mask positions [2p, s], zero elsewhere (everywhere in
+    the copies with a zero mask that fill up a pipeline's last evaluation group)."""
     out = torch.zeros_like(where, dtype=per_pair.dtype)
-    out[where > 0] = per_pair  # row-major: pair k's position is the k-th 1
+    out[0::2] = where[0::2] * per_pair[:, None]  # each chosen row holds its pair's one 1
     return out
 
 

@@ -101,15 +101,19 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable[dict], dims: ParallelDims, autocast: Optional[torch.dtype]
+    model: nn.Module, batches: Iterable[dict], dims: ParallelDims, autocast: Optional[torch.dtype],
+    objective: Optional[PairwiseObjective] = None,
 ) -> tuple[float, float]:
     """(cross-entropy sum, tokens) over the batches of every data-parallel rank: sums, so that results on
-    several datasets combine into an exact token-weighted mean."""
+    several datasets combine into an exact token-weighted mean. With a reward model's `objective`: its
+    loss sum and pairs (accuracy and margin accumulate in the objective)."""
     device = next(model.parameters()).device
     model.eval()
     sums = torch.zeros(2, device=device)  # [loss sum, tokens]
 
     def loss_fn(logits, mb):
+        if objective is not None:
+            return objective(logits, mb, 1)
         return micro_batch_loss(logits, mb["labels"], mb["loss_mask"], 0.0, 1)
 
     for mb, token_ce in _run(model, list(batches), dims, autocast, loss_fn, train=False):

@@ -34,7 +34,7 @@ from megatron_llm.training.faults import StopSignals, name_hung_ranks, weights_f
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
-from megatron_llm.training.evaluation import channel_sums, mean_loss
+from megatron_llm.training.evaluation import channel_sums, mean_loss, rate_scalars
 from megatron_llm.training.reward import reward_objective, stage_under_score_head
 from megatron_llm.training.step import StepResult, autocast_dtype, train_step
 
@@ -228,12 +228,15 @@ class Trainer:
         """val_loss/<channel> on each channel's own validation split, and val_loss as their token-weighted
         mean over the very same tokens, so the overall curve always lies among the channels' curves."""
         t = self.cfg.training
-        sums = channel_sums(self.model, self.data.valid_by_channel, t.micro_batch_size, t.eval_iters, self.dims, self.autocast_dtype)
+        reward = (t.reward_margin, t.reward_centering) if self.cfg.data.format == "pairs" else None  # loss per pair
+        sums, rates = channel_sums(self.model, self.data.valid_by_channel, t.micro_batch_size, t.eval_iters, self.dims,
+                                   self.autocast_dtype, reward)
         result.val_losses[self.step] = mean_loss(sums)
         per_channel = {name: loss / n for name, (loss, n) in sums.items()} if self.cfg.logging.per_channel else {}
         result.val_channel_losses[self.step] = per_channel
         scalars = {"val_loss": result.val_losses[self.step]}
         scalars.update({f"val_loss/{tag_safe(name)}": loss for name, loss in per_channel.items()})
+        scalars.update(rate_scalars(rates, "val_", self.cfg.logging.per_channel))  # a reward model's accuracy, margin
         self.logger.log_eval(self.step, scalars)
 
     def _account(self, out: StepResult, result: TrainResult) -> None:
