@@ -3,7 +3,8 @@
 Each claim is checked against a from-scratch computation: the chat files against a hand-rendered default
 template, the masked loss against cross-entropy over the assistant tokens, a packed sequence against
 each of its conversations run alone (loss and gradients), data.document_mask against each pretraining
-document run alone, and a tp2 x pp2 / pp2 x dp2 chain of SFT runs against one process.
+document run alone, the CPU kernel that attends document by document against the dense mask, and a
+chain of SFT runs (1F1B, interleaved 1F1B, ZBV) against one process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron_llm.data.packing import DocumentMasked, best_fit, build_conversati
 from megatron_llm.data.preprocess import preprocess
 from megatron_llm.data.synthetic_chat import conversations
 from megatron_llm.data.tokenizer import ByteTokenizer
+from megatron_llm.errors import UsageError
 from megatron_llm.model import build_model
 from megatron_llm.model.attention_kernels import KeyMask, ScoreRules, alibi_slopes, attend, document_chunks, masked_attend
 from megatron_llm.parallel.pipeline import document_inputs
@@ -104,6 +106,16 @@ def test_a_malformed_line_is_one_error_and_nothing_is_written(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: line 3 message 0 is not \{role", lines[0]), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_parquet_without_pyarrow_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """pyarrow stays out of the test extra (26.0.1: a 55 MB wheel, 170 MB installed); without it a parquet
+    input is refused by name, before anything is written."""
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # an import of it fails, as where it is absent
+    (tmp_path / "chats.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UsageError, match=r"chats.parquet is parquet, which needs pyarrow: pip install pyarrow, or export it as jsonl"):
+        preprocess(str(tmp_path / "chats.parquet"), str(tmp_path / "chat"), fmt="chat", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.parquet"]
 
 
 def test_hf_chat_template_masks_the_assistant_turns(tmp_path):
@@ -237,11 +249,14 @@ def test_random_channels_and_resume_position(chat_corpus):
     assert set(channels.tolist()) == {0, 1, 2, 3}
 
 
-# tp2 x pp2 (1F1B, sequence parallel) then pp2 x dp2 (ZBV, FSDP2), each resuming the previous run's
-# checkpoint mid-epoch at another layout: per-step and per-channel losses, validation and parameters
-# equal one process's (test_parallel.check_chain). Stages pass positions and document ids on.
+# tp2 x pp2 (1F1B, sequence parallel), pp2 x dp2 (interleaved 1F1B, two virtual stages a rank, DDP), then
+# pp2 x dp2 (ZBV, FSDP2), each resuming the previous run's checkpoint mid-epoch at another layout: per-step
+# and per-channel losses, validation and parameters equal one process's (test_parallel.check_chain).
+# Stages pass positions and document ids on.
 SFT_CHAIN = [
     ("sft-tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
+    ("sft-pp2-dp2-interleaved-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
+                                                   parallel__data_parallel="ddp")),
     ("sft-pp2-dp2-zbv-fsdp", 1, 2, 2, dict(parallel__schedule="zbv", parallel__virtual_stages=2, training__eval_interval=0)),
 ]
 
