@@ -1,12 +1,12 @@
 """Tensor, sequence, pipeline and data parallelism against one process, through the real entry point.
 
-Two chains of multi-process runs, each run resuming from the checkpoint of the one before at another
+Chains of multi-process runs, each run resuming from the checkpoint of the one before at another
 layout, must reproduce a single-process run step for step: the per-step loss, the per-channel sums,
 the validation loss and the parameters of each run's final checkpoint. Between them the runs cover the
 layouts (tp, pp, dp) = (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,1,2) (1,2,2) (1,1,4), sequence parallelism on
 and off, the five pipeline schedules, an uneven stage split, FSDP2 and DDP, tied and untied embeddings
 (with GQA, QK-norm, biases and z-loss, and the architecture menu below), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) ->
-(2,1,2) -> (2,2,1). Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~2e-6
+(2,1,2) -> (2,2,1); three shorter chains take the other norm placements through pipeline splits. Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~2e-6
 absolute (Adam's normalised update amplifies rounding on near-zero gradients).
 """
 
@@ -78,7 +78,8 @@ UNTIED_CHAIN = [
 # The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
 # with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
 # learned positions and an embedding norm, at tp x FSDP; the original transformer's post-norm with sinusoidal
-# positions and weightless LayerNorms; DeepNet's scaled residual and init with LayerNorm biases and squared ReLU.
+# positions and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
+# residual and init with LayerNorm biases and squared ReLU.
 PLACEMENTS = {
     "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
                     model__position="learned", model__embedding_norm=True, model__mlp="relu2"), [
@@ -86,7 +87,7 @@ PLACEMENTS = {
         ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
     ]),
     "post": (dict(model__norm_placement="post", model__position="sinusoidal", model__norm="layernorm",
-                  model__norm_affine=False, model__mlp="gelu"), [
+                  model__norm_affine=False, model__qk_norm=True, model__qk_norm_per_head=False, model__mlp="gelu"), [
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
