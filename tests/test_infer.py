@@ -26,6 +26,7 @@ def setup(tmp_path_factory):
     transformers.LlamaForCausalLM(config).save_pretrained(root / "model")
     lines = [{"prompt": p, "source": f"s{i}"} for i, p in enumerate(PROMPTS)]
     lines[3] = {"id": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    lines[5]["max_new_tokens"] = 3  # a request's own limit, as a server takes it
     (root / "prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     one = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "one.jsonl"), num_workers=1,
                 batch_size=3, generation=Generation(max_new_tokens=12)).run()
@@ -36,6 +37,7 @@ def test_one_worker_keeps_order_and_fields(setup):
     root, results = setup
     assert [r.get("source") for r in results] == [f"s{i}" if i != 3 else None for i in range(len(PROMPTS))]
     assert results[3]["id"] == "chat" and all(isinstance(r["output"], str) for r in results)
+    assert len(results[5]["output"]) <= 3 < max(len(r["output"]) for r in results)  # 3 bytes: at most 3 characters
     assert not (root / "one.jsonl.parts").exists()
 
 
@@ -72,6 +74,8 @@ def test_two_nodes_under_torchrun_equal_one(setup):
     ('{"text": "no prompt"}', "prompts.jsonl:1 has no 'prompt'"),
     ('not json', "prompts.jsonl:1 is not a JSON object"),
     ('{"prompt": "' + "x" * 70 + '"}', "has 70 tokens; with max_new_tokens 12 it must fit the model's context of 64"),
+    ('{"prompt": "x", "max_new_tokens": 64}', "has 1 tokens; with max_new_tokens 64 it must fit"),
+    ('{"prompt": "x", "max_new_tokens": "5"}', "prompts.jsonl:1 has a 'max_new_tokens' that is not a positive integer"),
 ])
 def test_bad_input_is_one_line(setup, tmp_path, line, message):
     root, _ = setup

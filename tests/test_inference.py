@@ -136,11 +136,17 @@ def test_tools_generate_and_inspect_run_from_the_command_line(models, tmp_path, 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
 def test_continuous_batching_equals_each_prompt_alone(models, model_type):
     """Slots refilled as sequences finish (prompts prefilled together, rows of different lengths in one cache,
-    a window included) give every prompt what generate gives it alone."""
+    a window included, each request its own max_new_tokens) give every prompt what generate gives it alone;
+    so does one static batch with a limit per row."""
     llm, _ = models(model_type)
     prompts = PROMPTS + [[9] * 11, [3], [40, 41, 42, 43, 44, 45]]
+    limits = [14, 3, 14, 9, 1, 14, 6][: len(prompts)]
     stop = [llm.generate(PROMPTS[0], max_new_tokens=4)[1]]  # a token some rows produce: lengths differ
-    alone = [llm.generate([p], max_new_tokens=14, stop=stop)[0] for p in prompts]
-    batched = dict(llm.batched(enumerate(prompts), batch_size=2, max_new_tokens=14, stop=stop))
+    alone = [llm.generate([p], max_new_tokens=n, stop=stop)[0] for p, n in zip(prompts, limits)]
+    requests = [(i, p, n) if n != 14 else (i, p) for i, (p, n) in enumerate(zip(prompts, limits))]  # 14: the default
+    batched = dict(llm.batched(requests, batch_size=2, max_new_tokens=14, stop=stop))
     assert [batched[i] for i in range(len(prompts))] == alone
-    assert len({len(a) for a in alone}) > 1
+    assert llm.generate(prompts, max_new_tokens=limits, stop=stop) == alone
+    assert len({len(a) for a in alone}) > 2
+    with pytest.raises(UsageError, match="one per prompt"):
+        llm.generate(prompts, max_new_tokens=limits[:2])

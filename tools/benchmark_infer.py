@@ -1,18 +1,22 @@
 """Batch inference speed in one run: continuous against static batching, and Infer with 2 workers against 1.
 
-    python tools/benchmark_infer.py --config configs/tiny.yaml --model checkpoints/tiny --prompts 48
+    python tools/benchmark_infer.py --config configs/tiny.yaml --prompts 64 --min-new-tokens 4 --max-new-tokens 128
 
-A trained checkpoint (or the config's model with random weights), prompts of mixed lengths cut from the
-standard library's source, greedy decoding where each row stops at --stop (a newline: a trained model's
-lines end at different lengths) or at --max-new-tokens. Static batching decodes
-fixed groups of --batch-size prompts, each group until its longest row ends; continuous batching gives a
-finished row's slot to the next prompt at once. Both produce the same tokens (checked). Then Infer runs
-the same prompts with 1 and with 2 worker processes (each worker 1/2 of the cores). Seconds and ratios
-are printed side by side.
+The workload is a server's: prompts of 4-39 bytes cut from the standard library's source, and each request's
+own max_new_tokens drawn uniformly from --min-new-tokens..--max-new-tokens, so outputs have very different
+lengths (greedy; --stop adds a stop string, for a trained --model). A trained checkpoint, or the config's
+model with random weights. Static batching decodes fixed groups of --batch-size prompts, each group until its
+longest row ends; continuous batching gives a finished row's slot to the next request at once. The two run
+alternately --repeats times (medians) and must produce the same tokens (checked). Then Infer runs the same
+jsonl (each line its max_new_tokens) with 1 and with 2 worker processes (each worker its share of the
+cores), timed whole and without start-up: start-up is measured as an Infer of one 1-token prompt per worker
+(process start, imports, model load). The machine's load average is printed: timings on a shared machine move.
 """
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,21 +32,51 @@ from megatron_llm.inference.infer import Generation, Infer  # noqa: E402
 from megatron_llm.inference.llm import LLM  # noqa: E402
 
 
+def workload(count: int, low: int, high: int) -> tuple[list[str], list[int]]:
+    """(prompts, each one's max_new_tokens), the same for every run."""
+    corpus = "".join(path.read_text() for path in sorted(Path(json.__file__).parent.glob("*.py")))  # stdlib text
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(corpus) - 64, (count,), generator=gen).tolist()
+    lengths = torch.randint(4, 40, (count,), generator=gen).tolist()
+    limits = torch.randint(low, high + 1, (count,), generator=gen).tolist()
+    return [corpus[a : a + n] for a, n in zip(starts, lengths)], limits
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def infer_seconds(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, stop) -> float:
+    seconds, _ = timed(lambda: Infer(ckpt, str(data), str(out), num_workers=workers, batch_size=batch_size,
+                                     generation=Generation(stop=stop), tokenizer="byte").run())
+    return seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
-    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--min-new-tokens", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3, help="alternating static/continuous runs (medians)")
     p.add_argument("--model", default=None, help="a trained checkpoint (byte tokenizer); default: random weights")
-    p.add_argument("--stop", default="\n", help="stop string: a trained model's rows end at different lengths")
+    p.add_argument("--stop", default=None, help="a stop string (with a trained --model, e.g. a newline)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process comparison (1: steadier "
+                   "on a shared machine)")
+    p.add_argument("--no-infer", action="store_true", help="only static against continuous batching")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    corpus = "".join(path.read_text() for path in sorted(Path(json.__file__).parent.glob("*.py")))  # stdlib text
-    gen = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, len(corpus) - 64, (args.prompts,), generator=gen).tolist()
-    lengths = torch.randint(4, 40, (args.prompts,), generator=gen).tolist()
-    prompts = [corpus[a : a + n] for a, n in zip(starts, lengths)]
+    if not 1 <= args.min_new_tokens <= args.max_new_tokens or 40 + args.max_new_tokens > cfg.model.max_seq_len:
+        print(f"error: need 1 <= --min-new-tokens <= --max-new-tokens and 40 + --max-new-tokens <= the model's "
+              f"context ({cfg.model.max_seq_len})", file=sys.stderr)
+        return 2
+    prompts, limits = workload(args.prompts, args.min_new_tokens, args.max_new_tokens)
+    stop = None if args.stop is None else [args.stop]
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.model
         if ckpt is None:
@@ -51,36 +85,59 @@ def main(argv=None) -> int:
             ckpt = str(Path(tmp) / "model")
             save_weights(Path(ckpt), build_model(cfg.model, "cpu", seed=0).state_dict(), cfg.to_dict())
         llm = LLM.load(ckpt, tokenizer="byte")
-        options = dict(max_new_tokens=args.max_new_tokens, stop=[args.stop])
+        b = args.batch_size
 
-        start = time.perf_counter()
-        static = []
-        for i in range(0, len(prompts), args.batch_size):
-            static += llm.generate(prompts[i : i + args.batch_size], **options)
-        t_static = time.perf_counter() - start
-        start = time.perf_counter()
-        continuous = dict(llm.batched(enumerate(prompts), batch_size=args.batch_size, **options))
-        t_continuous = time.perf_counter() - start
-        same = [llm.decode(continuous[i]) for i in range(len(prompts))] == static
-        lengths = sorted(len(continuous[i]) for i in range(len(prompts)))
+        def static():
+            ids = [llm.tokenizer.encode(q) for q in prompts]  # token ids back, as continuous batching gives them
+            return sum((llm.generate(ids[i : i + b], max_new_tokens=limits[i : i + b], stop=stop)
+                        for i in range(0, len(prompts), b)), [])
 
-        data = Path(tmp) / "prompts.jsonl"
-        data.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in prompts))
-        generation = Generation(max_new_tokens=args.max_new_tokens, stop=[args.stop])
+        def continuous():
+            done = dict(llm.batched(((i, q, n) for i, (q, n) in enumerate(zip(prompts, limits))), batch_size=b,
+                                    stop=stop))
+            return [done[i] for i in range(len(prompts))]
+
+        runs = {"static": [], "continuous": []}
+        same = True
+        for _ in range(args.repeats):
+            outputs = {}
+            for name, fn in (("static", static), ("continuous", continuous)):
+                seconds, outputs[name] = timed(fn)
+                runs[name].append(seconds)
+            same &= outputs["static"] == outputs["continuous"]
+        produced = sum(map(len, outputs["static"]))
+        t_static, t_cont = (statistics.median(runs[k]) for k in ("static", "continuous"))
+        # the work each path does: static runs every row of a group for its longest row's steps
+        static_rows = sum(max(limits[i : i + b]) * len(limits[i : i + b]) for i in range(0, len(limits), b))
+
         times = {}
-        for workers in (1, 2):
-            start = time.perf_counter()
-            Infer(ckpt, str(data), str(Path(tmp) / f"out{workers}.jsonl"), num_workers=workers,
-                  batch_size=args.batch_size, generation=generation, tokenizer="byte").run()
-            times[workers] = time.perf_counter() - start
-        outputs = [(Path(tmp) / f"out{w}.jsonl").read_text() for w in (1, 2)]
+        if not args.no_infer:
+            data = Path(tmp) / "prompts.jsonl"
+            data.write_text("".join(json.dumps({"prompt": q, "max_new_tokens": n}) + "\n" for q, n in zip(prompts, limits)))
+            tiny = Path(tmp) / "startup.jsonl"
+            for workers in (1, 2):
+                tiny.write_text("".join(json.dumps({"prompt": q, "max_new_tokens": 1}) + "\n" for q in prompts[:workers]))
+                times[workers] = (infer_seconds(ckpt, data, Path(tmp) / f"out{workers}.jsonl", workers, b, stop),
+                                  infer_seconds(ckpt, tiny, Path(tmp) / f"s{workers}.jsonl", workers, b, stop))
+            same_infer = (Path(tmp) / "out1.jsonl").read_text() == (Path(tmp) / "out2.jsonl").read_text()
 
-    print(f"{args.prompts} prompts of 4-39 bytes of Python source, up to {args.max_new_tokens} new tokens (median {lengths[len(lengths) // 2]}, "
-          f"range {lengths[0]}-{lengths[-1]}), batch {args.batch_size}, greedy, CPU fp32")
-    print(f"static batching      {t_static:7.2f} s")
-    print(f"continuous batching  {t_continuous:7.2f} s   ratio {t_static / t_continuous:.2f}x   same tokens: {same}")
-    print(f"Infer, 1 worker      {times[1]:7.2f} s   (process start and model load included)")
-    print(f"Infer, 2 workers     {times[2]:7.2f} s   ratio {times[1] / times[2]:.2f}x   same output: {outputs[0] == outputs[1]}")
+    print(f"{args.prompts} requests: prompts of 4-39 bytes of Python source, max_new_tokens per request uniform in "
+          f"{args.min_new_tokens}..{args.max_new_tokens} (mean {statistics.mean(limits):.0f}), stop {stop}; "
+          f"{produced} tokens generated; batch {b}, greedy, CPU fp32, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores")
+    print(f"row-steps: static {static_rows} (a group runs to its longest row), requested {sum(limits)} "
+          f"(ideal continuous/static {static_rows / sum(limits):.2f}x)")
+    print(f"static batching      {t_static:7.2f} s   {produced / t_static:7.0f} tokens/s   (runs {', '.join(f'{t:.2f}' for t in runs['static'])})")
+    print(f"continuous batching  {t_cont:7.2f} s   {produced / t_cont:7.0f} tokens/s   ratio {t_static / t_cont:.2f}x   "
+          f"same tokens: {same}   (runs {', '.join(f'{t:.2f}' for t in runs['continuous'])})")
+    if times:
+        for workers, (whole, startup) in times.items():
+            ratio = "" if workers == 1 else (f"   ratio {times[1][0] / whole:.2f}x whole, "
+                                             f"{(times[1][0] - times[1][1]) / (whole - startup):.2f}x without start-up")
+            print(f"Infer, {workers} worker{'s' if workers > 1 else ' '}    {whole:7.2f} s whole, {startup:5.2f} s of it "
+                  f"start-up, {produced / (whole - startup):6.0f} tokens/s without{ratio}")
+        print(f"Infer outputs of 1 and 2 workers equal: {same_infer}")
+    print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     return 0
 
 

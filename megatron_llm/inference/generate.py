@@ -57,22 +57,30 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling, generator: Optional[to
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    if prompt_tokens + max_new_tokens > context:
+        raise UsageError(
+            f"a prompt of {prompt_tokens} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {context} tokens: shorten the prompt or ask for fewer tokens"
+        )
+
+
 @torch.no_grad()
 def stream_ids(
     model: nn.Module, prompts: list[list[int]], sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]] = None,
+    limits: Optional[list[int]] = None,
 ) -> Iterator[list[Optional[int]]]:
     """Yields, after each decoding step, the new token of every row (None for rows already finished).
-    A row finishes at a stop token (which is yielded) or when `stopped(row, its tokens so far)` says so."""
+    A row finishes at a stop token (which is yielded), after its `limits[row]` tokens (default: the sampling's
+    max_new_tokens) or when `stopped(row, its tokens so far)` says so. Finished rows still ride along in the
+    batch until every row is done: static batching."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")
+    limits = [sampling.max_new_tokens] * len(prompts) if limits is None else limits
     device = next(model.parameters()).device
     longest, batch = max(map(len, prompts)), len(prompts)
-    total = longest + sampling.max_new_tokens
-    if total > model.cfg.max_seq_len:
-        raise UsageError(
-            f"a prompt of {longest} tokens plus max_new_tokens {sampling.max_new_tokens} exceeds the model's "
-            f"context of {model.cfg.max_seq_len} tokens: shorten the prompt or ask for fewer tokens"
-        )
+    check_fits(longest, max(limits), model.cfg.max_seq_len)
+    total = longest + max(limits)
     tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
     valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the same index
@@ -87,7 +95,7 @@ def stream_ids(
     logits = model(tokens, positions=positions, keys=keys, cache=cache)[:, -1].float()  # [b, vocab]
     done = [False] * batch
     produced: list[list[int]] = [[] for _ in prompts]
-    for _ in range(sampling.max_new_tokens):
+    for _ in range(max(limits)):
         chosen = next_tokens(logits, sampling, generator).tolist()
         step: list[Optional[int]] = []
         for row, token in enumerate(chosen):
@@ -96,7 +104,8 @@ def stream_ids(
                 continue
             produced[row].append(token)
             step.append(token)
-            done[row] = token in sampling.stop_tokens or (stopped is not None and stopped(row, produced[row]))
+            done[row] = (token in sampling.stop_tokens or len(produced[row]) >= limits[row]
+                         or (stopped is not None and stopped(row, produced[row])))
         yield step
         if all(done):
             return
@@ -107,10 +116,11 @@ def stream_ids(
 
 
 def generate_ids(model: nn.Module, prompts: list[list[int]], sampling: Sampling,
-                 stopped: Optional[Callable[[int, list[int]], bool]] = None) -> list[list[int]]:
+                 stopped: Optional[Callable[[int, list[int]], bool]] = None,
+                 limits: Optional[list[int]] = None) -> list[list[int]]:
     """The new tokens of every prompt (a stop token included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for step in stream_ids(model, prompts, sampling, stopped):
+    for step in stream_ids(model, prompts, sampling, stopped, limits):
         for row, token in enumerate(step):
             if token is not None:
                 out[row].append(token)

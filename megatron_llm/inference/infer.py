@@ -1,8 +1,9 @@
 """Many prompts, many workers: `Infer(model, data, output, num_workers).run()` and tools/infer.py.
 
-Reads jsonl prompts (a `prompt` string or token-id list, or chat `messages`), generates with `num_workers`
-model replicas (processes) that share the devices and the CPU cores, each decoding with continuous
-batching, and writes jsonl results in input order, every input's fields kept plus `output`.
+Reads jsonl prompts (a `prompt` string or token-id list, or chat `messages`; optionally the line's own
+`max_new_tokens`), generates with `num_workers` model replicas (processes) that share the devices and the
+CPU cores, each decoding with continuous batching, and writes jsonl results in input order, every input's
+fields kept plus `output`.
 
 Nothing finished is lost: each worker appends its results, one flushed line at a time, to its own part
 file beside the output; a rerun reads the parts (dropping a line torn by a crash), skips the ids they
@@ -13,6 +14,7 @@ The output appears complete or not at all (written under a temporary name, then 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -74,8 +76,8 @@ class Infer:
         import torch.multiprocessing as mp
 
         context = mp.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // self.num_workers)
-        shares = [records[w :: self.num_workers] for w in range(self.num_workers)]  # balanced by count
+        threads = max(1, (os.cpu_count() or 1) // self.num_workers)  # workers split the cores, never oversubscribe
+        shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
         procs = []
         for w, share in enumerate(shares):
             if not share:
@@ -84,7 +86,8 @@ class Infer:
             args = (self.model_path, share, str(part), device_sets[w], threads, asdict(self.generation),
                     self.batch_size, self.tokenizer, self.dtype)
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
-            proc.start()
+            with _thread_env(threads):
+                proc.start()
             procs.append(proc)
         self._wait(procs, parts, len(records))
 
@@ -114,7 +117,8 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     if devices and len(devices) > 1:
         llm.set_device(devices)
     by_key = {r["_id"]: r for r in records}
-    prompts = [(r["_id"], prompt_ids(llm.tokenizer, r)) for r in records]
+    default = generation["max_new_tokens"]
+    prompts = [(r["_id"], prompt_ids(llm.tokenizer, r), r.get("max_new_tokens", default)) for r in records]
     with open(part, "a", encoding="utf-8") as out:
         for key, ids in llm.batched(prompts, batch_size=batch_size, **generation):
             record = by_key[key]
@@ -122,6 +126,38 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
             result = {**record, "output": llm.decode(ids) if text_prompt else ids}
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()  # a crash tears at most the line being written
+
+
+def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> list[list[dict]]:
+    """The records dealt to workers by their decoding work (max_new_tokens, the line's or the default):
+    the largest first, each to the least loaded worker; each share keeps input order. By count alone, one
+    worker can draw most of the long requests and finish alone."""
+    def work(r: dict) -> int:
+        return r.get("max_new_tokens", max_new_tokens)
+
+    loads, shares = [0] * workers, [[] for _ in range(workers)]
+    for index in sorted(range(len(records)), key=lambda i: -work(records[i])):
+        w = loads.index(min(loads))
+        loads[w] += work(records[index])
+        shares[w].append(index)
+    return [[records[i] for i in sorted(share)] for share in shares]
+
+
+@contextlib.contextmanager
+def _thread_env(threads: int):
+    """A spawned worker's OpenMP/MKL thread counts set before it imports torch, as well as by
+    torch.set_num_threads after: no pool is ever sized for all the cores."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update({name: str(threads) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def prompt_ids(tokenizer, record: dict) -> list[int]:
@@ -141,9 +177,9 @@ def check_lengths(records: list[dict], model_path: str, tokenizer: Optional[str]
     cfg = checkpoint_model_config(model_path)
     tok = load_tokenizer(tokenizer or tokenizer_of(Path(model_path), cfg.vocab_size))
     for record in records:
-        n = len(prompt_ids(tok, record))
-        if n == 0 or n + max_new_tokens > cfg.max_seq_len:
-            raise UsageError(f"prompt id {record['_id']} has {n} tokens; with max_new_tokens {max_new_tokens} it "
+        n, new_tokens = len(prompt_ids(tok, record)), record.get("max_new_tokens", max_new_tokens)
+        if n == 0 or n + new_tokens > cfg.max_seq_len:
+            raise UsageError(f"prompt id {record['_id']} has {n} tokens; with max_new_tokens {new_tokens} it "
                              f"must fit the model's context of {cfg.max_seq_len} (and not be empty)")
 
 
@@ -163,6 +199,9 @@ def read_prompts(path: Path) -> list[dict]:
             if not isinstance(record, dict) or not ("prompt" in record or _is_chat(record.get("messages"))):
                 raise UsageError(f"{path}:{number} has no 'prompt' (string or token ids) or chat 'messages' "
                                  "(a list of {role, content}); add one")
+            limit = record.get("max_new_tokens", 1)
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+                raise UsageError(f"{path}:{number} has a 'max_new_tokens' that is not a positive integer")
             key = record.get("id", number)
             if not isinstance(key, (str, int)):
                 raise UsageError(f"{path}:{number} has an 'id' that is not a string or an integer")

@@ -46,17 +46,21 @@ class LLM:
     # ---------------------------------------------------------------------------------------------
     # generation
 
-    def generate(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
-                 seed: Optional[int] = None):
+    def generate(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: Union[int, list[int]] = 64,
+                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 stop: Optional[list] = None, seed: Optional[int] = None):
         """Continuations of a batch of prompts (strings, or token-id lists: then ids come back), or of one.
-        Each row stops at a stop token (the model's, or ints in `stop`) or once its text holds a string of
-        `stop`; a stop string stays in the text, a stop token is left out of it (kept in returned ids)."""
+        Each row stops at a stop token (the model's, or ints in `stop`), once its text holds a string of
+        `stop`, or after max_new_tokens (one for all, or one per prompt); a stop string stays in the text, a
+        stop token is left out of it (kept in returned ids)."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         as_text = isinstance(batch[0], str)
-        sampling, strings = self._sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        ids = generate_ids(self.model, [self._ids(p) for p in batch], sampling, self._stop_check(strings))
+        limits = [max_new_tokens] * len(batch) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(batch) or not all(_positive_int(n) for n in limits):
+            raise UsageError(f"max_new_tokens must be a positive int or one per prompt ({len(batch)}), got {max_new_tokens!r}")
+        sampling, strings = self._sampling(max(limits), temperature, top_k, top_p, stop, seed)
+        ids = generate_ids(self.model, [self._ids(p) for p in batch], sampling, self._stop_check(strings), limits)
         out = [self._text(row) for row in ids] if as_text else ids
         return out[0] if single else out
 
@@ -77,14 +81,22 @@ class LLM:
         if self._text(ids) != sent:
             yield self._text(ids)[len(sent):]
 
-    def batched(self, prompts: Iterable[tuple[object, Prompt]], batch_size: int = 8, max_new_tokens: int = 64,
+    def batched(self, prompts: Iterable[tuple], batch_size: int = 8, max_new_tokens: int = 64,
                 temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                 stop: Optional[list] = None, seed: Optional[int] = None) -> Iterator[tuple[object, list[int]]]:
-        """(key, new token ids) for each (key, prompt), as they finish: `batch_size` sequences decode at once
-        and a finished one's slot goes to the next prompt at once (continuous batching)."""
+        """(key, new token ids) for each (key, prompt) or (key, prompt, its own max_new_tokens), as they
+        finish: `batch_size` sequences decode at once and a finished one's slot goes to the next prompt at
+        once (continuous batching)."""
         sampling, strings = self._sampling(max_new_tokens, temperature, top_k, top_p, stop, seed)
-        keyed = ((key, self._ids(prompt)) for key, prompt in prompts)
-        return continuous_batches(self.model, keyed, sampling, batch_size, self._stop_check(strings))
+        return continuous_batches(self.model, self._requests(prompts, max_new_tokens), sampling, batch_size,
+                                  self._stop_check(strings))
+
+    def _requests(self, prompts: Iterable[tuple], default: int) -> Iterator[tuple[object, list[int], int]]:
+        for key, prompt, *limit in prompts:
+            new_tokens = limit[0] if limit else default
+            if len(limit) > 1 or not _positive_int(new_tokens):
+                raise UsageError(f"request {key!r}: give (key, prompt) or (key, prompt, max_new_tokens > 0)")
+            yield key, self._ids(prompt), new_tokens
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, stop tokens left out."""
@@ -154,6 +166,10 @@ class LLM:
 
     def _pieces(self, prompt: Prompt) -> list[str]:
         return [repr(self.tokenizer.decode([i])) for i in self._ids(prompt)]
+
+
+def _positive_int(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0
 
 
 def tokenizer_of(path: Path, vocab_size: int) -> str:

@@ -51,6 +51,11 @@ class KeyMask:
     documents: Optional[torch.Tensor] = None
     query_end: Optional[torch.Tensor] = None  # [b] key index of each row's last query, when rows end apart
 
+    def __post_init__(self) -> None:
+        # dense_bias's result per (window, s_q, s_kv), built by a forward's first layer and read by the others;
+        # not a field, so copies and comparisons ignore it
+        object.__setattr__(self, "biases", {})
+
     @property
     def empty(self) -> bool:
         return self.valid is None and self.documents is None and self.query_end is None
@@ -111,7 +116,11 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv: int, device,
                keys: KeyMask = NO_MASK) -> torch.Tensor:
     """The additive rules materialised: [b or 1, heads or 1, s_q, s_kv] fp32, 0 or ALiBi where kept, -inf
-    where masked. Queries are the last s_q of the s_kv positions (a KV cache holds the others)."""
+    where masked. Queries are the last s_q of the s_kv positions (a KV cache holds the others). A per-sequence
+    mask's bias is built once per KeyMask (one forward), not per layer: on CPU decoding it was ~10% of a step."""
+    memo = not keys.empty and not rules.alibi and not torch.compiler.is_compiling()  # slopes differ per layer
+    if memo and (rules.window, s_q, s_kv) in keys.biases:
+        return keys.biases[rules.window, s_q, s_kv]
     offset = s_kv - s_q
     q = torch.arange(s_q, device=device)[:, None]
     kv = torch.arange(s_kv, device=device)[None, :]
@@ -125,6 +134,8 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
     if rules.alibi:
         heads = torch.arange(len(slopes), device=device)[:, None, None]
         bias = score_rule(ScoreRules(alibi=True), slopes, offset)(bias, None, heads, q, kv)  # [b, heads, s_q, s_kv]
+    if memo:
+        keys.biases[rules.window, s_q, s_kv] = bias
     return bias
 
 
@@ -177,16 +188,18 @@ def attend_by_document(q, k, v, rules: ScoreRules, scale: float, slopes, documen
     masked blocks; this never computes them. The splits are views and the concatenations route each
     chunk's gradient back into place."""
     rows = []
-    for i, row in enumerate(chunks):
+    # unbind and split, not indexing: their backwards (stack, cat) write each gradient once, where a slice's
+    # backward would fill a zero tensor of the whole batch per row.
+    for row, *tensors in zip(chunks, q.unbind(0), k.unbind(0), v.unbind(0), documents.unbind(0)):
         lengths = [n for n, _ in row]
-        views = (t[i : i + 1].split(lengths, dim=2) for t in (q, k, v))  # [1, heads, n, d] each
-        parts = zip(row, *views, documents[i : i + 1].split(lengths, dim=1))
-        rows.append(torch.cat([
-            masked_attend(qc, kc, vc, rules, scale, slopes, KeyMask(documents=dc)) if several
-            else attend(qc, kc, vc, rules, scale, slopes)  # one document: plain causal within it
-            for (_, several), qc, kc, vc, dc in parts
-        ], dim=2))
-    return torch.cat(rows)  # [b, heads, s, d]
+        qs, ks, vs = (t.split(lengths, dim=1) for t in tensors[:3])  # [heads, n, d] each
+        out = [
+            masked_attend(qc[None], kc[None], vc[None], rules, scale, slopes, KeyMask(documents=dc[None])) if several
+            else attend(qc[None], kc[None], vc[None], rules, scale, slopes)  # one document: plain causal within it
+            for (_, several), qc, kc, vc, dc in zip(row, qs, ks, vs, tensors[3].split(lengths))
+        ]
+        rows.append(torch.cat(out, dim=2)[0])  # [heads, s, d]
+    return torch.stack(rows)  # [b, heads, s, d]
 
 
 SHORT_DOCUMENTS = 128  # consecutive documents shorter than this share one masked call, up to this many tokens
