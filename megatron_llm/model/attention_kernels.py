@@ -188,16 +188,18 @@ def attend_by_document(q, k, v, rules: ScoreRules, scale: float, slopes, documen
     masked blocks; this never computes them. The splits are views and the concatenations route each
     chunk's gradient back into place."""
     rows = []
-    for i, row in enumerate(chunks):
+    # unbind and split, not indexing: their backwards (stack, cat) write each gradient once, where a slice's
+    # backward would fill a zero tensor of the whole batch per row.
+    for row, *tensors in zip(chunks, q.unbind(0), k.unbind(0), v.unbind(0), documents.unbind(0)):
         lengths = [n for n, _ in row]
-        views = (t[i : i + 1].split(lengths, dim=2) for t in (q, k, v))  # [1, heads, n, d] each
-        parts = zip(row, *views, documents[i : i + 1].split(lengths, dim=1))
-        rows.append(torch.cat([
-            masked_attend(qc, kc, vc, rules, scale, slopes, KeyMask(documents=dc)) if several
-            else attend(qc, kc, vc, rules, scale, slopes)  # one document: plain causal within it
-            for (_, several), qc, kc, vc, dc in parts
-        ], dim=2))
-    return torch.cat(rows)  # [b, heads, s, d]
+        qs, ks, vs = (t.split(lengths, dim=1) for t in tensors[:3])  # [heads, n, d] each
+        out = [
+            masked_attend(qc[None], kc[None], vc[None], rules, scale, slopes, KeyMask(documents=dc[None])) if several
+            else attend(qc[None], kc[None], vc[None], rules, scale, slopes)  # one document: plain causal within it
+            for (_, several), qc, kc, vc, dc in zip(row, qs, ks, vs, tensors[3].split(lengths))
+        ]
+        rows.append(torch.cat(out, dim=2)[0])  # [heads, s, d]
+    return torch.stack(rows)  # [b, heads, s, d]
 
 
 SHORT_DOCUMENTS = 128  # consecutive documents shorter than this share one masked call, up to this many tokens
