@@ -76,8 +76,9 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
 class ProjectionNorm(ParallelStyle):
     """A norm over a whole column-parallel projection (OLMo2's QK-norm over [b, s, heads * d]): this rank's
     [b, s, heads/tp * d] is the Shard(-1) of it, and the weight (and bias) are sharded like the heads. The
-    norm then runs on DTensors, which reduce its statistics (RMSNorm's mean of squares, LayerNorm's mean
-    and variance) over tp; the result goes back to this rank's plain slice."""
+    norm then runs on DTensors: RMSNorm's mean of squares is all-reduced over tp ([b, s, 1]) and the rest stays
+    local; DTensor's LayerNorm gathers the projection and computes it replicated. Either result goes back to
+    this rank's plain slice."""
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(module, device_mesh, _shard_rows, _as_last_dim_shard, _last_dim_shard_local)
