@@ -1,16 +1,18 @@
 """Continuous batching: a fixed number of slots decode together, and when a sequence finishes, the next
 prompt takes its slot at once instead of waiting for the whole batch (static batching).
 
-Each slot's sequence starts at column 0 of its cache row, so rows have different lengths: the prompts that
-take free slots are prefilled together (left-padded, their own KVCache) and each is copied into its row;
-decoding steps run all slots at once, each row writing its new key at its own column and attending to its
-own columns (KeyMask.valid and query_end). Every request has its own max_new_tokens, as a server's do.
+Each slot's sequence starts at column 0 of its cache row, so rows have different lengths. The next requests
+are prefilled together, `slots` at a time (left-padded, their own KVCache), and each is copied into a row
+when one frees. Decoding steps run all slots at once, each row writing its new key at its own column and
+attending to its own columns (KeyMask.valid and query_end). Every request has its own max_new_tokens, as a server's do.
 Greedy results equal generate()'s for each prompt alone.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -73,13 +75,29 @@ class SlotCache:
         self.lengths += tokens * self.active  # free rows keep writing at column 0, harmlessly
 
 
+@dataclass
+class Prefilled:
+    """A request whose prompt has been run (row `row` of a batch prefilled together, its prompt from column
+    `start` of that batch's cache) and whose first token is chosen, waiting for a slot."""
+
+    key: object
+    tokens: list[int]  # new tokens so far: the first
+    limit: int  # the request's max_new_tokens
+    length: int  # prompt tokens
+    cache: KVCache
+    row: int
+    start: int
+
+
 @torch.no_grad()
 def continuous_batches(
     model: nn.Module, requests: Iterable[Request], sampling: Sampling, slots: int,
     stopped: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> Iterator[tuple[object, list[int]]]:
     """(key, new tokens) for each request, in the order they finish, `slots` sequences at a time. A row
-    finishes at a stop token, at its request's max_new_tokens, or when `stopped(slot, its tokens)` says so."""
+    finishes at a stop token, at its request's max_new_tokens, or when `stopped(slot, its tokens)` says so.
+    Prompts are prefilled `slots` at a time, ahead of need: a slot that frees alone takes a waiting request
+    instead of running a forward of its own (one prefill per slot freed was ~8% of the forwards)."""
     device = next(model.parameters()).device
     pending = iter(requests)
     cache = SlotCache(slots, model.cfg.max_seq_len, device)
@@ -89,31 +107,31 @@ def continuous_batches(
     length = [0] * slots  # each slot's cache length, on the host
     last = torch.zeros(slots, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    ready: collections.deque[Prefilled] = collections.deque()
 
-    def finish(slot: int) -> bool:
-        tokens = produced[slot]
-        return (tokens[-1] in sampling.stop_tokens or len(tokens) >= limit[slot]
-                or (stopped is not None and stopped(slot, tokens)))
+    def take(slot: int) -> tuple[list[tuple[object, list[int]]], Optional[Prefilled]]:
+        """(requests done at their first token, met on the way; the next request to start in `slot`, or None)."""
+        done = []
+        while True:
+            if not ready:
+                batch = list(itertools.islice(pending, slots))
+                if not batch:
+                    return done, None
+                ready.extend(_prefill(model, batch, sampling, generator, device, cache.max_len))
+            request = ready.popleft()
+            if not _finished(request.tokens, request.limit, sampling, stopped, slot):
+                return done, request
+            done.append((request.key, request.tokens))  # no slot needed
 
-    exhausted = False
     while True:
-        free = [slot for slot in range(slots) if owner[slot] is None]
-        while free and not exhausted:  # fill free slots, their prompts prefilled together
-            items = list(itertools.islice(pending, len(free)))
-            exhausted = len(items) < len(free)
-            if not items:
+        for slot in [s for s in range(slots) if owner[s] is None]:
+            done, request = take(slot)
+            yield from done
+            if request is None:
                 break
-            for key, prompt, new_tokens in items:
-                check_fits(len(prompt), new_tokens, cache.max_len)
-            firsts = _prefill(model, [prompt for _, prompt, _ in items], sampling, cache, free, generator, device)
-            for slot, (key, prompt, new_tokens), first in zip(free, items, firsts):
-                owner[slot], produced[slot], limit[slot], length[slot] = key, [first], new_tokens, len(prompt)
-                last[slot] = first
-                if finish(slot):  # a prompt may finish at its first token: its slot is free again
-                    yield key, produced[slot]
-                    owner[slot] = None
-                    cache.release(slot)
-            free = [slot for slot in range(slots) if owner[slot] is None]
+            cache.insert(slot, request.cache, request.row, request.start)
+            owner[slot], produced[slot], limit[slot] = request.key, request.tokens, request.limit
+            length[slot], last[slot] = request.length, request.tokens[0]
         if all(o is None for o in owner):
             return
         positions, keys = cache.step_inputs(max(n for n, o in zip(length, owner) if o is not None))
@@ -125,16 +143,22 @@ def continuous_batches(
                 continue
             produced[slot].append(token)
             length[slot] += 1
-            if finish(slot):
+            if _finished(produced[slot], limit[slot], sampling, stopped, slot):
                 yield owner[slot], produced[slot]
                 owner[slot] = None
                 cache.release(slot)
 
 
-def _prefill(model, prompts: list[list[int]], sampling: Sampling, cache: SlotCache, slots: list[int], generator,
-             device) -> list[int]:
-    """Runs `prompts` together (left-padded, as generate does), moves each one's keys and values into its slot
-    of `slots`; returns their first new tokens."""
+def _finished(tokens: list[int], limit: int, sampling: Sampling, stopped, slot: int) -> bool:
+    return tokens[-1] in sampling.stop_tokens or len(tokens) >= limit or (stopped is not None and stopped(slot, tokens))
+
+
+def _prefill(model, requests: list[Request], sampling: Sampling, generator, device, context: int) -> list[Prefilled]:
+    """Runs the requests' prompts together (left-padded, as generate does) into one KVCache; each comes back
+    with its first new token."""
+    prompts = [prompt for _, prompt, _ in requests]
+    for prompt, (_, _, new_tokens) in zip(prompts, requests):
+        check_fits(len(prompt), new_tokens, context)
     longest = max(map(len, prompts))
     tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
     valid = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
@@ -145,6 +169,6 @@ def _prefill(model, prompts: list[list[int]], sampling: Sampling, cache: SlotCac
     keys = KeyMask(valid=valid) if not valid.all() else KeyMask()
     together = KVCache(longest)
     logits = model(tokens, positions=positions, keys=keys, cache=together)[:, -1].float()
-    for row, (slot, prompt) in enumerate(zip(slots, prompts)):
-        cache.insert(slot, together, row, longest - len(prompt))
-    return next_tokens(logits, sampling, generator).tolist()
+    firsts = next_tokens(logits, sampling, generator).tolist()
+    return [Prefilled(key, [first], new_tokens, len(prompt), together, row, longest - len(prompt))
+            for row, ((key, prompt, new_tokens), first) in enumerate(zip(requests, firsts))]
