@@ -67,10 +67,29 @@ def test_moe_layer_equals_the_per_token_reference(overrides):
     moe = model.layers["1"].feed_forward
     if moe.router.expert_bias is not None:
         moe.router.expert_bias.copy_(torch.randn(E) * 0.1)  # the bias changes the choice, not the weights
-    x = torch.randn(2, 12, cfg.hidden_size)
-    with torch.no_grad():
-        torch.testing.assert_close(moe(x), reference(moe, cfg, x), atol=1e-6, rtol=1e-5)
+    x = torch.randn(2, 12, cfg.hidden_size, requires_grad=True)
+    out, want = moe(x), reference(moe, cfg, x)
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     assert moe.stats.counts.sum() == 2 * 12 * cfg.moe_top_k and moe.stats.dropped == 0
+    r = torch.randn_like(out)  # gradients too: the rows' moves between token and expert order are hand-written
+    inputs = [x, *(p for p in moe.parameters() if p.requires_grad)]
+    for got, expected in zip(torch.autograd.grad((out * r).sum(), inputs), torch.autograd.grad((want * r).sum(), inputs)):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_moving_rows_to_expert_order_and_back_has_the_gradients_of_its_gathers():
+    """SortRows and UnsortRows against autograd's numerical gradients, with a dropped assignment (position N)."""
+    from megatron_llm.model.moe import SortRows, UnsortRows
+
+    order = torch.tensor([1, 4, 0, 5, 3])  # 3 tokens x top-2 assignments sorted by expert; assignment 2 dropped
+    position = torch.full((6,), 5).index_put_((order,), torch.arange(5))
+    x, y = torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(SortRows.apply(x, order, position, 2), x[order // 2])
+    assert torch.autograd.gradcheck(lambda x: SortRows.apply(x, order, position, 2), x)
+    unsorted = UnsortRows.apply(y, order, position)
+    torch.testing.assert_close(unsorted[order], y)
+    assert unsorted[2].eq(0).all()
+    assert torch.autograd.gradcheck(lambda y: UnsortRows.apply(y, order, position), y)
 
 
 def test_groups_limit_the_experts_a_token_reaches():

@@ -115,6 +115,52 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1, w2, w3, act) -> torch.
     return grouped_mm(h, w2, counts)  # [N, hidden]
 
 
+# Moving rows between token order and expert order by gathers both ways: the plain x[token] and index_add_
+# are gathers one way and scatter-adds the other, which on CPU cost several times a gather (index_put_ with
+# accumulate, its backward, ~20 ms for 2048 x 512 rows where a gather takes 0.5 ms) and stall two threads
+# under load. A sorted row is one assignment, so its way back is one gather by `position`.
+
+
+class SortRows(torch.autograd.Function):
+    """x [T, hidden] -> the row of each kept assignment's token, in expert order [N, hidden]. Backward: each
+    assignment's gradient gathered back by `position` (a zero row for a dropped one) and summed per token."""
+
+    @staticmethod
+    def forward(ctx, x, order, position, top_k: int):
+        ctx.save_for_backward(position)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (position,) = ctx.saved_tensors
+        per_assignment = _rows_at(grad, position)  # [T * k, hidden]
+        return per_assignment.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
+
+
+class UnsortRows(torch.autograd.Function):
+    """y [N, hidden] in expert order -> [T * k, hidden] in assignment order (zeros for dropped assignments).
+    Backward: the gather by `order`."""
+
+    @staticmethod
+    def forward(ctx, y, order, position):
+        ctx.save_for_backward(order)
+        return _rows_at(y, position)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
+def _rows_at(rows: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """rows [N, hidden] gathered at `position` [T * k], where N (only when assignments were dropped, N < T * k)
+    stands for a zero row."""
+    if rows.shape[0] < position.numel():
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    return rows.index_select(0, position)
+
+
 class MoE(nn.Module):
     """The feed_forward slot of a MoE layer: x [b, s, hidden] -> [b, s, hidden]."""
 
@@ -138,10 +184,11 @@ class MoE(nn.Module):
         self._record(logits, scores, counts)
         if self.capacity_factor is not None:
             order, counts = self._drop_over_capacity(order, counts, flat)
-        token = order // self.top_k  # the token of each sorted assignment
-        y = self.experts(x[token], counts)  # [N, hidden], sorted by expert
-        y = y * weights.flatten()[order].unsqueeze(-1)
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # [T, hidden]: the k outputs summed per token
+        # Where each assignment went in the sorted rows; N (one past them, a zero row) for a dropped one.
+        position = torch.full_like(flat, order.numel()).index_put_((order,), torch.arange(order.numel(), device=x.device))
+        y = self.experts(SortRows.apply(x, order, position, self.top_k), counts)  # [N, hidden], sorted by expert
+        y = UnsortRows.apply(y, order, position).view(*weights.shape, -1)  # [T, k, hidden], by token and choice
+        out = (y * weights.unsqueeze(-1)).sum(1).to(x.dtype)  # [T, hidden]: the k outputs summed per token
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
