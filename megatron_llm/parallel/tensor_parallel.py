@@ -67,6 +67,8 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
     # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
     # sharded makes its weight a replicated DTensor whose gradient is summed over tp. A norm over the whole
     # projection (OLMo2) needs every head's statistic: see ProjectionNorm.
+    # xIELU's learned scalars act on this rank's slice of the MLP's inner width: the same trick, on that dim.
+    plan["feed_forward.act"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     per_head = getattr(block.attention, "qk_norm_per_head", True)
     for name in ("attention.q_norm", "attention.k_norm"):
         plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True) if per_head else ProjectionNorm()
