@@ -64,11 +64,12 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
                 input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
                 output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True,
             )
+    # xIELU's learned scalars act on this rank's slice of the MLP's inner width ([b, s, ffn/tp]): as the
+    # per-head norm below, treating that dim as sharded sums their gradient over tp.
+    plan["feed_forward.act"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     # The per-head norm sees only this rank's heads ([b, s, heads/tp, d]): treating the heads dim as
     # sharded makes its weight a replicated DTensor whose gradient is summed over tp. A norm over the whole
     # projection (OLMo2) needs every head's statistic: see ProjectionNorm.
-    # xIELU's learned scalars act on this rank's slice of the MLP's inner width: the same trick, on that dim.
-    plan["feed_forward.act"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     per_head = getattr(block.attention, "qk_norm_per_head", True)
     for name in ("attention.q_norm", "attention.k_norm"):
         plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True) if per_head else ProjectionNorm()
