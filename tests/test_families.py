@@ -64,6 +64,9 @@ CASES = {
     "glm4": (dict(head_dim=16, pad_token_id=0, partial_rotary_factor=0.75), False),
     "nemotron": (dict(attention_bias=True, mlp_bias=True), False),
     "arcee": ({}, False),
+    "jais2": ({}, False),
+    "cwm": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"], rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0}), False),
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),
     "helium": (dict(head_dim=16, attention_bias=True), False),
     "exaone4": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),

@@ -42,6 +42,16 @@ NEMOTRON = Family(
      **{f"{norm}.bias": PLAIN_MLP_TENSORS[f"{norm}.weight"].replace(".weight", ".bias") for norm in NEMOTRON_NORMS}},
 )
 
+# Jais2: Llama with LayerNorms (with biases) and a plain squared-ReLU MLP, biases on every projection by default.
+JAIS2 = Family(
+    "jais2", "Jais2ForCausalLM",
+    (*SHAPE, activation("hidden_act", PLAIN_ACTIVATIONS, default="relu2"), Key("layer_norm_eps", "norm_eps", default=1e-5),
+     Fixed("norm", "layernorm"), ROPE, Key("attention_bias", "qkv_bias", default=True),
+     Key("attention_bias", "out_bias", default=True), Key("mlp_bias", "mlp_bias", default=True)),
+    {**PLAIN_MLP_TENSORS,
+     **{f"{norm}.bias": PLAIN_MLP_TENSORS[f"{norm}.weight"].replace(".weight", ".bias") for norm in NEMOTRON_NORMS}},
+)
+
 ARCEE = Family(
     "arcee", "ArceeForCausalLM",
     (*without(LLAMA_CONFIG, "mlp"), activation("hidden_act", PLAIN_ACTIVATIONS, default="relu2")),
@@ -174,4 +184,27 @@ APERTUS = Family(
      **{f"model.layers.{{i}}.mlp.act_fn.{t}": f"layers.{{i}}.feed_forward.act.{t}" for t in ("alpha_p", "alpha_n", "beta", "eps")}},
 )
 
-FAMILIES = (NEMOTRON, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS)
+
+
+def _read_cwm_layers(hf: dict) -> dict:
+    """CwmConfig's defaults where config.json leaves them out: an 8192-token window, every fourth layer full
+    starting with the first."""
+    window = hf["sliding_window"] if "sliding_window" in hf else 8192
+    types = hf.get("layer_types") or [
+        "full_attention" if i % 4 == 0 else "sliding_attention" for i in range(hf["num_hidden_layers"])]
+    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types})
+
+
+# CWM (Code World Model): Llama without projection biases, sliding and full layers.
+CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192}  # CwmConfig's, for a config.json without rope_parameters
+CWM = Family(
+    "cwm", "CwmForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias") if e is not ROPE),
+     Derived(lambda hf: ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or CWM_ROPE}), ROPE.write),
+     Fixed("qkv_bias", False), Fixed("out_bias", False), Key("mlp_bias", "mlp_bias", default=False),
+     Derived(_read_cwm_layers, write_every_layer_type)),
+    LLAMA_TENSORS,
+)
+
+FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS, CWM)
