@@ -1,12 +1,12 @@
-"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM and Falcon. All use LayerNorm and a
-plain MLP; their tables are written by module (`modules`: each module's weight and bias are ours of the
-same module), and their fused q/k/v tensors in the layouts table.Fused names."""
+"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon and GPT-BigCode. All use
+LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's weight and bias are
+ours of the same module), and their fused q/k/v tensors in the layouts table.Fused names."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from megatron_llm.checkpoint.families.common import PLAIN_ACTIVATIONS, ROPE, SHAPE, activation, partial_rope
+from megatron_llm.checkpoint.families.common import PLAIN_ACTIVATIONS, ROPE, SHAPE, activation, partial_rope, without
 from megatron_llm.checkpoint.families.table import (
     Derived,
     Family,
@@ -232,4 +232,31 @@ FALCON = Family(
                             "transformer.h.{i}.ln_mlp": "layers.{i}.ffn_norm"})),),
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON)
+# GPT-BigCode (StarCoder 1, SantaCoder): GPT-2 with nn.Linear layers and multi-query attention. c_attn is
+# [q; k; v] in turn with one key/value head (multi_query), or per head [q_h; k_h; v_h] without it.
+GPT_BIGCODE = Family(
+    "gpt_bigcode", "GPTBigCodeForCausalLM",
+    (*without(GPT2_CONFIG, "mlp"),
+     activation("activation_function", {"gelu_pytorch_tanh": "gelu_tanh", **PLAIN_ACTIVATIONS}, default="gelu_pytorch_tanh"),
+     Key("tie_word_embeddings", "tie_embeddings", default=True), Fixed("position", "learned"), *ALL_BIASES,
+     Key("scale_attn_weights", "attention_scale", default=True, read=lambda v: None if v else 1.0,
+         write=lambda scale: scale is None),
+     Derived(lambda hf: dict(num_kv_heads=1 if hf.get("multi_query", True) else hf["n_head"]),
+             lambda cfg: {"multi_query": cfg.num_kv_heads == 1}),
+     refused("add_cross_attention", "cross-attention to an encoder is not in the menu")),
+    modules({
+        "transformer.wte": "tok_embeddings",
+        "transformer.wpe": "pos_embeddings",
+        "transformer.h.{i}.ln_1": "layers.{i}.attention_norm",
+        "transformer.h.{i}.attn.c_attn": Fused(QKV, "heads"),
+        "transformer.h.{i}.attn.c_proj": "layers.{i}.attention.wo",
+        "transformer.h.{i}.ln_2": "layers.{i}.ffn_norm",
+        "transformer.h.{i}.mlp.c_fc": "layers.{i}.feed_forward.w1",
+        "transformer.h.{i}.mlp.c_proj": "layers.{i}.feed_forward.w2",
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+    variants=(When({"num_kv_heads": 1}, modules({"transformer.h.{i}.attn.c_attn": Fused(QKV)})),),
+)
+
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE)
