@@ -80,6 +80,7 @@ CASES = {
                 "original_max_position_embeddings": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0}), False),
     "gpt2": (dict(n_inner=96), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),
+    "gpt_neo": (dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW), False),
     "gpt_bigcode": (dict(n_inner=96), False),  # multi-query: c_attn is [q; k; v]
     "gpt_bigcode-mha": (dict(n_inner=96, multi_query=False), False),  # c_attn per head [q_h; k_h; v_h]
     "gpt_neox": (dict(rotary_pct=0.5), False),

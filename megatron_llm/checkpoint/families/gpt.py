@@ -1,12 +1,20 @@
-"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon and GPT-BigCode. All use
-LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's weight and bias are
-ours of the same module), and their fused q/k/v tensors in the layouts table.Fused names."""
+"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon, GPT-BigCode and
+GPT-Neo. All use LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's
+weight and bias are ours of the same module), and their fused q/k/v tensors in the layouts table.Fused names."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from megatron_llm.checkpoint.families.common import PLAIN_ACTIVATIONS, ROPE, SHAPE, activation, partial_rope, without
+from megatron_llm.checkpoint.families.common import (
+    LAYERS,
+    PLAIN_ACTIVATIONS,
+    ROPE,
+    SHAPE,
+    activation,
+    partial_rope,
+    without,
+)
 from megatron_llm.checkpoint.families.table import (
     Derived,
     Family,
@@ -259,4 +267,45 @@ GPT_BIGCODE = Family(
     variants=(When({"num_kv_heads": 1}, modules({"transformer.h.{i}.attn.c_attn": Fused(QKV)})),),
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE)
+
+
+def _read_neo_layers(hf: dict) -> dict:
+    """attention_types: [[pattern, repeats], ...] expanded as GPTNeoConfig does; local layers are windowed."""
+    kinds = [kind for pattern, repeats in hf.get("attention_types") or [[["global", "local"], 12]]
+             for _ in range(repeats) for kind in pattern]
+    types = ["sliding_attention" if kind == "local" else "full_attention" for kind in kinds]
+    return LAYERS.read({"sliding_window": hf.get("window_size", 256), "layer_types": types})
+
+
+def _write_neo_layers(cfg) -> dict:
+    kinds = ["local" if cfg.layer(i).window else "global" for i in range(cfg.num_layers)]
+    return {"window_size": cfg.sliding_window or 256, "attention_types": [[kinds, 1]]}
+
+
+# GPT-Neo: learned positions, global and local (windowed) layers, unscaled scores (no 1/sqrt(d)), no q/k/v
+# biases.
+GPT_NEO = Family(
+    "gpt_neo", "GPTNeoForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Key("num_layers", "num_layers"),
+     Key("num_heads", "num_heads"), Key("max_position_embeddings", "max_seq_len", default=2048),
+     inner_size("intermediate_size", "hidden_size"), activation("activation_function", PLAIN_ACTIVATIONS, default="gelu_new"),
+     Key("layer_norm_epsilon", "norm_eps", default=1e-5), LAYERNORM, Key("tie_word_embeddings", "tie_embeddings", default=True),
+     Fixed("position", "learned"), Fixed("attention_scale", 1.0), Fixed("qkv_bias", False), Fixed("out_bias", True),
+     Fixed("mlp_bias", True), Derived(_read_neo_layers, _write_neo_layers)),
+    modules({
+        "transformer.wte": "tok_embeddings",
+        "transformer.wpe": "pos_embeddings",
+        "transformer.h.{i}.ln_1": "layers.{i}.attention_norm",
+        "transformer.h.{i}.attn.attention.q_proj": "layers.{i}.attention.wq",
+        "transformer.h.{i}.attn.attention.k_proj": "layers.{i}.attention.wk",
+        "transformer.h.{i}.attn.attention.v_proj": "layers.{i}.attention.wv",
+        "transformer.h.{i}.attn.attention.out_proj": "layers.{i}.attention.wo",
+        "transformer.h.{i}.ln_2": "layers.{i}.ffn_norm",
+        "transformer.h.{i}.mlp.c_fc": "layers.{i}.feed_forward.w1",
+        "transformer.h.{i}.mlp.c_proj": "layers.{i}.feed_forward.w2",
+        "transformer.ln_f": "norm",
+        "lm_head": "output",
+    }),
+)
+
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO)
