@@ -43,9 +43,11 @@ def test_one_worker_keeps_order_and_fields(setup):
 
 def test_two_workers_equal_one(setup):
     root, results = setup
-    out = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "two.jsonl"), num_workers=2,
-                batch_size=2, generation=Generation(max_new_tokens=12)).run()
+    infer = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "two.jsonl"), num_workers=2,
+                  batch_size=2, generation=Generation(max_new_tokens=12))
+    out = infer.run()
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
+    assert len(infer.timings) == 2 and all(t.startup_s > 0 and t.generate_s > 0 for t in infer.timings)
 
 
 def test_rerun_after_a_crash_completes(setup):

@@ -50,6 +50,8 @@ class Infer:
     generation: Generation = field(default_factory=Generation)
     tokenizer: Optional[str] = None
     dtype: str = "fp32"
+    # filled by run(): per worker, seconds from its start to its model loaded, and from then to its last result
+    timings: list[WorkerTiming] = field(default_factory=list, init=False, repr=False)
 
     def run(self) -> Path:
         records = read_prompts(Path(self.data_path))
@@ -78,18 +80,19 @@ class Infer:
         context = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.num_workers)  # workers split the cores, never oversubscribe
         shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
-        procs = []
+        procs, timings = [], context.SimpleQueue()
         for w, share in enumerate(shares):
             if not share:
                 continue
             part = parts / f"node{rank}-worker{w}.jsonl"
             args = (self.model_path, share, str(part), device_sets[w], threads, asdict(self.generation),
-                    self.batch_size, self.tokenizer, self.dtype)
+                    self.batch_size, self.tokenizer, self.dtype, timings, time.time())
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
             with _thread_env(threads):
                 proc.start()
             procs.append(proc)
         self._wait(procs, parts, len(records))
+        self.timings = [WorkerTiming(*timings.get()) for p in procs if p.exitcode == 0]
 
     def _wait(self, procs: list, parts: Path, total: int) -> None:
         from megatron_llm.logging.progress import Progress
@@ -107,7 +110,15 @@ class Infer:
                              "to finish the rest")
 
 
-def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype) -> None:
+@dataclass
+class WorkerTiming:
+    startup_s: float  # process start, imports and model load
+    generate_s: float  # from the model loaded to the last result written
+    ready_at: float  # wall-clock time (time.time()) when the model was loaded
+
+
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, timings,
+            started: float) -> None:
     import torch
 
     from megatron_llm.inference.llm import LLM
@@ -116,6 +127,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
     if devices and len(devices) > 1:
         llm.set_device(devices)
+    ready = time.time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
     prompts = [(r["_id"], prompt_ids(llm.tokenizer, r), r.get("max_new_tokens", default)) for r in records]
@@ -126,6 +138,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
             result = {**record, "output": llm.decode(ids) if text_prompt else ids}
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()  # a crash tears at most the line being written
+    timings.put((ready - started, time.time() - ready, ready))
 
 
 def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> list[list[dict]]:
@@ -145,11 +158,14 @@ def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> l
 
 @contextlib.contextmanager
 def _thread_env(threads: int):
-    """A spawned worker's OpenMP/MKL thread counts set before it imports torch, as well as by
-    torch.set_num_threads after: no pool is ever sized for all the cores."""
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: str(threads) for name in names})
+    """A spawned worker's OpenMP/MKL thread counts, set before it imports torch (and by torch.set_num_threads
+    after): no pool is ever sized for all the cores. OpenMP threads wait passively unless the user chose
+    otherwise: on a loaded machine a 2-thread worker spinning at each op's barrier took 38-68 s for work
+    that took it 4-8 s passively (and 1 thread 4-7 s)."""
+    values = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+              "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -300,12 +316,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     a = p.parse_args(argv)
     generation = Generation(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.stop, a.seed)
+    infer = Infer(a.model, a.data, a.output, a.num_workers, a.devices, a.batch_size, generation, a.tokenizer, a.dtype)
     try:
-        out = Infer(a.model, a.data, a.output, a.num_workers, a.devices, a.batch_size, generation, a.tokenizer,
-                    a.dtype).run()
+        out = infer.run()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    for t in infer.timings:
+        print(f"worker: {t.startup_s:.1f} s to start and load the model, {t.generate_s:.1f} s generating")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {out}")
     return 0
