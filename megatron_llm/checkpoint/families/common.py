@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 from megatron_llm.checkpoint.families.table import Derived, Fixed, Key
 from megatron_llm.errors import UsageError
@@ -120,6 +121,30 @@ def _write_layers(cfg: ModelConfig) -> dict:
 
 
 LAYERS = Derived(_read_layers, _write_layers)
+
+
+def write_every_layer_type(cfg: ModelConfig) -> dict:
+    """Every layer's type, always: left out, transformers would apply its pattern (EXAONE 4, OLMo 3, Cohere2)."""
+    kinds = ["sliding_attention" if cfg.layer(i).window else "full_attention" for i in range(cfg.num_layers)]
+    return {"sliding_window": cfg.sliding_window, "layer_types": kinds}
+
+
+def layers_defaulting(window: int, is_full: Callable[[int], bool]) -> Derived:
+    """LAYERS for a config class that fills a missing sliding_window and layer_types with its own: `window`,
+    and layer i full where is_full(i) (OLMo 3, CWM)."""
+
+    def read(hf: dict) -> dict:
+        types = hf.get("layer_types") or [
+            "full_attention" if is_full(i) else "sliding_attention" for i in range(hf["num_hidden_layers"])]
+        return LAYERS.read({**hf, "sliding_window": hf["sliding_window"] if "sliding_window" in hf else window,
+                            "layer_types": types})
+
+    return Derived(read, write_every_layer_type)
+
+
+def rope_defaulting(default: dict) -> Derived:
+    """ROPE for a config class that fills a missing rope_parameters with its own `default` (Apertus, CWM)."""
+    return Derived(lambda hf: ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or default}), ROPE.write)
 
 
 def _read_head_dim(hf: dict) -> dict:

@@ -15,9 +15,12 @@ from megatron_llm.checkpoint.families.common import (
     ROPE,
     SHAPE,
     activation,
+    layers_defaulting,
     partial_rope,
+    rope_defaulting,
     shape_defaulting,
     without,
+    write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.llama import OLMO2, OLMO2_CONFIG
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
@@ -102,12 +105,6 @@ def _read_exaone4_layers(hf: dict) -> dict:
     return {**LAYERS.read({**hf, "layer_types": types or None}), "nope_layers": nope}
 
 
-def write_every_layer_type(cfg) -> dict:
-    """Every layer's type, always: left out, transformers would apply its pattern (EXAONE 4, OLMo 3)."""
-    kinds = ["sliding_attention" if cfg.layer(i).window else "full_attention" for i in range(cfg.num_layers)]
-    return {"sliding_window": cfg.sliding_window, "layer_types": kinds}
-
-
 EXAONE4 = Family(
     "exaone4", "Exaone4ForCausalLM",
     (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
@@ -116,14 +113,6 @@ EXAONE4 = Family(
     OLMO2.tensors,
 )
 
-
-
-def _read_olmo3_layers(hf: dict) -> dict:
-    """Olmo3Config's defaults where config.json leaves them out: a 4096-token window on three layers of four."""
-    window = hf["sliding_window"] if "sliding_window" in hf else 4096
-    types = hf.get("layer_types") or [
-        "full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(hf["num_hidden_layers"])]
-    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types})
 
 
 def _read_olmo3_rope(hf: dict) -> dict:
@@ -144,7 +133,7 @@ def _write_olmo3_rope(cfg) -> dict:
 OLMO3 = Family(
     "olmo3", "Olmo3ForCausalLM",
     (*(e for e in OLMO2_CONFIG if e is not ROPE), Derived(_read_olmo3_rope, _write_olmo3_rope),
-     Derived(_read_olmo3_layers, write_every_layer_type)),
+     layers_defaulting(4096, lambda i: (i + 1) % 4 == 0)),  # Olmo3Config's: three sliding layers of four
     OLMO2.tensors,
 )
 
@@ -176,7 +165,7 @@ APERTUS = Family(
     "apertus", "ApertusForCausalLM",
     (*(e for e in without(LLAMA_CONFIG, "mlp", "mlp_bias") if e is not ROPE),
      activation("hidden_act", {**PLAIN_ACTIVATIONS, "xielu": "xielu"}, default="xielu"),
-     Derived(lambda hf: ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or APERTUS_ROPE}), ROPE.write),
+     rope_defaulting(APERTUS_ROPE),
      Fixed("mlp_bias", False), Fixed("qk_norm", True)),
     {**{k: v for k, v in PLAIN_MLP_TENSORS.items() if "layernorm" not in k},
      "model.layers.{i}.attention_layernorm.weight": "layers.{i}.attention_norm.weight",
@@ -186,24 +175,14 @@ APERTUS = Family(
 
 
 
-def _read_cwm_layers(hf: dict) -> dict:
-    """CwmConfig's defaults where config.json leaves them out: an 8192-token window, every fourth layer full
-    starting with the first."""
-    window = hf["sliding_window"] if "sliding_window" in hf else 8192
-    types = hf.get("layer_types") or [
-        "full_attention" if i % 4 == 0 else "sliding_attention" for i in range(hf["num_hidden_layers"])]
-    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types})
-
-
 # CWM (Code World Model): Llama without projection biases, sliding and full layers.
 CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192}  # CwmConfig's, for a config.json without rope_parameters
 CWM = Family(
     "cwm", "CwmForCausalLM",
     (*(e for e in without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias") if e is not ROPE),
-     Derived(lambda hf: ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or CWM_ROPE}), ROPE.write),
-     Fixed("qkv_bias", False), Fixed("out_bias", False), Key("mlp_bias", "mlp_bias", default=False),
-     Derived(_read_cwm_layers, write_every_layer_type)),
+     rope_defaulting(CWM_ROPE), Fixed("qkv_bias", False), Fixed("out_bias", False), Key("mlp_bias", "mlp_bias", default=False),
+     layers_defaulting(8192, lambda i: i % 4 == 0)),  # CwmConfig's: every fourth layer full, the first of them
     LLAMA_TENSORS,
 )
 

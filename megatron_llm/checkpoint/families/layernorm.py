@@ -11,8 +11,9 @@ from megatron_llm.checkpoint.families.common import (
     activation,
     partial_rope,
     without,
+    write_every_layer_type,
 )
-from megatron_llm.checkpoint.families.dense import layer_types_by_pattern, write_every_layer_type
+from megatron_llm.checkpoint.families.dense import layer_types_by_pattern
 from megatron_llm.checkpoint.families.gpt import LAYERNORM, WHOLE_ROPE, modules, refused
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 
