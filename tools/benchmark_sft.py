@@ -8,13 +8,15 @@ tokens to a few hundred) with the byte tokenizer into a temporary directory, pac
 data.format sft does and prints the packing efficiency (real tokens / slots) there and on a wide
 mixed-length set (uniform lengths from 1% to 90% of the sequence). Then one model alternates
 training steps between the packed SFT micro-batches (loss mask, per-token channels, positions restarting
-per conversation, the document mask: FlexAttention block masks on CUDA, a dense mask on CPU) and
+per conversation, the document mask: FlexAttention block masks on CUDA; on CPU each document attended
+on its own, model/attention_kernels.attend_by_document) and
 random pretraining micro-batches of the same training.micro_batch_size x data.seq_len (plain causal
 attention), and prints both speeds in slot tokens/s and their paired ratio: the cost of the masking.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--conversations", type=int, default=4000, help="synthetic conversations to pack")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a loaded machine")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -85,6 +89,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{mixed_length_efficiency(cfg.data.seq_len):.2%}")
     sft = [{k: v.to(device) for k, v in mb.items()} for mb in sft]
     plain = random_batches(cfg, device, cfg.training.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(cfg.model, device, seed=cfg.training.seed)
     optimizer = build_optimizer(model, cfg.optimizer)
     autocast = autocast_dtype(cfg.training.dtype, device)
@@ -98,6 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     packed, pretraining = runner(sft, len(KINDS)), runner(plain, 1)
     alternate(packed, pretraining, args.warmup, device, record=False)
+    load = os.getloadavg()[0]
     alternate(packed, pretraining, args.steps, device, record=True)
     t = cfg.training
     slots = t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len
@@ -107,6 +114,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     print(f"step time sft / pretraining: median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f}) "
           f"on {device.type}, {t.micro_batch_size} x {cfg.data.seq_len} tokens per micro-batch")
+    print(f"{torch.get_num_threads()} CPU threads; load average {load:.1f} at the start of the timed steps, "
+          f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores")
     return 0
 
 
