@@ -48,6 +48,8 @@ CASES = {
     "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
     "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0), False),
+    "hyperclovax": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+                    False),
     "gemma": (dict(head_dim=16), False),
     "gemma2": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                     query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0), False),

@@ -91,6 +91,17 @@ GRANITE = Family(
     LLAMA_TENSORS,
 )
 
+# HyperCLOVA X: Granite with norms after each sublayer too (use_post_norm: sandwich), its logits multiplied by
+# logits_scaling where Granite divides.
+HYPERCLOVAX = Family(
+    "hyperclovax", "HyperCLOVAXForCausalLM",
+    (*without(GRANITE.config, "logit_multiplier"), Key("logits_scaling", "logit_multiplier", default=1.0),
+     Key("use_post_norm", "norm_placement", default=True, read=lambda v: "sandwich" if v else "pre",
+         write=lambda placement: placement == "sandwich")),
+    {**LLAMA_TENSORS, "model.layers.{i}.post_norm1.weight": "layers.{i}.attention_post_norm.weight",
+     "model.layers.{i}.post_norm2.weight": "layers.{i}.ffn_post_norm.weight"},
+)
+
 # Gemma: RMSNorm weights act as 1 + w, embeddings are scaled by sqrt(hidden), the MLP is GeGLU (tanh).
 GEMMA_NORMS = (Fixed("norm_unit_offset", True), SQRT_HIDDEN_EMBEDDING)
 GEMMA = Family(
@@ -143,4 +154,5 @@ OLMO2 = Family(
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
 )
 
-FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, VAULTGEMMA, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, GEMMA, GEMMA2, GEMMA3, OLMO, OLMO2)
+FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, HYPERCLOVAX,
+            GEMMA, GEMMA2, VAULTGEMMA, GEMMA3, OLMO, OLMO2)
