@@ -77,7 +77,7 @@ UNTIED_CHAIN = [
 
 # The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
 # with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
-# learned positions and an embedding norm, at tp x FSDP; the original transformer's post-norm with sinusoidal
+# learned positions, an embedding norm and xIELU's learned scalars (Apertus), at tp x FSDP; the original transformer's post-norm with sinusoidal
 # positions and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
 # residual and init with LayerNorm biases and squared ReLU.
 # The output-norm model's wq/wk take many gradient elements of ~1e-9, AdamW's eps: there its update
@@ -89,7 +89,7 @@ UNTIED_CHAIN = [
 # fixed, moved the validation loss by 1.2-1.3e-4 relative at either eps).
 PLACEMENTS = {
     "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
-                    model__position="learned", model__embedding_norm=True, model__mlp="relu2", optimizer__eps=1e-6), [
+                    model__position="learned", model__embedding_norm=True, model__mlp="xielu", optimizer__eps=1e-6), [
         ("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="fsdp")),
         ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
     ]),
