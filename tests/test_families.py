@@ -93,6 +93,7 @@ CASES = {
     "starcoder2": (dict(sliding_window=WINDOW), False),
     "stablelm": (dict(use_qkv_bias=True), False),
     "cohere": (dict(attention_bias=True, logit_scale=0.5), False),
+    "persimmon": ({}, False),
     "cohere2": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], attention_bias=True,
                      logit_scale=0.5), False),
 }

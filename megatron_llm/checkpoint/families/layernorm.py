@@ -1,5 +1,5 @@
-"""LayerNorm families with Llama's tensor names: Phi (phi-2), StarCoder2, StableLM, Cohere and Cohere2. Each is
-Llama's table with its norms' biases, and what the family changes."""
+"""LayerNorm families: Phi (phi-2), StarCoder2, StableLM, Cohere and Cohere2, each Llama's table with its norms'
+biases and what the family changes; and Persimmon, with names of its own."""
 
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
@@ -14,8 +14,8 @@ from megatron_llm.checkpoint.families.common import (
     write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.dense import layer_types_by_pattern
-from megatron_llm.checkpoint.families.gpt import LAYERNORM, WHOLE_ROPE, modules, refused
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
+from megatron_llm.checkpoint.families.gpt import LAYERNORM, MHA_SHAPE, QKV, WHOLE_ROPE, modules, refused
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key
 
 LAYERNORM_TENSORS = {
     **LLAMA_TENSORS,
@@ -104,4 +104,26 @@ COHERE2 = Family(
     LLAMA_TENSORS,
 )
 
-FAMILIES = (PHI, STARCODER2, STABLELM, COHERE, COHERE2)
+# Persimmon: q/k/v fused per head (as GPT-NeoX), a LayerNorm over each head's q and k shared by the heads, half
+# of each head rotated, a plain squared-ReLU MLP, every bias but the head's.
+PERSIMMON = Family(
+    "persimmon", "PersimmonForCausalLM",
+    (*MHA_SHAPE, activation("hidden_act", PLAIN_ACTIVATIONS, default="relu2"), Key("layer_norm_eps", "norm_eps", default=1e-5),
+     LAYERNORM, partial_rope(0.5), Key("qk_layernorm", "qk_norm", default=True), Fixed("qkv_bias", True),
+     Fixed("linear_bias", True)),
+    modules({
+        "model.embed_tokens": "tok_embeddings",
+        "model.layers.{i}.input_layernorm": "layers.{i}.attention_norm",
+        "model.layers.{i}.self_attn.query_key_value": Fused(QKV, "heads"),
+        "model.layers.{i}.self_attn.dense": "layers.{i}.attention.wo",
+        "model.layers.{i}.self_attn.q_layernorm": "layers.{i}.attention.q_norm",
+        "model.layers.{i}.self_attn.k_layernorm": "layers.{i}.attention.k_norm",
+        "model.layers.{i}.post_attention_layernorm": "layers.{i}.ffn_norm",
+        "model.layers.{i}.mlp.dense_h_to_4h": "layers.{i}.feed_forward.w1",
+        "model.layers.{i}.mlp.dense_4h_to_h": "layers.{i}.feed_forward.w2",
+        "model.final_layernorm": "norm",
+        "lm_head": "output",
+    }),
+)
+
+FAMILIES = (PHI, STARCODER2, STABLELM, COHERE, COHERE2, PERSIMMON)
