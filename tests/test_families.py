@@ -87,6 +87,8 @@ CASES = {
     "gpt_bigcode-mha": (dict(n_inner=96, multi_query=False), False),  # c_attn per head [q_h; k_h; v_h]
     "gpt_neox": (dict(rotary_pct=0.5), False),
     "bloom": ({}, False),
+    "mpt": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, attn_config={"clip_qkv": 0.5, "softmax_scale": 0.2}),
+            False),
     "falcon": (dict(bias=True), False),  # the old decoder: parallel, one norm, multi-query
     "falcon-new": (dict(new_decoder_architecture=True, num_kv_heads=2, bias=True), False),
     "phi": (dict(qk_layernorm=True), False),
@@ -250,3 +252,9 @@ def test_published_key_spellings_are_read():
     assert internlm3.qkv_bias and internlm3.mlp_bias and internlm3.head_dim == 128
     with pytest.raises(UsageError, match="^internlm3 runs on Llama's code, which needs attention_bias == mlp_bias"):
         model_config_from_hf({"model_type": "internlm3", **SMALL, "qkv_bias": True, "bias": False})
+
+
+def test_mpt_options_transformers_does_not_run_are_refused():
+    config = transformers.AutoConfig.for_model("mpt", d_model=64, n_heads=4, n_layers=2, attn_config={"qk_ln": True})
+    with pytest.raises(UsageError, match=r"^config.json attn_config.qk_ln=true is not supported"):
+        model_config_from_hf(config.to_dict())

@@ -1,5 +1,5 @@
-"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon, GPT-BigCode and
-GPT-Neo. All use LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's
+"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon, GPT-BigCode,
+GPT-Neo and MPT. All use LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's
 weight and bias are ours of the same module), and their fused q/k/v tensors in the layouts table.Fused names."""
 
 from __future__ import annotations
@@ -308,4 +308,47 @@ GPT_NEO = Family(
     }),
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO)
+
+
+def _read_mpt_attention(hf: dict) -> dict:
+    """attn_config as transformers' MPT runs it: ALiBi (its slopes, alibi_bias_max 8, are the standard ones),
+    an optional softmax_scale and q/k/v clipping; what it does not run is refused."""
+    attn = hf.get("attn_config") or {}
+    if attn.get("alibi") is False or attn.get("alibi_bias_max", 8) != 8:
+        raise UsageError("config.json attn_config: only ALiBi with alibi_bias_max 8 is supported (transformers' MPT)")
+    for key in ("qk_ln", "prefix_lm", "attn_uses_sequence_id"):
+        if attn.get(key):
+            raise UsageError(f"config.json attn_config.{key}=true is not supported: transformers' MPT does not run it")
+    if hf.get("logit_scale") is not None:
+        raise UsageError("config.json logit_scale is not supported: transformers' MPT does not apply it")
+    return dict(attention_scale=attn.get("softmax_scale"), qkv_clip=attn.get("clip_qkv"))
+
+
+def _write_mpt_attention(cfg) -> dict:
+    return {"attn_config": {"alibi": True, "alibi_bias_max": 8, "softmax_scale": cfg.attention_scale, "clip_qkv": cfg.qkv_clip}}
+
+
+# MPT: ALiBi, LayerNorms without biases, no linear biases, q/k/v fused [q; k; v], a GELU MLP 4 x wide (transformers
+# builds it so whatever expansion_ratio says), tied embeddings.
+MPT = Family(
+    "mpt", "MptForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("d_model", "hidden_size"), Key("n_layers", "num_layers"),
+     Key("n_heads", "num_heads"), Key("max_seq_len", "max_seq_len", default=2048),
+     Derived(lambda hf: dict(ffn_hidden_size=4 * hf["d_model"]), lambda cfg: {"expansion_ratio": 4}),
+     Key("layer_norm_epsilon", "norm_eps", default=1e-5), LAYERNORM, Fixed("norm_bias", False), Fixed("mlp", "gelu"),
+     Fixed("position", "alibi"), Key("tie_word_embeddings", "tie_embeddings", default=True),
+     Derived(_read_mpt_attention, _write_mpt_attention)),
+    modules({
+        "transformer.wte": "tok_embeddings",
+        "transformer.blocks.{i}.norm_1": "layers.{i}.attention_norm",
+        "transformer.blocks.{i}.attn.Wqkv": Fused(QKV),
+        "transformer.blocks.{i}.attn.out_proj": "layers.{i}.attention.wo",
+        "transformer.blocks.{i}.norm_2": "layers.{i}.ffn_norm",
+        "transformer.blocks.{i}.ffn.up_proj": "layers.{i}.feed_forward.w1",
+        "transformer.blocks.{i}.ffn.down_proj": "layers.{i}.feed_forward.w2",
+        "transformer.norm_f": "norm",
+        "lm_head": "output",
+    }),
+)
+
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, MPT)
