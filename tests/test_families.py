@@ -81,6 +81,7 @@ CASES = {
     "apertus": (dict(attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                 "original_max_position_embeddings": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0}), False),
     "gpt2": (dict(n_inner=96), False),
+    "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),
     "gpt_neo": (dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW), False),
     "gpt_bigcode": (dict(n_inner=96), False),  # multi-query: c_attn is [q; k; v]
@@ -102,7 +103,7 @@ CASES = {
 
 
 def model_type_of(case: str) -> str:
-    return case.split("-")[0]
+    return case if case in FAMILIES else case.rsplit("-", 1)[0]  # openai-gpt has a '-' of its own
 
 
 def hf_model(case: str) -> torch.nn.Module:

@@ -1,6 +1,7 @@
-"""The GPT lineage with names of its own: GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon, GPT-BigCode,
-GPT-Neo and MPT. All use LayerNorm and a plain MLP; their tables are written by module (`modules`: each module's
-weight and bias are ours of the same module), and their fused q/k/v tensors in the layouts table.Fused names."""
+"""The GPT lineage with names of its own: GPT (OpenAI's), GPT-2, GPT-J, GPT-NeoX, BLOOM, Falcon,
+GPT-BigCode, GPT-Neo and MPT. All use LayerNorm and a plain MLP; their tables are written by module
+(`modules`: each module's weight and bias are ours of the same module), and their fused q/k/v tensors in
+the layouts table.Fused names."""
 
 from __future__ import annotations
 
@@ -310,6 +311,30 @@ GPT_NEO = Family(
 
 
 
+# GPT (OpenAI's first): GPT-2's Conv1D layers with the norm after each residual add (post-norm, no final norm),
+# learned positions, an MLP 4 x wide; its "gelu" is the tanh approximation.
+OPENAI_GPT = Family(
+    "openai-gpt", "OpenAIGPTLMHeadModel",
+    (Key("vocab_size", "vocab_size"), Key("n_embd", "hidden_size"), Key("n_layer", "num_layers"),
+     Key("n_head", "num_heads"), Key("n_positions", "max_seq_len"),
+     Derived(lambda hf: dict(ffn_hidden_size=4 * hf["n_embd"]), lambda cfg: {}),
+     activation("afn", {"gelu": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}, default="gelu"),
+     Key("layer_norm_epsilon", "norm_eps", default=1e-5), LAYERNORM, Fixed("norm_placement", "post"),
+     Key("tie_word_embeddings", "tie_embeddings", default=True), Fixed("position", "learned"), *ALL_BIASES),
+    modules({
+        "transformer.tokens_embed": "tok_embeddings",
+        "transformer.positions_embed": "pos_embeddings",
+        "transformer.h.{i}.attn.c_attn": Fused(QKV, transpose=True),
+        "transformer.h.{i}.attn.c_proj": Transposed("layers.{i}.attention.wo"),
+        "transformer.h.{i}.ln_1": "layers.{i}.attention_norm",
+        "transformer.h.{i}.mlp.c_fc": Transposed("layers.{i}.feed_forward.w1"),
+        "transformer.h.{i}.mlp.c_proj": Transposed("layers.{i}.feed_forward.w2"),
+        "transformer.h.{i}.ln_2": "layers.{i}.ffn_norm",
+        "lm_head": "output",
+    }),
+)
+
+
 def _read_mpt_attention(hf: dict) -> dict:
     """attn_config as transformers' MPT runs it: ALiBi (its slopes, alibi_bias_max 8, are the standard ones),
     an optional softmax_scale and q/k/v clipping; what it does not run is refused."""
@@ -351,4 +376,4 @@ MPT = Family(
     }),
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, MPT)
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, OPENAI_GPT, MPT)
