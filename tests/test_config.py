@@ -42,6 +42,8 @@ def test_blend_override_parses_yaml():
         (["--data.seq_len", "1024"], "data.seq_len (1024) exceeds model.max_seq_len"),
         (["--optimizer.min_lr", "1.0"], "optimizer.min_lr"),
         (["--data.split", "1,2"], "data.split"),
+        (["--model.qk_norm_after_rope", "true"], "model.qk_norm_after_rope moves the per-head norm: set model.qk_norm"),
+        (["--model.mlp", "xielu", "--model.moe_experts", "4"], "model.mlp xielu learns scalars per MLP"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

@@ -198,6 +198,7 @@ def test_meta_build_is_fully_materialised_seeded_and_tied():
     dict(norm_placement="output", qk_norm=True, qk_norm_per_head=False, mlp="reglu"),
     dict(norm_placement="deepnorm", norm="layernorm", position="learned", mlp="relu2"),
     dict(norm_placement="post", position="sinusoidal", norm_affine=False, norm="layernorm", mlp="silu"),
+    dict(mlp="xielu", qk_norm=True, qk_norm_after_rope=True),
     dict(parallel_residual=True, parallel_shared_norm=False, position="alibi", output_bias=True, embedding_norm=True),
     dict(parallel_residual=True, rope_interleaved=True, rope_fraction=0.5, norm_head=True, nope_layers=[1],
          rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
