@@ -9,8 +9,8 @@ model with random weights. Static batching decodes fixed groups of --batch-size 
 longest row ends; continuous batching gives a finished row's slot to the next request at once. The two run
 alternately --repeats times (medians) and must produce the same tokens (checked). Then Infer runs the same
 jsonl (each line its max_new_tokens) with 1 and with 2 worker processes (each worker its share of the
-cores), timed whole and generating: from the first worker's model loaded to the last result (process start,
-imports and model load left out, as the workers report them). The machine's load average is printed: timings on a shared machine move.
+cores), alternated --repeats times, timed whole and generating: from the first worker's model loaded to the
+last result (process start, imports and model load left out, as the workers report them). The machine's load average is printed: timings on a shared machine move.
 """
 
 import argparse
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-new-tokens", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3, help="alternating static/continuous runs (medians)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each comparison (medians)")
     p.add_argument("--model", default=None, help="a trained checkpoint (byte tokenizer); default: random weights")
     p.add_argument("--stop", default=None, help="a stop string (with a trained --model, e.g. a newline)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the in-process comparison (1: steadier "
@@ -117,8 +117,11 @@ def main(argv=None) -> int:
         if not args.no_infer:
             data = Path(tmp) / "prompts.jsonl"
             data.write_text("".join(json.dumps({"prompt": q, "max_new_tokens": n}) + "\n" for q, n in zip(prompts, limits)))
-            for workers in (1, 2):
-                times[workers] = infer_run(ckpt, data, Path(tmp) / f"out{workers}.jsonl", workers, b, stop)
+            runs_infer = {1: [], 2: []}
+            for _ in range(args.repeats):  # alternated, as above
+                for workers in (1, 2):
+                    runs_infer[workers].append(infer_run(ckpt, data, Path(tmp) / f"out{workers}.jsonl", workers, b, stop))
+            times = {w: tuple(statistics.median(r[i] for r in runs) for i in (0, 1)) for w, runs in runs_infer.items()}
             same_infer = (Path(tmp) / "out1.jsonl").read_text() == (Path(tmp) / "out2.jsonl").read_text()
 
     print(f"{args.prompts} requests: prompts of 4-39 bytes of Python source, max_new_tokens per request uniform in "
@@ -135,7 +138,8 @@ def main(argv=None) -> int:
             ratio = "" if workers == 1 else (f"   ratio {times[1][0] / whole:.2f}x whole, "
                                              f"{times[1][1] / generating:.2f}x generating")
             print(f"Infer, {workers} worker{'s' if workers > 1 else ' '}    {whole:7.2f} s whole, {generating:6.2f} s "
-                  f"generating ({produced / generating:5.0f} tokens/s){ratio}")
+                  f"generating ({produced / generating:5.0f} tokens/s){ratio}   (runs "
+                  f"{', '.join(f'{w:.1f}/{g:.1f}' for w, g in runs_infer[workers])})")
         print(f"Infer outputs of 1 and 2 workers equal: {same_infer}")
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     return 0
