@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megatron_llm.inference.generate import Sampling, check_fits, next_tokens
+from megatron_llm.inference.generate import Sampling, check_fits, left_padded, next_tokens
 from megatron_llm.model.attention_kernels import KeyMask
 from megatron_llm.model.kv_cache import KVCache
 
@@ -160,12 +160,7 @@ def _prefill(model, requests: list[Request], sampling: Sampling, generator, devi
     for prompt, (_, _, new_tokens) in zip(prompts, requests):
         check_fits(len(prompt), new_tokens, context)
     longest = max(map(len, prompts))
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    valid = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        valid[row, longest - len(prompt):] = True
-    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    tokens, valid, positions = left_padded(prompts, longest, device)
     keys = KeyMask(valid=valid) if not valid.all() else KeyMask()
     together = KVCache(longest)
     logits = model(tokens, positions=positions, keys=keys, cache=together)[:, -1].float()

@@ -65,6 +65,19 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
         )
 
 
+def left_padded(prompts: list[list[int]], width: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens [b, longest], valid [b, width], positions [b, longest]) of prompts left-padded to the longest, so
+    every row's last prompt token is at the same index; valid is True from each row's first token on (columns
+    past the prompts included), and each row's positions count from its own first token."""
+    longest = max(map(len, prompts))
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    valid = torch.ones(len(prompts), width, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        valid[row, : longest - len(prompt)] = False
+    return tokens, valid, (valid[:, :longest].cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def stream_ids(
     model: nn.Module, prompts: list[list[int]], sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]] = None,
@@ -81,14 +94,8 @@ def stream_ids(
     longest, batch = max(map(len, prompts)), len(prompts)
     check_fits(longest, max(limits), model.cfg.max_seq_len)
     total = longest + max(limits)
-    tokens = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):  # left padding: every row's last prompt token is at the same index
-        tokens[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        valid[row, longest - len(prompt):] = True
-    valid[:, longest:] = True
+    tokens, valid, positions = left_padded(prompts, total, device)
     padded = bool((~valid[:, :longest]).any())
-    positions = (valid[:, :longest].cumsum(-1) - 1).clamp(min=0)  # [b, longest]: each row's own 0, 1, ...
     cache = KVCache(total)
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     keys = KeyMask(valid=valid[:, :longest]) if padded else NO_MASK
