@@ -128,6 +128,9 @@ def hf_twin(model: nn.Module, model_type: str, device: torch.device) -> nn.Modul
     state = {k: v for k, v in model.state_dict().items() if not (model.cfg.tie_embeddings and k == "output.weight")}
     tensors = native_to_hf(state, model.cfg, model_type)  # a tied head is re-tied on load, as in an export
     extra = {"attn_implementation": "eager"} if model.cfg.attn_softcap else {}
+    # Ours has no dropout; transformers' GPT-2-era configs default theirs to 0.1 where config.json is silent.
+    config.update({key: 0.0 for key, value in transformers.AutoConfig.for_model(model_type).to_dict().items()
+                   if key.endswith(("pdrop", "dropout")) and isinstance(value, float) and value and key not in config})
     with tempfile.TemporaryDirectory() as directory:
         (Path(directory) / "config.json").write_text(json.dumps(config))
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(directory) / "model.safetensors"),

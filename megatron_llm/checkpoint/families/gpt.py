@@ -274,6 +274,8 @@ def _read_neo_layers(hf: dict) -> dict:
     """attention_types: [[pattern, repeats], ...] expanded as GPTNeoConfig does; local layers are windowed."""
     kinds = [kind for pattern, repeats in hf.get("attention_types") or [[["global", "local"], 12]]
              for _ in range(repeats) for kind in pattern]
+    if len(kinds) != hf["num_layers"]:
+        raise UsageError(f"config.json attention_types expand to {len(kinds)} layers, num_layers is {hf['num_layers']}")
     types = ["sliding_attention" if kind == "local" else "full_attention" for kind in kinds]
     return LAYERS.read({"sliding_window": hf.get("window_size", 256), "layer_types": types})
 
