@@ -213,12 +213,14 @@ def test_document_mask_equals_pretraining_documents_run_alone():
 def test_attention_by_document_equals_the_dense_document_mask(rules):
     """On CPU a document mask runs document by document (tiny ones grouped under the mask); outputs and
     gradients equal the dense mask's (1e-5), for every score rule, grouped-query heads and padding rows."""
-    lengths = [[5, 3, 150, 20, 30, 92], [300], [1] * 40 + [259, 1]]  # the last: 40 tiny, one long, a pad document
+    # 40 tiny documents, one long, a pad document; and chunks of one length and kind in several rows, run together
+    lengths = [[5, 3, 150, 20, 30, 92], [300], [1] * 40 + [259, 1], [4, 4, 150, 142], [300]]
     documents = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
     keys = KeyMask(documents=documents)
-    assert document_chunks(keys) == [[(8, True), (150, False), (142, True)], [(300, False)], [(40, True), (259, False), (1, False)]]
+    assert document_chunks(keys) == [[(8, True), (150, False), (142, True)], [(300, False)], [(40, True), (259, False), (1, False)],
+                                     [(8, True), (150, False), (142, False)], [(300, False)]]
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, h, 300, 16, requires_grad=True) for h in (4, 2, 2))
+    q, k, v = (torch.randn(5, h, 300, 16, requires_grad=True) for h in (4, 2, 2))
     slopes = alibi_slopes(4)
     outputs = [fn(q, k, v, rules, 0.25, slopes, keys) for fn in (attend, masked_attend)]
     grads = [torch.autograd.grad(out.square().sum(), (q, k, v)) for out in outputs]

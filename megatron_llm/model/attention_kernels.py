@@ -185,21 +185,28 @@ def masked_attend(q, k, v, rules: ScoreRules, scale: float, slopes=None, keys: K
 def attend_by_document(q, k, v, rules: ScoreRules, scale: float, slopes, documents: torch.Tensor,
                        chunks: list[list[tuple[int, bool]]]) -> torch.Tensor:
     """`attend` under a document mask, chunk by chunk of `document_chunks`: CPU SDPA with a mask cannot skip
-    masked blocks; this never computes them. The splits are views and the concatenations route each
-    chunk's gradient back into place."""
-    rows = []
-    # unbind and split, not indexing: their backwards (stack, cat) write each gradient once, where a slice's
-    # backward would fill a zero tensor of the whole batch per row.
-    for row, *tensors in zip(chunks, q.unbind(0), k.unbind(0), v.unbind(0), documents.unbind(0)):
+    masked blocks; this never computes them. Chunks of one length and kind, in any rows, run as one batch
+    (rows holding one whole document, most often), as each kernel call costs a fixed overhead. unbind, split
+    and stack, never indexing: their backwards write each gradient once, where a row slice's backward would
+    fill a zero tensor of the whole batch."""
+    pieces = []  # per row, per chunk: (q [heads, n, d], k, v, documents [n])
+    groups: dict[tuple[int, bool], list[tuple[int, int]]] = {}  # (length, several documents) -> (row, chunk)
+    for r, (row, *tensors) in enumerate(zip(chunks, q.unbind(0), k.unbind(0), v.unbind(0), documents.unbind(0))):
         lengths = [n for n, _ in row]
-        qs, ks, vs = (t.split(lengths, dim=1) for t in tensors[:3])  # [heads, n, d] each
-        out = [
-            masked_attend(qc[None], kc[None], vc[None], rules, scale, slopes, KeyMask(documents=dc[None])) if several
-            else attend(qc[None], kc[None], vc[None], rules, scale, slopes)  # one document: plain causal within it
-            for (_, several), qc, kc, vc, dc in zip(row, qs, ks, vs, tensors[3].split(lengths))
-        ]
-        rows.append(torch.cat(out, dim=2)[0])  # [heads, s, d]
-    return torch.stack(rows)  # [b, heads, s, d]
+        *qkv, docs = tensors
+        pieces.append(list(zip(*(t.split(lengths, dim=1) for t in qkv), docs.split(lengths))))
+        for c, kind in enumerate(row):
+            groups.setdefault(kind, []).append((r, c))
+    out: list[list] = [[None] * len(row) for row in chunks]
+    for (_, several), members in groups.items():
+        qg, kg, vg, dg = (torch.stack([pieces[r][c][j] for r, c in members]) for j in range(4))  # [m, heads, n, d]
+        if several:
+            og = masked_attend(qg, kg, vg, rules, scale, slopes, KeyMask(documents=dg))
+        else:
+            og = attend(qg, kg, vg, rules, scale, slopes)  # one document each: plain causal within it
+        for (r, c), oc in zip(members, og.unbind(0)):
+            out[r][c] = oc
+    return torch.stack([torch.cat(row, dim=1) for row in out])  # [b, heads, s, d]
 
 
 SHORT_DOCUMENTS = 128  # consecutive documents shorter than this share one masked call, up to this many tokens
