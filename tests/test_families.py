@@ -67,6 +67,7 @@ CASES = {
     "nemotron": (dict(attention_bias=True, mlp_bias=True), False),
     "arcee": ({}, False),
     "jais2": ({}, False),
+    "nanochat": (dict(final_logit_softcapping=3.0), False),
     "cwm": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"], rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0}), False),
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),

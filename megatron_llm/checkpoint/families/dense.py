@@ -1,7 +1,8 @@
 """More dense decoders written as differences from Llama: Nemotron and Arcee (a plain squared-ReLU MLP),
 Seed-OSS (its own output-projection bias), Helium (interleaved RoPE), EXAONE 4 (output norms, QK-norm,
 no positions on its full-attention layers), OLMo 3 (OLMo 2 with sliding layers, the full ones' RoPE
-scaled alone), HunYuan dense (QK-norm after RoPE), Apertus (a plain xIELU MLP, QK-norm)."""
+scaled alone), HunYuan dense (QK-norm after RoPE), Apertus (a plain xIELU MLP, QK-norm), NanoChat (weightless norms, its
+rotation the other way round)."""
 
 import dataclasses
 
@@ -23,7 +24,7 @@ from megatron_llm.checkpoint.families.common import (
     write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.llama import OLMO2, OLMO2_CONFIG
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, HalvesSwapped, Key
 from megatron_llm.errors import UsageError
 
 # A plain MLP: up_proj is our w1 (the projection the activation reads), down_proj w2; no gate.
@@ -186,4 +187,28 @@ CWM = Family(
     LLAMA_TENSORS,
 )
 
-FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS, CWM)
+# NanoChat: weightless RMSNorms (also right after the embedding), QK-norm after RoPE, a plain squared-ReLU MLP,
+# soft-capped logits. Its rotation turns the other way (rotate_half with the signs flipped): stored with each
+# q/k head's halves swapped, our rotation gives its scores (table.HalvesSwapped).
+NANOCHAT = Family(
+    "nanochat", "NanoChatForCausalLM",
+    (*SHAPE, activation("hidden_act", PLAIN_ACTIVATIONS, default="relu2"), Key("rms_norm_eps", "norm_eps", default=1e-6),
+     ROPE, Fixed("rope_fraction", 1.0), Fixed("rope_interleaved", False), Fixed("norm_affine", False),
+     Fixed("embedding_norm", True), Fixed("qk_norm", True), Fixed("qk_norm_after_rope", True),
+     Derived(lambda hf: dict(logit_softcap=hf["final_logit_softcapping"] if "final_logit_softcapping" in hf else 15.0),
+             lambda cfg: {"final_logit_softcapping": cfg.logit_softcap}),
+     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+     Fixed("mlp_bias", False)),
+    {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        **{f"model.layers.{{i}}.self_attn.{theirs}.{kind}": HalvesSwapped(f"layers.{{i}}.attention.{ours}.{kind}")
+           for theirs, ours in (("q_proj", "wq"), ("k_proj", "wk")) for kind in ("weight", "bias")},
+        **{f"model.layers.{{i}}.self_attn.{theirs}.{kind}": f"layers.{{i}}.attention.{ours}.{kind}"
+           for theirs, ours in (("v_proj", "wv"), ("o_proj", "wo")) for kind in ("weight", "bias")},
+        "model.layers.{i}.mlp.fc1.weight": "layers.{i}.feed_forward.w1.weight",
+        "model.layers.{i}.mlp.fc2.weight": "layers.{i}.feed_forward.w2.weight",
+        "lm_head.weight": "output.weight",
+    },
+)
+
+FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS, CWM, NANOCHAT)

@@ -76,6 +76,14 @@ class Transposed:
 
 
 @dataclass(frozen=True)
+class HalvesSwapped:
+    """q or k rows stored with the two halves of each head swapped (NanoChat, whose rotation turns the other
+    way: R(-t) = P R(t) P for P the swap, so the swapped rows under our rotation give its scores)."""
+
+    ours: str
+
+
+@dataclass(frozen=True)
 class Stacked:
     """One of our tensors [E, ...] stored as E tensors, one per expert; the name template has `{e}`
     (Mixtral's experts.{e}.w1.weight for our experts.w1 [E, ffn, hidden])."""
@@ -83,7 +91,7 @@ class Stacked:
     ours: str
 
 
-TensorEntry = Union[str, Fused, Transposed, Stacked]
+TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked]
 
 
 @dataclass(frozen=True)
@@ -190,7 +198,7 @@ class Family:
                 continue
             if isinstance(entry, Fused):
                 tensor = _fuse([tensors[_layer(part, name)] for part in entry.parts], entry.layout, cfg)
-            out[hf] = tensor.t() if _transposed(entry, tensor.shape) else tensor
+            out[hf] = tensor.t() if _transposed(entry, tensor.shape) else _unswapped(entry, tensor, cfg)
         return out
 
     def from_hf(self, names: list[str], get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -204,7 +212,7 @@ class Family:
                 continue
             if hf not in cache:
                 tensor = get(hf)
-                tensor = tensor.t() if _transposed(entry, tensor.shape) else tensor
+                tensor = tensor.t() if _transposed(entry, tensor.shape) else _unswapped(entry, tensor, cfg)
                 cache[hf] = _split(tensor, entry, name, cfg) if isinstance(entry, Fused) else [tensor]
             out[name] = cache[hf][index]
         return out
@@ -257,7 +265,7 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
         table = {}
         for tensors in (family.tensors, *(family.variants[i].tensors for i in chosen)):
             for hf, entry in tensors.items():
-                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, (Transposed, Stacked)) else entry,)
+                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, (Transposed, HalvesSwapped, Stacked)) else entry,)
                 for index, ours in enumerate(parts):
                     table[ours] = (hf, entry, index)
         _REVERSE[key] = table
@@ -267,6 +275,13 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
 def _transposed(entry: TensorEntry, shape) -> bool:
     """Conv1D weights are transposed, their biases (1-D) are not."""
     return len(shape) == 2 and (isinstance(entry, Transposed) or (isinstance(entry, Fused) and entry.transpose))
+
+
+def _unswapped(entry: TensorEntry, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """A HalvesSwapped tensor's halves of each head swapped (its own inverse); any other tensor as it is."""
+    if not isinstance(entry, HalvesSwapped):
+        return tensor
+    return tensor.view(-1, 2, cfg.head_dim // 2, *tensor.shape[1:]).flip(1).reshape(tensor.shape)  # [heads, 2, d/2, ...]
 
 
 def _fuse(parts: list[torch.Tensor], layout: str, cfg: ModelConfig) -> torch.Tensor:
