@@ -1,8 +1,8 @@
-"""More dense decoders written as differences from Llama: Nemotron and Arcee (a plain squared-ReLU MLP),
-Seed-OSS (its own output-projection bias), Helium (interleaved RoPE), EXAONE 4 (output norms, QK-norm,
-no positions on its full-attention layers), OLMo 3 (OLMo 2 with sliding layers, the full ones' RoPE
-scaled alone), HunYuan dense (QK-norm after RoPE), Apertus (a plain xIELU MLP, QK-norm), NanoChat (weightless norms, its
-rotation the other way round)."""
+"""More dense decoders written as differences from Llama: Nemotron, Arcee and Jais2 (a plain squared-ReLU
+MLP), Seed-OSS (its own output-projection bias), Helium (interleaved RoPE), EXAONE 4 (output norms, QK-norm,
+no positions on its full-attention layers), OLMo 3 (OLMo 2 with sliding layers, the full ones' RoPE scaled
+alone), HunYuan dense (QK-norm after RoPE), Apertus (a plain xIELU MLP, QK-norm), CWM (sliding layers),
+NanoChat (weightless norms, its rotation the other way round)."""
 
 import dataclasses
 

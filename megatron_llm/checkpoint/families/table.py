@@ -4,9 +4,9 @@ A `Family` is data: which Hugging Face config keys set which ModelConfig fields 
 always is (`Fixed`), the odd keys that need a small function each way (`Derived`), and a tensor table
 from Hugging Face name templates to ours (`{i}` is the layer), where an entry may fuse several of our
 tensors into one of theirs (`Fused`: q/k/v in one of three layouts, gate/up) or store a weight
-transposed (GPT-2's Conv1D); names that follow the config are the family's variants (`When`). One engine
-below reads every table in both directions, so no family has a conversion loop of its own, and export is
-proven by reading the written config back.
+transposed (GPT-2's Conv1D) or with each head's halves swapped (NanoChat's q/k); names that follow the
+config are the family's variants (`When`). One engine below reads every table in both directions, so no
+family has a conversion loop of its own, and export is proven by reading the written config back.
 """
 
 from __future__ import annotations
