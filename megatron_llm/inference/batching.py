@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megatron_llm.inference.generate import Sampling, check_fits, left_padded, next_tokens
+from megatron_llm.inference.generate import Sampling, check_fits, last_position_only, left_padded, next_tokens
 from megatron_llm.model.attention_kernels import KeyMask
 from megatron_llm.model.kv_cache import KVCache
 
@@ -163,7 +163,8 @@ def _prefill(model, requests: list[Request], sampling: Sampling, generator, devi
     tokens, valid, positions = left_padded(prompts, longest, device)
     keys = KeyMask(valid=valid) if not valid.all() else KeyMask()
     together = KVCache(longest)
-    logits = model(tokens, positions=positions, keys=keys, cache=together)[:, -1].float()
+    with last_position_only(model):
+        logits = model(tokens, positions=positions, keys=keys, cache=together)[:, -1].float()
     firsts = next_tokens(logits, sampling, generator).tolist()
     return [Prefilled(key, [first], new_tokens, len(prompt), together, row, longest - len(prompt))
             for row, ((key, prompt, new_tokens), first) in enumerate(zip(requests, firsts))]
