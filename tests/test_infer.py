@@ -85,7 +85,7 @@ def test_bad_input_is_one_line(setup, tmp_path, line, message):
     with pytest.raises(UsageError, match=message):
         Infer(str(root / "model"), str(tmp_path / "prompts.jsonl"), str(tmp_path / "out.jsonl"),
               generation=Generation(max_new_tokens=12)).run()
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.parts").exists()  # workers stopped
     with pytest.raises(UsageError, match="3 workers cannot share 2 devices"):
         Infer(str(root / "model"), str(root / "prompts.jsonl"), str(tmp_path / "x.jsonl"), num_workers=3,
               devices=["cpu", "cpu"]).run()

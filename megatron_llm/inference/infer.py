@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing.connection
 import os
 import shutil
 import sys
@@ -59,40 +60,55 @@ class Infer:
         device_sets = worker_devices(self.devices, self.num_workers)
         if not Path(self.model_path).exists():
             raise UsageError(f"model {self.model_path} not found")
-        check_lengths(records, self.model_path, self.tokenizer, self.generation.max_new_tokens)
         output = Path(self.output_path)
         parts = output.with_name(output.name + ".parts")
+        created = not parts.exists()
         parts.mkdir(parents=True, exist_ok=True)
         drop_torn_lines(parts, rank)
         done = finished(parts)
         mine = [r for i, r in enumerate(records) if i % world == rank and r["_id"] not in done]
-        if mine:
-            self._run_workers(mine, parts, rank, device_sets)
+        # The workers start (process, imports, model load: seconds) while this process checks every prompt (its
+        # own imports: seconds more); they write nothing before the check passes, and are stopped if it fails.
+        workers = self._start_workers(mine, parts, rank, device_sets) if mine else None
+        try:
+            check_lengths(records, self.model_path, self.tokenizer, self.generation.max_new_tokens)
+        except UsageError:
+            for proc in workers[0] if workers else []:
+                proc.terminate()
+                proc.join()
+            if created and not any(parts.iterdir()):
+                parts.rmdir()
+            raise
+        if workers:
+            procs, go, timings = workers
+            go.set()
+            self._wait(procs, parts, len(mine))
+            self.timings = [WorkerTiming(*timings.get()) for p in procs if p.exitcode == 0]
         if world > 1:
             _barrier()
         if rank == 0:
             merge(records, parts, output)
         return output
 
-    def _run_workers(self, records: list[dict], parts: Path, rank: int, device_sets: list[Optional[list[str]]]) -> None:
-        import torch.multiprocessing as mp
+    def _start_workers(self, records: list[dict], parts: Path, rank: int, device_sets: list[Optional[list[str]]]):
+        """(worker processes, the event that lets them generate, the queue of their timings)."""
+        import multiprocessing as mp
 
         context = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.num_workers)  # workers split the cores, never oversubscribe
         shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
-        procs, timings = [], context.SimpleQueue()
+        procs, go, timings = [], context.Event(), context.SimpleQueue()
         for w, share in enumerate(shares):
             if not share:
                 continue
             part = parts / f"node{rank}-worker{w}.jsonl"
             args = (self.model_path, share, str(part), device_sets[w], threads, asdict(self.generation),
-                    self.batch_size, self.tokenizer, self.dtype, timings, time.time())
+                    self.batch_size, self.tokenizer, self.dtype, go, timings, time.time())
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
             with _thread_env(threads):
                 proc.start()
             procs.append(proc)
-        self._wait(procs, parts, len(records))
-        self.timings = [WorkerTiming(*timings.get()) for p in procs if p.exitcode == 0]
+        return procs, go, timings
 
     def _wait(self, procs: list, parts: Path, total: int) -> None:
         from megatron_llm.logging.progress import Progress
@@ -100,7 +116,7 @@ class Infer:
         progress = Progress("infer", total, "prompts", every_s=10.0)
         before = len(finished(parts))
         while any(p.is_alive() for p in procs):
-            time.sleep(0.5)
+            multiprocessing.connection.wait([p.sentinel for p in procs], timeout=0.5)  # back as soon as they end
             progress.update(len(finished(parts)) - before)
         progress.update(len(finished(parts)) - before)
         progress.close()
@@ -112,12 +128,12 @@ class Infer:
 
 @dataclass
 class WorkerTiming:
-    startup_s: float  # process start, imports and model load
+    startup_s: float  # process start, imports, model load (and waiting for the prompts' check, if longer)
     generate_s: float  # from the model loaded to the last result written
     ready_at: float  # wall-clock time (time.time()) when the model was loaded
 
 
-def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, timings,
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, go, timings,
             started: float) -> None:
     import torch
 
@@ -127,6 +143,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
     if devices and len(devices) > 1:
         llm.set_device(devices)
+    go.wait()  # the parent's check of every prompt passed
     ready = time.time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
