@@ -1,7 +1,7 @@
 """Decoding speed of megatron_llm's generate against transformers' generate, same model and prompts, in one run.
 
     python tools/benchmark_generate.py --config configs/tiny.yaml
-    python tools/benchmark_generate.py --config configs/llama_100m.yaml --new-tokens 32 --repeats 2
+    python tools/benchmark_generate.py --config configs/llama_100m.yaml --new-tokens 32 --repeats 5
 
 Both sides get the same random weights (ours, copied into transformers' Llama through the family table), the
 same prompts (random token ids of --prompt-len) and greedy decoding of exactly --new-tokens tokens (no stop
@@ -11,6 +11,7 @@ are checked to be the same tokens (fp32), so both sides did the same work.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,6 +34,7 @@ def hf_model(model):
     config = transformers.LlamaConfig(**hf_config_from_model_config(model.cfg, "llama"), attn_implementation="sdpa")
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.load_state_dict(native_to_hf(model.state_dict(), model.cfg, "llama"))
+    hf.generation_config.eos_token_id = None  # ours has no stop token here; min_new_tokens would ban its id 2
     return hf
 
 
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="the larger batch size (batch 1 is always run)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side and batch")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (1: steadier on a shared "
+                        "machine, where spinning OpenMP threads of 2 wait on a busy core)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model = build_model(cfg.model, "cpu", seed=0).eval()
     hf = hf_model(model)
@@ -73,7 +79,9 @@ def main(argv=None) -> int:
 
     def theirs(prompts, n):
         with torch.no_grad():
-            out = hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            # an explicit mask: without one transformers takes every id equal to pad_token_id in a prompt for padding
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
         return out[:, prompts.shape[1]:].tolist()
 
     print(f"torch {torch.__version__}, cpu fp32, {torch.get_num_threads()} threads; model {cfg.model.num_params() / 1e6:.1f}M "
@@ -94,6 +102,7 @@ def main(argv=None) -> int:
             rates[side] = batch / per_token
             print(f"{batch:>5} {side:>6} {prefill * 1e3:>11.1f} {per_token * 1e3:>9.2f} {rates[side]:>9.0f}")
         print(f"{batch:>5}  ratio ours/HF decode tokens/s: {rates['ours'] / rates['HF']:.2f}")
+    print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
     return 0
 
 
