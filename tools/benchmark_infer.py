@@ -7,10 +7,12 @@ own max_new_tokens drawn uniformly from --min-new-tokens..--max-new-tokens, so o
 lengths (greedy; --stop adds a stop string, for a trained --model). A trained checkpoint, or the config's
 model with random weights. Static batching decodes fixed groups of --batch-size prompts, each group until its
 longest row ends; continuous batching gives a finished row's slot to the next request at once. The two run
-alternately --repeats times (medians) and must produce the same tokens (checked). Then Infer runs the same
-jsonl (each line its max_new_tokens) with 1 and with 2 worker processes (each worker its share of the
-cores), alternated --repeats times, timed whole and generating: from the first worker's model loaded to the
-last result (process start, imports and model load left out, as the workers report them). The machine's load average is printed: timings on a shared machine move.
+alternately --repeats times (medians); the rows whose tokens are the same on both paths are counted (with
+random weights two logits can tie within float rounding, and the batch's shape then picks the winner).
+Then Infer runs the same jsonl (each line its max_new_tokens) with 1 and with 2 worker processes (each
+worker its share of the cores), alternated --repeats times, timed whole and generating: from the first
+worker's model loaded to the last result (process start, imports and model load left out, as the workers
+report them). The machine's load average is printed: timings on a shared machine move.
 """
 
 import argparse
@@ -101,13 +103,13 @@ def main(argv=None) -> int:
             return [done[i] for i in range(len(prompts))]
 
         runs = {"static": [], "continuous": []}
-        same = True
+        same = len(prompts)  # rows equal in every run; a random model's near-tied logits can flip one
         for _ in range(args.repeats):
             outputs = {}
             for name, fn in (("static", static), ("continuous", continuous)):
                 seconds, outputs[name] = timed(fn)
                 runs[name].append(seconds)
-            same &= outputs["static"] == outputs["continuous"]
+            same = min(same, sum(a == b for a, b in zip(outputs["static"], outputs["continuous"])))
         produced = sum(map(len, outputs["static"]))
         t_static, t_cont = (statistics.median(runs[k]) for k in ("static", "continuous"))
         # the work each path does: static runs every row of a group for its longest row's steps
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
           f"(ideal continuous/static {static_rows / sum(limits):.2f}x)")
     print(f"static batching      {t_static:7.2f} s   {produced / t_static:7.0f} tokens/s   (runs {', '.join(f'{t:.2f}' for t in runs['static'])})")
     print(f"continuous batching  {t_cont:7.2f} s   {produced / t_cont:7.0f} tokens/s   ratio {t_static / t_cont:.2f}x   "
-          f"same tokens: {same}   (runs {', '.join(f'{t:.2f}' for t in runs['continuous'])})")
+          f"same tokens in {same}/{len(prompts)} rows   (runs {', '.join(f'{t:.2f}' for t in runs['continuous'])})")
     if times:
         for workers, (whole, generating) in times.items():
             ratio = "" if workers == 1 else (f"   ratio {times[1][0] / whole:.2f}x whole, "
