@@ -121,8 +121,9 @@ def single_process(corpus, run_dir, steps: int, model: dict):
     return train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus, run_dir, steps, **model)))
 
 
-def check_chain(workers, corpus, tmp_path, model: dict, chain: list):
-    """Returns the single process's result and each run's, by name, for checks of their own."""
+def check_chain(workers, corpus, tmp_path, model: dict, chain: list, val_rtol: float = LOSS_RTOL):
+    """Returns the single process's result and each run's, by name, for checks of their own. `val_rtol`: the
+    validation losses' tolerance, for a model whose loss moves more than its parameters (a reward model's)."""
     ref_dir = tmp_path / "one-process"
     ref = single_process(corpus, ref_dir, 2 * len(chain), model)
     resume, runs = None, {}
@@ -137,7 +138,7 @@ def check_chain(workers, corpus, tmp_path, model: dict, chain: list):
                 assert got.channels[step][c][1] == tokens, (name, step, c)
                 assert got.channels[step][c][0] == pytest.approx(loss_sum, rel=LOSS_RTOL), (name, step, c)
         for step, value in got.val_losses.items():
-            assert value == pytest.approx(ref.val_losses[step], rel=LOSS_RTOL), (name, "val", step)
+            assert value == pytest.approx(ref.val_losses[step], rel=val_rtol), (name, "val", step)
         resume = str(tmp_path / name / "ckpt" / f"step_{end:07d}")
         trained = megatron_llm.load_model(resume)
         expected = megatron_llm.load_model(str(ref_dir / "ckpt" / f"step_{end:07d}"))

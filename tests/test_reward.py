@@ -168,7 +168,10 @@ def test_reward_chain_matches_one_process(workers, tmp_path_factory):
     # One score per row leaves most embedding rows a gradient of rounding noise, which AdamW's eps 1e-8 would
     # turn into full-size updates of either sign (see test_parallel's PARAM_ATOL): eps 1e-4 keeps them small.
     model = dict(data__format="pairs", model__head="score", optimizer__eps=1e-4)
-    check_chain(workers, directory, tmp_path_factory.mktemp("runs"), model, REWARD_CHAIN)
+    # A pairwise loss after a few updates moves ~10x more than the parameters that make it: dp2 DDP alone, 4 steps
+    # from scratch, left every parameter within 1.5e-6 of one process (PARAM_ATOL 2e-5) and the step-4 validation
+    # loss 2.7e-5 relative apart (this chain: 7.8e-5), while the step-1 and step-2 ones agreed to 4e-7.
+    check_chain(workers, directory, tmp_path_factory.mktemp("runs"), model, REWARD_CHAIN, val_rtol=2e-4)
 
 
 def test_init_from_a_language_model_keeps_its_body_under_a_new_score_head(pair_corpus, tmp_path):
