@@ -113,7 +113,7 @@ def test_parquet_without_pyarrow_is_one_line_and_writes_nothing(tmp_path, monkey
     input is refused by name, before anything is written."""
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # an import of it fails, as where it is absent
     (tmp_path / "chats.parquet").write_bytes(b"PAR1")
-    with pytest.raises(UsageError, match=r"chats.parquet is parquet, which needs pyarrow: pip install pyarrow, or export it as jsonl"):
+    with pytest.raises(UsageError, match=r"chats.parquet is parquet, which needs pyarrow: pip install -e '\.\[parquet\]' \(or pyarrow\), or export it as jsonl"):
         preprocess(str(tmp_path / "chats.parquet"), str(tmp_path / "chat"), fmt="chat", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.parquet"]
 

@@ -222,4 +222,4 @@ def check_input(path: Path) -> None:
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise UsageError(f"{path} is parquet, which needs pyarrow: pip install pyarrow, or export it as jsonl") from None
+            raise UsageError(f"{path} is parquet, which needs pyarrow: pip install -e '.[parquet]' (or pyarrow), or export it as jsonl") from None
