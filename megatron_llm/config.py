@@ -57,8 +57,6 @@ class ParallelConfig:
             raise UsageError(
                 f"parallel.ep ({self.ep}) must be positive and divide model.moe_experts ({model.moe_experts})"
             )
-        if tp > 1 and model.attention == "mla":
-            raise UsageError("model.attention mla has no tensor-parallel plan: use parallel.tp 1 (ep, pp and dp work)")
         router_losses = model.moe_aux_loss_coeff or model.moe_z_loss_coeff
         if self.pp > 1 and model.moe_experts and router_losses and model.moe_aux_loss_scope == "model":
             raise UsageError(

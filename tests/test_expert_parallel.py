@@ -4,6 +4,8 @@ step for step (losses, per-channel sums, validation losses, logged router losses
 tolerances of test_parallel.py. Layouts: ep 2 over dp 2 with FSDP2 (the experts in no data-parallel unit),
 ep 2 x tp 2 with sequence parallelism and DDP, ep 2 x pp 2, ep 2 over dp 4 with FSDP2 (experts sharded over
 the two ranks holding the same ones), then tp 2 x pp 2 at ep 1: a checkpoint written at ep 2 resumes at ep 1.
+The model is DeepSeek-V3's shape, multi-head latent attention with low-rank queries, so the tp links also check
+MLA's tensor-parallel plan (heads split, the compressed projections and their norms replicated).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from test_parallel import LOSS_RTOL, check_chain, overrides
 MOE = dict(model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=32, model__moe_dense_layers="[0]",
            model__moe_shared_ffn_hidden_size=32, model__moe_shared_gate=True, model__moe_expert_bias=True,
            model__moe_bias_update_rate=0.01, model__moe_aux_loss_coeff=0.1, model__moe_z_loss_coeff=0.01,
-           model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True)
+           model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True,
+           model__attention="mla", model__mla_q_lora_rank=48, model__mla_kv_lora_rank=32, model__mla_rope_head_dim=8,
+           model__mla_v_head_dim=16)
 EP_CHAIN = [
     ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__ep=2)),
     ("tp2-dp2-ep2-sp-ddp", 2, 1, 2, dict(parallel__ep=2, parallel__sp=True, parallel__data_parallel="ddp")),

@@ -261,10 +261,12 @@ def test_bad_latent_attention_config_is_one_line(overrides, message):
         moe_cfg(**{**dict(attention="mla", mla_rope_head_dim=4, mla_kv_lora_rank=16, mla_v_head_dim=6), **overrides})
 
 
-def test_latent_attention_refuses_tensor_parallelism_before_any_process_group(tiny_config, tmp_path):
-    with pytest.raises(UsageError, match=r"model\.attention mla has no tensor-parallel plan"):
-        tiny_config(tmp_path, model__attention="mla", model__mla_rope_head_dim=4, model__mla_kv_lora_rank=16,
-                    model__mla_v_head_dim=8, parallel__tp=2)
+def test_latent_attention_splits_whole_heads_over_tp(tiny_config, tmp_path):
+    """tp 2 is accepted (tests/test_expert_parallel.py runs it); heads that tp cannot split are refused by name."""
+    mla = dict(model__attention="mla", model__mla_rope_head_dim=4, model__mla_kv_lora_rank=16, model__mla_v_head_dim=8)
+    assert tiny_config(tmp_path, **mla, parallel__tp=2).parallel.tp == 2
+    with pytest.raises(UsageError, match=r"model\.num_heads \(4\) is not divisible by parallel\.tp \(3\)"):
+        tiny_config(tmp_path, **mla, parallel__tp=3)
 
 
 @pytest.mark.parametrize("scope", ["model", "layer"])

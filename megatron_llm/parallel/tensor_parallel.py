@@ -6,6 +6,12 @@ rank's partial result is summed). Splitting wq/wk/wv by rows keeps whole heads o
 num_kv_heads % tp == 0 (checked in config), query head j and its key/value head j // group land on the
 same rank: heads are split by key/value group, no key/value head is replicated.
 
+Multi-head latent attention (model/mla.py) splits its heads the same way: the projections that make heads
+(wq, or wq_b after the low-rank wq_a and q_a_norm; wkv_b) are column-parallel and wo row-parallel. The
+compressed projections (wq_a, wkv_a) and their norms are replicated plain modules: every rank computes the
+whole latents, and their gradients are whole on every rank because ColwiseParallel sums its input gradient
+over tp, and SharedRopeKey sums the gradient of the one RoPE key that all heads share.
+
 The embedding and the output head are vocabulary-parallel: each rank holds vocab/tp rows, the head
 returns logits as a DTensor sharded on the vocabulary, and the cross-entropy runs under DTensor's
 `loss_parallel()`, which reduces max and sum-exp across ranks: no rank ever holds the full logits.
@@ -22,7 +28,7 @@ import math
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -45,6 +51,8 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=seq),
+        "attention.wq_b": ColwiseParallel(),  # mla
+        "attention.wkv_b": ColwiseParallel(),  # mla
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         "feed_forward.w3": ColwiseParallel(),
@@ -56,6 +64,12 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         for norm in ("attention_norm", "attention_post_norm", "ffn_norm", "ffn_post_norm"):
             plan[norm] = SequenceParallel(use_local_output=True)
         plan["attention"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
+        if _has_params(block, "attention.wkv_a"):
+            # MLA's replicated wq_a and wkv_a take plain tensors. Every part of the input's gradient is whole (see
+            # the module docstring), so the backward of the gather only keeps this rank's sequence shard.
+            plan["attention"] = PrepareModuleInput(
+                input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
         if _has_params(block, "feed_forward.router"):
             # A MoE layer is not split by tp (each tp rank routes the whole sequence through whole experts,
@@ -73,7 +87,30 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
     per_head = getattr(block.attention, "qk_norm_per_head", True)
     for name in ("attention.q_norm", "attention.k_norm"):
         plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True) if per_head else ProjectionNorm()
+    if _has_params(block, "attention.wkv_a"):
+        plan["attention.wkv_a"] = SharedRopeKey(block.attention.rope_dim)
     return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, ProjectionNorm))}
+
+
+class SharedRopeKey(ParallelStyle):
+    """MLA's wkv_a, replicated: its output is [latent | rope], and the rope part is the one decoupled RoPE key every
+    head shares. This rank's heads use it, so its gradient here is a partial sum over the heads; the backward sums
+    it over tp. The latent's gradient is already whole (wkv_b's ColwiseParallel sums its input gradient)."""
+
+    def __init__(self, rope_dim: int):
+        super().__init__()
+        self.rope_dim = rope_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            latent, rope = out.split([out.shape[-1] - self.rope_dim, self.rope_dim], dim=-1)
+            # Identity forward; backward treats the gradient as Partial and all-reduces it to Replicate.
+            rope = DTensor.from_local(rope, device_mesh, [Replicate()], run_check=False)
+            rope = rope.to_local(grad_placements=[Partial()])  # [b, s, rope]
+            return torch.cat((latent, rope), dim=-1)  # [b, s, latent + rope]
+
+        module.register_forward_hook(hook)
+        return module
 
 
 class ProjectionNorm(ParallelStyle):
@@ -168,7 +205,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
 
 def _shard_alibi_slopes(attention: nn.Module, tp_mesh: DeviceMesh) -> None:
     """ALiBi's per-head slopes follow the heads: this rank keeps the slopes of the query heads it owns."""
-    if attention.alibi_slopes is not None:
+    if getattr(attention, "alibi_slopes", None) is not None:  # MLA has no ALiBi
         attention.alibi_slopes = attention.alibi_slopes.chunk(tp_mesh.size())[tp_mesh.get_local_rank()].clone()
 
 
