@@ -30,6 +30,12 @@ def moe_cfg(**overrides) -> ModelConfig:
     return cfg
 
 
+def seeded_batch() -> dict:
+    """One training micro-batch of 2 x 16 random tokens, the same every call."""
+    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    return dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
+
+
 def reference(moe: MoE, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     """The layer's equations token by token: scores, the (group-limited, biased) choice, the weights, and
     the weighted sum of the chosen experts' MLPs plus the (gated) shared experts."""
@@ -274,8 +280,7 @@ def test_compiled_blocks_train_the_moe_as_eager_ones(scope):
     """training.compile: the grouped matmul runs eagerly inside the compiled block in fp32 (torch's shape
     kernel for it takes bf16 only), the router statistics still reach the step."""
     cfg = moe_cfg(moe_aux_loss_coeff=0.01, moe_aux_loss_scope=scope)
-    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
+    batch = seeded_batch()
     runs = []
     for compiled in (False, True):
         model = build_model(cfg, "cpu", seed=0)
@@ -295,8 +300,7 @@ def test_recomputed_blocks_give_the_same_router_losses_and_updates(scope):
     still reach the gradients (layer scope: through the first forward's graph, nothing saved for them) and the
     recomputation is not counted in the expert load."""
     cfg = moe_cfg(moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01, moe_aux_loss_scope=scope)
-    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
-    batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(2, 16), channel=torch.zeros(2, dtype=torch.long))
+    batch = seeded_batch()
     runs = []
     for recompute in (False, True):
         model = build_model(cfg, "cpu", seed=0)
