@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from megatron_llm.inference.generate import Sampling, check_fits, last_position_only, left_padded, next_tokens
+from megatron_llm.inference.generate import Sampling, check_fits, finished, last_position_only, left_padded, next_tokens
 from megatron_llm.model.attention_kernels import KeyMask
 from megatron_llm.model.kv_cache import KVCache
 
@@ -119,7 +119,7 @@ def continuous_batches(
                     return done, None
                 ready.extend(_prefill(model, batch, sampling, generator, device, cache.max_len))
             request = ready.popleft()
-            if not _finished(request.tokens, request.limit, sampling, stopped, slot):
+            if not finished(request.tokens, request.limit, sampling, stopped, slot):
                 return done, request
             done.append((request.key, request.tokens))  # no slot needed
 
@@ -143,14 +143,10 @@ def continuous_batches(
                 continue
             produced[slot].append(token)
             length[slot] += 1
-            if _finished(produced[slot], limit[slot], sampling, stopped, slot):
+            if finished(produced[slot], limit[slot], sampling, stopped, slot):
                 yield owner[slot], produced[slot]
                 owner[slot] = None
                 cache.release(slot)
-
-
-def _finished(tokens: list[int], limit: int, sampling: Sampling, stopped, slot: int) -> bool:
-    return tokens[-1] in sampling.stop_tokens or len(tokens) >= limit or (stopped is not None and stopped(slot, tokens))
 
 
 def _prefill(model, requests: list[Request], sampling: Sampling, generator, device, context: int) -> list[Prefilled]:

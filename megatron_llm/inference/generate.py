@@ -93,6 +93,13 @@ def left_padded(prompts: list[list[int]], width: int, device) -> tuple[torch.Ten
     return tokens, valid, (valid[:, :longest].cumsum(-1) - 1).clamp(min=0)
 
 
+def finished(tokens: list[int], limit: int, sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]],
+             row: int) -> bool:
+    """Whether a row whose new tokens are `tokens` is done: at a stop token, at its `limit` of new tokens, or
+    when `stopped(row, tokens)` says so."""
+    return tokens[-1] in sampling.stop_tokens or len(tokens) >= limit or (stopped is not None and stopped(row, tokens))
+
+
 @torch.no_grad()
 def stream_ids(
     model: nn.Module, prompts: list[list[int]], sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]] = None,
@@ -127,8 +134,7 @@ def stream_ids(
                 continue
             produced[row].append(token)
             step.append(token)
-            done[row] = (token in sampling.stop_tokens or len(produced[row]) >= limits[row]
-                         or (stopped is not None and stopped(row, produced[row])))
+            done[row] = finished(produced[row], limits[row], sampling, stopped, row)
         yield step
         if all(done):
             return
