@@ -52,9 +52,9 @@ class KeyMask:
     query_end: Optional[torch.Tensor] = None  # [b] key index of each row's last query, when rows end apart
 
     def __post_init__(self) -> None:
-        # dense_bias's result per (window, s_q, s_kv), built by a forward's first layer and read by the others;
-        # not a field, so copies and comparisons ignore it
-        object.__setattr__(self, "biases", {})
+        # what the kernels derive from the mask (dense_bias's result per (window, s_q, s_kv), document_chunks's),
+        # built by a forward's first layer and read by the others; not a field, so copies and comparisons ignore it
+        object.__setattr__(self, "memo", {})
 
     @property
     def empty(self) -> bool:
@@ -119,8 +119,8 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
     where masked. Queries are the last s_q of the s_kv positions (a KV cache holds the others). A per-sequence
     mask's bias is built once per KeyMask (one forward), not per layer: on CPU decoding it was ~10% of a step."""
     memo = not keys.empty and not rules.alibi and not torch.compiler.is_compiling()  # slopes differ per layer
-    if memo and (rules.window, s_q, s_kv) in keys.biases:
-        return keys.biases[rules.window, s_q, s_kv]
+    if memo and ("bias", rules.window, s_q, s_kv) in keys.memo:
+        return keys.memo["bias", rules.window, s_q, s_kv]
     offset = s_kv - s_q
     q = torch.arange(s_q, device=device)[:, None]
     kv = torch.arange(s_kv, device=device)[None, :]
@@ -135,7 +135,7 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
         heads = torch.arange(len(slopes), device=device)[:, None, None]
         bias = score_rule(ScoreRules(alibi=True), slopes, offset)(bias, None, heads, q, kv)  # [b, heads, s_q, s_kv]
     if memo:
-        keys.biases[rules.window, s_q, s_kv] = bias
+        keys.memo["bias", rules.window, s_q, s_kv] = bias
     return bias
 
 
@@ -224,6 +224,12 @@ def document_chunks(keys: KeyMask) -> Optional[list[list[tuple[int, bool]]]]:
         return None
     if torch.compiler.is_compiling():  # lengths read on the host would recompile the graph for every batch
         return None
+    if "document_chunks" not in keys.memo:  # once per forward, not per layer: it reads the ids on the host
+        keys.memo["document_chunks"] = _chunks(documents)
+    return keys.memo["document_chunks"]
+
+
+def _chunks(documents: torch.Tensor) -> Optional[list[list[tuple[int, bool]]]]:
     if (documents[:, 1:] < documents[:, :-1]).any():
         return None
     rows = []
