@@ -4,6 +4,9 @@
 Hugging Face -> Megatron-LM at tp=2, pp=2 (megatron-core local-spec names):
     python tools/convert_checkpoint.py --input hf/Llama-3.2-1B --input-format hf \\
         --output ckpt/llama-tp2pp2 --output-format megatron --tp 2 --pp 2
+Mixtral -> Megatron-LM at tp=2, pp=2, ep=2 (experts as local_experts.{l}, E/2 per mp_rank_TT_PPP_EEE file):
+    python tools/convert_checkpoint.py --input hf/Mixtral-8x7B --input-format hf \\
+        --output ckpt/mixtral --output-format megatron --tp 2 --pp 2 --ep 2
 Reshard a Megatron-LM checkpoint (tp=4, pp=2 -> tp=2, pp=1):
     python tools/convert_checkpoint.py --input ckpt/a --input-format megatron --output ckpt/b --output-format megatron --tp 2
 Hugging Face -> native, then train from it:
@@ -44,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", required=True, choices=FORMATS)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of a Megatron output")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of a Megatron output")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size of a Megatron output (mixture-of-experts models)")
     p.add_argument("--megatron-spec", choices=("local", "te"), default="local",
                    help="Megatron key names: megatron-core's local spec or the Transformer Engine spec")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
@@ -61,7 +65,7 @@ def main(argv: list[str]) -> int:
     try:
         from megatron_llm.checkpoint.convert import Options, convert
 
-        opts = Options(tp=args.tp, pp=args.pp, spec=args.megatron_spec, dtype=args.dtype, hf_family=args.hf_family,
+        opts = Options(tp=args.tp, pp=args.pp, ep=args.ep, spec=args.megatron_spec, dtype=args.dtype, hf_family=args.hf_family,
                        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
         summary = convert(args.input, args.input_format, args.output, args.output_format, opts)
     except UsageError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +44,17 @@ MEGATRON_TO_NATIVE = {
     "decoder.layers.{i}.mlp.linear_fc1.bias": (("layers.{i}.feed_forward.w1.bias", "layers.{i}.feed_forward.w3.bias"), GATED),
     "decoder.layers.{i}.mlp.linear_fc2.weight": (("layers.{i}.feed_forward.w2.weight",), ROW),
     "decoder.layers.{i}.mlp.linear_fc2.bias": (("layers.{i}.feed_forward.w2.bias",), REPLICATED),
+    # Mixture-of-experts layers (megatron-core's MoELayer, SequentialMLP experts). `{l}` is the expert index
+    # LOCAL to its expert-parallel rank; ours are stacked [E, ...] tensors, one entry per expert (Entry.expert).
+    "decoder.layers.{i}.mlp.router.weight": (("layers.{i}.feed_forward.router.weight",), REPLICATED),
+    "decoder.layers.{i}.mlp.router.expert_bias": (("layers.{i}.feed_forward.router.expert_bias",), REPLICATED),
+    "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc1.weight": (
+        ("layers.{i}.feed_forward.experts.w1", "layers.{i}.feed_forward.experts.w3"), GATED),
+    "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc2.weight": (("layers.{i}.feed_forward.experts.w2",), ROW),
+    "decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight": (
+        ("layers.{i}.feed_forward.shared_experts.w1.weight", "layers.{i}.feed_forward.shared_experts.w3.weight"), GATED),
+    "decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight": (("layers.{i}.feed_forward.shared_experts.w2.weight",), ROW),
+    "decoder.layers.{i}.mlp.shared_experts.gate_weight": (("layers.{i}.feed_forward.shared_gate.weight",), REPLICATED),
     "decoder.final_layernorm.weight": (("norm.weight",), REPLICATED),
     "decoder.final_layernorm.bias": (("norm.bias",), REPLICATED),
     "output_layer.weight": (("output.weight",), VOCAB),
@@ -54,21 +66,21 @@ TE_NAMES = {
     "decoder.layers.{i}.pre_mlp_layernorm.weight": "decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight",
     "decoder.layers.{i}.pre_mlp_layernorm.bias": "decoder.layers.{i}.mlp.linear_fc1.layer_norm_bias",
 }
-# Modules whose state dict carries an `_extra_state` entry (FP8 metadata; we write None, which both
-# megatron-core and Transformer Engine accept). Missing ones fail Megatron's strict load.
-EXTRA_STATE = {
-    "local": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"),
-    "te": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2",
-           "self_attention.core_attention"),
-}
-SPECS = tuple(EXTRA_STATE)
+# Every linear module but the router carries an `_extra_state` entry (FP8 metadata; we write None, which
+# both megatron-core and Transformer Engine accept), and so does the Transformer Engine spec's core
+# attention. Missing ones fail Megatron's strict load.
+LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+TE_EXTRA_STATE = "self_attention.core_attention"
+SPECS = ("local", "te")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's default; the padded vocabulary is a multiple of this * tp
 # Values an architecture arg may take for our model to express it (None: absent, Megatron's default).
 SUPPORTED_ARGS = {
     "position_embedding_type": ("rope",), "swiglu": (True,), "normalization": ("RMSNorm", "LayerNorm", None),
     "apply_layernorm_1p": (False, None), "rotary_percent": (1.0, None), "rotary_interleaved": (False, None),
-    "num_moe_experts": (None,), "virtual_pipeline_model_parallel_size": (None, 1),
+    "virtual_pipeline_model_parallel_size": (None, 1),
 }
+# How each load-balancing type of Megatron-LM maps to model.moe_aux_loss_global; the rest have no equal here.
+LOAD_BALANCING = {"aux_loss": False, "global_aux_loss": True, "none": False}
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -80,7 +92,7 @@ def _padded(vocab: int, tp: int) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """A model at a (tp, pp) layout: the sizes the splits need and which stage holds what."""
+    """A model at a (tp, pp, ep) layout: the sizes the splits need and which file holds what."""
 
     tp: int
     pp: int
@@ -90,31 +102,45 @@ class Layout:
     head_dim: int
     vocab_size: int
     padded_vocab_size: int
+    ep: int = 1
+    experts: int = 0
 
     @classmethod
-    def of(cls, cfg: ModelConfig, tp: int, pp: int, padded_vocab_size: Optional[int] = None) -> "Layout":
+    def of(cls, cfg: ModelConfig, tp: int, pp: int, padded_vocab_size: Optional[int] = None, ep: int = 1) -> "Layout":
         """Refuses layouts Megatron cannot hold (megatron-core < 0.16 needs whole query groups per rank,
-        and so do we)."""
-        for what, n, by in (("attention heads", cfg.num_heads, tp), ("kv heads (query groups)", cfg.num_kv_heads, tp),
-                            ("MLP width", cfg.ffn_hidden_size, tp), ("layers", cfg.num_layers, pp)):
+        and so do we; an expert's width is split over tp as the dense MLP's is)."""
+        if ep > 1 and not cfg.moe_experts:
+            raise UsageError(f"--ep {ep} splits the experts of a mixture-of-experts model, and this model has none; drop --ep")
+        for what, n, by, flag in (
+                ("attention heads", cfg.num_heads, tp, "--tp"), ("kv heads (query groups)", cfg.num_kv_heads, tp, "--tp"),
+                ("MLP width", cfg.ffn_hidden_size, tp, "--tp"), ("layers", cfg.num_layers, pp, "--pp"),
+                ("expert width", cfg.moe_ffn_hidden_size or 0, tp, "--tp"),
+                ("shared-expert width", cfg.moe_shared_ffn_hidden_size, tp, "--tp"),
+                ("experts", cfg.moe_experts, ep, "--ep")):
             if by < 1 or n % by:
-                flag = "--pp" if what == "layers" else "--tp"
                 raise UsageError(f"{flag} {by} does not divide the model's {n} {what}; choose a {flag} that divides {n}")
         padded = padded_vocab_size or _padded(cfg.vocab_size, tp)
         if padded < cfg.vocab_size or padded % tp:
             raise UsageError(f"padded_vocab_size {padded} cannot hold the vocabulary of {cfg.vocab_size} split {tp} ways")
-        return cls(tp, pp, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, padded)
+        return cls(tp, pp, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, padded,
+                   ep, cfg.moe_experts)
 
     @property
     def layers_per_stage(self) -> int:
         return self.num_layers // self.pp
 
-    def shard_dir(self, tp_rank: int, pp_rank: int) -> str:
-        return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+    @property
+    def experts_per_rank(self) -> int:
+        return self.experts // self.ep
 
-    def extra_state_keys(self, stage: int, spec: str) -> list[str]:
-        keys = [f"decoder.layers.{i}.{module}._extra_state" for i in range(self.layers_per_stage) for module in EXTRA_STATE[spec]]
-        return keys + (["output_layer._extra_state"] if stage == self.pp - 1 else [])
+    def files(self) -> list[tuple[int, int]]:
+        """(tp rank, ep rank) of every file of one stage."""
+        return [(t, e) for t in range(self.tp) for e in range(self.ep)]
+
+    def shard_dir(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        """Megatron-LM's get_checkpoint_name: the pp and ep suffixes appear only when that size is > 1."""
+        return (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+                + (f"_{ep_rank:03d}" if self.ep > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -125,11 +151,18 @@ class Entry:
     sources: tuple[str, ...]
     kind: str
     stage: int
+    expert: Optional[int] = None  # an expert's tensor: its index in our stacked [E, ...] sources
+    ep_rank: Optional[int] = None  # the expert-parallel rank whose files hold it; None: every rank's
+
+    def part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This entry's share of a native source tensor: one expert's slice, or the whole tensor."""
+        return tensor if self.expert is None else tensor[self.expert]
 
 
 def entries(shapes: dict, layout: Layout, spec: str, tied: bool) -> list[Entry]:
-    """Every tensor Megatron stores for a model whose native state-dict shapes are `shapes`. A tied head
-    is stored only when pipelining: megatron-core's last stage keeps its own copy of the embedding."""
+    """Every tensor Megatron stores for a model whose native state-dict shapes are `shapes`, experts in
+    order. A tied head is stored only when pipelining: megatron-core's last stage keeps its own copy of
+    the embedding."""
     out = []
     for template, (sources, kind) in MEGATRON_TO_NATIVE.items():
         name = TE_NAMES.get(template, template) if spec == "te" else template
@@ -140,10 +173,25 @@ def entries(shapes: dict, layout: Layout, spec: str, tied: bool) -> list[Entry]:
             if i is None:
                 stage = 0 if template.startswith("embedding.") else layout.pp - 1
                 out.append(Entry(name, names, kind, stage))
-            else:
-                stage, local = divmod(i, layout.layers_per_stage)
+                continue
+            stage, local = divmod(i, layout.layers_per_stage)
+            if "{l}" not in template:
                 out.append(Entry(name.format(i=local), names, kind, stage))
+                continue
+            for e in range(layout.experts):
+                ep_rank, slot = divmod(e, layout.experts_per_rank)  # global expert = ep_rank * E/ep + local slot
+                out.append(Entry(name.format(i=local, l=slot), names, kind, stage, e, ep_rank))
     return out
+
+
+def extra_state_keys(stage_entries: list[Entry], layout: Layout, stage: int, spec: str) -> list[str]:
+    """The `_extra_state` keys of one file whose tensors are `stage_entries`."""
+    modules = dict.fromkeys(e.key.rsplit(".", 1)[0] for e in stage_entries if e.key.rsplit(".", 2)[-2] in LINEARS)
+    if spec == "te":
+        modules.update(dict.fromkeys(f"decoder.layers.{i}.{TE_EXTRA_STATE}" for i in range(layout.layers_per_stage)))
+    if stage == layout.pp - 1:
+        modules["output_layer"] = None
+    return [f"{m}._extra_state" for m in modules]
 
 
 def split(entry: Entry, parts: list[torch.Tensor], layout: Layout) -> list[torch.Tensor]:
@@ -208,10 +256,20 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
                                 {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
         raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is Llama-3's "
                          f"with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
-    args = _args(cfg, layout, dtype, spec)
+    if cfg.moe_experts and spec == "te":
+        raise UsageError("--megatron-spec te has no mixture-of-experts names we write (its experts are grouped Transformer "
+                         "Engine modules): use --megatron-spec local")
+    if cfg.moe_experts and (cfg.out_bias or cfg.mlp_bias):
+        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, which our experts lack: convert "
+                         "a mixture-of-experts model with linear biases to native or hf instead")
+    args = argparse.Namespace(**vars(_args(cfg, layout, dtype, spec)), **moe_args(cfg, layout))
     # Every field must survive a read back: what Megatron cannot express is refused here, by name.
-    back = dataclasses.asdict(model_config_from_args(args))
+    read_back = model_config_from_args(args)
+    back = dataclasses.asdict(read_back)
     back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
+    back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # not in Megatron's args: see _moe_config
+    if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
+        back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
     for key, value in dataclasses.asdict(cfg).items():
         if back[key] != value:
             raise UsageError(f"Megatron-LM cannot express model.{key}={value!r}; convert to native or hf instead")
@@ -244,6 +302,109 @@ def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> ar
     )
 
 
+def moe_pattern(cfg: ModelConfig) -> list[int]:
+    """1 for each mixture-of-experts layer, 0 for each dense one (Megatron-LM's list form of moe_layer_freq)."""
+    return [int(cfg.layer(i).moe) for i in range(cfg.num_layers)]
+
+
+def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
+    """The MoE fields of Megatron-LM's args (num_experts None: a dense model)."""
+    if not cfg.moe_experts:
+        return dict(num_experts=None)
+    pattern = moe_pattern(cfg)
+    return dict(
+        num_experts=cfg.moe_experts, moe_ffn_hidden_size=cfg.moe_ffn_hidden_size, moe_router_topk=cfg.moe_top_k,
+        moe_layer_freq=1 if all(pattern) else pattern,  # an int N means layers 0, N, 2N, ...: not ours
+        moe_shared_expert_intermediate_size=cfg.moe_shared_ffn_hidden_size or None,
+        moe_shared_expert_gate=cfg.moe_shared_gate,
+        **_router_args(cfg),
+        moe_router_bias_update_rate=cfg.moe_bias_update_rate,
+        moe_router_load_balancing_type="global_aux_loss" if cfg.moe_aux_loss_global else "aux_loss",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
+        # Our dropping keeps each expert's earliest tokens: Megatron's "position" policy.
+        moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy="position",
+        moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
+    )
+
+
+def _router_args(cfg: ModelConfig) -> dict:
+    """Our router as megatron-core's topk_routing_with_score_function computes it: softmax then top-k is
+    softmax(pre_softmax) without renormalising, top-k of the logits then softmax over the k is our
+    renormalised softmax; sigmoid renormalises exactly when k > 1; the expert bias only with sigmoid;
+    groups ranked by the sum of their top (topk / group_topk) scores, ours by their top 2."""
+    def refuse(what: str) -> UsageError:
+        return UsageError(f"Megatron-LM cannot express {what}; convert to native or hf instead")
+
+    pre_softmax = cfg.moe_score == "softmax" and not cfg.moe_renormalize
+    if cfg.moe_score == "softmax" and cfg.moe_expert_bias:
+        raise refuse("model.moe_expert_bias with model.moe_score softmax (its expert bias needs sigmoid scores)")
+    if cfg.moe_score == "softmax" and cfg.moe_renormalize and cfg.moe_top_k == 1:
+        raise refuse("a renormalised softmax router with model.moe_top_k 1 (it requires pre-softmax routing at k=1)")
+    if cfg.moe_score == "sigmoid" and cfg.moe_renormalize != (cfg.moe_top_k > 1):
+        raise refuse(f"model.moe_renormalize={cfg.moe_renormalize} with sigmoid scores at model.moe_top_k "
+                     f"{cfg.moe_top_k} (its sigmoid router renormalises exactly when top-k > 1)")
+    if cfg.moe_groups > 1 and (cfg.moe_top_k // cfg.moe_topk_groups != 2 or (cfg.moe_score == "softmax" and not pre_softmax)):
+        raise refuse(f"model.moe_groups {cfg.moe_groups} with model.moe_topk_groups {cfg.moe_topk_groups} and top-k "
+                     f"{cfg.moe_top_k} (it ranks groups by their top top_k/topk_groups scores, of the logits for a "
+                     "renormalised softmax; ours by their top-2 scores)")
+    grouped = cfg.moe_groups > 1
+    return dict(
+        moe_router_score_function=cfg.moe_score, moe_router_pre_softmax=pre_softmax,
+        moe_router_enable_expert_bias=cfg.moe_expert_bias,
+        moe_router_num_groups=cfg.moe_groups if grouped else None,
+        moe_router_group_topk=cfg.moe_topk_groups if grouped else None,
+        moe_router_topk_scaling_factor=cfg.moe_routed_scale if cfg.moe_routed_scale != 1.0 else None,
+    )
+
+
+def _moe_config(args: argparse.Namespace, tp: int) -> dict:
+    """The inverse of moe_args: ModelConfig's MoE fields, or UsageError naming what our MoE lacks."""
+    def arg(name, default=None):
+        value = getattr(args, name, default)
+        return default if value is None else value
+
+    def refuse(name: str, why: str) -> UsageError:
+        return UsageError(f"Megatron checkpoint has {name}={getattr(args, name, None)!r}: {why}")
+
+    experts = arg("num_experts")
+    if not experts:
+        return {}
+    if arg("add_bias_linear", True):
+        raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack")
+    if arg("expert_tensor_parallel_size", tp) != tp:
+        raise refuse("expert_tensor_parallel_size", f"we read experts split over tp as the dense MLP is "
+                     f"(expert_tensor_parallel_size = tensor_model_parallel_size = {tp}); reshard it in Megatron-LM first")
+    balancing = arg("moe_router_load_balancing_type", "aux_loss")
+    if balancing not in LOAD_BALANCING:
+        raise refuse("moe_router_load_balancing_type", f"our router losses are {' or '.join(LOAD_BALANCING)}")
+    if arg("moe_expert_capacity_factor") is not None and arg("moe_token_drop_policy", "probs") != "position":
+        raise refuse("moe_token_drop_policy", "our capacity drops an expert's latest tokens (Megatron's 'position')")
+    score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
+    groups, group_topk = (arg("moe_router_num_groups"), arg("moe_router_group_topk")) if arg("moe_router_group_topk") else (1, 1)
+    if groups > 1 and (topk // group_topk != 2 or (score == "softmax" and not pre_softmax)):
+        raise refuse("moe_router_group_topk", "our group-limited routing ranks groups by the sum of their top-2 scores "
+                     "(moe_router_topk / moe_router_group_topk = 2, of sigmoid or pre-softmax scores)")
+    freq = arg("moe_layer_freq", 1)
+    pattern = [int(i % freq == 0) for i in range(args.num_layers)] if isinstance(freq, int) else list(freq)
+    if len(pattern) != args.num_layers or not any(pattern):
+        raise refuse("moe_layer_freq", f"it names no mixture-of-experts layer of the {args.num_layers}")
+    # Ours: layer i is sparse when (i + 1) % moe_layer_freq == 0 and i is not in moe_dense_layers.
+    step = math.gcd(*(i + 1 for i, sparse in enumerate(pattern) if sparse))
+    shared = arg("moe_shared_expert_intermediate_size", 0)
+    return dict(
+        moe_experts=experts, moe_top_k=topk, moe_ffn_hidden_size=arg("moe_ffn_hidden_size") or args.ffn_hidden_size,
+        moe_score=score, moe_renormalize=not pre_softmax if score == "softmax" else topk > 1,
+        moe_routed_scale=float(arg("moe_router_topk_scaling_factor", 1.0)), moe_groups=groups, moe_topk_groups=group_topk,
+        moe_expert_bias=bool(arg("moe_router_enable_expert_bias")), moe_bias_update_rate=arg("moe_router_bias_update_rate", 1e-3),
+        moe_shared_ffn_hidden_size=shared, moe_shared_gate=bool(shared and arg("moe_shared_expert_gate")),
+        moe_layer_freq=step, moe_dense_layers=[i for i, sparse in enumerate(pattern) if not sparse and (i + 1) % step == 0],
+        moe_capacity_factor=arg("moe_expert_capacity_factor"), moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)),
+        # Megatron-LM takes its router losses per layer (our moe_aux_loss_scope "layer"); the scope is left at
+        # our default, as Hugging Face families read it, and chosen in the training config.
+        moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)), moe_aux_loss_global=LOAD_BALANCING[balancing],
+    )
+
+
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The inverse of megatron_args, for any Megatron-LM GPT checkpoint; refuses what our model lacks."""
     def arg(name, default=None):
@@ -268,5 +429,5 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         max_seq_len=arg("max_position_embeddings") or args.seq_length, rope_theta=float(arg("rotary_base", 10000)),
         rope_scaling=scaling, qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
-        init_std=arg("init_method_std", 0.02),
+        init_std=arg("init_method_std", 0.02), **_moe_config(args, args.tensor_model_parallel_size),
     )

@@ -1,7 +1,10 @@
 """Megatron-LM's legacy checkpoint directories, read lazily and written one pipeline stage at a time.
 
     <dir>/latest_checkpointed_iteration.txt          "release" (what we write) or an iteration number
-    <dir>/release/mp_rank_TT[_PPP]/model_optim_rng.pt {args, checkpoint_version, iteration, model}
+    <dir>/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt {args, checkpoint_version, iteration, model}
+
+(_PPP when pp > 1, _EEE when expert parallel: each EP rank's file repeats the non-expert tensors and
+holds its E/ep experts.)
 
 Files are opened with torch.load(weights_only=True, mmap=True): unpickling may build only the types on
 an allow-list (a pickle that would run code is refused, not run), and tensors stay on disk until a
@@ -24,7 +27,15 @@ from typing import NoReturn, Optional
 
 import torch
 
-from megatron_llm.checkpoint.megatron import Layout, entries, megatron_args, merge, model_config_from_args, split
+from megatron_llm.checkpoint.megatron import (
+    Layout,
+    entries,
+    extra_state_keys,
+    megatron_args,
+    merge,
+    model_config_from_args,
+    split,
+)
 from megatron_llm.checkpoint.stream import check_names, native_shapes, own_storage, read_hf_sidecar
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
@@ -104,65 +115,94 @@ class MegatronReader:
         try:
             self.config: ModelConfig = model_config_from_args(args)
             tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+            ep = getattr(args, "expert_model_parallel_size", None) or 1
         except AttributeError as e:
             raise UsageError(f"the args in {first[0]} lack {e.name!r}; cannot tell the model's architecture") from None
         self.config.validate()
-        self.layout = Layout.of(self.config, tp, pp, padded_vocab_size=args.padded_vocab_size)
+        self.layout = Layout.of(self.config, tp, pp, padded_vocab_size=args.padded_vocab_size, ep=ep)
         self._check_shard_dirs()
         self.hf_config = read_hf_sidecar(self.directory)
         self._stage: Optional[int] = None
-        self._shards: list[dict] = []
+        self._shards: dict[tuple[int, int], dict] = {}
         # The Transformer Engine spec fuses layer 0's norm into linear_qkv; stage 0 always holds layer 0.
         self.spec = "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in state.get("model", {})) else "local"
+        if self.spec == "te" and self.config.moe_experts:
+            raise UsageError(f"{first[0]} is a mixture-of-experts model in the Transformer Engine spec, whose expert and "
+                             "norm names we do not read; save it with megatron-core's local spec (transformer_impl local)")
         self._entries = entries(native_shapes(self.config), self.layout, self.spec, self.config.tie_embeddings)
 
     def _check_shard_dirs(self) -> None:
         lay = self.layout
-        expected = {lay.shard_dir(t, p) for t in range(lay.tp) for p in range(lay.pp)}
+        expected = {lay.shard_dir(t, p, e) for p in range(lay.pp) for t, e in lay.files()}
         found = {d.name for d in self.iter_dir.glob("mp_rank_*") if (d / SHARD_FILE).is_file()}
-        check_names(f"{self.iter_dir} does not match its args (tp={lay.tp}, pp={lay.pp})", expected, found, "shards")
+        check_names(f"{self.iter_dir} does not match its args (tp={lay.tp}, pp={lay.pp}, ep={lay.ep})", expected, found, "shards")
 
-    def _load_stage(self, stage: int) -> list[dict]:
-        """The model dicts of every TP rank of one stage (memory-mapped); the previous stage is dropped."""
+    def _load_stage(self, stage: int) -> dict[tuple[int, int], dict]:
+        """The model dicts of every (tp, ep) rank of one stage (memory-mapped); the previous stage is dropped."""
         if stage != self._stage:
-            self._shards = []
-            for t in range(self.layout.tp):
-                path = self.iter_dir / self.layout.shard_dir(t, stage) / SHARD_FILE
+            self._shards = {}
+            for t, e in self.layout.files():
+                path = self.iter_dir / self.layout.shard_dir(t, stage, e) / SHARD_FILE
                 state = safe_load(path)
                 if "model" not in state:
                     raise UsageError(f"{path} has no 'model' (model0, model1, ...: virtual pipeline chunks are not supported)")
-                self._shards.append(state["model"])
+                self._shards[t, e] = ungroup_experts(state["model"], self.layout.experts_per_rank, self.config.hidden_size)
             self._stage = stage
             self._check_keys(stage)
         return self._shards
 
     def _check_keys(self, stage: int) -> None:
-        """Every rank of the stage holds exactly the tensors its layout implies (extra states aside)."""
-        expected = {e.key for e in self._entries if e.stage == stage}
-        for t, shard in enumerate(self._shards):
+        """Every file of the stage holds exactly the tensors its layout implies (extra states aside)."""
+        for (t, e), shard in self._shards.items():
+            expected = {x.key for x in self._entries if x.stage == stage and x.ep_rank in (None, e)}
             present = {k for k in shard if not k.endswith("._extra_state")}
-            check_names(str(self.iter_dir / self.layout.shard_dir(t, stage)), expected, present)
+            check_names(str(self.iter_dir / self.layout.shard_dir(t, stage, e)), expected, present)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
+        experts: dict[str, list[torch.Tensor]] = {}  # stacked sources, one expert at a time in order
         for entry in self._entries:
             if entry.sources[0] in names:
-                shards = [shard[entry.key] for shard in self._load_stage(entry.stage)]
-                out.update(zip(entry.sources, merge(entry, shards, self.layout)))
+                shards = self._load_stage(entry.stage)
+                parts = merge(entry, [shards[t, entry.ep_rank or 0][entry.key] for t in range(self.layout.tp)], self.layout)
+                for name, part in zip(entry.sources, parts):
+                    if entry.expert is None:
+                        out[name] = part
+                    else:
+                        experts.setdefault(name, []).append(part)
+        out.update({name: torch.stack(parts) for name, parts in experts.items()})
         return {n: out[n] for n in names}
+
+
+def ungroup_experts(model: dict, per_rank: int, hidden: int) -> dict:
+    """A file of megatron-core's legacy GroupedMLP (moe_grouped_gemm) in SequentialMLP names: its
+    weight1 [hidden, E_l * fc1 rows] is, in memory, E_l blocks [hidden, fc1 rows] = fc1.T of each local
+    expert (the view GroupedMLP.forward takes), and weight2 [E_l * ffn, hidden] E_l blocks fc2.T."""
+    out = {}
+    for key, value in model.items():
+        prefix, _, name = key.rpartition(".experts.")
+        if name == "weight1":
+            out.update({f"{prefix}.experts.local_experts.{l}.linear_fc1.weight": w.T
+                        for l, w in enumerate(value.reshape(per_rank, hidden, -1))})
+        elif name == "weight2":
+            out.update({f"{prefix}.experts.local_experts.{l}.linear_fc2.weight": w.T
+                        for l, w in enumerate(value.reshape(per_rank, -1, hidden))})
+        else:
+            out[key] = value
+    return out
 
 
 class MegatronWriter:
     """Collects each stage's TP shards as groups arrive and saves them when the next stage begins, so
     one stage (1/pp of the model) is in memory at a time."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, tp: int, pp: int, spec: str, dtype: torch.dtype):
+    def __init__(self, path: Path, cfg: ModelConfig, tp: int, pp: int, spec: str, dtype: torch.dtype, ep: int = 1):
         self.path, self.spec = Path(path), spec
-        self.layout = Layout.of(cfg, tp, pp)
+        self.layout = Layout.of(cfg, tp, pp, ep=ep)
         self.args = megatron_args(cfg, self.layout, dtype, spec)
         self.entries = entries(native_shapes(cfg), self.layout, spec, cfg.tie_embeddings)
         self.stage = 0
-        self.ranks: list[dict] = [{} for _ in range(tp)]
+        self.files_of_stage: dict[tuple[int, int], dict] = {f: {} for f in self.layout.files()}
         self.files = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -172,24 +212,28 @@ class MegatronWriter:
             if entry.stage != self.stage:
                 self._flush()
                 self.stage = entry.stage
-            parts = split(entry, [tensors[n] for n in entry.sources], self.layout)
-            for shard, rank in zip(parts, self.ranks):
-                rank[entry.key] = own_storage(shard)
+            parts = [own_storage(p) for p in split(entry, [entry.part(tensors[n]) for n in entry.sources], self.layout)]
+            for e in range(self.layout.ep) if entry.ep_rank is None else [entry.ep_rank]:
+                for t, shard in enumerate(parts):
+                    self.files_of_stage[t, e][entry.key] = shard
 
     def _flush(self) -> None:
-        """Saves the stage's TP files side by side: torch.save spends its time in C++ (the zip CRC and the
+        """Saves the stage's files side by side: torch.save spends its time in C++ (the zip CRC and the
         writes) with the GIL released, so threads overlap them."""
-        def save(t: int) -> None:
-            model = {**self.ranks[t], **dict.fromkeys(self.layout.extra_state_keys(self.stage, self.spec))}
-            target = self.path / "release" / self.layout.shard_dir(t, self.stage)
+        def save(file: tuple[int, int]) -> None:
+            t, e = file
+            mine = [x for x in self.entries if x.stage == self.stage and x.ep_rank in (None, e)]
+            model = {**self.files_of_stage[file], **dict.fromkeys(extra_state_keys(mine, self.layout, self.stage, self.spec))}
+            target = self.path / "release" / self.layout.shard_dir(t, self.stage, e)
             target.mkdir(parents=True, exist_ok=True)
             state = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0, "model": model}
             torch.save(state, target / SHARD_FILE)
 
-        with ThreadPoolExecutor(max_workers=min(self.layout.tp, os.cpu_count() or 1)) as pool:
-            list(pool.map(save, range(self.layout.tp)))  # list(): re-raises a failed save here
-        self.files += self.layout.tp
-        self.ranks = [{} for _ in range(self.layout.tp)]
+        files = self.layout.files()
+        with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) as pool:
+            list(pool.map(save, files))  # list(): re-raises a failed save here
+        self.files += len(files)
+        self.files_of_stage = {f: {} for f in files}
 
     def finish(self) -> int:
         self._flush()
