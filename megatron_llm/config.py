@@ -26,7 +26,10 @@ from megatron_llm.model_config import ModelConfig, param  # noqa: F401  (ModelCo
 
 @dataclass
 class ParallelConfig:
-    tp: int = param(1, "tensor-parallel size")
+    tp: int = param(
+        1, "tensor-parallel size; a MoE layer's routed experts are split too, each rank holding 1/tp of every expert's "
+        "inner width (Megatron's default expert_tensor_parallel_size = tp), and its shared experts like the dense MLP"
+    )
     pp: int = param(1, "pipeline-parallel size")
     sp: bool = param(False, "sequence parallelism inside tensor-parallel groups (needs data.seq_len % tp == 0)")
     data_parallel: Literal["fsdp", "ddp"] = param("fsdp", "data-parallel wrapper over the dp mesh dimension")
@@ -52,6 +55,9 @@ class ParallelConfig:
         for key in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
             if getattr(model, key) % tp:
                 # Key/value heads are split, never replicated: each tp rank owns whole GQA groups.
+                raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
+        for key in ("moe_ffn_hidden_size", "moe_shared_ffn_hidden_size") if model.moe_experts else ():
+            if getattr(model, key) % tp:  # the experts' inner widths are split over tp
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
         if self.ep <= 0 or (self.ep > 1 and (not model.moe_experts or model.moe_experts % self.ep)):
             raise UsageError(

@@ -4,8 +4,11 @@ step for step (losses, per-channel sums, validation losses, logged router losses
 tolerances of test_parallel.py. Layouts: ep 2 over dp 2 with FSDP2 (the experts in no data-parallel unit),
 ep 2 x tp 2 with sequence parallelism and DDP, ep 2 x pp 2, ep 2 over dp 4 with FSDP2 (experts sharded over
 the two ranks holding the same ones), then tp 2 x pp 2 at ep 1: a checkpoint written at ep 2 resumes at ep 1.
+The tp links split every expert's inner width over tp (slices over (ep, tp) at ep 2 x tp 2; sequence parallelism
+on in one, off in the other), the shared experts like the dense MLP.
 The model is DeepSeek-V3's shape, multi-head latent attention with low-rank queries, so the tp links also check
-MLA's tensor-parallel plan (heads split, the compressed projections and their norms replicated).
+MLA's tensor-parallel plan (heads split, the compressed projections and their norms replicated). A one-link chain
+takes MLA's single query projection (no low-rank q) and the expert slices through tp 2 x FSDP2 dp 2 with sp.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ EP_CHAIN = [
     ("dp4-ep2-fsdp", 1, 1, 4, dict(parallel__ep=2)),
     ("tp2-pp2-ep1", 2, 2, 1, {}),
 ]
+SINGLE_WQ = {**MOE, "model__mla_q_lora_rank": None}
+SINGLE_WQ_CHAIN = [("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True))]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,14 @@ def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path
             assert logged == pytest.approx(ref.router_losses[step], rel=LOSS_RTOL), (name, step)
 
 
+def test_single_query_projection_and_expert_slices_under_fsdp_match_one_process(workers, corpus_dir, tmp_path):
+    check_chain(workers, corpus_dir, tmp_path, SINGLE_WQ, SINGLE_WQ_CHAIN)
+
+
 @pytest.mark.parametrize("settings, message", [
+    (dict(parallel__tp=2, model__moe_ffn_hidden_size=33), r"model.moe_ffn_hidden_size \(33\) is not divisible by parallel.tp \(2\)"),
+    (dict(parallel__tp=2, model__moe_shared_ffn_hidden_size=17),
+     r"model.moe_shared_ffn_hidden_size \(17\) is not divisible by parallel.tp \(2\)"),
     (dict(parallel__ep=3), r"parallel.ep \(3\) must be positive and divide model.moe_experts \(4\)"),
     (dict(parallel__ep=2, model__moe_experts=0), r"parallel.ep \(2\) must be positive and divide model.moe_experts \(0\)"),
 ])

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from megatron_llm.config import Config, ModelConfig, ParallelConfig
 from megatron_llm.model import Transformer
 from megatron_llm.parallel.dims import ParallelDims, all_reduce_sum, init_distributed, pick_device
-from megatron_llm.parallel.expert_parallel import apply_ep, expert_modules
+from megatron_llm.parallel.expert_parallel import expert_modules, split_experts
 from megatron_llm.parallel.gradients import clip_grads_, grad_norm
 from megatron_llm.parallel.pipeline import (
     PipelineModel,
@@ -42,7 +42,7 @@ def parallelize(
       2. allocate and initialise each stage: the init draws per parameter name, so a stage gets the very
          values of the whole model, and no rank ever allocates more than its stages;
       3. tensor and sequence parallelism (the plan in tensor_parallel.py) shards those values, and expert
-         parallelism (expert_parallel.py) keeps each rank's experts;
+         parallelism (expert_parallel.py) keeps each rank's experts, or their tp slices;
       4. activation checkpointing (`recompute`) and compilation of the blocks, in place, so parameter
          names do not change;
       5. data parallelism last, sharding (FSDP2) or replicating (DDP) what the earlier steps produced.
@@ -62,8 +62,8 @@ def parallelize(
         part.init_weights(seed)
         if dims.tp > 1:
             apply_tp(part, dims.mesh["tp"], parallel.sp)
-        if dims.ep > 1:
-            apply_ep(part, dims.expert_mesh["ep"])
+        if (experts_mesh := dims.experts_mesh()) is not None:
+            split_experts(part, experts_mesh)
         for block in part.layers.values():
             if recompute:
                 recompute_in_backward(block)

@@ -47,6 +47,14 @@ class ParallelDims:
     def is_logger(self) -> bool:
         return self.rank == self.logger_rank
 
+    def experts_mesh(self) -> Optional[DeviceMesh]:
+        """The mesh dims that split the routed experts: "ep" (E / ep each) and "tp" (a slice of each expert's
+        inner width); None when neither does."""
+        names = tuple(name for name, size in (("ep", self.ep), ("tp", self.tp)) if size > 1)
+        if not names:
+            return None
+        return (self.expert_mesh if self.ep > 1 else self.mesh)[names]
+
 
 def logging_rank(parallel: ParallelConfig, world_size: int) -> int:
     """The one rank that prints and writes TensorBoard: coordinates (pp, dp=0, tp=0) with pp the rank

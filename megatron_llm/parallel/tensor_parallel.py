@@ -19,11 +19,23 @@ returns logits as a DTensor sharded on the vocabulary, and the cross-entropy run
 With sequence parallelism the residual stream between tensor-parallel regions is sharded along the
 sequence ([b, s/tp, h] per rank): the norms run on their shard, the entry of attention and MLP
 all-gathers the sequence, and their row-parallel exits reduce-scatter instead of all-reducing.
+
+A MoE layer (Megatron's default expert tensor parallelism, expert_tensor_parallel_size = tp) routes the whole
+sequence on every tp rank, gathered first under sp, and each rank runs the routed rows through its 1/tp slice
+of every expert's inner width (expert_parallel.py splits the stacked weights); the shared experts are split
+like the dense MLP.
+The layer's output is then this rank's partial sum, weighted by the router, and one reduce-scatter (sp) or
+all-reduce completes it. Routing the whole sequence, rather than each rank's sequence shard, keeps the router
+statistics (the load and its auxiliary losses, the expert bias's update) those of the one process: every tp
+rank sees the tokens it sees. Backward, a rank's partial output gives partial gradients for the router's
+weights and the shared gate's output, and the experts' input rows: each is summed over tp (GradSummedOverTp),
+so the layer's input gradient is whole on every rank, as the gather's backward expects.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -71,13 +83,8 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
                 input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=True
             )
         plan["feed_forward"] = PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),))
-        if _has_params(block, "feed_forward.router"):
-            # A MoE layer is not split by tp (each tp rank routes the whole sequence through whole experts,
-            # Megatron's expert tensor parallelism 1): plain tensors in, this rank's sequence shard out.
-            plan["feed_forward"] = PrepareModuleInputOutput(
-                input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
-                output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True,
-            )
+    if _has_params(block, "feed_forward.router"):
+        plan.update(moe_plan(seq))
     # xIELU's learned scalars act on this rank's slice of the MLP's inner width ([b, s, ffn/tp]): as the
     # per-head norm below, treating that dim as sharded sums their gradient over tp.
     plan["feed_forward.act"] = SequenceParallel(sequence_dim=2, use_local_output=True)
@@ -92,6 +99,48 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
     return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, ProjectionNorm))}
 
 
+def moe_plan(seq) -> dict:
+    """A MoE feed_forward slot (see the module docstring): plain tensors in, the whole sequence on every rank;
+    out, this rank's partial sum, completed to the residual stream's layout."""
+    return {
+        "feed_forward": PrepareModuleInputOutput(
+            input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
+            output_layouts=(Partial(),), desired_output_layouts=(seq,), use_local_output=True,
+        ),
+        "feed_forward.router": GradSummedOverTp(output_index=1),  # the top-k weights [T, k]
+        "feed_forward.shared_experts.w1": ColwiseParallel(),
+        "feed_forward.shared_experts.w3": ColwiseParallel(),
+        "feed_forward.shared_experts.w2": RowwiseParallel(output_layouts=Partial()),  # summed with the routed part
+        "feed_forward.shared_gate": GradSummedOverTp(),  # [T, 1]
+    }
+
+
+def grad_summed_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """x itself, whose gradient the backward sums over `mesh`: x is the same on every rank, and each rank's
+    gradient is its part of the whole."""
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+class GradSummedOverTp(ParallelStyle):
+    """A replicated module whose output (or output[output_index]) feeds a computation split over tp: its
+    gradient there is partial, and the backward sums it over tp."""
+
+    def __init__(self, output_index: Optional[int] = None):
+        super().__init__()
+        self.output_index = output_index
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(module: nn.Module, args: tuple, out):
+            if self.output_index is None:
+                return grad_summed_over(out, device_mesh)
+            out = list(out)
+            out[self.output_index] = grad_summed_over(out[self.output_index], device_mesh)
+            return tuple(out)
+
+        module.register_forward_hook(hook)
+        return module
+
+
 class SharedRopeKey(ParallelStyle):
     """MLA's wkv_a, replicated: its output is [latent | rope], and the rope part is the one decoupled RoPE key every
     head shares. This rank's heads use it, so its gradient here is a partial sum over the heads; the backward sums
@@ -104,9 +153,7 @@ class SharedRopeKey(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             latent, rope = out.split([out.shape[-1] - self.rope_dim, self.rope_dim], dim=-1)
-            # Identity forward; backward treats the gradient as Partial and all-reduces it to Replicate.
-            rope = DTensor.from_local(rope, device_mesh, [Replicate()], run_check=False)
-            rope = rope.to_local(grad_placements=[Partial()])  # [b, s, rope]
+            rope = grad_summed_over(rope, device_mesh)  # [b, s, rope]
             return torch.cat((latent, rope), dim=-1)  # [b, s, latent + rope]
 
         module.register_forward_hook(hook)
@@ -190,7 +237,8 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
-    """Shards `model` (a Transformer or one pipeline stage of it) in place over `tp_mesh`."""
+    """Shards `model` (a Transformer or one pipeline stage of it) in place over `tp_mesh`; the routed experts'
+    weights are expert_parallel.py's (split_experts)."""
     cfg = model.cfg
     pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
     for block in model.layers.values():
