@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import megatron_llm
 from megatron_llm.checkpoint import native
@@ -148,8 +149,8 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_is_taken_over(tiny_config,
     holder.close()  # the other run dies: its line stays in the file, its flock goes with it
 
     temporaries = []
-    real_dcp_save = native.dcp.save
-    monkeypatch.setattr(native.dcp, "save", lambda state, checkpoint_id: temporaries.append(Path(checkpoint_id).name)
+    real_dcp_save = dcp.save
+    monkeypatch.setattr(dcp, "save", lambda state, checkpoint_id: temporaries.append(Path(checkpoint_id).name)
                         or real_dcp_save(state, checkpoint_id=checkpoint_id))
     train(tiny_config(tmp_path, training__steps=2, **QUIET))
     assert "took over the lock of" in capsys.readouterr().out and (ckpt / ".lock").read_text() == ""

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import megatron_llm
@@ -127,7 +128,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_config, tmp_path, monkeyp
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, training__steps=4, checkpoint__interval=2)
-    real_save = native.dcp.save
+    real_save = dcp.save
 
     def failing_save(state, checkpoint_id):
         if Path(checkpoint_id).name.endswith("0000004"):
@@ -135,7 +136,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tiny_config, tmp_path, monkey
             raise OSError(28, "No space left on device")  # ...when the disk fills
         return real_save(state, checkpoint_id=checkpoint_id)
 
-    monkeypatch.setattr(native.dcp, "save", failing_save)
+    monkeypatch.setattr(dcp, "save", failing_save)
     with pytest.raises(UsageError, match="No space left on device.*previous checkpoint is intact"):
         train(cfg)
     ckpt = Path(cfg.checkpoint.dir)

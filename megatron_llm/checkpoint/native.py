@@ -10,6 +10,10 @@ place once every rank has written, and only then is `latest` replaced (write, fs
 at any point leaves `latest` naming a complete checkpoint. Retention keeps the newest saves, never the
 one `latest` names. DCP stores each tensor with its global shape, so a later run may load it at another
 layout. Reading goes through safe_dcp: nothing stored in a checkpoint is ever run.
+
+DCP and the layout-free state (parallel.state) are imported where a checkpoint is read or written, not at
+import: they pull in torch.distributed.tensor (about 1 s), and inference, which imports read_config and
+resolve_checkpoint to load a Hugging Face model, would pay that in every worker.
 """
 
 from __future__ import annotations
@@ -22,14 +26,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_llm.checkpoint import safe_dcp
-from megatron_llm.checkpoint.safe_dcp import quiet_dcp
 from megatron_llm.errors import UsageError
-from megatron_llm.parallel.state import layout_free_state, load_layout_free_state
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 TMP_PREFIX = ".tmp-"  # everything named so is a save in progress, or left by a killed one
@@ -65,6 +64,8 @@ class Checkpointer:
     def resume_point(self) -> Optional[Path]:
         """What `checkpoint.resume auto` continues from: `latest`, or, when that one cannot be read (a
         truncated copy, a missing shard), the newest save that can, saying so. None in an empty directory."""
+        from megatron_llm.checkpoint import safe_dcp
+
         pointer = self.dir / "latest"
         named = [self.dir / pointer.read_text().strip()] if pointer.exists() else []
         problems = []
@@ -82,6 +83,11 @@ class Checkpointer:
         return None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, config: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from megatron_llm.parallel.state import layout_free_state
+
         final = self.dir / step_dir_name(step)
         tmp = self.dir / f"{TMP_PREFIX}{self.run_tag}-{final.name}"
         model_sd, optim_sd = layout_free_state(model, optimizer)
@@ -123,6 +129,9 @@ class Checkpointer:
         A weights-only checkpoint (written by tools/convert_checkpoint.py) restores the model alone and
         returns {}: training starts at step 0 from those weights.
         """
+        from megatron_llm.checkpoint import safe_dcp
+        from megatron_llm.parallel.state import layout_free_state, load_layout_free_state
+
         if not has_training_state(path):
             optimizer, trainer_state = None, {}
         model_sd, optim_sd = layout_free_state(model, optimizer)
@@ -153,6 +162,8 @@ def saves_newest_first(directory: Path) -> list[Path]:
 def _write_failure(e: BaseException, directory: Path) -> str:
     """One line: the first failed rank's error (torch's writer reports a full disk as a short write),
     and the free space left, which is what the user checks first."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if isinstance(e, CheckpointException):
         rank, (inner, _) = min(e.failures.items(), key=lambda item: item[0])
         reason = f"rank {rank}: {getattr(inner, 'strerror', None) or str(inner).strip().splitlines()[-1]}"
@@ -190,6 +201,10 @@ def resolve_checkpoint(path: str) -> Path:
 def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict) -> None:
     """A weights-only checkpoint at `path` (atomically: a temporary directory renamed into place).
     `config` is a full config dict (Config.to_dict()); train.py can resume from the result."""
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_llm.checkpoint.safe_dcp import quiet_dcp
+
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +216,8 @@ def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict)
 
 def has_training_state(path: Path) -> bool:
     """False for a weights-only checkpoint: one holding just `model` and config.yaml."""
+    from megatron_llm.checkpoint import safe_dcp
+
     keys = safe_dcp.read_metadata(path).state_dict_metadata
     return any(key.startswith("trainer.") for key in keys)
 

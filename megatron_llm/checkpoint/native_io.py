@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 
-from megatron_llm.checkpoint import safe_dcp
 from megatron_llm.checkpoint.native import read_config, resolve_checkpoint, save_weights
 from megatron_llm.checkpoint.stream import HEAD, check_names, native_shapes, read_hf_sidecar
 from megatron_llm.config import Config, ModelConfig, config_from_dict
@@ -22,6 +21,8 @@ from megatron_llm.config import Config, ModelConfig, config_from_dict
 
 class NativeReader:
     def __init__(self, path: Path):
+        from megatron_llm.checkpoint import safe_dcp  # here, not at import: see native.py on DCP's import cost
+
         self.directory = Path(path)
         self.step_dir = resolve_checkpoint(str(path))
         self.config: ModelConfig = config_from_dict({"model": read_config(self.step_dir)["model"]}).model
@@ -34,6 +35,8 @@ class NativeReader:
         check_names(f"{self.step_dir} does not match its config.yaml", expected, present)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from megatron_llm.checkpoint import safe_dcp
+
         template = {}
         for name in names:
             meta = self.metadata[f"model.{name}"]

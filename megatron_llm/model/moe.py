@@ -78,16 +78,15 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
     if hasattr(torch, "_grouped_mm") and aligned and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         eager = torch.compiler.is_compiling() and x.dtype != torch.bfloat16
-        return (_eager_grouped_mm if eager else _grouped_mm)(x, w, counts)
+        # disabled here, not at import: torch.compiler.disable imports torch._dynamo (~1 s), which inference
+        # workers never need; dynamo runs the call eagerly and does not recompile for the new wrapper
+        return (torch.compiler.disable(_grouped_mm) if eager else _grouped_mm)(x, w, counts)
     parts = x.split(counts.tolist())
     return torch.cat([part @ w[e].T for e, part in enumerate(parts)])
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
-
-
-_eager_grouped_mm = torch.compiler.disable(_grouped_mm)
 
 
 class GroupedExperts(nn.Module):
