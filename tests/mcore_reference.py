@@ -1,10 +1,12 @@
 """megatron-core's own GPTModel on CPU, built from the `args` a Megatron checkpoint carries: the reference
-our Megatron shards must load into with strict=True, and (at tp=pp=1) run forward.
+our Megatron shards must load into with strict=True, and (at tp=pp=ep=1) run forward.
 
 World size 1 cannot hold a tp=2 group, but GPTModel (megatron-core 0.16) asks its process groups only
 for their size and rank while it allocates parameters. So each shard's model is built from the real
 args (tp, pp and all) with stand-in tp and pp groups that report that shard's (size, rank): its
 parameters then have exactly the shapes, names and local layer numbers megatron-core gives that rank.
+A mixture-of-experts model gets stand-in expert groups the same way (ep, and expert tp = tp), and the
+decoder block spec pretrain_gpt.py builds for it (dense and MoE layers by moe_layer_freq).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -63,6 +65,7 @@ def transformer_config_from_args(args) -> TransformerConfig:
         layernorm_zero_centered_gamma=args.apply_layernorm_1p,
         pipeline_dtype=args.params_dtype,
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        num_moe_experts=getattr(args, "num_experts", None),
         use_cpu_initialization=True,
     )
     if args.swiglu:
@@ -70,25 +73,34 @@ def transformer_config_from_args(args) -> TransformerConfig:
     return TransformerConfig(**kw)
 
 
-def gpt_model(args, tp_rank: int, pp_rank: int) -> GPTModel:
-    """The GPTModel of pretrain_gpt.py's model_provider, as TP rank tp_rank of PP stage pp_rank holds it."""
+def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
+    """The GPTModel of pretrain_gpt.py's model_provider, as TP rank tp_rank of PP stage pp_rank (and EP
+    rank ep_rank) holds it."""
+    tp, ep = args.tensor_model_parallel_size, getattr(args, "expert_model_parallel_size", 1) or 1
     groups = ProcessGroupCollection.use_mpu_process_groups()
-    groups.tp = RankInGroup(args.tensor_model_parallel_size, tp_rank)
+    groups.tp = groups.expt_tp = RankInGroup(tp, tp_rank)
     groups.pp = RankInGroup(args.pipeline_model_parallel_size, pp_rank)
+    groups.ep = RankInGroup(ep, ep_rank)
+    groups.tp_ep = RankInGroup(tp * ep, ep_rank * tp + tp_rank)
     # The embedding group only all-reduces the tied head's initial copy between first and last stage (on
     # CUDA); megatron-core's documented way to go without it is None. The weights come from the shard.
     groups.embd = None
     config = transformer_config_from_args(args)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    return GPTModel(
-        config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
-        pre_process=pp_rank == 0, post_process=pp_rank == args.pipeline_model_parallel_size - 1,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
-        pg_collection=groups,
-    )
+    if config.num_moe_experts:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
+                                          pp_rank=pp_rank)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    with patched([CPU_DEVICE]):
+        return GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=pp_rank == 0, post_process=pp_rank == args.pipeline_model_parallel_size - 1,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
+            pg_collection=groups,
+        )
 
 
 def te_to_local_names(state: dict) -> dict:
@@ -100,17 +112,37 @@ def te_to_local_names(state: dict) -> dict:
 
 
 @contextlib.contextmanager
-def forward_on_cpu():
-    """megatron-core's forward asks CUDA twice even in a CPU model: RoPE moves its table to
-    torch.cuda.current_device(), and core attention forks the CUDA RNG tracker (for dropout, which is 0
-    here). Point the first at the CPU and make the second a no-op; the arithmetic is untouched."""
-    current_device, tracker = torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker
-    torch.cuda.current_device = lambda: "cpu"
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: types.SimpleNamespace(fork=contextlib.nullcontext)
+def patched(patches: list):
+    """Sets each (owner, name, value) for the duration, then restores it (removes it when it was absent)."""
+    missing = object()
+    saved = [(owner, name, owner.__dict__.get(name, missing)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker = current_device, tracker
+        for owner, name, value in saved:
+            if value is missing:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, value)
+
+
+# RoPE's table and the router's expert-bias buffers go to torch.cuda.current_device(), even in a CPU model.
+CPU_DEVICE = (torch.cuda, "current_device", lambda: "cpu")
+
+
+def forward_on_cpu():
+    """megatron-core's forward asks CUDA even in a CPU model: the current device (CPU_DEVICE), and core
+    attention and the MoE layer fork the CUDA RNG tracker (for dropout and router noise, both off here):
+    the forks become no-ops. The router's gating reads a Transformer Engine gemm whose import failed
+    without defining the name: None selects its own torch.mm fallback. The arithmetic is untouched."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = lambda *a, **k: types.SimpleNamespace(fork=contextlib.nullcontext)  # noqa: E731
+    return patched([CPU_DEVICE, (tensor_parallel, "get_cuda_rng_tracker", tracker),
+                    (moe_utils, "get_cuda_rng_tracker", tracker),
+                    (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None))])
 
 
 def logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:

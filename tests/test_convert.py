@@ -252,6 +252,154 @@ def test_tensor_parallel_shards_are_megatron_slices_of_the_tp1_tensors(hf_dirs, 
 
 
 # ------------------------------------------------------------------------------------------------
+# Mixture of experts in Megatron: megatron-core's MoE names (router, local_experts.{l}, shared experts),
+# expert-parallel files mp_rank_TT[_PPP]_EEE, and the router's args, checked against megatron-core.
+
+MOE_SMALL = {**SMALL, "intermediate_size": 64}
+MOE_HF = {
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),  # renormalised softmax
+    # pre-softmax top-k, a gated shared expert, layer 0 dense (pretrain_gpt's moe_layer_freq pattern)
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+}
+# DeepSeek-V3's router on attention Megatron holds (no family has both): sigmoid scores, the expert bias,
+# group-limited top-k, a routed scale, ungated shared experts, the first layer dense.
+DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=64,
+                     max_seq_len=64, moe_experts=8, moe_top_k=4, moe_ffn_hidden_size=32, moe_score="sigmoid",
+                     moe_expert_bias=True, moe_groups=4, moe_topk_groups=2, moe_routed_scale=2.5,
+                     moe_shared_ffn_hidden_size=64, moe_dense_layers=[0])
+MOE_LAYOUTS = [(2, 2, 2), (1, 2, 4)]
+
+
+@pytest.fixture(scope="session")
+def moe_dirs(tmp_path_factory) -> dict:
+    """name -> (directory, its format, a model giving the reference logits: transformers' or, for the
+    DeepSeek-like checkpoint, ours)."""
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.config import Config, ModelConfig
+    from megatron_llm.model import build_model
+
+    out = {}
+    for name, (prefix, extra) in MOE_HF.items():
+        model = random_hf_model(prefix, **MOE_SMALL, **extra)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, "hf", model)
+    cfg = ModelConfig(**DEEPSEEK_LIKE)
+    model = build_model(cfg, "cpu", seed=0)
+    with torch.no_grad():  # the expert bias starts at 0: noise makes it change which experts are chosen
+        for tensor in model.state_dict().values():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    path = tmp_path_factory.mktemp("deepseek-like") / "native"
+    save_weights(path, model.state_dict(), Config(model=cfg).to_dict())
+    out["deepseek-like"] = (path, "native", model.eval())
+    return out
+
+
+def native_tensors(path: Path) -> dict:
+    return megatron_llm.load_model(str(path)).state_dict()
+
+
+def shard_path(root: Path, t: int, p: int, e: int, pp: int, ep: int) -> Path:
+    name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+    return root / "release" / name / "model_optim_rng.pt"
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=lambda t: "tp{}pp{}ep{}".format(*t))
+@pytest.mark.parametrize("name", [*MOE_HF, "deepseek-like"])
+def test_moe_megatron_round_trip_is_bit_exact_and_files_hold_local_experts(moe_dirs, tmp_path, name, layout):
+    src, fmt, _ = moe_dirs[name]
+    tp, pp, ep = layout
+    convert(str(src), fmt, str(tmp_path / "mg"), "megatron", Options(tp=tp, pp=pp, ep=ep))
+    shards = megatron_shards(tmp_path / "mg")
+    assert len(shards) == tp * pp * ep
+    experts = shards[shard_path(tmp_path / "mg", 0, pp - 1, ep - 1, pp, ep).parent.name]["model"]
+    per_rank = shards[next(iter(shards))]["args"].num_experts // ep
+    layer = "decoder.layers.1.mlp.experts.local_experts"  # the last stage's first layer is sparse
+    assert {k for k in experts if k.startswith(layer) and k.endswith("fc1.weight")} == {
+        f"{layer}.{l}.linear_fc1.weight" for l in range(per_rank)}
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), fmt)
+    if fmt == "hf":
+        assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "back"))
+    else:
+        assert_same_tensors(native_tensors(src), native_tensors(tmp_path / "back"))
+
+
+def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
+    src, fmt, _ = moe_dirs["deepseek-like"]
+    convert(str(src), fmt, str(tmp_path / "a"), "megatron", Options(tp=2, pp=2, ep=2))
+    convert(str(tmp_path / "a"), "megatron", str(tmp_path / "b"), "megatron")
+    convert(str(tmp_path / "b"), "megatron", str(tmp_path / "c"), "megatron", Options(tp=2, pp=2, ep=2))
+    a, b, c = (megatron_shards(tmp_path / x) for x in "abc")
+    assert sorted(b) == ["mp_rank_00"] and a.keys() == c.keys() and len(a) == 8
+    for shard in a:
+        assert_same_tensors(a[shard]["model"], c[shard]["model"])
+        assert vars(a[shard]["args"]) == vars(c[shard]["args"])
+    # Expert e of the whole model is local expert e % 4 of EP rank e // 4 (8 experts, ep 2).
+    whole = b["mp_rank_00"]["model"]["decoder.layers.3.mlp.experts.local_experts.6.linear_fc2.weight"]
+    ranks = [a[f"mp_rank_0{t}_001_001"]["model"]["decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"]
+             for t in range(2)]
+    assert torch.equal(torch.cat(ranks, dim=1), whole)
+
+
+def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
+    tp, pp, ep = 2, 2, 2
+    for name, (src, fmt, _) in moe_dirs.items():
+        out = tmp_path / name
+        convert(str(src), fmt, str(out), "megatron", Options(tp=tp, pp=pp, ep=ep))
+        for t in range(tp):
+            for p in range(pp):
+                for e in range(ep):
+                    shard = safe_load(shard_path(out, t, p, e, pp, ep))
+                    mcore.gpt_model(shard["args"], t, p, e).load_state_dict(shard["model"], strict=True)
+
+
+def routing_of_megatron_core(model) -> list:
+    """Each MoE layer's routing map [tokens, E] of the next forward, tokens in batch-major order (megatron-core
+    runs [s, b, h])."""
+    maps, b = [], tokens().shape[0]
+    for layer in model.decoder.layers:
+        if hasattr(layer.mlp, "router"):
+            layer.mlp.router.register_forward_hook(
+                lambda m, i, out: maps.append(out[1].view(-1, b, out[1].shape[-1]).transpose(0, 1).flatten(0, 1)))
+    return maps
+
+
+def routing_of_ours(model) -> list:
+    from megatron_llm.model.moe import Router
+
+    maps = []
+    for router in (m for m in model.modules() if isinstance(m, Router)):  # in layer order
+        router.register_forward_hook(lambda m, i, out: maps.append(
+            torch.zeros(out[0].shape[0], m.weight.shape[0], dtype=torch.bool).scatter_(1, out[0], True)))
+    return maps
+
+
+@pytest.mark.parametrize("name", [*MOE_HF, "deepseek-like"])
+def test_megatron_core_moe_forward_matches_with_the_same_router_choices(mcore, moe_dirs, tmp_path, name):
+    """megatron-core's own MoE layer (its router from our args, its SequentialMLP experts, its shared
+    experts) on our shard gives the reference logits, choosing the experts our router chooses."""
+    src, fmt, reference = moe_dirs[name]
+    convert(str(src), fmt, str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    model = mcore.gpt_model(shard["args"], 0, 0).eval()
+    model.load_state_dict(shard["model"], strict=True)
+    theirs_routing = routing_of_megatron_core(model)
+    ours = megatron_llm.load_model(str(src))
+    ours_routing = routing_of_ours(ours)
+    x = tokens()
+    logits = mcore.logits(model, x)[..., :VOCAB]
+    with torch.no_grad():
+        expected = reference(x)
+        expected = expected if isinstance(expected, torch.Tensor) else expected.logits
+        ours(x)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(theirs_routing) == len(ours_routing) == (4 if name == "mixtral" else 3)  # the others: layer 0 dense
+    for theirs, mine in zip(theirs_routing, ours_routing):
+        assert torch.equal(theirs, mine)
+
+
+# ------------------------------------------------------------------------------------------------
 # Training continues from a converted checkpoint.
 
 
