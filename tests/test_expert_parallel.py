@@ -84,7 +84,9 @@ def test_ep_must_divide_the_data_parallel_ranks(corpus_dir, tmp_path):
 
 def test_memory_estimate_holds_each_ranks_experts():
     """tools/estimate_memory.py: one process holds every parameter; at ep 2 over dp 2 each rank holds half the
-    routed experts (DDP), and FSDP2 spreads the whole model over dp."""
+    routed experts (DDP), and FSDP2 spreads the whole model over dp; at tp 2 a rank holds half of each expert, so
+    adding ep 2 leaves it a quarter of them (the counts equal a parallelised model's local numels: 40,401,408 at
+    tp 2 and 21,527,040 at tp 2 x ep 2, checked by hand)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tools"))
@@ -98,3 +100,7 @@ def test_memory_estimate_holds_each_ranks_experts():
     assert estimate(ddp, dp=2, act_bytes=4)[0].params == m.num_params() - routed // 2
     fsdp = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), ["--parallel.ep", "2"])
     assert estimate(fsdp, dp=2, act_bytes=4)[0].params == pytest.approx(m.num_params() / 2, abs=1)
+    tp2 = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), ["--parallel.tp", "2"])
+    tp2_ep2 = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"),
+                          ["--parallel.tp", "2", "--parallel.ep", "2", "--parallel.data_parallel", "ddp"])
+    assert estimate(tp2, dp=1, act_bytes=4)[0].params - estimate(tp2_ep2, dp=2, act_bytes=4)[0].params == routed // 4

@@ -28,10 +28,11 @@ The model counts what this code keeps, measured with saved-tensor hooks on the t
   - micro-batches in flight on stage i of pp (Megatron's counting): 1 without a pipeline, m for GPipe,
     min(m, pp - i) for 1F1B and the zero-bubble schedules, pp x (1 + (pp - 1) / (pp x v)) for interleaved
     1F1B on the first rank.
-  - a MoE layer: E / ep routed experts per rank, whole on every tp rank; FSDP shards them over the dp / ep
-    ranks that hold the same ones; activations per token k x (2h + 3 x expert width) + 3 x shared width +
-    E router scores, none split by tp (configs/mixtral_tiny.yaml, micro-batch 2 x 256, CPU fp32: one
-    process 1.37 GiB estimated, 1.24 measured; ep 2 over dp 2 with DDP 0.74 estimated, 0.77 measured).
+  - a MoE layer: E / ep routed experts per rank, each a 1/tp slice of its inner width, and the shared
+    experts split over tp like the dense MLP; FSDP shards the experts over the dp / ep ranks that hold the
+    same ones; activations per token k x (2h + 3 x expert width / tp) + 3 x shared width / tp + E router
+    scores (every tp rank routes the whole sequence) (configs/mixtral_tiny.yaml, micro-batch 2 x 256, CPU
+    fp32: one process 1.37 GiB estimated, 1.24 measured; ep 2 over dp 2 with DDP 0.74 estimated, 0.77 measured).
 Activations take 4 bytes per element in fp32 and about 2 under bf16 autocast (matmul inputs are saved
 in bf16; the norms' fp32 internals make this a slight underestimate).
 """
@@ -77,7 +78,7 @@ def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
     """(split over tp, replicated) parameters of one block."""
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     q, kv = m.num_heads * d, m.num_kv_heads * d
-    gated = m.mlp in ("swiglu", "geglu")
+    gated = m.gated
     split = h * (q + 2 * kv) + q * h + h * f * (3 if gated else 2)
     split += (q + 2 * kv if m.qkv_bias else 0) + (f * (2 if gated else 1) if m.linear_bias else 0)
     norm = h if m.norm == "rmsnorm" else 2 * h
@@ -87,21 +88,22 @@ def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
 
 def moe_layer_params(m: ModelConfig, tp: int, ep: int) -> tuple[int, int]:
     """A MoE layer's (routed experts held by one rank, the change of the rest of the block) in parameters:
-    E / ep experts, whole on every tp rank; a router and shared experts in place of the dense MLP."""
-    h, width = m.hidden_size, 3 if m.mlp in ("swiglu", "geglu") else 2
+    E / ep experts, a 1/tp slice of each; a router (replicated) and shared experts (split over tp) in place of
+    the dense MLP."""
+    h, width = m.hidden_size, 3 if m.gated else 2
     dense_mlp = h * m.ffn_hidden_size * width // tp
-    rest = m.moe_experts * h + h * m.moe_shared_ffn_hidden_size * width + (h if m.moe_shared_gate else 0)
-    return m.moe_experts // ep * h * m.moe_ffn_hidden_size * width, rest - dense_mlp
+    rest = m.moe_experts * h + h * m.moe_shared_ffn_hidden_size * width // tp + (h if m.moe_shared_gate else 0)
+    return m.moe_experts // ep * h * m.moe_ffn_hidden_size * width // tp, rest - dense_mlp
 
 
 def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False) -> float:
-    """A MoE layer keeps the MLP's 3 widths for each of a token's k experts and the shared ones, and its
-    gathered input rows, none split by tp."""
+    """A MoE layer keeps the MLP's 3 widths (split by tp) for each of a token's k experts and the shared ones,
+    and its input and output rows and router scores for the whole sequence on every tp rank."""
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     norms = 4 * h / tp + 2 * h if sp and tp > 1 else 4 * h
     attention = 3 * m.num_heads * d + 2 * m.num_kv_heads * d
     if moe:
-        routed = m.moe_top_k * (2 * h + 3 * m.moe_ffn_hidden_size) + 3 * m.moe_shared_ffn_hidden_size
+        routed = m.moe_top_k * (2 * h + 3 * m.moe_ffn_hidden_size / tp) + 3 * m.moe_shared_ffn_hidden_size / tp
         return norms + attention / tp + routed + m.moe_experts
     return norms + (attention + 3 * f) / tp
 
