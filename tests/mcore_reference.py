@@ -91,7 +91,7 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
                                           pp_rank=pp_rank)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    with patched([CPU_DEVICE]):
+    with patched([CPU_DEVICE]), grouped_gemm_on_cpu():
         return GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
@@ -130,6 +130,21 @@ def patched(patches: list):
 
 # RoPE's table and the router's expert-bias buffers go to torch.cuda.current_device(), even in a CPU model.
 CPU_DEVICE = (torch.cuda, "current_device", lambda: "cpu")
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:
+    """grouped_gemm.ops.gmm by its definition: rows of a, batch_sizes[i] at a time, times b[i] (or b[i].T)."""
+    parts = a.split(batch_sizes.tolist())
+    return torch.cat([part @ (b[i].T if trans_b else b[i]) for i, part in enumerate(parts)])
+
+
+def grouped_gemm_on_cpu():
+    """The legacy GroupedMLP (moe_grouped_gemm) without the grouped_gemm CUDA package: the availability
+    check passes and gmm is _gmm."""
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    return patched([(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None),
+                    (grouped_gemm_util, "ops", types.SimpleNamespace(gmm=_gmm))])
 
 
 def forward_on_cpu():

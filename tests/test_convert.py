@@ -399,6 +399,52 @@ def test_megatron_core_moe_forward_matches_with_the_same_router_choices(mcore, m
         assert torch.equal(theirs, mine)
 
 
+def group_experts(model: dict, args) -> dict:
+    """A file in megatron-core's legacy GroupedMLP names (moe_grouped_gemm): per layer, weight1 [hidden,
+    E_l * fc1 rows] whose view [E_l, hidden, -1] holds each local expert's fc1.T, and weight2 likewise."""
+    out, experts = {}, {}
+    for key, value in model.items():
+        prefix, sep, rest = key.partition(".experts.local_experts.")
+        if not sep:
+            out[key] = value
+        elif rest.endswith(".weight"):
+            experts.setdefault(prefix, {})[rest] = value
+    for prefix, held in experts.items():
+        local = range(args.num_experts // args.expert_model_parallel_size)
+        fc1 = torch.stack([held[f"{l}.linear_fc1.weight"].T for l in local])  # [E_l, hidden, fc1 rows]
+        fc2 = torch.stack([held[f"{l}.linear_fc2.weight"].T for l in local])  # [E_l, ffn, hidden]
+        out[f"{prefix}.experts.weight1"] = fc1.reshape(args.hidden_size, -1)  # the same memory, GroupedMLP's shape
+        out[f"{prefix}.experts.weight2"] = fc2.reshape(-1, args.hidden_size)
+    return out
+
+
+def test_reads_megatron_core_grouped_experts(mcore, moe_dirs, tmp_path):
+    """moe_grouped_gemm checkpoints (legacy GroupedMLP weight1/weight2) read as the local names do: every
+    file strict-loads into megatron-core's GroupedMLP, converts back bit-exact, and at tp=ep=1 megatron-core's
+    own grouped forward gives transformers' logits (so the layout is what GroupedMLP computes with)."""
+    src, fmt, hf = moe_dirs["qwen2_moe"]
+    for (tp, ep), name in (((2, 2), "tp2ep2"), ((1, 1), "one")):
+        local, grouped = tmp_path / f"local-{name}", tmp_path / f"grouped-{name}"
+        convert(str(src), fmt, str(local), "megatron", Options(tp=tp, ep=ep))
+        for path in sorted((local / "release").glob("*/model_optim_rng.pt")):
+            state = load_to_memory(path)
+            state["args"].moe_grouped_gemm = state["args"].moe_use_legacy_grouped_gemm = True
+            state["model"] = group_experts(state["model"], state["args"])
+            (grouped / "release" / path.parent.name).mkdir(parents=True)
+            torch.save(state, grouped / "release" / path.parent.name / "model_optim_rng.pt")
+            t, e = int(path.parent.name[8:10]), int(path.parent.name[11:] or 0)
+            model = mcore.gpt_model(state["args"], t, 0, e)
+            model.load_state_dict(state["model"], strict=True)
+        (grouped / "latest_checkpointed_iteration.txt").write_text("release")
+        convert(str(grouped), "megatron", str(tmp_path / f"hf-{name}"), "hf")
+        assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / f"hf-{name}"))
+    model.config.bf16 = True  # GroupedMLP asserts it (its CUDA kernel's dtype); the parameters stay fp32
+    x = tokens()
+    with mcore.grouped_gemm_on_cpu():
+        logits = mcore.logits(model, x)[..., :VOCAB]
+    torch.testing.assert_close(logits, hf(x).logits.detach(), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Training continues from a converted checkpoint.
 
