@@ -64,7 +64,8 @@ def test_single_query_projection_and_expert_slices_under_fsdp_match_one_process(
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(parallel__tp=2, model__moe_ffn_hidden_size=33), r"model.moe_ffn_hidden_size \(33\) is not divisible by parallel.tp \(2\)"),
+    (dict(parallel__tp=2, model__moe_ffn_hidden_size=33),
+     r"model.moe_ffn_hidden_size \(33\) is not divisible by parallel.tp \(2\)"),
     (dict(parallel__tp=2, model__moe_shared_ffn_hidden_size=17),
      r"model.moe_shared_ffn_hidden_size \(17\) is not divisible by parallel.tp \(2\)"),
     (dict(parallel__ep=3), r"parallel.ep \(3\) must be positive and divide model.moe_experts \(4\)"),

@@ -61,7 +61,7 @@ def split_experts(model: nn.Module, mesh: DeviceMesh) -> None:
             if weight is not None:
                 placements = [Shard(0) if dim == "ep" else Shard(ffn_dim) for dim in names]
                 local = distribute_tensor(weight.detach(), mesh, placements, src_data_rank=None)
-                setattr(experts, name, nn.Parameter(local))  # [E / ep, ffn / tp, ...] here, [E, ffn, ...] to checkpoints
+                setattr(experts, name, nn.Parameter(local))  # [E/ep, ffn/tp, ...] here, [E, ffn, ...] saved
         experts.forward = _sliced_forward(experts, ep_mesh, tp_mesh)
 
 
