@@ -566,6 +566,44 @@ def test_bad_input_is_refused_in_one_line_without_output(hf_dirs, tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mg"]  # no output, no temporary directory
 
 
+def _set_megatron_args(mg: Path, **values) -> None:
+    for path in (mg / "release").glob("*/model_optim_rng.pt"):
+        state = load_to_memory(path)
+        vars(state["args"]).update(values)
+        torch.save(state, path)
+
+
+MOE_BAD = {
+    # name: (input format, extra flags, words the one-line error must contain)
+    "ep-not-dividing-experts": ("hf", ["--output-format", "megatron", "--ep", "3"], "--ep 3 does not divide the model's 4 experts"),
+    "te-spec": ("hf", ["--output-format", "megatron", "--megatron-spec", "te"], "--megatron-spec te has no mixture-of-experts names"),
+    "renormalised-top-1": ("hf", ["--output-format", "megatron"], "cannot express a renormalised softmax router with model.moe_top_k 1"),
+    "expert-tensor-parallel": ("megatron", ["--output-format", "hf"], "expert_tensor_parallel_size=1: we read experts split over tp"),
+    "sinkhorn": ("megatron", ["--output-format", "hf"], "moe_router_load_balancing_type='sinkhorn'"),
+}
+
+
+@pytest.mark.parametrize("case", MOE_BAD)
+def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs, tmp_path, capsys, case):
+    input_format, flags, message = MOE_BAD[case]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in moe_dirs["mixtral"][0].iterdir():
+        (hf / f.name).write_bytes(f.read_bytes())
+    convert(str(hf), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, ep=2))
+    if case == "renormalised-top-1":
+        (hf / "config.json").write_text((hf / "config.json").read_text().replace('"num_experts_per_tok": 2', '"num_experts_per_tok": 1'))
+    elif case == "expert-tensor-parallel":  # experts whole on each tp rank: Megatron's ETP=1 folding
+        _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=1)
+    elif case == "sinkhorn":
+        _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type="sinkhorn")
+    src = hf if input_format == "hf" else tmp_path / "mg"
+    code, out, err = run_cli(capsys, "--input", src, "--input-format", input_format, "--output", tmp_path / "out", *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mg"]  # no output, no temporary directory
+
+
 def test_existing_output_needs_overwrite(hf_dirs, tmp_path, capsys):
     src = hf_dirs["mistral"][0]
     (tmp_path / "out").mkdir()

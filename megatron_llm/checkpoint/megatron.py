@@ -370,13 +370,15 @@ def _moe_config(args: argparse.Namespace, tp: int) -> dict:
     if not experts:
         return {}
     if arg("add_bias_linear", True):
-        raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack")
+        raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack; convert it with "
+                     "Megatron-LM's own tools")
     if arg("expert_tensor_parallel_size", tp) != tp:
         raise refuse("expert_tensor_parallel_size", f"we read experts split over tp as the dense MLP is "
                      f"(expert_tensor_parallel_size = tensor_model_parallel_size = {tp}); reshard it in Megatron-LM first")
     balancing = arg("moe_router_load_balancing_type", "aux_loss")
     if balancing not in LOAD_BALANCING:
-        raise refuse("moe_router_load_balancing_type", f"our router losses are {' or '.join(LOAD_BALANCING)}")
+        raise refuse("moe_router_load_balancing_type", f"we read only {', '.join(LOAD_BALANCING)} (our router "
+                     "losses); convert it with Megatron-LM's own tools")
     if arg("moe_expert_capacity_factor") is not None and arg("moe_token_drop_policy", "probs") != "position":
         raise refuse("moe_token_drop_policy", "our capacity drops an expert's latest tokens (Megatron's 'position')")
     score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
