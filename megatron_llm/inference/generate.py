@@ -100,7 +100,7 @@ def finished(tokens: list[int], limit: int, sampling: Sampling, stopped: Optiona
     return tokens[-1] in sampling.stop_tokens or len(tokens) >= limit or (stopped is not None and stopped(row, tokens))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping (version counters, view tracking) on each small op of a step
 def stream_ids(
     model: nn.Module, prompts: list[list[int]], sampling: Sampling, stopped: Optional[Callable[[int, list[int]], bool]] = None,
     limits: Optional[list[int]] = None,

@@ -26,9 +26,9 @@ class KVCache:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.buffers[key] = (k.new_empty(shape), v.new_empty(shape))
         k_all, v_all = self.buffers[key]
-        k_all[:, :, self.length : end] = k
-        v_all[:, :, self.length : end] = v
-        return k_all[:, :, :end], v_all[:, :, :end]
+        k_all.narrow(2, self.length, k.shape[2]).copy_(k)  # narrow: one op, where [:, :, a:b] takes three slices
+        v_all.narrow(2, self.length, v.shape[2]).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def advance(self, tokens: int) -> None:
         """Called by the model's forward once every layer has written its `tokens` new positions."""
