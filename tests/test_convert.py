@@ -22,7 +22,8 @@ from megatron_llm.checkpoint.megatron_io import safe_load
 
 # megatron-core's constructors and imports warn about deprecations and CUDA-graph defaults we do not use.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning")]
+              pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
+              pytest.mark.filterwarnings("ignore:When using expert parallelism and tensor parallelism:UserWarning")]
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 101  # not a multiple of 128: the Megatron vocabulary padding is exercised
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
