@@ -344,15 +344,28 @@ def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
 
 
 def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
+    """Every file loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, and each of its
+    local experts holds the global expert megatron-core assigns that slot (MoELayer.local_expert_indices)."""
     tp, pp, ep = 2, 2, 2
     for name, (src, fmt, _) in moe_dirs.items():
         out = tmp_path / name
         convert(str(src), fmt, str(out), "megatron", Options(tp=tp, pp=pp, ep=ep))
+        ours = megatron_llm.load_model(str(src))
+        whole, checked = ours.state_dict(), 0
         for t in range(tp):
             for p in range(pp):
                 for e in range(ep):
                     shard = safe_load(shard_path(out, t, p, e, pp, ep))
-                    mcore.gpt_model(shard["args"], t, p, e).load_state_dict(shard["model"], strict=True)
+                    model = mcore.gpt_model(shard["args"], t, p, e)
+                    model.load_state_dict(shard["model"], strict=True)
+                    for i, layer in enumerate(model.decoder.layers):
+                        w2 = whole.get(f"layers.{p * len(model.decoder.layers) + i}.feed_forward.experts.w2")
+                        for slot, expert in enumerate(getattr(layer.mlp, "local_expert_indices", [])):
+                            fc2 = layer.mlp.experts.local_experts[slot].linear_fc2.weight  # [hidden, ffn / tp]
+                            assert torch.equal(fc2, w2[expert].chunk(tp, dim=1)[t])
+                            checked += 1
+        sparse = sum(ours.cfg.layer(i).moe for i in range(ours.cfg.num_layers))
+        assert checked == tp * ours.cfg.moe_experts * sparse  # every expert of every sparse layer, on each tp rank
 
 
 def routing_of_megatron_core(model) -> list:
