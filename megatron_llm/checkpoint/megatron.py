@@ -323,8 +323,9 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
         # Our dropping keeps each expert's earliest tokens: Megatron's "position" policy as documented ("tokens
         # at the end of each batch will be dropped"). megatron-core 0.16 takes a top-k of the 0/1 routing map,
-        # whose ties torch does not break by position (measured on CPU), so over capacity the dropped tokens
-        # may differ from ours; dropless (the default) is what the tests compare.
+        # whose ties torch does not break by position (measured on CPU), and counts positions sequence-major
+        # ([s, b]) where we go batch-major: with earliest-kept patched in, batch 1 equals ours (2e-6), batch 2
+        # does not. So over capacity the dropped tokens may differ; dropless (the default) is what tests compare.
         moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy="position",
         moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
     )
