@@ -343,6 +343,26 @@ def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
     assert torch.equal(torch.cat(ranks, dim=1), whole)
 
 
+def test_megatron_lm_integer_moe_layer_freq_reads_as_its_pattern(mcore, tmp_path):
+    """Megatron-LM's moe_layer_freq N makes layers 0, N, 2N ... sparse (ours counts (i + 1) % N): a
+    checkpoint saved with 2 is the model whose odd layers are dense."""
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.config import Config, ModelConfig
+    from megatron_llm.model import build_model
+
+    cfg = ModelConfig(**{**DEEPSEEK_LIKE, "moe_dense_layers": [1, 3]})
+    model = build_model(cfg, "cpu", seed=1)
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "mg"), "megatron")
+    path = tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    assert safe_load(path)["args"].moe_layer_freq == [1, 0, 1, 0]
+    _set_megatron_args(tmp_path / "mg", moe_layer_freq=2)
+    shard = safe_load(path)
+    mcore.gpt_model(shard["args"], 0, 0).load_state_dict(shard["model"], strict=True)
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), "native")
+    assert_same_tensors(native_tensors(tmp_path / "native"), native_tensors(tmp_path / "back"))
+
+
 def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
     """Every file loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, and each of its
     local experts holds the global expert megatron-core assigns that slot (MoELayer.local_expert_indices)."""
