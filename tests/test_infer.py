@@ -1,10 +1,15 @@
 """Many prompts, many workers: Infer writes one result per prompt in input order with the input's fields kept;
 2 workers and 2 torchrun nodes give exactly 1 worker's greedy outputs; a rerun after a crash keeps what
-finished, drops a torn line and completes the rest; bad input is one line, exit 2, nothing written."""
+finished, drops a torn line and completes the rest; a killed worker is named and its prompts are done by the
+rerun; bad input is one line, exit 2, nothing written."""
 
 import json
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -12,7 +17,7 @@ import transformers
 
 from conftest import ROOT, free_port
 from megatron_llm.errors import UsageError
-from megatron_llm.inference.infer import Generation, Infer
+from megatron_llm.inference.infer import Generation, Infer, finished
 
 PROMPTS = ["def main(", "import os\n", "class A:", "# a comment", "x = [1, 2", "while True:", "print(", "if x:"]
 
@@ -62,6 +67,28 @@ def test_rerun_after_a_crash_completes(setup):
     assert got[0]["output"] == "kept from the first run" and got[1:] == results[1:]
 
 
+def test_a_killed_worker_is_named_and_the_rerun_completes(setup):
+    """Worker 1 is killed (SIGKILL, as the OOM killer does) as soon as it has started: the run names it and keeps
+    worker 0's results; the same run again does worker 1's prompts, and the output is 1 worker's."""
+    root, results = setup
+    infer = Infer(str(root / "model"), str(root / "prompts.jsonl"), str(root / "killed.jsonl"), num_workers=2,
+                  batch_size=2, generation=Generation(max_new_tokens=12))
+
+    def kill_worker_1():
+        while not (workers := [p for p in multiprocessing.active_children() if p.name == "worker 1"]):
+            threading.Event().wait(0.001)
+        os.kill(workers[0].pid, signal.SIGKILL)  # while it loads the model: long before its first result
+
+    killer = threading.Thread(target=kill_worker_1)
+    killer.start()
+    with pytest.raises(UsageError, match=r"^worker 1 \(exit code -9\) died; what finished is kept in .*killed\.jsonl\.parts"):
+        infer.run()
+    killer.join()
+    kept = finished(root / "killed.jsonl.parts")
+    assert 0 < len(kept) < len(PROMPTS)  # worker 0's share
+    assert [json.loads(line) for line in infer.run().read_text().splitlines()] == results
+
+
 def test_two_nodes_under_torchrun_equal_one(setup):
     root, results = setup
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -70,6 +97,21 @@ def test_two_nodes_under_torchrun_equal_one(setup):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [json.loads(line) for line in (root / "nodes.jsonl").read_text().splitlines()] == results
+
+
+def test_a_worker_imports_no_training_machinery(setup):
+    """What a worker imports (the fork server's modules) and loading a Hugging Face model pull in neither
+    torch._dynamo nor DCP, FSDP, pipelining or our parallel package: about 2 s of start-up, in every worker."""
+    root, _ = setup
+    heavy = ("torch._dynamo", "torch.distributed.tensor", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+             "torch.distributed.pipelining", "megatron_llm.parallel")
+    code = ("import sys; from megatron_llm.inference import infer; [__import__(m) for m in infer.WORKER_MODULES]; "
+            f"from megatron_llm.inference.llm import LLM; LLM.load(sys.argv[1]); "
+            f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))")
+    done = subprocess.run([sys.executable, "-c", code, str(root / "model")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("line,message", [

@@ -9,16 +9,19 @@ model with random weights. Static batching decodes fixed groups of --batch-size 
 longest row ends; continuous batching gives a finished row's slot to the next request at once. The two run
 alternately --repeats times (medians); the rows whose tokens are the same on both paths are counted (with
 random weights two logits can tie within float rounding, and the batch's shape then picks the winner).
-Then Infer runs the same jsonl (each line its max_new_tokens) with 1 and with 2 worker processes (each
-worker its share of the cores), alternated --repeats times, timed whole and generating: from the first
-worker's model loaded to the last result (process start, imports and model load left out, as the workers
-report them). The machine's load average is printed: timings on a shared machine move.
+Then tools/infer.py runs the same jsonl (each line its max_new_tokens) with 1 and with 2 worker processes
+(each worker its share of the cores), alternated --repeats times, timed whole (the command as a user runs it:
+Python's start, imports, the prompts' check, the workers' start and model load, generating, the merge) and
+generating (from the first worker's model loaded to the last result, as the command reports it). The
+machine's load average is printed: timings on a shared machine move.
 """
 
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.checkpoint.native import save_weights  # noqa: E402
 from megatron_llm.config import load_config  # noqa: E402
-from megatron_llm.inference.infer import Generation, Infer  # noqa: E402
 from megatron_llm.inference.llm import LLM  # noqa: E402
 
 
@@ -51,12 +53,13 @@ def timed(fn):
 
 
 def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, stop) -> tuple[float, float]:
-    """(seconds for the whole run, seconds from the first worker's model loaded to the last result)."""
-    infer = Infer(ckpt, str(data), str(out), num_workers=workers, batch_size=batch_size, generation=Generation(stop=stop),
-                  tokenizer="byte")
-    whole, _ = timed(infer.run)
-    generating = max(t.ready_at + t.generate_s for t in infer.timings) - min(t.ready_at for t in infer.timings)
-    return whole, generating
+    """(seconds for the whole tools/infer.py command, seconds from the first worker's model loaded to the last
+    result, as it prints them)."""
+    command = [sys.executable, str(Path(__file__).parent / "infer.py"), "--model", ckpt, "--data", str(data),
+               "--output", str(out), "--num-workers", str(workers), "--batch-size", str(batch_size), "--tokenizer",
+               "byte"] + (["--stop", *stop] if stop else [])
+    whole, done = timed(lambda: subprocess.run(command, capture_output=True, text=True, check=True))
+    return whole, float(re.search(r"generating: ([\d.]+) s", done.stdout).group(1))
 
 
 def main(argv=None) -> int:

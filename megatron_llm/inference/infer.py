@@ -67,21 +67,16 @@ class Infer:
         drop_torn_lines(parts, rank)
         done = finished(parts)
         mine = [r for i, r in enumerate(records) if i % world == rank and r["_id"] not in done]
-        # The workers start (process, imports, model load: seconds) while this process checks every prompt (its
-        # own imports: seconds more); they write nothing before the check passes, and are stopped if it fails.
-        workers = self._start_workers(mine, parts, rank, device_sets) if mine else None
+        started = time.time()
+        context = _worker_context(self.model_path, self._threads()) if mine else None
         try:
             check_lengths(records, self.model_path, self.tokenizer, self.generation.max_new_tokens)
         except UsageError:
-            for proc in workers[0] if workers else []:
-                proc.terminate()
-                proc.join()
             if created and not any(parts.iterdir()):
                 parts.rmdir()
             raise
-        if workers:
-            procs, go, timings = workers
-            go.set()
+        if mine:
+            procs, timings = self._start_workers(context, mine, parts, rank, device_sets, started)
             self._wait(procs, parts, len(mine))
             self.timings = [WorkerTiming(*timings.get()) for p in procs if p.exitcode == 0]
         if world > 1:
@@ -90,25 +85,26 @@ class Infer:
             merge(records, parts, output)
         return output
 
-    def _start_workers(self, records: list[dict], parts: Path, rank: int, device_sets: list[Optional[list[str]]]):
-        """(worker processes, the event that lets them generate, the queue of their timings)."""
-        import multiprocessing as mp
+    def _threads(self) -> int:
+        """Each worker's torch threads: the workers split this process's cores, never oversubscribe."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, cores // self.num_workers)
 
-        context = mp.get_context("spawn")
-        threads = max(1, (os.cpu_count() or 1) // self.num_workers)  # workers split the cores, never oversubscribe
+    def _start_workers(self, context, records: list[dict], parts: Path, rank: int,
+                       device_sets: list[Optional[list[str]]], started: float):
+        """(worker processes, the queue of their timings)."""
         shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
-        procs, go, timings = [], context.Event(), context.SimpleQueue()
+        procs, timings = [], context.SimpleQueue()
         for w, share in enumerate(shares):
             if not share:
                 continue
             part = parts / f"node{rank}-worker{w}.jsonl"
-            args = (self.model_path, share, str(part), device_sets[w], threads, asdict(self.generation),
-                    self.batch_size, self.tokenizer, self.dtype, go, timings, time.time())
+            args = (self.model_path, share, str(part), device_sets[w], self._threads(), asdict(self.generation),
+                    self.batch_size, self.tokenizer, self.dtype, timings, started)
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
-            with _thread_env(threads):
-                proc.start()
+            proc.start()
             procs.append(proc)
-        return procs, go, timings
+        return procs, timings
 
     def _wait(self, procs: list, parts: Path, total: int) -> None:
         from megatron_llm.logging.progress import Progress
@@ -128,12 +124,42 @@ class Infer:
 
 @dataclass
 class WorkerTiming:
-    startup_s: float  # process start, imports, model load (and waiting for the prompts' check, if longer)
+    startup_s: float  # from the run's start: the prompts' check, the worker's fork and its model load
     generate_s: float  # from the model loaded to the last result written
     ready_at: float  # wall-clock time (time.time()) when the model was loaded
 
 
-def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, go, timings,
+# What every worker imports, once, in the fork server: the model and generation code (not training's parallel
+# package, DCP or torch._dynamo). WORKER_DCP is added when the checkpoint is a native (DCP) one.
+WORKER_MODULES = ["megatron_llm.inference.infer", "megatron_llm.inference.llm"]
+WORKER_DCP = "megatron_llm.checkpoint.safe_dcp"
+
+
+def _worker_context(model_path: str, threads: int):
+    """The multiprocessing context workers start from: a fork server, started now so that it imports torch and
+    WORKER_MODULES while this process checks the prompts. A spawned worker paid those imports itself (2-4 s
+    each, three processes importing at once on two cores with 2 workers); a forked one starts with them done.
+    Workers are not forked from this process: it may have run torch ops on several OpenMP threads (a test
+    suite, a notebook), and a child of such a process hangs in its first multi-threaded op (GNU OpenMP is not
+    fork-safe); the server never runs one. Its environment is every worker's: OpenMP/MKL thread counts are set
+    before it imports torch (torch.set_num_threads in the worker then sets the count of each run)."""
+    import multiprocessing as mp
+    from multiprocessing import forkserver
+
+    native = any((Path(model_path) / name).is_file() for name in (".metadata", "latest"))  # as detect_format tells it
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_MODULES + ([WORKER_DCP] if native else []))
+    with _thread_env(threads):
+        forkserver.ensure_running()  # a server this process started before is reused, imports done
+    return context
+
+
+def generating_span(timings: list[WorkerTiming]) -> float:
+    """Seconds from the first worker's model loaded to the last worker's last result."""
+    return max(t.ready_at + t.generate_s for t in timings) - min(t.ready_at for t in timings)
+
+
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, timings,
             started: float) -> None:
     import torch
 
@@ -143,7 +169,6 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
     if devices and len(devices) > 1:
         llm.set_device(devices)
-    go.wait()  # the parent's check of every prompt passed
     ready = time.time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
@@ -175,10 +200,10 @@ def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> l
 
 @contextlib.contextmanager
 def _thread_env(threads: int):
-    """A spawned worker's OpenMP/MKL thread counts, set before it imports torch (and by torch.set_num_threads
-    after): no pool is ever sized for all the cores. OpenMP threads wait passively unless the user chose
-    otherwise: on a loaded machine a 2-thread worker spinning at each op's barrier took 38-68 s for work
-    that took it 4-8 s passively (and 1 thread 4-7 s)."""
+    """The fork server's (so every worker's) OpenMP/MKL thread counts, set before it imports torch (and by
+    torch.set_num_threads in the worker after): no pool is ever sized for all the cores. OpenMP threads wait
+    passively unless the user chose otherwise: on a loaded machine a 2-thread worker spinning at each op's
+    barrier took 38-68 s for work that took it 4-8 s passively (and 1 thread 4-7 s)."""
     values = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     saved = {name: os.environ.get(name) for name in values}
@@ -341,6 +366,9 @@ def main(argv: list[str]) -> int:
         return e.exit_code
     for t in infer.timings:
         print(f"worker: {t.startup_s:.1f} s to start and load the model, {t.generate_s:.1f} s generating")
+    if infer.timings:
+        print(f"generating: {generating_span(infer.timings):.2f} s from the first worker's model loaded to the last "
+              "result")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {out}")
     return 0

@@ -84,9 +84,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tok_embeddings = _table(cfg.vocab_size, cfg.hidden_size)
         # Absolute positions, learned or fixed, fill one slot: the tensor-parallel plan shards either alike.
-        table = {"learned": nn.Embedding, "sinusoidal": SinusoidalPositions}.get(cfg.position)
+        table = {"learned": _table, "sinusoidal": SinusoidalPositions}.get(cfg.position)
         self.pos_embeddings = table(cfg.max_seq_len, cfg.hidden_size) if table else None
         self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
@@ -277,6 +277,12 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     labels = torch.where(labels < 0, -100, labels)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
     return loss.view(labels.shape)
+
+
+def _table(rows: int, dim: int) -> nn.Embedding:
+    """An embedding table left unset: init_weights sets every weight. nn.Embedding's own N(0, 1) init, run on
+    the meta device where models are built, imports torch._dynamo (~1 s), which inference never needs."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
 
 
 def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Optional[int] = None,
