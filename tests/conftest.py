@@ -103,3 +103,12 @@ def transformers_first_loss(hf, cfg) -> tuple[float, dict]:
         logits = hf(batch["tokens"]).logits
     ce = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
     return ((ce * batch["loss_mask"].flatten()).sum() / batch["loss_mask"].sum()).item(), batch
+
+
+@pytest.fixture
+def mcore():
+    """megatron-core's reference helpers (tests/mcore_reference.py) inside its one-process world."""
+    import mcore_reference  # megatron-core is a dependency: a failed import fails the test
+
+    with mcore_reference.megatron_core_world():
+        yield mcore_reference

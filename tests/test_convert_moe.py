@@ -1,0 +1,285 @@
+"""Mixture of experts in Megatron-LM checkpoints, against megatron-core: its MoE names (router,
+local_experts.{l}, shared experts, the grouped weight1/weight2 layout), expert-parallel files
+mp_rank_TT[_PPP]_EEE, and the router's args, checked by round trips, strict loading into GPTModel, and
+megatron-core's own MoE forward. Helpers and the dense checks are in test_convert.py."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import megatron_llm
+from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.megatron_io import safe_load
+from test_convert import (SMALL, VOCAB, assert_same_tensors, hf_tensors, load_to_memory, megatron_shards,
+                          random_hf_model, run_cli, tokens)
+
+# megatron-core's constructors and imports warn about deprecations and CUDA-graph defaults we do not use.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:full scope is deprecated:UserWarning"),
+              pytest.mark.filterwarnings("ignore:When using expert parallelism and tensor parallelism:UserWarning")]
+
+
+MOE_SMALL = {**SMALL, "intermediate_size": 64}
+MOE_HF = {
+    "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),  # renormalised softmax
+    # pre-softmax top-k, a gated shared expert, layer 0 dense (pretrain_gpt's moe_layer_freq pattern)
+    "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+}
+# DeepSeek-V3's router on attention Megatron holds (no family has both): sigmoid scores, the expert bias,
+# group-limited top-k, a routed scale, ungated shared experts, the first layer dense.
+DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=64,
+                     max_seq_len=64, moe_experts=8, moe_top_k=4, moe_ffn_hidden_size=32, moe_score="sigmoid",
+                     moe_expert_bias=True, moe_groups=4, moe_topk_groups=2, moe_routed_scale=2.5,
+                     moe_shared_ffn_hidden_size=64, moe_dense_layers=[0])
+MOE_LAYOUTS = [(2, 2, 2), (1, 2, 4)]
+
+
+@pytest.fixture(scope="session")
+def moe_dirs(tmp_path_factory) -> dict:
+    """name -> (directory, its format, a model giving the reference logits: transformers' or, for the
+    DeepSeek-like checkpoint, ours)."""
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.config import Config, ModelConfig
+    from megatron_llm.model import build_model
+
+    out = {}
+    for name, (prefix, extra) in MOE_HF.items():
+        model = random_hf_model(prefix, **MOE_SMALL, **extra)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        out[name] = (path, "hf", model)
+    cfg = ModelConfig(**DEEPSEEK_LIKE)
+    model = build_model(cfg, "cpu", seed=0)
+    with torch.no_grad():  # the expert bias starts at 0: noise makes it change which experts are chosen
+        for tensor in model.state_dict().values():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    path = tmp_path_factory.mktemp("deepseek-like") / "native"
+    save_weights(path, model.state_dict(), Config(model=cfg).to_dict())
+    out["deepseek-like"] = (path, "native", model.eval())
+    return out
+
+
+def native_tensors(path: Path) -> dict:
+    return megatron_llm.load_model(str(path)).state_dict()
+
+
+def shard_path(root: Path, t: int, p: int, e: int, pp: int, ep: int) -> Path:
+    name = f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") + (f"_{e:03d}" if ep > 1 else "")
+    return root / "release" / name / "model_optim_rng.pt"
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=lambda t: "tp{}pp{}ep{}".format(*t))
+@pytest.mark.parametrize("name", [*MOE_HF, "deepseek-like"])
+def test_moe_megatron_round_trip_is_bit_exact_and_files_hold_local_experts(moe_dirs, tmp_path, name, layout):
+    src, fmt, _ = moe_dirs[name]
+    tp, pp, ep = layout
+    convert(str(src), fmt, str(tmp_path / "mg"), "megatron", Options(tp=tp, pp=pp, ep=ep))
+    shards = megatron_shards(tmp_path / "mg")
+    assert len(shards) == tp * pp * ep
+    experts = shards[shard_path(tmp_path / "mg", 0, pp - 1, ep - 1, pp, ep).parent.name]["model"]
+    per_rank = shards[next(iter(shards))]["args"].num_experts // ep
+    layer = "decoder.layers.1.mlp.experts.local_experts"  # the last stage's first layer is sparse
+    assert {k for k in experts if k.startswith(layer) and k.endswith("fc1.weight")} == {
+        f"{layer}.{l}.linear_fc1.weight" for l in range(per_rank)}
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), fmt)
+    if fmt == "hf":
+        assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "back"))
+    else:
+        assert_same_tensors(native_tensors(src), native_tensors(tmp_path / "back"))
+
+
+def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
+    src, fmt, _ = moe_dirs["deepseek-like"]
+    convert(str(src), fmt, str(tmp_path / "a"), "megatron", Options(tp=2, pp=2, ep=2))
+    convert(str(tmp_path / "a"), "megatron", str(tmp_path / "b"), "megatron")
+    convert(str(tmp_path / "b"), "megatron", str(tmp_path / "c"), "megatron", Options(tp=2, pp=2, ep=2))
+    a, b, c = (megatron_shards(tmp_path / x) for x in "abc")
+    assert sorted(b) == ["mp_rank_00"] and a.keys() == c.keys() and len(a) == 8
+    for shard in a:
+        assert_same_tensors(a[shard]["model"], c[shard]["model"])
+        assert vars(a[shard]["args"]) == vars(c[shard]["args"])
+    # Expert e of the whole model is local expert e % 4 of EP rank e // 4 (8 experts, ep 2).
+    whole = b["mp_rank_00"]["model"]["decoder.layers.3.mlp.experts.local_experts.6.linear_fc2.weight"]
+    ranks = [a[f"mp_rank_0{t}_001_001"]["model"]["decoder.layers.1.mlp.experts.local_experts.2.linear_fc2.weight"]
+             for t in range(2)]
+    assert torch.equal(torch.cat(ranks, dim=1), whole)
+
+
+def test_megatron_lm_integer_moe_layer_freq_reads_as_its_pattern(mcore, tmp_path):
+    """Megatron-LM's moe_layer_freq N makes layers 0, N, 2N ... sparse (ours counts (i + 1) % N): a
+    checkpoint saved with 2 is the model whose odd layers are dense."""
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.config import Config, ModelConfig
+    from megatron_llm.model import build_model
+
+    cfg = ModelConfig(**{**DEEPSEEK_LIKE, "moe_dense_layers": [1, 3]})
+    model = build_model(cfg, "cpu", seed=1)
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "mg"), "megatron")
+    path = tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    assert safe_load(path)["args"].moe_layer_freq == [1, 0, 1, 0]
+    _set_megatron_args(tmp_path / "mg", moe_layer_freq=2)
+    shard = safe_load(path)
+    mcore.gpt_model(shard["args"], 0, 0).load_state_dict(shard["model"], strict=True)
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), "native")
+    assert_same_tensors(native_tensors(tmp_path / "native"), native_tensors(tmp_path / "back"))
+
+
+def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
+    """Every file loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, and each of its
+    local experts holds the global expert megatron-core assigns that slot (MoELayer.local_expert_indices)."""
+    tp, pp, ep = 2, 2, 2
+    for name, (src, fmt, _) in moe_dirs.items():
+        out = tmp_path / name
+        convert(str(src), fmt, str(out), "megatron", Options(tp=tp, pp=pp, ep=ep))
+        ours = megatron_llm.load_model(str(src))
+        whole, checked = ours.state_dict(), 0
+        for t in range(tp):
+            for p in range(pp):
+                for e in range(ep):
+                    shard = safe_load(shard_path(out, t, p, e, pp, ep))
+                    model = mcore.gpt_model(shard["args"], t, p, e)
+                    model.load_state_dict(shard["model"], strict=True)
+                    for i, layer in enumerate(model.decoder.layers):
+                        w2 = whole.get(f"layers.{p * len(model.decoder.layers) + i}.feed_forward.experts.w2")
+                        for slot, expert in enumerate(getattr(layer.mlp, "local_expert_indices", [])):
+                            fc2 = layer.mlp.experts.local_experts[slot].linear_fc2.weight  # [hidden, ffn / tp]
+                            assert torch.equal(fc2, w2[expert].chunk(tp, dim=1)[t])
+                            checked += 1
+        sparse = sum(ours.cfg.layer(i).moe for i in range(ours.cfg.num_layers))
+        assert checked == tp * ours.cfg.moe_experts * sparse  # every expert of every sparse layer, on each tp rank
+
+
+def routing_of_megatron_core(model) -> list:
+    """Each MoE layer's routing map [tokens, E] of the next forward, tokens in batch-major order (megatron-core
+    runs [s, b, h])."""
+    maps, b = [], tokens().shape[0]
+    for layer in model.decoder.layers:
+        if hasattr(layer.mlp, "router"):
+            layer.mlp.router.register_forward_hook(
+                lambda m, i, out: maps.append(out[1].view(-1, b, out[1].shape[-1]).transpose(0, 1).flatten(0, 1)))
+    return maps
+
+
+def routing_of_ours(model) -> list:
+    from megatron_llm.model.moe import Router
+
+    maps = []
+    for router in (m for m in model.modules() if isinstance(m, Router)):  # in layer order
+        router.register_forward_hook(lambda m, i, out: maps.append(
+            torch.zeros(out[0].shape[0], m.weight.shape[0], dtype=torch.bool).scatter_(1, out[0], True)))
+    return maps
+
+
+@pytest.mark.parametrize("name", [*MOE_HF, "deepseek-like"])
+def test_megatron_core_moe_forward_matches_with_the_same_router_choices(mcore, moe_dirs, tmp_path, name):
+    """megatron-core's own MoE layer (its router from our args, its SequentialMLP experts, its shared
+    experts) on our shard gives the reference logits, choosing the experts our router chooses."""
+    src, fmt, reference = moe_dirs[name]
+    convert(str(src), fmt, str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    model = mcore.gpt_model(shard["args"], 0, 0).eval()
+    model.load_state_dict(shard["model"], strict=True)
+    theirs_routing = routing_of_megatron_core(model)
+    ours = megatron_llm.load_model(str(src))
+    ours_routing = routing_of_ours(ours)
+    x = tokens()
+    logits = mcore.logits(model, x)[..., :VOCAB]
+    with torch.no_grad():
+        expected = reference(x)
+        expected = expected if isinstance(expected, torch.Tensor) else expected.logits
+        ours(x)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert len(theirs_routing) == len(ours_routing) == (4 if name == "mixtral" else 3)  # the others: layer 0 dense
+    for theirs, mine in zip(theirs_routing, ours_routing):
+        assert torch.equal(theirs, mine)
+
+
+def group_experts(model: dict, args) -> dict:
+    """A file in megatron-core's legacy GroupedMLP names (moe_grouped_gemm): per layer, weight1 [hidden,
+    E_l * fc1 rows] whose view [E_l, hidden, -1] holds each local expert's fc1.T, and weight2 likewise."""
+    out, experts = {}, {}
+    for key, value in model.items():
+        prefix, sep, rest = key.partition(".experts.local_experts.")
+        if not sep:
+            out[key] = value
+        elif rest.endswith(".weight"):
+            experts.setdefault(prefix, {})[rest] = value
+    for prefix, held in experts.items():
+        local = range(args.num_experts // args.expert_model_parallel_size)
+        fc1 = torch.stack([held[f"{l}.linear_fc1.weight"].T for l in local])  # [E_l, hidden, fc1 rows]
+        fc2 = torch.stack([held[f"{l}.linear_fc2.weight"].T for l in local])  # [E_l, ffn, hidden]
+        out[f"{prefix}.experts.weight1"] = fc1.reshape(args.hidden_size, -1)  # the same memory, GroupedMLP's shape
+        out[f"{prefix}.experts.weight2"] = fc2.reshape(-1, args.hidden_size)
+    return out
+
+
+def test_reads_megatron_core_grouped_experts(mcore, moe_dirs, tmp_path):
+    """moe_grouped_gemm checkpoints (legacy GroupedMLP weight1/weight2) read as the local names do: every
+    file strict-loads into megatron-core's GroupedMLP, converts back bit-exact, and at tp=ep=1 megatron-core's
+    own grouped forward gives transformers' logits (so the layout is what GroupedMLP computes with)."""
+    src, fmt, hf = moe_dirs["qwen2_moe"]
+    for (tp, ep), name in (((2, 2), "tp2ep2"), ((1, 1), "one")):
+        local, grouped = tmp_path / f"local-{name}", tmp_path / f"grouped-{name}"
+        convert(str(src), fmt, str(local), "megatron", Options(tp=tp, ep=ep))
+        for path in sorted((local / "release").glob("*/model_optim_rng.pt")):
+            state = load_to_memory(path)
+            state["args"].moe_grouped_gemm = state["args"].moe_use_legacy_grouped_gemm = True
+            state["model"] = group_experts(state["model"], state["args"])
+            (grouped / "release" / path.parent.name).mkdir(parents=True)
+            torch.save(state, grouped / "release" / path.parent.name / "model_optim_rng.pt")
+            t, e = int(path.parent.name[8:10]), int(path.parent.name[11:] or 0)
+            model = mcore.gpt_model(state["args"], t, 0, e)
+            model.load_state_dict(state["model"], strict=True)
+        (grouped / "latest_checkpointed_iteration.txt").write_text("release")
+        convert(str(grouped), "megatron", str(tmp_path / f"hf-{name}"), "hf")
+        assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / f"hf-{name}"))
+    model.config.bf16 = True  # GroupedMLP asserts it (its CUDA kernel's dtype); the parameters stay fp32
+    x = tokens()
+    with mcore.grouped_gemm_on_cpu():
+        logits = mcore.logits(model, x)[..., :VOCAB]
+    torch.testing.assert_close(logits, hf(x).logits.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training continues from a converted checkpoint.
+
+
+def _set_megatron_args(mg: Path, **values) -> None:
+    for path in (mg / "release").glob("*/model_optim_rng.pt"):
+        state = load_to_memory(path)
+        vars(state["args"]).update(values)
+        torch.save(state, path)
+
+
+MOE_BAD = {
+    # name: (input format, extra flags, words the one-line error must contain)
+    "ep-not-dividing-experts": ("hf", ["--output-format", "megatron", "--ep", "3"], "--ep 3 does not divide the model's 4 experts"),
+    "te-spec": ("hf", ["--output-format", "megatron", "--megatron-spec", "te"], "--megatron-spec te has no mixture-of-experts names"),
+    "renormalised-top-1": ("hf", ["--output-format", "megatron"], "cannot express a renormalised softmax router with model.moe_top_k 1"),
+    "expert-tensor-parallel": ("megatron", ["--output-format", "hf"], "expert_tensor_parallel_size=1: we read experts split over tp"),
+    "sinkhorn": ("megatron", ["--output-format", "hf"], "moe_router_load_balancing_type='sinkhorn'"),
+}
+
+
+@pytest.mark.parametrize("case", MOE_BAD)
+def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs, tmp_path, capsys, case):
+    input_format, flags, message = MOE_BAD[case]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for f in moe_dirs["mixtral"][0].iterdir():
+        (hf / f.name).write_bytes(f.read_bytes())
+    convert(str(hf), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, ep=2))
+    if case == "renormalised-top-1":
+        (hf / "config.json").write_text((hf / "config.json").read_text().replace('"num_experts_per_tok": 2', '"num_experts_per_tok": 1'))
+    elif case == "expert-tensor-parallel":  # experts whole on each tp rank: Megatron's ETP=1 folding
+        _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=1)
+    elif case == "sinkhorn":
+        _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type="sinkhorn")
+    src = hf if input_format == "hf" else tmp_path / "mg"
+    code, out, err = run_cli(capsys, "--input", src, "--input-format", input_format, "--output", tmp_path / "out", *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mg"]  # no output, no temporary directory
