@@ -25,9 +25,13 @@ from test_parallel import LOSS_RTOL, check_chain, overrides
 # gate, the expert bias moved by the global load after each step, and both router losses per layer (so
 # they work across pipeline stages) with f over the global micro-batch (so a data-parallel rank's loss
 # averages to that of the whole micro-batch, which the single process routes at once).
+# DeepSeek-V3's routed scale 2.5 makes the routed experts' share of the output large enough that a tp slice's
+# missing sum shows: without the sum over tp of the expert rows' gradient the tp2-ep2 link's step-3 loss is off
+# by 4.4e-5 relative (1.6e-5 at scale 1, tolerance 1e-5).
 MOE = dict(model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=32, model__moe_dense_layers="[0]",
            model__moe_shared_ffn_hidden_size=32, model__moe_shared_gate=True, model__moe_expert_bias=True,
            model__moe_bias_update_rate=0.01, model__moe_aux_loss_coeff=0.1, model__moe_z_loss_coeff=0.01,
+           model__moe_routed_scale=2.5,
            model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True,
            model__attention="mla", model__mla_q_lora_rank=48, model__mla_kv_lora_rank=32, model__mla_rope_head_dim=8,
            model__mla_v_head_dim=16)
