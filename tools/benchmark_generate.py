@@ -8,6 +8,10 @@ same prompts (random token ids of --prompt-len) and greedy decoding of exactly -
 token), at batch 1 and --batch. Runs alternate between the two sides; medians are reported. Printed per side:
 prefill latency (the prompt's forward), per-token decode latency, decode tokens/s, and the ratio. The outputs
 are checked to be the same tokens (fp32), so both sides did the same work.
+
+--clock cpu times each side by this thread's CPU seconds instead of the wall clock: on a shared machine whose
+other jobs hold the cores, waiting for a core is not the side's work (both sides run one thread). Memory
+and cache contention from those jobs still show in either clock.
 """
 
 import argparse
@@ -38,16 +42,16 @@ def hf_model(model):
     return hf
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn, clock) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def side_times(generate, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def side_times(generate, prompts: torch.Tensor, new_tokens: int, clock) -> tuple[float, float]:
     """(prefill seconds, seconds per decoded token): a 1-token run is the prefill plus one pick."""
-    prefill = timed(lambda: generate(prompts, 1))
-    total = timed(lambda: generate(prompts, new_tokens))
+    prefill = timed(lambda: generate(prompts, 1), clock)
+    total = timed(lambda: generate(prompts, new_tokens), clock)
     return prefill, (total - prefill) / (new_tokens - 1)
 
 
@@ -60,11 +64,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side and batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (1: steadier on a shared "
                         "machine, where spinning OpenMP threads of 2 wait on a busy core)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall seconds, or this thread's CPU seconds (steadier on a loaded machine; one thread only)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
         if args.prompt_len + args.new_tokens > cfg.model.max_seq_len or args.new_tokens < 2:
             raise UsageError("--prompt-len + --new-tokens must fit model.max_seq_len, and --new-tokens be >= 2")
+        if args.clock == "cpu" and args.threads != 1:
+            raise UsageError("--clock cpu counts this thread's seconds only: use it with --threads 1")
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,7 +92,8 @@ def main(argv=None) -> int:
                               pad_token_id=0)
         return out[:, prompts.shape[1]:].tolist()
 
-    print(f"torch {torch.__version__}, cpu fp32, {torch.get_num_threads()} threads; model {cfg.model.num_params() / 1e6:.1f}M "
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, cpu fp32, {torch.get_num_threads()} threads, {args.clock} clock; model {cfg.model.num_params() / 1e6:.1f}M "
           f"params; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; medians of {args.repeats}")
     print(f"{'batch':>5} {'side':>6} {'prefill ms':>11} {'ms/token':>9} {'tokens/s':>9}")
     for batch in (1, args.batch):
@@ -93,8 +102,8 @@ def main(argv=None) -> int:
             print("warning: the two sides decoded different tokens", file=sys.stderr)
         runs = {"ours": [], "HF": []}
         for _ in range(args.repeats):
-            runs["ours"].append(side_times(ours, prompts, args.new_tokens))
-            runs["HF"].append(side_times(theirs, prompts, args.new_tokens))
+            runs["ours"].append(side_times(ours, prompts, args.new_tokens, clock))
+            runs["HF"].append(side_times(theirs, prompts, args.new_tokens, clock))
         rates = {}
         for side, values in runs.items():
             prefill = statistics.median(v[0] for v in values)

@@ -89,7 +89,7 @@ class Prefilled:
     start: int
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as generate: no autograd bookkeeping on the small ops of a step
 def continuous_batches(
     model: nn.Module, requests: Iterable[Request], sampling: Sampling, slots: int,
     stopped: Optional[Callable[[int, list[int]], bool]] = None,

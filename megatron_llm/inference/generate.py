@@ -126,7 +126,8 @@ def stream_ids(
     done = [False] * batch
     produced: list[list[int]] = [[] for _ in prompts]
     for _ in range(max(limits)):
-        chosen = next_tokens(logits, sampling, generator).tolist()
+        picked = next_tokens(logits, sampling, generator)  # [b]
+        chosen = picked.tolist()
         step: list[Optional[int]] = []
         for row, token in enumerate(chosen):
             if done[row]:
@@ -140,8 +141,7 @@ def stream_ids(
             return
         positions = positions[:, -1:] + 1  # [b, 1]
         keys = KeyMask(valid=valid[:, : cache.length + 1]) if padded else NO_MASK
-        new = torch.tensor(chosen, device=device)[:, None]
-        logits = model(new, positions=positions, keys=keys, cache=cache)[:, -1].float()
+        logits = model(picked[:, None], positions=positions, keys=keys, cache=cache)[:, -1].float()
 
 
 def generate_ids(model: nn.Module, prompts: list[list[int]], sampling: Sampling,
