@@ -26,16 +26,11 @@ class RMSNorm(nn.Module):
             return _normalize(x, self.eps)[0]
         # Gemma stores w and scales by 1 + w: the offset lives here, so checkpoints keep their own numbers.
         weight = 1.0 + self.weight if self.unit_offset else self.weight
-        compiling = torch.compiler.is_compiling()
-        if torch.is_grad_enabled() and not compiling:
-            return _RMSNormFunction.apply(x, weight, self.eps)
-        if type(x) is torch.Tensor and not compiling:
-            # Inference: torch's rms_norm is one call where _normalize makes seven, bit-equal to it (fp32 and
-            # bf16 checked); a decoding step of a small model pays per call, not per element.
-            return weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
-        # The compiler fuses the plain ops into one kernel each way. A DTensor keeps them too: its rms_norm
-        # decomposition adds eps in place, which a tensor-parallel partial statistic refuses.
-        return weight * _normalize(x, self.eps)[0]
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            # The compiler fuses the plain ops into one kernel each way; without autograd (inference) the
+            # Function's own overhead is all it would add.
+            return weight * _normalize(x, self.eps)[0]
+        return _RMSNormFunction.apply(x, weight, self.eps)
 
 
 def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
