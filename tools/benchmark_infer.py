@@ -58,7 +58,9 @@ def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, s
     command = [sys.executable, str(Path(__file__).parent / "infer.py"), "--model", ckpt, "--data", str(data),
                "--output", str(out), "--num-workers", str(workers), "--batch-size", str(batch_size), "--tokenizer",
                "byte"] + (["--stop", *stop] if stop else [])
-    whole, done = timed(lambda: subprocess.run(command, capture_output=True, text=True, check=True))
+    whole, done = timed(lambda: subprocess.run(command, capture_output=True, text=True))
+    if done.returncode != 0:
+        raise SystemExit(f"tools/infer.py failed:\n{done.stderr}")
     return whole, float(re.search(r"generating: ([\d.]+) s", done.stdout).group(1))
 
 

@@ -68,15 +68,26 @@ class Infer:
         done = finished(parts)
         mine = [r for i, r in enumerate(records) if i % world == rank and r["_id"] not in done]
         started = time.time()
-        context = _worker_context(self.model_path, self._threads()) if mine else None
+        context = _worker_context(self.model_path, self._threads())
+        # Every prompt is checked in a process of its own, forked like the workers, so that this one imports no
+        # torch (seconds of CPU that a loaded machine takes from the workers' start). The workers load their
+        # model meanwhile and generate once the check passes; they are stopped if it fails.
+        verdict, go = context.SimpleQueue(), context.Event()
+        checker = context.Process(target=_check, name="prompt check", args=(
+            records, self.model_path, self.tokenizer, self.generation.max_new_tokens, verdict))
+        checker.start()
+        procs, timings = self._start_workers(context, mine, parts, rank, device_sets, started, go)
         try:
-            check_lengths(records, self.model_path, self.tokenizer, self.generation.max_new_tokens)
+            _raise_refusal(checker, verdict)
         except UsageError:
+            for proc in procs:
+                proc.terminate()
+                proc.join()
             if created and not any(parts.iterdir()):
                 parts.rmdir()
             raise
-        if mine:
-            procs, timings = self._start_workers(context, mine, parts, rank, device_sets, started)
+        go.set()
+        if procs:
             self._wait(procs, parts, len(mine))
             self.timings = [WorkerTiming(*timings.get()) for p in procs if p.exitcode == 0]
         if world > 1:
@@ -91,8 +102,8 @@ class Infer:
         return max(1, cores // self.num_workers)
 
     def _start_workers(self, context, records: list[dict], parts: Path, rank: int,
-                       device_sets: list[Optional[list[str]]], started: float):
-        """(worker processes, the queue of their timings)."""
+                       device_sets: list[Optional[list[str]]], started: float, go):
+        """(worker processes, the queue of their timings); they generate once `go` is set."""
         shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
         procs, timings = [], context.SimpleQueue()
         for w, share in enumerate(shares):
@@ -100,7 +111,7 @@ class Infer:
                 continue
             part = parts / f"node{rank}-worker{w}.jsonl"
             args = (self.model_path, share, str(part), device_sets[w], self._threads(), asdict(self.generation),
-                    self.batch_size, self.tokenizer, self.dtype, timings, started)
+                    self.batch_size, self.tokenizer, self.dtype, go, timings, started)
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
             proc.start()
             procs.append(proc)
@@ -124,7 +135,7 @@ class Infer:
 
 @dataclass
 class WorkerTiming:
-    startup_s: float  # from the run's start: the prompts' check, the worker's fork and its model load
+    startup_s: float  # from the run's start to the worker's model loaded and the prompts' check passed
     generate_s: float  # from the model loaded to the last result written
     ready_at: float  # wall-clock time (time.time()) when the model was loaded
 
@@ -137,8 +148,8 @@ WORKER_DCP = "megatron_llm.checkpoint.safe_dcp"
 
 def _worker_context(model_path: str, threads: int):
     """The multiprocessing context workers start from: a fork server, started now so that it imports torch and
-    WORKER_MODULES while this process checks the prompts. A spawned worker paid those imports itself (2-4 s
-    each, three processes importing at once on two cores with 2 workers); a forked one starts with them done.
+    WORKER_MODULES once. A spawned worker paid those imports itself (2-4 s each, three processes importing at once
+    on two cores with 2 workers, and this one a fourth for the prompts' check); a forked one starts with them done.
     Workers are not forked from this process: it may have run torch ops on several OpenMP threads (a test
     suite, a notebook), and a child of such a process hangs in its first multi-threaded op (GNU OpenMP is not
     fork-safe); the server never runs one. Its environment is every worker's: OpenMP/MKL thread counts are set
@@ -159,7 +170,27 @@ def generating_span(timings: list[WorkerTiming]) -> float:
     return max(t.ready_at + t.generate_s for t in timings) - min(t.ready_at for t in timings)
 
 
-def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, timings,
+def _check(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int, verdict) -> None:
+    """check_lengths in a process of its own: puts its refusal's message on `verdict`, or None."""
+    try:
+        check_lengths(records, model_path, tokenizer, max_new_tokens)
+    except UsageError as e:
+        verdict.put(str(e))
+        return
+    verdict.put(None)
+
+
+def _raise_refusal(checker, verdict) -> None:
+    """The prompts' check's refusal as a UsageError, once the checker ends; nothing if every prompt passed."""
+    checker.join()
+    message = None if verdict.empty() else verdict.get()
+    if message is not None:
+        raise UsageError(message)
+    if checker.exitcode != 0:
+        raise UsageError(f"the prompts' check died (exit code {checker.exitcode}); run the same command again")
+
+
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, go, timings,
             started: float) -> None:
     import torch
 
@@ -169,6 +200,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
     if devices and len(devices) > 1:
         llm.set_device(devices)
+    go.wait()  # every prompt passed the check
     ready = time.time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
