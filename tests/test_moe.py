@@ -105,10 +105,10 @@ def test_groups_limit_the_experts_a_token_reaches():
     assert (indices // (E // 4)).unique(dim=1).shape[1] == 1  # both experts of every token in one group
 
 
-@pytest.mark.parametrize("inner", [16, 6])  # 6 fp32 columns are not 16-byte aligned: the loop fallback
-def test_grouped_mm_equals_a_loop_and_its_gradient(inner):
+def test_grouped_mm_equals_a_loop_and_its_gradient():
+    """torch._grouped_mm, the experts' matmul on CUDA in bf16, runs on CPU in fp32 too: checked here."""
     x = torch.randn(10, 8, requires_grad=True)
-    w = torch.randn(4, inner, 8, requires_grad=True)
+    w = torch.randn(4, 16, 8, requires_grad=True)
     counts = torch.tensor([2, 3, 0, 5])
     loop = torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate([(0, 2), (2, 5), (5, 5), (5, 10)])])
     out = grouped_mm(x, w, counts)
@@ -116,6 +116,25 @@ def test_grouped_mm_equals_a_loop_and_its_gradient(inner):
     grads = torch.autograd.grad(out.square().sum(), (x, w))
     for got, want in zip(grads, torch.autograd.grad(loop.square().sum(), (x, w))):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])  # gated and plain; 6 fp32 columns are not 16-byte aligned
+def test_expert_mlp_has_the_gradients_of_its_loop(mlp):
+    """The experts' hand-written backward (ExpertMLP, the CPU path) against autograd's numerical gradients,
+    and its values against each expert's MLP on its rows, with an expert that got none."""
+    from megatron_llm.model.mlp import ACTIVATIONS
+    from megatron_llm.model.moe import expert_mlp
+
+    act, counts, dims = ACTIVATIONS[mlp], torch.tensor([2, 3, 0, 5]), dict(dtype=torch.float64, requires_grad=True)
+    x, w1, w2 = torch.randn(10, 6, **dims), torch.randn(4, 5, 6, **dims), torch.randn(4, 6, 5, **dims)
+    w3 = torch.randn(4, 5, 6, **dims) if mlp == "swiglu" else None
+    loop = []
+    for e, rows in enumerate(x.split(counts.tolist())):
+        h = act(rows @ w1[e].T)
+        loop.append((h if w3 is None else h * (rows @ w3[e].T)) @ w2[e].T)
+    torch.testing.assert_close(expert_mlp(x, counts, w1, w2, w3, act), torch.cat(loop))
+    weights = [w for w in (w1, w2, w3) if w is not None]
+    assert torch.autograd.gradcheck(lambda x, w1, w2, *w3: expert_mlp(x, counts, w1, w2, *(w3 or [None]), act), (x, *weights))
 
 
 def test_capacity_drops_the_latest_assignments_and_counts_them():

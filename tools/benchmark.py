@@ -78,6 +78,7 @@ class Runner:
     step: Callable[[], tuple[float, float]]  # -> (loss, grad norm), after one host sync
     resting_bytes: Callable[[], int] = lambda: 0  # parameters + AdamW state, which the step does not free
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # this process's CPU time over the same steps
     peak_bytes: int = 0  # resting + the step's largest transient allocation (CUDA only)
     first: Optional[tuple[float, float]] = None
 
@@ -188,14 +189,15 @@ def run_step(runner: Runner, device: torch.device, record: bool) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = runner.step()  # ends in a host sync (.tolist()), so the clock sees finished work
     if cuda:
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     runner.first = runner.first or result
     if record:
         runner.seconds.append(elapsed)
+        runner.cpu_seconds.append(cpu)
         if cuda:
             transient = torch.cuda.max_memory_allocated(device) - before
             runner.peak_bytes = max(runner.peak_bytes, runner.resting_bytes() + transient)
@@ -335,6 +337,12 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     ]
     overhead = statistics.median(runners[0].seconds) / statistics.median(runners[1].seconds) - 1
     lines.append(f"MoE overhead over the dense model of equal active FLOPs: {overhead:+.1%} step time")
+    # CPU time is what a step computes, without the time the process waited for a core: on a shared
+    # machine it scatters less than the clock (with one thread per process it is the step's compute).
+    cpu = [statistics.median(r.cpu_seconds) * 1e3 for r in runners]
+    paired = statistics.median(d / m for m, d in zip(runners[0].cpu_seconds, runners[1].cpu_seconds))
+    lines.append(f"CPU time of this process: MoE {cpu[0]:.1f}, dense {cpu[1]:.1f} ms/step (ratio {cpu[0] / cpu[1]:.3f});"
+                 f" paired dense/MoE median {paired:.3f}")
     return "\n".join(lines)
 
 
