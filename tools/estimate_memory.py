@@ -32,7 +32,8 @@ The model counts what this code keeps, measured with saved-tensor hooks on the t
     experts split over tp like the dense MLP; FSDP shards the experts over the dp / ep ranks that hold the
     same ones; activations per token k x (2h + 3 x expert width / tp) + 3 x shared width / tp + E router
     scores (every tp rank routes the whole sequence) (configs/mixtral_tiny.yaml, micro-batch 2 x 256, CPU
-    fp32: one process 1.37 GiB estimated, 1.24 measured; ep 2 over dp 2 with DDP 0.74 estimated, 0.77 measured).
+    fp32: one process 1.37 GiB estimated, 1.24 measured; ep 2 over dp 2 with DDP 0.74 estimated, 0.77 measured;
+    tp 2 0.72 estimated, 0.65 measured, where whole experts on each tp rank had 1.32 and 1.21).
 Activations take 4 bytes per element in fp32 and about 2 under bf16 autocast (matmul inputs are saved
 in bf16; the norms' fp32 internals make this a slight underestimate).
 """
