@@ -6,8 +6,9 @@
 Both sides get the same random weights (ours, copied into transformers' Llama through the family table), the
 same prompts (random token ids of --prompt-len) and greedy decoding of exactly --new-tokens tokens (no stop
 token), at batch 1 and --batch. Runs alternate between the two sides; medians are reported. Printed per side:
-prefill latency (the prompt's forward), per-token decode latency, decode tokens/s, and the ratio. The outputs
-are checked to be the same tokens (fp32), so both sides did the same work.
+prefill latency (the prompt's forward), per-token decode latency, decode tokens/s, and the ratio, both of the
+medians and as the median of each repeat's own ratio. The outputs are checked to be the same tokens (fp32), so
+both sides did the same work.
 
 --clock cpu times each side by this thread's CPU seconds instead of the wall clock: on a shared machine whose
 other jobs hold the cores, waiting for a core is not the side's work (both sides run one thread). Memory
@@ -110,7 +111,10 @@ def main(argv=None) -> int:
             per_token = statistics.median(v[1] for v in values)
             rates[side] = batch / per_token
             print(f"{batch:>5} {side:>6} {prefill * 1e3:>11.1f} {per_token * 1e3:>9.2f} {rates[side]:>9.0f}")
-        print(f"{batch:>5}  ratio ours/HF decode tokens/s: {rates['ours'] / rates['HF']:.2f}")
+        # each repeat's two runs are neighbours in time, so their ratio cancels load that drifts between repeats
+        paired = statistics.median(theirs_[1] / ours_[1] for ours_, theirs_ in zip(runs["ours"], runs["HF"]))
+        print(f"{batch:>5}  ratio ours/HF decode tokens/s: {rates['ours'] / rates['HF']:.2f} (of medians), "
+              f"{paired:.2f} (median of paired runs)")
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)")
     return 0
 
