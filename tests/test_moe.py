@@ -296,8 +296,8 @@ def test_latent_attention_splits_whole_heads_over_tp(tiny_config, tmp_path):
 
 @pytest.mark.parametrize("scope", ["model", "layer"])
 def test_compiled_blocks_train_the_moe_as_eager_ones(scope):
-    """training.compile: the grouped matmul runs eagerly inside the compiled block in fp32 (torch's shape
-    kernel for it takes bf16 only), the router statistics still reach the step."""
+    """training.compile: the experts' matmuls run eagerly inside the compiled block (ExpertMLP reads its rows
+    per expert on the host), the router statistics still reach the step."""
     cfg = moe_cfg(moe_aux_loss_coeff=0.01, moe_aux_loss_scope=scope)
     batch = seeded_batch()
     runs = []

@@ -1,6 +1,7 @@
 """The mixture-of-experts feed-forward: a router picks k of E experts per token, the tokens are sorted by
-expert and each expert's rows go through its own MLP in one grouped matrix multiply, and the outputs are
-summed back per token with the router's weights; optional shared experts see every token.
+expert and each expert's rows go through its own MLP (one grouped matrix multiply per projection on CUDA,
+a loop of matmuls into whole outputs elsewhere), and the outputs are summed back per token with the router's
+weights; optional shared experts see every token.
 
 The experts are stacked weights, `experts.w1` [E, ffn, hidden] and so on, not E modules: one parameter
 per projection, which expert parallelism (parallel/expert_parallel.py) splits along E from outside by
@@ -78,9 +79,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the experts take `torch._grouped_mm`: on CUDA in bf16 with 16-byte-aligned strides. On CPU it
-    is a loop of matmuls like ExpertMLP's, but its autograd keeps each projection's input and output apart
-    (an extra [N, ffn] product saved, its gradient summed by an add): 3-4% slower per expert layer at one
-    thread (measured, fp32), so the CPU takes ExpertMLP."""
+    is a loop of matmuls like ExpertMLP's, as fast within 2-3% (fp32, one thread, measured), but autograd
+    around it saves one more [N, ffn] tensor per layer, so elsewhere the experts take ExpertMLP."""
     aligned = all(n * x.element_size() % 16 == 0 for w in weights for n in w.shape[1:])
     return hasattr(torch, "_grouped_mm") and aligned and x.is_cuda and x.dtype == torch.bfloat16
 
