@@ -138,6 +138,7 @@ class WorkerTiming:
     startup_s: float  # from the run's start to the worker's model loaded and the prompts' check passed
     generate_s: float  # from the model loaded to the last result written
     ready_at: float  # wall-clock time (time.time()) when the model was loaded
+    generate_cpu_s: float  # CPU seconds the worker's threads spent generating: its work, whatever else runs
 
 
 # What every worker imports, once, in the fork server: the model and generation code (not training's parallel
@@ -201,7 +202,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     if devices and len(devices) > 1:
         llm.set_device(devices)
     go.wait()  # every prompt passed the check
-    ready = time.time()
+    ready, cpu = time.time(), time.process_time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
     prompts = [(r["_id"], prompt_ids(llm.tokenizer, r), r.get("max_new_tokens", default)) for r in records]
@@ -212,7 +213,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
             result = {**record, "output": llm.decode(ids) if text_prompt else ids}
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()  # a crash tears at most the line being written
-    timings.put((ready - started, time.time() - ready, ready))
+    timings.put((ready - started, time.time() - ready, ready, time.process_time() - cpu))
 
 
 def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> list[list[dict]]:
@@ -397,7 +398,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     for t in infer.timings:
-        print(f"worker: {t.startup_s:.1f} s to start and load the model, {t.generate_s:.1f} s generating")
+        print(f"worker: {t.startup_s:.1f} s to start and load the model, {t.generate_s:.1f} s generating "
+              f"({t.generate_cpu_s:.1f} s of CPU)")
     if infer.timings:
         print(f"generating: {generating_span(infer.timings):.2f} s from the first worker's model loaded to the last "
               "result")
