@@ -219,7 +219,7 @@ def outer_plan(sp: bool, score: bool = False) -> dict:
     partial scores are summed, so every rank holds the whole [b, s, 1]."""
     seq = Shard(1) if sp else Replicate()
     plan = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+        "tok_embeddings": VocabParallelEmbedding(input_layouts=Replicate(), output_layouts=seq),
         "output": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False),
     }
     if score:
@@ -229,6 +229,21 @@ def outer_plan(sp: bool, score: bool = False) -> dict:
         plan["pos_embeddings"] = PositionsOnShard()
         plan["embedding_norm"] = SequenceParallel(use_local_output=True)  # on the shard, like the blocks' norms
     return plan
+
+
+class VocabParallelEmbedding(RowwiseParallel):
+    """RowwiseParallel for the embedding, whose all-reduce (or reduce-scatter under sp) completes before the
+    lookup returns. torch's styles redistribute with async_op=True, so to_local() hands out an
+    AsyncCollectiveTensor; inside a compiled block that is traced away, but the embedding runs eagerly and
+    its output is the first compiled block's input. AOTAutograd takes that subclass input apart and its
+    backward hands the redistribute's backward a plain tensor instead of a DTensor ("'Tensor' object has no
+    attribute '_local_tensor'", training.compile with tp, torch 2.13). The first block's norm waits for the
+    collective at once anyway, so nothing is lost by waiting here."""
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        outputs = outputs.redistribute(placements=output_layouts, async_op=False)
+        return outputs.to_local() if use_local_output else outputs
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
