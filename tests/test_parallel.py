@@ -4,7 +4,7 @@ Chains of multi-process runs, each run resuming from the checkpoint of the one b
 layout, must reproduce a single-process run step for step: the per-step loss, the per-channel sums,
 the validation loss and the parameters of each run's final checkpoint. Between them the runs cover the
 layouts (tp, pp, dp) = (2,1,1) (1,2,1) (1,1,2) (2,2,1) (2,1,2) (1,2,2) (1,1,4), sequence parallelism on
-and off, the five pipeline schedules, an uneven stage split, FSDP2 and DDP, tied and untied embeddings
+and off, the five pipeline schedules, an uneven stage split, FSDP2 and DDP, compiled blocks at tp2-sp, tied and untied embeddings
 (with GQA, QK-norm, biases and z-loss, and the architecture menu below), and the checkpoint moves (2,2,1) -> (1,1,4) -> (2,2,1) ->
 (2,1,2) -> (2,2,1); three shorter chains take the other norm placements through pipeline splits. Achieved: losses agree to ~1e-7 relative (often bit for bit), parameters to ~2e-6
 absolute (Adam's normalised update amplifies rounding on near-zero gradients).
@@ -73,6 +73,10 @@ UNTIED_CHAIN = [
     ("pp2-dp2-interleaved-zb-fsdp-recompute", 1, 2, 2, dict(
         parallel__schedule="interleaved_zb", parallel__virtual_stages=2, parallel__data_parallel="fsdp",
         training__activation_checkpointing="full")),
+    # torch.compile'd blocks under tp + sp: this model feeds the embedding's output straight into the first block,
+    # where an AsyncCollectiveTensor once broke the backward (see tensor_parallel.VocabParallelEmbedding). Without
+    # evaluation, so the blocks compile once (no-grad would compile them again).
+    ("tp2-sp-compile", 2, 1, 1, dict(parallel__sp=True, training__compile=True, training__eval_interval=0)),
 ]
 
 # The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
