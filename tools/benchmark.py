@@ -272,6 +272,16 @@ def speed_table(tokens: int, a: list[float], b: list[float], names: tuple[str, s
     return lines
 
 
+def cpu_line(a: Runner, b: Runner, names: tuple[str, str]) -> str:
+    """Medians and the paired ratio b/a of the process's CPU time per step. CPU time is what a step computes,
+    without the time the process waited for a core: on a shared machine it scatters less than the clock
+    (with one thread per process it is the step's compute)."""
+    cpu = [statistics.median(r.cpu_seconds) * 1e3 for r in (a, b)]
+    paired = statistics.median(y / x for x, y in zip(a.cpu_seconds, b.cpu_seconds))
+    return (f"CPU time of this process: {names[0]} {cpu[0]:.1f}, {names[1]} {cpu[1]:.1f} ms/step (ratio"
+            f" {cpu[0] / cpu[1]:.3f}); paired {names[1]}/{names[0]} median {paired:.3f}")
+
+
 def machine_line(device: torch.device, autocast, libraries: str = "") -> str:
     dtype = "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", "")
     return (
@@ -297,6 +307,8 @@ def report(cfg: Config, ours: Runner, theirs: Runner, device: torch.device, auto
     ]
     mfu_scale = flops_per_token(cfg.model, cfg.data.seq_len) / peak if peak else None
     lines += speed_table(tokens, ours.seconds, theirs.seconds, ("ours", "HF"), mfu_scale)
+    if device.type == "cpu":
+        lines.append(cpu_line(ours, theirs, ("ours", "HF")))
     if device.type == "cuda":
         gib = [r.peak_bytes / 2**30 for r in (ours, theirs)]
         lines.append(f"{'peak GiB':14}{gib[0]:14.2f}{gib[1]:14.2f}{gib[0] / gib[1]:10.3f}")
@@ -337,12 +349,8 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     ]
     overhead = statistics.median(runners[0].seconds) / statistics.median(runners[1].seconds) - 1
     lines.append(f"MoE overhead over the dense model of equal active FLOPs: {overhead:+.1%} step time")
-    # CPU time is what a step computes, without the time the process waited for a core: on a shared
-    # machine it scatters less than the clock (with one thread per process it is the step's compute).
-    cpu = [statistics.median(r.cpu_seconds) * 1e3 for r in runners]
-    paired = statistics.median(d / m for m, d in zip(runners[0].cpu_seconds, runners[1].cpu_seconds))
-    lines.append(f"CPU time of this process: MoE {cpu[0]:.1f}, dense {cpu[1]:.1f} ms/step (ratio {cpu[0] / cpu[1]:.3f});"
-                 f" paired dense/MoE median {paired:.3f}")
+    if device.type == "cpu":
+        lines.append(cpu_line(*runners, ("MoE", "dense")))
     return "\n".join(lines)
 
 
