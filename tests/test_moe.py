@@ -120,8 +120,8 @@ def test_grouped_mm_equals_a_loop_and_its_gradient():
 
 @pytest.mark.parametrize("mlp", ["swiglu", "relu2"])  # gated and plain; 6 fp32 columns are not 16-byte aligned
 def test_expert_mlp_has_the_gradients_of_its_loop(mlp):
-    """The experts' hand-written backward (ExpertMLP, the CPU path) against autograd's numerical gradients,
-    and its values against each expert's MLP on its rows, with an expert that got none."""
+    """The experts' hand-written backward (ExpertMLP, where torch._grouped_mm does not run) against autograd's
+    numerical gradients, and its values against each expert's MLP on its rows, with an expert that got none."""
     from megatron_llm.model.mlp import ACTIVATIONS
     from megatron_llm.model.moe import expert_mlp
 

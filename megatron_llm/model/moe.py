@@ -78,11 +78,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 
 
 def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the experts take `torch._grouped_mm`: on CUDA in bf16 with 16-byte-aligned strides. On CPU it
-    is a loop of matmuls like ExpertMLP's, as fast within 2-3% (fp32, one thread, measured), but autograd
-    around it saves one more [N, ffn] tensor per layer, so elsewhere the experts take ExpertMLP."""
+    """Whether the experts take `torch._grouped_mm`: where it runs, on CPU or on CUDA in bf16, with
+    16-byte-aligned strides, and not inside a compiled block in fp32 (the compiler's shape kernel for it
+    takes bf16 only, torch 2.13). Elsewhere ExpertMLP, as fast on CPU within 2-3% (fp32, one thread,
+    measured), which saves one [N, ffn] tensor per layer fewer than autograd around the grouped matmuls."""
     aligned = all(n * x.element_size() % 16 == 0 for w in weights for n in w.shape[1:])
-    return hasattr(torch, "_grouped_mm") and aligned and x.is_cuda and x.dtype == torch.bfloat16
+    bf16 = x.dtype == torch.bfloat16
+    runs = x.device.type == "cpu" or (x.is_cuda and bf16)
+    return hasattr(torch, "_grouped_mm") and aligned and runs and (bf16 or not torch.compiler.is_compiling())
 
 
 class GroupedExperts(nn.Module):
@@ -116,7 +119,7 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1, w2, w3, act) -> torch.
 
 
 class ExpertMLP(torch.autograd.Function):
-    """expert_mlp as a loop of per-expert matmuls written into whole [N, ...] outputs (no concatenation),
+    """expert_mlp where torch._grouped_mm does not run: a loop of per-expert matmuls written into whole [N, ...] outputs (no concatenation),
     with a backward that writes each expert's weight gradient into its row of the stacked gradient and adds
     the two input gradients of a gated MLP in one addmm. Saves x, w1 x, w3 x and the product that w2 takes;
     the activation runs again in the backward, where autograd differentiates it (any ACTIVATIONS entry)."""
