@@ -184,6 +184,11 @@ def entries(shapes: dict, layout: Layout, spec: str, tied: bool) -> list[Entry]:
     return out
 
 
+def held_by(all_entries: list[Entry], stage: int, ep_rank: int) -> list[Entry]:
+    """The entries one file holds: its stage's tensors, the experts only of its expert-parallel rank."""
+    return [e for e in all_entries if e.stage == stage and e.ep_rank in (None, ep_rank)]
+
+
 def extra_state_keys(stage_entries: list[Entry], layout: Layout, stage: int, spec: str) -> list[str]:
     """The `_extra_state` keys of one file whose tensors are `stage_entries`."""
     modules = dict.fromkeys(e.key.rsplit(".", 1)[0] for e in stage_entries if e.key.rsplit(".", 2)[-2] in LINEARS)
@@ -347,7 +352,7 @@ def _router_args(cfg: ModelConfig) -> dict:
     if cfg.moe_score == "sigmoid" and cfg.moe_renormalize != (cfg.moe_top_k > 1):
         raise refuse(f"model.moe_renormalize={cfg.moe_renormalize} with sigmoid scores at model.moe_top_k "
                      f"{cfg.moe_top_k} (its sigmoid router renormalises exactly when top-k > 1)")
-    if cfg.moe_groups > 1 and (cfg.moe_top_k // cfg.moe_topk_groups != 2 or (cfg.moe_score == "softmax" and not pre_softmax)):
+    if not _groups_rank_as_ours(cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_top_k, cfg.moe_score, pre_softmax):
         raise refuse(f"model.moe_groups {cfg.moe_groups} with model.moe_topk_groups {cfg.moe_topk_groups} and top-k "
                      f"{cfg.moe_top_k} (it ranks groups by their top top_k/topk_groups scores, of the logits for a "
                      "renormalised softmax; ours by their top-2 scores)")
@@ -359,6 +364,12 @@ def _router_args(cfg: ModelConfig) -> dict:
         moe_router_group_topk=cfg.moe_topk_groups if grouped else None,
         moe_router_topk_scaling_factor=cfg.moe_routed_scale if cfg.moe_routed_scale != 1.0 else None,
     )
+
+
+def _groups_rank_as_ours(groups: int, group_topk: int, topk: int, score: str, pre_softmax: bool) -> bool:
+    """Whether megatron-core's group-limited routing picks the groups ours does: it ranks a group by the sum of
+    its top topk / group_topk scores (of the logits for a renormalised softmax), ours by its top 2 scores."""
+    return groups <= 1 or (topk // group_topk == 2 and (score != "softmax" or pre_softmax))
 
 
 def _moe_config(args: argparse.Namespace, tp: int) -> dict:
@@ -387,7 +398,7 @@ def _moe_config(args: argparse.Namespace, tp: int) -> dict:
         raise refuse("moe_token_drop_policy", "our capacity drops an expert's latest tokens (Megatron's 'position')")
     score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
     groups, group_topk = (arg("moe_router_num_groups"), arg("moe_router_group_topk")) if arg("moe_router_group_topk") else (1, 1)
-    if groups > 1 and (topk // group_topk != 2 or (score == "softmax" and not pre_softmax)):
+    if not _groups_rank_as_ours(groups, group_topk, topk, score, pre_softmax):
         raise refuse("moe_router_group_topk", "our group-limited routing ranks groups by the sum of their top-2 scores "
                      "(moe_router_topk / moe_router_group_topk = 2, of sigmoid or pre-softmax scores)")
     freq = arg("moe_layer_freq", 1)

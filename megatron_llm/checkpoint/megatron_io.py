@@ -31,6 +31,7 @@ from megatron_llm.checkpoint.megatron import (
     Layout,
     entries,
     extra_state_keys,
+    held_by,
     megatron_args,
     merge,
     model_config_from_args,
@@ -154,7 +155,7 @@ class MegatronReader:
     def _check_keys(self, stage: int) -> None:
         """Every file of the stage holds exactly the tensors its layout implies (extra states aside)."""
         for (t, e), shard in self._shards.items():
-            expected = {x.key for x in self._entries if x.stage == stage and x.ep_rank in (None, e)}
+            expected = {x.key for x in held_by(self._entries, stage, e)}
             present = {k for k in shard if not k.endswith("._extra_state")}
             check_names(str(self.iter_dir / self.layout.shard_dir(t, stage, e)), expected, present)
 
@@ -222,7 +223,7 @@ class MegatronWriter:
         writes) with the GIL released, so threads overlap them."""
         def save(file: tuple[int, int]) -> None:
             t, e = file
-            mine = [x for x in self.entries if x.stage == self.stage and x.ep_rank in (None, e)]
+            mine = held_by(self.entries, self.stage, e)
             model = {**self.files_of_stage[file], **dict.fromkeys(extra_state_keys(mine, self.layout, self.stage, self.spec))}
             target = self.path / "release" / self.layout.shard_dir(t, self.stage, e)
             target.mkdir(parents=True, exist_ok=True)
