@@ -136,6 +136,10 @@ class ModelConfig:
     moe_layer_freq: int = param(1, "every n-th layer is MoE (layer i when (i + 1) % n == 0; Qwen2-MoE's decoder_sparse_step)")
     moe_dense_layers: list[int] = param([], "layers kept dense (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)")
     moe_capacity_factor: Optional[float] = param(None, "expert capacity = factor x tokens x top_k / experts, the rest dropped; null: dropless")
+    moe_token_drop_policy: Literal["position", "probs"] = param(
+        "position", "past capacity an expert keeps its earliest tokens (position) or its largest router weights "
+        "(probs: megatron-core's default); ties go to the earlier sequence position, as Megatron on CUDA"
+    )
     moe_aux_loss_coeff: float = param(0.0, "load-balancing loss coefficient (Switch; transformers' router_aux_loss_coef)")
     moe_z_loss_coeff: float = param(0.0, "router z-loss coefficient: mean(logsumexp(router logits)^2) (ST-MoE)")
     moe_aux_loss_scope: Literal["model", "layer"] = param(

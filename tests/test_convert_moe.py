@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import megatron_llm
-from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.convert import Options, checkpoint_model_config, convert
 from megatron_llm.checkpoint.megatron_io import safe_load
 from test_convert import (SMALL, VOCAB, assert_same_tensors, hf_tensors, load_to_memory, megatron_shards,
                           random_hf_model, run_cli, tokens)
@@ -83,6 +83,8 @@ def test_moe_megatron_round_trip_is_bit_exact_and_files_hold_local_experts(moe_d
     layer = "decoder.layers.1.mlp.experts.local_experts"  # the last stage's first layer is sparse
     assert {k for k in experts if k.startswith(layer) and k.endswith("fc1.weight")} == {
         f"{layer}.{l}.linear_fc1.weight" for l in range(per_rank)}
+    # Megatron-LM trains with per-layer router losses: the read continues so (the writers take either scope)
+    assert checkpoint_model_config(str(tmp_path / "mg")).moe_aux_loss_scope == "layer"
     convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), fmt)
     if fmt == "hf":
         assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "back"))
@@ -197,6 +199,34 @@ def test_megatron_core_moe_forward_matches_with_the_same_router_choices(mcore, m
         assert torch.equal(theirs, mine)
 
 
+@pytest.mark.parametrize("name,policy,pad", [("deepseek-like", "probs", False), ("qwen2_moe", "position", True)])
+def test_megatron_core_moe_forward_with_token_dropping_equals_ours_read_from_its_checkpoint(mcore, moe_dirs, tmp_path,
+                                                                                         name, policy, pad):
+    """A Megatron checkpoint trained with a capacity factor (megatron-core's default drop policy "probs", or
+    "position", padded to capacity or not) reads as our model dropping the same assignments: megatron-core's
+    own GPTModel forward (its router drops; CUDA's topk ties emulated for "position") gives our logits, with
+    assignments dropped in every sparse layer."""
+    from test_moe_capacity import with_cuda_ties
+
+    src, fmt, _ = moe_dirs[name]
+    convert(str(src), fmt, str(tmp_path / "mg"), "megatron")
+    _set_megatron_args(tmp_path / "mg", moe_expert_capacity_factor=0.5, moe_token_drop_policy=policy,
+                       moe_pad_expert_input_to_capacity=pad)
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    model = mcore.gpt_model(shard["args"], 0, 0).eval()
+    model.load_state_dict(shard["model"], strict=True)
+    ours = megatron_llm.load_model(str(tmp_path / "mg"))
+    assert (ours.cfg.moe_capacity_factor, ours.cfg.moe_token_drop_policy) == (0.5, policy)
+    x = tokens()  # 2 sequences: megatron-core's [s, b] token order decides the ties
+    with with_cuda_ties(policy):
+        logits = mcore.logits(model, x)[..., :VOCAB]
+    with torch.no_grad():
+        expected = ours(x)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    dropped = [m.stats.dropped.item() for m in ours.modules() if hasattr(m, "drop_policy")]
+    assert len(dropped) == 3 and min(dropped) > 0
+
+
 def group_experts(model: dict, args) -> dict:
     """A file in megatron-core's legacy GroupedMLP names (moe_grouped_gemm): per layer, weight1 [hidden,
     E_l * fc1 rows] whose view [E_l, hidden, -1] holds each local expert's fc1.T, and weight2 likewise."""
@@ -261,6 +291,8 @@ MOE_BAD = {
     "renormalised-top-1": ("hf", ["--output-format", "megatron"], "cannot express a renormalised softmax router with model.moe_top_k 1"),
     "expert-tensor-parallel": ("megatron", ["--output-format", "hf"], "expert_tensor_parallel_size=1: we read experts split over tp"),
     "sinkhorn": ("megatron", ["--output-format", "hf"], "moe_router_load_balancing_type='sinkhorn'"),
+    "padded-with-expert-bias": ("megatron", ["--output-format", "hf"],
+                                "moe_pad_expert_input_to_capacity=True: its expert-bias update counts the padding"),
 }
 
 
@@ -278,6 +310,9 @@ def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs
         _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=1)
     elif case == "sinkhorn":
         _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type="sinkhorn")
+    elif case == "padded-with-expert-bias":
+        _set_megatron_args(tmp_path / "mg", moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
+                           moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
     src = hf if input_format == "hf" else tmp_path / "mg"
     code, out, err = run_cli(capsys, "--input", src, "--input-format", input_format, "--output", tmp_path / "out", *flags)
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err

@@ -272,7 +272,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     read_back = model_config_from_args(args)
     back = dataclasses.asdict(read_back)
     back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
-    back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # not in Megatron's args: see _moe_config
+    back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # no Megatron arg (it always trains per layer): either writes
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
     for key, value in dataclasses.asdict(cfg).items():
@@ -326,12 +326,10 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         moe_router_bias_update_rate=cfg.moe_bias_update_rate,
         moe_router_load_balancing_type="global_aux_loss" if cfg.moe_aux_loss_global else "aux_loss",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
-        # Our dropping keeps each expert's earliest tokens: Megatron's "position" policy as documented ("tokens
-        # at the end of each batch will be dropped"). megatron-core 0.16 takes a top-k of the 0/1 routing map,
-        # whose ties torch does not break by position (measured on CPU), and counts positions sequence-major
-        # ([s, b]) where we go batch-major: with earliest-kept patched in, batch 1 equals ours (2e-6), batch 2
-        # does not. So over capacity the dropped tokens may differ; dropless (the default) is what tests compare.
-        moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy="position",
+        # Both drop policies keep what megatron-core's apply_router_token_dropping keeps on CUDA (ties to the
+        # earliest token, sequence-major); where they still differ (sequence parallelism): model/moe_capacity.py.
+        moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy=cfg.moe_token_drop_policy,
+        moe_pad_expert_input_to_capacity=False,
         moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
     )
 
@@ -394,8 +392,10 @@ def _moe_config(args: argparse.Namespace, tp: int) -> dict:
     if balancing not in LOAD_BALANCING:
         raise refuse("moe_router_load_balancing_type", f"we read only {', '.join(LOAD_BALANCING)} (our router "
                      "losses); convert it with Megatron-LM's own tools")
-    if arg("moe_expert_capacity_factor") is not None and arg("moe_token_drop_policy", "probs") != "position":
-        raise refuse("moe_token_drop_policy", "our capacity drops an expert's latest tokens (Megatron's 'position')")
+    padded = arg("moe_expert_capacity_factor") is not None and arg("moe_pad_expert_input_to_capacity")
+    if padded and arg("moe_router_enable_expert_bias"):
+        raise refuse("moe_pad_expert_input_to_capacity", "its expert-bias update counts the padding (every expert at "
+                     "capacity), ours the routed tokens; convert it with the padding off")
     score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
     groups, group_topk = (arg("moe_router_num_groups"), arg("moe_router_group_topk")) if arg("moe_router_group_topk") else (1, 1)
     if not _groups_rank_as_ours(groups, group_topk, topk, score, pre_softmax):
@@ -415,10 +415,12 @@ def _moe_config(args: argparse.Namespace, tp: int) -> dict:
         moe_expert_bias=bool(arg("moe_router_enable_expert_bias")), moe_bias_update_rate=arg("moe_router_bias_update_rate", 1e-3),
         moe_shared_ffn_hidden_size=shared, moe_shared_gate=bool(shared and arg("moe_shared_expert_gate")),
         moe_layer_freq=step, moe_dense_layers=[i for i, sparse in enumerate(pattern) if not sparse and (i + 1) % step == 0],
-        moe_capacity_factor=arg("moe_expert_capacity_factor"), moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)),
-        # Megatron-LM takes its router losses per layer (our moe_aux_loss_scope "layer"); the scope is left at
-        # our default, as Hugging Face families read it, and chosen in the training config.
-        moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)), moe_aux_loss_global=LOAD_BALANCING[balancing],
+        # moe_pad_expert_input_to_capacity adds to each expert's input the tokens not routed to it, up to its
+        # capacity, with weight 0: the kept routed assignments, outputs and gradients are these, so it reads as ours.
+        moe_capacity_factor=arg("moe_expert_capacity_factor"), moe_token_drop_policy=arg("moe_token_drop_policy", "probs"),
+        moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)), moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)),
+        # Megatron-LM takes its router losses per layer, so training continues as it did (and with pp > 1).
+        moe_aux_loss_scope="layer", moe_aux_loss_global=LOAD_BALANCING[balancing],
     )
 
 

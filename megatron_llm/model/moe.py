@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llm.model.mlp import ACTIVATIONS, FeedForward
+from megatron_llm.model.moe_capacity import drop_over_capacity
 from megatron_llm.model_config import ModelConfig
 
 
@@ -247,6 +248,7 @@ class MoE(nn.Module):
         self.shared_experts = FeedForward(cfg, shared) if shared else None
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe_shared_gate else None
         self.num_experts, self.top_k, self.capacity_factor = cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor
+        self.drop_policy = cfg.moe_token_drop_policy
         self.stats: Optional[RouterStats] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +260,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
         self._record(logits, scores, counts)
         if self.capacity_factor is not None:
-            order, counts = self._drop_over_capacity(order, counts, flat)
+            order, counts = self._drop_over_capacity(order, counts, flat, weights, shape)
         # Where each assignment went in the sorted rows; N (one past them, a zero row) for a dropped one.
         position = torch.full_like(flat, order.numel()).index_put_((order,), torch.arange(order.numel(), device=x.device))
         y = self.experts(SortRows.apply(x, order, position, self.top_k), counts)  # [N, hidden], sorted by expert
@@ -271,14 +273,13 @@ class MoE(nn.Module):
             out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
         return out.view(shape)
 
-    def _drop_over_capacity(self, order, counts, flat):
-        """Keeps the first `capacity` assignments of each expert, in token order (earlier tokens win)."""
-        capacity = math.ceil(self.capacity_factor * flat.numel() / self.num_experts)
-        starts = counts.cumsum(0) - counts  # [E] first sorted position of each expert
-        position = torch.arange(order.numel(), device=order.device) - starts[flat[order]]
-        keep = position < capacity
-        self.stats.dropped = (~keep).sum()
-        return order[keep], counts.clamp(max=capacity)
+    def _drop_over_capacity(self, order, counts, flat, weights, shape):
+        """Keeps each expert's `capacity` assignments chosen by the drop policy, as megatron-core does
+        (model/moe_capacity.py); x was [b, s, hidden] (shape) or one sequence [s, hidden]."""
+        batch = shape[0] if len(shape) == 3 else 1
+        order, counts, self.stats.dropped = drop_over_capacity(
+            order, counts, flat, weights, batch, self.capacity_factor, self.drop_policy)
+        return order, counts
 
     def _record(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
         """The router statistics of this forward (see RouterStats); the losses are the training step's.
