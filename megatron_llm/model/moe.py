@@ -214,6 +214,15 @@ class SortRows(torch.autograd.Function):
         return per_assignment.view(-1, ctx.top_k, grad.shape[-1]).sum(1), None, None, None
 
 
+class RowSort(nn.Module):
+    """The MoE slot that sorts rows by expert (SortRows), parameter-free: its input's gradient is a linear
+    function of the sorted rows' one, the same on every rank, so tensor parallelism sums the partial
+    gradient there ([T, hidden]) rather than on the k times longer sorted rows (parallel/tensor_parallel.py)."""
+
+    def forward(self, x: torch.Tensor, order: torch.Tensor, position: torch.Tensor, top_k: int) -> torch.Tensor:
+        return SortRows.apply(x, order, position, top_k)
+
+
 class UnsortRows(torch.autograd.Function):
     """y [N, hidden] in expert order -> [T * k, hidden] in assignment order (zeros for dropped assignments).
     Backward: the gather by `order`."""
@@ -245,6 +254,7 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg)
         shared = cfg.moe_shared_ffn_hidden_size
+        self.sort_rows = RowSort()
         self.shared_experts = FeedForward(cfg, shared) if shared else None
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe_shared_gate else None
         self.num_experts, self.top_k, self.capacity_factor = cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor
@@ -263,7 +273,7 @@ class MoE(nn.Module):
             order, counts = self._drop_over_capacity(order, counts, flat, weights, shape)
         # Where each assignment went in the sorted rows; N (one past them, a zero row) for a dropped one.
         position = torch.full_like(flat, order.numel()).index_put_((order,), torch.arange(order.numel(), device=x.device))
-        y = self.experts(SortRows.apply(x, order, position, self.top_k), counts)  # [N, hidden], sorted by expert
+        y = self.experts(self.sort_rows(x, order, position, self.top_k), counts)  # [N, hidden], sorted by expert
         y = UnsortRows.apply(y, order, position).view(*weights.shape, -1)  # [T, k, hidden], by token and choice
         # [T, hidden]: the k outputs summed per token by the router's weights, as one batched [1, k] x [k, hidden]
         # product (forward and backward 2.3x faster than multiplying and summing, on CPU at 1024 x 2 x 512)

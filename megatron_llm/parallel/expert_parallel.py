@@ -17,7 +17,8 @@ gradient norm counts each slice once.
 Gradients: an expert's local gradient sums the contributions of the tokens of its whole ep group. Data
 parallelism averages the other parameters over all dp ranks but the experts only over the dp / ep ranks
 that hold the same experts (`edp`), so the expert gradient is divided by ep here: both are then the
-gradient of the same global token mean. The rows' gradient from a slice is partial: it is summed over tp.
+gradient of the same global token mean. The rows' gradient from a slice is partial: the MoE plan sums it over
+tp on the row sort's input (tensor_parallel.py), [T, hidden] rather than the [T * k, hidden] rows here.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from megatron_llm.model.moe import expert_mlp
-from megatron_llm.parallel.tensor_parallel import grad_summed_over
 
 EXPERTS = "feed_forward.experts"  # the slot expert parallelism splits
 
@@ -54,7 +54,6 @@ def split_experts(model: nn.Module, mesh: DeviceMesh) -> None:
     both (ParallelDims.experts_mesh)."""
     names = mesh.mesh_dim_names
     ep_mesh = mesh["ep"] if "ep" in names else None
-    tp_mesh = mesh["tp"] if "tp" in names else None
     for experts in expert_modules(model):
         for name, ffn_dim in (("w1", 1), ("w2", 2), ("w3", 1)):
             weight = getattr(experts, name)
@@ -62,17 +61,15 @@ def split_experts(model: nn.Module, mesh: DeviceMesh) -> None:
                 placements = [Shard(0) if dim == "ep" else Shard(ffn_dim) for dim in names]
                 local = distribute_tensor(weight.detach(), mesh, placements, src_data_rank=None)
                 setattr(experts, name, nn.Parameter(local))  # [E/ep, ffn/tp, ...] here, [E, ffn, ...] saved
-        experts.forward = _sliced_forward(experts, ep_mesh, tp_mesh)
+        experts.forward = _sliced_forward(experts, ep_mesh)
 
 
-def _sliced_forward(experts: nn.Module, ep_mesh: Optional[DeviceMesh], tp_mesh: Optional[DeviceMesh]):
+def _sliced_forward(experts: nn.Module, ep_mesh: Optional[DeviceMesh]):
     ep = ep_mesh.size() if ep_mesh is not None else 1
 
     def forward(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, hidden] sorted by global expert, counts [E] -> their outputs [N, hidden], same order (this
         rank's partial sums under tp)."""
-        if tp_mesh is not None:
-            rows = grad_summed_over(rows, tp_mesh)  # every tp rank's slices take the same rows
         weights = [_local_grad_over(getattr(experts, n), ep) for n in ("w1", "w2", "w3")]
         if ep_mesh is None:
             return expert_mlp(rows, counts, *weights, experts.act)

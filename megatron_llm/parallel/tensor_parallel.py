@@ -96,7 +96,8 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         plan[name] = SequenceParallel(sequence_dim=2, use_local_output=True) if per_head else ProjectionNorm()
     if _has_params(block, "attention.wkv_a"):
         plan["attention.wkv_a"] = SharedRopeKey(block.attention.rope_dim)
-    return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, ProjectionNorm))}
+    weightless = (ProjectionNorm, GradSummedOverTp)  # placed whether or not the slot has weights
+    return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, weightless))}
 
 
 def moe_plan(seq) -> dict:
@@ -108,6 +109,7 @@ def moe_plan(seq) -> dict:
             output_layouts=(Partial(),), desired_output_layouts=(seq,), use_local_output=True,
         ),
         "feed_forward.router": GradSummedOverTp(output_index=1),  # the top-k weights [T, k]
+        "feed_forward.sort_rows": GradSummedOverTp(input_index=0),  # the rows [T, hidden] the experts' slices take
         "feed_forward.shared_experts.w1": ColwiseParallel(),
         "feed_forward.shared_experts.w3": ColwiseParallel(),
         "feed_forward.shared_experts.w2": RowwiseParallel(output_layouts=Partial()),  # summed with the routed part
@@ -123,13 +125,24 @@ def grad_summed_over(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
 
 class GradSummedOverTp(ParallelStyle):
     """A replicated module whose output (or output[output_index]) feeds a computation split over tp: its
-    gradient there is partial, and the backward sums it over tp."""
+    gradient there is partial, and the backward sums it over tp. With `input_index`, the sum is taken on the
+    module's input args[input_index] instead: right when the module's backward is linear and the same on
+    every rank, and fewer bytes when its input is smaller than its output (the MoE row sort's, k times)."""
 
-    def __init__(self, output_index: Optional[int] = None):
+    def __init__(self, output_index: Optional[int] = None, input_index: Optional[int] = None):
         super().__init__()
-        self.output_index = output_index
+        self.output_index, self.input_index = output_index, input_index
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if self.input_index is not None:
+            def pre_hook(module: nn.Module, args: tuple):
+                args = list(args)
+                args[self.input_index] = grad_summed_over(args[self.input_index], device_mesh)
+                return tuple(args)
+
+            module.register_forward_pre_hook(pre_hook)
+            return module
+
         def hook(module: nn.Module, args: tuple, out):
             if self.output_index is None:
                 return grad_summed_over(out, device_mesh)
