@@ -5,7 +5,7 @@ World size 1 cannot hold a tp=2 group, but GPTModel (megatron-core 0.16) asks it
 for their size and rank while it allocates parameters. So each shard's model is built from the real
 args (tp, pp and all) with stand-in tp and pp groups that report that shard's (size, rank): its
 parameters then have exactly the shapes, names and local layer numbers megatron-core gives that rank.
-A mixture-of-experts model gets stand-in expert groups the same way (ep, and expert tp = tp), and the
+A mixture-of-experts model gets stand-in expert groups the same way (ep, and expert tp: etp), and the
 decoder block spec pretrain_gpt.py builds for it (dense and MoE layers by moe_layer_freq).
 """
 
@@ -77,11 +77,13 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
     """The GPTModel of pretrain_gpt.py's model_provider, as TP rank tp_rank of PP stage pp_rank (and EP
     rank ep_rank) holds it."""
     tp, ep = args.tensor_model_parallel_size, getattr(args, "expert_model_parallel_size", 1) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None) or tp  # a rank holds expert slice tp_rank % etp
     groups = ProcessGroupCollection.use_mpu_process_groups()
-    groups.tp = groups.expt_tp = RankInGroup(tp, tp_rank)
+    groups.tp = RankInGroup(tp, tp_rank)
+    groups.expt_tp = RankInGroup(etp, tp_rank % etp)
     groups.pp = RankInGroup(args.pipeline_model_parallel_size, pp_rank)
     groups.ep = RankInGroup(ep, ep_rank)
-    groups.tp_ep = RankInGroup(tp * ep, ep_rank * tp + tp_rank)
+    groups.tp_ep = RankInGroup(etp * ep, ep_rank * etp + tp_rank % etp)
     # The embedding group only all-reduces the tied head's initial copy between first and last stage (on
     # CUDA); megatron-core's documented way to go without it is None. The weights come from the shard.
     groups.embd = None

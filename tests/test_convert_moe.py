@@ -109,6 +109,33 @@ def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
     assert torch.equal(torch.cat(ranks, dim=1), whole)
 
 
+def test_experts_whole_with_etp1_are_the_files_megatron_writes_and_load_strictly(mcore, moe_dirs, tmp_path):
+    """expert_tensor_parallel_size 1 (Megatron's parallel folding, tp2 pp2 ep2): megatron-core's rank order puts
+    rank r at tp rank r % 2 and ep rank r % 2, so each stage has the files (tp 0, ep 0) and (tp 1, ep 1) only;
+    each strict-loads into the GPTModel megatron-core builds for its rank, its experts whole; hf -> megatron
+    -> hf is bit-exact."""
+    src, fmt, _ = moe_dirs["mixtral"]
+    out = tmp_path / "mg"
+    convert(str(src), fmt, str(out), "megatron", Options(tp=2, pp=2, ep=2, etp=1))
+    assert sorted(megatron_shards(out)) == ["mp_rank_00_000_000", "mp_rank_00_001_000", "mp_rank_01_000_001", "mp_rank_01_001_001"]
+    whole = megatron_llm.load_model(str(src)).state_dict()
+    checked = 0
+    for t, p in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        shard = safe_load(shard_path(out, t, p, t, 2, 2))
+        assert shard["args"].expert_tensor_parallel_size == 1
+        model = mcore.gpt_model(shard["args"], t, p, t)
+        model.load_state_dict(shard["model"], strict=True)
+        for i, layer in enumerate(model.decoder.layers):
+            w1, w3 = (whole[f"layers.{2 * p + i}.feed_forward.experts.{w}"] for w in ("w1", "w3"))
+            for slot, expert in enumerate(layer.mlp.local_expert_indices):  # ep rank t holds experts 2t, 2t + 1
+                fc1 = layer.mlp.experts.local_experts[slot].linear_fc1.weight  # [2 * ffn, hidden]: not split
+                assert expert == 2 * t + slot and torch.equal(fc1, torch.cat([w1[expert], w3[expert]]))
+                checked += 1
+    assert checked == 4 * 2 * 2  # 4 files x 2 layers x 2 local experts
+    convert(str(out), "megatron", str(tmp_path / "back"), fmt)
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "back"))
+
+
 def test_megatron_lm_integer_moe_layer_freq_reads_as_its_pattern(mcore, tmp_path):
     """Megatron-LM's moe_layer_freq N makes layers 0, N, 2N ... sparse (ours counts (i + 1) % N): a
     checkpoint saved with 2 is the model whose odd layers are dense."""
@@ -289,7 +316,9 @@ MOE_BAD = {
     "ep-not-dividing-experts": ("hf", ["--output-format", "megatron", "--ep", "3"], "--ep 3 does not divide the model's 4 experts"),
     "te-spec": ("hf", ["--output-format", "megatron", "--megatron-spec", "te"], "--megatron-spec te has no mixture-of-experts names"),
     "renormalised-top-1": ("hf", ["--output-format", "megatron"], "cannot express a renormalised softmax router with model.moe_top_k 1"),
-    "expert-tensor-parallel": ("megatron", ["--output-format", "hf"], "expert_tensor_parallel_size=1: we read experts split over tp"),
+    "etp-not-dividing-tp": ("megatron", ["--output-format", "hf"], "expert tensor parallelism 4 does not divide tp 2"),
+    "etp-flag-not-dividing-tp": ("hf", ["--output-format", "megatron", "--tp", "2", "--etp", "4"],
+                                 "expert tensor parallelism 4 does not divide tp 2"),
     "sinkhorn": ("megatron", ["--output-format", "hf"], "moe_router_load_balancing_type='sinkhorn'"),
     "padded-with-expert-bias": ("megatron", ["--output-format", "hf"],
                                 "moe_pad_expert_input_to_capacity=True: its expert-bias update counts the padding"),
@@ -306,8 +335,8 @@ def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs
     convert(str(hf), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, ep=2))
     if case == "renormalised-top-1":
         (hf / "config.json").write_text((hf / "config.json").read_text().replace('"num_experts_per_tok": 2', '"num_experts_per_tok": 1'))
-    elif case == "expert-tensor-parallel":  # experts whole on each tp rank: Megatron's ETP=1 folding
-        _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=1)
+    elif case == "etp-not-dividing-tp":  # a file of tp rank t would hold expert slice r % 4, which t does not tell
+        _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=4)
     elif case == "sinkhorn":
         _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type="sinkhorn")
     elif case == "padded-with-expert-bias":

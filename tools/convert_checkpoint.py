@@ -7,6 +7,8 @@ Hugging Face -> Megatron-LM at tp=2, pp=2 (megatron-core local-spec names):
 Mixtral -> Megatron-LM at tp=2, pp=2, ep=2 (experts as local_experts.{l}, E/2 per mp_rank_TT_PPP_EEE file):
     python tools/convert_checkpoint.py --input hf/Mixtral-8x7B --input-format hf \\
         --output ckpt/mixtral --output-format megatron --tp 2 --pp 2 --ep 2
+The same with each expert whole on its rank (Megatron's parallel folding, expert_tensor_parallel_size 1):
+    ... --tp 2 --pp 2 --ep 2 --etp 1
 Reshard a Megatron-LM checkpoint (tp=4, pp=2 -> tp=2, pp=1):
     python tools/convert_checkpoint.py --input ckpt/a --input-format megatron --output ckpt/b --output-format megatron --tp 2
 Hugging Face -> native, then train from it:
@@ -48,6 +50,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of a Megatron output")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of a Megatron output")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size of a Megatron output (mixture-of-experts models)")
+    p.add_argument("--etp", type=int, default=None,
+                   help="expert tensor-parallel size of a Megatron output, dividing --tp (1: each expert whole, Megatron's "
+                        "parallel folding); default: --tp")
     p.add_argument("--megatron-spec", choices=("local", "te"), default="local",
                    help="Megatron key names: megatron-core's local spec or the Transformer Engine spec")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
@@ -65,7 +70,7 @@ def main(argv: list[str]) -> int:
     try:
         from megatron_llm.checkpoint.convert import Options, convert
 
-        opts = Options(tp=args.tp, pp=args.pp, ep=args.ep, spec=args.megatron_spec, dtype=args.dtype, hf_family=args.hf_family,
+        opts = Options(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, spec=args.megatron_spec, dtype=args.dtype, hf_family=args.hf_family,
                        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
         summary = convert(args.input, args.input_format, args.output, args.output_format, opts)
     except UsageError as e:

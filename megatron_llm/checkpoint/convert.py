@@ -53,6 +53,7 @@ class Options:
     tp: int = 1
     pp: int = 1
     ep: int = 1  # expert-parallel size of a Megatron output (mixture-of-experts models)
+    etp: Optional[int] = None  # its experts' tensor-parallel size, dividing tp (1: experts whole); None: tp
     spec: str = "local"  # Megatron key names: megatron-core's local spec or the Transformer Engine spec
     dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's
     hf_family: Optional[str] = None  # None: the input's own family when known, else the plainest that fits
@@ -104,9 +105,9 @@ def open_reader(fmt: str, path: Path) -> Reader:
 def _open_writer(fmt: str, path: Path, reader: Reader, opts: Options, dtype: torch.dtype) -> Writer:
     cfg = reader.config
     if fmt == "megatron":
-        return MegatronWriter(path, cfg, opts.tp, opts.pp, opts.spec, dtype, opts.ep)
-    if (opts.tp, opts.pp, opts.ep) != (1, 1, 1) and fmt == "hf":
-        raise UsageError("--tp/--pp/--ep set a Megatron layout; Hugging Face checkpoints are unsharded: drop them")
+        return MegatronWriter(path, cfg, opts.tp, opts.pp, opts.spec, dtype, opts.ep, opts.etp)
+    if ((opts.tp, opts.pp, opts.ep) != (1, 1, 1) or opts.etp is not None) and fmt == "hf":
+        raise UsageError("--tp/--pp/--ep/--etp set a Megatron layout; Hugging Face checkpoints are unsharded: drop them")
     if fmt == "hf":
         return HFWriter(path, cfg, dtype, reader.hf_config, opts.hf_family, opts.max_shard_bytes)
     return NativeWriter(path, cfg)
@@ -149,7 +150,8 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     except OSError as e:  # a full disk, a read-only directory: the partial output is already gone
         raise UsageError(f"cannot write {output} ({e.strerror or e}); nothing was left behind: free space or choose another --output") from None
     if output_format == "megatron":
-        label += f" (tp={opts.tp}, pp={opts.pp}{f', ep={opts.ep}' if opts.ep > 1 else ''}, {opts.spec} spec)"
+        experts = (f", ep={opts.ep}" if opts.ep > 1 else "") + (f", etp={opts.etp}" if opts.etp is not None else "")
+        label += f" (tp={opts.tp}, pp={opts.pp}{experts}, {opts.spec} spec)"
     elif output_format == "native":
         label += " (layout-free: train.py loads it at any tp/pp)"
     return Summary(label, totals.parameters, files, directory_bytes(dst), time.perf_counter() - start, Path(output))

@@ -104,17 +104,25 @@ class Layout:
     padded_vocab_size: int
     ep: int = 1
     experts: int = 0
+    etp: int = 1  # experts' tensor-parallel size (expert_tensor_parallel_size), dividing tp; `of` sets it
 
     @classmethod
-    def of(cls, cfg: ModelConfig, tp: int, pp: int, padded_vocab_size: Optional[int] = None, ep: int = 1) -> "Layout":
+    def of(cls, cfg: ModelConfig, tp: int, pp: int, padded_vocab_size: Optional[int] = None, ep: int = 1,
+           etp: Optional[int] = None) -> "Layout":
         """Refuses layouts Megatron cannot hold (megatron-core < 0.16 needs whole query groups per rank,
-        and so do we; an expert's width is split over tp as the dense MLP's is)."""
+        and so do we; an expert's width is split over etp, by default tp, as the dense MLP's is)."""
+        etp = tp if etp is None else etp
         if ep > 1 and not cfg.moe_experts:
             raise UsageError(f"--ep {ep} splits the experts of a mixture-of-experts model, and this model has none; drop --ep")
+        if etp < 1 or tp % etp:
+            # A legacy file is named by its dense tp rank t and holds expert slice (rank % etp), which is t % etp
+            # only when etp divides tp; otherwise files of different slices share a name (Megatron overwrites them).
+            raise UsageError(f"expert tensor parallelism {etp} does not divide tp {tp}: Megatron's legacy files, named by "
+                             f"the tp rank, cannot tell which expert slice they hold; use expert tensor parallelism 1 or {tp} (--etp)")
         for what, n, by, flag in (
                 ("attention heads", cfg.num_heads, tp, "--tp"), ("kv heads (query groups)", cfg.num_kv_heads, tp, "--tp"),
                 ("MLP width", cfg.ffn_hidden_size, tp, "--tp"), ("layers", cfg.num_layers, pp, "--pp"),
-                ("expert width", cfg.moe_ffn_hidden_size or 0, tp, "--tp"),
+                ("expert width", cfg.moe_ffn_hidden_size or 0, etp, "--etp"),
                 ("shared-expert width", cfg.moe_shared_ffn_hidden_size, tp, "--tp"),
                 ("experts", cfg.moe_experts, ep, "--ep")):
             if by < 1 or n % by:
@@ -123,7 +131,7 @@ class Layout:
         if padded < cfg.vocab_size or padded % tp:
             raise UsageError(f"padded_vocab_size {padded} cannot hold the vocabulary of {cfg.vocab_size} split {tp} ways")
         return cls(tp, pp, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, padded,
-                   ep, cfg.moe_experts)
+                   ep, cfg.moe_experts, etp)
 
     @property
     def layers_per_stage(self) -> int:
@@ -134,8 +142,23 @@ class Layout:
         return self.experts // self.ep
 
     def files(self) -> list[tuple[int, int]]:
-        """(tp rank, ep rank) of every file of one stage."""
-        return [(t, e) for t in range(self.tp) for e in range(self.ep)]
+        """(tp rank, ep rank) of every file of one stage: megatron-core orders a stage's ranks tp fastest for the
+        dense layers and etp fastest, then ep, for the experts, so rank r is tp rank r % tp, ep rank r // etp % ep
+        (parallel_state.RankGenerator) and holds expert slice r % etp = t % etp. These pairs repeat every
+        lcm(tp, etp * ep) ranks: every file Megatron-LM's loader asks for at any world size. At etp = tp, every
+        (t, e); at etp = 1 ("parallel folding", tp2 ep2) only (0, 0) and (1, 1)."""
+        return sorted({(r % self.tp, r // self.etp % self.ep) for r in range(math.lcm(self.tp, self.etp * self.ep))})
+
+    def sources(self, entry: "Entry") -> list[tuple[int, int]]:
+        """The files to read an entry's tensor-parallel slices from, in slice order: for tp slice t of a dense
+        tensor any file (t, e); for etp slice s of an expert of ep rank e any file (t, e) with t % etp = s."""
+        ranks = self.tp if entry.expert is None else self.etp
+        files = self.files()
+        return [next(f for f in files if f[0] % ranks == s and entry.ep_rank in (None, f[1])) for s in range(ranks)]
+
+    def slicing(self, entry: "Entry") -> "Layout":
+        """The layout `split` and `merge` take for an entry: tp = etp for expert tensors."""
+        return self if entry.expert is None else dataclasses.replace(self, tp=self.etp)
 
     def shard_dir(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
         """Megatron-LM's get_checkpoint_name: the pp and ep suffixes appear only when that size is > 1."""
@@ -330,7 +353,7 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         # earliest token, sequence-major); where they still differ (sequence parallelism): model/moe_capacity.py.
         moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy=cfg.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=False,
-        moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.tp,
+        moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
     )
 
 
@@ -370,7 +393,7 @@ def _groups_rank_as_ours(groups: int, group_topk: int, topk: int, score: str, pr
     return groups <= 1 or (topk // group_topk == 2 and (score != "softmax" or pre_softmax))
 
 
-def _moe_config(args: argparse.Namespace, tp: int) -> dict:
+def _moe_config(args: argparse.Namespace) -> dict:
     """The inverse of moe_args: ModelConfig's MoE fields, or UsageError naming what our MoE lacks."""
     def arg(name, default=None):
         value = getattr(args, name, default)
@@ -385,9 +408,6 @@ def _moe_config(args: argparse.Namespace, tp: int) -> dict:
     if arg("add_bias_linear", True):
         raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack; convert it with "
                      "Megatron-LM's own tools")
-    if arg("expert_tensor_parallel_size", tp) != tp:
-        raise refuse("expert_tensor_parallel_size", f"we read experts split over tp as the dense MLP is "
-                     f"(expert_tensor_parallel_size = tensor_model_parallel_size = {tp}); reshard it in Megatron-LM first")
     balancing = arg("moe_router_load_balancing_type", "aux_loss")
     if balancing not in LOAD_BALANCING:
         raise refuse("moe_router_load_balancing_type", f"we read only {', '.join(LOAD_BALANCING)} (our router "
@@ -448,5 +468,5 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         max_seq_len=arg("max_position_embeddings") or args.seq_length, rope_theta=float(arg("rotary_base", 10000)),
         rope_scaling=scaling, qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
-        init_std=arg("init_method_std", 0.02), **_moe_config(args, args.tensor_model_parallel_size),
+        init_std=arg("init_method_std", 0.02), **_moe_config(args),
     )

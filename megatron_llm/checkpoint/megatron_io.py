@@ -4,7 +4,8 @@
     <dir>/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt {args, checkpoint_version, iteration, model}
 
 (_PPP when pp > 1, _EEE when expert parallel: each EP rank's file repeats the non-expert tensors and
-holds its E/ep experts.)
+holds its E/ep experts, split over expert_tensor_parallel_size ranks. With that etp < tp, Megatron's
+"parallel folding", only the (tp rank, ep rank) pairs of megatron-core's rank order exist: Layout.files.)
 
 Files are opened with torch.load(weights_only=True, mmap=True): unpickling may build only the types on
 an allow-list (a pickle that would run code is refused, not run), and tensors stay on disk until a
@@ -117,10 +118,11 @@ class MegatronReader:
             self.config: ModelConfig = model_config_from_args(args)
             tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             ep = getattr(args, "expert_model_parallel_size", None) or 1
+            etp = getattr(args, "expert_tensor_parallel_size", None) or tp
         except AttributeError as e:
             raise UsageError(f"the args in {first[0]} lack {e.name!r}; cannot tell the model's architecture") from None
         self.config.validate()
-        self.layout = Layout.of(self.config, tp, pp, padded_vocab_size=args.padded_vocab_size, ep=ep)
+        self.layout = Layout.of(self.config, tp, pp, padded_vocab_size=args.padded_vocab_size, ep=ep, etp=etp)
         self._check_shard_dirs()
         self.hf_config = read_hf_sidecar(self.directory)
         self._stage: Optional[int] = None
@@ -136,7 +138,11 @@ class MegatronReader:
         lay = self.layout
         expected = {lay.shard_dir(t, p, e) for p in range(lay.pp) for t, e in lay.files()}
         found = {d.name for d in self.iter_dir.glob("mp_rank_*") if (d / SHARD_FILE).is_file()}
-        check_names(f"{self.iter_dir} does not match its args (tp={lay.tp}, pp={lay.pp}, ep={lay.ep})", expected, found, "shards")
+        where = f"{self.iter_dir} does not match its args (tp={lay.tp}, pp={lay.pp}, ep={lay.ep}, etp={lay.etp})"
+        if lay.tp > lay.ep * lay.etp:  # only with experts folded (etp < tp): older legacy saves lack files
+            where += ("; Megatron-LM versions that saved only expert-data-parallel rank 0's files miss the tp ranks past "
+                      "ep x etp: save it with a newer Megatron-LM or as torch_dist")
+        check_names(where, expected, found, "shards")
 
     def _load_stage(self, stage: int) -> dict[tuple[int, int], dict]:
         """The model dicts of every (tp, ep) rank of one stage (memory-mapped); the previous stage is dropped."""
@@ -165,7 +171,8 @@ class MegatronReader:
         for entry in self._entries:
             if entry.sources[0] in names:
                 shards = self._load_stage(entry.stage)
-                parts = merge(entry, [shards[t, entry.ep_rank or 0][entry.key] for t in range(self.layout.tp)], self.layout)
+                sources = [shards[f][entry.key] for f in self.layout.sources(entry)]
+                parts = merge(entry, sources, self.layout.slicing(entry))
                 for name, part in zip(entry.sources, parts):
                     if entry.expert is None:
                         out[name] = part
@@ -197,9 +204,10 @@ class MegatronWriter:
     """Collects each stage's TP shards as groups arrive and saves them when the next stage begins, so
     one stage (1/pp of the model) is in memory at a time."""
 
-    def __init__(self, path: Path, cfg: ModelConfig, tp: int, pp: int, spec: str, dtype: torch.dtype, ep: int = 1):
+    def __init__(self, path: Path, cfg: ModelConfig, tp: int, pp: int, spec: str, dtype: torch.dtype, ep: int = 1,
+                 etp: Optional[int] = None):
         self.path, self.spec = Path(path), spec
-        self.layout = Layout.of(cfg, tp, pp, ep=ep)
+        self.layout = Layout.of(cfg, tp, pp, ep=ep, etp=etp)
         self.args = megatron_args(cfg, self.layout, dtype, spec)
         self.entries = entries(native_shapes(cfg), self.layout, spec, cfg.tie_embeddings)
         self.stage = 0
@@ -213,10 +221,11 @@ class MegatronWriter:
             if entry.stage != self.stage:
                 self._flush()
                 self.stage = entry.stage
-            parts = [own_storage(p) for p in split(entry, [entry.part(tensors[n]) for n in entry.sources], self.layout)]
-            for e in range(self.layout.ep) if entry.ep_rank is None else [entry.ep_rank]:
-                for t, shard in enumerate(parts):
-                    self.files_of_stage[t, e][entry.key] = shard
+            whole = [entry.part(tensors[n]) for n in entry.sources]
+            parts = [own_storage(p) for p in split(entry, whole, self.layout.slicing(entry))]  # tp (experts: etp) slices
+            for t, e in self.files_of_stage:
+                if entry.ep_rank in (None, e):
+                    self.files_of_stage[t, e][entry.key] = parts[t % len(parts)]  # an expert's slice t % etp
 
     def _flush(self) -> None:
         """Saves the stage's files side by side: torch.save spends its time in C++ (the zip CRC and the
