@@ -3,6 +3,7 @@ local_experts.{l}, shared experts, the grouped weight1/weight2 layout), expert-p
 mp_rank_TT[_PPP]_EEE, and the router's args, checked by round trips, strict loading into GPTModel, and
 megatron-core's own MoE forward. Helpers and the dense checks are in test_convert.py."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -109,31 +110,53 @@ def test_moe_megatron_reshard_ep2_ep1_ep2_is_bit_exact(moe_dirs, tmp_path):
     assert torch.equal(torch.cat(ranks, dim=1), whole)
 
 
-def test_experts_whole_with_etp1_are_the_files_megatron_writes_and_load_strictly(mcore, moe_dirs, tmp_path):
-    """expert_tensor_parallel_size 1 (Megatron's parallel folding, tp2 pp2 ep2): megatron-core's rank order puts
-    rank r at tp rank r % 2 and ep rank r % 2, so each stage has the files (tp 0, ep 0) and (tp 1, ep 1) only;
-    each strict-loads into the GPTModel megatron-core builds for its rank, its experts whole; hf -> megatron
-    -> hf is bit-exact."""
-    src, fmt, _ = moe_dirs["mixtral"]
+def megatron_lm_files(tp: int, pp: int, ep: int, etp: int) -> list[str]:
+    """The files Megatron-LM saves in the legacy format at the smallest world of a layout: rank r is placed by
+    megatron-core's RankGenerator (dense: tp, dp, pp; experts: etp, ep, expert dp, pp) and writes
+    mp_rank_{tp rank}[_{pp rank}][_{ep rank}] when its dp or expert-dp rank is 0 (training/checkpointing.py)."""
+    from megatron.core.parallel_state import RankGenerator
+
+    world = math.lcm(tp, etp * ep) * pp
+    def place(generator, group: str) -> dict:
+        return {r: i for ranks in generator.get_ranks(group) for i, r in enumerate(ranks)}
+    dense = RankGenerator(tp=tp, ep=1, dp=world // (tp * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=etp, ep=ep, dp=world // (etp * ep * pp), pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    t, p, d = (place(dense, g) for g in ("tp", "pp", "dp"))
+    e, ed = place(expert, "ep"), place(expert, "dp")
+    return sorted({f"mp_rank_{t[r]:02d}" + (f"_{p[r]:03d}" if pp > 1 else "") + (f"_{e[r]:03d}" if ep > 1 else "")
+                   for r in range(world) if d[r] == 0 or ed[r] == 0})
+
+
+@pytest.mark.parametrize("name,layout", [("mixtral", (2, 2, 2, 1)), ("deepseek-like", (4, 1, 2, 2))],
+                         ids=["tp2pp2ep2etp1", "tp4ep2etp2"])
+def test_expert_tensor_parallel_below_tp_writes_megatron_lm_files_that_load_strictly(mcore, moe_dirs, tmp_path,
+                                                                                     name, layout):
+    """expert_tensor_parallel_size below tp (1: Megatron's parallel folding, each expert whole): the files are
+    those Megatron-LM saves for the layout (at tp2 ep2 etp1 only (tp 0, ep 0) and (tp 1, ep 1) per stage);
+    each strict-loads into the GPTModel megatron-core builds for its rank, each local expert holding the
+    slice tp_rank % etp of the expert megatron-core assigns it; the round trip back is bit-exact."""
+    src, fmt, _ = moe_dirs[name]
+    tp, pp, ep, etp = layout
     out = tmp_path / "mg"
-    convert(str(src), fmt, str(out), "megatron", Options(tp=2, pp=2, ep=2, etp=1))
-    assert sorted(megatron_shards(out)) == ["mp_rank_00_000_000", "mp_rank_00_001_000", "mp_rank_01_000_001", "mp_rank_01_001_001"]
-    whole = megatron_llm.load_model(str(src)).state_dict()
-    checked = 0
-    for t, p in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        shard = safe_load(shard_path(out, t, p, t, 2, 2))
-        assert shard["args"].expert_tensor_parallel_size == 1
-        model = mcore.gpt_model(shard["args"], t, p, t)
+    convert(str(src), fmt, str(out), "megatron", Options(tp=tp, pp=pp, ep=ep, etp=etp))
+    shards = megatron_shards(out)
+    assert sorted(shards) == megatron_lm_files(tp, pp, ep, etp)
+    whole, checked = megatron_llm.load_model(str(src)).state_dict(), 0
+    for shard_name, shard in shards.items():
+        t, p, e = int(shard_name[8:10]), int(shard_name[11:14]) if pp > 1 else 0, int(shard_name[-3:])
+        assert shard["args"].expert_tensor_parallel_size == etp
+        model = mcore.gpt_model(shard["args"], t, p, e)
         model.load_state_dict(shard["model"], strict=True)
         for i, layer in enumerate(model.decoder.layers):
-            w1, w3 = (whole[f"layers.{2 * p + i}.feed_forward.experts.{w}"] for w in ("w1", "w3"))
-            for slot, expert in enumerate(layer.mlp.local_expert_indices):  # ep rank t holds experts 2t, 2t + 1
-                fc1 = layer.mlp.experts.local_experts[slot].linear_fc1.weight  # [2 * ffn, hidden]: not split
-                assert expert == 2 * t + slot and torch.equal(fc1, torch.cat([w1[expert], w3[expert]]))
+            w1, w3 = (whole.get(f"layers.{p * len(model.decoder.layers) + i}.feed_forward.experts.{w}") for w in ("w1", "w3"))
+            for slot, expert in enumerate(getattr(layer.mlp, "local_expert_indices", [])):
+                fc1 = layer.mlp.experts.local_experts[slot].linear_fc1.weight  # [2 * ffn / etp, hidden]
+                assert torch.equal(fc1, torch.cat([w[expert].chunk(etp)[t % etp] for w in (w1, w3)]))
                 checked += 1
-    assert checked == 4 * 2 * 2  # 4 files x 2 layers x 2 local experts
+    cfg = checkpoint_model_config(str(src))
+    assert checked == len(shards) // pp * sum(cfg.layer(i).moe for i in range(cfg.num_layers)) * cfg.moe_experts // ep
     convert(str(out), "megatron", str(tmp_path / "back"), fmt)
-    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "back"))
+    assert_same_tensors(*((hf_tensors if fmt == "hf" else native_tensors)(d) for d in (src, tmp_path / "back")))
 
 
 def test_megatron_lm_integer_moe_layer_freq_reads_as_its_pattern(mcore, tmp_path):
