@@ -111,9 +111,11 @@ class Layout:
            etp: Optional[int] = None) -> "Layout":
         """Refuses layouts Megatron cannot hold (megatron-core < 0.16 needs whole query groups per rank,
         and so do we; an expert's width is split over etp, by default tp, as the dense MLP's is)."""
-        etp = tp if etp is None else etp
         if ep > 1 and not cfg.moe_experts:
             raise UsageError(f"--ep {ep} splits the experts of a mixture-of-experts model, and this model has none; drop --ep")
+        if etp not in (None, tp) and not cfg.moe_experts:
+            raise UsageError(f"--etp {etp} splits the experts of a mixture-of-experts model, and this model has none; drop --etp")
+        etp = tp if etp is None else etp
         if etp < 1 or tp % etp:
             # A legacy file is named by its dense tp rank t and holds expert slice (rank % etp), which is t % etp
             # only when etp divides tp; otherwise files of different slices share a name (Megatron overwrites them).

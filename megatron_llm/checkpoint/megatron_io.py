@@ -118,7 +118,7 @@ class MegatronReader:
             self.config: ModelConfig = model_config_from_args(args)
             tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
             ep = getattr(args, "expert_model_parallel_size", None) or 1
-            etp = getattr(args, "expert_tensor_parallel_size", None) or tp
+            etp = (getattr(args, "expert_tensor_parallel_size", None) or tp) if self.config.moe_experts else None
         except AttributeError as e:
             raise UsageError(f"the args in {first[0]} lack {e.name!r}; cannot tell the model's architecture") from None
         self.config.validate()
