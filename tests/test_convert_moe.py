@@ -3,6 +3,7 @@ local_experts.{l}, shared experts, the grouped weight1/weight2 layout), expert-p
 mp_rank_TT[_PPP]_EEE, and the router's args, checked by round trips, strict loading into GPTModel, and
 megatron-core's own MoE forward. Helpers and the dense checks are in test_convert.py."""
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -275,6 +276,38 @@ def test_megatron_core_moe_forward_with_token_dropping_equals_ours_read_from_its
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     dropped = [m.stats.dropped.item() for m in ours.modules() if hasattr(m, "drop_policy")]
     assert len(dropped) == 3 and min(dropped) > 0
+
+
+def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_as_one_process(corpus_dir, tmp_path):
+    """A Megatron MoE checkpoint (experts whole: tp2 ep2 etp1; capacity 1.0, policy probs) as checkpoint.init_from
+    reads with Megatron's per-layer router losses, so it trains at pp 2 (model scope is refused there), and
+    2 steps on 2 processes give one process's losses and router losses. Rank 0 stages the conversion while
+    the others wait: the staged native copy is written without collectives (it hung in DCP's gather before)."""
+    from conftest import ROOT
+    from megatron_llm.checkpoint.native import save_weights
+    from megatron_llm.config import Config, load_config
+    from megatron_llm.model import build_model
+    from megatron_llm.training.trainer import train
+    from parallel_harness import Workers
+    from test_parallel import LOSS_RTOL, overrides
+
+    base = load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path / "base", 2)).model
+    cfg = dataclasses.replace(base, moe_experts=4, moe_top_k=2, moe_ffn_hidden_size=32, moe_capacity_factor=1.0,
+                              moe_token_drop_policy="probs", moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
+    save_weights(tmp_path / "native", build_model(cfg, "cpu", seed=0).state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "mg"), "megatron", Options(tp=2, ep=2, etp=1))
+    assert checkpoint_model_config(str(tmp_path / "mg")).moe_aux_loss_scope == "layer"
+    init = dict(checkpoint__init_from=str(tmp_path / "mg"), training__eval_interval=0)
+    one = train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path / "one", 2, **init)))
+    pool = Workers(2)
+    try:
+        pp2 = pool.run(2, overrides(corpus_dir, tmp_path / "pp2", 2, parallel__pp=2, **init), tmp_path / "pp2", timeout_s=120)
+    finally:
+        pool.close()
+    assert sorted(pp2.losses) == sorted(one.losses) == [0, 1]
+    for step, loss in one.losses.items():
+        assert pp2.losses[step] == pytest.approx(loss, rel=LOSS_RTOL)
+        assert pp2.router_losses[step] == pytest.approx(one.router_losses[step], rel=LOSS_RTOL)
 
 
 def group_experts(model: dict, args) -> dict:

@@ -208,8 +208,8 @@ def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict)
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_dcp():
-        dcp.save({"model": model_state}, checkpoint_id=tmp)
+    with quiet_dcp():  # no_dist: one process writes it, even inside a run's process group (init_from's rank 0)
+        dcp.save({"model": model_state}, checkpoint_id=tmp, no_dist=True)
     (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     os.replace(tmp, path)
 
