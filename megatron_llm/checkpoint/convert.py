@@ -186,6 +186,8 @@ def _carry_files(reader: Reader, out: Path, output_format: str) -> None:
 class _IntoModel:
     """A writer that copies each group into a model's parameters: loading holds the model once."""
 
+    ties_head = True  # a tied head is the embedding's very tensor: reading it again would copy it twice
+
     def __init__(self, model: torch.nn.Module):
         self.params = model.state_dict()  # shares storage with the parameters
 
@@ -208,6 +210,12 @@ def load_model(path: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     tensor read is copied straight into its place (one copy of the weights, plus one layer in flight)."""
     reader = open_reader(detect_format(path), Path(path))
     model = build_model(reader.config, torch.device(device), init=False, dtype=dtype)  # the stream writes every weight
+    return fill_model(reader, model, path)
+
+
+def fill_model(reader: Reader, model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """`model` (built for reader.config, its weights allocated wherever the caller chose) with every state-dict
+    entry copied in from `reader`, in eval mode."""
     with torch.no_grad():
         stream(reader, _IntoModel(model), None, f"loading {path}")  # every state-dict entry is written
     return model.eval()

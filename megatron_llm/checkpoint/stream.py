@@ -81,7 +81,8 @@ class Totals:
 def stream(reader: Reader, writer: Writer, dtype: Optional[torch.dtype], label: str) -> Totals:
     """Moves every group from reader to writer, checking each shape against our model's, casting to
     `dtype` when given. A tied head is handed to the writer as a second read of the embedding: Megatron
-    keeps such a copy on its last pipeline stage, Hugging Face and native writers decide for themselves."""
+    keeps such a copy on its last pipeline stage, Hugging Face and native writers decide for themselves;
+    a writer whose `ties_head` is true (a model, whose head is its embedding) is not handed one."""
     cfg = reader.config
     shapes = native_shapes(cfg)
     groups = native_groups(cfg)
@@ -91,9 +92,9 @@ def stream(reader: Reader, writer: Writer, dtype: Optional[torch.dtype], label: 
         tied_head = cfg.tie_embeddings and HEAD in names
         wanted = [n for n in names if not (tied_head and n == HEAD)]
         tensors = reader.read(wanted)
-        if tied_head:
+        if tied_head and not getattr(writer, "ties_head", False):
             tensors[HEAD] = reader.read([EMBEDDING])[EMBEDDING]
-        for name in names:
+        for name in tensors:
             tensor = tensors[name]
             if tensor.shape != shapes[name]:
                 raise UsageError(

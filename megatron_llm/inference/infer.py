@@ -10,6 +10,10 @@ file beside the output; a rerun reads the parts (dropping a line torn by a crash
 hold and gives the rest out again, so a killed run or a dead worker only delays the prompts it held.
 The output appears complete or not at all (written under a temporary name, then renamed). Under torchrun
 (several nodes), each node takes every WORLD_SIZE-th prompt and rank 0 merges.
+
+Several CPU workers of one node share one copy of the weights: the process that checks the prompts loads the
+checkpoint once into shared memory and every worker maps it (inference/shared_weights.py says how, and why
+not by forking the workers from a loaded process). A GPU worker, or a lone CPU worker, loads its own.
 """
 
 from __future__ import annotations
@@ -67,16 +71,23 @@ class Infer:
         drop_torn_lines(parts, rank)
         done = finished(parts)
         mine = [r for i, r in enumerate(records) if i % world == rank and r["_id"] not in done]
+        shares = balanced_shares(mine, self.num_workers, self.generation.max_new_tokens)
         started = time.time()
-        context = _worker_context(self.model_path, self._threads())
+        threads = self._threads()
+        context = _worker_context(self.model_path, threads)
+        weights = _shared_weights(self.devices, shares)
         # Every prompt is checked in a process of its own, forked like the workers, so that this one imports no
-        # torch (seconds of CPU that a loaded machine takes from the workers' start). The workers load their
-        # model meanwhile and generate once the check passes; they are stopped if it fails.
+        # torch (seconds of CPU that a loaded machine takes from the workers' start); when the CPU workers
+        # share their weights, it then loads them. A worker loading its own model does so meanwhile; each
+        # generates once the check passes; they are stopped if it fails.
         verdict, go = context.SimpleQueue(), context.Event()
-        checker = context.Process(target=_check, name="prompt check", args=(
-            records, self.model_path, self.tokenizer, self.generation.max_new_tokens, verdict))
+        checker = context.Process(target=_prepare, name="prompt check" + (" and model load" if weights else ""), args=(
+            records, self.model_path, self.tokenizer, self.generation.max_new_tokens, self.dtype, weights,
+            threads * self.num_workers, verdict))
         checker.start()
-        procs, timings = self._start_workers(context, mine, parts, rank, device_sets, started, go)
+        procs, timings = self._start_workers(context, shares, parts, rank, device_sets, started, go, weights)
+        if weights:
+            os.close(weights.fd)  # the processes hold their own descriptors: the memory goes with the last one
         try:
             _raise_refusal(checker, verdict)
         except UsageError:
@@ -101,17 +112,16 @@ class Infer:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return max(1, cores // self.num_workers)
 
-    def _start_workers(self, context, records: list[dict], parts: Path, rank: int,
-                       device_sets: list[Optional[list[str]]], started: float, go):
+    def _start_workers(self, context, shares: list[list[dict]], parts: Path, rank: int,
+                       device_sets: list[Optional[list[str]]], started: float, go, weights):
         """(worker processes, the queue of their timings); they generate once `go` is set."""
-        shares = balanced_shares(records, self.num_workers, self.generation.max_new_tokens)
         procs, timings = [], context.SimpleQueue()
         for w, share in enumerate(shares):
             if not share:
                 continue
             part = parts / f"node{rank}-worker{w}.jsonl"
             args = (self.model_path, share, str(part), device_sets[w], self._threads(), asdict(self.generation),
-                    self.batch_size, self.tokenizer, self.dtype, go, timings, started)
+                    self.batch_size, self.tokenizer, self.dtype, weights, go, timings, started)
             proc = context.Process(target=_worker, args=args, name=f"worker {w}")
             proc.start()
             procs.append(proc)
@@ -139,11 +149,12 @@ class WorkerTiming:
     generate_s: float  # from the model loaded to the last result written
     ready_at: float  # wall-clock time (time.time()) when the model was loaded
     generate_cpu_s: float  # CPU seconds the worker's threads spent generating: its work, whatever else runs
+    weights_file: str  # the file its weights are mapped from, with its inode: one memfd for all when shared
 
 
 # What every worker imports, once, in the fork server: the model and generation code (not training's parallel
 # package, DCP or torch._dynamo). WORKER_DCP is added when the checkpoint is a native (DCP) one.
-WORKER_MODULES = ["megatron_llm.inference.infer", "megatron_llm.inference.llm"]
+WORKER_MODULES = ["megatron_llm.inference.infer", "megatron_llm.inference.llm", "megatron_llm.inference.shared_weights"]
 WORKER_DCP = "megatron_llm.checkpoint.safe_dcp"
 
 
@@ -171,10 +182,30 @@ def generating_span(timings: list[WorkerTiming]) -> float:
     return max(t.ready_at + t.generate_s for t in timings) - min(t.ready_at for t in timings)
 
 
-def _check(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int, verdict) -> None:
-    """check_lengths in a process of its own: puts its refusal's message on `verdict`, or None."""
+def _shared_weights(devices: Optional[list[str]], shares: list[list[dict]]):
+    """The memory file the CPU workers share their weights through, when more than one starts; else None."""
+    if devices or sum(1 for share in shares if share) < 2 or not hasattr(os, "memfd_create"):
+        return None
+    from megatron_llm.inference import shared_weights  # no torch: what this process imports stays light
+
+    return shared_weights.create()
+
+
+def _prepare(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int, dtype: str,
+             weights, threads: int, verdict) -> None:
+    """check_lengths, then (given the workers' shared `weights`) the model loaded into them, on `threads` (the
+    workers wait, and this process forks nothing), in a process of its own: puts a refusal's message on
+    `verdict`, or None."""
     try:
         check_lengths(records, model_path, tokenizer, max_new_tokens)
+        if weights:
+            import torch
+
+            from megatron_llm.inference.llm import DTYPES
+            from megatron_llm.inference.shared_weights import load_shared
+
+            torch.set_num_threads(threads)
+            load_shared(model_path, DTYPES[dtype], weights)
     except UsageError as e:
         verdict.put(str(e))
         return
@@ -188,20 +219,28 @@ def _raise_refusal(checker, verdict) -> None:
     if message is not None:
         raise UsageError(message)
     if checker.exitcode != 0:
-        raise UsageError(f"the prompts' check died (exit code {checker.exitcode}); run the same command again")
+        raise UsageError(f"the {checker.name} died (exit code {checker.exitcode}); run the same command again")
 
 
-def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, go, timings,
-            started: float) -> None:
+def _worker(model_path, records, part, devices, threads, generation, batch_size, tokenizer, dtype, weights, go,
+            timings, started: float) -> None:
     import torch
 
-    from megatron_llm.inference.llm import LLM
+    from megatron_llm.checkpoint.convert import checkpoint_model_config
+    from megatron_llm.inference import shared_weights
+    from megatron_llm.inference.llm import DTYPES, LLM
 
     torch.set_num_threads(threads)
-    llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
-    if devices and len(devices) > 1:
-        llm.set_device(devices)
-    go.wait()  # every prompt passed the check
+    if weights:
+        cfg = checkpoint_model_config(model_path)
+        go.wait()  # every prompt passed the check and the weights are loaded
+        llm = LLM.around(shared_weights.map_shared(model_path, cfg, DTYPES[dtype], weights), model_path, tokenizer)
+        os.close(weights.fd)  # the mapping keeps the memory
+    else:
+        llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
+        if devices and len(devices) > 1:
+            llm.set_device(devices)
+        go.wait()  # every prompt passed the check
     ready, cpu = time.time(), time.process_time()
     by_key = {r["_id"]: r for r in records}
     default = generation["max_new_tokens"]
@@ -213,7 +252,8 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
             result = {**record, "output": llm.decode(ids) if text_prompt else ids}
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()  # a crash tears at most the line being written
-    timings.put((ready - started, time.time() - ready, ready, time.process_time() - cpu))
+    weights_file = shared_weights.mapped_file(llm.model.tok_embeddings.weight)
+    timings.put((ready - started, time.time() - ready, ready, time.process_time() - cpu, weights_file))
 
 
 def balanced_shares(records: list[dict], workers: int, max_new_tokens: int) -> list[list[dict]]:

@@ -39,7 +39,12 @@ class LLM:
         generation_config.json's eos_token_id."""
         if dtype not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        model = load_model(str(path), device, DTYPES[dtype])
+        return cls.around(load_model(str(path), device, DTYPES[dtype]), path, tokenizer)
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, path: str, tokenizer: Optional[str] = None) -> "LLM":
+        """A model already loaded from the checkpoint at `path` (Infer's shared weights), with the tokenizer
+        and stop tokens load() would give it."""
         tok = load_tokenizer(tokenizer or tokenizer_of(Path(path), model.cfg.vocab_size))
         return cls(model, tok, frozenset({tok.eod, *_generation_eos(Path(path))}))
 
