@@ -90,7 +90,7 @@ def train_step(
     loss_value, norm_value = torch.stack([all_reduce_sum(ce_sum, dims, over_stages=True) / global_tokens, norm]).tolist()
     finite = math.isfinite(loss_value) and math.isfinite(norm_value)
     if finite:
-        clip_grads_(model, grad_clip, norm_value)
+        clip_grads_(model, optimizer, grad_clip, norm_value)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
