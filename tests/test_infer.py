@@ -1,5 +1,5 @@
 """Many prompts, many workers: Infer writes one result per prompt in input order with the input's fields kept;
-2 workers and 2 torchrun nodes give exactly 1 worker's greedy outputs; a rerun after a crash keeps what
+2 workers (sharing one copy of the weights) and 2 torchrun nodes give exactly 1 worker's greedy outputs; a rerun after a crash keeps what
 finished, drops a torn line and completes the rest; a killed worker is named and its prompts are done by the
 rerun; bad input is one line, exit 2, nothing written."""
 
@@ -53,6 +53,9 @@ def test_two_workers_equal_one(setup):
     out = infer.run()
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
     assert len(infer.timings) == 2 and all(t.startup_s > 0 and t.generate_s > 0 for t in infer.timings)
+    # one copy of the weights: both workers' embedding lies in the same memory file (inode), loaded once
+    shared = {t.weights_file for t in infer.timings}
+    assert len(shared) == 1 and shared.pop().startswith("/memfd:megatron_llm weights"), infer.timings
 
 
 def test_rerun_after_a_crash_completes(setup):
