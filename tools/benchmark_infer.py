@@ -55,9 +55,10 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, stop) -> tuple[float, float, float]:
+def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, stop) -> tuple[float, float, float, float]:
     """(seconds for the whole tools/infer.py command, seconds from the first worker's model loaded to the last
-    result, the busiest worker's CPU seconds generating), as it prints them."""
+    result, the busiest worker's CPU seconds generating, the slowest worker's start-up: from the run's start,
+    prompts read, to its model loaded and the prompts checked), as it prints them."""
     command = [sys.executable, str(Path(__file__).parent / "infer.py"), "--model", ckpt, "--data", str(data),
                "--output", str(out), "--num-workers", str(workers), "--batch-size", str(batch_size), "--tokenizer",
                "byte"] + (["--stop", *stop] if stop else [])
@@ -65,7 +66,8 @@ def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, s
     if done.returncode != 0:
         raise SystemExit(f"tools/infer.py failed:\n{done.stderr}")
     cpu = max(map(float, re.findall(r"\(([\d.]+) s of CPU\)", done.stdout)))
-    return whole, float(re.search(r"generating: ([\d.]+) s", done.stdout).group(1)), cpu
+    startup = max(map(float, re.findall(r"worker: ([\d.]+) s to start", done.stdout)))
+    return whole, float(re.search(r"generating: ([\d.]+) s", done.stdout).group(1)), cpu, startup
 
 
 def main(argv=None) -> int:
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):  # alternated, as above
                 for workers in (1, 2):
                     runs_infer[workers].append(infer_run(ckpt, data, Path(tmp) / f"out{workers}.jsonl", workers, b, stop))
-            times = {w: tuple(statistics.median(r[i] for r in runs) for i in (0, 1, 2)) for w, runs in runs_infer.items()}
+            times = {w: tuple(statistics.median(r[i] for r in runs) for i in range(4)) for w, runs in runs_infer.items()}
             same_infer = (Path(tmp) / "out1.jsonl").read_text() == (Path(tmp) / "out2.jsonl").read_text()
 
     print(f"{args.prompts} requests: prompts of 4-39 bytes of Python source, max_new_tokens per request uniform in "
@@ -145,12 +147,12 @@ def main(argv=None) -> int:
     print(f"continuous batching  {t_cont:7.2f} s   {produced / t_cont:7.0f} tokens/s   ratio {t_static / t_cont:.2f}x   "
           f"same tokens in {same}/{len(prompts)} rows   (runs {', '.join(f'{t:.2f}' for t in runs['continuous'])})")
     if times:
-        for workers, (whole, generating, cpu) in times.items():
+        for workers, (whole, generating, cpu, startup) in times.items():
             ratio = "" if workers == 1 else (f"   ratio {times[1][0] / whole:.2f}x whole, "
                                              f"{times[1][1] / generating:.2f}x generating, {times[1][2] / cpu:.2f}x CPU")
             print(f"Infer, {workers} worker{'s' if workers > 1 else ' '}    {whole:7.2f} s whole, {generating:6.2f} s "
-                  f"generating ({produced / generating:5.0f} tokens/s), busiest worker {cpu:.2f} CPU s{ratio}   (runs "
-                  f"{', '.join(f'{w:.1f}/{g:.1f}' for w, g, _ in runs_infer[workers])})")
+                  f"generating ({produced / generating:5.0f} tokens/s), busiest worker {cpu:.2f} CPU s, start-up "
+                  f"{startup:.2f} s{ratio}   (runs {', '.join(f'{w:.1f}/{g:.1f}' for w, g, _, _ in runs_infer[workers])})")
         print(f"Infer outputs of 1 and 2 workers equal: {same_infer}")
     print(f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     return 0

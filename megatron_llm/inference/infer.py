@@ -443,6 +443,9 @@ def main(argv: list[str]) -> int:
     if infer.timings:
         print(f"generating: {generating_span(infer.timings):.2f} s from the first worker's model loaded to the last "
               "result")
+    shared = {t.weights_file for t in infer.timings}
+    if len(infer.timings) > 1 and len(shared) == 1 and "" not in shared:
+        print("the workers shared one copy of the weights, loaded once")
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {out}")
     return 0
