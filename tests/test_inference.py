@@ -163,8 +163,26 @@ def test_decoding_rotation_is_bit_equal_to_training_ops(dtype):
     cos, sin = rope_tables(16, 64, 10000.0, None, "cpu")
     positions = torch.tensor([[3, 9, 17, 40, 63]] * 3)
     for head_dim in (16, 24):  # whole and partial rotary
-        q = (torch.randn(3, 5, 4, head_dim) * 3).to(dtype)
-        expected = apply_rope(q.requires_grad_(), cos[positions], sin[positions])
+        q, k = ((torch.randn(3, 5, heads, head_dim) * 3).to(dtype) for heads in (4, 2))  # rotated joined: 6 heads
+        expected = [apply_rope(x.requires_grad_(), cos[positions], sin[positions]).detach() for x in (q, k)]
         with torch.no_grad():
-            (rotated,) = AttentionContext({"global": (cos, sin)}, positions).rotate("global", False, q)
-        assert torch.equal(rotated, expected.detach())
+            rotated = AttentionContext({"global": (cos, sin)}, positions).rotate("global", False, q, k)
+        assert all(torch.equal(a, b) for a, b in zip(rotated, expected, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_norm_is_bit_equal_to_training_ops(dtype):
+    """Under inference_mode RMSNorm runs torch's rms_norm (one call): it must give the very bits of the
+    ops training runs (Hugging Face's order), with a weight, a unit-offset weight (Gemma) and none."""
+    from megatron_llm.model.norms import RMSNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 300) * torch.rand(3, 5, 1) * 10).to(dtype)  # 300: a mean that is no power-of-2 division
+    for affine, unit_offset in ((True, False), (True, True), (False, False)):
+        norm = RMSNorm(300, 1e-6, affine, unit_offset).to(dtype)
+        if affine:
+            torch.nn.init.normal_(norm.weight)
+        with torch.no_grad():
+            expected = norm(x)
+        with torch.inference_mode():
+            assert torch.equal(norm(x), expected), (affine, unit_offset)

@@ -122,7 +122,8 @@ def stream_ids(
     generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
     keys = KeyMask(valid=valid[:, :longest]) if padded else NO_MASK
     with last_position_only(model):
-        logits = model(tokens, positions=positions, keys=keys, cache=cache)[:, -1].float()  # [b, vocab]
+        logits = model(tokens, positions=positions, keys=keys, cache=cache).select(1, -1).float()  # [b, vocab]
+    positions = positions[:, -1:]  # [b, 1], advanced by one each step
     done = [False] * batch
     produced: list[list[int]] = [[] for _ in prompts]
     for _ in range(max(limits)):
@@ -139,9 +140,9 @@ def stream_ids(
         yield step
         if all(done):
             return
-        positions = positions[:, -1:] + 1  # [b, 1]
+        positions = positions + 1
         keys = KeyMask(valid=valid[:, : cache.length + 1]) if padded else NO_MASK
-        logits = model(picked[:, None], positions=positions, keys=keys, cache=cache)[:, -1].float()
+        logits = model(picked.unsqueeze(1), positions=positions, keys=keys, cache=cache).select(1, -1).float()
 
 
 def generate_ids(model: nn.Module, prompts: list[list[int]], sampling: Sampling,

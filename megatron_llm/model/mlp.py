@@ -69,6 +69,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.w1(x))  # [b, s, ffn_hidden]
-        if self.w3 is not None:
-            h = h * self.w3(x)
+        up = self.w3  # read once (a module __getattr__ each)
+        if up is not None:
+            h = h * up(x)
         return self.w2(h)  # [b, s, hidden]

@@ -96,8 +96,8 @@ class Transformer(nn.Module):
         self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, outputs, bias=cfg.output_bias)
         self.tie_weights()
         # Derived from the config, so kept out of checkpoints; filled by init_weights on the real device.
-        tables = {layer.attention.rope for layer in self.layers.values()} - {None}
-        for name in sorted(tables):
+        self.rope_names = tuple(sorted({layer.attention.rope for layer in self.layers.values()} - {None}))
+        for name in self.rope_names:
             for part in ("cos", "sin"):
                 self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.rope_dim // 2), persistent=False)
 
@@ -113,7 +113,9 @@ class Transformer(nn.Module):
         which saves zero-filling and adding a second [vocab, hidden] tensor: 1.5-2% of a 100M model's
         CPU step. Not when the head is elsewhere or the embedding untied (AdamW needs a dense gradient), nor
         for a tensor subclass (the DTensor shards of tensor and data parallelism, applied with hooks
-        on the module)."""
+        on the module). Nor without autograd, which also spares a decoding step three module look-ups."""
+        if not torch.is_grad_enabled():
+            return False
         weight = self.tok_embeddings.weight
         return self.output is not None and self.output.weight is weight and type(weight) is nn.Parameter
 
@@ -175,8 +177,7 @@ class Transformer(nn.Module):
                           cache: Optional[KVCache] = None) -> AttentionContext:
         """The context every attention layer of this forward shares: this model's RoPE tables and what the
         caller passed (see forward)."""
-        names = [name for name in ("global", "local") if hasattr(self, _rope_buffer(name, "cos"))]
-        rope = {n: (getattr(self, _rope_buffer(n, "cos")), getattr(self, _rope_buffer(n, "sin"))) for n in names}
+        rope = {n: (getattr(self, _rope_buffer(n, "cos")), getattr(self, _rope_buffer(n, "sin"))) for n in self.rope_names}
         return AttentionContext(rope=rope, positions=positions, keys=keys, cache=cache)
 
     def _embed(self, tokens: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
