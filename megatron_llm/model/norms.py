@@ -26,7 +26,8 @@ class RMSNorm(nn.Module):
         weight = self.weight  # read once: each read of a parameter is a module __getattr__
         if weight is not None and self.unit_offset:
             weight = 1.0 + weight
-        if torch.is_inference_mode_enabled():
+        # is_compiling first: the compiler cannot trace is_inference_mode_enabled (a graph break at every norm)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             return _inference_norm(x, weight, self.eps)
         if weight is None:
             return _normalize(x, self.eps)[0]
