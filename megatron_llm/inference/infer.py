@@ -182,13 +182,29 @@ def generating_span(timings: list[WorkerTiming]) -> float:
     return max(t.ready_at + t.generate_s for t in timings) - min(t.ready_at for t in timings)
 
 
-def _shared_weights(devices: Optional[list[str]], shares: list[list[dict]]):
-    """The memory file the CPU workers share their weights through, when more than one starts; else None."""
+class SharedFile:
+    """A file descriptor that travels to a process started by multiprocessing with its arguments (duplicated
+    into the child: sent to the fork server with the arguments, inherited by a fork)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _received, (DupFd(self.fd),)
+
+
+def _received(dup) -> SharedFile:
+    return SharedFile(dup.detach())
+
+
+def _shared_weights(devices: Optional[list[str]], shares: list[list[dict]]) -> Optional[SharedFile]:
+    """The nameless memory file the CPU workers share their weights through (inference/shared_weights.py), when
+    more than one starts; else None."""
     if devices or sum(1 for share in shares if share) < 2 or not hasattr(os, "memfd_create"):
         return None
-    from megatron_llm.inference import shared_weights  # no torch: what this process imports stays light
-
-    return shared_weights.create()
+    return SharedFile(os.memfd_create("megatron_llm weights"))
 
 
 def _prepare(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int, dtype: str,
@@ -205,7 +221,7 @@ def _prepare(records: list[dict], model_path: str, tokenizer: Optional[str], max
             from megatron_llm.inference.shared_weights import load_shared
 
             torch.set_num_threads(threads)
-            load_shared(model_path, DTYPES[dtype], weights)
+            load_shared(model_path, DTYPES[dtype], weights.fd)
     except UsageError as e:
         verdict.put(str(e))
         return
@@ -234,7 +250,7 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
     if weights:
         cfg = checkpoint_model_config(model_path)
         go.wait()  # every prompt passed the check and the weights are loaded
-        llm = LLM.around(shared_weights.map_shared(model_path, cfg, DTYPES[dtype], weights), model_path, tokenizer)
+        llm = LLM.around(shared_weights.map_shared(model_path, cfg, DTYPES[dtype], weights.fd), model_path, tokenizer)
         os.close(weights.fd)  # the mapping keeps the memory
     else:
         llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)

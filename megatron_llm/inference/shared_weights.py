@@ -36,40 +36,19 @@ from megatron_llm.model import Transformer
 ALIGN = 64  # bytes: every tensor starts on a cache line, as the allocator would place it
 
 
-class SharedFile:
-    """A file descriptor that travels to a process started by multiprocessing with its arguments (duplicated
-    into the child: sent to the fork server, inherited by a fork)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __reduce__(self):
-        from multiprocessing.reduction import DupFd
-
-        return _received, (DupFd(self.fd),)
-
-
-def _received(dup) -> SharedFile:
-    return SharedFile(dup.detach())
-
-
-def create() -> SharedFile:
-    """An empty, nameless memory file for the weights."""
-    return SharedFile(os.memfd_create("megatron_llm weights"))
-
-
-def load_shared(model_path: str, dtype: torch.dtype, weights: SharedFile) -> None:
-    """Loads the checkpoint into `weights` (sized here), every tensor written in place."""
+def load_shared(model_path: str, dtype: torch.dtype, weights: int) -> None:
+    """Loads the checkpoint into the memory file `weights` (a descriptor; sized here), every tensor written in
+    place."""
     reader = open_reader(detect_format(model_path), Path(model_path))
     model = _meta_model(reader.config, dtype)
-    os.ftruncate(weights.fd, _layout(model)[1])
+    os.ftruncate(weights, _layout(model)[1])
     fill_model(reader, _placed(model, weights, shared=True), model_path)
 
 
-def map_shared(model_path: str, cfg: ModelConfig, dtype: torch.dtype, weights: SharedFile) -> Transformer:
-    """The model whose weights load_shared wrote to `weights`, its tensors views of a private mapping of them."""
+def map_shared(model_path: str, cfg: ModelConfig, dtype: torch.dtype, weights: int) -> Transformer:
+    """The model whose weights load_shared wrote to the file `weights`, its tensors views of a private mapping."""
     model = _meta_model(cfg, dtype)
-    if os.fstat(weights.fd).st_size != _layout(model)[1]:
+    if os.fstat(weights).st_size != _layout(model)[1]:
         raise UsageError(f"the shared weights of {model_path} do not match its config (a checkpoint changed "
                          "while loading?); run the same command again")
     return _placed(model, weights, shared=False).eval()
@@ -105,11 +84,11 @@ def _layout(model: Transformer) -> tuple[dict[int, int], int]:
     return offsets, size
 
 
-def _placed(model: Transformer, weights: SharedFile, shared: bool) -> Transformer:
+def _placed(model: Transformer, weights: int, shared: bool) -> Transformer:
     """`model` (on meta) with its state-dict tensors views of `weights` mapped shared (writes reach the file) or
     privately (a worker's: reads see the file), and its derived buffers allocated and computed."""
     offsets, size = _layout(model)
-    data = torch.from_file(f"/proc/self/fd/{weights.fd}", shared=shared, size=size, dtype=torch.uint8)
+    data = torch.from_file(f"/proc/self/fd/{weights}", shared=shared, size=size, dtype=torch.uint8)
     placed: dict[int, torch.Tensor] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in placed:
