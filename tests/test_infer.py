@@ -117,6 +117,15 @@ def test_a_worker_imports_no_training_machinery(setup):
     assert done.stdout.strip() == "[]"
 
 
+def test_the_command_imports_no_torch():
+    """The command's own process (reading prompts, creating the workers' shared weights file, waiting, merging)
+    imports no torch: seconds of CPU a loaded machine would take from the workers' start."""
+    code = ("import sys; from megatron_llm.inference import infer; "
+            "assert infer._shared_weights(None, [[{}], [{}]]) is not None; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("line,message", [
     ('{"text": "no prompt"}', "prompts.jsonl:1 has no 'prompt'"),
     ('not json', "prompts.jsonl:1 is not a JSON object"),
