@@ -25,7 +25,7 @@ import torch
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
 from megatron_llm.logging.progress import Progress
-from megatron_llm.model import Transformer
+from megatron_llm.model import Transformer, meta_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD = "output.weight"
@@ -38,9 +38,7 @@ HF_CONFIG = "hf_config.json"
 def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Every tensor of our model's state dict and its shape, in state-dict order (the head included
     when tied, as a tied model's state_dict has it)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
+    return {name: tensor.shape for name, tensor in meta_model(cfg).state_dict().items()}
 
 
 def native_groups(cfg: ModelConfig) -> list[list[str]]:

@@ -31,7 +31,7 @@ from torch import nn
 from megatron_llm.checkpoint.convert import detect_format, fill_model, open_reader
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
-from megatron_llm.model import Transformer
+from megatron_llm.model import Transformer, meta_model
 
 ALIGN = 64  # bytes: every tensor starts on a cache line, as the allocator would place it
 
@@ -67,9 +67,7 @@ def mapped_file(tensor: torch.Tensor) -> str:
 
 
 def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to(dtype)  # on meta: nothing allocated; the casts build_model makes
+    model = meta_model(cfg, dtype)  # what build_model allocates, not yet allocated
     model.tie_weights()  # a tied head is the embedding's entry: one place in the file
     return model
 

@@ -11,11 +11,12 @@ from megatron_llm.model.transformer import (
     build_model,
     count_params,
     flops_per_token,
+    meta_model,
     token_cross_entropy,
 )
 
 __all__ = [
     "Attention", "AttentionContext", "FeedForward", "LayerNorm", "RMSNorm", "Transformer", "TransformerBlock",
-    "apply_rope", "build_model", "build_norm", "count_params", "flops_per_token", "rope_frequencies", "rope_tables",
-    "token_cross_entropy",
+    "apply_rope", "build_model", "build_norm", "count_params", "flops_per_token", "meta_model", "rope_frequencies",
+    "rope_tables", "token_cross_entropy",
 ]

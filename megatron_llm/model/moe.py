@@ -1,7 +1,7 @@
 """The mixture-of-experts feed-forward: a router picks k of E experts per token, the tokens are sorted by
-expert and each expert's rows go through its own MLP (one grouped matrix multiply per projection on CUDA,
-a loop of matmuls into whole outputs elsewhere), and the outputs are summed back per token with the router's
-weights; optional shared experts see every token.
+expert and each expert's rows go through its own MLP (one grouped matrix multiply per projection where
+`torch._grouped_mm` runs, a loop of matmuls into whole outputs elsewhere), and the outputs are summed back per
+token with the router's weights; optional shared experts see every token.
 
 The experts are stacked weights, `experts.w1` [E, ffn, hidden] and so on, not E modules: one parameter
 per projection, which expert parallelism (parallel/expert_parallel.py) splits along E from outside by
@@ -81,8 +81,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
 def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the experts take `torch._grouped_mm`: where it runs, on CPU or on CUDA in bf16, with
     16-byte-aligned strides, and not inside a compiled block in fp32 (the compiler's shape kernel for it
-    takes bf16 only, torch 2.13). Elsewhere ExpertMLP, as fast on CPU within 2-3% (fp32, one thread,
-    measured), which saves one [N, ffn] tensor per layer fewer than autograd around the grouped matmuls."""
+    takes bf16 only, torch 2.13). Elsewhere ExpertMLP, which saves one [N, ffn] tensor per layer fewer than
+    autograd around the grouped matmuls but made a CPU training step 1.05x slower (fp32, one thread, paired)."""
     aligned = all(n * x.element_size() % 16 == 0 for w in weights for n in w.shape[1:])
     bf16 = x.dtype == torch.bfloat16
     runs = x.device.type == "cpu" or (x.is_cuda and bf16)
@@ -120,8 +120,8 @@ def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1, w2, w3, act) -> torch.
 
 
 class ExpertMLP(torch.autograd.Function):
-    """expert_mlp where torch._grouped_mm does not run: a loop of per-expert matmuls written into whole [N, ...] outputs (no concatenation),
-    with a backward that writes each expert's weight gradient into its row of the stacked gradient and adds
+    """expert_mlp where torch._grouped_mm does not run: a loop of per-expert matmuls written into whole [N, ...]
+    outputs (no concatenation), with a backward that writes each expert's weight gradient into its row of the stacked gradient and adds
     the two input gradients of a gated MLP in one addmm. Saves x, w1 x, w3 x and the product that w2 takes;
     the activation runs again in the backward, where autograd differentiates it (any ACTIVATIONS entry)."""
 

@@ -286,14 +286,20 @@ def _table(rows: int, dim: int) -> nn.Embedding:
     return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
 
 
+def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model on the meta device, its parameters in `dtype`: every name, shape and dtype, nothing allocated."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model
+
+
 def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Optional[int] = None,
                 init: bool = True, dtype: torch.dtype = torch.float32) -> Transformer:
     """Builds on the meta device, allocates once on `device` (parameters in `dtype`), then initialises (seeded
     when asked). With init=False the weights stay uninitialised memory, for a loader that writes every one."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if dtype != torch.float32:
-        model.to(dtype)  # on meta: nothing allocated yet
+    model = meta_model(cfg, dtype)
     model.to_empty(device=device)
     model.tie_weights()
     if init:
@@ -307,8 +313,7 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     """Parameters of the model `cfg` builds, from a meta-device model (nothing allocated), so that every
     module counts as it is built. A tied head counts once; without the embedding, the lookups (token and
     learned positions) are left out and the head stays."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    model = meta_model(cfg)
     lookups = ("tok_embeddings.weight", "pos_embeddings.weight")
     return sum(p.numel() for name, p in model.named_parameters() if include_embedding or name not in lookups)
 
