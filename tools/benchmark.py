@@ -62,6 +62,7 @@ from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.model import build_model, flops_per_token  # noqa: E402
 from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize_from_config  # noqa: E402
 from megatron_llm.parallel.dims import pick_device  # noqa: E402
+from megatron_llm.training.host_memory import keep_freed_host_memory  # noqa: E402
 from megatron_llm.training.metrics import peak_flops, peak_resident_bytes, resident_bytes  # noqa: E402
 from megatron_llm.training.optimizer import build_optimizer  # noqa: E402
 from megatron_llm.training.step import autocast_dtype, train_step  # noqa: E402
@@ -329,12 +330,25 @@ def dense_twin(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, moe_experts=0, ffn_hidden_size=width, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0)
 
 
+def update_seconds(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The seconds of each `optimizer.step()` from now on, appended as they end. The update reads and writes
+    each parameter's weight, gradient and two moments: its time grows with the parameter count, the experts'
+    included, whatever the tokens per step."""
+    seconds: list[float] = []
+    started: list[float] = []
+    optimizer.register_step_pre_hook(lambda *_: started.append(time.perf_counter()))
+    optimizer.register_step_post_hook(lambda *_: seconds.append(time.perf_counter() - started.pop()))
+    return seconds
+
+
 def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> str:
     batches = random_batches(cfg, device, cfg.training.seed)
-    runners = []
+    runners, updates = [], []
     for model_cfg in (cfg.model, dense_twin(cfg.model)):
         model = build_model(model_cfg, device, seed=cfg.training.seed)
-        runners.append(our_runner(cfg, model, build_optimizer(model, cfg.optimizer), batches, autocast))
+        optimizer = build_optimizer(model, cfg.optimizer)
+        updates.append(update_seconds(optimizer))
+        runners.append(our_runner(cfg, model, optimizer, batches, autocast))
     alternate(*runners, warmup, device, record=False)
     alternate(*runners, steps, device, record=True)
     t, dense = cfg.training, dense_twin(cfg.model)
@@ -349,6 +363,9 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     ]
     overhead = statistics.median(runners[0].seconds) / statistics.median(runners[1].seconds) - 1
     lines.append(f"MoE overhead over the dense model of equal active FLOPs: {overhead:+.1%} step time")
+    update_ms = [statistics.median(u[-steps:]) * 1e3 for u in updates]
+    lines.append(f"of which the AdamW update: MoE {update_ms[0]:.1f}, dense {update_ms[1]:.1f} ms/step, over"
+                 f" {cfg.model.num_params() / 1e6:.1f}M and {dense.num_params() / 1e6:.1f}M parameters")
     if device.type == "cpu":
         lines.append(cpu_line(*runners, ("MoE", "dense")))
     return "\n".join(lines)
@@ -505,6 +522,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.family is not None:
             family_model(cfg, args.family)
         device = pick_device(args.device or cfg.training.device)
+        if device.type == "cpu":
+            keep_freed_host_memory()  # as train.py: the process's allocator, so for both sides
         autocast = autocast_dtype(args.dtype or cfg.training.dtype, device)
         if reference == "hf":
             model_type = args.family or "llama"

@@ -31,6 +31,7 @@ from megatron_llm.model import flops_per_token
 from megatron_llm.parallel import ParallelDims, init_distributed, parallelize_from_config, pick_device
 from megatron_llm.training.channels import ChannelTotals, merge, tag_safe
 from megatron_llm.training.faults import StopSignals, name_hung_ranks, weights_finite
+from megatron_llm.training.host_memory import keep_freed_host_memory
 from megatron_llm.training.lr_schedule import lr_at
 from megatron_llm.training.metrics import peak_flops
 from megatron_llm.training.optimizer import build_optimizer
@@ -59,6 +60,8 @@ class TrainResult:
 def train(cfg: Config) -> TrainResult:
     """Entry point used by train.py and the tests. Validates, joins the group, trains, tears down."""
     device = pick_device(cfg.training.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()  # the step's tensors live in host memory: no page faults every step
     with StopSignals() as stop:  # from here on SIGTERM/SIGUSR1 mean: finish the step, checkpoint, stop
         dims = init_distributed(cfg.parallel, device, timeout_s=cfg.parallel.timeout_s)
         try:
