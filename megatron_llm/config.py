@@ -265,6 +265,10 @@ class Config:
         self.parallel.validate(self.model, d.seq_len, t.grad_accum_steps, evaluates=t.eval_interval > 0)
         if d.seq_len > self.model.max_seq_len:
             raise UsageError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        shards = self.model.moe_capacity_sequence_shards
+        if self.model.moe_experts and self.model.moe_capacity_factor is not None and d.seq_len % shards:
+            raise UsageError(f"model.moe_capacity_sequence_shards ({shards}) drops per equal piece of the sequence: it "
+                             f"must divide data.seq_len ({d.seq_len})")
         if not d.blend:
             raise UsageError("data.blend is empty: list at least one {path, weight, name} dataset")
         names = [spec.name or Path(spec.path).name for spec in d.blend]

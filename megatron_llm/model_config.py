@@ -140,6 +140,10 @@ class ModelConfig:
         "position", "past capacity an expert keeps its earliest tokens (position) or its largest router weights "
         "(probs: megatron-core's default); ties go to the earlier sequence position, as Megatron on CUDA"
     )
+    moe_capacity_sequence_shards: int = param(
+        1, "drop per this many equal contiguous pieces of the sequence, each with its own capacity and earliest "
+        "tokens (Megatron at tp = n with sequence parallelism); a sequence they do not divide is one piece"
+    )
     moe_aux_loss_coeff: float = param(0.0, "load-balancing loss coefficient (Switch; transformers' router_aux_loss_coef)")
     moe_z_loss_coeff: float = param(0.0, "router z-loss coefficient: mean(logsumexp(router logits)^2) (ST-MoE)")
     moe_aux_loss_scope: Literal["model", "layer"] = param(
@@ -302,7 +306,7 @@ class ModelConfig:
             raise UsageError("model.mlp xielu learns scalars per MLP, which the stacked experts do not hold: choose another model.mlp")
         if not 0 < self.moe_top_k <= self.moe_experts:
             raise UsageError(f"model.moe_top_k ({self.moe_top_k}) must be in 1..model.moe_experts ({self.moe_experts})")
-        for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups"):
+        for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups", "moe_capacity_sequence_shards"):
             if getattr(self, key) <= 0:
                 raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
         for key in ("moe_routed_scale", "moe_capacity_factor"):
@@ -324,6 +328,9 @@ class ModelConfig:
                 f"model.moe_top_k ({self.moe_top_k}) exceeds the experts of model.moe_topk_groups groups "
                 f"({self.moe_topk_groups} x {self.moe_experts // self.moe_groups})"
             )
+        if self.moe_capacity_sequence_shards > 1 and self.moe_capacity_factor is None:
+            raise UsageError("model.moe_capacity_sequence_shards splits token dropping: set model.moe_capacity_factor or "
+                             "leave it 1 (dropless)")
         if self.moe_shared_gate and not self.moe_shared_ffn_hidden_size:
             raise UsageError("model.moe_shared_gate gates the shared experts: set model.moe_shared_ffn_hidden_size")
         if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):

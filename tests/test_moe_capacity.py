@@ -1,7 +1,8 @@
 """Capacity dropping (model/moe_capacity.py) against megatron-core 0.16 itself: the assignments each expert
 keeps equal apply_router_token_dropping's final_map and its TopKRouter's routing map (built from the args our
 Megatron writer saves), for both drop policies; the MoE output equals a hand computation over megatron-core's
-kept assignments; the policy is a checked config field."""
+kept assignments; the policy is a checked config field. With model.moe_capacity_sequence_shards = tp the kept
+assignments are those megatron-core keeps when each tp rank routes its own sequence shard (sequence parallelism)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ CASES = [("softmax", 2, True, 1.0, 1.0), ("softmax", 1, False, 1.0, 0.5),
 IDS = ["softmax-top2-cf1", "pre-softmax-top1-cf0.5", "sigmoid-top2-scaled-cf0.5", "sigmoid-top1-cf1"]
 
 
-def moe_layer(score: str, top_k: int, renormalize: bool, scale: float, factor: float, policy: str):
+def moe_layer(score: str, top_k: int, renormalize: bool, scale: float, factor: float, policy: str, shards: int = 1):
     cfg = ModelConfig(vocab_size=64, hidden_size=HIDDEN, num_layers=1, num_heads=4, ffn_hidden_size=48, max_seq_len=S,
                       moe_experts=E, moe_top_k=top_k, moe_ffn_hidden_size=16, moe_score=score,
                       moe_renormalize=renormalize, moe_routed_scale=scale, moe_capacity_factor=factor,
-                      moe_token_drop_policy=policy)
+                      moe_token_drop_policy=policy, moe_capacity_sequence_shards=shards)
     cfg.validate()
     moe = build_model(cfg, "cpu", seed=0).layers["0"].feed_forward
     with torch.no_grad():
@@ -62,13 +63,17 @@ def _patched_topk():
         torch.topk = saved
 
 
-def sequence_major(t: torch.Tensor) -> torch.Tensor:
-    """[B * S, ...] batch-major rows (ours) <-> [S * B, ...] sequence-major (megatron-core's [s, b] flattened)."""
-    return t.view(B, S, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def sequence_major(t: torch.Tensor, tp: int = 1, rank: int = 0) -> torch.Tensor:
+    """[B * S, ...] batch-major rows (ours) -> tp rank `rank`'s sequence shard, positions rank * S / tp ...,
+    sequence-major (megatron-core's [s / tp, b] flattened under sequence parallelism; all of [s, b] at tp 1)."""
+    s = S // tp
+    return t.view(B, S, *t.shape[1:])[:, rank * s:(rank + 1) * s].transpose(0, 1).reshape(s * B, *t.shape[1:])
 
 
-def back_to_batch_major(t: torch.Tensor) -> torch.Tensor:
-    return t.view(S, B, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+def back_to_batch_major(*shards: torch.Tensor) -> torch.Tensor:
+    """The tp ranks' sequence-major shards [S / tp * B, ...] -> [B * S, ...] batch-major (the inverse of the above)."""
+    t = torch.cat([shard.view(-1, B, *shard.shape[1:]) for shard in shards])  # [S, B, ...]
+    return t.transpose(0, 1).reshape(B * S, *t.shape[2:])
 
 
 def ours_kept(moe, x: torch.Tensor):
@@ -76,7 +81,8 @@ def ours_kept(moe, x: torch.Tensor):
     indices, weights, _, _ = moe.router(x.view(-1, HIDDEN))
     flat = indices.flatten()
     order, counts = flat.argsort(stable=True), torch.bincount(flat, minlength=E)
-    kept, kept_counts, dropped = drop_over_capacity(order, counts, flat, weights, B, moe.capacity_factor, moe.drop_policy)
+    kept, kept_counts, dropped = drop_over_capacity(order, counts, flat, weights, B, moe.capacity_factor, moe.drop_policy,
+                                                    moe.drop_shards)
     routed = torch.zeros(B * S, E, dtype=torch.bool).scatter_(1, indices, True)
     keep = torch.zeros_like(routed)
     keep[kept // indices.shape[1], flat[kept]] = True
@@ -102,26 +108,80 @@ def test_kept_assignments_equal_megatron_core_token_dropping(case, policy, pad):
     assert dropped == routed.sum() - keep.sum() > 0
 
 
+@pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("policy", ["probs", "position"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_megatron_core_router_keeps_what_we_keep_and_the_output_is_their_kept_sum(mcore, case, policy):
+def test_sequence_shards_keep_what_megatron_core_keeps_on_each_tp_ranks_shard(case, policy, tp):
+    """Under sequence parallelism each tp rank routes its own S / tp positions: megatron-core's
+    apply_router_token_dropping on each rank's shard keeps what ours keeps at moe_capacity_sequence_shards = tp,
+    with assignments dropped in every shard; over the whole sequence (shards 1) ours keeps another set."""
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    cfg, moe = moe_layer(*case, policy, shards=tp)
+    x = torch.randn(B, S, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        routed, probs, keep, dropped = ours_kept(moe, x)
+        moe.drop_shards = 1
+        whole = ours_kept(moe, x)[2]
+    with with_cuda_ties(policy):
+        finals = [apply_router_token_dropping(sequence_major(probs, tp, rank), sequence_major(routed, tp, rank),
+                                              cfg.moe_top_k, cfg.moe_capacity_factor, drop_policy=policy)[1]
+                  for rank in range(tp)]
+    assert torch.equal(keep, back_to_batch_major(*finals))
+    lost = (routed & ~keep).view(B, tp, S // tp, E).sum((0, 2, 3))  # [tp] assignments dropped per shard
+    assert (lost > 0).all() and dropped == lost.sum()
+    assert not torch.equal(whole, keep)
+
+
+def test_a_sequence_the_shards_do_not_divide_drops_as_one_shard():
+    """A forward of another length (a prompt, a one-token decode step) drops over its whole sequence."""
+    _, moe = moe_layer(*CASES[0], "probs", shards=2)
+    x = torch.randn(B, S - 1, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        split, dropped = moe(x), moe.stats.dropped
+        moe.drop_shards = 1
+        whole = moe(x)
+    assert torch.equal(split, whole) and dropped == moe.stats.dropped > 0
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model__moe_capacity_sequence_shards=0), r"model\.moe_capacity_sequence_shards must be positive, got 0"),
+    (dict(model__moe_capacity_sequence_shards=2, model__moe_capacity_factor=None),
+     r"model\.moe_capacity_sequence_shards splits token dropping: set model\.moe_capacity_factor"),
+    (dict(model__moe_capacity_sequence_shards=3),
+     r"model\.moe_capacity_sequence_shards \(3\) .* must divide data\.seq_len \(32\)"),
+])
+def test_sequence_shards_are_checked_by_the_config(tiny_config, tmp_path, settings, message):
+    with pytest.raises(UsageError, match=message):
+        tiny_config(tmp_path, **{"model__moe_experts": 4, "model__moe_capacity_factor": 1.0, **settings})
+    assert tiny_config(tmp_path, model__moe_experts=4, model__moe_capacity_factor=1.0,
+                       model__moe_capacity_sequence_shards=4).model.moe_capacity_sequence_shards == 4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("policy", ["probs", "position"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_megatron_core_router_keeps_what_we_keep_and_the_output_is_their_kept_sum(mcore, case, policy, tp):
     """megatron-core's TopKRouter, configured by the args our Megatron writer saves (policy included), keeps
-    our assignments with our weights; our MoE output is the sum over ITS kept assignments computed by hand."""
+    our assignments with our weights; our MoE output is the sum over ITS kept assignments computed by hand.
+    At tp 2 the router runs on each tp rank's sequence shard (sequence parallelism), ours with 2 shards."""
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    cfg, moe = moe_layer(*case, policy)
+    cfg, moe = moe_layer(*case, policy, shards=tp)
     args = megatron_args(cfg, Layout.of(cfg, 1, 1), torch.float32, "local")
     assert (args.moe_token_drop_policy, args.moe_expert_capacity_factor) == (policy, cfg.moe_capacity_factor)
     with mcore.patched([mcore.CPU_DEVICE]):
         router = TopKRouter(mcore.transformer_config_from_args(args), ProcessGroupCollection.use_mpu_process_groups())
     router.weight.data.copy_(moe.router.weight.data)
     x = torch.randn(B, S, HIDDEN, generator=torch.Generator().manual_seed(2))
+    s = S // tp
     with torch.no_grad(), mcore.forward_on_cpu(), with_cuda_ties(policy):
-        probs, final = router(x.transpose(0, 1).contiguous())  # megatron-core runs [s, b, hidden]
+        # megatron-core runs [s, b, hidden]: each tp rank its positions rank * s ...
+        probs, final = zip(*(router(x[:, rank * s:(rank + 1) * s].transpose(0, 1).contiguous()) for rank in range(tp)))
         routed, weights, keep, dropped = ours_kept(moe, x)
         out = moe(x)
-    final, probs = back_to_batch_major(final), back_to_batch_major(probs)
+    final, probs = back_to_batch_major(*final), back_to_batch_major(*probs)
     assert torch.equal(keep, final) and dropped > 0
     torch.testing.assert_close(probs, weights * keep, atol=1e-6, rtol=1e-6)
     ex, tokens = moe.experts, x.view(-1, HIDDEN)

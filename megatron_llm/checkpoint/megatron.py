@@ -298,6 +298,11 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     back = dataclasses.asdict(read_back)
     back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
     back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # no Megatron arg (it always trains per layer): either writes
+    # Megatron's drop shards are its run's tp with sequence parallelism: written as such where they are, else noted.
+    back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
+    note = _drop_shards_note(cfg, layout.tp)
+    if note:
+        print(note, flush=True)
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
     for key, value in dataclasses.asdict(cfg).items():
@@ -352,11 +357,23 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         moe_router_load_balancing_type="global_aux_loss" if cfg.moe_aux_loss_global else "aux_loss",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
         # Both drop policies keep what megatron-core's apply_router_token_dropping keeps on CUDA (ties to the
-        # earliest token, sequence-major); where they still differ (sequence parallelism): model/moe_capacity.py.
+        # earliest token, sequence-major) and where they still differ: model/moe_capacity.py.
         moe_expert_capacity_factor=cfg.moe_capacity_factor, moe_token_drop_policy=cfg.moe_token_drop_policy,
         moe_pad_expert_input_to_capacity=False,
+        # megatron-core drops per tp rank's sequence shard under sequence parallelism (model/moe_capacity.py)
+        sequence_parallel=cfg.moe_capacity_factor is not None and cfg.moe_capacity_sequence_shards == layout.tp > 1,
         moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
     )
+
+
+def _drop_shards_note(cfg: ModelConfig, tp: int) -> Optional[str]:
+    """One line when a Megatron-LM run continued at `tp` cannot drop tokens per our sequence shards."""
+    shards = cfg.moe_capacity_sequence_shards
+    if not cfg.moe_experts or cfg.moe_capacity_factor is None or shards == tp:
+        return None
+    megatron = f"per {tp} with --sequence-parallel, per 1 without" if tp > 1 else "per 1 (no sequence parallelism at tp 1)"
+    return (f"note: this model drops tokens per {shards} sequence shard(s) (model.moe_capacity_sequence_shards); "
+            f"Megatron-LM continued at tp {tp} drops {megatron}")
 
 
 def _router_args(cfg: ModelConfig) -> dict:
@@ -430,6 +447,7 @@ def _moe_config(args: argparse.Namespace) -> dict:
     # Ours: layer i is sparse when (i + 1) % moe_layer_freq == 0 and i is not in moe_dense_layers.
     step = math.gcd(*(i + 1 for i, sparse in enumerate(pattern) if sparse))
     shared = arg("moe_shared_expert_intermediate_size", 0)
+    factor, tp = arg("moe_expert_capacity_factor"), arg("tensor_model_parallel_size", 1)
     return dict(
         moe_experts=experts, moe_top_k=topk, moe_ffn_hidden_size=arg("moe_ffn_hidden_size") or args.ffn_hidden_size,
         moe_score=score, moe_renormalize=not pre_softmax if score == "softmax" else topk > 1,
@@ -439,7 +457,9 @@ def _moe_config(args: argparse.Namespace) -> dict:
         moe_layer_freq=step, moe_dense_layers=[i for i, sparse in enumerate(pattern) if not sparse and (i + 1) % step == 0],
         # moe_pad_expert_input_to_capacity adds to each expert's input the tokens not routed to it, up to its
         # capacity, with weight 0: the kept routed assignments, outputs and gradients are these, so it reads as ours.
-        moe_capacity_factor=arg("moe_expert_capacity_factor"), moe_token_drop_policy=arg("moe_token_drop_policy", "probs"),
+        moe_capacity_factor=factor, moe_token_drop_policy=arg("moe_token_drop_policy", "probs"),
+        # With sequence parallelism each tp rank routes, and drops, its own s / tp positions.
+        moe_capacity_sequence_shards=tp if factor is not None and arg("sequence_parallel") and tp > 1 else 1,
         moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)), moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)),
         # Megatron-LM takes its router losses per layer, so training continues as it did (and with pp > 1).
         moe_aux_loss_scope="layer", moe_aux_loss_global=LOAD_BALANCING[balancing],

@@ -258,7 +258,7 @@ class MoE(nn.Module):
         self.shared_experts = FeedForward(cfg, shared) if shared else None
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe_shared_gate else None
         self.num_experts, self.top_k, self.capacity_factor = cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor
-        self.drop_policy = cfg.moe_token_drop_policy
+        self.drop_policy, self.drop_shards = cfg.moe_token_drop_policy, cfg.moe_capacity_sequence_shards
         self.stats: Optional[RouterStats] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,10 +285,11 @@ class MoE(nn.Module):
 
     def _drop_over_capacity(self, order, counts, flat, weights, shape):
         """Keeps each expert's `capacity` assignments chosen by the drop policy, as megatron-core does
-        (model/moe_capacity.py); x was [b, s, hidden] (shape) or one sequence [s, hidden]."""
+        (model/moe_capacity.py), in each of `drop_shards` pieces of the sequence (one when they do not divide
+        it, e.g. a decode step); x was [b, s, hidden] (shape) or one sequence [s, hidden]."""
         batch = shape[0] if len(shape) == 3 else 1
         order, counts, self.stats.dropped = drop_over_capacity(
-            order, counts, flat, weights, batch, self.capacity_factor, self.drop_policy)
+            order, counts, flat, weights, batch, self.capacity_factor, self.drop_policy, self.drop_shards)
         return order, counts
 
     def _record(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:

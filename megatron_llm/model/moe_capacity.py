@@ -15,9 +15,17 @@ then sequence in the batch). On CPU torch's topk keeps no such set: over a 0/1 c
 [7, 8, 9] of [0, 1, 2, 3, 6, 7, ...] for capacity 3 (torch 2.13, introselect), so megatron-core's "position"
 on CPU drops arbitrary (deterministic) tokens; its "probs" agrees with us wherever the weights are distinct.
 
-Where Megatron's dropping still differs: with sequence parallelism megatron-core routes each tp rank's
-sequence shard, so its capacity and its "earliest" are per shard of s / tp positions; we route the whole
-sequence on every tp rank. megatron-core's expert-bias update counts the assignments kept (with
+Sequence parallelism. megatron-core routes each tp rank's sequence shard ([s / tp, b, h]) on its own
+(TopKRouter.routing on the local tokens; it warns without sequence parallelism at tp > 1 with ep > 1), so a
+Megatron run at tp > 1 with sp drops per shard: capacity expert_capacity(s / tp * b * k, E, factor) and
+"earliest" within the shard. `model.moe_capacity_sequence_shards` (n) reproduces it as a property of the
+model, not of our layout (our MoE routes the whole sequence on every tp rank): n equal contiguous pieces of
+the sequence, each with its own capacity and its own queue per expert, so one process at n equals our
+tp2 + sp at n. The Megatron reader sets n to the checkpoint's tp when it has a capacity factor and
+sequence_parallel; the writer has no field for it and prints a one-line note when n differs from the tp
+written, since a Megatron run continued at that tp with sp drops per tp shard.
+
+Where Megatron's dropping still differs: megatron-core's expert-bias update counts the assignments kept (with
 `moe_pad_expert_input_to_capacity`, every expert at capacity), ours the assignments routed (RouterStats.counts):
 with the expert bias and tokens dropped, the bias moves differently (the reader refuses padding with the bias).
 Padding without the bias adds tokens at weight 0 to each expert: the outputs and gradients are ours.
@@ -36,23 +44,30 @@ def expert_capacity(assignments: int, experts: int, factor: float) -> int:
 
 
 def drop_over_capacity(order: torch.Tensor, counts: torch.Tensor, flat: torch.Tensor, weights: torch.Tensor,
-                       batch: int, factor: float, policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The assignments each expert keeps.
+                       batch: int, factor: float, policy: str,
+                       shards: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The assignments each expert keeps, decided in each of `shards` equal contiguous pieces of the sequence.
 
     flat [T * k]: the expert of each assignment, token t's at t * k ... (tokens batch-major, [b, s] flattened);
     order [T * k]: the assignments sorted by expert (stable); counts [E]: assignments per expert;
     weights [T, k]: their router weights; batch: the b of [b, s].
     Returns (the kept part of `order`, in its order [N], kept counts [E], the number dropped).
     """
-    capacity = expert_capacity(flat.numel(), counts.numel(), factor)
-    top_k = weights.shape[-1]
-    token = torch.arange(flat.numel(), device=flat.device) // top_k  # [T * k] batch-major token of each
+    top_k, experts = weights.shape[-1], counts.numel()
     seq = weights.shape[0] // batch
-    ranked = ((token % seq) * batch + token // seq).argsort(stable=True)  # earliest first, sequence-major
+    # A sequence the shards do not divide (an inference prompt, a one-token decode step) is one shard: only the
+    # training sequence (data.seq_len, checked by the config) is the one Megatron's tp ranks split.
+    shards = shards if seq % shards == 0 else 1
+    capacity = expert_capacity(flat.numel() // shards, experts, factor)
+    token = torch.arange(flat.numel(), device=flat.device) // top_k  # [T * k] batch-major token of each
+    position = token % seq
+    ranked = (position * batch + token // seq).argsort(stable=True)  # earliest first, sequence-major
     if policy == "probs":  # the largest weight first; equal weights keep the order above
         ranked = ranked[weights.flatten()[ranked].argsort(descending=True, stable=True)]
-    ranked = ranked[flat[ranked].argsort(stable=True)]  # [T * k] by expert, each expert's preferred first
-    starts = counts.cumsum(0) - counts  # [E] first sorted position of each expert
+    queue = flat * shards + position // (seq // shards)  # [T * k] each assignment's (expert, shard) queue
+    ranked = ranked[queue[ranked].argsort(stable=True)]  # [T * k] by queue, each queue's preferred first
+    sizes = counts if shards == 1 else torch.bincount(queue, minlength=experts * shards)  # [E * shards]
+    starts = sizes.cumsum(0) - sizes  # first sorted position of each queue
     rank = torch.empty_like(flat).index_put_((ranked,), torch.arange(flat.numel(), device=flat.device))
-    keep = (rank - starts[flat])[order] < capacity  # [T * k] each sorted assignment's place in its expert's queue
-    return order[keep], counts.clamp(max=capacity), (~keep).sum()
+    keep = (rank - starts[queue])[order] < capacity  # [T * k] each sorted assignment's place in its queue
+    return order[keep], sizes.clamp(max=capacity).view(experts, shards).sum(1), (~keep).sum()
