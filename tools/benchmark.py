@@ -59,7 +59,8 @@ from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf
 from megatron_llm.config import Config, ModelConfig, load_config  # noqa: E402
 from megatron_llm.data.synthetic import random_batches  # noqa: E402
 from megatron_llm.errors import UsageError  # noqa: E402
-from megatron_llm.model import build_model, flops_per_token  # noqa: E402
+from megatron_llm.model import FeedForward, build_model, flops_per_token  # noqa: E402
+from megatron_llm.model.moe import GroupedExperts  # noqa: E402
 from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize_from_config  # noqa: E402
 from megatron_llm.parallel.dims import pick_device  # noqa: E402
 from megatron_llm.training.host_memory import keep_freed_host_memory  # noqa: E402
@@ -330,15 +331,61 @@ def dense_twin(model: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model, moe_experts=0, ffn_hidden_size=width, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=0.0)
 
 
-def update_seconds(optimizer: torch.optim.Optimizer) -> list[float]:
+def update_seconds(optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
     """The seconds of each `optimizer.step()` from now on, appended as they end. The update reads and writes
     each parameter's weight, gradient and two moments: its time grows with the parameter count, the experts'
     included, whatever the tokens per step."""
     seconds: list[float] = []
     started: list[float] = []
-    optimizer.register_step_pre_hook(lambda *_: started.append(time.perf_counter()))
-    optimizer.register_step_post_hook(lambda *_: seconds.append(time.perf_counter() - started.pop()))
+
+    def start(*_) -> None:
+        synchronize(device)
+        started.append(time.perf_counter())
+
+    def end(*_) -> None:
+        synchronize(device)
+        seconds.append(time.perf_counter() - started.pop())
+
+    optimizer.register_step_pre_hook(start)
+    optimizer.register_step_post_hook(end)
     return seconds
+
+
+def expert_matmuls(model: ModelConfig, tokens: int, device: torch.device, autocast, repeats: int) -> tuple[float, float]:
+    """Median seconds of a forward and backward through one layer's routed experts, on tokens x k rows spread
+    evenly over them (the routing left out), and through one dense MLP as wide as the k experts a token passes,
+    on the tokens, interleaved: the same FLOPs, but each expert's matrix multiplies get E / k times fewer rows
+    than the dense MLP's."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(model).to(device)
+    mlp = FeedForward(model, model.moe_top_k * model.moe_ffn_hidden_size).to(device)
+    for param in [*experts.parameters(), *mlp.parameters()]:
+        nn.init.normal_(param, std=0.02)
+    k, e = model.moe_top_k, model.moe_experts
+    counts = torch.full((e,), tokens * k // e, device=device)
+    counts[: tokens * k % e] += 1
+    rows = torch.randn(tokens * k, model.hidden_size, device=device, requires_grad=True)
+    x = torch.randn(tokens, model.hidden_size, device=device, requires_grad=True)
+    grads = torch.randn_like(rows.detach()), torch.randn_like(x.detach())
+    passes = (lambda: experts(rows, counts).backward(grads[0]), lambda: mlp(x).backward(grads[1]))
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats + 1):  # the first of each untimed
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
+            synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                passes[j]()
+            synchronize(device)
+            if i:
+                seconds[j].append(time.perf_counter() - start)
+            for param in [*experts.parameters(), *mlp.parameters(), rows, x]:
+                param.grad = None
+    return statistics.median(seconds[0]), statistics.median(seconds[1])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> str:
@@ -347,7 +394,7 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     for model_cfg in (cfg.model, dense_twin(cfg.model)):
         model = build_model(model_cfg, device, seed=cfg.training.seed)
         optimizer = build_optimizer(model, cfg.optimizer)
-        updates.append(update_seconds(optimizer))
+        updates.append(update_seconds(optimizer, device))
         runners.append(our_runner(cfg, model, optimizer, batches, autocast))
     alternate(*runners, warmup, device, record=False)
     alternate(*runners, steps, device, record=True)
@@ -366,6 +413,12 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     update_ms = [statistics.median(u[-steps:]) * 1e3 for u in updates]
     lines.append(f"of which the AdamW update: MoE {update_ms[0]:.1f}, dense {update_ms[1]:.1f} ms/step, over"
                  f" {cfg.model.num_params() / 1e6:.1f}M and {dense.num_params() / 1e6:.1f}M parameters")
+    micro_batch = t.micro_batch_size * cfg.data.seq_len
+    rows = micro_batch * cfg.model.moe_top_k
+    experts_ms, mlp_ms = (x * 1e3 for x in expert_matmuls(cfg.model, micro_batch, device, autocast, max(steps, 5)))
+    lines.append(f"one layer's experts alone (no routing; a micro-batch's {rows} rows, {rows // cfg.model.moe_experts}"
+                 f" per expert): {experts_ms:.1f} ms forward and backward, one dense MLP of their FLOPs {mlp_ms:.1f} ms"
+                 f" ({experts_ms / mlp_ms:.3f}x)")
     if device.type == "cpu":
         lines.append(cpu_line(*runners, ("MoE", "dense")))
     return "\n".join(lines)
