@@ -278,11 +278,13 @@ def test_megatron_core_moe_forward_with_token_dropping_equals_ours_read_from_its
     assert len(dropped) == 3 and min(dropped) > 0
 
 
-def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_as_one_process(corpus_dir, tmp_path):
+def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_and_tp2_sp_as_one_process(corpus_dir, tmp_path, capsys):
     """A Megatron MoE checkpoint (experts whole: tp2 ep2 etp1; capacity 1.0, policy probs) as checkpoint.init_from
     reads with Megatron's per-layer router losses, so it trains at pp 2 (model scope is refused there), and
     2 steps on 2 processes give one process's losses and router losses. Rank 0 stages the conversion while
-    the others wait: the staged native copy is written without collectives (it hung in DCP's gather before)."""
+    the others wait: the staged native copy is written without collectives (it hung in DCP's gather before).
+    Saved as Megatron-LM's tp2 run with sequence parallelism saves it, it drops per 2 sequence shards (a
+    different model from shards 1), and tp2 with sp gives the one process's losses too."""
     from conftest import ROOT
     from megatron_llm.checkpoint.native import save_weights
     from megatron_llm.config import Config, load_config
@@ -296,18 +298,46 @@ def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_as_one_process
                               moe_token_drop_policy="probs", moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
     save_weights(tmp_path / "native", build_model(cfg, "cpu", seed=0).state_dict(), Config(model=cfg).to_dict())
     convert(str(tmp_path / "native"), "native", str(tmp_path / "mg"), "megatron", Options(tp=2, ep=2, etp=1))
-    assert checkpoint_model_config(str(tmp_path / "mg")).moe_aux_loss_scope == "layer"
-    init = dict(checkpoint__init_from=str(tmp_path / "mg"), training__eval_interval=0)
+    assert "drops tokens per 1 sequence shard(s) (model.moe_capacity_sequence_shards); Megatron-LM continued at " \
+           "tp 2 drops per 2 with --sequence-parallel, per 1 without" in capsys.readouterr().out
+    assert checkpoint_model_config(str(tmp_path / "mg")).moe_capacity_sequence_shards == 1
+    _set_megatron_args(tmp_path / "mg", sequence_parallel=True)  # as Megatron-LM's tp2 + sp run saves it
+    read = checkpoint_model_config(str(tmp_path / "mg"))
+    assert (read.moe_aux_loss_scope, read.moe_capacity_sequence_shards) == ("layer", 2)
+    model, x = megatron_llm.load_model(str(tmp_path / "mg")), torch.randint(0, cfg.vocab_size, (4, 32))
+    with torch.no_grad():
+        per_shard = model(x)
+        for moe in (m for m in model.modules() if hasattr(m, "drop_shards")):
+            moe.drop_shards = 1
+        assert not torch.allclose(model(x), per_shard, atol=1e-3)
+    # AdamW's eps 1e-6, as test_parallel's output-norm chain: at 1e-8 its first update g / (|g| + eps) turned tp2's
+    # summation order on a router weight with a near-zero gradient into 3.7e-5 (of lr 3e-3), and the step-1 z-loss
+    # into 1.27e-5 relative (tolerance 1e-5); at 1e-6, 2.6e-6.
+    init = dict(checkpoint__init_from=str(tmp_path / "mg"), training__eval_interval=0, optimizer__eps=1e-6)
     one = train(load_config(str(ROOT / "configs" / "tiny.yaml"), overrides(corpus_dir, tmp_path / "one", 2, **init)))
     pool = Workers(2)
     try:
-        pp2 = pool.run(2, overrides(corpus_dir, tmp_path / "pp2", 2, parallel__pp=2, **init), tmp_path / "pp2", timeout_s=120)
+        runs = {name: pool.run(2, overrides(corpus_dir, tmp_path / name, 2, **layout, **init), tmp_path / name, timeout_s=120)
+                for name, layout in [("pp2", dict(parallel__pp=2)), ("tp2-sp", dict(parallel__tp=2, parallel__sp=True))]}
     finally:
         pool.close()
-    assert sorted(pp2.losses) == sorted(one.losses) == [0, 1]
-    for step, loss in one.losses.items():
-        assert pp2.losses[step] == pytest.approx(loss, rel=LOSS_RTOL)
-        assert pp2.router_losses[step] == pytest.approx(one.router_losses[step], rel=LOSS_RTOL)
+    for name, got in runs.items():
+        assert sorted(got.losses) == sorted(one.losses) == [0, 1], name
+        for step, loss in one.losses.items():
+            assert got.losses[step] == pytest.approx(loss, rel=LOSS_RTOL), (name, step)
+            assert got.router_losses[step] == pytest.approx(one.router_losses[step], rel=LOSS_RTOL), (name, step)
+
+
+def test_megatron_writer_records_drop_shards_as_sequence_parallelism_at_their_tp():
+    """Shards = tp write sequence_parallel and read back; at another tp nothing Megatron holds says it: a note."""
+    from megatron_llm.checkpoint.megatron import Layout, megatron_args, model_config_from_args
+    from megatron_llm.config import ModelConfig
+
+    cfg = ModelConfig(**{**DEEPSEEK_LIKE, "moe_expert_bias": False, "moe_capacity_factor": 1.0,
+                         "moe_capacity_sequence_shards": 2})
+    for tp, sp, shards in [(2, True, 2), (1, False, 1), (4, False, 1)]:
+        args = megatron_args(cfg, Layout.of(cfg, tp, 1), torch.float32, "local")
+        assert (args.sequence_parallel, model_config_from_args(args).moe_capacity_sequence_shards) == (sp, shards), tp
 
 
 def group_experts(model: dict, args) -> dict:
