@@ -64,9 +64,12 @@ def drop_over_capacity(order: torch.Tensor, counts: torch.Tensor, flat: torch.Te
     ranked = (position * batch + token // seq).argsort(stable=True)  # earliest first, sequence-major
     if policy == "probs":  # the largest weight first; equal weights keep the order above
         ranked = ranked[weights.flatten()[ranked].argsort(descending=True, stable=True)]
-    queue = flat * shards + position // (seq // shards)  # [T * k] each assignment's (expert, shard) queue
+    if shards == 1:  # one queue per expert
+        queue, sizes = flat, counts
+    else:  # [T * k] each assignment's (expert, shard) queue, [E * shards] their sizes
+        queue = flat * shards + position // (seq // shards)
+        sizes = torch.bincount(queue, minlength=experts * shards)
     ranked = ranked[queue[ranked].argsort(stable=True)]  # [T * k] by queue, each queue's preferred first
-    sizes = counts if shards == 1 else torch.bincount(queue, minlength=experts * shards)  # [E * shards]
     starts = sizes.cumsum(0) - sizes  # first sorted position of each queue
     rank = torch.empty_like(flat).index_put_((ranked,), torch.arange(flat.numel(), device=flat.device))
     keep = (rank - starts[queue])[order] < capacity  # [T * k] each sorted assignment's place in its queue
