@@ -21,9 +21,10 @@ Megatron run at tp > 1 with sp drops per shard: capacity expert_capacity(s / tp 
 "earliest" within the shard. `model.moe_capacity_sequence_shards` (n) reproduces it as a property of the
 model, not of our layout (our MoE routes the whole sequence on every tp rank): n equal contiguous pieces of
 the sequence, each with its own capacity and its own queue per expert, so one process at n equals our
-tp2 + sp at n. The Megatron reader sets n to the checkpoint's tp when it has a capacity factor and
-sequence_parallel; the writer has no field for it and prints a one-line note when n differs from the tp
-written, since a Megatron run continued at that tp with sp drops per tp shard.
+tp2 + sp at n; a forward whose sequence n does not divide (a prompt, a decode step) is one piece. The
+Megatron reader sets n to the checkpoint's tp when it has a capacity factor and sequence_parallel; the writer
+writes sequence_parallel when n is the tp written, and otherwise prints a one-line note, since a Megatron run
+continued at that tp drops per tp shard with sp and over the whole sequence without.
 
 Where Megatron's dropping still differs: megatron-core's expert-bias update counts the assignments kept (with
 `moe_pad_expert_input_to_capacity`, every expert at capacity), ours the assignments routed (RouterStats.counts):
