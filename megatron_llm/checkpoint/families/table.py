@@ -159,7 +159,6 @@ class Family:
             raise UsageError(f"{self.model_type} cannot express this model: {e}") from None
         back["scaled_init"] = cfg.scaled_init  # an init choice Hugging Face does not record
         back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # a training choice it does not record either
-        back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards  # nor where dropping splits the sequence
         for key, value in dataclasses.asdict(cfg).items():
             if back[key] != value:
                 raise UsageError(
