@@ -7,8 +7,10 @@ step (activations, and gradients set to None after the update), so each step the
 the same pages again. For configs/mixtral_tiny.yaml that was 65-75k page faults per step (~290 MiB: the
 experts' weight gradients, 16 MiB each), 70-150 ms of kernel time in a 1.6 s step; the dense model of its
 active FLOPs, whose blocks are smaller, faulted almost never. With both thresholds at 1 GiB the heap keeps
-what it held, as PyTorch's CUDA caching allocator keeps device memory: a step faults no pages after the
-first, and resident memory stays at the peak that every step reaches anyway.
+what it held, as PyTorch's CUDA caching allocator keeps device memory: after the first few steps a step faults
+no pages. The cost is resident memory: it stays at its peak, and a freed block that the next, slightly larger
+aligned request cannot reuse stays a hole until its neighbours are freed. Peak RSS measured 2027 against 2038
+MiB for mixtral_tiny and 2495 against 2322 MiB (+7%) for configs/llama_100m.yaml over 14 steps.
 """
 
 import ctypes
