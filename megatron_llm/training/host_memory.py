@@ -5,7 +5,7 @@ threshold (adjusted as blocks are freed, at most 32 MiB) is unmapped, and the to
 more than twice that threshold lies free there. A training step frees and allocates the same sizes every
 step (activations, and gradients set to None after the update), so each step the kernel mapped and zeroed
 the same pages again. For configs/mixtral_tiny.yaml that was 65-75k page faults per step (~290 MiB: the
-experts' weight gradients, 16 MiB each), 70-150 ms of kernel time in a 1.6 s step; the dense model of its
+experts' weight gradients, 16 MiB each), 50-150 ms of kernel time in a 1.6 s step; the dense model of its
 active FLOPs, whose blocks are smaller, faulted almost never. With both thresholds at 1 GiB the heap keeps
 what it held, as PyTorch's CUDA caching allocator keeps device memory: after the first few steps a step faults
 no pages. The cost is resident memory: it stays at its peak, and a freed block that the next, slightly larger
