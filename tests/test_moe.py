@@ -152,19 +152,28 @@ def test_capacity_drops_the_latest_assignments_and_counts_them():
     assert not torch.allclose(capped, full)
 
 
-def test_expert_bias_moves_towards_balance_and_training_logs_router_losses():
+@pytest.mark.parametrize("capacity", [None, 0.5], ids=["dropless", "capacity"])
+def test_expert_bias_moves_towards_balance_and_training_logs_router_losses(capacity):
+    """The bias moves by the assignments each expert kept (after dropping, as megatron-core counts them); the
+    logged expert load is the routed one."""
     cfg = moe_cfg(moe_expert_bias=True, moe_bias_update_rate=0.01, moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3,
-                  moe_dense_layers=[0])
+                  moe_dense_layers=[0], moe_capacity_factor=capacity)
     model = build_model(cfg, "cpu", seed=0)
+    moe = model.layers["1"].feed_forward
+    kept = []
+    moe.register_forward_hook(lambda module, args, out: kept.append(module.stats.kept))
     x = torch.randint(0, 101, (4, 16))
     batch = dict(tokens=x, labels=x.roll(-1, 1), loss_mask=torch.ones(4, 16), channel=torch.zeros(4, dtype=torch.long))
     result = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), [batch, batch], ParallelDims(1, 0, 1, 1, 1),
                         z_loss=0.0, grad_clip=1.0, autocast=None)
     loads = torch.tensor([result.moe[f"expert_load/layer1/expert{e}"] for e in range(E)])
     assert loads.sum().item() == pytest.approx(1.0) and "expert_load/layer0/expert0" not in result.moe
-    bias = model.layers["1"].feed_forward.router.expert_bias
-    torch.testing.assert_close(bias, 0.01 * torch.sign(loads.mean() - loads))
-    assert 1.0 <= result.moe["moe_aux_loss"] <= E and result.moe["moe_z_loss"] > 0 and result.moe["moe_dropped"] == 0
+    kept = sum(kept)
+    torch.testing.assert_close(moe.router.expert_bias, 0.01 * torch.sign(kept.mean() - kept))
+    by_routed = 0.01 * torch.sign(loads.mean() - loads)
+    assert torch.equal(moe.router.expert_bias, by_routed) == (capacity is None)
+    assert result.moe["moe_dropped"] == (0 if capacity is None else 2 * 4 * 16 * cfg.moe_top_k - kept.sum().item())
+    assert 1.0 <= result.moe["moe_aux_loss"] <= E and result.moe["moe_z_loss"] > 0
     assert router_collector(model).fresh == []
 
 

@@ -29,11 +29,12 @@ CASES = [("softmax", 2, True, 1.0, 1.0), ("softmax", 1, False, 1.0, 0.5),
 IDS = ["softmax-top2-cf1", "pre-softmax-top1-cf0.5", "sigmoid-top2-scaled-cf0.5", "sigmoid-top1-cf1"]
 
 
-def moe_layer(score: str, top_k: int, renormalize: bool, scale: float, factor: float, policy: str, shards: int = 1):
+def moe_layer(score: str, top_k: int, renormalize: bool, scale: float, factor: float, policy: str, shards: int = 1,
+              expert_bias: bool = False):
     cfg = ModelConfig(vocab_size=64, hidden_size=HIDDEN, num_layers=1, num_heads=4, ffn_hidden_size=48, max_seq_len=S,
                       moe_experts=E, moe_top_k=top_k, moe_ffn_hidden_size=16, moe_score=score,
                       moe_renormalize=renormalize, moe_routed_scale=scale, moe_capacity_factor=factor,
-                      moe_token_drop_policy=policy, moe_capacity_sequence_shards=shards)
+                      moe_token_drop_policy=policy, moe_capacity_sequence_shards=shards, moe_expert_bias=expert_bias)
     cfg.validate()
     moe = build_model(cfg, "cpu", seed=0).layers["0"].feed_forward
     with torch.no_grad():
@@ -189,6 +190,29 @@ def test_megatron_core_router_keeps_what_we_keep_and_the_output_is_their_kept_su
         sum((probs[t, e] * (ex.w2[e] @ (F.silu(ex.w1[e] @ tokens[t]) * (ex.w3[e] @ tokens[t])))
              for e in final[t].nonzero().flatten().tolist()), torch.zeros(HIDDEN)) for t in range(B * S)])
     torch.testing.assert_close(out.view(-1, HIDDEN), by_hand.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_expert_bias_counts_what_megatron_core_counts(mcore, policy):
+    """megatron-core's TopKRouter moves its expert bias by its routing map after dropping (local_tokens_per_expert,
+    while training): our RouterStats.kept, which the bias update takes; the routed counts differ from it."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    cfg, moe = moe_layer("sigmoid", 2, True, 2.5, 0.5, policy, expert_bias=True)
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(3)) * 0.1)
+    args = megatron_args(cfg, Layout.of(cfg, 1, 1), torch.float32, "local")
+    with mcore.patched([mcore.CPU_DEVICE]):
+        router = TopKRouter(mcore.transformer_config_from_args(args), ProcessGroupCollection.use_mpu_process_groups())
+    router.weight.data.copy_(moe.router.weight.data)
+    router.expert_bias.copy_(moe.router.expert_bias)
+    x = torch.randn(B, S, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with mcore.forward_on_cpu(), with_cuda_ties(policy):
+        router(x.transpose(0, 1).contiguous())
+        moe(x)
+    assert torch.equal(moe.stats.kept, router.local_tokens_per_expert.float())
+    assert moe.stats.dropped > 0 and not torch.equal(moe.stats.kept, moe.stats.counts)
 
 
 def test_drop_policy_is_a_checked_config_field():

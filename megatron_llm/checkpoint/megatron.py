@@ -434,7 +434,7 @@ def _moe_config(args: argparse.Namespace) -> dict:
     padded = arg("moe_expert_capacity_factor") is not None and arg("moe_pad_expert_input_to_capacity")
     if padded and arg("moe_router_enable_expert_bias"):
         raise refuse("moe_pad_expert_input_to_capacity", "its expert-bias update counts the padding (every expert at "
-                     "capacity), ours the routed tokens; convert it with the padding off")
+                     "capacity), ours the kept assignments; convert it with the padding off")
     score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
     groups, group_topk = (arg("moe_router_num_groups"), arg("moe_router_group_topk")) if arg("moe_router_group_topk") else (1, 1)
     if not _groups_rank_as_ours(groups, group_topk, topk, score, pre_softmax):

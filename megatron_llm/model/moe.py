@@ -33,6 +33,7 @@ class RouterStats:
     z_sum: torch.Tensor  # sum over tokens of logsumexp(router logits)^2; carries the gradient
     tokens: int  # tokens routed
     dropped: torch.Tensor  # assignments past an expert's capacity (0 when dropless)
+    kept: torch.Tensor  # [E] assignments each expert kept (counts when dropless): what the expert bias balances
 
 
 class Router(nn.Module):
@@ -290,6 +291,7 @@ class MoE(nn.Module):
         batch = shape[0] if len(shape) == 3 else 1
         order, counts, self.stats.dropped = drop_over_capacity(
             order, counts, flat, weights, batch, self.capacity_factor, self.drop_policy, self.drop_shards)
+        self.stats.kept = counts.float()
         return order, counts
 
     def _record(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
@@ -298,6 +300,5 @@ class MoE(nn.Module):
         ones their scores normalised per token (DeepSeek-V3's balance loss)."""
         probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         z = torch.logsumexp(logits, dim=-1)
-        self.stats = RouterStats(
-            counts.detach().float(), probs.sum(0), z.square().sum(), logits.shape[0], counts.new_zeros(())
-        )
+        routed = counts.detach().float()
+        self.stats = RouterStats(routed, probs.sum(0), z.square().sum(), logits.shape[0], counts.new_zeros(()), routed)

@@ -26,10 +26,11 @@ Megatron reader sets n to the checkpoint's tp when it has a capacity factor and 
 writes sequence_parallel when n is the tp written, and otherwise prints a one-line note, since a Megatron run
 continued at that tp drops per tp shard with sp and over the whole sequence without.
 
-Where Megatron's dropping still differs: megatron-core's expert-bias update counts the assignments kept (with
-`moe_pad_expert_input_to_capacity`, every expert at capacity), ours the assignments routed (RouterStats.counts):
-with the expert bias and tokens dropped, the bias moves differently (the reader refuses padding with the bias).
-Padding without the bias adds tokens at weight 0 to each expert: the outputs and gradients are ours.
+The expert bias moves by the assignments each expert kept (RouterStats.kept), as megatron-core's TopKRouter
+counts its routing map after dropping; its load-balancing loss, like ours, counts the assignments routed.
+`moe_pad_expert_input_to_capacity` adds to each expert's input, up to its capacity, tokens at weight 0: the
+outputs and gradients are ours, but megatron-core's bias then counts every expert at capacity, which we do not
+model (the Megatron reader refuses padding with the bias).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class RouterCollector:
         """Forgets everything: called at the start and the end of each training step (evaluation's forwards
         and a pipeline's earlier stages, whose statistics no loss takes, leave theirs here)."""
         self.fresh: list[Routed] = []
-        # per MoE layer, each forward's [assignments per expert..., dropped assignments, aux, z], in order
+        # per MoE layer, each forward's [assignments per expert..., kept per expert..., dropped, aux, z], in order
         self.forwards: list[list[torch.Tensor]] = [[] for _ in self.moe_layers]
         self.sums = torch.zeros(3, device=self.device)  # [aux losses, z-losses, losses taken]
 
@@ -85,7 +85,7 @@ class RouterCollector:
             if torch._C._current_graph_task_id() != -1:  # a recomputation inside the backward
                 return None
             stats = module.stats
-            record = [stats.counts, stats.dropped.view(1).float()]
+            record = [stats.counts, stats.kept, stats.dropped.view(1).float()]
             attached = None
             if torch.is_grad_enabled():  # training: evaluation needs no loss (nor a collective)
                 routed = self._routed(stats)
@@ -132,16 +132,18 @@ class RouterCollector:
         (aux-loss-free balancing) when the optimizer `updated` the weights, and returns the scalars to log;
         resets for the next step."""
         e = self.cfg.moe_experts
-        counts = torch.zeros(len(self.moe_layers), e + 1, device=self.device)  # + dropped
+        counts = torch.zeros(len(self.moe_layers), 2 * e + 1, device=self.device)  # routed, kept, dropped
         for row, forwards in enumerate(self.forwards):  # empty for the layers of other pipeline stages
             for c in forwards[-micro_batches:]:
-                counts[row] += c[: e + 1]
-                if c.numel() > e + 1:  # layer scope: the layer's (aux, z) of this micro-batch
-                    self.sums += torch.cat([c[e + 1 :], c.new_ones(1)])
+                counts[row] += c[: 2 * e + 1]
+                if c.numel() > 2 * e + 1:  # layer scope: the layer's (aux, z) of this micro-batch
+                    self.sums += torch.cat([c[2 * e + 1 :], c.new_ones(1)])
         counts = all_reduce_sum(counts, dims, over_stages=True).cpu()
-        load, sums = counts[:, :-1], all_reduce_sum(self.sums, dims, over_stages=True).cpu()  # load [MoE layers, E]
+        load, kept = counts[:, :e], counts[:, e : 2 * e]  # [MoE layers, E] each
+        sums = all_reduce_sum(self.sums, dims, over_stages=True).cpu()
         if self.cfg.moe_expert_bias and updated:
-            update_expert_bias(model, self.moe_layers, load, self.cfg.moe_bias_update_rate)
+            # By the assignments kept, as megatron-core's TopKRouter counts them (after its token dropping).
+            update_expert_bias(model, self.moe_layers, kept, self.cfg.moe_bias_update_rate)
         scalars = {"moe_dropped": counts[:, -1].sum().item()}
         if sums[2] > 0:  # means over micro-batches, ranks and (layer scope) layers
             scalars.update(moe_aux_loss=(sums[0] / sums[2]).item(), moe_z_loss=(sums[1] / sums[2]).item())
@@ -181,7 +183,7 @@ def router_losses(routed: list[Routed], num_experts: int) -> tuple[torch.Tensor,
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, moe_layers: list[int], load: torch.Tensor, rate: float) -> None:
     """DeepSeek-V3's aux-loss-free balancing: each expert's bias moves by `rate` towards balance, up when
-    it got fewer assignments than the mean, down when more. `load` [MoE layers, E] is global, so every
+    it kept fewer assignments than the mean, down when more. `load` [MoE layers, E] is global, so every
     rank holding a layer moves its bias the same way."""
     for name, module in model.named_modules():
         if isinstance(module, MoE) and module.router.expert_bias is not None:
