@@ -32,6 +32,14 @@ pipeline, the measured bubble: the share of each rank's schedule time spent bloc
 pipeline peers for activations or gradients, next to the theoretical (pp - 1) / (v m + pp - 1) for m
 micro-batches and v stages per rank (GPipe and 1F1B: v = 1; the zero-bubble schedules aim below it).
 A step's time is its slowest rank's.
+
+--reference dense (a MoE config, one process): our MoE alternates steps with the dense model of its active
+FLOPs (every MoE layer's feed-forward one MLP as wide as the k routed experts and the shared ones). Besides
+the two speeds it prints where the overhead goes: each side's AdamW update, which grows with the parameters,
+and one layer's experts alone against one dense MLP of their FLOPs, which shows the matmuls' efficiency at
+the rows each expert gets.
+
+On CPU the process keeps the host memory it frees, as train.py does (training/host_memory.py), for both sides.
 """
 
 import argparse
