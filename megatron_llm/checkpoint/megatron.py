@@ -298,11 +298,9 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     back = dataclasses.asdict(read_back)
     back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
     back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # no Megatron arg (it always trains per layer): either writes
-    # Megatron's drop shards are its run's tp with sequence parallelism: written as such where they are, else noted.
+    # Megatron's drop shards are its run's tp with sequence parallelism: written as such where they are (the
+    # writer notes where not).
     back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
-    note = _drop_shards_note(cfg, layout.tp)
-    if note:
-        print(note, flush=True)
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
     for key, value in dataclasses.asdict(cfg).items():
@@ -366,7 +364,7 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
     )
 
 
-def _drop_shards_note(cfg: ModelConfig, tp: int) -> Optional[str]:
+def drop_shards_note(cfg: ModelConfig, tp: int) -> Optional[str]:
     """One line when a Megatron-LM run continued at `tp` cannot drop tokens per our sequence shards."""
     shards = cfg.moe_capacity_sequence_shards
     if not cfg.moe_experts or cfg.moe_capacity_factor is None or shards == tp:

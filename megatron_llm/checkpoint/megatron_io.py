@@ -30,6 +30,7 @@ import torch
 
 from megatron_llm.checkpoint.megatron import (
     Layout,
+    drop_shards_note,
     entries,
     extra_state_keys,
     held_by,
@@ -209,6 +210,9 @@ class MegatronWriter:
         self.path, self.spec = Path(path), spec
         self.layout = Layout.of(cfg, tp, pp, ep=ep, etp=etp)
         self.args = megatron_args(cfg, self.layout, dtype, spec)
+        note = drop_shards_note(cfg, tp)
+        if note:
+            print(note, flush=True)
         self.entries = entries(native_shapes(cfg), self.layout, spec, cfg.tie_embeddings)
         self.stage = 0
         self.files_of_stage: dict[tuple[int, int], dict] = {f: {} for f in self.layout.files()}
