@@ -201,8 +201,7 @@ def run_step(runner: Runner, device: torch.device, record: bool) -> None:
         before = torch.cuda.memory_allocated(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     result = runner.step()  # ends in a host sync (.tolist()), so the clock sees finished work
-    if cuda:
-        torch.cuda.synchronize(device)
+    synchronize(device)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     runner.first = runner.first or result
     if record:
