@@ -352,6 +352,28 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
     assert tool("plot_channels").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0 and picture.is_file()
 
 
+def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):
+    """plot_channels, plot_experts and inspect_model save through save_figure: a write that breaks off
+    half-way (a full disk) leaves the earlier picture as it was and no temporary file beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picture = tmp_path / "channels.png"
+    picture.write_bytes(b"the picture before")
+    fig = plt.figure()
+
+    def half_written(path, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    fig.savefig = half_written
+    with pytest.raises(OSError, match="No space left"):
+        tool("plot_channels").save_figure(fig, str(picture))
+    assert picture.read_bytes() == b"the picture before" and sorted(tmp_path.iterdir()) == [picture]
+
+
 # ---------------------------------------------------------------------------------------------------
 # 8. A stop signal during start-up asks for a requeue, like one during training
 

@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plot_channels import save_figure  # noqa: E402
 
 from megatron_llm.errors import UsageError  # noqa: E402
 
@@ -63,8 +66,7 @@ def main(argv: list[str]) -> int:
         llm = LLM.load(a.model, tokenizer=a.tokenizer)
         if not 0 <= a.layer < len(llm.model.layers):
             raise UsageError(f"--layer {a.layer} does not exist: the model has layers 0..{len(llm.model.layers) - 1}")
-        Path(a.output).parent.mkdir(parents=True, exist_ok=True)
-        figure(llm, a.text, a.layer).savefig(a.output, dpi=120)
+        save_figure(figure(llm, a.text, a.layer), a.output)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

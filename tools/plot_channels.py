@@ -54,12 +54,23 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    save_figure(fig, output)
+    return channels
+
+
+def save_figure(fig, output: str) -> None:
+    """Writes `fig` under a temporary name beside `output` and renames it into place, so a picture already
+    there is replaced whole or not at all; the format follows the suffix (png without one)."""
+    import matplotlib.pyplot as plt
+
     writable_directory(str(Path(output).parent), "the directory of --output")  # created when missing
     tmp = Path(output).with_name(f".tmp-{Path(output).name}")
-    fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
-    tmp.replace(output)
-    plt.close(fig)
-    return channels
+    try:
+        fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def main(argv=None) -> int:

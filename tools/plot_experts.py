@@ -15,11 +15,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plot_channels import read_scalars  # noqa: E402
+from plot_channels import read_scalars, save_figure  # noqa: E402
 
 from megatron_llm.errors import UsageError  # noqa: E402
 from megatron_llm.logging.runs import find_run  # noqa: E402
-from megatron_llm.paths import writable_directory  # noqa: E402
 
 TAG = re.compile(r"expert_load/layer(\d+)/expert(\d+)$")
 
@@ -52,9 +51,7 @@ def plot(scalars: dict, output: str, title: str) -> list[int]:
         fig.colorbar(image, ax=ax, label="share of assignments")
     fig.suptitle(title)
     fig.tight_layout()
-    writable_directory(str(Path(output).parent), "the directory of --output")
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    save_figure(fig, output)
     return list(layers)
 
 
