@@ -1,7 +1,9 @@
-"""Directories a run or a tool will write to, checked before the work starts, not when it ends."""
+"""Where a run or a tool writes: directories checked before the work starts, not when it ends, and small
+files written whole or not at all."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,3 +24,17 @@ def writable_directory(path: str, key: str) -> Path:
         raise UsageError(f"{key} {path} is not writable ({e.strerror or e}): choose a writable place") from None
     return directory
 
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary name beside it, synced and renamed: a reader, or a crash,
+    finds the file before or the file after, never a part of it."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

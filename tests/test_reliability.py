@@ -16,7 +16,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import megatron_llm
-from megatron_llm.checkpoint import native
 from megatron_llm.checkpoint.convert import convert
 from megatron_llm.data.preprocess import preprocess
 from megatron_llm.errors import UsageError
@@ -346,6 +345,13 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
         assert tool("estimate_memory").main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--dp", dp]) == 2
         assert "--dp must be positive" in one_error_line(capsys)
     assert files_under(tmp_path) == {a_file, source}
+    from megatron_llm.data import synthetic_chat
+
+    assert synthetic_chat.main([str(a_file / "post")]) == 2
+    assert f"the directory {a_file / 'post'} is not writable" in one_error_line(capsys)
+    assert synthetic_chat.main([str(tmp_path / "post"), "--conversations", "5", "--pairs", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "post").iterdir()) == ["chats.jsonl", "pairs.jsonl"]  # no temporary left
+    assert len((tmp_path / "post" / "pairs.jsonl").read_text().splitlines()) == 3
 
     train(tiny_config(tmp_path, training__steps=2))
     picture = tmp_path / "new" / "dir" / "channels.png"

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_llm.errors import UsageError
+from megatron_llm.paths import write_atomically
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 TMP_PREFIX = ".tmp-"  # everything named so is a save in progress, or left by a killed one
@@ -97,7 +98,7 @@ class Checkpointer:
             if self.is_writer:
                 (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
                 self._move_into_place(tmp, final)
-                _write_atomically(self.dir / "latest", final.name + "\n")
+                write_atomically(self.dir / "latest", final.name + "\n")
                 self._prune(final)
             _barrier()
         except (OSError, CheckpointException) as e:  # DCP wraps a rank's failed write in CheckpointException
@@ -176,15 +177,6 @@ def _write_failure(e: BaseException, directory: Path) -> str:
     if free < 2**20 and "No space left" not in reason:  # torch's writer says "unexpected pos" instead
         reason = f"the disk is full: {reason}"
     return f"{reason}; {free / 2**20:,.0f} MiB free there"
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def resolve_checkpoint(path: str) -> Path:

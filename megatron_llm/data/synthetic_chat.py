@@ -14,8 +14,10 @@ import argparse
 import json
 import random
 import sys
-from pathlib import Path
 from typing import Optional
+
+from megatron_llm.errors import UsageError
+from megatron_llm.paths import writable_directory, write_atomically
 
 WORDS = ("apple", "river", "stone", "cloud", "garden", "silver", "window", "candle", "forest", "yellow")
 KINDS = ("arithmetic", "echo", "reverse", "count")
@@ -70,10 +72,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--pairs", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = Path(args.directory)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = writable_directory(args.directory, "the directory")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     for name, records in (("chats", conversations(args.conversations, args.seed)), ("pairs", pairs(args.pairs, args.seed))):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_atomically(out / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         print(f"wrote {out / name}.jsonl: {len(records)} records")
     return 0
 
