@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import SINGLE, Runner, alternate  # noqa: E402
+from step_timing import SINGLE, Runner, alternate  # noqa: E402
 from megatron_llm.config import DatasetSpec, load_config  # noqa: E402
 from megatron_llm.data.loader import collate  # noqa: E402
 from megatron_llm.data.packing import best_fit, build_conversation_datasets  # noqa: E402
