@@ -1,6 +1,7 @@
 """The model against Hugging Face on CPU in fp32, plus the invariants the rest of the code relies on."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from megatron_llm.checkpoint.hf import (
 )
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
-from megatron_llm.model import Transformer, build_model, flops_per_token, rope_frequencies, token_cross_entropy
+from megatron_llm.model import Transformer, build_model, count_params, flops_per_token, rope_frequencies, token_cross_entropy
 
 VOCAB, SEQ = 101, 24
 SMALL = dict(
@@ -230,6 +231,20 @@ def test_num_params_and_flops_match_the_model(tied):
     matmul_params += VOCAB * cfg.hidden_size if tied else 0  # the tied head is still a matmul
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * SEQ
     assert flops_per_token(cfg, SEQ) == 6 * matmul_params + attention
+
+
+def test_a_mixture_of_experts_counts_the_flops_of_the_experts_a_token_passes():
+    """MFU counts the top_k experts a token passes through, as Megatron's does, not all E: a MoE's FLOPs per
+    token are those of its dense twin (every MoE feed-forward one MLP k experts wide) plus its routers'
+    matmuls. MLA's attention FLOPs take its value width, not the query-key one."""
+    moe = tiny_cfg(moe_experts=4, moe_top_k=2, moe_ffn_hidden_size=48)
+    dense = dataclasses.replace(moe, moe_experts=0, ffn_hidden_size=96)
+    routers = moe.num_layers * moe.moe_experts * moe.hidden_size
+    assert count_params(moe, active=True) == dense.num_params() + routers < moe.num_params()
+    assert flops_per_token(moe, SEQ) == flops_per_token(dense, SEQ) + 6 * routers
+    mla = tiny_cfg(attention="mla", head_dim=24, mla_rope_head_dim=8, mla_v_head_dim=12, mla_kv_lora_rank=32)
+    matmuls = sum(p.numel() for k, p in build_model(mla, "cpu").named_parameters() if k != "tok_embeddings.weight")
+    assert flops_per_token(mla, SEQ) == 6 * matmuls + 6 * mla.num_layers * mla.num_heads * (24 + 12) * SEQ
 
 
 def test_pipeline_stages_pass_hidden_states_through():

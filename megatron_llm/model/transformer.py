@@ -309,19 +309,26 @@ def build_model(cfg: ModelConfig, device: Union[torch.device, str], seed: Option
     return model
 
 
-def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+def count_params(cfg: ModelConfig, include_embedding: bool = True, active: bool = False) -> int:
     """Parameters of the model `cfg` builds, from a meta-device model (nothing allocated), so that every
     module counts as it is built. A tied head counts once; without the embedding, the lookups (token and
-    learned positions) are left out and the head stays."""
+    learned positions) are left out and the head stays. `active`: the parameters one token passes through,
+    each layer's routed experts counting top_k of their E (the router and shared experts whole)."""
     model = meta_model(cfg)
     lookups = ("tok_embeddings.weight", "pos_embeddings.weight")
-    return sum(p.numel() for name, p in model.named_parameters() if include_embedding or name not in lookups)
+    share = {id(p): cfg.moe_top_k / cfg.moe_experts for m in model.modules() if isinstance(m, GroupedExperts)
+             for p in m.parameters()} if active else {}
+    return round(sum(p.numel() * share.get(id(p), 1) for name, p in model.named_parameters()
+                     if include_embedding or name not in lookups))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (PaLM, appendix B): 6N for the forward and backward matmuls, with N the
-    non-embedding parameters plus the output head (a lookup costs nothing, the head is a matmul even
-    when tied), plus 12 * layers * heads * head_dim * seq_len for the attention scores and values.
-    The causal mask is not discounted, as in PaLM and Megatron's MFU."""
-    n = count_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0)
-    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    active non-embedding parameters (a mixture of experts' top_k experts, as Megatron's MFU counts them) plus
+    the output head (a lookup costs nothing, the head is a matmul even when tied), plus 6 * layers * heads *
+    (query-key + value width) * seq_len for the attention scores and values (12 * ... * head_dim where the
+    widths are equal). The causal mask is not discounted, as in PaLM and Megatron's MFU."""
+    n = count_params(cfg, include_embedding=False, active=True)
+    n += cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0
+    value_dim = cfg.mla_v_head_dim if cfg.attention == "mla" else cfg.head_dim
+    return 6.0 * n + 6.0 * cfg.num_layers * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len
