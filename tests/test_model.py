@@ -300,6 +300,27 @@ def test_attention_kernels_agree_with_the_dense_oracle(rules):
     torch.testing.assert_close(flex_attention(q, k, v, rules, 0.5, slopes, compiled=False), expected)
 
 
+@pytest.mark.parametrize("widths", [(12, 8), (8, 12)], ids=["mla-narrow-values", "wide-values"])
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "window-mask"])
+def test_values_of_another_width_than_the_queries_take_the_fused_kernel(widths, window):
+    """MLA's values are narrower than its queries: attend() zero-pads the narrower so that SDPA keeps its fused
+    kernel (the math fallback keeps the [s, s] probabilities for the backward); output and gradients equal
+    the dense softmax(q k^T) v at the true widths."""
+    from megatron_llm.model.attention_kernels import ScoreRules, attend, attention_probs
+
+    (dq, dv), rules = widths, ScoreRules(window=window)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 16, dq, generator=gen, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 4, 16, dv, generator=gen, requires_grad=True)
+    out = attend(q, k, v, rules, 0.3)
+    expected = attention_probs(q, k, rules, 0.3) @ v
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g))
+    if window is None:  # the plain causal path: CPU flash attention, where the unpadded call falls back to math
+        assert "Flash" in type(out.grad_fn.next_functions[0][0]).__name__
+
+
 def test_alibi_slopes_match_bloom():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 

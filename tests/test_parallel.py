@@ -221,3 +221,19 @@ def test_memory_estimate_counts_every_parameter_once():
     stages = estimate(sharded, dp=1, act_bytes=2)
     fsdp = estimate(sharded, dp=8, act_bytes=2)
     assert [s.params for s in fsdp] == [-(-s.params // 8) for s in stages]  # FSDP shards each stage over dp
+
+
+@pytest.mark.parametrize("q_lora_rank, tp2_params", [(48, 1_391_168), (None, 1_448_320)], ids=["wq_a-wq_b", "wq"])
+def test_memory_estimate_counts_latent_attention(q_lora_rank, tp2_params):
+    """tools/estimate_memory.py on MLA: every parameter in one process; at tp 2 the heads' projections halved and
+    the compressed ones with their norms whole (the tp 2 counts are a parallelised model's local numels on rank 0,
+    taken by hand with torchrun)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from estimate_memory import estimate
+
+    mla = ["--model.attention", "mla", "--model.mla_kv_lora_rank", "32", "--model.mla_v_head_dim", "16",
+           "--model.mla_rope_head_dim", "8", "--model.mla_q_lora_rank", str(q_lora_rank or "null")]
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), mla)
+    assert estimate(cfg, dp=1, act_bytes=4)[0].params == cfg.model.num_params()
+    tp2 = load_config(str(ROOT / "configs" / "tiny.yaml"), [*mla, "--parallel.tp", "2"])
+    assert estimate(tp2, dp=1, act_bytes=4)[0].params == tp2_params

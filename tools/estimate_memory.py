@@ -17,7 +17,8 @@ The model counts what this code keeps, measured with saved-tensor hooks on the t
     the step (reshard_after_forward off) and accumulates unsharded gradients until the last micro-batch;
     DDP (FSDP2's replicate) computes with a second copy of the weights;
   - activations per token and layer, in elements: norms 4h (4h/tp + 2h gathered with sp); attention
-    3 x heads x d + 2 x kv_heads x d (q and k after RoPE, v, SDPA output and its reshaped copy); MLP 3f;
+    3 x heads x d + 2 x kv_heads x d (q and k after RoPE, v, SDPA output and its reshaped copy; MLA:
+    attention_activations); MLP 3f;
     all but the norms divided by tp; plus one layer of one micro-batch more, for the gradients of the
     layer in its backward. With training.activation_checkpointing full a block keeps only its input
     (h; h/tp with sp), and the block in its backward its recomputed activations and their gradients
@@ -77,14 +78,32 @@ class StageMemory:
 
 def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
     """(split over tp, replicated) parameters of one block."""
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    q, kv = m.num_heads * d, m.num_kv_heads * d
+    h, f = m.hidden_size, m.ffn_hidden_size
     gated = m.gated
-    split = h * (q + 2 * kv) + q * h + h * f * (3 if gated else 2)
-    split += (q + 2 * kv if m.qkv_bias else 0) + (f * (2 if gated else 1) if m.linear_bias else 0)
-    norm = h if m.norm == "rmsnorm" else 2 * h
-    replicated = 2 * norm + (2 * d if m.qk_norm else 0) + (2 * h if m.linear_bias else 0)
+    split, replicated = attention_params(m)
+    split += h * f * (3 if gated else 2) + (f * (2 if gated else 1) if m.linear_bias else 0)
+    replicated += 2 * norm_params(m, h) + (2 * h if m.linear_bias else 0)
     return split // tp, replicated
+
+
+def norm_params(m: ModelConfig, width: int) -> int:
+    return width if m.norm == "rmsnorm" else 2 * width
+
+
+def attention_params(m: ModelConfig) -> tuple[int, int]:
+    """(split over tp, replicated) parameters of one attention, before the split. Grouped-query: every
+    projection split by heads. MLA: the heads' projections (wq or wq_b, wkv_b, wo) split, the compressed ones
+    (wq_a, wkv_a) and their norms whole on every rank, as parallel/tensor_parallel.py plans them."""
+    h, d, heads = m.hidden_size, m.head_dim, m.num_heads
+    if m.attention == "mla":
+        r, latent, rope, v = m.mla_q_lora_rank, m.mla_kv_lora_rank, m.mla_rope_head_dim, m.mla_v_head_dim
+        split = (r or h) * heads * d + latent * heads * (d - rope + v) + heads * v * h
+        replicated = h * (latent + rope) + norm_params(m, latent) + (latent + rope if m.qkv_bias else 0)
+        if r is not None:
+            replicated += h * r + norm_params(m, r) + (r if m.qkv_bias else 0)
+        return split, replicated
+    q, kv = heads * d, m.num_kv_heads * d
+    return h * (q + 2 * kv) + q * h + (q + 2 * kv if m.qkv_bias else 0), (2 * d if m.qk_norm else 0)
 
 
 def moe_layer_params(m: ModelConfig, tp: int, ep: int) -> tuple[int, int]:
@@ -100,13 +119,28 @@ def moe_layer_params(m: ModelConfig, tp: int, ep: int) -> tuple[int, int]:
 def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False) -> float:
     """A MoE layer keeps the MLP's 3 widths (split by tp) for each of a token's k experts and the shared ones,
     and its input and output rows and router scores for the whole sequence on every tp rank."""
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    h, f = m.hidden_size, m.ffn_hidden_size
     norms = 4 * h / tp + 2 * h if sp and tp > 1 else 4 * h
-    attention = 3 * m.num_heads * d + 2 * m.num_kv_heads * d
+    attention, whole = attention_activations(m)
+    norms += whole
     if moe:
         routed = m.moe_top_k * (2 * h + 3 * m.moe_ffn_hidden_size / tp) + 3 * m.moe_shared_ffn_hidden_size / tp
         return norms + attention / tp + routed + m.moe_experts
     return norms + (attention + 3 * f) / tp
+
+
+def attention_activations(m: ModelConfig) -> tuple[int, int]:
+    """(split over tp, whole on every rank) elements an attention keeps per token. Grouped-query: q and k
+    after RoPE, v, the SDPA output and its reshaped copy. MLA: the query projection, the query and key with
+    their RoPE parts joined, the heads' keys and values from the latent, the output and its copy; whole: the
+    compressed query and its norm, the latent with the RoPE key, and its norm (configs/tiny.yaml with MLA,
+    q_lora 48, latent 32, rope 8, v 16, micro-batch 16 x 256, --measure: 0.41 GiB estimated, 0.42 measured)."""
+    d, heads = m.head_dim, m.num_heads
+    if m.attention == "mla":
+        v, rope, latent = m.mla_v_head_dim, m.mla_rope_head_dim, m.mla_kv_lora_rank
+        whole = 2 * latent + rope + (2 * m.mla_q_lora_rank if m.mla_q_lora_rank is not None else 0)
+        return 3 * heads * d + heads * (d - rope + v) + 2 * heads * v, whole
+    return 3 * heads * d + 2 * m.num_kv_heads * d, 0
 
 
 def in_flight(parallel: ParallelConfig, pp_rank: int, micro_batches: int) -> float:
