@@ -203,13 +203,17 @@ def test_bad_moe_config_is_one_line(overrides, message):
         moe_cfg(**overrides)
 
 
-def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_path):
+def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_path, capsys):
     from megatron_llm.training.trainer import train
 
     cfg = tiny_config(tmp_path, training__steps=4, training__eval_interval=0, model__moe_experts=4,
                       model__moe_ffn_hidden_size=32, model__moe_aux_loss_coeff=0.01, model__moe_capacity_factor=1.0)
     result = train(cfg)
     assert all(math.isfinite(v) for v in result.losses.values())
+    model = build_model(cfg.model, "cpu")  # the banner's active count: 2 of each layer's 4 experts
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"parameters   {total / 1e3:.2f}k total, {(total - experts // 2) / 1e3:.2f}k active per token" in capsys.readouterr().out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((tmp_path / "tb").iterdir()))).Reload()

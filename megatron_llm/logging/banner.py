@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_llm.config import Config
-from megatron_llm.model import Transformer
+from megatron_llm.model import count_params
 
 
 def local_parameters(model: nn.Module) -> int:
@@ -25,10 +25,11 @@ def parameters_per_rank(model: nn.Module) -> list[int]:
     return counts
 
 
-def total_parameters(cfg: Config) -> int:
-    """From the model itself, built on the meta device (nothing allocated); a tied head counts once."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in Transformer(cfg.model).parameters())
+def parameters_line(cfg: Config, spread: str) -> str:
+    """The model's parameters from the model itself, built on the meta device (a tied head counts once); a
+    mixture of experts' also as the ones a token passes through, what its FLOPs and MFU count."""
+    active = f", {_count(count_params(cfg.model, active=True))} active per token" if cfg.model.moe_experts else ""
+    return f"  parameters   {_count(count_params(cfg.model))} total{active}, {spread} per rank"
 
 
 def _count(n: float) -> str:
@@ -48,7 +49,7 @@ def banner(cfg: Config, dp: int, per_rank: list[int], run_dir: Optional[Path], r
     evaluation = f"every {t.eval_interval} steps and at the end, {t.eval_iters} batches per channel" if t.eval_interval else "off"
     lines = [
         f"run {cfg.logging.run_name}",
-        f"  parameters   {_count(total_parameters(cfg))} total, {spread} per rank",
+        parameters_line(cfg, spread),
         f"  layout       {len(per_rank)} rank{'s' if len(per_rank) > 1 else ''}: tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, "
         f"schedule {p.schedule}) on {device.type}",
         f"  global batch {sequences} sequences x {cfg.data.seq_len} tokens = {sequences * cfg.data.seq_len:,} tokens "
