@@ -9,11 +9,10 @@ Exit status: 0 when train.py would start, 2 with `error: ...` on stderr when it 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from megatron_llm.config import load_config
-from megatron_llm.errors import UsageError
+from megatron_llm.errors import ArgumentParser, UsageError
 
 
 def check(config: str, overrides: list[str], world_size: int) -> None:
@@ -26,7 +25,7 @@ def check(config: str, overrides: list[str], world_size: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
     parser.add_argument("config", help="the training YAML file")
     args, overrides = parser.parse_known_args(argv)

@@ -291,6 +291,14 @@ class Config:
             raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):
             raise UsageError("data.blend weights must be positive")
+        # What torch's AdamW would refuse only after the process group exists, and a negative clip or decay
+        # that it would take (a negative clip flips the gradient).
+        for key in ("lr", "min_lr", "weight_decay", "eps", "grad_clip"):
+            if getattr(o, key) < 0:
+                raise UsageError(f"optimizer.{key} must be >= 0, got {getattr(o, key)}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(o, key) < 1:
+                raise UsageError(f"optimizer.{key} must be in [0, 1), got {getattr(o, key)}")
         if o.min_lr > o.lr:
             raise UsageError(f"optimizer.min_lr ({o.min_lr}) exceeds optimizer.lr ({o.lr})")
         if s.warmup_steps < 0:
@@ -299,12 +307,7 @@ class Config:
             raise UsageError(f"schedule.wsd_decay_fraction must be in [0, 1], got {s.wsd_decay_fraction}")
         if self.checkpoint.interval < 0 or self.checkpoint.keep < 0:
             raise UsageError("checkpoint.interval and checkpoint.keep must be >= 0")
-        try:
-            split = [float(x) for x in d.split.split(",")]
-        except ValueError:
-            split = []
-        if len(split) != 3 or min(split) < 0 or split[0] <= 0:
-            raise UsageError(f"data.split must be three non-negative weights 'train,valid,test', got {d.split!r}")
+        check_split(d.split, "data.split")
 
     def _check_numbers(self) -> None:
         """Values the type check lets through: nan and inf (YAML's .nan, .inf), seeds numpy refuses, and an
@@ -332,6 +335,16 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Building a Config from plain values, with a type check at every leaf.
+
+
+def check_split(split: str, key: str) -> None:
+    """Refuses a `train,valid,test` weight triple that megatron-core's split would fail on (nan, a missing weight)."""
+    try:
+        weights = [float(x) for x in split.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or not all(0 <= w < float("inf") for w in weights) or weights[0] <= 0:
+        raise UsageError(f"{key} must be three non-negative weights 'train,valid,test', got {split!r}")
 
 
 def _type_name(tp: Any) -> str:

@@ -314,6 +314,10 @@ def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "tensorboard under a file": (["--logging.tensorboard_dir", str(a_file / "tb")], "logging.tensorboard_dir"),
         "checkpoint.dir is a file": (["--checkpoint.dir", str(a_file)], "is a file, not a directory"),
         "checkpoint.dir under a file": (["--checkpoint.dir", str(a_file / "ckpt")], "ckpt is not writable"),
+        "negative learning rate": (["--optimizer.lr", "-1", "--optimizer.min_lr", "-2"], "optimizer.lr must be >= 0"),
+        "beta1 of 1": (["--optimizer.beta1", "1"], "optimizer.beta1 must be in [0, 1)"),
+        "negative grad clip": (["--optimizer.grad_clip", "-1"], "optimizer.grad_clip must be >= 0"),
+        "nan in the split": (["--data.split", "98,nan,0"], "data.split must be three non-negative weights"),
     }
 
 
@@ -356,6 +360,65 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
     train(tiny_config(tmp_path, training__steps=2))
     picture = tmp_path / "new" / "dir" / "channels.png"
     assert tool("plot_channels").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0 and picture.is_file()
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory) -> Path:
+    """A 2-layer Llama in Hugging Face format on the byte vocabulary, with a 64-token context."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("small_hf")
+    config = transformers.LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str, list[str], str]]:
+    """case -> (tool, argv, what the error line says); `here` holds a_file and prompts.jsonl."""
+    a_file, prompts, blend = here / "a_file", str(here / "prompts.jsonl"), f"[{{path: {corpus / 'text'}}}]"
+    gen, infer = ["--model", model, "--prompt", "def "], ["--model", model, "--data", prompts]
+    convert = ["--input", model, "--input-format", "hf", "--output-format", "native"]
+    return {
+        "generate: not a device name": ("generate", [*gen, "--device", "cpu0"], "device 'cpu0' is not a device name"),
+        "generate: nan temperature": ("generate", [*gen, "--temperature", "nan"], "temperature must be a finite number"),
+        "generate: not a number": ("generate", [*gen, "--max-new-tokens", "ten"], "--max-new-tokens: invalid int value"),
+        "inspect_model: empty text": ("inspect_model", ["--model", model, "--text", "", "--output", str(here / "i.png")],
+                                      "the text has 0 tokens"),
+        "inspect_model: no such format": ("inspect_model", ["--model", model, "--text", "a", "--output", str(here / "i.xyz")],
+                                          "no picture format 'xyz'"),
+        "plot_channels: --output a directory": ("plot_channels", [str(here), "--output", str(here)], "is a directory"),
+        "infer: --output the prompt file": ("infer", [*infer, "--output", prompts], "is the prompt file --data"),
+        "infer: --output under a file": ("infer", [*infer, "--output", str(a_file / "r.jsonl")], "the directory of --output"),
+        "infer: --batch-size 0": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--batch-size", "0"],
+                                  "batch_size must be positive"),
+        "infer: a device not here": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--devices", "cuda:99"],
+                                     "device cuda:99 is not on this machine"),
+        "evaluate: not a split": ("evaluate", ["--checkpoint", model, "--data", blend, "--split", "a,b"], "--split must be three"),
+        "evaluate: --tensorboard under a file": ("evaluate", ["--checkpoint", model, "--data", blend, "--tensorboard",
+                                                              str(a_file / "tb")], "--tensorboard"),
+        "preprocess_data: --workers 0": ("preprocess_data", ["--input", prompts, "--output-prefix", str(here / "out"),
+                                                             "--workers", "0"], "--workers must be positive"),
+        "convert_checkpoint: --tp 0": ("convert_checkpoint", [*convert, "--output", str(here / "out"), "--tp", "0"],
+                                       "--tp must be a positive number"),
+        "convert_checkpoint: --output under a file": ("convert_checkpoint", [*convert, "--output", str(a_file / "out")],
+                                                      "the directory of --output"),
+        "convert_checkpoint: a size of 0": ("convert_checkpoint", [*convert, "--output", str(here / "out"),
+                                                                  "--max-shard-size", "0B"], "--max-shard-size: '0B'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_tool_inputs("m", Path("h"), Path("c"))))
+def test_bad_tool_input_is_refused_in_one_line_before_any_work(case, small_hf, corpus_dir, tmp_path, capfd):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "def ", "text": "def "}) + "\n")
+    name, argv, says = bad_tool_inputs(str(small_hf), tmp_path, corpus_dir)[case]
+    before = {p: p.read_bytes() for p in files_under(tmp_path)}
+    try:
+        status = tool(name).main(argv)
+    except SystemExit as e:  # the command-line parser's refusal
+        status = e.code
+    assert status == 2 and says in one_error_line(capfd), case
+    assert {p: p.read_bytes() for p in files_under(tmp_path)} == before, case
 
 
 def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 
 FORMATS = ("hf", "megatron", "native")
 SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
@@ -34,15 +34,16 @@ SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMG]?B)$", re.IGNORECASE)
 
 def _bytes(text: str) -> int:
     match = SIZE.match(text.strip())
-    if not match:
+    size = int(float(match.group(1)) * 1024 ** "BKMG".index(match.group(2).upper()[0])) if match else 0
+    if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 2GB or 500MB")
-    return int(float(match.group(1)) * 1024 ** "BKMG".index(match.group(2).upper()[0]))
+    return size
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> ArgumentParser:
     from megatron_llm.checkpoint.families import FAMILIES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="checkpoint directory to read")
     p.add_argument("--input-format", required=True, choices=FORMATS)
     p.add_argument("--output", required=True, help="directory to create (must not exist unless --overwrite)")
@@ -66,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)  # argparse itself exits 2 on a malformed command line
+    args = parser().parse_args(argv)  # a malformed command line exits 2 with one line
     try:
         from megatron_llm.checkpoint.convert import Options, convert
 

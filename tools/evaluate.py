@@ -31,8 +31,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_llm.config import DataConfig, config_from_dict  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.config import DataConfig, check_split, config_from_dict  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
+from megatron_llm.paths import writable_directory  # noqa: E402
 from megatron_llm.training.channels import tag_safe  # noqa: E402
 from megatron_llm.training.evaluation import ChannelSums, PairRates, mean_loss, perplexity, rate_scalars  # noqa: E402
 
@@ -67,6 +68,7 @@ def settings(args: argparse.Namespace, saved: dict, head: str) -> tuple[DataConf
         "format": fmt,
     }
     cfg = config_from_dict({"data": values}).data  # the same type checks as train.py's
+    check_split(cfg.split, "--split")
     if not cfg.blend:
         raise UsageError("--data is empty: list at least one {path, name} dataset")
     micro = args.micro_batch_size or training.get("micro_batch_size", 8)
@@ -142,8 +144,8 @@ def write_tensorboard(logdir: str, sums: ChannelSums, rates: PairRates, step: in
             writer.add_scalar(tag, value, step)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="native, Hugging Face or Megatron-LM checkpoint directory")
     p.add_argument("--data", required=True, help="a data.blend list: '[{path: PREFIX, name: CHANNEL}, ...]'")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the checkpoint's data.seq_len, else 128)")
@@ -163,6 +165,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for flag in ("seq_len", "micro_batch_size", "batches"):
             if getattr(args, flag) is not None and getattr(args, flag) <= 0:
                 raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+        if args.tensorboard:
+            writable_directory(args.tensorboard, "--tensorboard")  # before the evaluation, not after it
         sums, rates, step, about = evaluate_checkpoint(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

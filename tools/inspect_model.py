@@ -5,16 +5,15 @@ grid (the most likely next token at each position, read after each layer through
     python tools/inspect_model.py --model checkpoints/tiny --text "def main():" --layer 1 --output inspect.png
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plot_channels import save_figure  # noqa: E402
+from plot_channels import check_picture, save_figure  # noqa: E402
 
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 
 
 def figure(llm, text: str, layer: int):
@@ -53,7 +52,7 @@ def figure(llm, text: str, layer: int):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--text", required=True)
     p.add_argument("--layer", type=int, default=0, help="the layer of the attention heatmap")
@@ -63,6 +62,7 @@ def main(argv: list[str]) -> int:
     try:
         from megatron_llm.inference.llm import LLM
 
+        check_picture(a.output)
         llm = LLM.load(a.model, tokenizer=a.tokenizer)
         if not 0 <= a.layer < len(llm.model.layers):
             raise UsageError(f"--layer {a.layer} does not exist: the model has layers 0..{len(llm.model.layers) - 1}")

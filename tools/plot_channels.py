@@ -9,13 +9,12 @@ training loss (loss/<channel> and the overall loss), one for validation loss (va
 the run evaluated.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.runs import find_run  # noqa: E402
 from megatron_llm.paths import writable_directory  # noqa: E402
 
@@ -58,15 +57,29 @@ def plot(scalars: dict[str, tuple[list[int], list[float]]], output: str, title: 
     return channels
 
 
+def check_picture(output: str) -> str:
+    """Refuses, before the work that draws it, an --output that cannot be written: a directory, an unwritable
+    place, a suffix matplotlib writes no format for (png without one). Its directory is created when missing."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if Path(output).is_dir():
+        raise UsageError(f"--output {output} is a directory: give the picture's file name, like {Path(output) / 'plot.png'}")
+    suffix = Path(output).suffix.lstrip(".").lower() or "png"
+    if suffix not in FigureCanvasBase.get_supported_filetypes():
+        raise UsageError(f"--output {output}: no picture format {suffix!r}; use one of .png, .svg, .pdf, .jpg")
+    writable_directory(str(Path(output).parent), "the directory of --output")
+    return suffix
+
+
 def save_figure(fig, output: str) -> None:
     """Writes `fig` under a temporary name beside `output` and renames it into place, so a picture already
     there is replaced whole or not at all; the format follows the suffix (png without one)."""
     import matplotlib.pyplot as plt
 
-    writable_directory(str(Path(output).parent), "the directory of --output")  # created when missing
+    suffix = check_picture(output)
     tmp = Path(output).with_name(f".tmp-{Path(output).name}")
     try:
-        fig.savefig(tmp, dpi=120, format=Path(output).suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=120, format=suffix)
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -74,12 +87,13 @@ def save_figure(fig, output: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("logdir", help="logging.tensorboard_dir (its newest run is drawn), or one run's directory")
     parser.add_argument("--run", help="the run to draw: its name (logging.run_name or start time) under logdir")
     parser.add_argument("--output", default="channels.png", help="image file to write")
     args = parser.parse_args(argv)
     try:
+        check_picture(args.output)
         run = find_run(args.logdir, args.run)
         channels = plot(read_scalars(run), args.output, f"run {run.name}")
     except UsageError as e:

@@ -7,7 +7,6 @@ routed assignments (expert_load/layer<i>/expert<e>, logged every logging.interva
 A balanced layer is one flat colour at 1/E; a collapsing router shows as a few bright rows.
 """
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -15,9 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plot_channels import read_scalars, save_figure  # noqa: E402
+from plot_channels import check_picture, read_scalars, save_figure  # noqa: E402
 
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.runs import find_run  # noqa: E402
 
 TAG = re.compile(r"expert_load/layer(\d+)/expert(\d+)$")
@@ -56,12 +55,13 @@ def plot(scalars: dict, output: str, title: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("logdir", help="logging.tensorboard_dir (its newest run is drawn), or one run's directory")
     parser.add_argument("--run", help="the run to draw: its name (logging.run_name or start time) under logdir")
     parser.add_argument("--output", default="experts.png", help="image file to write")
     args = parser.parse_args(argv)
     try:
+        check_picture(args.output)
         run = find_run(args.logdir, args.run)
         layers = plot(read_scalars(run), args.output, f"expert load, run {run.name}")
     except UsageError as e:

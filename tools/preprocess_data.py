@@ -22,7 +22,6 @@ for training with data.format sft. --format pairs reads {"chosen", "rejected"}, 
 writes them as consecutive documents, for data.format pairs. Inputs: .jsonl, .jsonl.gz, .parquet (pyarrow).
 """
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.data.chat import FORMATS  # noqa: E402
 from megatron_llm.data.preprocess import preprocess  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="jsonl (or .jsonl.gz, .parquet) file, one JSON object per line")
     parser.add_argument("--format", default="text", choices=FORMATS,
                         help="text: pretraining documents; chat, prompt_response: conversations with a loss mask; pairs")
@@ -52,7 +51,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         stats = preprocess(
-            args.input, args.output_prefix, args.tokenizer, args.text_field, max(args.workers, 1),
+            args.input, args.output_prefix, args.tokenizer, args.text_field, args.workers,
             channel_field=args.channel_field, fmt=args.format, loss_on=args.loss_on, max_length=args.max_length,
         )
     except UsageError as e:

@@ -38,6 +38,7 @@ from megatron_llm.config import ModelConfig
 from megatron_llm.model import build_model
 from megatron_llm.data.tokenizer import ByteTokenizer
 from megatron_llm.errors import UsageError
+from megatron_llm.paths import writable_directory
 
 FORMATS = ("hf", "megatron", "native")
 READERS = {"hf": HFReader, "megatron": MegatronReader, "native": NativeReader}
@@ -129,9 +130,15 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
         raise UsageError(f"unknown --megatron-spec {opts.spec!r}; choose one of {', '.join(SPECS)}")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {opts.dtype!r}; choose one of {', '.join(DTYPES)}")
+    sizes = {"--tp": opts.tp, "--pp": opts.pp, "--ep": opts.ep, "--etp": 1 if opts.etp is None else opts.etp}
+    for flag, size in sizes.items():
+        if size < 1:
+            raise UsageError(f"{flag} must be a positive number of ranks, got {size}")
     src, dst = Path(input).resolve(), Path(output).resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise UsageError(f"--output {output} overlaps the input {input}; choose a directory outside it")
+    if dst.exists() and not dst.is_dir():
+        raise UsageError(f"--output {output} is a file: a checkpoint is a directory; choose another --output")
     start = time.perf_counter()
     reader = open_reader(input_format, src)
     if input_format == "native" and reader.hf_config is None:  # a model trained here: nothing to inherit ids from
@@ -139,6 +146,7 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     if output_format == "hf" and opts.hf_family is not None:  # trans_X_to_Y: the target family's form of the model
         bridged = bridged_config(reader.config, opts.hf_family)
         reader = reader if bridged == reader.config else BridgedReader(reader, bridged)
+    writable_directory(str(dst.parent), "the directory of --output")  # now, not after the conversion's work
     dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
     label = f"{input_format} -> {output_format}"
     try:

@@ -147,10 +147,12 @@ def preprocess(
     start = time.perf_counter()
     src = Path(input_path)
     if not src.is_file():
-        raise UsageError(f"input file {src} not found")
+        raise UsageError(f"input file {src} {'is a directory' if src.is_dir() else 'not found'}: pass a jsonl file")
     check_input(src)
     if max_length is not None and max_length < 2:
         raise UsageError(f"--max-length must be at least 2 tokens, got {max_length}")
+    if workers < 1:
+        raise UsageError(f"--workers must be positive (tokenizer processes), got {workers}")
     tokenizer = load_tokenizer(tokenizer_spec)
     streams = STREAMS[fmt]
     encoding = dict(fmt=fmt, text_field=text_field, loss_on=loss_on, max_length=max_length)

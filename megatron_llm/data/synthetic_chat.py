@@ -10,13 +10,12 @@ model can learn to tell them apart only by reading them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from typing import Optional
 
-from megatron_llm.errors import UsageError
+from megatron_llm.errors import ArgumentParser, UsageError
 from megatron_llm.paths import writable_directory, write_atomically
 
 WORDS = ("apple", "river", "stone", "cloud", "garden", "silver", "window", "candle", "forest", "yellow")
@@ -66,7 +65,7 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     """python -m megatron_llm.data.synthetic_chat DIR [--conversations N] [--pairs N]: writes DIR/chats.jsonl
     and DIR/pairs.jsonl, each record with its kind as "channel", for tools/preprocess_data.py."""
-    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser = ArgumentParser(description=main.__doc__.split(":")[0])
     parser.add_argument("directory")
     parser.add_argument("--conversations", type=int, default=8000)
     parser.add_argument("--pairs", type=int, default=4000)

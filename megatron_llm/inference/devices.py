@@ -6,6 +6,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_llm.errors import UsageError
+
+
+def usable_device(name: str) -> torch.device:
+    """`name` as a device of this machine, or a UsageError naming it: before a model is moved there, where torch
+    would fail deep in the load (a typo: a RuntimeError; cuda without a GPU: an AssertionError)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r} is not a device name like cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise UsageError(f"device {name} is not on this machine ({torch.cuda.device_count()} CUDA devices visible): "
+                         "choose another, or cpu")
+    return device
+
 
 def spread_over(model: nn.Module, devices: list[torch.device]) -> list:
     """Moves `model`'s parts and installs hooks that carry the hidden states (and the attention context)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_llm.errors import UsageError
+from megatron_llm.paths import writable_directory
 
 DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"  # each message on its own line; the reply follows "assistant: "
 
@@ -62,9 +63,11 @@ class Infer:
         records = read_prompts(Path(self.data_path))
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         device_sets = worker_devices(self.devices, self.num_workers)
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be positive, got {self.batch_size}")
         if not Path(self.model_path).exists():
             raise UsageError(f"model {self.model_path} not found")
-        output = Path(self.output_path)
+        output = checked_output(Path(self.output_path), Path(self.data_path))
         parts = output.with_name(output.name + ".parts")
         created = not parts.exists()
         parts.mkdir(parents=True, exist_ok=True)
@@ -82,7 +85,7 @@ class Infer:
         # generates once the check passes; they are stopped if it fails.
         verdict, go = context.SimpleQueue(), context.Event()
         checker = context.Process(target=_prepare, name="prompt check" + (" and model load" if weights else ""), args=(
-            records, self.model_path, self.tokenizer, self.generation.max_new_tokens, self.dtype, weights,
+            records, self.model_path, self.tokenizer, self.generation, self.devices, self.dtype, weights,
             threads * self.num_workers, verdict))
         checker.start()
         procs, timings = self._start_workers(context, shares, parts, rank, device_sets, started, go, weights)
@@ -207,13 +210,20 @@ def _shared_weights(devices: Optional[list[str]], shares: list[list[dict]]) -> O
     return SharedFile(os.memfd_create("megatron_llm weights"))
 
 
-def _prepare(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int, dtype: str,
-             weights, threads: int, verdict) -> None:
-    """check_lengths, then (given the workers' shared `weights`) the model loaded into them, on `threads` (the
-    workers wait, and this process forks nothing), in a process of its own: puts a refusal's message on
-    `verdict`, or None."""
+def _prepare(records: list[dict], model_path: str, tokenizer: Optional[str], generation: Generation,
+             devices: Optional[list[str]], dtype: str, weights, threads: int, verdict) -> None:
+    """The sampling settings and devices checked, check_lengths, then (given the workers' shared `weights`) the
+    model loaded into them, on `threads` (the workers wait, and this process forks nothing), in a process of its
+    own: puts a refusal's message on `verdict`, or None."""
     try:
-        check_lengths(records, model_path, tokenizer, max_new_tokens)
+        from megatron_llm.inference.devices import usable_device
+        from megatron_llm.inference.generate import Sampling
+
+        g = generation
+        Sampling(g.max_new_tokens, g.temperature, g.top_k, g.top_p, seed=g.seed)  # refuses what a worker would
+        for device in devices or ():
+            usable_device(device)
+        check_lengths(records, model_path, tokenizer, g.max_new_tokens)
         if weights:
             import torch
 
@@ -253,9 +263,13 @@ def _worker(model_path, records, part, devices, threads, generation, batch_size,
         llm = LLM.around(shared_weights.map_shared(model_path, cfg, DTYPES[dtype], weights.fd), model_path, tokenizer)
         os.close(weights.fd)  # the mapping keeps the memory
     else:
-        llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
-        if devices and len(devices) > 1:
-            llm.set_device(devices)
+        try:
+            llm = LLM.load(model_path, device=devices[0] if devices else "cpu", dtype=dtype, tokenizer=tokenizer)
+            if devices and len(devices) > 1:
+                llm.set_device(devices)
+        except UsageError:
+            go.wait()  # the prompts' check refuses the same input in one line and stops this worker meanwhile
+            raise
         go.wait()  # every prompt passed the check
     ready, cpu = time.time(), time.process_time()
     by_key = {r["_id"]: r for r in records}
@@ -330,10 +344,21 @@ def check_lengths(records: list[dict], model_path: str, tokenizer: Optional[str]
                              f"must fit the model's context of {cfg.max_seq_len} (and not be empty)")
 
 
+def checked_output(output: Path, data: Path) -> Path:
+    """`output`, refused before any work where the results could not be written there or would replace the
+    prompts; its directory is created when missing."""
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory: give the file to write, like {output / 'results.jsonl'}")
+    if output.resolve() == data.resolve():
+        raise UsageError(f"--output {output} is the prompt file --data: the results would replace it; choose another file")
+    writable_directory(str(output.parent), "the directory of --output")
+    return output
+
+
 def read_prompts(path: Path) -> list[dict]:
     """The input records, each with its `_id` (its `id` field, else its line number); bad lines are refused."""
     if not path.is_file():
-        raise UsageError(f"prompt file {path} not found")
+        raise UsageError(f"prompt file {path} {'is a directory' if path.is_dir() else 'not found'}: pass a jsonl file")
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -428,9 +453,9 @@ def _barrier() -> None:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from megatron_llm.errors import ArgumentParser
 
-    p = argparse.ArgumentParser(description="Generate for every prompt of a jsonl file with several workers.")
+    p = ArgumentParser(description="Generate for every prompt of a jsonl file with several workers.")
     p.add_argument("--model", required=True, help="checkpoint directory (native, Hugging Face or Megatron-LM)")
     p.add_argument("--data", required=True, help="jsonl with a 'prompt' (text or token ids) or chat 'messages' per line")
     p.add_argument("--output", required=True, help="jsonl to write, in input order (a rerun resumes)")

@@ -19,7 +19,7 @@ from megatron_llm.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from megatron_llm.errors import UsageError
 from megatron_llm.inference import probes
 from megatron_llm.inference.batching import continuous_batches
-from megatron_llm.inference.devices import spread_over
+from megatron_llm.inference.devices import spread_over, usable_device
 from megatron_llm.inference.generate import Sampling, generate_ids, stream_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,7 +39,7 @@ class LLM:
         generation_config.json's eos_token_id."""
         if dtype not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        return cls.around(load_model(str(path), device, DTYPES[dtype]), path, tokenizer)
+        return cls.around(load_model(str(path), usable_device(device), DTYPES[dtype]), path, tokenizer)
 
     @classmethod
     def around(cls, model: torch.nn.Module, path: str, tokenizer: Optional[str] = None) -> "LLM":
@@ -111,7 +111,7 @@ class LLM:
         """Spreads the layers over `devices` in order (embedding on the first, head on the last)."""
         for handle in self._device_hooks:
             handle.remove()
-        self._device_hooks = spread_over(self.model, [torch.device(d) for d in devices])
+        self._device_hooks = spread_over(self.model, [usable_device(d) for d in devices])
         return self
 
     @torch.no_grad()
@@ -163,8 +163,12 @@ class LLM:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def tensor(self, prompt: Prompt) -> torch.Tensor:
-        """A prompt as token ids [1, s] on the model's first device."""
-        return torch.tensor([self._ids(prompt)], device=next(self.model.parameters()).device)
+        """A prompt as token ids [1, s] on the model's first device; one the model cannot read at once is refused."""
+        ids, context = self._ids(prompt), self.model.cfg.max_seq_len
+        if not 0 < len(ids) <= context:
+            raise UsageError(f"the text has {len(ids)} tokens and the model reads 1 to {context} at once: give a shorter "
+                             "(non-empty) text")
+        return torch.tensor([ids], device=next(self.model.parameters()).device)
 
     def _text(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i not in self.stop_tokens])
