@@ -41,7 +41,6 @@ in bf16; the norms' fp32 internals make this a slight underestimate).
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -51,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.config import Config, ModelConfig, ParallelConfig, load_config  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.progress import Progress  # noqa: E402
 from megatron_llm.parallel.pipeline import stage_layers, stages_of_rank  # noqa: E402
 from megatron_llm.parallel.tensor_parallel import padded_vocab_size  # noqa: E402
@@ -323,7 +322,7 @@ def measure(config: str, overrides: list[str], world: int) -> dict[int, float]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size (world = tp x pp x dp)")
     parser.add_argument(
