@@ -391,6 +391,8 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
         "infer: --output under a file": ("infer", [*infer, "--output", str(a_file / "r.jsonl")], "the directory of --output"),
         "infer: --batch-size 0": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--batch-size", "0"],
                                   "batch_size must be positive"),
+        "infer: an empty prompt file": ("infer", ["--model", model, "--data", str(here / "empty.jsonl"), "--output",
+                                                  str(here / "r.jsonl")], "holds no prompts"),
         "infer: a device not here": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--devices", "cuda:99"],
                                      "device cuda:99 is not on this machine"),
         "evaluate: not a split": ("evaluate", ["--checkpoint", model, "--data", blend, "--split", "a,b"], "--split must be three"),
@@ -411,6 +413,7 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
 def test_bad_tool_input_is_refused_in_one_line_before_any_work(case, small_hf, corpus_dir, tmp_path, capfd):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "def ", "text": "def "}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
     name, argv, says = bad_tool_inputs(str(small_hf), tmp_path, corpus_dir)[case]
     before = {p: p.read_bytes() for p in files_under(tmp_path)}
     try:
@@ -419,6 +422,20 @@ def test_bad_tool_input_is_refused_in_one_line_before_any_work(case, small_hf, c
         status = e.code
     assert status == 2 and says in one_error_line(capfd), case
     assert {p: p.read_bytes() for p in files_under(tmp_path)} == before, case
+
+
+def test_a_broken_config_yaml_or_megatron_file_is_named_in_one_line(small_hf, tmp_path, capsys):
+    for fmt in ("native", "megatron"):
+        convert(str(small_hf), "hf", str(tmp_path / fmt), fmt)
+    (tmp_path / "native" / "config.yaml").write_text("model: [\n")  # YAML's error message spans four lines
+    (shard,) = (tmp_path / "megatron").rglob("*.pt")
+    shard.write_bytes(shard.read_bytes()[:1000])  # torch's message goes on about its zip reader
+    generate = tool("generate")
+    for model, says in ((tmp_path / "native", "config.yaml (while parsing a flow node)"),
+                        (shard.parents[2], f"{shard} as a torch checkpoint (PytorchStreamReader failed reading zip "
+                                           "archive: failed finding central directory): it is truncated or not one")):
+        assert generate.main(["--model", str(model), "--prompt", "a"]) == 2
+        assert says in one_error_line(capsys), model
 
 
 def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):

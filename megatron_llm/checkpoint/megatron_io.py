@@ -83,7 +83,8 @@ def _load(path: Path, with_megatron_core: bool) -> dict:
         with torch.serialization.safe_globals(_allowed_globals(with_megatron_core)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
-        raise UsageError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0].split(". ")[0]  # torch goes on with advice about its own internals
+        raise UsageError(f"cannot read {path} as a torch checkpoint ({reason}): it is truncated or not one") from None
 
 
 def _refuse(path: Path, e: pickle.UnpicklingError) -> NoReturn:

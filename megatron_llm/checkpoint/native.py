@@ -218,7 +218,8 @@ def read_config(path: Path) -> dict:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:  # missing, not UTF-8 (a ValueError), not YAML
-        raise UsageError(f"cannot read {path / 'config.yaml'} ({e}); a checkpoint needs its config to load") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]  # YAML's spans lines
+        raise UsageError(f"cannot read {path / 'config.yaml'} ({reason}); a checkpoint needs its config to load") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UsageError(f"{path / 'config.yaml'} holds no model section; it is not one of our checkpoints")
     return config

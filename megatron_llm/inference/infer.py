@@ -378,6 +378,8 @@ def read_prompts(path: Path) -> list[dict]:
             if not isinstance(key, (str, int)):
                 raise UsageError(f"{path}:{number} has an 'id' that is not a string or an integer")
             records.append({**record, "_id": key})
+    if not records:
+        raise UsageError(f"prompt file {path} holds no prompts: pass the jsonl file of the prompts")
     if len({r["_id"] for r in records}) != len(records):
         raise UsageError(f"{path} repeats an id: give every line a distinct 'id' (or none, to use line numbers)")
     return records
