@@ -227,6 +227,27 @@ def test_a_killed_preprocess_leaves_nothing_the_next_run_keeps(tmp_path, capsys)
     assert not stale.exists() and f"removed {stale}" in capsys.readouterr().err
 
 
+def test_a_preprocess_stopped_between_its_renames_leaves_no_mismatched_pair(tmp_path, monkeypatch):
+    source, out = tmp_path / "in.jsonl", tmp_path / "out"
+    source.write_text(json.dumps({"text": "first"}) + "\n")
+    preprocess(str(source), str(out), progress=False)
+    first = Path(f"{out}.bin").read_bytes()
+    source.write_text(json.dumps({"text": "a longer second document"}) + "\n")
+    real_replace = os.replace
+
+    def stopped_before_the_index(src, dst):
+        if str(dst).endswith(".idx"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_before_the_index)
+    with pytest.raises(OSError):
+        preprocess(str(source), str(out), progress=False)
+    assert Path(f"{out}.bin").read_bytes() != first  # the new tokens...
+    assert not Path(f"{out}.idx").exists()  # ...never read through the old index
+    assert files_under(tmp_path) == {source, Path(f"{out}.bin")}
+
+
 # ---------------------------------------------------------------------------------------------------
 # 6. A crafted checkpoint runs nothing
 

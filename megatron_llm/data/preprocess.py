@@ -193,7 +193,10 @@ def preprocess(
             for builder, _, tmp in written:
                 builder.finalize(f"{tmp}.idx")
             for _, final, tmp in written:
-                os.replace(f"{tmp}.bin", f"{final}.bin")  # .idx last: a pair with its .idx in place is complete
+                # .idx last: a pair with its .idx in place is complete. A replaced pair's old .idx goes first: stopped
+                # between the renames, the new .bin is left without an index (refused), never read through the old one.
+                Path(f"{final}.idx").unlink(missing_ok=True)
+                os.replace(f"{tmp}.bin", f"{final}.bin")
                 os.replace(f"{tmp}.idx", f"{final}.idx")
         finally:
             bar.close()
