@@ -459,6 +459,28 @@ def test_a_broken_config_yaml_or_megatron_file_is_named_in_one_line(small_hf, tm
         assert says in one_error_line(capsys), model
 
 
+def test_an_overwrite_stopped_while_the_old_output_is_deleted_leaves_the_new_one_whole(small_hf, tmp_path, monkeypatch):
+    from megatron_llm.checkpoint import stream
+    from megatron_llm.checkpoint.convert import Options
+
+    out = tmp_path / "out"
+    convert(str(small_hf), "hf", str(out), "native")
+    names = sorted(p.name for p in out.iterdir())
+    real_rmtree = stream.shutil.rmtree
+
+    def killed_half_way(path, ignore_errors=False):
+        if not Path(path).exists():
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        next(Path(path).glob("*.distcp")).unlink()  # the deletion has begun...
+        raise KeyboardInterrupt  # ...when the process is stopped
+
+    monkeypatch.setattr(stream.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(small_hf), "hf", str(out), "native", Options(overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert finite(megatron_llm.load_model(str(out)))
+
+
 def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):
     """plot_channels, plot_experts and inspect_model save through save_figure: a write that breaks off
     half-way (a full disk) leaves the earlier picture as it was and no temporary file beside it."""

@@ -125,9 +125,13 @@ def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if path.exists():  # the old output moves aside whole and is deleted only once the new one has its name
+        old = path.with_name(f".tmp-{path.name}-{os.getpid()}-replaced")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def check_names(where: str, expected: set, present: set, noun: str = "tensors") -> None:
