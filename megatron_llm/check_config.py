@@ -2,16 +2,17 @@
 
     python -m megatron_llm.check_config --world-size 8 configs/llama3_8b.yaml --parallel.tp 2
 
-launch/torchrun.sh runs it once before it starts the workers: a bad config or layout then prints one
-line and exits 2, instead of one line per rank followed by torchrun's ChildFailedError traceback.
+launch/torchrun.sh runs it once before it starts the workers: a bad config or layout, or a dataset, tokenizer
+or checkpoint to resume that is not there, then prints one line and exits 2, instead of one line per rank followed by torchrun's ChildFailedError traceback.
 Exit status: 0 when train.py would start, 2 with `error: ...` on stderr when it would refuse.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from megatron_llm.config import load_config
+from megatron_llm.config import Config, load_config
 from megatron_llm.errors import ArgumentParser, UsageError
 
 
@@ -22,6 +23,23 @@ def check(config: str, overrides: list[str], world_size: int) -> None:
     cfg = load_config(config, overrides)
     check_layout(cfg.parallel, world_size)
     pick_device(cfg.training.device)
+    check_inputs(cfg)
+
+
+def check_inputs(cfg: Config) -> None:
+    """The files the run reads are on this node: its datasets, tokenizer and the checkpoint it resumes. The ranks
+    read them only inside their process group, where each prints its own refusal and torchrun a traceback."""
+    from megatron_llm.checkpoint.native import resolve_checkpoint
+    from megatron_llm.data.tokenizer import load_tokenizer
+
+    load_tokenizer(cfg.data.tokenizer)
+    if not cfg.data.default_corpus:  # else the first run builds them
+        suffixes = (".bin", ".idx") + ((".mask.bin", ".mask.idx") if cfg.data.format == "sft" else ())
+        for path in (Path(f"{spec.path}{suffix}") for spec in cfg.data.blend for suffix in suffixes):
+            if not path.is_file():
+                raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
+    if cfg.checkpoint.resume not in (None, "auto"):
+        resolve_checkpoint(cfg.checkpoint.resume)
 
 
 def main(argv: list[str]) -> int:

@@ -383,6 +383,19 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
     assert tool("plot_channels").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0 and picture.is_file()
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--data.default_corpus", "false", "--data.blend", "[{path: /nowhere/web}]"], "dataset file /nowhere/web.bin not found"),
+    (["--data.tokenizer", "/nowhere/tokenizer.json"], "tokenizer file /nowhere/tokenizer.json not found"),
+    (["--checkpoint.resume", "/nowhere/step_0000002"], "/nowhere/step_0000002 is not a native checkpoint"),
+])
+def test_the_launchers_check_refuses_a_missing_input_once_before_any_worker(extra, says, capsys):
+    """launch/torchrun.sh runs check_config first; without it every rank printed the line, then torchrun a traceback."""
+    from megatron_llm import check_config
+
+    assert check_config.main(["--world-size", "2", str(ROOT / "configs" / "tiny.yaml"), *extra]) == 2
+    assert says in one_error_line(capsys)
+
+
 @pytest.fixture(scope="module")
 def small_hf(tmp_path_factory) -> Path:
     """A 2-layer Llama in Hugging Face format on the byte vocabulary, with a 64-token context."""
