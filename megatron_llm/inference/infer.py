@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_llm.errors import UsageError
-from megatron_llm.paths import writable_directory
+from megatron_llm.paths import writable_directory, write_atomically
 
 DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"  # each message on its own line; the reply follows "assistant: "
 
@@ -423,11 +423,7 @@ def merge(records: list[dict], parts: Path, output: Path) -> None:
     missing = [r["_id"] for r in records if r["_id"] not in results]
     if missing:
         raise UsageError(f"{len(missing)} prompts have no result (first: id {missing[0]}); run the same command again")
-    tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for record in records:
-            out.write(json.dumps(results[record["_id"]], ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
+    write_atomically(output, "".join(json.dumps(results[record["_id"]], ensure_ascii=False) + "\n" for record in records))
     shutil.rmtree(parts)
 
 
