@@ -384,7 +384,7 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
 
 
 @pytest.mark.parametrize("extra, says", [
-    (["--data.default_corpus", "false", "--data.blend", "[{path: /nowhere/web}]"], "dataset file /nowhere/web.bin not found"),
+    (["--data.default_corpus", "false", "--data.blend", "[{path: /nowhere/web}]"], "file /nowhere/web.bin not found"),
     (["--data.tokenizer", "/nowhere/tokenizer.json"], "tokenizer file /nowhere/tokenizer.json not found"),
     (["--checkpoint.resume", "/nowhere/step_0000002"], "/nowhere/step_0000002 is not a native checkpoint"),
 ])
@@ -418,8 +418,8 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
         "generate: not a number": ("generate", [*gen, "--max-new-tokens", "ten"], "--max-new-tokens: invalid int value"),
         "inspect_model: empty text": ("inspect_model", ["--model", model, "--text", "", "--output", str(here / "i.png")],
                                       "the text has 0 tokens"),
-        "inspect_model: no such format": ("inspect_model", ["--model", model, "--text", "a", "--output", str(here / "i.xyz")],
-                                          "no picture format 'xyz'"),
+        "inspect_model: no such format": ("inspect_model", ["--model", model, "--text", "a", "--output",
+                                                            str(here / "i.xyz")], "no picture format 'xyz'"),
         "plot_channels: --output a directory": ("plot_channels", [str(here), "--output", str(here)], "is a directory"),
         "infer: --output the prompt file": ("infer", [*infer, "--output", prompts], "is the prompt file --data"),
         "infer: --output under a file": ("infer", [*infer, "--output", str(a_file / "r.jsonl")], "the directory of --output"),
@@ -429,11 +429,15 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
                                                   str(here / "r.jsonl")], "holds no prompts"),
         "infer: a device not here": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--devices", "cuda:99"],
                                      "device cuda:99 is not on this machine"),
-        "evaluate: not a split": ("evaluate", ["--checkpoint", model, "--data", blend, "--split", "a,b"], "--split must be three"),
+        "evaluate: not a split": ("evaluate", ["--checkpoint", model, "--data", blend, "--split", "a,b"],
+                                  "--split must be three"),
         "evaluate: --tensorboard under a file": ("evaluate", ["--checkpoint", model, "--data", blend, "--tensorboard",
                                                               str(a_file / "tb")], "--tensorboard"),
         "preprocess_data: --workers 0": ("preprocess_data", ["--input", prompts, "--output-prefix", str(here / "out"),
                                                              "--workers", "0"], "--workers must be positive"),
+        "convert_checkpoint: Hugging Face as native": ("convert_checkpoint", [
+            "--input", model, "--input-format", "native", "--output", str(here / "out"), "--output-format", "hf"],
+            "it is a Hugging Face one: give its format, or start a run from it"),
         "convert_checkpoint: --tp 0": ("convert_checkpoint", [*convert, "--output", str(here / "out"), "--tp", "0"],
                                        "--tp must be a positive number"),
         "convert_checkpoint: --output under a file": ("convert_checkpoint", [*convert, "--output", str(a_file / "out")],

@@ -186,7 +186,12 @@ def resolve_checkpoint(path: str) -> Path:
         return p
     latest = Checkpointer(str(p), keep=0, is_writer=False).latest() if p.is_dir() else None
     if latest is None:
-        raise UsageError(f"{path} is not a native checkpoint: expected a step directory with .metadata or a 'latest' file")
+        # Another format's files (megatron_io.TRACKER, hf_io's config.json), named: its loaders take it as it is.
+        other = ("a Megatron-LM" if (p / "latest_checkpointed_iteration.txt").is_file() else
+                 "a Hugging Face" if (p / "config.json").is_file() else None)
+        raise UsageError(f"{path} is not a native checkpoint: expected a step directory with .metadata or a 'latest' file"
+                         + (f"; it is {other} one: give its format, or start a run from it with checkpoint.init_from"
+                            if other else ""))
     return latest
 
 
