@@ -19,11 +19,13 @@ import sys
 
 def main(argv: list[str]) -> int:
     # Imported here, not at the top: the requeue handlers below are in place before any import.
+    from megatron_llm.check_config import check_inputs
     from megatron_llm.config import parse_args
     from megatron_llm.errors import UsageError
 
     try:
         config = parse_args(argv)
+        check_inputs(config)  # before the run directory is locked and the process group formed
         from megatron_llm.training.faults import REQUEUE_EXIT_CODE
         from megatron_llm.training.trainer import train  # after parsing: --help and bad flags stay instant
 

@@ -324,6 +324,9 @@ def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (overrides, what the error line says)"""
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("training: {steps: 2}  # caf\xe9".encode("latin-1"))
     return {
@@ -339,6 +342,8 @@ def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "beta1 of 1": (["--optimizer.beta1", "1"], "optimizer.beta1 must be in [0, 1)"),
         "negative grad clip": (["--optimizer.grad_clip", "-1"], "optimizer.grad_clip must be >= 0"),
         "nan in the split": (["--data.split", "98,nan,0"], "data.split must be three non-negative weights"),
+        "resume a Hugging Face model": (["--checkpoint.resume", str(hf)], "it is a Hugging Face one"),
+        "a dataset not there": (["--data.blend", f"[{{path: {tmp_path / 'web'}}}]"], f"{tmp_path / 'web.bin'} not found"),
     }
 
 
