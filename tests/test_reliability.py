@@ -440,6 +440,8 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
                                                               str(a_file / "tb")], "--tensorboard"),
         "preprocess_data: --workers 0": ("preprocess_data", ["--input", prompts, "--output-prefix", str(here / "out"),
                                                              "--workers", "0"], "--workers must be positive"),
+        "preprocess_data: --output-prefix a directory": ("preprocess_data", ["--input", prompts, "--output-prefix",
+                                                                             str(here)], "is a directory: give a name prefix"),
         "convert_checkpoint: Hugging Face as native": ("convert_checkpoint", [
             "--input", model, "--input-format", "native", "--output", str(here / "out"), "--output-format", "hf"],
             "it is a Hugging Face one: give its format, or start a run from it"),

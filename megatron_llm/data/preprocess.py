@@ -157,6 +157,8 @@ def preprocess(
     streams = STREAMS[fmt]
     encoding = dict(fmt=fmt, text_field=text_field, loss_on=loss_on, max_length=max_length)
     out = Path(output_prefix)
+    if out.is_dir():
+        raise UsageError(f"--output-prefix {out} is a directory: give a name prefix in it, like {out / 'corpus'}")
     writable_directory(str(out.parent), "the directory of --output-prefix")
     _remove_stale_temporaries(out)
 
