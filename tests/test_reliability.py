@@ -417,6 +417,10 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
     a_file, prompts, blend = here / "a_file", str(here / "prompts.jsonl"), f"[{{path: {corpus / 'text'}}}]"
     gen, infer = ["--model", model, "--prompt", "def "], ["--model", model, "--data", prompts]
     convert = ["--input", model, "--input-format", "hf", "--output-format", "native"]
+
+    def infer_on(data: str) -> list[str]:
+        return ["--model", model, "--data", str(here / data), "--output", str(here / "r.jsonl")]
+
     return {
         "generate: not a device name": ("generate", [*gen, "--device", "cpu0"], "device 'cpu0' is not a device name"),
         "generate: nan temperature": ("generate", [*gen, "--temperature", "nan"], "temperature must be a finite number"),
@@ -430,8 +434,10 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
         "infer: --output under a file": ("infer", [*infer, "--output", str(a_file / "r.jsonl")], "the directory of --output"),
         "infer: --batch-size 0": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--batch-size", "0"],
                                   "batch_size must be positive"),
-        "infer: an empty prompt file": ("infer", ["--model", model, "--data", str(here / "empty.jsonl"), "--output",
-                                                  str(here / "r.jsonl")], "holds no prompts"),
+        "infer: an empty prompt file": ("infer", infer_on("empty.jsonl"), "holds no prompts"),
+        "infer: not UTF-8": ("infer", infer_on("latin1.jsonl"), "latin1.jsonl:1 is not UTF-8"),
+        "infer: a number as the prompt": ("infer", infer_on("number.jsonl"), "number.jsonl:1 has no 'prompt'"),
+        "infer: ids outside the vocabulary": ("infer", infer_on("ids.jsonl"), "outside the model's vocabulary of 257"),
         "infer: a device not here": ("infer", [*infer, "--output", str(here / "r.jsonl"), "--devices", "cuda:99"],
                                      "device cuda:99 is not on this machine"),
         "evaluate: not a split": ("evaluate", ["--checkpoint", model, "--data", blend, "--split", "a,b"],
@@ -459,6 +465,9 @@ def test_bad_tool_input_is_refused_in_one_line_before_any_work(case, small_hf, c
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "def ", "text": "def "}) + "\n")
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "number.jsonl").write_text('{"prompt": 5}\n')
+    (tmp_path / "ids.jsonl").write_text('{"prompt": [1, 99999]}\n')
     name, argv, says = bad_tool_inputs(str(small_hf), tmp_path, corpus_dir)[case]
     before = {p: p.read_bytes() for p in files_under(tmp_path)}
     try:

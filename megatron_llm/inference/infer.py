@@ -330,7 +330,8 @@ def prompt_ids(tokenizer, record: dict) -> list[int]:
 
 
 def check_lengths(records: list[dict], model_path: str, tokenizer: Optional[str], max_new_tokens: int) -> None:
-    """Refuses, before any worker starts, a prompt that with max_new_tokens does not fit the model's context."""
+    """Refuses, before any worker starts, a prompt that with max_new_tokens does not fit the model's context, or
+    holds token ids the model does not have."""
     from megatron_llm.checkpoint.convert import checkpoint_model_config
     from megatron_llm.data.tokenizer import load_tokenizer
     from megatron_llm.inference.llm import tokenizer_of
@@ -338,7 +339,11 @@ def check_lengths(records: list[dict], model_path: str, tokenizer: Optional[str]
     cfg = checkpoint_model_config(model_path)
     tok = load_tokenizer(tokenizer or tokenizer_of(Path(model_path), cfg.vocab_size))
     for record in records:
-        n, new_tokens = len(prompt_ids(tok, record)), record.get("max_new_tokens", max_new_tokens)
+        ids = prompt_ids(tok, record)
+        n, new_tokens = len(ids), record.get("max_new_tokens", max_new_tokens)
+        if any(not 0 <= t < cfg.vocab_size for t in ids):  # token ids given, or a tokenizer larger than the model
+            raise UsageError(f"prompt id {record['_id']} holds token ids outside the model's vocabulary of "
+                             f"{cfg.vocab_size}: give text, or ids the model was trained with")
         if n == 0 or n + new_tokens > cfg.max_seq_len:
             raise UsageError(f"prompt id {record['_id']} has {n} tokens; with max_new_tokens {new_tokens} it "
                              f"must fit the model's context of {cfg.max_seq_len} (and not be empty)")
@@ -360,15 +365,17 @@ def read_prompts(path: Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"prompt file {path} {'is a directory' if path.is_dir() else 'not found'}: pass a jsonl file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise UsageError(f"{path}:{number} is not UTF-8 text; save the file as UTF-8") from None
             except ValueError:
                 raise UsageError(f"{path}:{number} is not a JSON object; fix the line") from None
-            if not isinstance(record, dict) or not ("prompt" in record or _is_chat(record.get("messages"))):
+            if not isinstance(record, dict) or not (_is_prompt(record.get("prompt")) or _is_chat(record.get("messages"))):
                 raise UsageError(f"{path}:{number} has no 'prompt' (string or token ids) or chat 'messages' "
                                  "(a list of {role, content}); add one")
             limit = record.get("max_new_tokens", 1)
@@ -383,6 +390,10 @@ def read_prompts(path: Path) -> list[dict]:
     if len({r["_id"] for r in records}) != len(records):
         raise UsageError(f"{path} repeats an id: give every line a distinct 'id' (or none, to use line numbers)")
     return records
+
+
+def _is_prompt(prompt) -> bool:
+    return isinstance(prompt, str) or (isinstance(prompt, list) and all(type(t) is int for t in prompt))
 
 
 def _is_chat(messages) -> bool:
