@@ -44,7 +44,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m megatron_llm.check_config", description=__doc__.split("\n")[0])
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
     parser.add_argument("config", help="the training YAML file")
     args, overrides = parser.parse_known_args(argv)

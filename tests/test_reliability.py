@@ -457,6 +457,8 @@ def bad_tool_inputs(model: str, here: Path, corpus: Path) -> dict[str, tuple[str
                                                       "the directory of --output"),
         "convert_checkpoint: a size of 0": ("convert_checkpoint", [*convert, "--output", str(here / "out"),
                                                                   "--max-shard-size", "0B"], "--max-shard-size: '0B'"),
+        "benchmark: no such reference": ("benchmark", ["--config", "configs/tiny.yaml", "--reference", "nope"],
+                                         "argument --reference: invalid choice: 'nope'"),
     }
 
 

@@ -42,7 +42,6 @@ the rows each expert gets.
 On CPU the process keeps the host memory it frees, as train.py does (training/host_memory.py), for both sides.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -69,7 +68,7 @@ from megatron_llm.checkpoint.families import family  # noqa: E402
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
 from megatron_llm.config import Config, ModelConfig, load_config  # noqa: E402
 from megatron_llm.data.synthetic import random_batches  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.model import FeedForward, build_model, flops_per_token  # noqa: E402
 from megatron_llm.model.moe import GroupedExperts  # noqa: E402
 from megatron_llm.parallel import ParallelDims, PipelineModel, init_distributed, parallelize_from_config  # noqa: E402
@@ -427,7 +426,7 @@ def layout_report(cfg: Config, dims: ParallelDims, ranks: list[dict], device: to
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a training YAML file; its model, batch and optimizer are used")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")

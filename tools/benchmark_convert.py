@@ -32,6 +32,7 @@ from megatron_llm.checkpoint.hf import export_hf_config  # noqa: E402
 from megatron_llm.checkpoint.hf_io import HFWriter  # noqa: E402
 from megatron_llm.checkpoint.stream import directory_bytes, native_shapes, stream  # noqa: E402
 from megatron_llm.config import ModelConfig  # noqa: E402
+from megatron_llm.errors import ArgumentParser  # noqa: E402
 
 # Llama-3.2-1B's shape: 1.24B parameters, tied embeddings, GQA 32/8.
 LLAMA_1B = ModelConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -118,7 +119,7 @@ def baseline_rss() -> int:
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where the checkpoints go: hf/, megatron/, hf-back/ (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints (the random input is reused if present)")
     p.add_argument("--tp", type=int, default=2)

@@ -15,7 +15,6 @@ other jobs hold the cores, waiting for a core is not the side's work (both sides
 and cache contention from those jobs still show in either clock.
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
 from megatron_llm.config import load_config  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.inference.generate import Sampling, generate_ids  # noqa: E402
 from megatron_llm.model import build_model  # noqa: E402
 
@@ -57,7 +56,7 @@ def side_times(generate, prompts: torch.Tensor, new_tokens: int, clock) -> tuple
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a training YAML file: its model is used")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)

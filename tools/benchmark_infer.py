@@ -19,7 +19,6 @@ share: while other sessions keep the cores busy, 2 workers get no more CPU than 
 average is printed: timings on a shared machine move.
 """
 
-import argparse
 import json
 import os
 import re
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.checkpoint.native import save_weights  # noqa: E402
 from megatron_llm.config import load_config  # noqa: E402
+from megatron_llm.errors import ArgumentParser  # noqa: E402
 from megatron_llm.inference.llm import LLM  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def infer_run(ckpt: str, data: Path, out: Path, workers: int, batch_size: int, s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)

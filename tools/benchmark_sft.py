@@ -14,7 +14,6 @@ random pretraining micro-batches of the same training.micro_batch_size x data.se
 attention), and prints both speeds in slot tokens/s and their paired ratio: the cost of the masking.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ from megatron_llm.data.preprocess import preprocess  # noqa: E402
 from megatron_llm.data.synthetic import random_batches  # noqa: E402
 from megatron_llm.data.synthetic_chat import KINDS, conversations  # noqa: E402
 from megatron_llm.data.tokenizer import ByteTokenizer  # noqa: E402
-from megatron_llm.errors import UsageError  # noqa: E402
+from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.model import build_model  # noqa: E402
 from megatron_llm.parallel.dims import pick_device  # noqa: E402
 from megatron_llm.training.optimizer import build_optimizer  # noqa: E402
@@ -67,7 +66,7 @@ def mixed_length_efficiency(seq_len: int, n: int = 20000, seed: int = 0) -> floa
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=2)
