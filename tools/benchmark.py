@@ -385,6 +385,7 @@ def benchmark_layout(cfg: Config, steps: int, warmup: int, device: torch.device,
     else:
         peak = peak_resident_bytes() - base
     coords = tuple(dims.mesh[d].get_local_rank() for d in ("pp", "dp", "tp"))
+    coords += (dims.expert_mesh["ep"].get_local_rank(),) if dims.ep > 1 else ()  # which E / ep experts it holds
     mine = {"coords": coords, "on": on.seconds, "off": off.seconds, "peak": peak, "bubble": waits and waits.fraction}
     everyone: list[Optional[dict]] = [None] * dims.world_size
     dist.all_gather_object(everyone, mine)
@@ -401,7 +402,8 @@ def layout_report(cfg: Config, dims: ParallelDims, ranks: list[dict], device: to
     memory = "CUDA allocated" if device.type == "cuda" else "resident, above the process before the model"
     lines = [
         machine_line(device, autocast),
-        f"layout tp={p.tp} pp={p.pp} dp={dims.dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, schedule"
+        f"layout tp={p.tp} pp={p.pp} dp={dims.dp}{f' ep={dims.ep}' if dims.ep > 1 else ''} ({p.data_parallel},"
+        f" sp {'on' if p.sp else 'off'}, schedule"
         f" {p.schedule}) on {dims.world_size} ranks; model {cfg.model.num_params() / 1e6:.1f}M params;"
         f" {t.micro_batch_size} x {cfg.data.seq_len} tokens x {m} micro-batches x dp {dims.dp} = {tokens}"
         f" tokens/step; {len(slowest['on'])} timed steps each, interleaved; medians of the slowest rank",
@@ -409,7 +411,9 @@ def layout_report(cfg: Config, dims: ParallelDims, ranks: list[dict], device: to
     ]
     mfu_scale = flops_per_token(cfg.model, cfg.data.seq_len) / (peak * dims.world_size) if peak else None
     lines += speed_table(tokens, slowest["on"], slowest["off"], ("channels on", "channels off"), mfu_scale)
-    lines += ["", f"{'rank':>4} {'pp':>3} {'dp':>3} {'tp':>3} {'peak MiB':>10}" + (f" {'bubble':>8}" if p.pp > 1 else "")]
+    dims_named = ("pp", "dp", "tp") + (("ep",) if dims.ep > 1 else ())
+    lines += ["", f"{'rank':>4}" + "".join(f" {d:>3}" for d in dims_named) + f" {'peak MiB':>10}"
+              + (f" {'bubble':>8}" if p.pp > 1 else "")]
     for rank, r in enumerate(ranks):
         row = f"{rank:>4}" + "".join(f" {c:>3}" for c in r["coords"]) + f" {r['peak'] / MIB:>10.1f}"
         lines.append(row + (f" {r['bubble']:>8.1%}" if p.pp > 1 else ""))
