@@ -225,6 +225,15 @@ def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_p
     assert tool("plot_experts").main([str(tmp_path / "tb"), "--output", str(picture), "--run", "nope"]) == 2
 
 
+def test_the_banner_names_expert_parallelism():
+    from conftest import ROOT
+    from megatron_llm.config import load_config
+    from megatron_llm.logging.banner import banner
+
+    cfg = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), ["--parallel.ep", "2"])
+    assert "2 ranks: tp=1 pp=1 dp=2 ep=2 (fsdp" in banner(cfg, 2, [1, 1], None, None, torch.device("cpu"))
+
+
 def test_model_scope_router_losses_refuse_a_pipeline_before_any_process_group(tiny_config, tmp_path):
     settings = dict(model__moe_experts=4, model__moe_aux_loss_coeff=0.01, parallel__pp=2, training__grad_accum_steps=2)
     with pytest.raises(UsageError, match=r"model\.moe_aux_loss_scope model .* parallel\.pp splits: set model\.moe_aux_loss_scope layer"):

@@ -50,7 +50,8 @@ def banner(cfg: Config, dp: int, per_rank: list[int], run_dir: Optional[Path], r
     lines = [
         f"run {cfg.logging.run_name}",
         parameters_line(cfg, spread),
-        f"  layout       {len(per_rank)} rank{'s' if len(per_rank) > 1 else ''}: tp={p.tp} pp={p.pp} dp={dp} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, "
+        f"  layout       {len(per_rank)} rank{'s' if len(per_rank) > 1 else ''}: tp={p.tp} pp={p.pp} dp={dp}"
+        f"{f' ep={p.ep}' if p.ep > 1 else ''} ({p.data_parallel}, sp {'on' if p.sp else 'off'}, "
         f"schedule {p.schedule}) on {device.type}",
         f"  global batch {sequences} sequences x {cfg.data.seq_len} tokens = {sequences * cfg.data.seq_len:,} tokens "
         f"({t.micro_batch_size} per micro-batch x {t.grad_accum_steps} micro-batches x dp {dp})",
