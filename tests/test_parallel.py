@@ -223,17 +223,27 @@ def test_memory_estimate_counts_every_parameter_once():
     assert [s.params for s in fsdp] == [-(-s.params // 8) for s in stages]  # FSDP shards each stage over dp
 
 
-@pytest.mark.parametrize("q_lora_rank, tp2_params", [(48, 1_391_168), (None, 1_448_320)], ids=["wq_a-wq_b", "wq"])
-def test_memory_estimate_counts_latent_attention(q_lora_rank, tp2_params):
-    """tools/estimate_memory.py on MLA: every parameter in one process; at tp 2 the heads' projections halved and
-    the compressed ones with their norms whole (the tp 2 counts are a parallelised model's local numels on rank 0,
+MLA = ["--model.attention", "mla", "--model.mla_kv_lora_rank", "32", "--model.mla_v_head_dim", "16",
+       "--model.mla_rope_head_dim", "8"]
+
+
+@pytest.mark.parametrize("menu, tp2_params", [
+    ([*MLA, "--model.mla_q_lora_rank", "48"], 1_391_168),
+    ([*MLA, "--model.mla_q_lora_rank", "null"], 1_448_320),
+    (["--model.norm", "layernorm", "--model.position", "learned", "--model.linear_bias", "true",
+      "--model.qkv_bias", "true"], 1_657_024),
+    (["--model.norm_placement", "sandwich", "--model.qk_norm", "true", "--model.qk_norm_per_head", "false"], 1_586_176),
+], ids=["mla-wq_a-wq_b", "mla-wq", "layernorm-learned-biases", "sandwich-projection-qk-norm"])
+def test_memory_estimate_counts_the_menu(menu, tp2_params):
+    """tools/estimate_memory.py counts on the meta model with the tensor-parallel plan: every parameter in one
+    process whatever the menu (the per-slot formula it replaced missed learned positions, LayerNorm biases,
+    sandwich norms and MLA), and at tp 2 what a rank holds: MLA's compressed projections and every norm whole,
+    a norm over the whole projection split (the tp 2 counts are a parallelised model's local numels on rank 0,
     taken by hand with torchrun)."""
     sys.path.insert(0, str(ROOT / "tools"))
     from estimate_memory import estimate
 
-    mla = ["--model.attention", "mla", "--model.mla_kv_lora_rank", "32", "--model.mla_v_head_dim", "16",
-           "--model.mla_rope_head_dim", "8", "--model.mla_q_lora_rank", str(q_lora_rank or "null")]
-    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), mla)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), menu)
     assert estimate(cfg, dp=1, act_bytes=4)[0].params == cfg.model.num_params()
-    tp2 = load_config(str(ROOT / "configs" / "tiny.yaml"), [*mla, "--parallel.tp", "2"])
+    tp2 = load_config(str(ROOT / "configs" / "tiny.yaml"), [*menu, "--parallel.tp", "2"])
     assert estimate(tp2, dp=1, act_bytes=4)[0].params == tp2_params

@@ -47,13 +47,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.config import Config, ModelConfig, ParallelConfig, load_config  # noqa: E402
 from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.progress import Progress  # noqa: E402
+from megatron_llm.model import meta_model  # noqa: E402
 from megatron_llm.parallel.pipeline import stage_layers, stages_of_rank  # noqa: E402
-from megatron_llm.parallel.tensor_parallel import padded_vocab_size  # noqa: E402
+from megatron_llm.parallel.tensor_parallel import ProjectionNorm, block_plan, padded_vocab_size  # noqa: E402
 
 GIB = 2**30
 MEASURE_MAX_RANKS = 8  # --measure runs every rank as a process on this machine's CPUs
@@ -75,44 +79,37 @@ class StageMemory:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes + self.unsharded_bytes
 
 
-def block_params(m: ModelConfig, tp: int) -> tuple[int, int]:
-    """(split over tp, replicated) parameters of one block."""
-    h, f = m.hidden_size, m.ffn_hidden_size
-    gated = m.gated
-    split, replicated = attention_params(m)
-    split += h * f * (3 if gated else 2) + (f * (2 if gated else 1) if m.linear_bias else 0)
-    replicated += 2 * norm_params(m, h) + (2 * h if m.linear_bias else 0)
-    return split // tp, replicated
+def layer_params(block: nn.Module, tp: int, ep: int) -> tuple[int, int]:
+    """(routed experts, everything else) parameters one rank holds of a block, counted on the meta model with
+    the tensor-parallel plan the run applies (parallel/tensor_parallel.py): column-parallel weights and biases,
+    row-parallel weights and a norm over a whole projection 1/tp; the routed experts E / ep experts of 1/tp
+    inner width each (parallel/expert_parallel.py); everything else (norms, router, MLA's compressed
+    projections) whole."""
+    plan = block_plan(block, sp=False)
+    routed = rest = 0
+    for name, param in block.named_parameters():
+        module, kind = name.rsplit(".", 1)
+        style = plan.get(module)
+        split = isinstance(style, (ColwiseParallel, ProjectionNorm))
+        split |= isinstance(style, RowwiseParallel) and kind == "weight"  # its bias is added once, whole
+        if module.endswith("feed_forward.experts"):
+            routed += param.numel() // (ep * tp)
+        elif split:
+            rest += param.numel() // tp
+        else:
+            rest += param.numel()
+    return routed, rest
 
 
-def norm_params(m: ModelConfig, width: int) -> int:
-    return width if m.norm == "rmsnorm" else 2 * width
-
-
-def attention_params(m: ModelConfig) -> tuple[int, int]:
-    """(split over tp, replicated) parameters of one attention, before the split. Grouped-query: every
-    projection split by heads. MLA: the heads' projections (wq or wq_b, wkv_b, wo) split, the compressed ones
-    (wq_a, wkv_a) and their norms whole on every rank, as parallel/tensor_parallel.py plans them."""
-    h, d, heads = m.hidden_size, m.head_dim, m.num_heads
-    if m.attention == "mla":
-        r, latent, rope, v = m.mla_q_lora_rank, m.mla_kv_lora_rank, m.mla_rope_head_dim, m.mla_v_head_dim
-        split = (r or h) * heads * d + latent * heads * (d - rope + v) + heads * v * h
-        replicated = h * (latent + rope) + norm_params(m, latent) + (latent + rope if m.qkv_bias else 0)
-        if r is not None:
-            replicated += h * r + norm_params(m, r) + (r if m.qkv_bias else 0)
-        return split, replicated
-    q, kv = heads * d, m.num_kv_heads * d
-    return h * (q + 2 * kv) + q * h + (q + 2 * kv if m.qkv_bias else 0), (2 * d if m.qk_norm else 0)
-
-
-def moe_layer_params(m: ModelConfig, tp: int, ep: int) -> tuple[int, int]:
-    """A MoE layer's (routed experts held by one rank, the change of the rest of the block) in parameters:
-    E / ep experts, a 1/tp slice of each; a router (replicated) and shared experts (split over tp) in place of
-    the dense MLP."""
-    h, width = m.hidden_size, 3 if m.gated else 2
-    dense_mlp = h * m.ffn_hidden_size * width // tp
-    rest = m.moe_experts * h + h * m.moe_shared_ffn_hidden_size * width // tp + (h if m.moe_shared_gate else 0)
-    return m.moe_experts // ep * h * m.moe_ffn_hidden_size * width // tp, rest - dense_mlp
+def outer_params(model: nn.Module, m: ModelConfig, tp: int) -> tuple[int, int, int]:
+    """Parameters per rank outside the blocks: (the vocabulary table, the rest of the first stage, the rest of
+    the last stage). The embedding and the head are vocabulary-parallel, padded to 128 x tp; the first stage
+    also holds learned positions, the last the final norm and a head bias. A tied head is the embedding's
+    table, held again by a last stage that is not the first (PipelineModel.tied_copy)."""
+    vocab = padded_vocab_size(m.vocab_size, tp) if tp > 1 else m.vocab_size
+    positions = sum(p.numel() for p in model.pos_embeddings.parameters()) if model.pos_embeddings is not None else 0
+    head_bias = vocab // tp if model.output is not None and model.output.bias is not None else 0
+    return vocab * m.hidden_size // tp, positions, head_bias + sum(p.numel() for p in model.norm.parameters())
 
 
 def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False) -> float:
@@ -160,7 +157,9 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tp, p.pp
     vocab = padded_vocab_size(m.vocab_size, tp) if tp > 1 else m.vocab_size
-    split, replicated = block_params(m, tp)
+    model = meta_model(m)
+    held = [layer_params(model.layers[str(i)], tp, p.ep) for i in range(m.num_layers)]  # (routed, rest) per layer
+    table, first_rest, last_rest = outer_params(model, m, tp)
     layers = stage_layers(m.num_layers, p)
     tokens = t.micro_batch_size * cfg.data.seq_len
     fsdp = p.data_parallel == "fsdp" and dp > 1
@@ -168,14 +167,14 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
     for rank in range(pp):
         stages = stages_of_rank(rank, p)
         first, last = 0 in stages, p.num_stages - 1 in stages
-        n_layers = sum(len(layers[s]) for s in stages)
-        n_moe = sum(m.layer(i).moe for s in stages for i in layers[s])
-        routed, rest = moe_layer_params(m, tp, p.ep) if n_moe else (0, 0)
-        full = n_layers * (split + replicated) + n_moe * (rest + routed)  # this rank's parameters before FSDP
-        full += vocab * m.hidden_size // tp * (first + (last and not (m.tie_embeddings and first)))
-        full += m.hidden_size if last else 0
+        mine = [i for s in stages for i in layers[s]]
+        n_layers, n_moe = len(mine), sum(m.layer(i).moe for i in mine)
+        routed = sum(held[i][0] for i in mine)
+        full = routed + sum(held[i][1] for i in mine)  # this rank's parameters before FSDP
+        full += table + first_rest if first else 0
+        full += last_rest + (0 if m.tie_embeddings and first else table) if last else 0  # a tied head counts once
         # FSDP shards the experts over the dp / ep ranks holding the same ones, the rest over dp
-        params = math.ceil((full - n_moe * routed) / dp) + math.ceil(n_moe * routed * p.ep / dp) if fsdp else full
+        params = math.ceil((full - routed) / dp) + math.ceil(routed * p.ep / dp) if fsdp else full
         per_layer = activations_per_token_layer(m, tp, p.sp)
         if n_moe:  # the mean over this rank's layers
             per_layer += n_moe * (activations_per_token_layer(m, tp, p.sp, moe=True) - per_layer) / n_layers
@@ -187,14 +186,14 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         if last:  # final norm; logits, log-probabilities, their gradient (+ the masked logits under loss_parallel;
             # + the logits a pipeline stage keeps as its output until the backward)
             acts += 3 * m.hidden_size + (3 + (tp > 1) + (pp > 1)) * vocab / tp
-        block = split + replicated
+        block = max(sum(held[i]) for i in mine)
         if fsdp and pp > 1:  # unsharded stage and gradients through the step
             unsharded = 8 * full
         elif fsdp:  # the current and the prefetched block, with their gradients
             unsharded = 2 * 8 * block
         elif dp > 1:  # DDP is FSDP2's replicate: the weights it computes with are a second copy (not of
             # experts split over all of dp, which no data-parallel unit holds)
-            unsharded = 4 * (full - (n_moe * routed if p.ep == dp else 0))
+            unsharded = 4 * (full - (routed if p.ep == dp else 0))
         else:
             unsharded = 0
         activations = acts * tokens * act_bytes
