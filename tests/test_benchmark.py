@@ -87,3 +87,15 @@ def test_dense_reference_times_the_moe_against_its_active_flops(capsys):
     assert re.search(r"experts alone \(no routing; a micro-batch's \d+ rows, \d+ per expert\): [\d.]+ ms", out), out
     assert benchmark.main(argv[:-6] + SHAPE) == 2  # a dense config has no dense twin
     assert "set model.moe_experts" in capsys.readouterr().err
+
+
+def test_a_family_benchmark_keeps_the_configs_experts():
+    """--family on a MoE config keeps its experts' count, width, top-k and groups: DeepSeek-V3's defaults (256
+    experts of 2048 in 8 groups) would not fit the machine at mixtral_tiny's hidden size, or not route at 8."""
+    from megatron_llm.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"))
+    benchmark.family_model(cfg, "deepseek_v3")
+    m = cfg.model
+    assert (m.attention, m.moe_score, m.moe_shared_ffn_hidden_size > 0) == ("mla", "sigmoid", True)  # the family's
+    assert (m.moe_experts, m.moe_ffn_hidden_size, m.moe_top_k, m.moe_groups) == (8, 1024, 2, 1)  # the config's

@@ -96,6 +96,9 @@ def import_transformers():
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
                 "max_seq_len")
+# A mixture of experts keeps its experts' count, width and choice (top-k, groups): transformers' defaults are a full-size
+# model's (DeepSeek-V3's 256 experts of 2048 would not fit this machine at hidden 512).
+MOE_SHAPE_FIELDS = ("moe_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_groups", "moe_topk_groups")
 
 
 def family_model(cfg: Config, model_type: str) -> None:
@@ -104,7 +107,8 @@ def family_model(cfg: Config, model_type: str) -> None:
     window (where the family has one) is set to half the sequence, so that it is exercised."""
     transformers = import_transformers()
     table = family(model_type)
-    shape = {e.hf: e.write(getattr(cfg.model, e.ours)) for e in table.config if getattr(e, "ours", None) in SHAPE_FIELDS}
+    fields = SHAPE_FIELDS + (MOE_SHAPE_FIELDS if cfg.model.moe_experts else ())
+    shape = {e.hf: e.write(getattr(cfg.model, e.ours)) for e in table.config if getattr(e, "ours", None) in fields}
     hf = {**transformers.AutoConfig.for_model(model_type).to_dict(), **shape}
     hf.update(num_key_value_heads=cfg.model.num_kv_heads, head_dim=cfg.model.head_dim)  # derived keys of most tables
     if hf.get("sliding_window"):
