@@ -97,5 +97,9 @@ def test_a_family_benchmark_keeps_the_configs_experts():
     cfg = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"))
     benchmark.family_model(cfg, "deepseek_v3")
     m = cfg.model
-    assert (m.attention, m.moe_score, m.moe_shared_ffn_hidden_size > 0) == ("mla", "sigmoid", True)  # the family's
+    assert (m.attention, m.moe_score, m.moe_shared_ffn_hidden_size) == ("mla", "sigmoid", 1024)  # the family's
     assert (m.moe_experts, m.moe_ffn_hidden_size, m.moe_top_k, m.moe_groups) == (8, 1024, 2, 1)  # the config's
+    for model_type in ("qwen3_moe", "olmoe"):  # tables that derive the count (transformers' defaults: 128, 64)
+        cfg = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"))
+        benchmark.family_model(cfg, model_type)
+        assert (cfg.model.moe_experts, cfg.model.moe_ffn_hidden_size) == (8, 1024), model_type

@@ -97,7 +97,7 @@ def import_transformers():
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
                 "max_seq_len")
 # A mixture of experts keeps its experts' count, width and choice (top-k, groups): transformers' defaults are a full-size
-# model's (DeepSeek-V3's 256 experts of 2048 would not fit this machine at hidden 512).
+# model's (DeepSeek-V3's 256 experts of 2048, Qwen3-MoE's 128, would not fit this machine at hidden 512).
 MOE_SHAPE_FIELDS = ("moe_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_groups", "moe_topk_groups")
 
 
@@ -107,7 +107,8 @@ def family_model(cfg: Config, model_type: str) -> None:
     window (where the family has one) is set to half the sequence, so that it is exercised."""
     transformers = import_transformers()
     table = family(model_type)
-    fields = SHAPE_FIELDS + (MOE_SHAPE_FIELDS if cfg.model.moe_experts else ())
+    experts = {f: getattr(cfg.model, f) for f in MOE_SHAPE_FIELDS} if cfg.model.moe_experts else {}
+    fields = (*SHAPE_FIELDS, *experts)  # through the table where it maps a field one to one (widths HF derives from)
     shape = {e.hf: e.write(getattr(cfg.model, e.ours)) for e in table.config if getattr(e, "ours", None) in fields}
     hf = {**transformers.AutoConfig.for_model(model_type).to_dict(), **shape}
     hf.update(num_key_value_heads=cfg.model.num_kv_heads, head_dim=cfg.model.head_dim)  # derived keys of most tables
@@ -115,7 +116,7 @@ def family_model(cfg: Config, model_type: str) -> None:
         hf["sliding_window"] = cfg.data.seq_len // 2
     if hf.get("layer_types"):  # the family's pattern, repeated over our layer count
         hf["layer_types"] = [hf["layer_types"][i % len(hf["layer_types"])] for i in range(cfg.model.num_layers)]
-    cfg.model = table.read_config(hf)
+    cfg.model = dataclasses.replace(table.read_config(hf), **experts)  # and set where it derives it (an expert count)
     cfg.model.validate()
 
 
