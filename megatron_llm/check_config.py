@@ -11,7 +11,6 @@ Exit status: 0 when train.py would start, 2 with `error: ...` on stderr when it 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from megatron_llm.config import Config, load_config
 from megatron_llm.errors import ArgumentParser, UsageError
@@ -31,14 +30,15 @@ def check_inputs(cfg: Config) -> None:
     """The files the run reads are on this node: its datasets, tokenizer and the checkpoint it resumes. The ranks
     read them only inside their process group, where each prints its own refusal and torchrun a traceback."""
     from megatron_llm.checkpoint.native import resolve_checkpoint
+    from megatron_llm.data.datasets import require_indexed_files
+    from megatron_llm.data.preprocess import MASK_SUFFIX
     from megatron_llm.data.tokenizer import load_tokenizer
 
     load_tokenizer(cfg.data.tokenizer)
     if not cfg.data.default_corpus:  # else the first run builds them
-        suffixes = (".bin", ".idx") + ((".mask.bin", ".mask.idx") if cfg.data.format == "sft" else ())
-        for path in (Path(f"{spec.path}{suffix}") for spec in cfg.data.blend for suffix in suffixes):
-            if not path.is_file():
-                raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
+        masks = (MASK_SUFFIX,) if cfg.data.format == "sft" else ()
+        for prefix in (f"{spec.path}{suffix}" for spec in cfg.data.blend for suffix in ("", *masks)):
+            require_indexed_files(prefix)
     if cfg.checkpoint.resume not in (None, "auto"):
         resolve_checkpoint(cfg.checkpoint.resume)
 

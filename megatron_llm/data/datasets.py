@@ -100,13 +100,18 @@ def _idx_layout_ok(idx_path: Path) -> bool:
     return magic == b"MMIDIDX\x00\x00" and version == 1 and idx_path.stat().st_size >= _IDX_HEADER.size + arrays
 
 
+def require_indexed_files(prefix: str) -> None:
+    """Raises UsageError naming the file of the .bin/.idx pair `prefix` that is not there."""
+    for path in (Path(f"{prefix}.bin"), Path(f"{prefix}.idx")):
+        if not path.is_file():
+            raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
+
+
 def check_indexed_dataset(prefix: str, vocab_size: int) -> np.ndarray:
     """Checks a .bin/.idx pair; returns its sequence (= document) lengths. Raises UsageError naming
     the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
-    for path in (bin_path, idx_path):
-        if not path.is_file():
-            raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
+    require_indexed_files(prefix)
     corrupt = f"dataset index {idx_path} is corrupt; rerun tools/preprocess_data.py"
     if not _idx_layout_ok(idx_path):
         raise UsageError(corrupt)
