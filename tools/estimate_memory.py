@@ -101,12 +101,11 @@ def layer_params(block: nn.Module, tp: int, ep: int) -> tuple[int, int]:
     return routed, rest
 
 
-def outer_params(model: nn.Module, m: ModelConfig, tp: int) -> tuple[int, int, int]:
+def outer_params(model: nn.Module, m: ModelConfig, tp: int, vocab: int) -> tuple[int, int, int]:
     """Parameters per rank outside the blocks: (the vocabulary table, the rest of the first stage, the rest of
-    the last stage). The embedding and the head are vocabulary-parallel, padded to 128 x tp; the first stage
-    also holds learned positions, the last the final norm and a head bias. A tied head is the embedding's
-    table, held again by a last stage that is not the first (PipelineModel.tied_copy)."""
-    vocab = padded_vocab_size(m.vocab_size, tp) if tp > 1 else m.vocab_size
+    the last stage). The embedding and the head are vocabulary-parallel (`vocab` rows, padded to 128 x tp); the
+    first stage also holds learned positions, the last the final norm and a head bias. A tied head is the
+    embedding's table, held again by a last stage that is not the first (PipelineModel.tied_copy)."""
     positions = sum(p.numel() for p in model.pos_embeddings.parameters()) if model.pos_embeddings is not None else 0
     head_bias = vocab // tp if model.output is not None and model.output.bias is not None else 0
     return vocab * m.hidden_size // tp, positions, head_bias + sum(p.numel() for p in model.norm.parameters())
@@ -118,11 +117,11 @@ def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = F
     h, f = m.hidden_size, m.ffn_hidden_size
     norms = 4 * h / tp + 2 * h if sp and tp > 1 else 4 * h
     attention, whole = attention_activations(m)
-    norms += whole
+    unsplit = norms + whole
     if moe:
         routed = m.moe_top_k * (2 * h + 3 * m.moe_ffn_hidden_size / tp) + 3 * m.moe_shared_ffn_hidden_size / tp
-        return norms + attention / tp + routed + m.moe_experts
-    return norms + (attention + 3 * f) / tp
+        return unsplit + attention / tp + routed + m.moe_experts
+    return unsplit + (attention + 3 * f) / tp
 
 
 def attention_activations(m: ModelConfig) -> tuple[int, int]:
@@ -159,7 +158,7 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
     vocab = padded_vocab_size(m.vocab_size, tp) if tp > 1 else m.vocab_size
     model = meta_model(m)
     held = [layer_params(model.layers[str(i)], tp, p.ep) for i in range(m.num_layers)]  # (routed, rest) per layer
-    table, first_rest, last_rest = outer_params(model, m, tp)
+    table, first_rest, last_rest = outer_params(model, m, tp, vocab)
     layers = stage_layers(m.num_layers, p)
     tokens = t.micro_batch_size * cfg.data.seq_len
     fsdp = p.data_parallel == "fsdp" and dp > 1
