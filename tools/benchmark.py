@@ -35,9 +35,11 @@ A step's time is its slowest rank's.
 
 --reference dense (a MoE config, one process): our MoE alternates steps with the dense model of its active
 FLOPs (every MoE layer's feed-forward one MLP as wide as the k routed experts and the shared ones). Besides
-the two speeds it prints where the overhead goes: each side's AdamW update, which grows with the parameters,
-and one layer's experts alone against one dense MLP of their FLOPs, which shows the matmuls' efficiency at
-the rows each expert gets.
+the two speeds it prints where the overhead goes: each side's AdamW update, which grows with the parameters;
+on CPU, the time inside the MoE layers' feed-forward slots in the same steps (the MoE's split into its routed
+experts and the routing around them) against the dense MLPs, and so the overhead that would remain with no
+routing at all; and one layer's experts alone against one dense MLP of their FLOPs, which shows the matmuls'
+efficiency at the rows each expert gets.
 
 On CPU the process keeps the host memory it frees, as train.py does (training/host_memory.py), for both sides.
 """
@@ -62,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_timing import (Runner, alternate, cpu_line, machine_line, our_runner, speed_table, state_bytes,  # noqa: E402
-                         synchronize, update_seconds)
+                         module_seconds, synchronize, update_seconds)
 
 from megatron_llm.checkpoint.families import family  # noqa: E402
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
@@ -277,11 +279,17 @@ def expert_matmuls(model: ModelConfig, tokens: int, device: torch.device, autoca
 
 def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, autocast) -> str:
     batches = random_batches(cfg, device, cfg.training.seed)
-    runners, updates = [], []
+    runners, updates, slots = [], [], []
+    moe_layers = [str(i) for i in range(cfg.model.num_layers) if cfg.model.layer(i).moe]
     for model_cfg in (cfg.model, dense_twin(cfg.model)):
         model = build_model(model_cfg, device, seed=cfg.training.seed)
         optimizer = build_optimizer(model, cfg.optimizer)
         updates.append(update_seconds(optimizer, device))
+        if device.type == "cpu":  # the feed-forward slots of the MoE layers and, on the MoE side, its experts
+            feed_forwards = [model.layers[i].feed_forward for i in moe_layers]
+            slots.append(module_seconds(feed_forwards, optimizer))
+            if model_cfg.moe_experts:
+                experts_in_step = module_seconds([f.experts for f in feed_forwards], optimizer)
         runners.append(our_runner(cfg, model, optimizer, batches, autocast))
     alternate(*runners, warmup, device, record=False)
     alternate(*runners, steps, device, record=True)
@@ -300,6 +308,17 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     update_ms = [statistics.median(u[-steps:]) * 1e3 for u in updates]
     lines.append(f"of which the AdamW update: MoE {update_ms[0]:.1f}, dense {update_ms[1]:.1f} ms/step, over"
                  f" {cfg.model.num_params() / 1e6:.1f}M and {dense.num_params() / 1e6:.1f}M parameters")
+    if slots:
+        slot_ms = [statistics.median(x[-steps:]) * 1e3 for x in slots]
+        experts_ms = statistics.median(experts_in_step[-steps:]) * 1e3
+        dense_step_ms = statistics.median(runners[1].seconds) * 1e3
+        lines.append(f"inside the steps, the {len(moe_layers)} MoE layers' feed-forward slots forward and backward: MoE"
+                     f" {slot_ms[0]:.1f} ms (its routed experts {experts_ms:.1f}, the rest {slot_ms[0] - experts_ms:.1f}),"
+                     f" dense MLPs {slot_ms[1]:.1f} ms")
+        if not cfg.model.moe_shared_ffn_hidden_size:  # else the dense MLPs also do the shared experts' work
+            floor = (experts_ms - slot_ms[1] + update_ms[0] - update_ms[1]) / dense_step_ms
+            lines.append(f"the experts' extra time over the dense MLPs and AdamW's: {floor:+.1%} of the dense step"
+                         " (the overhead without any routing)")
     micro_batch = t.micro_batch_size * cfg.data.seq_len
     rows = micro_batch * cfg.model.moe_top_k
     experts_ms, mlp_ms = (x * 1e3 for x in expert_matmuls(cfg.model, micro_batch, device, autocast, max(steps, 5)))

@@ -145,6 +145,40 @@ def update_seconds(optimizer: torch.optim.Optimizer, device: torch.device) -> li
     return seconds
 
 
+def module_seconds(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> list[float]:
+    """The seconds of each step from now on spent inside `modules`' forwards and backwards, appended at each
+    `optimizer.step()`. A backward is timed from its output's gradient to its input's, so each module must
+    take one input that needs a gradient and give one output; CPU only (a CUDA clock here would sync)."""
+    seconds: list[float] = []
+    total, started = [0.0], [0.0]
+
+    def add_since_start(*_) -> None:
+        total[0] += time.perf_counter() - started[0]
+
+    def start(*_) -> None:
+        started[0] = time.perf_counter()
+
+    def forward_start(module, args) -> None:
+        start()
+        if args[0].requires_grad:
+            args[0].register_hook(add_since_start)
+
+    def forward_end(module, args, output) -> None:
+        add_since_start()
+        if output.requires_grad:
+            output.register_hook(start)
+
+    def close_step(*_) -> None:
+        seconds.append(total[0])
+        total[0] = 0.0
+
+    for module in modules:
+        module.register_forward_pre_hook(forward_start)
+        module.register_forward_hook(forward_end)
+    optimizer.register_step_post_hook(close_step)
+    return seconds
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
