@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -514,6 +515,38 @@ def test_an_overwrite_stopped_while_the_old_output_is_deleted_leaves_the_new_one
         convert(str(small_hf), "hf", str(out), "native", Options(overwrite=True))
     assert sorted(p.name for p in out.iterdir()) == names
     assert finite(megatron_llm.load_model(str(out)))
+
+
+def test_a_killed_converts_temporaries_are_removed_and_a_running_ones_kept(small_hf, tmp_path, capsys):
+    """A convert killed with SIGKILL leaves `.tmp-NAME-HOST-PID` beside its output; the next convert to that
+    output removes it, or puts back the old output it had moved aside, but keeps a running convert's."""
+    from megatron_llm.checkpoint.convert import Options
+
+    dead, alive = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "60"])
+    dead.wait()
+    out, host = tmp_path / "out", socket.gethostname()
+    left, running, elsewhere, another_output = (tmp_path / f".tmp-{name}" for name in (
+        f"out-{host}-{dead.pid}", f"out-{host}-{alive.pid}", f"out-elsewhere-{dead.pid}", f"out2-{host}-{dead.pid}"))
+    for path in (left, running, elsewhere, another_output):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"\0" * 100)
+    try:
+        convert(str(small_hf), "hf", str(out), "native")
+        assert f"removed {left}, left unfinished by a killed process ({dead.pid})" in capsys.readouterr().out
+        assert sorted(tmp_path.iterdir()) == sorted([out, running, elsewhere, another_output])
+
+        names = sorted(p.name for p in out.iterdir())
+        aside = tmp_path / f".tmp-out-{host}-{dead.pid}-replaced"  # killed between its two renames
+        os.replace(out, aside)
+        left.mkdir()
+        with pytest.raises(UsageError, match="already exists"):  # the old output is back, and not overwritten
+            convert(str(small_hf), "hf", str(out), "native", Options())
+    finally:
+        alive.kill()
+        alive.wait()
+    said = capsys.readouterr().out
+    assert f"restored {out}, which a killed process ({dead.pid}) was replacing" in said and f"removed {left}" in said
+    assert sorted(p.name for p in out.iterdir()) == names and not aside.exists() and not left.exists()
 
 
 def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):

@@ -26,6 +26,7 @@ from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
 from megatron_llm.logging.progress import Progress
 from megatron_llm.model import Transformer, meta_model
+from megatron_llm.paths import remove_dead_temporaries, temporary_beside
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HEAD = "output.weight"
@@ -33,6 +34,7 @@ EMBEDDING = "tok_embeddings.weight"
 # The source's Hugging Face config.json, kept beside a Megatron or native conversion so that converting
 # back restores its other fields (token ids, family).
 HF_CONFIG = "hf_config.json"
+ASIDE = "-replaced"  # the suffix of an output's old version moved aside while its replacement is renamed in
 
 
 def native_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -115,10 +117,11 @@ def stream(reader: Reader, writer: Writer, dtype: Optional[torch.dtype], label: 
 def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
     """Yields a fresh temporary path beside `path` (not yet created); on success it replaces `path`,
     on any error it is removed, so a failed conversion leaves no partial output behind."""
+    remove_dead_temporaries(path, ASIDE)  # a killed conversion's, never a running one's
     if path.exists() and not overwrite:
         raise UsageError(f"output {path} already exists; pass --overwrite to replace it or choose another --output")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = temporary_beside(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp
@@ -126,7 +129,7 @@ def atomic_directory(path: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if path.exists():  # the old output moves aside whole and is deleted only once the new one has its name
-        old = path.with_name(f".tmp-{path.name}-{os.getpid()}-replaced")
+        old = temporary_beside(path, ASIDE)
         os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old)
