@@ -389,6 +389,17 @@ def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny
     assert tool("plot_channels").main([str(tmp_path / "tb"), "--output", str(picture)]) == 0 and picture.is_file()
 
 
+@pytest.mark.parametrize("flag", ["--pairs", "--conversations"])
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_synthetic_chat_refuses_a_count_that_would_write_an_empty_file(flag, count, tmp_path, capsys):
+    from megatron_llm.data import synthetic_chat
+
+    with pytest.raises(SystemExit) as refused:
+        synthetic_chat.main([str(tmp_path / "post"), flag, count])
+    assert refused.value.code == 2 and f"{flag} must be a positive number of records, got {count}" in one_error_line(capsys)
+    assert not (tmp_path / "post").exists()
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--data.default_corpus", "false", "--data.blend", "[{path: /nowhere/web}]"], "file /nowhere/web.bin not found"),
     (["--data.tokenizer", "/nowhere/tokenizer.json"], "tokenizer file /nowhere/tokenizer.json not found"),

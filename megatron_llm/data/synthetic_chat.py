@@ -65,12 +65,15 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     """python -m megatron_llm.data.synthetic_chat DIR [--conversations N] [--pairs N]: writes DIR/chats.jsonl
     and DIR/pairs.jsonl, each record with its kind as "channel", for tools/preprocess_data.py."""
-    parser = ArgumentParser(description=main.__doc__.split(":")[0])
+    parser = ArgumentParser(prog="python -m megatron_llm.data.synthetic_chat", description=main.__doc__.split(":")[0])
     parser.add_argument("directory")
     parser.add_argument("--conversations", type=int, default=8000)
     parser.add_argument("--pairs", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for flag in ("conversations", "pairs"):  # an empty file would be refused only by the next step, preprocessing
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be a positive number of records, got {getattr(args, flag)}")
     try:
         out = writable_directory(args.directory, "the directory")
     except UsageError as e:
