@@ -146,9 +146,11 @@ class ModelConfig:
     )
     moe_aux_loss_coeff: float = param(0.0, "load-balancing loss coefficient (Switch; transformers' router_aux_loss_coef)")
     moe_z_loss_coeff: float = param(0.0, "router z-loss coefficient: mean(logsumexp(router logits)^2) (ST-MoE)")
-    moe_aux_loss_scope: Literal["model", "layer"] = param(
+    moe_aux_loss_scope: Literal["model", "layer", "sequence"] = param(
         "model", "router losses over all MoE layers of a forward together, f summing to top_k (model: transformers' "
-        "formula) or per layer, f summing to 1, summed over layers (layer: Megatron's; works with parallel.pp > 1)"
+        "formula) or per layer, f summing to 1, summed over layers (layer: Megatron's; works with parallel.pp > 1); "
+        "sequence: per layer with the balance loss per sequence, averaged over the micro-batch's sequences "
+        "(Megatron's seq_aux_loss, DeepSeek-V3's complementary sequence-wise loss)"
     )
     moe_aux_loss_global: bool = param(
         False, "balance over the global micro-batch: f from assignment counts summed over the data-parallel ranks "
@@ -331,6 +333,9 @@ class ModelConfig:
         if self.moe_capacity_sequence_shards > 1 and self.moe_capacity_factor is None:
             raise UsageError("model.moe_capacity_sequence_shards splits token dropping: set model.moe_capacity_factor or "
                              "leave it 1 (dropless)")
+        if self.moe_aux_loss_global and self.moe_aux_loss_scope == "sequence":
+            raise UsageError("model.moe_aux_loss_global balances over the global micro-batch, model.moe_aux_loss_scope "
+                             "sequence over each sequence: choose one")
         if self.moe_shared_gate and not self.moe_shared_ffn_hidden_size:
             raise UsageError("model.moe_shared_gate gates the shared experts: set model.moe_shared_ffn_hidden_size")
         if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):

@@ -79,8 +79,10 @@ SUPPORTED_ARGS = {
     "apply_layernorm_1p": (False, None), "rotary_percent": (1.0, None), "rotary_interleaved": (False, None),
     "virtual_pipeline_model_parallel_size": (None, 1),
 }
-# How each load-balancing type of Megatron-LM maps to model.moe_aux_loss_global; the rest have no equal here.
-LOAD_BALANCING = {"aux_loss": False, "global_aux_loss": True, "none": False}
+# How each load-balancing type of Megatron-LM maps to (model.moe_aux_loss_scope, model.moe_aux_loss_global); the
+# rest, and a list of types (several losses at once), have no equal here. The first of each pair is the one written.
+LOAD_BALANCING = {"aux_loss": ("layer", False), "seq_aux_loss": ("sequence", False), "global_aux_loss": ("layer", True),
+                  "none": ("layer", False)}
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -297,7 +299,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     read_back = model_config_from_args(args)
     back = dataclasses.asdict(read_back)
     back["scaled_init"] = cfg.scaled_init  # an init choice Megatron records elsewhere
-    back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # no Megatron arg (it always trains per layer): either writes
+    back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # the model scope writes as the layer scope (_load_balancing_type)
     # Megatron's drop shards are its run's tp with sequence parallelism: written as such where they are (the
     # writer notes where not).
     back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
@@ -352,7 +354,7 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         moe_shared_expert_gate=cfg.moe_shared_gate,
         **_router_args(cfg),
         moe_router_bias_update_rate=cfg.moe_bias_update_rate,
-        moe_router_load_balancing_type="global_aux_loss" if cfg.moe_aux_loss_global else "aux_loss",
+        moe_router_load_balancing_type=_load_balancing_type(cfg),
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff, moe_z_loss_coeff=cfg.moe_z_loss_coeff or None,
         # Both drop policies keep what megatron-core's apply_router_token_dropping keeps on CUDA (ties to the
         # earliest token, sequence-major) and where they still differ: model/moe_capacity.py.
@@ -362,6 +364,13 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         sequence_parallel=cfg.moe_capacity_factor is not None and cfg.moe_capacity_sequence_shards == layout.tp > 1,
         moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
     )
+
+
+def _load_balancing_type(cfg: ModelConfig) -> str:
+    """Megatron-LM's name for our router losses: the model scope trains as the layer scope there (Megatron
+    takes every loss per layer)."""
+    scope = "layer" if cfg.moe_aux_loss_scope == "model" else cfg.moe_aux_loss_scope
+    return next(name for name, ours in LOAD_BALANCING.items() if ours == (scope, cfg.moe_aux_loss_global))
 
 
 def drop_shards_note(cfg: ModelConfig, tp: int) -> Optional[str]:
@@ -426,9 +435,10 @@ def _moe_config(args: argparse.Namespace) -> dict:
         raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack; convert it with "
                      "Megatron-LM's own tools")
     balancing = arg("moe_router_load_balancing_type", "aux_loss")
-    if balancing not in LOAD_BALANCING:
-        raise refuse("moe_router_load_balancing_type", f"we read only {', '.join(LOAD_BALANCING)} (our router "
+    if not isinstance(balancing, str) or balancing not in LOAD_BALANCING:
+        raise refuse("moe_router_load_balancing_type", f"we read only one of {', '.join(LOAD_BALANCING)} (our router "
                      "losses); convert it with Megatron-LM's own tools")
+    scope, balance_global = LOAD_BALANCING[balancing]
     padded = arg("moe_expert_capacity_factor") is not None and arg("moe_pad_expert_input_to_capacity")
     if padded and arg("moe_router_enable_expert_bias"):
         raise refuse("moe_pad_expert_input_to_capacity", "its expert-bias update counts the padding (every expert at "
@@ -460,7 +470,7 @@ def _moe_config(args: argparse.Namespace) -> dict:
         moe_capacity_sequence_shards=tp if factor is not None and arg("sequence_parallel") and tp > 1 else 1,
         moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)), moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)),
         # Megatron-LM takes its router losses per layer, so training continues as it did (and with pp > 1).
-        moe_aux_loss_scope="layer", moe_aux_loss_global=LOAD_BALANCING[balancing],
+        moe_aux_loss_scope=scope, moe_aux_loss_global=balance_global,
     )
 
 

@@ -29,7 +29,12 @@ class RouterStats:
     """One forward's routing, for the losses and the logs (sums, so micro-batches and layers add up)."""
 
     counts: torch.Tensor  # [E] assignments per expert (k per token), before any dropping; no gradient
-    prob_sum: torch.Tensor  # [E] sum over tokens of each expert's normalised score; carries the gradient
+    # The load-balancing loss's f and P per balancing group [G, E]: the micro-batch (G = 1), or each sequence
+    # (G = b, model.moe_aux_loss_scope sequence). f counts each token's k best unbiased scores over all
+    # experts, as megatron-core and DeepSeek-V3's balance loss do: the expert bias and group limits move the
+    # choice (counts), not the balance.
+    balance_counts: torch.Tensor  # [G, E] no gradient
+    prob_sum: torch.Tensor  # [G, E] sum over the group's tokens of each expert's normalised score; carries the gradient
     z_sum: torch.Tensor  # sum over tokens of logsumexp(router logits)^2; carries the gradient
     tokens: int  # tokens routed
     dropped: torch.Tensor  # assignments past an expert's capacity (0 when dropless)
@@ -260,6 +265,7 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.moe_shared_gate else None
         self.num_experts, self.top_k, self.capacity_factor = cfg.moe_experts, cfg.moe_top_k, cfg.moe_capacity_factor
         self.drop_policy, self.drop_shards = cfg.moe_token_drop_policy, cfg.moe_capacity_sequence_shards
+        self.balance_per_sequence = cfg.moe_aux_loss_scope == "sequence"
         self.stats: Optional[RouterStats] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +275,7 @@ class MoE(nn.Module):
         flat = indices.flatten()  # [T * k], token t's slots at t * k ...
         order = flat.argsort(stable=True)  # assignments sorted by expert, tokens in order within one
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        self._record(logits, scores, counts)
+        self._record(logits, scores, indices, counts, shape)
         if self.capacity_factor is not None:
             order, counts = self._drop_over_capacity(order, counts, flat, weights, shape)
         # Where each assignment went in the sorted rows; N (one past them, a zero row) for a dropped one.
@@ -294,11 +300,18 @@ class MoE(nn.Module):
         self.stats.kept = counts.float()
         return order, counts
 
-    def _record(self, logits: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor) -> None:
+    def _record(self, logits, scores, indices, counts, shape) -> None:
         """The router statistics of this forward (see RouterStats); the losses are the training step's.
         Softmax routers balance their probabilities (transformers' load_balancing_loss_func); sigmoid
-        ones their scores normalised per token (DeepSeek-V3's balance loss)."""
+        ones their scores normalised per token (DeepSeek-V3's balance loss). x was [b, s, hidden] (shape)
+        or one sequence: the balancing groups are its sequences only when the sequence scope asks."""
         probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         z = torch.logsumexp(logits, dim=-1)
+        groups = shape[0] if self.balance_per_sequence and len(shape) == 3 else 1
+        if self.router.expert_bias is not None or self.router.groups > 1:
+            indices = scores.topk(self.top_k, dim=-1).indices  # [T, k]: the unbiased, unlimited choice
+        group = torch.arange(logits.shape[0], device=logits.device) // (logits.shape[0] // groups)  # [T]
+        balance = torch.bincount((indices + self.num_experts * group[:, None]).flatten(), minlength=groups * self.num_experts)
         routed = counts.detach().float()
-        self.stats = RouterStats(routed, probs.sum(0), z.square().sum(), logits.shape[0], counts.new_zeros(()), routed)
+        self.stats = RouterStats(routed, balance.view(groups, -1).float(), probs.view(groups, -1, probs.shape[-1]).sum(1),
+                                 z.square().sum(), logits.shape[0], counts.new_zeros(()), routed)

@@ -3,7 +3,7 @@ itself in its forward (model/moe.py): the model computes no loss; this module ad
 
 Load balancing (Switch Transformer, eqs. 4-6): with f_e the share of assignments to expert e and P_e its
 mean router probability, aux = E * sum_e f_e * P_e. Router z-loss (ST-MoE): the mean of
-logsumexp(router logits)^2. Two scopes (model.moe_aux_loss_scope):
+logsumexp(router logits)^2. Three scopes (model.moe_aux_loss_scope):
 - model: transformers' load_balancing_loss_func, so a family's training loss equals transformers' with
   output_router_logits: one loss over the tokens of all MoE layers of a forward together, f summing to
   top_k (k when balanced). It is added to the micro-batch's loss, so it needs every layer on one rank.
@@ -13,6 +13,13 @@ logsumexp(router logits)^2. Two scopes (model.moe_aux_loss_scope):
   stage. Both losses are linear in the router's probability and z sums once f is fixed (f carries no
   gradient), so that gradient is a constant of the forward and nothing is saved for the backward: a
   recomputing (activation-checkpointed) block sees the same saved tensors as the first forward.
+- sequence: Megatron's seq_aux_loss (DeepSeek-V3's complementary sequence-wise balance loss): the layer
+  scope's loss per sequence, f and P over that sequence's tokens, averaged over the micro-batch's
+  sequences (MoE leaves per-sequence sums); the z-loss stays per layer. With b sequences of s tokens the
+  mean of E * sum_e f_be * prob_sum_be / s over b is E * sum f_be * prob_sum_be / (b s): the layer scope's
+  gradient with f per sequence. At b = 1 it is the layer scope.
+In every scope f counts each token's k best unbiased scores over all experts (RouterStats.balance_counts),
+as megatron-core and transformers do: the expert bias and group limits move the choice, not f.
 Each micro-batch adds coefficient x loss / the micro-batch count, so the gradient is the mean over
 micro-batches and (through data parallelism's gradient average) over ranks.
 
@@ -43,8 +50,8 @@ class Routed:
     """One MoE layer's forward as its losses see it."""
 
     stats: RouterStats
-    counts: torch.Tensor  # [E] assignments over the balancing tokens: this rank's, or the global micro-batch's
-    tokens: int  # the tokens those counts are over
+    counts: torch.Tensor  # [G, E] assignments per balancing group: this rank's, or the global micro-batch's
+    tokens: int  # the tokens of one group those counts are over
 
 
 class RouterCollector:
@@ -102,16 +109,17 @@ class RouterCollector:
     def _routed(self, stats: RouterStats) -> Routed:
         """The forward's statistics with its balancing counts: summed over the data-parallel ranks (detached)
         under model.moe_aux_loss_global."""
-        dims = self.dims
+        dims, counts = self.dims, stats.balance_counts
+        tokens = stats.tokens // counts.shape[0]  # per sequence under the sequence scope (never global: config)
         if not self.cfg.moe_aux_loss_global or dims is None or dims.dp == 1:
-            return Routed(stats, stats.counts, stats.tokens)
-        return Routed(stats, all_reduce_sum(stats.counts.clone(), dims), stats.tokens * dims.dp)
+            return Routed(stats, counts, tokens)
+        return Routed(stats, all_reduce_sum(counts.clone(), dims), tokens * dims.dp)
 
     def _layer_loss(self, routed: Routed, output: torch.Tensor):
-        """(aux, z) of one layer (layer scope), and the layer's output carrying their gradient."""
+        """(aux, z) of one layer (layer and sequence scopes), and the layer's output carrying their gradient."""
         stats, cfg = routed.stats, self.cfg
-        f = routed.counts / (routed.tokens * cfg.moe_top_k)  # [E], summing to 1
-        d_aux = cfg.moe_experts * f / stats.tokens  # d aux / d prob_sum: aux = E * sum_e f_e * prob_sum_e / T
+        f = routed.counts / (routed.tokens * cfg.moe_top_k)  # [G, E], each group's summing to 1
+        d_aux = cfg.moe_experts * f / stats.tokens  # d aux / d prob_sum (the module docstring)
         aux, z = (d_aux * stats.prob_sum.detach()).sum(), stats.z_sum.detach() / stats.tokens
         scale = 1.0 / self.micro_batches
         grads = (cfg.moe_aux_loss_coeff * scale * d_aux, torch.full_like(z, cfg.moe_z_loss_coeff * scale / stats.tokens))
@@ -173,8 +181,8 @@ def router_losses(routed: list[Routed], num_experts: int) -> tuple[torch.Tensor,
     """Model scope's (load-balancing loss, router z-loss) over the tokens of these forwards taken together
     (see the module docstring)."""
     rows = sum(r.stats.tokens for r in routed)
-    f = torch.stack([r.counts for r in routed]).sum(0) / sum(r.tokens for r in routed)  # [E], summing to top_k
-    probs = torch.stack([r.stats.prob_sum for r in routed]).sum(0)  # [E]
+    f = torch.stack([r.counts for r in routed]).sum(0) / sum(r.tokens for r in routed)  # [1, E], summing to top_k
+    probs = torch.stack([r.stats.prob_sum for r in routed]).sum(0)  # [1, E]
     aux = num_experts * (f * (probs / rows)).sum()
     z = torch.stack([r.stats.z_sum for r in routed]).sum() / rows
     return aux, z
