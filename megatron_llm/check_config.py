@@ -26,19 +26,28 @@ def check(config: str, overrides: list[str], world_size: int) -> None:
     check_inputs(cfg)
 
 
+# A .bin up to this size has its token ids checked against the vocabulary before the run starts (a second or
+# so); a larger one only when the datasets are built, after checkpoint.dir is locked: reading every token of a
+# big corpus would delay every start, and the .idx records no maximum id to read instead.
+SCAN_TOKENS_UP_TO = 64 * 2**20
+
+
 def check_inputs(cfg: Config) -> None:
-    """The files the run reads are on this node: its datasets, tokenizer and the checkpoint it resumes. The ranks
-    read them only inside their process group, where each prints its own refusal and torchrun a traceback."""
+    """The files the run reads are on this node and sound: its datasets (the .idx against its .bin, and the token
+    ids of a small .bin against the vocabulary), tokenizer and the checkpoint it resumes. The ranks read them only
+    inside their process group, after the writing rank has locked checkpoint.dir, where each prints its own
+    refusal and torchrun a traceback."""
     from megatron_llm.checkpoint.native import resolve_checkpoint
-    from megatron_llm.data.datasets import require_indexed_files
+    from megatron_llm.data.datasets import check_indexed_dataset
     from megatron_llm.data.preprocess import MASK_SUFFIX
     from megatron_llm.data.tokenizer import load_tokenizer
 
     load_tokenizer(cfg.data.tokenizer)
     if not cfg.data.default_corpus:  # else the first run builds them
-        masks = (MASK_SUFFIX,) if cfg.data.format == "sft" else ()
-        for prefix in (f"{spec.path}{suffix}" for spec in cfg.data.blend for suffix in ("", *masks)):
-            require_indexed_files(prefix)
+        masks = {MASK_SUFFIX: 2} if cfg.data.format == "sft" else {}  # a loss mask holds 0 and 1
+        for spec in cfg.data.blend:
+            for suffix, vocab_size in {"": cfg.model.vocab_size, **masks}.items():
+                check_indexed_dataset(f"{spec.path}{suffix}", vocab_size, scan_up_to=SCAN_TOKENS_UP_TO)
     if cfg.checkpoint.resume not in (None, "auto"):
         resolve_checkpoint(cfg.checkpoint.resume)
 

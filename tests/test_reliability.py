@@ -321,7 +321,17 @@ def test_a_truncated_safetensors_file_and_a_malformed_config_json_are_named(tiny
     assert not (tmp_path / "out").exists()
 
 
-def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+def broken_dataset(corpus: Path, prefix: Path, breaks: str) -> str:
+    """A copy of the corpus' smallest dataset at `prefix` with its .idx cut short ("idx"), its .bin cut short
+    ("bin") or a token id beyond the byte vocabulary ("token"); returns the data.blend override."""
+    idx, tokens = (corpus / "networking.idx").read_bytes(), (corpus / "networking.bin").read_bytes()
+    cuts = {"idx": (idx[:30], tokens), "bin": (idx, tokens[:-2]), "token": (idx, (9999).to_bytes(2, "little") + tokens[2:])}
+    for suffix, data in zip((".idx", ".bin"), cuts[breaks]):
+        Path(f"{prefix}{suffix}").write_bytes(data)
+    return f"[{{path: {prefix}}}]"
+
+
+def bad_train_inputs(tmp_path: Path, corpus: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (overrides, what the error line says)"""
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
@@ -345,6 +355,11 @@ def bad_train_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "nan in the split": (["--data.split", "98,nan,0"], "data.split must be three non-negative weights"),
         "resume a Hugging Face model": (["--checkpoint.resume", str(hf)], "it is a Hugging Face one"),
         "a dataset not there": (["--data.blend", f"[{{path: {tmp_path / 'web'}}}]"], f"{tmp_path / 'web.bin'} not found"),
+        "a truncated .idx": (["--data.blend", broken_dataset(corpus, tmp_path / "i", "idx")], f"index {tmp_path / 'i.idx'} is corrupt"),
+        "a truncated .bin": (["--data.blend", broken_dataset(corpus, tmp_path / "b", "bin")],
+                             f"{tmp_path / 'b.idx'} describes 3137550 bytes but {tmp_path / 'b.bin'} holds 3137548"),
+        "a token id beyond the vocabulary": (["--data.blend", broken_dataset(corpus, tmp_path / "t", "token")],
+                                             "t.bin holds token id 9999 but the vocabulary has 257 ids"),
     }
 
 
@@ -354,7 +369,7 @@ def test_bad_training_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path,
     sys.path.insert(0, str(ROOT))
     import train as train_script  # train.py's main, in this process
 
-    for case, (extra, says) in bad_train_inputs(tmp_path).items():
+    for case, (extra, says) in bad_train_inputs(tmp_path, corpus_dir).items():
         before = files_under(tmp_path)
         argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *tiny_overrides(corpus_dir, tmp_path / "run"), *extra]
         if extra[0] == "--config":  # the later --config wins: drop the tiny one
@@ -362,7 +377,25 @@ def test_bad_training_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path,
         assert train_script.main(argv) == 2, case
         line = one_error_line(capsys)
         assert says in line, (case, line)
-        assert files_under(tmp_path) == before, case
+        assert files_under(tmp_path) == before and not ckpt_dir(tmp_path / "run").exists(), case
+
+
+def test_a_data_error_found_after_the_lock_is_one_line_and_leaves_no_checkpoint_directory(corpus_dir, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """A .bin over check_config.SCAN_TOKENS_UP_TO has its token ids read only when the datasets are built,
+    after checkpoint.dir is locked: the run then removes the directory it made, lock and all."""
+    from conftest import tiny_overrides
+    from megatron_llm import check_config
+
+    sys.path.insert(0, str(ROOT))
+    import train as train_script
+
+    monkeypatch.setattr(check_config, "SCAN_TOKENS_UP_TO", 2**20)  # the corpus' 3 MB .bin counts as big
+    blend = broken_dataset(corpus_dir, tmp_path / "t", "token")
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *tiny_overrides(corpus_dir, tmp_path / "run"), "--data.blend", blend]
+    assert train_script.main(argv) == 2
+    assert "t.bin holds token id 9999 but the vocabulary has 257 ids" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.bin", "t.idx"]
 
 
 def test_bad_tool_input_is_one_line_and_a_missing_plot_directory_is_created(tiny_config, tmp_path, capsys):

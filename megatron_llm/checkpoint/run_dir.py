@@ -11,6 +11,8 @@
   run takes it over, naming the owner written in it.
 - Stale temporaries. Under the lock no other run can be writing `.tmp-*` entries: they are saves a
   killed run never finished, and are removed (an older save renamed aside is put back instead).
+- No empty leftovers. A run that fails before it writes anything there (a data error only the full
+  read finds, a crash at start-up) removes the directory it created and its lock.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class RunDirectory:
 def open_run_directory(cfg: Config, is_writer: bool) -> Iterator[RunDirectory]:
     """Every rank enters; a refusal on any rank stops all of them here. The lock lasts until exit."""
     ckpt = cfg.checkpoint
+    created = _outermost_missing(Path(ckpt.dir))  # before the collectives below: no rank has made it yet
     restarted = restarted_by_launcher()  # collectives first: after this point a rank may refuse alone
     checkpointer = Checkpointer(ckpt.dir, ckpt.keep, is_writer, run_tag=_run_tag())
     with contextlib.ExitStack() as held:
@@ -58,10 +61,32 @@ def open_run_directory(cfg: Config, is_writer: bool) -> Iterator[RunDirectory]:
                 writable_directory(cfg.logging.tensorboard_dir, "logging.tensorboard_dir")
             directory = writable_directory(ckpt.dir, "checkpoint.dir")
             if is_writer:
-                held.enter_context(_DirectoryLock(directory))
+                lock = held.enter_context(_DirectoryLock(directory))
+                if created is not None:  # runs on leaving, before the lock is released
+                    held.push(lambda failed, *_: _remove_if_unused(created, lock.path) if failed else None)
                 _remove_stale_temporaries(directory)
             resume_from = _resume_point(resume, checkpointer)
         yield RunDirectory(checkpointer, resume_from)
+
+
+def _outermost_missing(path: Path) -> Optional[Path]:
+    """The outermost directory that creating `path` would create; None when `path` exists."""
+    path, missing = path.resolve(), None
+    while not path.exists():
+        path, missing = path.parent, path
+    return missing
+
+
+def _remove_if_unused(created: Path, lock: Path) -> None:
+    """Removes `created` and the directories under it when they hold nothing but `lock`. rmdir, not rmtree,
+    removes only empty directories: whatever another process writes there meanwhile stays."""
+    entries, lock = list(created.rglob("*")), lock.resolve()  # created is resolved: so are the entries
+    if any(entry != lock and (entry.is_symlink() or not entry.is_dir()) for entry in entries):
+        return
+    lock.unlink(missing_ok=True)  # while still held: no other run can have taken it
+    for directory in sorted(entries + [created], key=lambda entry: len(entry.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 def _run_tag() -> str:

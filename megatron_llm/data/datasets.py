@@ -107,9 +107,10 @@ def require_indexed_files(prefix: str) -> None:
             raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
 
 
-def check_indexed_dataset(prefix: str, vocab_size: int) -> np.ndarray:
+def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int] = None) -> np.ndarray:
     """Checks a .bin/.idx pair; returns its sequence (= document) lengths. Raises UsageError naming
-    the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size."""
+    the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size. The token
+    ids are read only from a .bin of at most `scan_up_to` bytes (None: any): the index records no maximum."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     require_indexed_files(prefix)
     corrupt = f"dataset index {idx_path} is corrupt; rerun tools/preprocess_data.py"
@@ -132,7 +133,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> np.ndarray:
             f"{idx_path} describes {described} bytes but {bin_path} holds {actual}: the pair does not match "
             "(truncated or overwritten); rerun tools/preprocess_data.py"
         )
-    if actual:
+    if actual and (scan_up_to is None or actual <= scan_up_to):
         max_id = int(np.memmap(bin_path, dtype=dtype, mode="r").max())
         if max_id >= vocab_size:
             raise UsageError(
