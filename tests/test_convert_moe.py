@@ -281,7 +281,8 @@ def test_megatron_core_moe_forward_with_token_dropping_equals_ours_read_from_its
 def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_and_tp2_sp_as_one_process(corpus_dir, tmp_path, capsys):
     """A Megatron MoE checkpoint (experts whole: tp2 ep2 etp1; capacity 1.0, policy probs) as checkpoint.init_from
     reads with Megatron's per-layer router losses, so it trains at pp 2 (model scope is refused there), and
-    2 steps on 2 processes give one process's losses and router losses. Rank 0 stages the conversion while
+    2 steps on 2 processes give one process's losses and router losses. Saved with DeepSeek-V3's recipe's
+    seq_aux_loss, it reads as the sequence scope: per-layer losses, each sequence balanced on its own. Rank 0 stages the conversion while
     the others wait: the staged native copy is written without collectives (it hung in DCP's gather before).
     Saved as Megatron-LM's tp2 run with sequence parallelism saves it, it drops per 2 sequence shards (a
     different model from shards 1), and tp2 with sp gives the one process's losses too."""
@@ -301,9 +302,11 @@ def test_training_continues_from_a_megatron_moe_checkpoint_at_pp2_and_tp2_sp_as_
     assert "drops tokens per 1 sequence shard(s) (model.moe_capacity_sequence_shards); Megatron-LM continued at " \
            "tp 2 drops per 2 with --sequence-parallel, per 1 without" in capsys.readouterr().out
     assert checkpoint_model_config(str(tmp_path / "mg")).moe_capacity_sequence_shards == 1
-    _set_megatron_args(tmp_path / "mg", sequence_parallel=True)  # as Megatron-LM's tp2 + sp run saves it
+    assert checkpoint_model_config(str(tmp_path / "mg")).moe_aux_loss_scope == "layer"
+    # as Megatron-LM's tp2 + sp run of DeepSeek-V3's recipe saves it
+    _set_megatron_args(tmp_path / "mg", sequence_parallel=True, moe_router_load_balancing_type="seq_aux_loss")
     read = checkpoint_model_config(str(tmp_path / "mg"))
-    assert (read.moe_aux_loss_scope, read.moe_capacity_sequence_shards) == ("layer", 2)
+    assert (read.moe_aux_loss_scope, read.moe_capacity_sequence_shards) == ("sequence", 2)
     model, x = megatron_llm.load_model(str(tmp_path / "mg")), torch.randint(0, cfg.vocab_size, (4, 32))
     with torch.no_grad():
         per_shard = model(x)
@@ -406,6 +409,8 @@ MOE_BAD = {
     "etp-flag-not-dividing-tp": ("hf", ["--output-format", "megatron", "--tp", "2", "--etp", "4"],
                                  "expert tensor parallelism 4 does not divide tp 2"),
     "sinkhorn": ("megatron", ["--output-format", "hf"], "moe_router_load_balancing_type='sinkhorn'"),
+    "several-balancing-types": ("megatron", ["--output-format", "hf"],
+                                "moe_router_load_balancing_type=['seq_aux_loss', 'aux_loss']: we read only one of"),
     "padded-with-expert-bias": ("megatron", ["--output-format", "hf"],
                                 "moe_pad_expert_input_to_capacity=True: its expert-bias update counts the padding"),
 }
@@ -425,6 +430,9 @@ def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs
         _set_megatron_args(tmp_path / "mg", expert_tensor_parallel_size=4)
     elif case == "sinkhorn":
         _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type="sinkhorn")
+    elif case == "several-balancing-types":  # Megatron-LM sums them, each with its coefficient
+        _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type=["seq_aux_loss", "aux_loss"],
+                           moe_aux_loss_coeff=[1e-4, 1e-3])
     elif case == "padded-with-expert-bias":
         _set_megatron_args(tmp_path / "mg", moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
                            moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
