@@ -82,14 +82,14 @@ def test_dense_reference_times_the_moe_against_its_active_flops(capsys):
     out = capsys.readouterr().out
     assert "dense twin" in out and "(ffn 80)" in out, out  # 2 routed experts x 32 + the shared 16
     assert re.search(r"tokens/s +\d+ +\d+ +\d+\.\d+", out) and "MoE overhead over the dense model" in out, out
-    update = re.search(r"AdamW update: MoE (\S+), dense (\S+) ms/step", out)
+    update = re.search(r"AdamW update \(CPU time\): MoE (\S+), dense (\S+) ms/step", out)
     assert update and float(update[1]) > 0 and float(update[2]) > 0, out
     slots = re.search(r"slots forward and backward: MoE (\S+) ms \(its routed experts (\S+), the rest (\S+)\), dense"
                       r" MLPs (\S+) ms", out)
     step_ms = re.search(r"ms/step +(\S+) +(\S+)", out)
     assert slots and 0 < float(slots[2]) < float(slots[1]) < float(step_ms[1]), out  # clocked inside the steps
     assert 0 < float(slots[4]) < float(step_ms[2]), out
-    assert re.search(r"experts alone \(no routing; a micro-batch's \d+ rows, \d+ per expert\): [\d.]+ ms", out), out
+    assert re.search(r"experts alone \(no routing; a micro-batch's \d+ rows, \d+ per expert\) \(CPU time\): [\d.]+ ms", out), out
     assert benchmark.main(argv[:-6] + SHAPE) == 2  # a dense config has no dense twin
     assert "set model.moe_experts" in capsys.readouterr().err
 

@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from step_timing import (Runner, alternate, cpu_line, machine_line, our_runner, speed_table, state_bytes,  # noqa: E402
-                         module_seconds, synchronize, update_seconds)
+                         clock, module_seconds, synchronize, update_seconds)
 
 from megatron_llm.checkpoint.families import family  # noqa: E402
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, native_to_hf  # noqa: E402
@@ -263,15 +263,16 @@ def expert_matmuls(model: ModelConfig, tokens: int, device: torch.device, autoca
     grads = torch.randn_like(rows.detach()), torch.randn_like(x.detach())
     passes = (lambda: experts(rows, counts).backward(grads[0]), lambda: mlp(x).backward(grads[1]))
     seconds: tuple[list[float], list[float]] = ([], [])
+    now = clock(device)
     for i in range(repeats + 1):  # the first of each untimed
         for j in (0, 1) if i % 2 == 0 else (1, 0):
             synchronize(device)
-            start = time.perf_counter()
+            start = now()
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 passes[j]()
             synchronize(device)
             if i:
-                seconds[j].append(time.perf_counter() - start)
+                seconds[j].append(now() - start)
             for param in [*experts.parameters(), *mlp.parameters(), rows, x]:
                 param.grad = None
     return statistics.median(seconds[0]), statistics.median(seconds[1])
@@ -306,15 +307,16 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     overhead = statistics.median(runners[0].seconds) / statistics.median(runners[1].seconds) - 1
     lines.append(f"MoE overhead over the dense model of equal active FLOPs: {overhead:+.1%} step time")
     update_ms = [statistics.median(u[-steps:]) * 1e3 for u in updates]
-    lines.append(f"of which the AdamW update: MoE {update_ms[0]:.1f}, dense {update_ms[1]:.1f} ms/step, over"
-                 f" {cfg.model.num_params() / 1e6:.1f}M and {dense.num_params() / 1e6:.1f}M parameters")
+    clock_name = " (CPU time)" if device.type == "cpu" else ""
+    lines.append(f"of which the AdamW update{clock_name}: MoE {update_ms[0]:.1f}, dense {update_ms[1]:.1f} ms/step,"
+                 f" over {cfg.model.num_params() / 1e6:.1f}M and {dense.num_params() / 1e6:.1f}M parameters")
     if slots:
         slot_ms = [statistics.median(x[-steps:]) * 1e3 for x in slots]
         experts_ms = statistics.median(experts_in_step[-steps:]) * 1e3
-        dense_step_ms = statistics.median(runners[1].seconds) * 1e3
-        lines.append(f"inside the steps, the {len(moe_layers)} MoE layers' feed-forward slots forward and backward: MoE"
-                     f" {slot_ms[0]:.1f} ms (its routed experts {experts_ms:.1f}, the rest {slot_ms[0] - experts_ms:.1f}),"
-                     f" dense MLPs {slot_ms[1]:.1f} ms")
+        dense_step_ms = statistics.median(runners[1].cpu_seconds) * 1e3
+        lines.append(f"inside the steps (CPU time), the {len(moe_layers)} MoE layers' feed-forward slots forward and"
+                     f" backward: MoE {slot_ms[0]:.1f} ms (its routed experts {experts_ms:.1f}, the rest"
+                     f" {slot_ms[0] - experts_ms:.1f}), dense MLPs {slot_ms[1]:.1f} ms")
         if not cfg.model.moe_shared_ffn_hidden_size:  # else the dense MLPs also do the shared experts' work
             floor = (experts_ms - slot_ms[1] + update_ms[0] - update_ms[1]) / dense_step_ms
             lines.append(f"the experts' extra time over the dense MLPs and AdamW's: {floor:+.1%} of the dense step"
@@ -323,7 +325,7 @@ def benchmark_dense(cfg: Config, steps: int, warmup: int, device: torch.device, 
     rows = micro_batch * cfg.model.moe_top_k
     experts_ms, mlp_ms = (x * 1e3 for x in expert_matmuls(cfg.model, micro_batch, device, autocast, max(steps, 5)))
     lines.append(f"one layer's experts alone (no routing; a micro-batch's {rows} rows, {rows // cfg.model.moe_experts}"
-                 f" per expert): {experts_ms:.1f} ms forward and backward, one dense MLP of their FLOPs {mlp_ms:.1f} ms"
+                 f" per expert){clock_name}: {experts_ms:.1f} ms forward and backward, one dense MLP of their FLOPs {mlp_ms:.1f} ms"
                  f" ({experts_ms / mlp_ms:.3f}x)")
     if device.type == "cpu":
         lines.append(cpu_line(*runners, ("MoE", "dense")))

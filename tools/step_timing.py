@@ -126,19 +126,20 @@ def machine_line(device: torch.device, autocast, libraries: str = "") -> str:
 
 
 def update_seconds(optimizer: torch.optim.Optimizer, device: torch.device) -> list[float]:
-    """The seconds of each `optimizer.step()` from now on, appended as they end. The update reads and writes
-    each parameter's weight, gradient and two moments: its time grows with the parameter count, the experts'
-    included, whatever the tokens per step."""
+    """The seconds of each `optimizer.step()` from now on, appended as they end (`clock`'s). The update reads and
+    writes each parameter's weight, gradient and two moments: its time grows with the parameter count, the
+    experts' included, whatever the tokens per step."""
     seconds: list[float] = []
     started: list[float] = []
+    now = clock(device)
 
     def start(*_) -> None:
         synchronize(device)
-        started.append(time.perf_counter())
+        started.append(now())
 
     def end(*_) -> None:
         synchronize(device)
-        seconds.append(time.perf_counter() - started.pop())
+        seconds.append(now() - started.pop())
 
     optimizer.register_step_pre_hook(start)
     optimizer.register_step_post_hook(end)
@@ -146,17 +147,17 @@ def update_seconds(optimizer: torch.optim.Optimizer, device: torch.device) -> li
 
 
 def module_seconds(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -> list[float]:
-    """The seconds of each step from now on spent inside `modules`' forwards and backwards, appended at each
-    `optimizer.step()`. A backward is timed from its output's gradient to its input's, so each module must
-    take one input that needs a gradient and give one output; CPU only (a CUDA clock here would sync)."""
+    """The CPU seconds of each step from now on spent inside `modules`' forwards and backwards, appended at
+    each `optimizer.step()`. A backward is timed from its output's gradient to its input's, so each module
+    must take one input that needs a gradient and give one output; CPU only (a CUDA clock here would sync)."""
     seconds: list[float] = []
     total, started = [0.0], [0.0]
 
     def add_since_start(*_) -> None:
-        total[0] += time.perf_counter() - started[0]
+        total[0] += time.process_time() - started[0]
 
     def start(*_) -> None:
-        started[0] = time.perf_counter()
+        started[0] = time.process_time()
 
     def forward_start(module, args) -> None:
         start()
@@ -177,6 +178,12 @@ def module_seconds(modules: list[nn.Module], optimizer: torch.optim.Optimizer) -
         module.register_forward_hook(forward_end)
     optimizer.register_step_post_hook(close_step)
     return seconds
+
+
+def clock(device: torch.device) -> Callable[[], float]:
+    """The clock of a part of a step: on CPU this process's CPU time, which other processes on a shared machine
+    do not stretch; on CUDA the wall clock (after a synchronize)."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
 
 
 def synchronize(device: torch.device) -> None:
