@@ -86,18 +86,30 @@ class _RandomChannels(torch.utils.data.Dataset):
 
 
 _IDX_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+# megatron-core's DType codes (indexed_dataset.DType): the token type of the .bin.
+_TOKEN_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 
 
-def _idx_layout_ok(idx_path: Path) -> bool:
-    """Whether the .idx has megatron-core's header and room for the arrays it announces. Checked before
-    megatron-core reads it, whose reader fails on a bad file by assertion and then again in __del__."""
+def _read_index(idx_path: Path) -> Optional[tuple[np.ndarray, np.ndarray, np.dtype]]:
+    """(sequence lengths, sequence byte offsets in the .bin, token dtype) of an .idx in megatron-core's layout,
+    or None where megatron-core's reader would fail (by assertion, and then again in its __del__). Read here
+    with numpy rather than that reader: importing megatron-core's datasets takes ~2 s, and the launcher's
+    check_config runs this check before any worker starts."""
     with open(idx_path, "rb") as f:
         head = f.read(_IDX_HEADER.size)
-    if len(head) < _IDX_HEADER.size:
-        return False
-    magic, version, _code, sequences, documents = _IDX_HEADER.unpack(head)
-    arrays = sequences * (4 + 8) + documents * 8  # int32 lengths, int64 pointers, int64 document starts
-    return magic == b"MMIDIDX\x00\x00" and version == 1 and idx_path.stat().st_size >= _IDX_HEADER.size + arrays
+        if len(head) < _IDX_HEADER.size:
+            return None
+        magic, version, code, sequences, documents = _IDX_HEADER.unpack(head)
+        arrays = sequences * (4 + 8) + documents * 8  # int32 lengths, int64 pointers, int64 document starts
+        if magic != b"MMIDIDX\x00\x00" or version != 1 or code not in _TOKEN_DTYPES or documents < 1 or (
+                idx_path.stat().st_size < _IDX_HEADER.size + arrays):
+            return None
+        lengths, pointers = np.fromfile(f, np.int32, sequences), np.fromfile(f, np.int64, sequences)
+        f.seek((documents - 1) * 8, 1)
+        last_document_end = int(np.fromfile(f, np.int64, 1)[0])
+    if last_document_end != sequences:  # megatron-core asserts it when it opens the dataset
+        return None
+    return lengths, pointers, np.dtype(_TOKEN_DTYPES[code])
 
 
 def require_indexed_files(prefix: str) -> None:
@@ -113,18 +125,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int
     ids are read only from a .bin of at most `scan_up_to` bytes (None: any): the index records no maximum."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     require_indexed_files(prefix)
-    corrupt = f"dataset index {idx_path} is corrupt; rerun tools/preprocess_data.py"
-    if not _idx_layout_ok(idx_path):
-        raise UsageError(corrupt)
-    indexed = mcore("datasets.indexed_dataset")
-    try:
-        dataset = indexed.IndexedDataset(prefix, mmap=False)  # reads the index only
-    except (AssertionError, ValueError, OSError, struct.error) as e:
-        raise UsageError(f"{corrupt} ({str(e).strip() or type(e).__name__})") from None
-    # Copies: the arrays are views of the index mmap, which the reader unmaps when it is collected.
-    lengths, pointers = dataset.sequence_lengths.copy(), dataset.index.sequence_pointers.copy()
-    dtype = dataset.index.dtype
-    del dataset
+    index = _read_index(idx_path)
+    if index is None:
+        raise UsageError(f"dataset index {idx_path} is corrupt; rerun tools/preprocess_data.py")
+    lengths, pointers, dtype = index
     itemsize = np.dtype(dtype).itemsize
     described = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
     actual = bin_path.stat().st_size
