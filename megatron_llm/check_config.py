@@ -2,9 +2,9 @@
 
     python -m megatron_llm.check_config --world-size 8 configs/llama3_8b.yaml --parallel.tp 2
 
-launch/torchrun.sh runs it once before it starts the workers: a bad config or layout, or a dataset, tokenizer
-or checkpoint to resume that is not there, then prints one line and exits 2, instead of one line per rank
-followed by torchrun's ChildFailedError traceback.
+launch/torchrun.sh runs it once before it starts the workers: a bad config or layout, a dataset, tokenizer
+or checkpoint to resume that is not there, or a dataset whose .idx does not describe its .bin, then prints one
+line and exits 2, instead of one line per rank followed by torchrun's ChildFailedError traceback.
 Exit status: 0 when train.py would start, 2 with `error: ...` on stderr when it would refuse.
 """
 
