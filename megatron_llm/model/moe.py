@@ -300,18 +300,20 @@ class MoE(nn.Module):
         self.stats.kept = counts.float()
         return order, counts
 
-    def _record(self, logits, scores, indices, counts, shape) -> None:
+    def _record(self, logits: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor,
+                shape: torch.Size) -> None:
         """The router statistics of this forward (see RouterStats); the losses are the training step's.
         Softmax routers balance their probabilities (transformers' load_balancing_loss_func); sigmoid
         ones their scores normalised per token (DeepSeek-V3's balance loss). x was [b, s, hidden] (shape)
         or one sequence: the balancing groups are its sequences only when the sequence scope asks."""
+        tokens, e = logits.shape
         probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         z = torch.logsumexp(logits, dim=-1)
         groups = shape[0] if self.balance_per_sequence and len(shape) == 3 else 1
         if self.router.expert_bias is not None or self.router.groups > 1:
             indices = scores.topk(self.top_k, dim=-1).indices  # [T, k]: the unbiased, unlimited choice
-        group = torch.arange(logits.shape[0], device=logits.device) // (logits.shape[0] // groups)  # [T]
-        balance = torch.bincount((indices + self.num_experts * group[:, None]).flatten(), minlength=groups * self.num_experts)
+        group = torch.arange(tokens, device=logits.device) // (tokens // groups)  # [T]: the rows are batch-major
+        balance = torch.bincount((indices + e * group[:, None]).flatten(), minlength=groups * e).view(groups, e)
         routed = counts.detach().float()
-        self.stats = RouterStats(routed, balance.view(groups, -1).float(), probs.view(groups, -1, probs.shape[-1]).sum(1),
-                                 z.square().sum(), logits.shape[0], counts.new_zeros(()), routed)
+        self.stats = RouterStats(routed, balance.float(), probs.view(groups, -1, e).sum(1), z.square().sum(), tokens,
+                                 counts.new_zeros(()), routed)
