@@ -106,10 +106,13 @@ def _read_exaone4_layers(hf: dict) -> dict:
     return {**LAYERS.read({**hf, "layer_types": types or None}), "nope_layers": nope}
 
 
+EXAONE4_LAYERS = Derived(_read_exaone4_layers, write_every_layer_type)  # EXAONE-MoE's too
+
+
 EXAONE4 = Family(
     "exaone4", "Exaone4ForCausalLM",
     (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
-     ROPE, Derived(_read_exaone4_layers, write_every_layer_type), Fixed("norm_placement", "output"),
+     ROPE, EXAONE4_LAYERS, Fixed("norm_placement", "output"),
      Fixed("qk_norm", True), Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False)),
     OLMO2.tensors,
 )

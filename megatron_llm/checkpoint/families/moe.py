@@ -2,10 +2,23 @@
 expert, stacked into our [E, ...] weights by `Stacked`) and the shared experts."""
 
 import math
+from typing import Optional
 
-from megatron_llm.checkpoint.families.common import GATED_ACTIVATIONS, LLAMA_TENSORS, ROPE, activation, without
+from megatron_llm.checkpoint.families.common import (
+    GATED_ACTIVATIONS,
+    LAYERS,
+    LLAMA_CONFIG,
+    LLAMA_TENSORS,
+    ROPE,
+    SHAPE,
+    activation,
+    partial_rope,
+    without,
+    write_every_layer_type,
+)
+from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS
 from megatron_llm.checkpoint.families.llama import MISTRAL, OLMO2, QWEN2, QWEN3
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Stacked
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Stacked, get_family_value
 from megatron_llm.errors import UsageError
 
 
@@ -45,6 +58,12 @@ def experts(prefix: str, gate: str, up: str, down: str) -> dict:
     }
 
 
+def shared_mlp(prefix: str) -> dict:
+    """Llama's MLP names under `prefix` (the shared experts' module) -> our shared_experts."""
+    return {k.replace(".mlp.", f".mlp.{prefix}."): v.replace(".feed_forward.", ".feed_forward.shared_experts.")
+            for k, v in LLAMA_TENSORS.items() if ".mlp." in k}
+
+
 ROUTING = (  # transformers' names: top-k of a softmax, the load-balancing coefficient
     Key("num_experts_per_tok", "moe_top_k"),
     Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001),
@@ -72,9 +91,7 @@ QWEN2_MOE = Family(
     "qwen2_moe", "Qwen2MoeForCausalLM",
     (*without(QWEN2.config, "qkv_bias"), Key("qkv_bias", "qkv_bias", default=True), *ROUTING, *QWEN_LAYOUT,
      Key("shared_expert_intermediate_size", "moe_shared_ffn_hidden_size"), Fixed("moe_shared_gate", True)),
-    {**QWEN_EXPERTS,
-     **{k.replace(".mlp.", ".mlp.shared_expert."): v.replace(".feed_forward.", ".feed_forward.shared_experts.")
-        for k, v in LLAMA_TENSORS.items() if ".mlp." in k},
+    {**QWEN_EXPERTS, **shared_mlp("shared_expert"),
      "model.layers.{i}.mlp.shared_expert_gate.weight": "layers.{i}.feed_forward.shared_gate.weight"},
 )
 
@@ -88,7 +105,6 @@ OLMOE = Family(
      unsupported("clip_qkv", "OLMoE clips q, k and v after their norms, the model before")),
     QWEN_EXPERTS,
 )
-
 
 
 def _read_mla_shape(hf: dict) -> dict:
@@ -106,44 +122,170 @@ def _write_mla_shape(cfg) -> dict:
             "num_key_value_heads": cfg.num_kv_heads}
 
 
-def _read_shared(hf: dict) -> dict:
-    return dict(moe_shared_ffn_hidden_size=(hf.get("n_shared_experts") or 0) * hf["moe_intermediate_size"],
-                moe_dense_layers=list(range(hf.get("first_k_dense_replace") or 0)))
+def shared_experts(hf_key: str, default: int) -> Derived:
+    """model.moe_shared_ffn_hidden_size from the count of shared experts, each moe_intermediate_size wide (one
+    MLP of their summed width is the same function); `default` where config.json leaves the count out."""
+
+    def read(hf: dict) -> dict:
+        return dict(moe_shared_ffn_hidden_size=get_family_value(hf, hf_key, default=default) * hf["moe_intermediate_size"])
+
+    return Derived(read, lambda cfg: {hf_key: cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size})
 
 
-def _write_shared(cfg) -> dict:
-    return {"n_shared_experts": cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size,
-            "first_k_dense_replace": len(cfg.moe_dense_layers)}
+def first_dense_layers(default: int) -> Derived:
+    """model.moe_dense_layers from first_k_dense_replace: the first k layers dense (DeepSeek-V3, GLM-4.5, dots.llm1).
+    Other dense layers write a k that reads back differently, so export refuses them."""
+    return Derived(
+        lambda hf: dict(moe_dense_layers=list(range(get_family_value(hf, "first_k_dense_replace", default=default)))),
+        lambda cfg: {"first_k_dense_replace": len(cfg.moe_dense_layers)})
 
 
-# DeepSeek-V3: latent attention, a sigmoid router over groups of experts with the aux-loss-free bias (its
-# e_score_correction_bias), shared experts, the first k layers dense. transformers computes no aux loss for it.
+def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_replace") -> Derived:
+    """model.moe_dense_layers from mlp_layer_types ('dense' or 'sparse' per layer); where it is absent, the
+    config class's fill: the first `first_key` layers dense (`first_dense` without the key; GLM-4.7-Flash reads
+    no such key, its class always fills one dense layer)."""
+
+    def read(hf: dict) -> dict:
+        first = get_family_value(hf, first_key, default=first_dense) if first_key else first_dense
+        types = hf.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(hf["num_hidden_layers"])]
+        if set(types) - {"dense", "sparse"}:
+            raise UsageError(f"config.json mlp_layer_types {types!r}: each entry is 'dense' or 'sparse'")
+        return dict(moe_dense_layers=[i for i, kind in enumerate(types) if kind == "dense"])
+
+    def write(cfg) -> dict:
+        return {"mlp_layer_types": ["sparse" if cfg.layer(i).moe else "dense" for i in range(cfg.num_layers)]}
+
+    return Derived(read, write)
+
+
+def sigmoid_routing(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, renormalize: bool = True,
+                    scale: float = 1.0, groups: int = 1, topk_groups: int = 1, shared_count: int = 1) -> tuple:
+    """DeepSeek-V3's router as config keys: a sigmoid per expert, the aux-loss-free expert bias (its
+    e_score_correction_bias), group-limited top-k, a routed scale, shared experts. GLM-4.5, dots.llm1, EXAONE-MoE
+    and GLM-4.7-Flash copied it; each family passes its config class's defaults (what a config.json without the
+    key means) and its names for the two counts. transformers computes no aux loss for any of them."""
+    return (
+        Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
+        Key("moe_intermediate_size", "moe_ffn_hidden_size"), Fixed("moe_score", "sigmoid"), Fixed("moe_expert_bias", True),
+        Key("norm_topk_prob", "moe_renormalize", default=renormalize),
+        Key("routed_scaling_factor", "moe_routed_scale", default=scale),
+        Key("n_group", "moe_groups", default=groups), Key("topk_group", "moe_topk_groups", default=topk_groups),
+        shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0),
+    )
+
+
+EXPERT_BIAS = "layers.{i}.feed_forward.router.expert_bias"
+# The DeepSeek-style MoE block: the router (mlp.gate) with its expert bias, the experts, the shared experts.
+SIGMOID_MOE_TENSORS = {**experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
+                       "model.layers.{i}.mlp.gate.e_score_correction_bias": EXPERT_BIAS, **shared_mlp("shared_experts")}
+
+
+def latent_norm_eps(default: float) -> Derived:
+    """model.norm_eps from rms_norm_eps (`default` where absent), which must be 1e-6: transformers' latent norms
+    (q_a_layernorm, kv_a_layernorm) keep RMSNorm's own 1e-6 whatever rms_norm_eps says, and ours share norm_eps."""
+
+    def read(hf: dict) -> dict:
+        eps = get_family_value(hf, "rms_norm_eps", default=default)
+        if eps != 1e-6:
+            raise UsageError(f"config.json rms_norm_eps={eps} is not supported: {hf.get('model_type')}'s latent norms "
+                             "(q_a_layernorm, kv_a_layernorm) use 1e-6, and ours share the block norms' epsilon")
+        return dict(norm_eps=eps)
+
+    return Derived(read, lambda cfg: {"rms_norm_eps": cfg.norm_eps})
+
+
+# Multi-head latent attention (DeepSeek-V2/V3): compressed q (or one projection) and kv with their norms, the
+# decoupled RoPE dims interleaved or not, every head its own key and value.
+MLA_CONFIG = (
+    Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Key("num_hidden_layers", "num_layers"),
+    Key("num_attention_heads", "num_heads"), Key("intermediate_size", "ffn_hidden_size"),
+    Key("max_position_embeddings", "max_seq_len"), Key("tie_word_embeddings", "tie_embeddings", default=False),
+    activation("hidden_act", GATED_ACTIVATIONS, default="silu"), ROPE,
+    Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+    Fixed("mlp_bias", False), Fixed("attention", "mla"), Derived(_read_mla_shape, _write_mla_shape),
+    Key("kv_lora_rank", "mla_kv_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=None),
+    Key("v_head_dim", "mla_v_head_dim"), Key("rope_interleave", "rope_interleaved", default=True),
+)
+MLA_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k},
+    **{f"model.layers.{{i}}.self_attn.{theirs}": f"layers.{{i}}.attention.{ours}" for theirs, ours in (
+        ("q_proj.weight", "wq.weight"), ("q_a_proj.weight", "wq_a.weight"), ("q_a_proj.bias", "wq_a.bias"),
+        ("q_a_layernorm.weight", "q_a_norm.weight"), ("q_b_proj.weight", "wq_b.weight"),
+        ("kv_a_proj_with_mqa.weight", "wkv_a.weight"), ("kv_a_proj_with_mqa.bias", "wkv_a.bias"),
+        ("kv_a_layernorm.weight", "kv_a_norm.weight"), ("kv_b_proj.weight", "wkv_b.weight"),
+        ("o_proj.weight", "wo.weight"), ("o_proj.bias", "wo.bias"))},
+}
+
+# DeepSeek-V3: latent attention, the sigmoid router over groups of experts, the first k layers dense.
 DEEPSEEK_V3 = Family(
     "deepseek_v3", "DeepseekV3ForCausalLM",
-    (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Key("num_hidden_layers", "num_layers"),
-     Key("num_attention_heads", "num_heads"), Key("intermediate_size", "ffn_hidden_size"),
-     Key("max_position_embeddings", "max_seq_len"), Key("tie_word_embeddings", "tie_embeddings", default=False),
-     activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-6), ROPE,
-     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
-     Fixed("mlp_bias", False), Fixed("attention", "mla"), Derived(_read_mla_shape, _write_mla_shape),
-     Key("kv_lora_rank", "mla_kv_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=None),
-     Key("v_head_dim", "mla_v_head_dim"), Key("rope_interleave", "rope_interleaved", default=True),
-     Key("n_routed_experts", "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
-     Key("moe_intermediate_size", "moe_ffn_hidden_size"), Fixed("moe_score", "sigmoid"), Fixed("moe_expert_bias", True),
-     Key("norm_topk_prob", "moe_renormalize", default=True), Key("routed_scaling_factor", "moe_routed_scale", default=1.0),
-     Key("n_group", "moe_groups", default=1), Key("topk_group", "moe_topk_groups", default=1),
-     Derived(_read_shared, _write_shared), Fixed("moe_aux_loss_coeff", 0.0)),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k},
-     **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
-     "model.layers.{i}.mlp.gate.e_score_correction_bias": "layers.{i}.feed_forward.router.expert_bias",
-     **{k.replace(".mlp.", ".mlp.shared_experts."): v.replace(".feed_forward.", ".feed_forward.shared_experts.")
-        for k, v in LLAMA_TENSORS.items() if ".mlp." in k},
-     **{f"model.layers.{{i}}.self_attn.{theirs}": f"layers.{{i}}.attention.{ours}" for theirs, ours in (
-         ("q_proj.weight", "wq.weight"), ("q_a_proj.weight", "wq_a.weight"), ("q_a_proj.bias", "wq_a.bias"),
-         ("q_a_layernorm.weight", "q_a_norm.weight"), ("q_b_proj.weight", "wq_b.weight"),
-         ("kv_a_proj_with_mqa.weight", "wkv_a.weight"), ("kv_a_proj_with_mqa.bias", "wkv_a.bias"),
-         ("kv_a_layernorm.weight", "kv_a_norm.weight"), ("kv_b_proj.weight", "wkv_b.weight"),
-         ("o_proj.weight", "wo.weight"), ("o_proj.bias", "wo.bias"))}},
+    (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3)
+
+def _read_whole_rope(hf: dict) -> dict:
+    """GLM-4.7-Flash rotates partial_rotary_factor of qk_rope_head_dim only in its table, not in its attention."""
+    fraction = ROPE.read(hf)["rope_fraction"]
+    if fraction != 1.0:
+        raise UsageError(f"config.json partial_rotary_factor={fraction} is not supported: latent attention rotates all "
+                         "qk_rope_head_dim dims (set qk_rope_head_dim instead)")
+    return {}
+
+
+# GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's latent attention and router; its dense layers by mlp_layer_types.
+GLM4_MOE_LITE = Family(
+    "glm4_moe_lite", "Glm4MoeLiteForCausalLM",
+    (*MLA_CONFIG, Derived(_read_whole_rope, lambda cfg: {}), latent_norm_eps(1e-5), *sigmoid_routing(scale=1.8),
+     mlp_layer_types(1, first_key=None)),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
+)
+
+# GLM-4.5/4.6 (glm4_moe): Llama's attention with q/k/v biases only, half of each head rotated (by halves, unlike
+# GLM-4's pairs), an optional per-head QK-norm; DeepSeek-V3's router.
+GLM4_MOE = Family(
+    "glm4_moe", "Glm4MoeForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "norm_eps", "out_bias", "mlp_bias") if e is not ROPE), partial_rope(0.5),
+     Key("rms_norm_eps", "norm_eps", default=1e-5), Fixed("out_bias", False), Fixed("mlp_bias", False),
+     Key("use_qk_norm", "qk_norm", default=False), *sigmoid_routing(), first_dense_layers(1)),
+    {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS},
+)
+
+
+def _read_dots1_layers(hf: dict) -> dict:
+    """Dots1Config's fill for a missing layer_types: the layers from max_window_layers on slide (window 4096)."""
+    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    first = get_family_value(hf, "max_window_layers", default=62)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window and i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
+    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types, "use_sliding_window": None})  # not its key
+
+
+# dots.llm1 (dots1): Qwen3's attention (per-head QK-norm, biases on every projection or none, sliding layers; no
+# partial rotation, whatever the config says) and DeepSeek-V3's router.
+DOTS1 = Family(
+    "dots1", "Dots1ForCausalLM",
+    (*(e for e in QWEN3.config if e is not LAYERS), Fixed("rope_fraction", 1.0),
+     Derived(_read_dots1_layers, write_every_layer_type), *sigmoid_routing(renormalize=False), first_dense_layers(0)),
+    {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS},
+)
+
+
+def _read_exaone_moe_layers(hf: dict) -> dict:
+    """EXAONE 4's layers, with ExaoneMoeConfig's window (4096) where config.json has no sliding_window key."""
+    return EXAONE4_LAYERS.read({**hf, "sliding_window": hf["sliding_window"] if "sliding_window" in hf else 4096})
+
+
+# EXAONE-MoE: EXAONE 4's attention (per-head QK-norm, sliding layers, no positions on the full ones) in a pre-norm
+# block (every head rotated whole, whatever the config says); DeepSeek-V3's router, its expert bias one level up
+# (mlp.e_score_correction_bias).
+EXAONE_MOE = Family(
+    "exaone_moe", "ExaoneMoeForCausalLM",
+    (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     ROPE, Fixed("rope_fraction", 1.0), Derived(_read_exaone_moe_layers, write_every_layer_type), Fixed("qk_norm", True),
+     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False), *sigmoid_routing("num_experts", "num_shared_experts", scale=2.5), mlp_layer_types(1)),
+    {**LLAMA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS},
+     "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
+)
+
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE)
