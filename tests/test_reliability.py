@@ -172,11 +172,18 @@ def test_every_rank_stops_when_the_writing_rank_finds_the_directory_locked(corpu
     try:
         with pytest.raises(AssertionError) as refused:
             pool.run(2, tiny_overrides(corpus_dir, tmp_path, parallel__timeout_s=300, **QUIET), tmp_path, timeout_s=120)
+        # A data error every rank finds only after the lock: the writing rank removes the directories it made.
+        blend = broken_dataset(corpus_dir, tmp_path / "t", "token")
+        with pytest.raises(AssertionError) as broken:
+            pool.run(2, tiny_overrides(corpus_dir, tmp_path / "new", data__blend=blend, parallel__timeout_s=300, **QUIET),
+                     tmp_path, timeout_s=120)
     finally:
         pool.close()
         holder.close()
     for rank in (0, 1):
         assert f"rank {rank}: UsageError: checkpoint.dir {ckpt} is in use by another run" in str(refused.value)
+        assert f"rank {rank}: UsageError: {tmp_path / 't.bin'} holds token id 9999" in str(broken.value)
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
