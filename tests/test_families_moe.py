@@ -34,6 +34,7 @@ CASES = {
                       mlp_only_layers=[0]),
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=24, decoder_sparse_step=2),
     "olmoe": dict(num_experts=4, pad_token_id=0, eos_token_id=1),
+    "flex_olmo": dict(num_experts=4, norm_topk_prob=True, pad_token_id=0, eos_token_id=1),
     # latent attention (compressed q and kv, decoupled interleaved RoPE dims), 8 experts in 4 groups of which a
     # token may use 2, the expert bias, a shared expert, a dense first layer, a routed scale
     "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
@@ -183,13 +184,14 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
                                    atol=1e-6, rtol=1e-4)
 
 
-# What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; DeepSeek-V3,
-# GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in Megatron (top_k / topk_groups = 1),
-# by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table writes none); dots.llm1's output-
-# projection bias (Megatron's add_bias_linear would give the experts biases too).
-NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "deepseek_v3": r"model\.moe_groups",
-                   "glm4_moe_lite": r"model\.moe_groups", "exaone_moe": r"model\.moe_groups",
-                   "glm4_moe": r"model\.rope_fraction", "dots1": r"add_bias_linear also gives every expert biases"}
+# What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
+# after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
+# Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
+# writes none); dots.llm1's output-projection bias (Megatron's add_bias_linear would give the experts biases too).
+NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
+                   "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
+                   "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
+                   "dots1": r"add_bias_linear also gives every expert biases"}
 
 
 @pytest.mark.parametrize("model_type", CASES)

@@ -64,11 +64,14 @@ def shared_mlp(prefix: str) -> dict:
             for k, v in LLAMA_TENSORS.items() if ".mlp." in k}
 
 
-ROUTING = (  # transformers' names: top-k of a softmax, the load-balancing coefficient
-    Key("num_experts_per_tok", "moe_top_k"),
-    Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001),
-    Fixed("moe_score", "softmax"),
-)
+def softmax_routing(aux_loss_coeff: float) -> tuple:
+    """transformers' names: top-k of a softmax, the load-balancing coefficient (`aux_loss_coeff` where config.json
+    leaves it out: the config class's)."""
+    return (Key("num_experts_per_tok", "moe_top_k"),
+            Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=aux_loss_coeff), Fixed("moe_score", "softmax"))
+
+
+ROUTING = softmax_routing(0.001)  # Mixtral's and Qwen's
 # Qwen-style MoE layers: an expert width of their own, every n-th layer sparse, some layers kept dense.
 QWEN_LAYOUT = (
     expert_count("num_experts", "num_local_experts"),
@@ -98,12 +101,21 @@ QWEN2_MOE = Family(
 QWEN3_MOE = Family("qwen3_moe", "Qwen3MoeForCausalLM", (*QWEN3.config, *ROUTING, *QWEN_LAYOUT), QWEN_EXPERTS)
 
 # OLMoE: OLMo2's QK-norm over the whole projection in a pre-norm block, and experts of intermediate_size.
+OLMO_ROUTING = (*softmax_routing(0.01), expert_count("num_experts", "num_local_experts"),
+                Key("norm_topk_prob", "moe_renormalize", default=False))
 OLMOE = Family(
     "olmoe", "OlmoeForCausalLM",
-    (*without(OLMO2.config, "norm_placement"), *ROUTING, expert_count("num_experts", "num_local_experts"),
-     Key("norm_topk_prob", "moe_renormalize", default=False),
+    (*without(OLMO2.config, "norm_placement"), *OLMO_ROUTING,
      unsupported("clip_qkv", "OLMoE clips q, k and v after their norms, the model before")),
     QWEN_EXPERTS,
+)
+
+# FlexOLMo: OLMoE's experts in OLMo2's block (each sublayer's output normed inside the residual).
+FLEX_OLMO = Family(
+    "flex_olmo", "FlexOlmoForCausalLM",
+    (*without(OLMO2.config, "mlp_bias"), Fixed("mlp_bias", False), *OLMO_ROUTING),
+    {**{k: v for k, v in OLMO2.tensors.items() if ".mlp." not in k},
+     **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj")},
 )
 
 
@@ -288,4 +300,4 @@ EXAONE_MOE = Family(
      "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE)
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE)
