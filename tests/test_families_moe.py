@@ -57,9 +57,14 @@ CASES = {
     "exaone_moe": dict(num_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, num_shared_experts=1,
                        first_k_dense_replace=1, sliding_window=WINDOW, sliding_window_pattern=2, pad_token_id=0,
                        eos_token_id=1, bos_token_id=2),
+    # HunYuan-MoE: biases on every projection, QK-norm after RoPE, NTK-alpha RoPE, a shared MLP beside the experts,
+    # top-k given per layer
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=[2, 2], attention_bias=True, head_dim=16, pad_token_id=0,
+                           eos_token_id=1, bos_token_id=2,
+                           rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}),
 }
 DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "dots1", "exaone_moe"}
-NO_AUX_LOSS = DEEPSEEK_STYLE  # transformers computes none for them (their balance comes from the expert bias)
+NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe"}  # transformers computes none for them (most balance by the expert bias)
 
 
 def hf_model(model_type: str) -> torch.nn.Module:
@@ -178,20 +183,28 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
     grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
     for i in (i for i in range(model.cfg.num_layers) if model.cfg.layer(i).moe):
         theirs = hf.model.layers[i].mlp  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
-        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], theirs.gate.weight.grad,
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(theirs.gate).grad,
                                    atol=1e-6, rtol=1e-4)  # the router's gradient carries the aux loss's
         torch.testing.assert_close(grad[f"layers.{i}.feed_forward.experts.w2"], theirs.experts.down_proj.grad,
                                    atol=1e-6, rtol=1e-4)
 
 
+def router_weight(gate: torch.nn.Module) -> torch.Tensor:
+    """transformers' router matrix [E, hidden], wherever its gate keeps it (gate.weight; HunYuan's gate.wg.weight)."""
+    (weight,) = (p for p in gate.parameters() if p.dim() == 2)
+    return weight
+
+
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
-# writes none); dots.llm1's output-projection bias (Megatron's add_bias_linear would give the experts biases too).
+# writes none); dots.llm1's and HunYuan's output-projection bias (Megatron's add_bias_linear would give the experts
+# biases too).
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
                    "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
-                   "dots1": r"add_bias_linear also gives every expert biases"}
+                   "dots1": r"add_bias_linear also gives every expert biases",
+                   "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases"}
 
 
 @pytest.mark.parametrize("model_type", CASES)

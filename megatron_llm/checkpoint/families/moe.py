@@ -2,7 +2,7 @@
 expert, stacked into our [E, ...] weights by `Stacked`) and the shared experts."""
 
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
@@ -16,7 +16,7 @@ from megatron_llm.checkpoint.families.common import (
     without,
     write_every_layer_type,
 )
-from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS
+from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS, HUNYUAN_DENSE
 from megatron_llm.checkpoint.families.llama import MISTRAL, OLMO2, QWEN2, QWEN3
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Stacked, get_family_value
 from megatron_llm.errors import UsageError
@@ -300,4 +300,32 @@ EXAONE_MOE = Family(
      "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE)
+def one_for_all_layers(hf_key: str) -> Callable[[Any], Any]:
+    """A Key's read for a value a config.json may give per layer (HunYuan's moe_topk): one value, or a list of
+    equal ones; a list that varies is refused (every MoE layer has the same router and experts here)."""
+
+    def read(value):
+        if not isinstance(value, list):
+            return value
+        if len(set(value)) != 1:
+            raise UsageError(f"config.json {hf_key}={value!r} varies by layer: every MoE layer here has the same experts")
+        return value[0]
+
+    return read
+
+
+# HunYuan-MoE (hunyuan_v1_moe): HunYuan dense's attention (QK-norm after RoPE, NTK-alpha RoPE); every layer a
+# renormalised softmax top-k over experts as wide as the shared MLP beside them (both intermediate_size).
+HUNYUAN_MOE = Family(
+    "hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM",
+    (*HUNYUAN_DENSE.config, Key("num_experts", "moe_experts", read=one_for_all_layers("num_experts")),
+     Key("moe_topk", "moe_top_k", read=one_for_all_layers("moe_topk")), Fixed("moe_score", "softmax"),
+     Fixed("moe_renormalize", True), Fixed("moe_aux_loss_coeff", 0.0),
+     Derived(lambda hf: dict(moe_ffn_hidden_size=hf["intermediate_size"], moe_shared_ffn_hidden_size=hf["intermediate_size"]),
+             lambda cfg: {})),
+    {**{k: v for k, v in HUNYUAN_DENSE.tensors.items() if ".mlp." not in k},
+     **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
+     "model.layers.{i}.mlp.gate.wg.weight": "layers.{i}.feed_forward.router.weight", **shared_mlp("shared_mlp")},
+)
+
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE)
