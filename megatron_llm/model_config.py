@@ -128,7 +128,10 @@ class ModelConfig:
     moe_renormalize: bool = param(True, "divide the top-k scores by their sum (Mixtral; Qwen2/3-MoE and OLMoE: false)")
     moe_routed_scale: float = param(1.0, "multiplier of the routed experts' weights (DeepSeek's routed_scaling_factor)")
     moe_groups: int = param(1, "expert groups of group-limited routing (DeepSeek n_group); 1: no groups")
-    moe_topk_groups: int = param(1, "groups a token may use, ranked by the sum of each group's top-2 scores (DeepSeek-V3)")
+    moe_topk_groups: int = param(1, "groups a token may use, ranked by the sum of each group's best moe_group_rank_top scores")
+    moe_group_rank_top: int = param(
+        2, "a group's rank in group-limited routing: the sum of its n best scores (DeepSeek-V3: 2, Megatron: top_k / "
+        "topk_groups; DeepSeek-V2's group_limited_greedy: 1, its best)")
     moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
     moe_bias_update_rate: float = param(1e-3, "step of the expert bias towards balance after each optimizer step")
     moe_shared_ffn_hidden_size: int = param(0, "inner width of the shared experts every token passes through; 0: none")
@@ -308,7 +311,8 @@ class ModelConfig:
             raise UsageError("model.mlp xielu learns scalars per MLP, which the stacked experts do not hold: choose another model.mlp")
         if not 0 < self.moe_top_k <= self.moe_experts:
             raise UsageError(f"model.moe_top_k ({self.moe_top_k}) must be in 1..model.moe_experts ({self.moe_experts})")
-        for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups", "moe_capacity_sequence_shards"):
+        for key in ("moe_ffn_hidden_size", "moe_layer_freq", "moe_groups", "moe_topk_groups", "moe_group_rank_top",
+                    "moe_capacity_sequence_shards"):
             if getattr(self, key) <= 0:
                 raise UsageError(f"model.{key} must be positive, got {getattr(self, key)}")
         for key in ("moe_routed_scale", "moe_capacity_factor"):
@@ -323,8 +327,9 @@ class ModelConfig:
                 f"model.moe_groups ({self.moe_groups}) must divide model.moe_experts ({self.moe_experts}) and be at "
                 f"least model.moe_topk_groups ({self.moe_topk_groups})"
             )
-        if self.moe_groups > 1 and self.moe_experts // self.moe_groups < 2:
-            raise UsageError("model.moe_groups ranks groups by their top-2 scores: each group needs at least 2 experts")
+        if self.moe_groups > 1 and self.moe_experts // self.moe_groups < self.moe_group_rank_top:
+            raise UsageError(f"model.moe_groups ranks groups by their best {self.moe_group_rank_top} scores "
+                             "(model.moe_group_rank_top): each group needs at least that many experts")
         if self.moe_top_k > self.moe_topk_groups * self.moe_experts // self.moe_groups:
             raise UsageError(
                 f"model.moe_top_k ({self.moe_top_k}) exceeds the experts of model.moe_topk_groups groups "

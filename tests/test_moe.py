@@ -47,7 +47,7 @@ def reference(moe: MoE, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
         choice = scores + (r.expert_bias if r.expert_bias is not None else 0)
         if cfg.moe_groups > 1:
             groups = choice.view(cfg.moe_groups, -1)
-            best = groups.topk(2, dim=-1).values.sum(-1).topk(cfg.moe_topk_groups).indices
+            best = groups.topk(cfg.moe_group_rank_top, dim=-1).values.sum(-1).topk(cfg.moe_topk_groups).indices
             allowed = torch.zeros(cfg.moe_groups, dtype=torch.bool)
             allowed[best] = True
             choice = groups.masked_fill(~allowed[:, None], -math.inf).flatten()
@@ -66,6 +66,8 @@ def reference(moe: MoE, cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
     dict(moe_renormalize=False, moe_shared_ffn_hidden_size=24, moe_shared_gate=True),
     dict(moe_score="sigmoid", moe_routed_scale=2.5, moe_groups=4, moe_topk_groups=2, moe_expert_bias=True,
          moe_shared_ffn_hidden_size=32),
+    # DeepSeek-V2's group_limited_greedy: groups ranked by their best score, a softmax not renormalised
+    dict(moe_renormalize=False, moe_routed_scale=16.0, moe_groups=4, moe_topk_groups=2, moe_group_rank_top=1),
 ])
 def test_moe_layer_equals_the_per_token_reference(overrides):
     cfg = moe_cfg(**overrides)
@@ -103,6 +105,25 @@ def test_groups_limit_the_experts_a_token_reaches():
     router = build_model(cfg, "cpu", seed=0).layers["0"].feed_forward.router
     indices = router(torch.randn(64, cfg.hidden_size))[0]
     assert (indices // (E // 4)).unique(dim=1).shape[1] == 1  # both experts of every token in one group
+
+
+@pytest.mark.parametrize("top_k, topk_groups", [(4, 2), (2, 2)])  # groups ranked by their top 2, and by their best
+def test_group_limited_choice_equals_megatron_cores(top_k, topk_groups):
+    """megatron-core's group_limited_topk ranks a group by the sum of its top_k / topk_groups best scores: ours with
+    model.moe_group_rank_top set so picks the same experts (sigmoid scores, 8 experts in 4 groups)."""
+    from megatron.core.transformer.moe.moe_utils import group_limited_topk
+
+    cfg = moe_cfg(moe_score="sigmoid", moe_top_k=top_k, moe_groups=4, moe_topk_groups=topk_groups,
+                  moe_group_rank_top=top_k // topk_groups)
+    router = build_model(cfg, "cpu", seed=0).layers["0"].feed_forward.router
+    x = torch.randn(256, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, scores = router(x)[0], router(x)[3]
+    _, theirs = group_limited_topk(scores, top_k, x.shape[0], E, num_groups=4, group_topk=topk_groups)
+    assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)
+    router.group_rank_top = 3 - cfg.moe_group_rank_top  # the other rule picks other experts for some tokens
+    with torch.no_grad():
+        assert not torch.equal(router(x)[0].sort(-1).values, theirs.sort(-1).values)
 
 
 def test_grouped_mm_equals_a_loop_and_its_gradient():

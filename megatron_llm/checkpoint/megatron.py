@@ -387,7 +387,7 @@ def _router_args(cfg: ModelConfig) -> dict:
     """Our router as megatron-core's topk_routing_with_score_function computes it: softmax then top-k is
     softmax(pre_softmax) without renormalising, top-k of the logits then softmax over the k is our
     renormalised softmax; sigmoid renormalises exactly when k > 1; the expert bias only with sigmoid;
-    groups ranked by the sum of their top (topk / group_topk) scores, ours by their top 2."""
+    groups ranked by the sum of their top (topk / group_topk) scores, ours by their top moe_group_rank_top."""
     def refuse(what: str) -> UsageError:
         return UsageError(f"Megatron-LM cannot express {what}; convert to native or hf instead")
 
@@ -399,10 +399,11 @@ def _router_args(cfg: ModelConfig) -> dict:
     if cfg.moe_score == "sigmoid" and cfg.moe_renormalize != (cfg.moe_top_k > 1):
         raise refuse(f"model.moe_renormalize={cfg.moe_renormalize} with sigmoid scores at model.moe_top_k "
                      f"{cfg.moe_top_k} (its sigmoid router renormalises exactly when top-k > 1)")
-    if not _groups_rank_as_ours(cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_top_k, cfg.moe_score, pre_softmax):
-        raise refuse(f"model.moe_groups {cfg.moe_groups} with model.moe_topk_groups {cfg.moe_topk_groups} and top-k "
-                     f"{cfg.moe_top_k} (it ranks groups by their top top_k/topk_groups scores, of the logits for a "
-                     "renormalised softmax; ours by their top-2 scores)")
+    if not _groups_rank_as_ours(cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_top_k, cfg.moe_score, pre_softmax,
+                                cfg.moe_group_rank_top):
+        raise refuse(f"model.moe_groups {cfg.moe_groups} with model.moe_topk_groups {cfg.moe_topk_groups}, top-k "
+                     f"{cfg.moe_top_k} and model.moe_group_rank_top {cfg.moe_group_rank_top} (it ranks groups by their"
+                     " top top_k/topk_groups scores, of the logits for a renormalised softmax)")
     grouped = cfg.moe_groups > 1
     return dict(
         moe_router_score_function=cfg.moe_score, moe_router_pre_softmax=pre_softmax,
@@ -413,10 +414,10 @@ def _router_args(cfg: ModelConfig) -> dict:
     )
 
 
-def _groups_rank_as_ours(groups: int, group_topk: int, topk: int, score: str, pre_softmax: bool) -> bool:
+def _groups_rank_as_ours(groups: int, group_topk: int, topk: int, score: str, pre_softmax: bool, rank_top: int) -> bool:
     """Whether megatron-core's group-limited routing picks the groups ours does: it ranks a group by the sum of
-    its top topk / group_topk scores (of the logits for a renormalised softmax), ours by its top 2 scores."""
-    return groups <= 1 or (topk // group_topk == 2 and (score != "softmax" or pre_softmax))
+    its top topk / group_topk scores (of the logits for a renormalised softmax), ours by its top rank_top scores."""
+    return groups <= 1 or (topk // group_topk == rank_top and (score != "softmax" or pre_softmax))
 
 
 def _moe_config(args: argparse.Namespace) -> dict:
@@ -445,9 +446,10 @@ def _moe_config(args: argparse.Namespace) -> dict:
                      "capacity), ours the kept assignments; convert it with the padding off")
     score, topk, pre_softmax = arg("moe_router_score_function", "softmax"), arg("moe_router_topk", 2), arg("moe_router_pre_softmax", False)
     groups, group_topk = (arg("moe_router_num_groups"), arg("moe_router_group_topk")) if arg("moe_router_group_topk") else (1, 1)
-    if not _groups_rank_as_ours(groups, group_topk, topk, score, pre_softmax):
-        raise refuse("moe_router_group_topk", "our group-limited routing ranks groups by the sum of their top-2 scores "
-                     "(moe_router_topk / moe_router_group_topk = 2, of sigmoid or pre-softmax scores)")
+    rank_top = topk // group_topk if groups > 1 else ModelConfig.moe_group_rank_top
+    if not _groups_rank_as_ours(groups, group_topk, topk, score, pre_softmax, rank_top) or rank_top < 1:
+        raise refuse("moe_router_group_topk", "our group-limited routing ranks groups by the sum of their best "
+                     "moe_router_topk / moe_router_group_topk (at least 1) sigmoid or pre-softmax scores")
     freq = arg("moe_layer_freq", 1)
     pattern = [int(i % freq == 0) for i in range(args.num_layers)] if isinstance(freq, int) else list(freq)
     if len(pattern) != args.num_layers or not any(pattern):
@@ -460,6 +462,7 @@ def _moe_config(args: argparse.Namespace) -> dict:
         moe_experts=experts, moe_top_k=topk, moe_ffn_hidden_size=arg("moe_ffn_hidden_size") or args.ffn_hidden_size,
         moe_score=score, moe_renormalize=not pre_softmax if score == "softmax" else topk > 1,
         moe_routed_scale=float(arg("moe_router_topk_scaling_factor", 1.0)), moe_groups=groups, moe_topk_groups=group_topk,
+        moe_group_rank_top=rank_top,
         moe_expert_bias=bool(arg("moe_router_enable_expert_bias")), moe_bias_update_rate=arg("moe_router_bias_update_rate", 1e-3),
         moe_shared_ffn_hidden_size=shared, moe_shared_gate=bool(shared and arg("moe_shared_expert_gate")),
         moe_layer_freq=step, moe_dense_layers=[i for i, sparse in enumerate(pattern) if not sparse and (i + 1) % step == 0],

@@ -52,7 +52,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.moe_experts, cfg.hidden_size))
         self.register_buffer("expert_bias", torch.empty(cfg.moe_experts) if cfg.moe_expert_bias else None)
         self.top_k, self.score = cfg.moe_top_k, cfg.moe_score
-        self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
+        self.groups, self.topk_groups, self.group_rank_top = cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_group_rank_top
         self.renormalize, self.scale = cfg.moe_renormalize, cfg.moe_routed_scale
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -69,10 +69,11 @@ class Router(nn.Module):
         return indices, (weights * self.scale).to(x.dtype), logits, scores
 
     def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
-        """Scores outside the topk_groups groups with the largest top-2 sums set to -inf (DeepSeek-V3's
-        noaux_tc), so no token reaches more than topk_groups groups."""
+        """Scores outside the topk_groups groups with the largest sums of their group_rank_top best scores set
+        to -inf (DeepSeek-V3's noaux_tc: top-2 sums; DeepSeek-V2's group_limited_greedy: the best score), so no
+        token reaches more than topk_groups groups."""
         grouped = choice.view(choice.shape[0], self.groups, -1)  # [T, groups, E / groups]
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, groups]
+        group_scores = grouped.topk(self.group_rank_top, dim=-1).values.sum(-1)  # [T, groups]
         best = group_scores.topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep.unsqueeze(-1), -math.inf).flatten(1)
