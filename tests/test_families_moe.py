@@ -62,9 +62,17 @@ CASES = {
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=[2, 2], attention_bias=True, head_dim=16, pad_token_id=0,
                            eos_token_id=1, bos_token_id=2,
                            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}),
+    # Cohere2-MoE: a dense first layer of its own width (rotated: force_rope), then sliding and full (NoPE) layers,
+    # shared experts added, RMSNorm, biases, a sigmoid router renormalised
+    "cohere2_moe": dict(num_hidden_layers=4, num_experts=4, num_shared_experts=1, shared_expert_combination_strategy="sum",
+                        mlp_layer_types=["dense", "sparse", "sparse", "sparse"], prefix_dense_intermediate_size=80,
+                        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                        head_dim=16, sliding_window=WINDOW,
+                        rms_norm_eps=1e-5, attention_bias=True, expert_selection_fn="sigmoid", logit_scale=0.5,
+                        pad_token_id=0, eos_token_id=1, bos_token_id=2),
 }
 DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "dots1", "exaone_moe"}
-NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe"}  # transformers computes none for them (most balance by the expert bias)
+NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe", "cohere2_moe"}  # transformers computes none for them (most balance by the expert bias)
 
 
 def hf_model(model_type: str) -> torch.nn.Module:
@@ -198,13 +206,14 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
-# writes none); dots.llm1's and HunYuan's output-projection bias (Megatron's add_bias_linear would give the experts
-# biases too).
+# writes none); dots.llm1's, HunYuan's and Cohere2-MoE's output-projection bias (Megatron's add_bias_linear would
+# give the experts biases too).
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
                    "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
                    "dots1": r"add_bias_linear also gives every expert biases",
-                   "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases"}
+                   "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
+                   "cohere2_moe": r"add_bias_linear also gives every expert biases"}
 
 
 @pytest.mark.parametrize("model_type", CASES)
@@ -222,7 +231,20 @@ def test_megatron_round_trip_at_ep2_or_refusal_by_name(hf_dir, tmp_path, model_t
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_unsupported_router_option_is_one_line():
-    config = transformers.AutoConfig.for_model("mixtral", **SMALL, num_local_experts=4, router_jitter_noise=0.1)
-    with pytest.raises(UsageError, match="router_jitter_noise"):
-        megatron_llm.checkpoint.hf.model_config_from_hf(config.to_dict())
+# A config value the tables cannot reproduce, over each case's config: refused on read, naming the key.
+REFUSED = {
+    "mixtral": dict(router_jitter_noise=0.1),
+    "hunyuan_v1_moe": dict(moe_topk=[2, 1]),  # top-k varying by layer
+    "cohere2_moe": dict(shared_expert_combination_strategy="average"),  # (routed + shared) / 2
+    "glm4_moe_lite": dict(partial_rotary_factor=0.5),
+    "deepseek_v3": dict(rms_norm_eps=1e-5),  # its latent norms keep 1e-6
+}
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_unsupported_config_value_is_one_line(model_type):
+    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]}).to_dict()
+    config.update(REFUSED[model_type])
+    (key,) = REFUSED[model_type]
+    with pytest.raises(UsageError, match=rf"^config\.json {key}=.* is not supported: [^\n]+$"):
+        megatron_llm.checkpoint.hf.model_config_from_hf(config)

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
+    HEAD_DIM,
     LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
@@ -17,6 +18,8 @@ from megatron_llm.checkpoint.families.common import (
     write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS, HUNYUAN_DENSE
+from megatron_llm.checkpoint.families.gpt import WHOLE_ROPE
+from megatron_llm.checkpoint.families.layernorm import TIED
 from megatron_llm.checkpoint.families.llama import MISTRAL, OLMO2, QWEN2, QWEN3
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Stacked, get_family_value
 from megatron_llm.errors import UsageError
@@ -308,7 +311,8 @@ def one_for_all_layers(hf_key: str) -> Callable[[Any], Any]:
         if not isinstance(value, list):
             return value
         if len(set(value)) != 1:
-            raise UsageError(f"config.json {hf_key}={value!r} varies by layer: every MoE layer here has the same experts")
+            raise UsageError(f"config.json {hf_key}={value!r} is not supported: it varies by layer, and every MoE "
+                             "layer here has the same router and experts")
         return value[0]
 
     return read
@@ -328,4 +332,75 @@ HUNYUAN_MOE = Family(
      "model.layers.{i}.mlp.gate.wg.weight": "layers.{i}.feed_forward.router.weight", **shared_mlp("shared_mlp")},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE)
+def _read_cohere2_moe_layers(hf: dict) -> dict:
+    """Which layers slide, rotate and are dense, as Cohere2MoeConfig fills them where config.json leaves them out
+    (from first_k_dense_replace, with a pattern of its own for those first layers): RoPE only in the sliding layers
+    (with a window), and in the dense ones too where prefix_dense_sliding_window_pattern is 1 (its force_rope)."""
+    n, first = hf["num_hidden_layers"], hf.get("first_k_dense_replace") or 0
+    prefix, pattern = hf.get("prefix_dense_sliding_window_pattern", 1), hf.get("sliding_window_pattern", 4)
+    types = hf.get("layer_types") or [
+        "full_attention" if (i + 1) % (prefix if i < first else pattern) == 0 else "sliding_attention"
+        for i in [*range(first), *range(n - first)]]
+    kinds = hf.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(n)]
+    window = hf["sliding_window"] if "sliding_window" in hf else 4096
+    dense = [i for i, kind in enumerate(kinds) if kind == "dense"]
+    rotating = [i for i, kind in enumerate(types) if (kind == "sliding_attention" and window) or (prefix == 1 and i in dense)]
+    return {**LAYERS.read({**hf, "sliding_window": window, "layer_types": types}), "moe_dense_layers": dense,
+            "nope_layers": [i for i in range(n) if i not in rotating]}
+
+
+def _write_cohere2_moe_layers(cfg) -> dict:
+    dense = [i for i in range(cfg.num_layers) if not cfg.layer(i).moe]
+    return {**write_every_layer_type(cfg), "mlp_layer_types": ["dense" if i in dense else "sparse" for i in range(cfg.num_layers)],
+            "prefix_dense_sliding_window_pattern": 1 if all(cfg.layer(i).rope for i in dense) else 2}
+
+
+def _read_cohere2_moe_experts(hf: dict) -> dict:
+    """Experts and shared experts intermediate_size wide, the dense first layers prefix_dense_intermediate_size; a
+    softmax router takes the softmax of the top-k logits (our renormalised softmax), a sigmoid one renormalises or not."""
+    width, shared = hf["intermediate_size"], hf.get("num_shared_experts") or 0
+    if shared and hf.get("shared_expert_combination_strategy", "average") != "sum":
+        raise UsageError(f"config.json shared_expert_combination_strategy="
+                         f"{hf.get('shared_expert_combination_strategy', 'average')!r} is not supported: ours add the "
+                         "shared experts' output to the routed experts' (sum)")
+    score = hf.get("expert_selection_fn", "softmax")
+    if score not in ("softmax", "sigmoid"):
+        raise UsageError(f"config.json expert_selection_fn={score!r}: cohere2_moe has softmax or sigmoid")
+    return dict(moe_ffn_hidden_size=width, ffn_hidden_size=hf.get("prefix_dense_intermediate_size") or width,
+                moe_shared_ffn_hidden_size=shared * width, moe_score=score,
+                moe_renormalize=score == "softmax" or hf.get("norm_topk_prob", True))
+
+
+def _write_cohere2_moe_experts(cfg) -> dict:
+    return {"intermediate_size": cfg.moe_ffn_hidden_size, "prefix_dense_intermediate_size": cfg.ffn_hidden_size,
+            "num_shared_experts": cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size,
+            "shared_expert_combination_strategy": "sum", "expert_selection_fn": cfg.moe_score,
+            "norm_topk_prob": cfg.moe_renormalize}
+
+
+def _read_cohere2_moe_norm(hf: dict) -> dict:
+    """RMSNorm where rms_norm_eps is set, else Cohere's LayerNorm without bias."""
+    if hf.get("rms_norm_eps") is not None:
+        return dict(norm="rmsnorm", norm_eps=hf["rms_norm_eps"])
+    return dict(norm="layernorm", norm_bias=False, norm_eps=get_family_value(hf, "layer_norm_eps", default=1e-5))
+
+
+# Cohere2-MoE: Cohere2's block (attention and feed-forward in parallel from one norm, RoPE in interleaved pairs in
+# the sliding layers only, scaled logits) with a top-k router over experts, shared experts, dense first layers.
+COHERE2_MOE = Family(
+    "cohere2_moe", "Cohere2MoeForCausalLM",
+    (*(e for e in TIED if e is not HEAD_DIM and getattr(e, "ours", None) != "ffn_hidden_size"),
+     Key("head_dim", "head_dim", default=128), activation("hidden_act", GATED_ACTIVATIONS, default="silu"),
+     Derived(_read_cohere2_moe_norm, lambda cfg: {"rms_norm_eps": cfg.norm_eps} if cfg.norm == "rmsnorm" else
+             {"rms_norm_eps": None, "layer_norm_eps": cfg.norm_eps}),
+     *WHOLE_ROPE, Fixed("rope_interleaved", True), Fixed("parallel_residual", True),
+     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+     Fixed("mlp_bias", False), Key("logit_scale", "logit_multiplier", default=0.0625),
+     Derived(_read_cohere2_moe_layers, _write_cohere2_moe_layers), Key("num_experts", "moe_experts", default=8),
+     Key("num_experts_per_tok", "moe_top_k", default=2), Derived(_read_cohere2_moe_experts, _write_cohere2_moe_experts),
+     Fixed("moe_aux_loss_coeff", 0.0)),
+    {**LLAMA_TENSORS, **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
+     **shared_mlp("shared_experts")},
+)
+
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE)
