@@ -387,6 +387,15 @@ def test_bad_training_input_is_one_line_and_writes_nothing(corpus_dir, tmp_path,
         assert files_under(tmp_path) == before and not ckpt_dir(tmp_path / "run").exists(), case
 
 
+def test_a_loss_mask_beyond_0_and_1_is_named_as_a_mask(corpus_dir, tmp_path):
+    """A .mask.bin holding 2 or more is a broken preprocessing output, not a vocabulary too small."""
+    from megatron_llm.data.datasets import check_indexed_dataset
+
+    broken_dataset(corpus_dir, tmp_path / "chat.mask", "token")
+    with pytest.raises(UsageError, match=r"chat\.mask\.bin holds 9999 where a loss mask holds only 0 and 1; rerun"):
+        check_indexed_dataset(str(tmp_path / "chat.mask"), 2)
+
+
 def test_a_data_error_found_after_the_lock_is_one_line_and_leaves_no_checkpoint_directory(corpus_dir, tmp_path, capsys,
                                                                                           monkeypatch):
     """A .bin over check_config.SCAN_TOKENS_UP_TO has its token ids read only when the datasets are built,

@@ -22,6 +22,7 @@ import torch
 from megatron_llm.config import DataConfig, DatasetSpec
 from megatron_llm.data.mcore import mcore
 from megatron_llm.data.packing import DocumentMasked, build_conversation_datasets, build_pair_datasets
+from megatron_llm.data.preprocess import MASK_SUFFIX
 from megatron_llm.data.tokenizer import load_tokenizer
 from megatron_llm.errors import UsageError
 
@@ -139,6 +140,9 @@ def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int
         )
     if actual and (scan_up_to is None or actual <= scan_up_to):
         max_id = int(np.memmap(bin_path, dtype=dtype, mode="r").max())
+        if max_id >= vocab_size and prefix.endswith(MASK_SUFFIX):
+            raise UsageError(f"{bin_path} holds {max_id} where a loss mask holds only 0 and 1; rerun "
+                             "tools/preprocess_data.py")
         if max_id >= vocab_size:
             raise UsageError(
                 f"{bin_path} holds token id {max_id} but the vocabulary has {vocab_size} ids "
