@@ -70,6 +70,11 @@ CASES = {
                         head_dim=16, sliding_window=WINDOW,
                         rms_norm_eps=1e-5, attention_bias=True, expert_selection_fn="sigmoid", logit_scale=0.5,
                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    # Granite-MoE: Granite's multipliers, experts with gate and up fused; the shared variant's shared MLP
+    "granitemoe": dict(num_local_experts=4, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                       logits_scaling=4.0),
+    "granitemoeshared": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
+                             residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
 }
 DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "dots1", "exaone_moe"}
 NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe", "cohere2_moe"}  # transformers computes none for them (most balance by the expert bias)
@@ -122,19 +127,28 @@ def our_routes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def hf_routes(hf: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The same from transformers: its routers return (logits, weights, indices), or (DeepSeek-V3) the MoE
-    block picks the indices in route_tokens_to_experts."""
+    """The same from transformers: its routers (gate, or Granite's router) return (logits, weights, indices), or
+    (DeepSeek-V3) the MoE block picks the indices in route_tokens_to_experts."""
     chosen = []
-    for layer in hf.model.layers:
-        mlp = layer.mlp
-        if hasattr(mlp, "route_tokens_to_experts"):
-            route = mlp.route_tokens_to_experts
-            mlp.route_tokens_to_experts = lambda logits, route=route: _kept(chosen, route(logits), 0)
-        elif hasattr(mlp, "experts"):
-            mlp.gate.register_forward_hook(lambda m, a, out: _kept(chosen, out, 2))
+    for block in moe_blocks(hf).values():
+        if hasattr(block, "route_tokens_to_experts"):
+            route = block.route_tokens_to_experts
+            block.route_tokens_to_experts = lambda logits, route=route: _kept(chosen, route(logits), 0)
+        else:
+            router_of(block).register_forward_hook(lambda m, a, out: _kept(chosen, out, 2))
     with torch.no_grad():
         hf(x)
     return chosen
+
+
+def moe_blocks(hf: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """Layer index -> transformers' MoE block there (layer.mlp; Granite's layer.block_sparse_moe): the child of the
+    layer that holds experts."""
+    return {i: m for i, layer in enumerate(hf.model.layers) for m in layer.children() if hasattr(m, "experts")}
+
+
+def router_of(block: torch.nn.Module) -> torch.nn.Module:
+    return block.gate if hasattr(block, "gate") else block.router
 
 
 def _kept(chosen: list, out: tuple, index: int) -> tuple:
@@ -189,9 +203,10 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
         assert result.moe["moe_aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
         assert result.loss + coeff * result.moe["moe_aux_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
     grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
-    for i in (i for i in range(model.cfg.num_layers) if model.cfg.layer(i).moe):
-        theirs = hf.model.layers[i].mlp  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
-        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(theirs.gate).grad,
+    blocks = moe_blocks(hf)
+    assert sorted(blocks) == [i for i in range(model.cfg.num_layers) if model.cfg.layer(i).moe]
+    for i, theirs in blocks.items():  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(router_of(theirs)).grad,
                                    atol=1e-6, rtol=1e-4)  # the router's gradient carries the aux loss's
         torch.testing.assert_close(grad[f"layers.{i}.feed_forward.experts.w2"], theirs.experts.down_proj.grad,
                                    atol=1e-6, rtol=1e-4)
@@ -207,13 +222,14 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
 # writes none); dots.llm1's, HunYuan's and Cohere2-MoE's output-projection bias (Megatron's add_bias_linear would
-# give the experts biases too).
+# give the experts biases too); Granite's attention multiplier.
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
                    "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
                    "dots1": r"add_bias_linear also gives every expert biases",
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
-                   "cohere2_moe": r"add_bias_linear also gives every expert biases"}
+                   "cohere2_moe": r"add_bias_linear also gives every expert biases",
+                   "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale"}
 
 
 @pytest.mark.parametrize("model_type", CASES)

@@ -20,8 +20,8 @@ from megatron_llm.checkpoint.families.common import (
 from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS, HUNYUAN_DENSE
 from megatron_llm.checkpoint.families.gpt import WHOLE_ROPE
 from megatron_llm.checkpoint.families.layernorm import TIED
-from megatron_llm.checkpoint.families.llama import MISTRAL, OLMO2, QWEN2, QWEN3
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Stacked, get_family_value
+from megatron_llm.checkpoint.families.llama import GRANITE, MISTRAL, OLMO2, QWEN2, QWEN3
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Stacked, get_family_value
 from megatron_llm.errors import UsageError
 
 
@@ -403,4 +403,26 @@ COHERE2_MOE = Family(
      **shared_mlp("shared_experts")},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE)
+# Granite-MoE: Granite's multipliers (embedding, residual, attention, logits) with Mixtral's router; each layer's
+# experts as one [E, 2 ffn, hidden] input_linear (gate, then up, per expert) and one output_linear [E, hidden, ffn].
+# GraniteMoeShared adds a shared MLP, its gate/up fused the same way.
+GRANITE_EXPERTS = ("layers.{i}.feed_forward.experts.w1", "layers.{i}.feed_forward.experts.w3")
+GRANITE_MOE_TENSORS = {
+    **{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    "model.layers.{i}.block_sparse_moe.router.layer.weight": "layers.{i}.feed_forward.router.weight",
+    "model.layers.{i}.block_sparse_moe.input_linear.weight": Fused(GRANITE_EXPERTS),
+    "model.layers.{i}.block_sparse_moe.output_linear.weight": "layers.{i}.feed_forward.experts.w2",
+}
+GRANITE_MOE_CONFIG = (*without(GRANITE.config, "mlp_bias"), Fixed("mlp_bias", False), *ROUTING,
+                      expert_count("num_local_experts", "num_experts"), Fixed("moe_renormalize", True))
+GRANITE_MOE = Family("granitemoe", "GraniteMoeForCausalLM", GRANITE_MOE_CONFIG, GRANITE_MOE_TENSORS)
+GRANITE_MOE_SHARED = Family(
+    "granitemoeshared", "GraniteMoeSharedForCausalLM",
+    (*GRANITE_MOE_CONFIG, Key("shared_intermediate_size", "moe_shared_ffn_hidden_size", default=0)),
+    {**GRANITE_MOE_TENSORS,
+     "model.layers.{i}.shared_mlp.input_linear.weight": Fused(tuple(p.replace(".experts.", ".shared_experts.") + ".weight"
+                                                                     for p in GRANITE_EXPERTS)),
+     "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
+)
+
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)

@@ -58,8 +58,10 @@ ConfigEntry = Union[Key, Fixed, Derived]
 
 @dataclass(frozen=True)
 class Fused:
-    """One Hugging Face tensor holding several of ours, split along the output rows:
-    concat: [part0; part1; ...] (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn, Baichuan's W_pack);
+    """One Hugging Face tensor holding several of ours, split along the output rows (of each expert, for stacked
+    experts [E, rows, in]):
+    concat: [part0; part1; ...] (Phi-3's qkv_proj and gate_up_proj, GPT-2's c_attn, Baichuan's W_pack, Granite-MoE's
+    input_linear);
     heads: per query head [q_h; k_h; v_h] (GPT-NeoX, BLOOM; equal head counts only);
     groups: per key/value group [q of the group; k; v] (Falcon's new decoder, InternLM2, Megatron)."""
 
@@ -182,8 +184,8 @@ class Family:
                 continue
             if isinstance(entry, Fused):
                 shapes = [native[_layer(part, name)] for part in entry.parts]
-                rows = sum(s[0] for s in shapes)
-                shape = torch.Size((rows, *shapes[0][1:]))
+                dim = _rows_dim(shapes[0])
+                shape = torch.Size((*shapes[0][:dim], sum(s[dim] for s in shapes), *shapes[0][dim + 1:]))
             out[hf] = shape.__class__(reversed(shape)) if _transposed(entry, shape) else shape
         return out
 
@@ -285,9 +287,14 @@ def _unswapped(entry: TensorEntry, tensor: torch.Tensor, cfg: ModelConfig) -> to
     return tensor.view(-1, 2, cfg.head_dim // 2, *tensor.shape[1:]).flip(1).reshape(tensor.shape)  # [heads, 2, d/2, ...]
 
 
+def _rows_dim(shape) -> int:
+    """The output rows of a weight or bias: dim 0, or dim 1 of stacked experts [E, rows, in]."""
+    return 1 if len(shape) == 3 else 0
+
+
 def _fuse(parts: list[torch.Tensor], layout: str, cfg: ModelConfig) -> torch.Tensor:
     if layout == "concat":
-        return torch.cat(parts)
+        return torch.cat(parts, dim=_rows_dim(parts[0].shape))
     rest = parts[0].shape[1:]
     d, kv = cfg.head_dim, cfg.num_kv_heads
     if layout == "heads":  # [heads, 3, d, ...]
@@ -305,19 +312,22 @@ def _split(fused: torch.Tensor, entry: Fused, name: str, cfg: ModelConfig) -> li
         grouped = fused.view(kv, -1, d, *rest)  # [kv, q/kv + 2, d, ...]
         q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
         return [t.reshape(-1, *rest) for t in (q, k, v)]
-    sizes = [_concat_rows(part, name, cfg) for part in entry.parts]
-    if sum(sizes) != fused.shape[0]:
-        raise UsageError(f"a fused tensor for {name} has {fused.shape[0]} rows, the config implies {sum(sizes)}")
-    return list(fused.split(sizes))
+    sizes, dim = [_concat_rows(part, name, cfg) for part in entry.parts], _rows_dim(fused.shape)
+    if sum(sizes) != fused.shape[dim]:
+        raise UsageError(f"a fused tensor for {name} has {fused.shape[dim]} rows, the config implies {sum(sizes)}")
+    return [t.contiguous() for t in fused.split(sizes, dim=dim)]  # an expert's rows are not (safetensors needs it)
 
 
 def _concat_rows(part: str, like: str, cfg: ModelConfig) -> int:
-    """Rows of one part of a concat fusion, from the config: q, k/v or the MLP's inner width."""
+    """Rows of one part of a concat fusion, from the config: q, k/v or the inner width of the MLP, of each routed
+    expert or of the shared experts."""
     if ".wq." in part:
         return cfg.num_heads * cfg.head_dim
     if ".wk." in part or ".wv." in part:
         return cfg.num_kv_heads * cfg.head_dim
-    return cfg.ffn_hidden_size
+    if ".shared_experts." in part:
+        return cfg.moe_shared_ffn_hidden_size
+    return cfg.moe_ffn_hidden_size if ".experts." in part else cfg.ffn_hidden_size
 
 
 def get_family_value(hf: dict, *keys: str, default: Optional[Any] = None) -> Any:
