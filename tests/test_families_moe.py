@@ -49,6 +49,10 @@ CASES = {
     # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated
     "glm4_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
                      first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True, head_dim=24),
+    # Sarvam-MoE: GLM-4.5 with q/k/v fused and its biases (use_qkv_bias), QK-norm by default; every layer sparse (a
+    # dense first one would come back from Megatron as moe_layer_freq 2, which no Hugging Face table writes)
+    "sarvam_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
+                       first_k_dense_replace=0, use_qkv_bias=True, head_dim=16),
     # dots.llm1: biases on every projection, QK-norm, a sliding layer, renormalised top-k (its default is not)
     "dots1": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=2,
                   first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True, attention_bias=True,
@@ -76,7 +80,7 @@ CASES = {
     "granitemoeshared": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
                              residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
 }
-DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "dots1", "exaone_moe"}
+DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe"}
 NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe", "cohere2_moe"}  # transformers computes none for them (most balance by the expert bias)
 
 

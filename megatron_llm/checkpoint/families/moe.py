@@ -13,7 +13,9 @@ from megatron_llm.checkpoint.families.common import (
     ROPE,
     SHAPE,
     activation,
+    also,
     partial_rope,
+    rope_defaulting,
     without,
     write_every_layer_type,
 )
@@ -256,14 +258,34 @@ GLM4_MOE_LITE = Family(
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
 
+def glm4_moe_config(rope: Derived, eps: float, qk_norm: bool, scale: float, head_dim=HEAD_DIM) -> tuple:
+    """GLM-4.5's keys with a config class's defaults: its RoPE block (and partial factor), norm epsilon, QK-norm,
+    routed scale and head width where config.json leaves them out."""
+    return (*(e for e in without(LLAMA_CONFIG, "norm_eps", "out_bias", "mlp_bias") if e not in (ROPE, HEAD_DIM)),
+            head_dim, rope, Key("rms_norm_eps", "norm_eps", default=eps), Fixed("out_bias", False), Fixed("mlp_bias", False),
+            Key("use_qk_norm", "qk_norm", default=qk_norm), *sigmoid_routing(scale=scale), first_dense_layers(1))
+
+
 # GLM-4.5/4.6 (glm4_moe): Llama's attention with q/k/v biases only, half of each head rotated (by halves, unlike
 # GLM-4's pairs), an optional per-head QK-norm; DeepSeek-V3's router.
-GLM4_MOE = Family(
-    "glm4_moe", "Glm4MoeForCausalLM",
-    (*(e for e in without(LLAMA_CONFIG, "norm_eps", "out_bias", "mlp_bias") if e is not ROPE), partial_rope(0.5),
-     Key("rms_norm_eps", "norm_eps", default=1e-5), Fixed("out_bias", False), Fixed("mlp_bias", False),
-     Key("use_qk_norm", "qk_norm", default=False), *sigmoid_routing(), first_dense_layers(1)),
-    {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS},
+GLM4_MOE = Family("glm4_moe", "Glm4MoeForCausalLM", glm4_moe_config(partial_rope(0.5), 1e-5, False, 1.0),
+                  {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS})
+
+# Sarvam-MoE: GLM-4.5's model (transformers runs it on that code) with defaults of its own, q/k/v fused in one
+# query_key_value and names of its own.
+SARVAM_MOE = Family(
+    "sarvam_moe", "Glm4MoeForCausalLM",
+    also(glm4_moe_config(rope_defaulting({"rope_type": "default", "rope_theta": 8000000.0}), 1e-6, True, 2.5,
+                         Key("head_dim", "head_dim", default=64)), attention_bias="use_qkv_bias"),
+    {**{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k and "embed_tokens" not in k},
+     **{k.replace(".gate.e_score_correction_bias", ".gate.expert_bias"): v for k, v in SIGMOID_MOE_TENSORS.items()},
+     "model.word_embeddings.weight": "tok_embeddings.weight",
+     **{f"model.layers.{{i}}.attention.query_key_value.{kind}": Fused(tuple(f"layers.{{i}}.attention.{w}.{kind}"
+                                                                             for w in ("wq", "wk", "wv")))
+        for kind in ("weight", "bias")},
+     "model.layers.{i}.attention.dense.weight": "layers.{i}.attention.wo.weight",
+     "model.layers.{i}.attention.query_layernorm.weight": "layers.{i}.attention.q_norm.weight",
+     "model.layers.{i}.attention.key_layernorm.weight": "layers.{i}.attention.k_norm.weight"},
 )
 
 
@@ -425,4 +447,4 @@ GRANITE_MOE_SHARED = Family(
      "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)
