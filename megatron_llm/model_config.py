@@ -34,7 +34,7 @@ ROPE_SCALING_KEYS = {
         {"long_factor", "short_factor", "original_max_position_embeddings"}, {"factor", "attention_factor"},
     ),
 }
-GATED_MLPS = ("swiglu", "geglu", "geglu_tanh", "reglu")
+GATED_MLPS = ("swiglu", "geglu", "geglu_tanh", "reglu", "swiglu_clamped")
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,15 @@ class ModelConfig:
     num_kv_heads: Optional[int] = param(None, "key/value heads (grouped-query attention); null means num_heads")
     head_dim: Optional[int] = param(None, "per-head width; null means hidden_size / num_heads")
     ffn_hidden_size: int = param(688, "inner width of the MLP")
-    mlp: Literal["swiglu", "geglu", "geglu_tanh", "reglu", "gelu", "gelu_tanh", "relu", "relu2", "silu", "xielu"] = param(
-        "swiglu", "MLP kind: gated (swiglu, geglu, geglu_tanh, reglu: act(w1 x) * w3 x) or plain (act(w1 x)); xielu: "
-        "plain, with two learned scalars per layer (Apertus)"
+    mlp: Literal["swiglu", "geglu", "geglu_tanh", "reglu", "swiglu_clamped", "gelu", "gelu_tanh", "relu", "relu2", "silu",
+                 "xielu"] = param(
+        "swiglu", "MLP kind: gated (swiglu, geglu, geglu_tanh, reglu: act(w1 x) * w3 x; swiglu_clamped: gpt-oss's, see "
+        "swiglu_limit) or plain (act(w1 x)); xielu: plain, with two learned scalars per layer (Apertus)"
     )
+    swiglu_alpha: float = param(1.702, "swiglu_clamped: g * sigmoid(alpha * g) on the clamped gate g (gpt-oss)")
+    swiglu_limit: float = param(
+        7.0, "swiglu_clamped: the gate clamped to at most limit, the up projection u to [-limit, limit], then (u + 1) "
+        "times the gate's activation (gpt-oss)")
     norm: Literal["rmsnorm", "layernorm"] = param("rmsnorm", "normalisation layer")
     norm_eps: float = param(1e-5, "epsilon of the norm layers")
     norm_bias: bool = param(True, "layernorm: with a bias (false: Cohere, OLMo)")
@@ -94,6 +99,9 @@ class ModelConfig:
         None, "multiplier of q.k; null: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar, Granite's attention_multiplier)"
     )
     attn_softcap: Optional[float] = param(None, "attention-logit soft-capping: cap * tanh(scores / cap) (Gemma2)")
+    attention_sinks: bool = param(
+        False, "a learned logit per head joins each query's softmax as an extra column, dropped after it, so the "
+        "weights of a row sum to less than 1 (gpt-oss's sinks)")
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
@@ -132,6 +140,8 @@ class ModelConfig:
     moe_group_rank_top: int = param(
         2, "a group's rank in group-limited routing: the sum of its n best scores (DeepSeek-V3: 2, Megatron: top_k / "
         "topk_groups; DeepSeek-V2's group_limited_greedy: 1, its best)")
+    moe_router_bias: bool = param(False, "a bias on the router's logits, choice and weights alike (gpt-oss)")
+    moe_ffn_bias: bool = param(False, "biases on the routed experts' projections, [E, ...] each (gpt-oss)")
     moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
     moe_bias_update_rate: float = param(1e-3, "step of the expert bias towards balance after each optimizer step")
     moe_shared_ffn_hidden_size: int = param(0, "inner width of the shared experts every token passes through; 0: none")
@@ -243,6 +253,9 @@ class ModelConfig:
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"model.{key} must be a positive finite number, got {value}")
+        for key in ("swiglu_alpha", "swiglu_limit"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise UsageError(f"model.{key} must be a positive finite number, got {getattr(self, key)}")
         for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -356,5 +369,5 @@ class ModelConfig:
                 f"model.mla_rope_head_dim ({self.mla_rope_head_dim}) must be even and in 1..model.head_dim - 1 "
                 f"({self.head_dim - 1}): the rest of each query/key head carries no positions"
             )
-        if self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None:
-            raise UsageError("model.attention mla takes position rope or none, and no qk_norm or qkv_clip")
+        if self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None or self.attention_sinks:
+            raise UsageError("model.attention mla takes position rope or none, and no qk_norm, qkv_clip or attention_sinks")

@@ -139,23 +139,56 @@ def test_grouped_mm_equals_a_loop_and_its_gradient():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("mlp", ["swiglu", "relu2"])  # gated and plain; 6 fp32 columns are not 16-byte aligned
-def test_expert_mlp_has_the_gradients_of_its_loop(mlp):
+# gated, plain, and gpt-oss's clamped SwiGLU (two-input activation) with the experts' biases; 6 fp32 columns are not
+# 16-byte aligned
+@pytest.mark.parametrize("mlp,bias", [("swiglu", False), ("relu2", False), ("swiglu_clamped", True)])
+def test_expert_mlp_has_the_gradients_of_its_loop(mlp, bias):
     """The experts' hand-written backward (ExpertMLP, where torch._grouped_mm does not run) against autograd's
     numerical gradients, and its values against each expert's MLP on its rows, with an expert that got none."""
-    from megatron_llm.model.mlp import ACTIVATIONS
+    from megatron_llm.model.mlp import activations
     from megatron_llm.model.moe import expert_mlp
 
-    act, counts, dims = ACTIVATIONS[mlp], torch.tensor([2, 3, 0, 5]), dict(dtype=torch.float64, requires_grad=True)
+    act, up_act = activations(ModelConfig(mlp=mlp, swiglu_limit=1.0))  # the clamps bite on ~half the values
+    counts, dims = torch.tensor([2, 3, 0, 5]), dict(dtype=torch.float64, requires_grad=True)
     x, w1, w2 = torch.randn(10, 6, **dims), torch.randn(4, 5, 6, **dims), torch.randn(4, 6, 5, **dims)
-    w3 = torch.randn(4, 5, 6, **dims) if mlp == "swiglu" else None
+    w3 = torch.randn(4, 5, 6, **dims) if mlp != "relu2" else None
+    b1, b2, b3 = (torch.randn(4, n, **dims) if bias else None for n in (5, 6, 5))
     loop = []
     for e, rows in enumerate(x.split(counts.tolist())):
-        h = act(rows @ w1[e].T)
-        loop.append((h if w3 is None else h * (rows @ w3[e].T)) @ w2[e].T)
-    torch.testing.assert_close(expert_mlp(x, counts, w1, w2, w3, act), torch.cat(loop))
-    weights = [w for w in (w1, w2, w3) if w is not None]
-    assert torch.autograd.gradcheck(lambda x, w1, w2, *w3: expert_mlp(x, counts, w1, w2, *(w3 or [None]), act), (x, *weights))
+        h = act(rows @ w1[e].T + (b1[e] if bias else 0))
+        if w3 is not None:
+            up = rows @ w3[e].T + (b3[e] if bias else 0)
+            h = h * (up if up_act is None else up_act(up))
+        loop.append(h @ w2[e].T + (b2[e] if bias else 0))
+    params = [w1, w2, w3, b1, b2, b3]
+    torch.testing.assert_close(expert_mlp(x, counts, params, act, up_act), torch.cat(loop))
+    given = [p for p in params if p is not None]
+
+    def run(x, *tensors):
+        it = iter(tensors)
+        return expert_mlp(x, counts, [None if p is None else next(it) for p in params], act, up_act)
+
+    assert torch.autograd.gradcheck(run, (x, *given))
+
+
+def test_clamped_swiglu_is_transformers_gpt_oss_gate():
+    """model.mlp swiglu_clamped against transformers' GptOssExperts._apply_gate on interleaved gate/up values that
+    cross both clamps, and a dense MLP of the kind against the same gate on its projections."""
+    from transformers.models.gpt_oss.configuration_gpt_oss import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from megatron_llm.model.mlp import FeedForward, activations
+
+    cfg = ModelConfig(hidden_size=8, ffn_hidden_size=6, mlp="swiglu_clamped", swiglu_alpha=1.3, swiglu_limit=2.0)
+    theirs = GptOssExperts(GptOssConfig(swiglu_alpha=1.3, swiglu_limit=2.0))
+    act, up_act = activations(cfg)
+    gate, up = torch.randn(2, 64, 6) * 4, torch.randn(2, 64, 6) * 4  # ~2/3 of them past the limit
+    interleaved = torch.stack((gate, up), dim=-1).flatten(-2)  # [..., 12]: g0, u0, g1, u1, ...
+    torch.testing.assert_close(act(gate) * up_act(up), theirs._apply_gate(interleaved), atol=0, rtol=0)
+    mlp = FeedForward(cfg)
+    x = torch.randn(3, 8)
+    fused = torch.stack((mlp.w1(x), mlp.w3(x)), dim=-1).flatten(-2)
+    torch.testing.assert_close(mlp(x), mlp.w2(theirs._apply_gate(fused)))
 
 
 def test_capacity_drops_the_latest_assignments_and_counts_them():

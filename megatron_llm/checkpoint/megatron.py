@@ -283,6 +283,12 @@ def merge(entry: Entry, shards: list[torch.Tensor], layout: Layout) -> list[torc
 def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
     """Every architecture field Megatron-LM reads, for `cfg` at `layout`; UsageError if Megatron cannot
     express the model."""
+    gpt_oss = [f"model.{k}" for k in ("attention_sinks", "moe_router_bias", "moe_ffn_bias") if getattr(cfg, k)]
+    gpt_oss += ["model.mlp=swiglu_clamped"] if cfg.mlp == "swiglu_clamped" else []
+    if gpt_oss:  # before the RoPE and bias refusals, which would name less
+        raise UsageError(f"Megatron-LM cannot express {', '.join(gpt_oss)} (gpt-oss's "
+                         "sinks, router and expert biases, clamped SwiGLU): our Megatron table writes none; convert to "
+                         "native or hf instead")
     scaling = cfg.rope_scaling
     if scaling is not None and (scaling["rope_type"] != "llama3" or
                                 {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):

@@ -93,7 +93,9 @@ class Attention(nn.Module):
         self.k_norm = build_norm(cfg, d if cfg.qk_norm_per_head else kv_dim) if cfg.qk_norm else None
         self.rope, self.rope_interleaved, self.clip = spec.rope, cfg.rope_interleaved, cfg.qkv_clip
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else d**-0.5
-        self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi")
+        self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi",
+                                sinks=cfg.attention_sinks)
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None  # [heads] gpt-oss
         # Derived from the head count, so kept out of checkpoints; filled by init_weights.
         slopes = torch.empty(cfg.num_heads) if self.rules.alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
@@ -102,8 +104,15 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.qkv(x, ctx)
         slopes = self.alibi_slopes if self.rules.alibi else None  # a buffer read costs a module __getattr__
-        out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys)  # [b, heads, s, d]
+        sinks = self.sinks if self.rules.sinks else None
+        out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys, sinks)  # [b, heads, s, d]
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # from [b, s, heads * d]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sink logits at 0 (the projections are Linear modules, initialised as such)."""
+        if self.sinks is not None:
+            self.sinks.zero_()
 
     def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,

@@ -11,7 +11,8 @@ Kernel choice (`attend`), from cheapest to most general:
     to the query, so a document alone sees what the mask lets it see), costing sum(L_i^2), not L^2;
     short documents grouped under the mask (`document_chunks`);
   - elsewhere, additive rules only (window, ALiBi): SDPA with the dense mask or bias;
-  - elsewhere with a soft-cap (not additive): eager math (torch 2.13 has no FlexAttention backward on CPU).
+  - elsewhere with a soft-cap (not additive): eager math (torch 2.13 has no FlexAttention backward on CPU);
+  - with attention sinks, everywhere: eager math (`attend` says why).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class ScoreRules:
     window: Optional[int] = None  # a query sees itself and the window - 1 keys before it
     softcap: Optional[float] = None  # cap * tanh(score / cap), before masking
     alibi: bool = False  # + slope[h] * (kv - q); the slopes are the attention module's buffer
+    sinks: bool = False  # a learned logit per head as an extra softmax column, dropped after it (gpt-oss)
 
     @property
     def plain(self) -> bool:
-        return self.window is None and self.softcap is None and not self.alibi
+        return self.window is None and self.softcap is None and not self.alibi and not self.sinks
 
 
 @dataclass(frozen=True)
@@ -140,24 +142,35 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, rules: ScoreRules, scale: float, slopes=None,
-                    keys: KeyMask = NO_MASK) -> torch.Tensor:
-    """Softmax(scores) [b, heads, s_q, s_kv] in fp32 by eager math: the oracle, the soft-cap kernel and
-    what the attention probe reads. q [b, heads, s_q, d], k [b, kv_heads, s_kv, d]."""
+                    keys: KeyMask = NO_MASK, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Softmax(scores) [b, heads, s_q, s_kv] in fp32 by eager math: the oracle, the soft-cap and sink kernel and
+    what the attention probe reads. q [b, heads, s_q, d], k [b, kv_heads, s_kv, d]; sinks [heads]: each row's
+    softmax also takes its head's sink logit, whose weight is then dropped (the row sums to less than 1)."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query: each kv head serves a group
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, heads, s_q, s_kv]
     s_q, s_kv = scores.shape[-2:]
     if rules.softcap is not None:
         scores = torch.tanh(scores / rules.softcap) * rules.softcap
     bias = dense_bias(ScoreRules(window=rules.window, alibi=rules.alibi), slopes, s_q, s_kv, q.device, keys)
-    return torch.softmax(scores + bias, dim=-1, dtype=torch.float32)
+    if sinks is None:
+        return torch.softmax(scores + bias, dim=-1, dtype=torch.float32)
+    column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # [b, heads, s_q, 1]
+    return torch.softmax(torch.cat((scores + bias, column), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rules: ScoreRules, scale: float,
-    slopes: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
+    slopes: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK, sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention output [b, heads, s_q, d] from q [b, heads, s_q, d] and k, v [b, kv_heads, s_kv, d]; the
-    queries are the last s_q positions (s_q < s_kv when a KV cache holds the earlier ones)."""
+    queries are the last s_q positions (s_q < s_kv when a KV cache holds the earlier ones). sinks [heads]: the
+    attention module's sink logits where rules.sinks."""
+    if rules.sinks:
+        # Eager math with explicit scores, on every device: SDPA takes no extra softmax column and returns no
+        # log-sum-exp to rescale its output by (out * sigmoid(lse - sink) would be the same function), and
+        # FlexAttention, which returns one, has no backward on CPU in torch 2.13. The [s_q, s_kv] probabilities
+        # are kept for the backward, as for the soft-cap.
+        return _eager(q, v, attention_probs(q, k, rules, scale, slopes, keys, sinks))
     gqa = q.shape[1] != k.shape[1]
     s_q, s_kv = q.shape[2], k.shape[2]
     if rules.plain and keys.empty and (s_q == s_kv or s_q == 1):
@@ -195,8 +208,12 @@ def masked_attend(q, k, v, rules: ScoreRules, scale: float, slopes=None, keys: K
     if rules.softcap is None:
         bias = dense_bias(rules, slopes, q.shape[2], k.shape[2], q.device, keys).to(q.dtype)
         return sdpa(q, k, v, attn_mask=bias, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    probs = attention_probs(q, k, rules, scale, slopes, keys).to(v.dtype)
-    return torch.matmul(probs, v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))
+    return _eager(q, v, attention_probs(q, k, rules, scale, slopes, keys))
+
+
+def _eager(q: torch.Tensor, v: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """probs [b, heads, s_q, s_kv] (fp32) times v [b, kv_heads, s_kv, d] -> [b, heads, s_q, d]."""
+    return torch.matmul(probs.to(v.dtype), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1))
 
 
 def attend_by_document(q, k, v, rules: ScoreRules, scale: float, slopes, documents: torch.Tensor,

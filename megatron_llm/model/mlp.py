@@ -1,7 +1,9 @@
-"""The feed-forward sublayer: gated (SwiGLU, GeGLU, ReGLU) or plain (GELU, ReLU, squared ReLU, SiLU, xIELU)."""
+"""The feed-forward sublayer: gated (SwiGLU, GeGLU, ReGLU, gpt-oss's clamped SwiGLU) or plain (GELU, ReLU, squared
+ReLU, SiLU, xIELU)."""
 
 import functools
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,32 @@ ACTIVATIONS = {
     "swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": _gelu_tanh, "reglu": F.relu,
     "gelu": F.gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "relu2": _relu2, "silu": F.silu,
 }
+
+
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss's gated activation (transformers' GptOssExperts._apply_gate): the gate g clamped to at most
+    `limit`, g * sigmoid(alpha g); the up projection u clamped to [-limit, limit] and shifted, u + 1; their
+    product. The clamps bound the activations of a model trained in low precision; the + 1 lets a zero up
+    projection pass the gate through."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=self.limit)
+        return gate * torch.sigmoid(gate * self.alpha)
+
+    def up(self, up: torch.Tensor) -> torch.Tensor:
+        return up.clamp(-self.limit, self.limit) + 1
+
+
+def activations(cfg: ModelConfig) -> tuple[Callable, Optional[Callable]]:
+    """(the activation on w1's output, the function on w3's output before the product or None: w3 x as it is)."""
+    if cfg.mlp == "swiglu_clamped":
+        clamped = ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit)
+        return clamped, clamped.up
+    return XIELU() if cfg.mlp == "xielu" else ACTIVATIONS[cfg.mlp], None  # xielu: a module, with parameters
 
 
 class XIELU(nn.Module):
@@ -55,14 +83,14 @@ class XIELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated: w2(act(w1 x) * w3 x), with w1 the gate and w3 the up projection (HF gate_proj/up_proj).
+    """Gated: w2(act(w1 x) * w3 x) (clamped SwiGLU: * up_act(w3 x)), with w1 the gate and w3 the up projection (HF gate_proj/up_proj).
     Plain: w2(act(w1 x)), with w1 the up projection; there is no w3. `hidden_dim` defaults to
     model.ffn_hidden_size (the shared experts of a MoE layer have their own)."""
 
     def __init__(self, cfg: ModelConfig, hidden_dim: Optional[int] = None):
         super().__init__()
         dim, hidden_dim, bias = cfg.hidden_size, hidden_dim or cfg.ffn_hidden_size, cfg.mlp_bias
-        self.act = XIELU() if cfg.mlp == "xielu" else ACTIVATIONS[cfg.mlp]  # xielu: a module, with parameters
+        self.act, self.up_act = activations(cfg)
         self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias) if cfg.gated else None
@@ -71,5 +99,5 @@ class FeedForward(nn.Module):
         h = self.act(self.w1(x))  # [b, s, ffn_hidden]
         up = self.w3  # read once (a module __getattr__ each)
         if up is not None:
-            h = h * up(x)
+            h = h * (up(x) if self.up_act is None else self.up_act(up(x)))
         return self.w2(h)  # [b, s, hidden]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_llm.model.mlp import ACTIVATIONS, FeedForward
+from megatron_llm.model.mlp import FeedForward, activations
 from megatron_llm.model.moe_capacity import drop_over_capacity
 from megatron_llm.model_config import ModelConfig
 
@@ -50,6 +50,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.moe_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(cfg.moe_experts)) if cfg.moe_router_bias else None  # gpt-oss
         self.register_buffer("expert_bias", torch.empty(cfg.moe_experts) if cfg.moe_expert_bias else None)
         self.top_k, self.score = cfg.moe_top_k, cfg.moe_score
         self.groups, self.topk_groups, self.group_rank_top = cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_group_rank_top
@@ -57,7 +58,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(indices [T, k], weights [T, k] in x's dtype, logits [T, E] and scores [T, E] in fp32)."""
-        logits = F.linear(x, self.weight).float()  # [T, E]
+        logits = F.linear(x, self.weight, self.bias).float()  # [T, E]
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         choice = scores if self.expert_bias is None else scores + self.expert_bias
         if self.groups > 1:
@@ -96,53 +97,74 @@ def grouped_mm_runs(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and aligned and runs and (bf16 or not torch.compiler.is_compiling())
 
 
+# The stacked parameters of the experts, in expert_mlp's order: weights [E, out, in], then the optional biases
+# [E, out] (model.moe_ffn_bias, gpt-oss).
+EXPERT_PARAMS = ("w1", "w2", "w3", "w1_bias", "w2_bias", "w3_bias")
+
+
 class GroupedExperts(nn.Module):
-    """E MLPs of the config's kind as stacked weights: gated w2(act(w1 x) * w3 x) or plain w2(act(w1 x)).
-    x [N, hidden] is sorted by expert, counts [E] rows each; the result is [N, hidden] in the same order."""
+    """E MLPs of the config's kind as stacked weights: gated w2(act(w1 x) * w3 x) or plain w2(act(w1 x)), each
+    projection with a bias per expert where model.moe_ffn_bias asks. x [N, hidden] is sorted by expert, counts [E]
+    rows each; the result is [N, hidden] in the same order."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        e, dim, hidden = cfg.moe_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size
-        self.act = ACTIVATIONS[cfg.mlp]
+        e, dim, hidden, bias = cfg.moe_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size, cfg.moe_ffn_bias
+        self.act, self.up_act = activations(cfg)
         self.w1 = nn.Parameter(torch.empty(e, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(e, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(e, hidden, dim)) if cfg.gated else None
+        self.w1_bias = nn.Parameter(torch.empty(e, hidden)) if bias else None
+        self.w2_bias = nn.Parameter(torch.empty(e, dim)) if bias else None
+        self.w3_bias = nn.Parameter(torch.empty(e, hidden)) if bias and cfg.gated else None
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x, counts, self.w1, self.w2, self.w3, self.act)
+        return expert_mlp(x, counts, [getattr(self, n) for n in EXPERT_PARAMS], self.act, self.up_act)
 
 
-def expert_mlp(x: torch.Tensor, counts: torch.Tensor, w1, w2, w3, act) -> torch.Tensor:
-    """The experts' MLPs over rows sorted by expert (counts [E'] rows each, E' = w1.shape[0]); a function
-    of the weights, so that expert parallelism can call it with the experts a rank holds."""
+def expert_mlp(x: torch.Tensor, counts: torch.Tensor, params, act, up_act=None) -> torch.Tensor:
+    """The experts' MLPs over rows sorted by expert (counts [E'] rows each, E' = w1.shape[0]); `params` are
+    w1, w2, w3 and their biases (EXPERT_PARAMS, None where absent), `up_act` what w3 x passes through before
+    the product (None: nothing). A function of the weights, so that expert parallelism can call it with the
+    experts a rank holds."""
+    w1, w2, w3, b1, b2, b3 = params
     if grouped_mm_runs(x, w1, w2):
-        h = act(grouped_mm(x, w1, counts))  # [N, moe_ffn_hidden]
+        n = x.shape[0]
+        h = act(_biased(grouped_mm(x, w1, counts), b1, counts, n))  # [N, moe_ffn_hidden]
         if w3 is not None:
-            h = h * grouped_mm(x, w3, counts)
-        return grouped_mm(h, w2, counts)  # [N, hidden]
+            up = _biased(grouped_mm(x, w3, counts), b3, counts, n)
+            h = h * (up if up_act is None else up_act(up))
+        return _biased(grouped_mm(h, w2, counts), b2, counts, n)  # [N, hidden]
     if torch.is_autocast_enabled(x.device.type):  # autocast leaves torch.mm(out=) alone: cast as it casts a linear
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2, w3 = (t if t is None else t.to(dtype) for t in (x, w1, w2, w3))
-    return _expert_mlp_eager(x, counts, w1, w2, w3, act)
+        x, *params = (t if t is None else t.to(dtype) for t in (x, *params))
+    return _expert_mlp_eager(x, counts, *params, act, up_act)
+
+
+def _biased(rows: torch.Tensor, bias: Optional[torch.Tensor], counts: torch.Tensor, n: int) -> torch.Tensor:
+    """rows [N, out] sorted by expert plus each row's expert bias (bias [E, out]), or rows as they are without
+    one. output_size spares repeat_interleave a read of the counts on the host."""
+    return rows if bias is None else rows + bias.repeat_interleave(counts, dim=0, output_size=n)
 
 
 class ExpertMLP(torch.autograd.Function):
     """expert_mlp where torch._grouped_mm does not run: a loop of per-expert matmuls written into whole [N, ...]
     outputs (no concatenation), with a backward that writes each expert's weight gradient into its row of the stacked gradient and adds
     the two input gradients of a gated MLP in one addmm. Saves x, w1 x, w3 x and the product that w2 takes;
-    the activation runs again in the backward, where autograd differentiates it (any ACTIVATIONS entry)."""
+    the activations run again in the backward, where autograd differentiates them (act on w1 x, and up_act on
+    w3 x where there is one: any activations() pair)."""
 
     @staticmethod
-    def forward(ctx, x, counts, w1, w2, w3, act):
+    def forward(ctx, x, counts, w1, w2, w3, b1, b2, b3, act, up_act):
         spans = _spans(counts)
-        h1 = _per_expert(x, w1, spans)  # [N, ffn]
-        h3 = _per_expert(x, w3, spans) if w3 is not None else None
-        h = act(h1)  # a new tensor (every ACTIVATIONS entry is out of place): the gate multiplies into it
+        h1 = _per_expert(x, w1, spans, bias=b1)  # [N, ffn]
+        h3 = _per_expert(x, w3, spans, bias=b3) if w3 is not None else None
+        h = act(h1)  # a new tensor (every activation is out of place): the gate multiplies into it
         if h3 is not None:
-            h.mul_(h3)
+            h.mul_(h3 if up_act is None else up_act(h3))
         ctx.save_for_backward(x, w1, w2, w3, h1, h3, h)
-        ctx.spans, ctx.act = spans, act
-        return _per_expert(h, w2, spans)  # [N, hidden]
+        ctx.spans, ctx.act, ctx.up_act = spans, act, up_act
+        return _per_expert(h, w2, spans, bias=b2)  # [N, hidden]
 
     @staticmethod
     def backward(ctx, grad):
@@ -154,7 +176,13 @@ class ExpertMLP(torch.autograd.Function):
         with torch.enable_grad():
             leaf = h1.detach().requires_grad_()
             a = ctx.act(leaf)
-        dh3 = dh * a.detach() if h3 is not None else None
+            if h3 is not None and ctx.up_act is not None:
+                leaf3 = h3.detach().requires_grad_()
+                u = ctx.up_act(leaf3)
+        dh3 = dh * a.detach() if h3 is not None else None  # d loss / d up_act(w3 x)
+        if h3 is not None and ctx.up_act is not None:
+            (dh3,) = torch.autograd.grad(u, leaf3, dh3)  # d loss / d (w3 x)
+            h3 = u.detach()
         da = dh.mul_(h3) if h3 is not None else dh
         (dh1,) = torch.autograd.grad(a, leaf, da)  # [N, ffn]: d loss / d (w1 x)
         dx = _per_expert(dh1, w1, spans, transpose=False)  # [N, hidden]
@@ -163,16 +191,18 @@ class ExpertMLP(torch.autograd.Function):
                 dx[start:end].addmm_(dh3[start:end], w3[e])
         dw1 = _weight_grads(dh1, x, spans, w1) if need[2] else None
         dw3 = _weight_grads(dh3, x, spans, w3) if dh3 is not None and need[4] else None
-        return dx, None, dw1, dw2, dw3, None
+        db1, db2, db3 = (_bias_grads(g, spans) if g is not None and need[i] else None
+                         for i, g in ((5, dh1), (6, grad), (7, dh3)))
+        return dx, None, dw1, dw2, dw3, db1, db2, db3, None, None
 
 
-def _expert_mlp_eager(x, counts, w1, w2, w3, act) -> torch.Tensor:
+def _expert_mlp_eager(x, counts, w1, w2, w3, b1, b2, b3, act, up_act) -> torch.Tensor:
     """ExpertMLP, which inside a compiled block runs eagerly: its spans are read from `counts` on the host.
     Disabled at the call, not at import: torch.compiler.disable imports torch._dynamo (~1 s), which inference
     never needs; dynamo does not recompile for the new wrapper."""
     if torch.compiler.is_compiling():
-        return torch.compiler.disable(ExpertMLP.apply)(x, counts, w1, w2, w3, act)
-    return ExpertMLP.apply(x, counts, w1, w2, w3, act)
+        return torch.compiler.disable(ExpertMLP.apply)(x, counts, w1, w2, w3, b1, b2, b3, act, up_act)
+    return ExpertMLP.apply(x, counts, w1, w2, w3, b1, b2, b3, act, up_act)
 
 
 def _spans(counts: torch.Tensor) -> list[tuple[int, int]]:
@@ -181,11 +211,24 @@ def _spans(counts: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
-def _per_expert(x: torch.Tensor, w: torch.Tensor, spans, transpose: bool = True) -> torch.Tensor:
-    """Each expert's rows of x times w[e]^T ([E, out, in]; w[e] itself with transpose=False) -> [N, out]."""
+def _per_expert(x: torch.Tensor, w: torch.Tensor, spans, transpose: bool = True,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each expert's rows of x times w[e]^T ([E, out, in]; w[e] itself with transpose=False) -> [N, out], plus
+    the expert's bias [E, out] where given (one addmm)."""
     out = x.new_empty(x.shape[0], w.shape[1] if transpose else w.shape[2])
     for e, (start, end) in enumerate(spans):
-        torch.mm(x[start:end], w[e].T if transpose else w[e], out=out[start:end])
+        if bias is None:
+            torch.mm(x[start:end], w[e].T if transpose else w[e], out=out[start:end])
+        else:
+            torch.addmm(bias[e], x[start:end], w[e].T, out=out[start:end])
+    return out
+
+
+def _bias_grads(grad: torch.Tensor, spans) -> torch.Tensor:
+    """d loss / d bias [E, out] of rows + bias[e]: each expert's rows of grad [N, out] summed (zero without rows)."""
+    out = grad.new_empty(len(spans), grad.shape[1])
+    for e, (start, end) in enumerate(spans):
+        torch.sum(grad[start:end], dim=0, out=out[e])
     return out
 
 

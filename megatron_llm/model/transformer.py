@@ -141,10 +141,13 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (Router, GroupedExperts)):
                 for part, weight in module.named_parameters(recurse=False):  # each stacked [E, ...] under its own name
-                    self._draw(weight, f"{name}.{part}", seed, out_std)
+                    if part.endswith("bias"):  # the router's and experts' biases (gpt-oss)
+                        nn.init.zeros_(weight)
+                    else:
+                        self._draw(weight, f"{name}.{part}", seed, out_std)
                 if getattr(module, "expert_bias", None) is not None:
                     nn.init.zeros_(module.expert_bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU)):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU, Attention)):  # Attention: its sink logits
                 module.reset_parameters()
 
     def _draw(self, weight: torch.Tensor, key: str, seed: int, out_std: float) -> None:

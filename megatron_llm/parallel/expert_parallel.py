@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-from megatron_llm.model.moe import expert_mlp
+from megatron_llm.model.moe import EXPERT_PARAMS, expert_mlp
 
 EXPERTS = "feed_forward.experts"  # the slot expert parallelism splits
 
@@ -55,10 +55,12 @@ def split_experts(model: nn.Module, mesh: DeviceMesh) -> None:
     names = mesh.mesh_dim_names
     ep_mesh = mesh["ep"] if "ep" in names else None
     for experts in expert_modules(model):
-        for name, ffn_dim in (("w1", 1), ("w2", 2), ("w3", 1)):
+        # The biases (model.moe_ffn_bias) split with their experts along E; config.py refuses them at tp > 1 (w2's
+        # bias would be added by every tp rank's partial sum).
+        for name, ffn_dim in zip(EXPERT_PARAMS, (1, 2, 1, 1, None, 1)):
             weight = getattr(experts, name)
             if weight is not None:
-                placements = [Shard(0) if dim == "ep" else Shard(ffn_dim) for dim in names]
+                placements = [Shard(0) if dim == "ep" else Replicate() if ffn_dim is None else Shard(ffn_dim) for dim in names]
                 local = distribute_tensor(weight.detach(), mesh, placements, src_data_rank=None)
                 setattr(experts, name, nn.Parameter(local))  # [E/ep, ffn/tp, ...] here, [E, ffn, ...] saved
         experts.forward = _sliced_forward(experts, ep_mesh)
@@ -70,15 +72,16 @@ def _sliced_forward(experts: nn.Module, ep_mesh: Optional[DeviceMesh]):
     def forward(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, hidden] sorted by global expert, counts [E] -> their outputs [N, hidden], same order (this
         rank's partial sums under tp)."""
-        weights = [_local_grad_over(getattr(experts, n), ep) for n in ("w1", "w2", "w3")]
+        weights = [_local_grad_over(getattr(experts, n), ep) for n in EXPERT_PARAMS]
         if ep_mesh is None:
-            return expert_mlp(rows, counts, *weights, experts.act)
-        return _dispatch(rows, counts, weights, experts.act, ep_mesh.get_group(), ep)
+            return expert_mlp(rows, counts, weights, experts.act, experts.up_act)
+        return _dispatch(rows, counts, weights, experts, ep_mesh.get_group(), ep)
 
     return forward
 
 
-def _dispatch(rows: torch.Tensor, counts: torch.Tensor, weights: list, act, group: dist.ProcessGroup, ep: int):
+def _dispatch(rows: torch.Tensor, counts: torch.Tensor, weights: list, experts: nn.Module, group: dist.ProcessGroup,
+              ep: int):
     """Each row to the ep rank holding its expert, through this rank's experts, and back."""
     local_experts = counts.numel() // ep
     received = torch.empty_like(counts)
@@ -89,7 +92,7 @@ def _dispatch(rows: torch.Tensor, counts: torch.Tensor, weights: list, act, grou
     mine = all_to_all_single_autograd(rows, recv, send, group)  # [M, hidden]: by source, then expert
     expert_of_row = torch.arange(local_experts, device=rows.device).repeat(ep).repeat_interleave(received.flatten())
     order = expert_of_row.argsort(stable=True)  # by local expert, sources in rank order within one
-    out = expert_mlp(mine[order], received.sum(0), *weights, act)
+    out = expert_mlp(mine[order], received.sum(0), weights, experts.act, experts.up_act)
     back = torch.empty_like(out).index_copy(0, order, out)  # by source again
     return all_to_all_single_autograd(back, send, recv, group)  # [N, hidden]
 

@@ -93,7 +93,18 @@ class Stacked:
     ours: str
 
 
-TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked]
+@dataclass(frozen=True)
+class Mapped:
+    """One Hugging Face tensor holding several of ours in a layout of its own, written by `to_hf(parts) -> tensor`
+    and read by `from_hf(tensor) -> parts` (gpt-oss's experts: gate and up interleaved on the last dim, stored
+    [E, in, out]); named functions of the family's module, each the other's inverse."""
+
+    parts: tuple[str, ...]
+    to_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+    from_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked, Mapped]
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,9 @@ class Family:
             if isinstance(entry, Stacked):
                 out.update({hf.format(e=e): shape[1:] for e in range(shape[0])})
                 continue
+            if isinstance(entry, Mapped):  # the shape its function gives, computed on the meta device
+                out[hf] = entry.to_hf([torch.empty(native[_layer(p, name)], device="meta") for p in entry.parts]).shape
+                continue
             if isinstance(entry, Fused):
                 shapes = [native[_layer(part, name)] for part in entry.parts]
                 dim = _rows_dim(shapes[0])
@@ -198,6 +212,9 @@ class Family:
                 out.update({hf.format(e=e): expert for e, expert in enumerate(tensor.unbind(0))})
                 continue
             if hf in out:
+                continue
+            if isinstance(entry, Mapped):
+                out[hf] = entry.to_hf([tensors[_layer(part, name)] for part in entry.parts])
                 continue
             if isinstance(entry, Fused):
                 tensor = _fuse([tensors[_layer(part, name)] for part in entry.parts], entry.layout, cfg)
@@ -216,7 +233,8 @@ class Family:
             if hf not in cache:
                 tensor = get(hf)
                 tensor = tensor.t() if _transposed(entry, tensor.shape) else _unswapped(entry, tensor, cfg)
-                cache[hf] = _split(tensor, entry, name, cfg) if isinstance(entry, Fused) else [tensor]
+                cache[hf] = (_split(tensor, entry, name, cfg) if isinstance(entry, Fused) else
+                             entry.from_hf(tensor) if isinstance(entry, Mapped) else [tensor])
             out[name] = cache[hf][index]
         return out
 
@@ -268,7 +286,7 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
         table = {}
         for tensors in (family.tensors, *(family.variants[i].tensors for i in chosen)):
             for hf, entry in tensors.items():
-                parts = entry.parts if isinstance(entry, Fused) else (entry.ours if isinstance(entry, (Transposed, HalvesSwapped, Stacked)) else entry,)
+                parts = entry.parts if isinstance(entry, (Fused, Mapped)) else (entry.ours if isinstance(entry, (Transposed, HalvesSwapped, Stacked)) else entry,)
                 for index, ours in enumerate(parts):
                     table[ours] = (hf, entry, index)
         _REVERSE[key] = table
