@@ -35,13 +35,19 @@ CASES = {
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=24, decoder_sparse_step=2),
     "olmoe": dict(num_experts=4, pad_token_id=0, eos_token_id=1),
     "flex_olmo": dict(num_experts=4, norm_topk_prob=True, pad_token_id=0, eos_token_id=1),
+    # DeepSeek-V2: latent attention, softmax scores never renormalised, groups ranked by their best score
+    # (group_limited_greedy), a scaled shared expert with biases, a dense first layer
+    "deepseek_v2": dict(n_routed_experts=8, moe_intermediate_size=32, topk_method="group_limited_greedy", n_group=4,
+                        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                        mlp_bias=True, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
+                        v_head_dim=12, num_key_value_heads=4),
     # latent attention (compressed q and kv, decoupled interleaved RoPE dims), 8 experts in 4 groups of which a
     # token may use 2, the expert bias, a shared expert, a dense first layer, a routed scale
     "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
                         first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
-    # DeepSeek-V3's router and experts after a dense layer in the families that copied them (DEEPSEEK_STYLE), each
-    # with its own attention: GLM-4.7-Flash's latent attention (one q projection, RoPE dims by halves)
+    # DeepSeek-V3's router and experts after a dense layer in the families that copied them, each with its own
+    # attention: GLM-4.7-Flash's latent attention (one q projection, RoPE dims by halves)
     "glm4_moe_lite": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=2,
                           mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None,
                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
@@ -80,8 +86,9 @@ CASES = {
     "granitemoeshared": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
                              residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
 }
-DEEPSEEK_STYLE = {"deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe"}
-NO_AUX_LOSS = {*DEEPSEEK_STYLE, "hunyuan_v1_moe", "cohere2_moe"}  # transformers computes none for them (most balance by the expert bias)
+# transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
+NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
+               "hunyuan_v1_moe", "cohere2_moe"}
 
 
 def hf_model(model_type: str) -> torch.nn.Module:
@@ -225,14 +232,15 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
-# writes none); dots.llm1's, HunYuan's and Cohere2-MoE's output-projection bias (Megatron's add_bias_linear would
-# give the experts biases too); Granite's attention multiplier.
+# writes none); dots.llm1's, HunYuan's and Cohere2-MoE's output-projection bias and DeepSeek-V2's MLP biases
+# (Megatron's add_bias_linear would give the experts biases too); Granite's attention multiplier.
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
                    "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
                    "dots1": r"add_bias_linear also gives every expert biases",
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe": r"add_bias_linear also gives every expert biases",
+                   "deepseek_v2": r"add_bias_linear also gives every expert biases",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale"}
 
 

@@ -175,19 +175,26 @@ def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_
     return Derived(read, write)
 
 
+def deepseek_experts(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, scale: float = 1.0,
+                     shared_count: int = 1) -> tuple:
+    """DeepSeek's expert keys (V2 and V3 and the families that copied V3): the counts (under the family's names),
+    their width moe_intermediate_size, the routed scale, shared experts; the defaults are the config class's (what a
+    config.json without the key means). transformers computes no aux loss for any of them."""
+    return (Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
+            Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("routed_scaling_factor", "moe_routed_scale", default=scale),
+            shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0))
+
+
 def sigmoid_routing(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, renormalize: bool = True,
                     scale: float = 1.0, groups: int = 1, topk_groups: int = 1, shared_count: int = 1) -> tuple:
     """DeepSeek-V3's router as config keys: a sigmoid per expert, the aux-loss-free expert bias (its
-    e_score_correction_bias), group-limited top-k, a routed scale, shared experts. GLM-4.5, dots.llm1, EXAONE-MoE
-    and GLM-4.7-Flash copied it; each family passes its config class's defaults (what a config.json without the
-    key means) and its names for the two counts. transformers computes no aux loss for any of them."""
+    e_score_correction_bias), group-limited top-k (groups ranked by their best two scores, our default); GLM-4.5,
+    dots.llm1, EXAONE-MoE, Sarvam-MoE and GLM-4.7-Flash copied it with defaults and count names of their own."""
     return (
-        Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
-        Key("moe_intermediate_size", "moe_ffn_hidden_size"), Fixed("moe_score", "sigmoid"), Fixed("moe_expert_bias", True),
+        *deepseek_experts(experts, shared, scale=scale, shared_count=shared_count),
+        Fixed("moe_score", "sigmoid"), Fixed("moe_expert_bias", True),
         Key("norm_topk_prob", "moe_renormalize", default=renormalize),
-        Key("routed_scaling_factor", "moe_routed_scale", default=scale),
         Key("n_group", "moe_groups", default=groups), Key("topk_group", "moe_topk_groups", default=topk_groups),
-        shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0),
     )
 
 
@@ -238,6 +245,34 @@ DEEPSEEK_V3 = Family(
     "deepseek_v3", "DeepseekV3ForCausalLM",
     (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
+)
+
+
+def _read_v2_groups(hf: dict) -> dict:
+    """DeepSeek-V2's topk_method: greedy (no groups) or group_limited_greedy (groups ranked by their best score)."""
+    method = hf.get("topk_method") or "greedy"
+    if method == "greedy":
+        return dict(moe_groups=1, moe_topk_groups=1)
+    if method != "group_limited_greedy":
+        raise UsageError(f"config.json topk_method={method!r} is not supported: deepseek_v2 has greedy or group_limited_greedy")
+    return dict(moe_groups=hf["n_group"], moe_topk_groups=hf["topk_group"], moe_group_rank_top=1)
+
+
+def _write_v2_groups(cfg) -> dict:
+    if cfg.moe_groups == 1:
+        return {"topk_method": "greedy"}
+    return {"topk_method": "group_limited_greedy", "n_group": cfg.moe_groups, "topk_group": cfg.moe_topk_groups}
+
+
+# DeepSeek-V2: latent attention (RoPE in interleaved pairs), a softmax router whose top-k weights are never
+# renormalised (transformers ignores norm_topk_prob), greedy or group-limited; biases on the dense MLPs optional.
+DEEPSEEK_V2 = Family(
+    "deepseek_v2", "DeepseekV2ForCausalLM",
+    (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), Fixed("rope_interleaved", True),
+     Key("mlp_bias", "mlp_bias", default=False), latent_norm_eps(1e-6),
+     *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False), Derived(_read_v2_groups, _write_v2_groups),
+     first_dense_layers(0)),
+    {**MLA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS}},
 )
 
 
@@ -447,4 +482,4 @@ GRANITE_MOE_SHARED = Family(
      "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)
