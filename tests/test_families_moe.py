@@ -85,6 +85,10 @@ CASES = {
                        logits_scaling=4.0),
     "granitemoeshared": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
                              residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
+    # ERNIE 4.5 MoE: a softmax router with the expert bias, biases on every projection and the head, a dense first
+    # layer (moe_layer_start_index), shared experts
+    "ernie4_5_moe": dict(num_experts=4, moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
+                         use_bias=True, tie_word_embeddings=False, head_dim=16),
 }
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
@@ -225,14 +229,14 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
 
 def router_weight(gate: torch.nn.Module) -> torch.Tensor:
     """transformers' router matrix [E, hidden], wherever its gate keeps it (gate.weight; HunYuan's gate.wg.weight)."""
-    (weight,) = (p for p in gate.parameters() if p.dim() == 2)
+    (weight,) = (p for name, p in gate.named_parameters() if name.endswith("weight"))
     return weight
 
 
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
-# writes none); dots.llm1's, HunYuan's and Cohere2-MoE's output-projection bias and DeepSeek-V2's MLP biases
+# writes none); dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's output-projection bias and DeepSeek-V2's MLP biases
 # (Megatron's add_bias_linear would give the experts biases too); Granite's attention multiplier.
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
@@ -241,6 +245,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.no
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe": r"add_bias_linear also gives every expert biases",
                    "deepseek_v2": r"add_bias_linear also gives every expert biases",
+                   "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale"}
 
 

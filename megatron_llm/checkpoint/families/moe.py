@@ -4,6 +4,8 @@ expert, stacked into our [E, ...] weights by `Stacked`) and the shared experts."
 import math
 from typing import Any, Callable, Optional
 
+import torch
+
 from megatron_llm.checkpoint.families.common import (
     GATED_ACTIVATIONS,
     HEAD_DIM,
@@ -23,7 +25,7 @@ from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS, HUNYUAN_DENSE
 from megatron_llm.checkpoint.families.gpt import WHOLE_ROPE
 from megatron_llm.checkpoint.families.layernorm import TIED
 from megatron_llm.checkpoint.families.llama import GRANITE, MISTRAL, OLMO2, QWEN2, QWEN3
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Stacked, get_family_value
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, Stacked, get_family_value
 from megatron_llm.errors import UsageError
 
 
@@ -181,7 +183,8 @@ def deepseek_experts(experts: str = "n_routed_experts", shared: str = "n_shared_
     their width moe_intermediate_size, the routed scale, shared experts; the defaults are the config class's (what a
     config.json without the key means). transformers computes no aux loss for any of them."""
     return (Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
-            Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("routed_scaling_factor", "moe_routed_scale", default=scale),
+            Key("moe_intermediate_size", "moe_ffn_hidden_size"),
+            Key("routed_scaling_factor", "moe_routed_scale", default=scale),
             shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0))
 
 
@@ -254,7 +257,8 @@ def _read_v2_groups(hf: dict) -> dict:
     if method == "greedy":
         return dict(moe_groups=1, moe_topk_groups=1)
     if method != "group_limited_greedy":
-        raise UsageError(f"config.json topk_method={method!r} is not supported: deepseek_v2 has greedy or group_limited_greedy")
+        raise UsageError(f"config.json topk_method={method!r} is not supported: deepseek_v2 has greedy or "
+                         "group_limited_greedy")
     return dict(moe_groups=hf["n_group"], moe_topk_groups=hf["topk_group"], moe_group_rank_top=1)
 
 
@@ -270,7 +274,8 @@ DEEPSEEK_V2 = Family(
     "deepseek_v2", "DeepseekV2ForCausalLM",
     (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), Fixed("rope_interleaved", True),
      Key("mlp_bias", "mlp_bias", default=False), latent_norm_eps(1e-6),
-     *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False), Derived(_read_v2_groups, _write_v2_groups),
+     *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False),
+     Derived(_read_v2_groups, _write_v2_groups),
      first_dense_layers(0)),
     {**MLA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS}},
 )
@@ -355,7 +360,8 @@ EXAONE_MOE = Family(
     "exaone_moe", "ExaoneMoeForCausalLM",
     (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
      ROPE, Fixed("rope_fraction", 1.0), Derived(_read_exaone_moe_layers, write_every_layer_type), Fixed("qk_norm", True),
-     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False), *sigmoid_routing("num_experts", "num_shared_experts", scale=2.5), mlp_layer_types(1)),
+     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False),
+     *sigmoid_routing("num_experts", "num_shared_experts", scale=2.5), mlp_layer_types(1)),
     {**LLAMA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS},
      "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
 )
@@ -408,7 +414,8 @@ def _read_cohere2_moe_layers(hf: dict) -> dict:
 
 def _write_cohere2_moe_layers(cfg) -> dict:
     dense = [i for i in range(cfg.num_layers) if not cfg.layer(i).moe]
-    return {**write_every_layer_type(cfg), "mlp_layer_types": ["dense" if i in dense else "sparse" for i in range(cfg.num_layers)],
+    return {**write_every_layer_type(cfg),
+            "mlp_layer_types": ["dense" if i in dense else "sparse" for i in range(cfg.num_layers)],
             "prefix_dense_sliding_window_pattern": 1 if all(cfg.layer(i).rope for i in dense) else 2}
 
 
@@ -482,4 +489,47 @@ GRANITE_MOE_SHARED = Family(
      "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED)
+def _read_ernie_layers(hf: dict) -> dict:
+    """Every moe_layer_interval-th layer sparse between moe_layer_start_index and moe_layer_end_index (-1: the
+    last); the layers outside that would be sparse by the interval are our dense layers."""
+    n, step = hf["num_hidden_layers"], get_family_value(hf, "moe_layer_interval", default=1)
+    start = get_family_value(hf, "moe_layer_start_index", default=1)
+    end = get_family_value(hf, "moe_layer_end_index", default=-1)
+    end = n - 1 if end == -1 else end
+    return dict(moe_layer_freq=step, moe_dense_layers=[i for i in range(n) if (i + 1) % step == 0 and not start <= i <= end])
+
+
+def _write_ernie_layers(cfg) -> dict:
+    sparse = [i for i in range(cfg.num_layers) if cfg.layer(i).moe]
+    return {"moe_layer_interval": cfg.moe_layer_freq, "moe_layer_start_index": sparse[0], "moe_layer_end_index": sparse[-1]}
+
+
+def _unsqueezed(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0].unsqueeze(0)  # [1, E]: ERNIE keeps one row per expert group, and it has one
+
+
+def _squeezed(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor.squeeze(0)]
+
+
+# ERNIE 4.5 MoE: Llama's attention with RoPE in interleaved pairs, use_bias on every projection and the head; a
+# softmax router whose choice adds the expert bias (moe_statics), renormalised top-k, shared experts; sparse layers
+# by interval within a range.
+ERNIE4_5_MOE = Family(
+    "ernie4_5_moe", "Ernie4_5_MoeForCausalLM",
+    (*(e for e in TIED if getattr(e, "ours", None) != "ffn_hidden_size"), Key("intermediate_size", "ffn_hidden_size"),
+     activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     rope_defaulting({"rope_type": "default", "rope_theta": 500000.0}), Fixed("rope_fraction", 1.0),
+     Fixed("rope_interleaved", True),
+     *(Key("use_bias", ours, default=False) for ours in ("qkv_bias", "out_bias", "mlp_bias", "output_bias")),
+     Key("moe_num_experts", "moe_experts", also=("num_experts",)), Key("moe_k", "moe_top_k", also=("num_experts_per_tok",)),
+     Key("moe_intermediate_size", "moe_ffn_hidden_size"), shared_experts("moe_num_shared_experts", 2),
+     Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001), Fixed("moe_score", "softmax"),
+     Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Derived(_read_ernie_layers, _write_ernie_layers)),
+    {**LLAMA_TENSORS, "lm_head.bias": "output.bias", **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
+     **shared_mlp("shared_experts"),
+     "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": Mapped((EXPERT_BIAS,), _unsqueezed, _squeezed)},
+)
+
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE,
+            DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED, ERNIE4_5_MOE)
