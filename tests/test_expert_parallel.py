@@ -24,7 +24,9 @@ from test_parallel import LOSS_RTOL, check_chain, overrides
 # A MoE model whose every option that crosses ranks is on: a dense first layer, shared experts with a
 # gate, the expert bias moved by the global load after each step, and both router losses per layer (so
 # they work across pipeline stages) with f over the global micro-batch (so a data-parallel rank's loss
-# averages to that of the whole micro-batch, which the single process routes at once).
+# averages to that of the whole micro-batch, which the single process routes at once). gpt-oss's pieces too: the
+# router's bias, the experts' biases (split along E over ep and, w1's and w3's, along the inner width over tp; w2's
+# added once over the tp ranks' partial sums) and the clamped SwiGLU in the experts and the dense MLPs.
 # DeepSeek-V3's routed scale 2.5 makes the routed experts' share of the output large enough that a tp slice's
 # missing sum shows: without the sum over tp of the expert rows' gradient the tp2-ep2 link's step-3 loss is off
 # by 4.4e-5 relative (1.6e-5 at scale 1, tolerance 1e-5).
@@ -33,6 +35,7 @@ MOE = dict(model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=
            model__moe_bias_update_rate=0.01, model__moe_aux_loss_coeff=0.1, model__moe_z_loss_coeff=0.01,
            model__moe_routed_scale=2.5,
            model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True,
+           model__moe_router_bias=True, model__moe_ffn_bias=True, model__mlp="swiglu_clamped",
            model__attention="mla", model__mla_q_lora_rank=48, model__mla_kv_lora_rank=32, model__mla_rope_head_dim=8,
            model__mla_v_head_dim=16)
 EP_CHAIN = [

@@ -93,7 +93,7 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir):
     for i, layer in enumerate(hf.model.layers):
         ours = f"layers.{i}.feed_forward."
         experts, router = layer.mlp.experts, layer.mlp.router
-        pairs = [(grad[f"layers.{i}.attention.sinks"], layer.self_attn.sinks.grad),
+        pairs = [(grad[f"layers.{i}.attention.sinks.weight"], layer.self_attn.sinks.grad),
                  (grad[ours + "router.weight"], router.weight.grad), (grad[ours + "router.bias"], router.bias.grad),
                  (interleave_gate_up([grad[ours + "experts.w1"], grad[ours + "experts.w3"]]), experts.gate_up_proj.grad),
                  (interleave_gate_up([grad[ours + "experts.w1_bias"], grad[ours + "experts.w3_bias"]]),

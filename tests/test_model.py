@@ -321,6 +321,34 @@ def test_values_of_another_width_than_the_queries_take_the_fused_kernel(widths, 
         assert "Flash" in type(out.grad_fn.next_functions[0][0]).__name__
 
 
+@pytest.mark.parametrize("window,cached", [(None, 0), (5, 0), (5, 10)], ids=["causal", "window", "window-decode"])
+def test_attention_sinks_are_an_extra_softmax_column(window, cached):
+    """gpt-oss's sinks: each head's logit joins every row's softmax and its weight is dropped, so rows sum to less
+    than 1. attend() against a softmax written out over [scores | sink] (grouped-query, with and without a window,
+    and queries after a KV cache's keys), outputs and the gradients of q, k, v and the sinks."""
+    from megatron_llm.model.attention_kernels import ScoreRules, attend
+
+    gen = torch.Generator().manual_seed(0)
+    s_q, s_kv = 16 - cached, 16
+    q = torch.randn(2, 4, s_q, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, s_kv, 8, generator=gen, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, requires_grad=True)
+    out = attend(q, k, v, ScoreRules(window=window, sinks=True), 0.3, sinks=sinks)
+
+    scores = q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3  # [b, heads, s_q, s_kv]
+    query, key = torch.arange(cached, s_kv)[:, None], torch.arange(s_kv)[None, :]
+    keep = (key <= query) & ((query - key < window) if window else True)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    column = sinks[None, :, None, None].expand(2, 4, s_q, 1)
+    probs = torch.cat((scores, column), dim=-1).softmax(-1)[..., :-1]
+    expected = probs @ v.repeat_interleave(2, dim=1)
+    assert (probs.sum(-1) < 1).all()
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(expected)
+    inputs = (q, k, v, sinks)
+    torch.testing.assert_close(torch.autograd.grad(out, inputs, g), torch.autograd.grad(expected, inputs, g))
+
+
 def test_alibi_slopes_match_bloom():
     from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 

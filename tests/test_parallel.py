@@ -44,13 +44,13 @@ COMMON = dict(
 )
 # The two chains also carry the architecture menu: a Gemma2/3-like model (sandwich unit-offset norms, soft-caps,
 # sliding and full layers with their own RoPE bases, scaled embeddings, tanh GeGLU; interleaved partial RoPE
-# and a NoPE layer) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
+# and a NoPE layer; gpt-oss's attention sinks, split with the heads under tp) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
 # biases everywhere including the head's, Baichuan's NormHead, Granite's multipliers, OLMo's q/k/v clipping).
 TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3,
             model__norm_placement="sandwich", model__norm_unit_offset=True, model__attn_softcap=20.0,
             model__logit_softcap=30.0, model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]",
             model__rope_local_theta=100.0, model__embedding_multiplier=8.0, model__mlp="geglu_tanh",
-            model__rope_interleaved=True, model__rope_fraction=0.5, model__nope_layers="[3]")
+            model__rope_interleaved=True, model__rope_fraction=0.5, model__nope_layers="[3]", model__attention_sinks=True)
 UNTIED = dict(model__linear_bias=True, model__position="alibi", model__norm="layernorm", model__parallel_residual=True,
               model__output_bias=True, model__mlp="gelu_tanh", model__norm_head=True,
               model__residual_multiplier=0.5, model__logit_multiplier=0.8, model__qkv_clip=2.0,

@@ -66,7 +66,7 @@ def attention_weights(model: nn.Module, tokens: torch.Tensor, layer: int) -> tor
     with torch.no_grad():
         q, k, _ = attention.qkv(x, ctx)
         return attention_probs(q, k, attention.rules, attention.scale, attention.alibi_slopes, ctx.keys,
-                               getattr(attention, "sinks", None))[0]  # MLA has no sinks
+                               None if getattr(attention, "sinks", None) is None else attention.sinks())[0]  # MLA: none
 
 
 def attention_between(model: nn.Module, tokens: torch.Tensor, layer: int, token_a: int, token_b: int) -> list[float]:

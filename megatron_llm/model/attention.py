@@ -70,6 +70,23 @@ class AttentionContext:
         return qk.narrow(2, 0, heads), qk.narrow(2, heads, qk.shape[2] - heads)
 
 
+class HeadSinks(nn.Module):
+    """gpt-oss's attention sinks: one learned logit per query head [heads], which joins each row of its head's
+    softmax as an extra column (attention_kernels.attend). A module of its own, so that the tensor-parallel plan
+    shards it with the heads and hands the attention this rank's plain slice, as it does the projections'."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()  # no sink at first: exp(0) beside the row's exp(scores)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class Attention(nn.Module):
     """Grouped-query attention: num_kv_heads divides num_heads; MHA and MQA are the two ends.
 
@@ -95,7 +112,7 @@ class Attention(nn.Module):
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else d**-0.5
         self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi",
                                 sinks=cfg.attention_sinks)
-        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None  # [heads] gpt-oss
+        self.sinks = HeadSinks(cfg.num_heads) if cfg.attention_sinks else None
         # Derived from the head count, so kept out of checkpoints; filled by init_weights.
         slopes = torch.empty(cfg.num_heads) if self.rules.alibi else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
@@ -104,15 +121,9 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.qkv(x, ctx)
         slopes = self.alibi_slopes if self.rules.alibi else None  # a buffer read costs a module __getattr__
-        sinks = self.sinks if self.rules.sinks else None
+        sinks = self.sinks() if self.rules.sinks else None  # [heads]; this rank's heads under TP
         out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys, sinks)  # [b, heads, s, d]
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # from [b, s, heads * d]
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Sink logits at 0 (the projections are Linear modules, initialised as such)."""
-        if self.sinks is not None:
-            self.sinks.zero_()
 
     def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_llm.model.attention import Attention, AttentionContext
+from megatron_llm.model.attention import Attention, AttentionContext, HeadSinks
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
 from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.mla import LatentAttention
@@ -147,7 +147,7 @@ class Transformer(nn.Module):
                         self._draw(weight, f"{name}.{part}", seed, out_std)
                 if getattr(module, "expert_bias", None) is not None:
                     nn.init.zeros_(module.expert_bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU, Attention)):  # Attention: its sink logits
+            elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU, HeadSinks)):
                 module.reset_parameters()
 
     def _draw(self, weight: torch.Tensor, key: str, seed: int, out_std: float) -> None:

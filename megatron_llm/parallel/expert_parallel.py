@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from megatron_llm.model.moe import EXPERT_PARAMS, expert_mlp
+from megatron_llm.parallel.tensor_parallel import grad_summed_over
 
 EXPERTS = "feed_forward.experts"  # the slot expert parallelism splits
 
@@ -55,24 +56,28 @@ def split_experts(model: nn.Module, mesh: DeviceMesh) -> None:
     names = mesh.mesh_dim_names
     ep_mesh = mesh["ep"] if "ep" in names else None
     for experts in expert_modules(model):
-        # The biases (model.moe_ffn_bias) split with their experts along E; config.py refuses them at tp > 1 (w2's
-        # bias would be added by every tp rank's partial sum).
+        # The biases (model.moe_ffn_bias, gpt-oss) split with their experts along E, w1's and w3's along the inner
+        # width like their rows; w2's is whole on every tp rank (_sliced_forward adds it once in all).
         for name, ffn_dim in zip(EXPERT_PARAMS, (1, 2, 1, 1, None, 1)):
             weight = getattr(experts, name)
             if weight is not None:
                 placements = [Shard(0) if dim == "ep" else Replicate() if ffn_dim is None else Shard(ffn_dim) for dim in names]
                 local = distribute_tensor(weight.detach(), mesh, placements, src_data_rank=None)
                 setattr(experts, name, nn.Parameter(local))  # [E/ep, ffn/tp, ...] here, [E, ffn, ...] saved
-        experts.forward = _sliced_forward(experts, ep_mesh)
+        experts.forward = _sliced_forward(experts, ep_mesh, mesh["tp"] if "tp" in names else None)
 
 
-def _sliced_forward(experts: nn.Module, ep_mesh: Optional[DeviceMesh]):
+def _sliced_forward(experts: nn.Module, ep_mesh: Optional[DeviceMesh], tp_mesh: Optional[DeviceMesh]):
     ep = ep_mesh.size() if ep_mesh is not None else 1
 
     def forward(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """rows [N, hidden] sorted by global expert, counts [E] -> their outputs [N, hidden], same order (this
         rank's partial sums under tp)."""
         weights = [_local_grad_over(getattr(experts, n), ep) for n in EXPERT_PARAMS]
+        if tp_mesh is not None and weights[4] is not None:
+            # w2's bias goes into each tp rank's partial sum: 1/tp of it in each adds it once. Its gradient there
+            # is 1/tp of the whole (every rank gets the output's whole gradient), so the backward sums it over tp.
+            weights[4] = grad_summed_over(weights[4], tp_mesh) / tp_mesh.size()
         if ep_mesh is None:
             return expert_mlp(rows, counts, weights, experts.act, experts.up_act)
         return _dispatch(rows, counts, weights, experts, ep_mesh.get_group(), ep)

@@ -63,6 +63,7 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=seq),
+        "attention.sinks": ShardedWithHeads(),  # gpt-oss's per-head sink logits
         "attention.wq_b": ColwiseParallel(),  # mla
         "attention.wkv_b": ColwiseParallel(),  # mla
         "feed_forward.w1": ColwiseParallel(),
@@ -171,6 +172,15 @@ class SharedRopeKey(ParallelStyle):
 
         module.register_forward_hook(hook)
         return module
+
+
+class ShardedWithHeads(ParallelStyle):
+    """A module whose parameters are per query head ([heads], gpt-oss's sinks) and whose forward returns them:
+    sharded like the heads ColwiseParallel leaves this rank (contiguous blocks), handed out as this rank's
+    plain slice, whose gradient is then this rank's block of the whole."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh, _shard_rows, output_fn=lambda mod, out, mesh: out.to_local())
 
 
 class ProjectionNorm(ParallelStyle):

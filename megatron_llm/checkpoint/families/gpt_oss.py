@@ -54,7 +54,7 @@ GPT_OSS = Family(
      expert_count("num_local_experts", "num_experts"), *softmax_routing(0.001), Fixed("moe_renormalize", True),
      Fixed("moe_router_bias", True), Fixed("moe_ffn_bias", True)),
     {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
-     "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks",
+     "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight",
      "model.layers.{i}.mlp.router.weight": "layers.{i}.feed_forward.router.weight",
      "model.layers.{i}.mlp.router.bias": "layers.{i}.feed_forward.router.bias",
      "model.layers.{i}.mlp.experts.gate_up_proj": Mapped((f"{EXPERTS}.w1", f"{EXPERTS}.w3"), interleave_gate_up, split_gate_up),
