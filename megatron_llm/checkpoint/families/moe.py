@@ -1,5 +1,9 @@
 """Mixture-of-experts families: a dense family's table plus the router, the experts (stored one tensor per
-expert, stacked into our [E, ...] weights by `Stacked`) and the shared experts."""
+expert, stacked into our [E, ...] weights by `Stacked`; Granite-MoE's gate/up fused per expert) and the shared
+experts. Softmax top-k routers first (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo), then DeepSeek's (V2's softmax, V3's
+sigmoid with the expert bias and the families that copied it: GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1,
+EXAONE-MoE), then HunYuan, Cohere2, Granite and ERNIE, each with a router of its own shape. Every config value a
+table cannot reproduce is refused by name on read (`unsupported` and the Derived readers)."""
 
 import math
 from typing import Any, Callable, Optional
