@@ -244,6 +244,20 @@ def test_moe_model_counts_and_initialises_every_parameter():
     assert not torch.equal(experts.w1[0], experts.w1[1])
 
 
+def test_gpt_oss_pieces_start_neutral_and_train():
+    """The router's and experts' biases and the sink logits start at 0 (a bias-free router and experts, attention
+    whose rows give exp(0) to the sink), are counted, and get gradients."""
+    cfg = moe_cfg(moe_router_bias=True, moe_ffn_bias=True, attention_sinks=True, mlp="swiglu_clamped")
+    model = build_model(cfg, "cpu", seed=0)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    new = {k: p for k, p in model.named_parameters() if k.endswith(("_bias", "router.bias", "sinks.weight"))}
+    assert len(new) == 4 * 2 + 2  # per MoE layer the router's and three experts' biases; per layer the sinks
+    assert all(not p.any() for p in new.values())
+    x = torch.randint(0, 101, (2, 16))
+    model(x, labels=x).mean().backward()
+    assert all(p.grad is not None and p.grad.any() for p in new.values())
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(moe_top_k=9), r"model\.moe_top_k \(9\) must be in 1\.\.model\.moe_experts \(8\)"),
     (dict(moe_groups=3), r"model\.moe_groups \(3\) must divide"),
@@ -251,6 +265,7 @@ def test_moe_model_counts_and_initialises_every_parameter():
     (dict(moe_shared_gate=True), r"model\.moe_shared_gate"),
     (dict(moe_capacity_factor=0.0), r"model\.moe_capacity_factor"),
     (dict(moe_dense_layers=[2]), r"model\.moe_dense_layers"),
+    (dict(mlp="swiglu_clamped", swiglu_limit=0.0), r"^model\.swiglu_limit must be a positive finite number, got 0\.0$"),
 ])
 def test_bad_moe_config_is_one_line(overrides, message):
     with pytest.raises(UsageError, match=message):
@@ -356,6 +371,7 @@ def test_latent_attention_model_builds_counts_and_trains():
     (dict(mla_kv_lora_rank=0), r"model\.attention mla needs positive model\.mla_kv_lora_rank"),
     (dict(mla_rope_head_dim=8), r"model\.mla_rope_head_dim \(8\) must be even and in 1\.\.model\.head_dim - 1 \(7\)"),
     (dict(qk_norm=True), r"no qk_norm"),
+    (dict(attention_sinks=True), r"no qk_norm, qkv_clip or attention_sinks"),
 ])
 def test_bad_latent_attention_config_is_one_line(overrides, message):
     with pytest.raises(UsageError, match=message):

@@ -57,7 +57,12 @@ from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.progress import Progress  # noqa: E402
 from megatron_llm.model import meta_model  # noqa: E402
 from megatron_llm.parallel.pipeline import stage_layers, stages_of_rank  # noqa: E402
-from megatron_llm.parallel.tensor_parallel import ProjectionNorm, block_plan, padded_vocab_size  # noqa: E402
+from megatron_llm.parallel.tensor_parallel import (  # noqa: E402
+    ProjectionNorm,
+    ShardedWithHeads,
+    block_plan,
+    padded_vocab_size,
+)
 
 GIB = 2**30
 MEASURE_MAX_RANKS = 8  # --measure runs every rank as a process on this machine's CPUs
@@ -90,10 +95,10 @@ def layer_params(block: nn.Module, tp: int, ep: int) -> tuple[int, int]:
     for name, param in block.named_parameters():
         module, kind = name.rsplit(".", 1)
         style = plan.get(module)
-        split = isinstance(style, (ColwiseParallel, ProjectionNorm))
+        split = isinstance(style, (ColwiseParallel, ProjectionNorm, ShardedWithHeads))
         split |= isinstance(style, RowwiseParallel) and kind == "weight"  # its bias is added once, whole
-        if module.endswith("feed_forward.experts"):
-            routed += param.numel() // (ep * tp)
+        if module.endswith("feed_forward.experts"):  # w2's bias is whole over tp (expert_parallel.py)
+            routed += param.numel() // (ep * (1 if kind == "w2_bias" else tp))
         elif split:
             rest += param.numel() // tp
         else:
