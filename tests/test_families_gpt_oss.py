@@ -104,6 +104,14 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
+def test_quantized_checkpoint_is_one_line():
+    """OpenAI's published gpt-oss stores its experts in MXFP4 (blocks and scales): refused on read, by the key."""
+    config = transformers.AutoConfig.for_model("gpt_oss", **CONFIG).to_dict()
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    with pytest.raises(UsageError, match=r"^config\.json quantization_config=.* is not supported: the experts are quantized"):
+        megatron_llm.checkpoint.hf.model_config_from_hf(config)
+
+
 def test_megatron_output_is_refused_by_name(hf_dir, tmp_path):
     path, _ = hf_dir
     with pytest.raises(UsageError, match=r"^Megatron-LM cannot express model\.attention_sinks"):
