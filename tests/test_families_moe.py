@@ -271,6 +271,7 @@ REFUSED = {
     "cohere2_moe": dict(shared_expert_combination_strategy="average"),  # (routed + shared) / 2
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
     "deepseek_v3": dict(rms_norm_eps=1e-5),  # its latent norms keep 1e-6
+    "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
 }
 
 

@@ -508,6 +508,16 @@ def _write_ernie_layers(cfg) -> dict:
     return {"moe_layer_interval": cfg.moe_layer_freq, "moe_layer_start_index": sparse[0], "moe_layer_end_index": sparse[-1]}
 
 
+def _read_ernie_norm_min(hf: dict) -> dict:
+    """ERNIE divides the top-k weights by max(their sum, moe_norm_min). The k largest of E softmax scores sum to at
+    least k / E, so below that the clamp never binds and the division is our renormalisation."""
+    floor = get_family_value(hf, "moe_k", "num_experts_per_tok") / get_family_value(hf, "moe_num_experts", "num_experts")
+    if (hf.get("moe_norm_min") or 0) >= floor:
+        raise UsageError(f"config.json moe_norm_min={hf['moe_norm_min']!r} is not supported: a floor on the top-k sum "
+                         f"of at least top_k / experts ({floor:g}) would bind, and ours renormalises by the sum itself")
+    return {}
+
+
 def _unsqueezed(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0].unsqueeze(0)  # [1, E]: ERNIE keeps one row per expert group, and it has one
 
@@ -529,7 +539,8 @@ ERNIE4_5_MOE = Family(
      Key("moe_num_experts", "moe_experts", also=("num_experts",)), Key("moe_k", "moe_top_k", also=("num_experts_per_tok",)),
      Key("moe_intermediate_size", "moe_ffn_hidden_size"), shared_experts("moe_num_shared_experts", 2),
      Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001), Fixed("moe_score", "softmax"),
-     Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Derived(_read_ernie_layers, _write_ernie_layers)),
+     Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Derived(_read_ernie_norm_min, lambda cfg: {}),
+     Derived(_read_ernie_layers, _write_ernie_layers)),
     {**LLAMA_TENSORS, "lm_head.bias": "output.bias", **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
      **shared_mlp("shared_experts"),
      "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": Mapped((EXPERT_BIAS,), _unsqueezed, _squeezed)},
