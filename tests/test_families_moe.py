@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families import moe
+from megatron_llm.checkpoint.families import family, moe
 from megatron_llm.errors import UsageError
+from megatron_llm.model_config import ModelConfig
 from megatron_llm.model.moe import Router
 from megatron_llm.parallel import ParallelDims
 from megatron_llm.training.step import train_step
@@ -282,3 +283,11 @@ def test_unsupported_config_value_is_one_line(model_type):
     (key,) = REFUSED[model_type]
     with pytest.raises(UsageError, match=rf"^config\.json {key}=.* is not supported: [^\n]+$"):
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
+
+
+@pytest.mark.parametrize("model_type", CASES)
+def test_a_dense_model_is_refused_by_name(model_type):
+    """Export of a dense model to a mixture-of-experts family: a UsageError naming the field, not a writer's
+    arithmetic failing on the missing experts (which also kept infer_family from trying the families after it)."""
+    with pytest.raises(UsageError, match=r"experts"):
+        family(model_type).write_config(ModelConfig())

@@ -181,12 +181,24 @@ def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_
     return Derived(read, write)
 
 
+def _require_experts(cfg) -> dict:
+    """Export to a family whose every config reads experts (its writers divide by their width): a dense model is
+    refused here by name, not by the arithmetic."""
+    if not cfg.moe_experts:
+        raise UsageError("a mixture-of-experts family cannot express model.moe_experts=0 (a dense model); choose "
+                         "another --output-family")
+    return {}
+
+
+EXPERTS_REQUIRED = Derived(lambda hf: {}, _require_experts)
+
+
 def deepseek_experts(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, scale: float = 1.0,
                      shared_count: int = 1) -> tuple:
     """DeepSeek's expert keys (V2 and V3 and the families that copied V3): the counts (under the family's names),
     their width moe_intermediate_size, the routed scale, shared experts; the defaults are the config class's (what a
     config.json without the key means). transformers computes no aux loss for any of them."""
-    return (Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
+    return (EXPERTS_REQUIRED, Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
             Key("moe_intermediate_size", "moe_ffn_hidden_size"),
             Key("routed_scaling_factor", "moe_routed_scale", default=scale),
             shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0))
@@ -389,7 +401,7 @@ def one_for_all_layers(hf_key: str) -> Callable[[Any], Any]:
 # renormalised softmax top-k over experts as wide as the shared MLP beside them (both intermediate_size).
 HUNYUAN_MOE = Family(
     "hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM",
-    (*HUNYUAN_DENSE.config, Key("num_experts", "moe_experts", read=one_for_all_layers("num_experts")),
+    (*HUNYUAN_DENSE.config, EXPERTS_REQUIRED, Key("num_experts", "moe_experts", read=one_for_all_layers("num_experts")),
      Key("moe_topk", "moe_top_k", read=one_for_all_layers("moe_topk")), Fixed("moe_score", "softmax"),
      Fixed("moe_renormalize", True), Fixed("moe_aux_loss_coeff", 0.0),
      Derived(lambda hf: dict(moe_ffn_hidden_size=hf["intermediate_size"], moe_shared_ffn_hidden_size=hf["intermediate_size"]),
@@ -464,7 +476,8 @@ COHERE2_MOE = Family(
      *WHOLE_ROPE, Fixed("rope_interleaved", True), Fixed("parallel_residual", True),
      Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
      Fixed("mlp_bias", False), Key("logit_scale", "logit_multiplier", default=0.0625),
-     Derived(_read_cohere2_moe_layers, _write_cohere2_moe_layers), Key("num_experts", "moe_experts", default=8),
+     EXPERTS_REQUIRED, Derived(_read_cohere2_moe_layers, _write_cohere2_moe_layers),
+     Key("num_experts", "moe_experts", default=8),
      Key("num_experts_per_tok", "moe_top_k", default=2), Derived(_read_cohere2_moe_experts, _write_cohere2_moe_experts),
      Fixed("moe_aux_loss_coeff", 0.0)),
     {**LLAMA_TENSORS, **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
@@ -536,7 +549,7 @@ ERNIE4_5_MOE = Family(
      rope_defaulting({"rope_type": "default", "rope_theta": 500000.0}), Fixed("rope_fraction", 1.0),
      Fixed("rope_interleaved", True),
      *(Key("use_bias", ours, default=False) for ours in ("qkv_bias", "out_bias", "mlp_bias", "output_bias")),
-     Key("moe_num_experts", "moe_experts", also=("num_experts",)), Key("moe_k", "moe_top_k", also=("num_experts_per_tok",)),
+     EXPERTS_REQUIRED, Key("moe_num_experts", "moe_experts", also=("num_experts",)), Key("moe_k", "moe_top_k", also=("num_experts_per_tok",)),
      Key("moe_intermediate_size", "moe_ffn_hidden_size"), shared_experts("moe_num_shared_experts", 2),
      Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001), Fixed("moe_score", "softmax"),
      Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Derived(_read_ernie_norm_min, lambda cfg: {}),
