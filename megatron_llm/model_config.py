@@ -129,6 +129,9 @@ class ModelConfig:
     mla_kv_lora_rank: int = param(0, "mla: rank of the latent shared by keys and values (kv_lora_rank)")
     mla_rope_head_dim: int = param(0, "mla: rotated dims per query/key head, the last of head_dim (qk_rope_head_dim)")
     mla_v_head_dim: int = param(0, "mla: value width per head (v_head_dim)")
+    mla_norm_eps: Optional[float] = param(
+        None, "mla: epsilon of the latent norms (q_a_norm, kv_a_norm); null: model.norm_eps (transformers' DeepSeek "
+        "V2/V3 and GLM-4.7-Flash fix it at 1e-6)")
     moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
     moe_top_k: int = param(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
@@ -256,7 +259,7 @@ class ModelConfig:
         for key in ("swiglu_alpha", "swiglu_limit"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise UsageError(f"model.{key} must be a positive finite number, got {getattr(self, key)}")
-        for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta"):
+        for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta", "mla_norm_eps"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"model.{key} must be a positive finite number or null, got {value}")

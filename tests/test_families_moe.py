@@ -48,11 +48,12 @@ CASES = {
                         first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
     # DeepSeek-V3's router and experts after a dense layer in the families that copied them, each with its own
-    # attention: GLM-4.7-Flash's latent attention (one q projection, RoPE dims by halves)
+    # attention: GLM-4.7-Flash's latent attention (one q projection, RoPE dims by halves), its published block-norm
+    # epsilon 1e-5 beside the latent norms' fixed 1e-6 (model.mla_norm_eps)
     "glm4_moe_lite": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=2,
                           mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None,
                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
-                          rope_interleave=False, rms_norm_eps=1e-6),
+                          rope_interleave=False, rms_norm_eps=1e-5),
     # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated
     "glm4_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
                      first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True, head_dim=24),
@@ -271,7 +272,6 @@ REFUSED = {
     "hunyuan_v1_moe": dict(moe_topk=[2, 1]),  # top-k varying by layer
     "cohere2_moe": dict(shared_expert_combination_strategy="average"),  # (routed + shared) / 2
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
-    "deepseek_v3": dict(rms_norm_eps=1e-5),  # its latent norms keep 1e-6
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
 }
 

@@ -25,13 +25,13 @@ class LatentAttention(nn.Module):
         h, heads, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         self.rope_dim, self.v_dim, latent = cfg.mla_rope_head_dim, cfg.mla_v_head_dim, cfg.mla_kv_lora_rank
         self.head_dim, self.latent = d, latent
-        rank = cfg.mla_q_lora_rank
+        rank, eps = cfg.mla_q_lora_rank, cfg.mla_norm_eps  # transformers' latent norms keep their own epsilon
         self.wq = nn.Linear(h, heads * d, bias=False) if rank is None else None
         self.wq_a = nn.Linear(h, rank, bias=cfg.qkv_bias) if rank is not None else None
-        self.q_a_norm = build_norm(cfg, rank) if rank is not None else None
+        self.q_a_norm = build_norm(cfg, rank, eps) if rank is not None else None
         self.wq_b = nn.Linear(rank, heads * d, bias=False) if rank is not None else None
         self.wkv_a = nn.Linear(h, latent + self.rope_dim, bias=cfg.qkv_bias)
-        self.kv_a_norm = build_norm(cfg, latent)
+        self.kv_a_norm = build_norm(cfg, latent, eps)
         self.wkv_b = nn.Linear(latent, heads * (d - self.rope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(heads * self.v_dim, h, bias=cfg.out_bias)
         self.rope, self.rope_interleaved = spec.rope, cfg.rope_interleaved

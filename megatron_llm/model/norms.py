@@ -97,9 +97,10 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, weight, self.bias, self.eps)
 
 
-def build_norm(cfg, dim: Optional[int] = None) -> nn.Module:
-    """The config's norm over `dim` (default: hidden_size); each has reset_parameters() for init_weights."""
-    dim = dim or cfg.hidden_size
+def build_norm(cfg, dim: Optional[int] = None, eps: Optional[float] = None) -> nn.Module:
+    """The config's norm over `dim` (default: hidden_size) with epsilon `eps` (default: norm_eps); each has
+    reset_parameters() for init_weights."""
+    dim, eps = dim or cfg.hidden_size, eps or cfg.norm_eps
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_unit_offset)
-    return LayerNorm(dim, cfg.norm_eps, cfg.norm_affine, cfg.norm_bias, cfg.norm_unit_offset)
+        return RMSNorm(dim, eps, cfg.norm_affine, cfg.norm_unit_offset)
+    return LayerNorm(dim, eps, cfg.norm_affine, cfg.norm_bias, cfg.norm_unit_offset)
