@@ -3,6 +3,7 @@ loss) and megatron-core's GPTModel (strict loading, and its own forward at tp=pp
 random models are built from transformers config objects in temporary directories."""
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -18,7 +19,10 @@ import megatron_llm
 from conftest import transformers_first_loss
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
+from megatron_llm.checkpoint.megatron import Layout, megatron_args, model_config_from_args
 from megatron_llm.checkpoint.megatron_io import safe_load
+from megatron_llm.errors import UsageError
+from megatron_llm.model_config import ModelConfig
 
 # megatron-core's constructors and imports warn about deprecations and CUDA-graph defaults we do not use.
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -36,6 +40,13 @@ FAMILIES = {
     "llama3.2": ("Llama", dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={  # Megatron's fixed bands
         "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192})),
+}
+# Megatron's rotary_percent and rotary_interleaved, checked against megatron-core alone (test_families.py round-trips
+# them at tp 2 x pp 2): half of each head rotated, in halves (LayerNorm with biases) or in interleaved pairs.
+ROPE_FAMILIES = {
+    "stablelm": ("StableLm", dict(use_qkv_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                      "partial_rotary_factor": 0.5})),
+    "glm": ("Glm", dict(head_dim=8, pad_token_id=0)),
 }
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE"}}'  # carried through, never parsed
@@ -55,7 +66,7 @@ def random_hf_model(prefix: str, seed: int = 0, **config) -> torch.nn.Module:
 def hf_dirs(tmp_path_factory) -> dict:
     """family -> (saved directory, the transformers model)."""
     out = {}
-    for name, (prefix, extra) in FAMILIES.items():
+    for name, (prefix, extra) in {**FAMILIES, **ROPE_FAMILIES}.items():
         model = random_hf_model(prefix, **SMALL, **extra)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
@@ -203,7 +214,8 @@ def test_converted_logits_match_transformers(hf_dirs, tmp_path, family, target):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: f"tp{t[0]}pp{t[1]}")
 def test_every_shard_loads_strictly_into_megatron_core(mcore, hf_dirs, tmp_path, layout, spec):
     tp, pp = layout
-    for family in ("llama-bias", "qwen3"):  # between them: every bias, QK-norm, tied and untied heads
+    for family in ("llama-bias", "qwen3", "glm"):  # between them: every bias, QK-norm, tied and untied heads, partial
+        # interleaved RoPE
         out = tmp_path / family
         convert(str(hf_dirs[family][0]), "hf", str(out), "megatron", Options(tp=tp, pp=pp, spec=spec))
         for t in range(tp):
@@ -215,9 +227,10 @@ def test_every_shard_loads_strictly_into_megatron_core(mcore, hf_dirs, tmp_path,
                 assert shard["checkpoint_version"] == 3.0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *ROPE_FAMILIES])
 def test_megatron_core_forward_matches_transformers(mcore, hf_dirs, tmp_path, family):
-    """megatron-core's own attention (fused QKV in grouped order), SwiGLU fc1 and RoPE on our shard."""
+    """megatron-core's own attention (fused QKV in grouped order), SwiGLU fc1 and RoPE (partial, interleaved) on
+    our shard."""
     src, hf = hf_dirs[family]
     convert(str(src), "hf", str(tmp_path / "mg"), "megatron")
     shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
@@ -226,6 +239,18 @@ def test_megatron_core_forward_matches_transformers(mcore, hf_dirs, tmp_path, fa
     x = tokens()
     logits = mcore.logits(model, x)[..., :VOCAB]  # drop the padding rows' logits
     torch.testing.assert_close(logits, hf(x).logits.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_an_odd_rotary_width_is_refused_both_ways():
+    """megatron-core rotates int(head_dim * rotary_percent) dims, an odd count with frequencies over the odd width;
+    ours the even count below: neither direction converts such a model."""
+    cfg = ModelConfig(hidden_size=64, num_heads=8, rope_fraction=0.375)  # 3 of 8 dims there, 2 here
+    with pytest.raises(UsageError, match=r"model\.rope_fraction=0\.375 of head_dim 8: it would rotate 3 dims, an odd"):
+        megatron_args(cfg, Layout.of(cfg, 1, 1), torch.float32, "local")
+    args = megatron_args(dataclasses.replace(cfg, rope_fraction=0.5), Layout.of(cfg, 1, 1), torch.float32, "local")
+    args.rotary_percent = 0.375
+    with pytest.raises(UsageError, match=r"rotary_percent=0\.375: it rotates 3 of kv_channels 8, an odd count"):
+        model_config_from_args(args)
 
 
 def test_tensor_parallel_shards_are_megatron_slices_of_the_tp1_tensors(hf_dirs, tmp_path):

@@ -62,7 +62,7 @@ CASES = {
     "phi3": (dict(sliding_window=WINDOW, pad_token_id=0, original_max_position_embeddings=16, rope_parameters={  # SEQ > 16: long factors
         "rope_type": "longrope", "partial_rotary_factor": 0.5, "long_factor": [1.0, 2.5, 4.0, 7.0],
         "short_factor": [1.0, 1.2, 1.5, 2.0]}), False),
-    "glm": (dict(head_dim=16, pad_token_id=0), False),
+    "glm": (dict(head_dim=16, pad_token_id=0), True),  # half of each head rotated, in interleaved pairs
     "glm4": (dict(head_dim=16, pad_token_id=0, partial_rotary_factor=0.75), False),
     "nemotron": (dict(attention_bias=True, mlp_bias=True), False),
     "arcee": ({}, False),
@@ -71,7 +71,7 @@ CASES = {
     "cwm": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"], rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0}), False),
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),
-    "helium": (dict(head_dim=16, attention_bias=True), False),
+    "helium": (dict(head_dim=16, attention_bias=True), True),  # interleaved pairs
     "exaone4": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
     "olmo3": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},  # YaRN on the full layer alone
@@ -95,7 +95,7 @@ CASES = {
     "falcon-new": (dict(new_decoder_architecture=True, num_kv_heads=2, bias=True), False),
     "phi": (dict(qk_layernorm=True), False),
     "starcoder2": (dict(sliding_window=WINDOW), False),
-    "stablelm": (dict(use_qkv_bias=True), False),
+    "stablelm": (dict(use_qkv_bias=True), True),  # a quarter of each head rotated, in halves
     "cohere": (dict(attention_bias=True, logit_scale=0.5), False),
     "persimmon": ({}, False),
     "cohere2": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], attention_bias=True,

@@ -54,9 +54,11 @@ CASES = {
                           mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None,
                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
                           rope_interleave=False, rms_norm_eps=1e-5),
-    # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated
-    "glm4_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
-                     first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True, head_dim=24),
+    # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated; four layers, so that the dense first one
+    # comes back from Megatron as moe_layer_freq 1 (at two, its pattern [0, 1] reads as moe_layer_freq 2)
+    "glm4_moe": dict(num_hidden_layers=4, n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1,
+                     n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
+                     use_qk_norm=True, head_dim=24),
     # Sarvam-MoE: GLM-4.5 with q/k/v fused and its biases (use_qkv_bias), QK-norm by default; every layer sparse (a
     # dense first one would come back from Megatron as moe_layer_freq 2, which no Hugging Face table writes)
     "sarvam_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
@@ -237,12 +239,12 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
 
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
-# Megatron (top_k / topk_groups = 1), by the top 2 in transformers; GLM-4.5's partial rotation (our Megatron table
-# writes none); dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's output-projection bias and DeepSeek-V2's MLP biases
+# Megatron (top_k / topk_groups = 1), by the top 2 in transformers; dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's
+# output-projection bias and DeepSeek-V2's MLP biases
 # (Megatron's add_bias_linear would give the experts biases too); Granite's attention multiplier.
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
-                   "exaone_moe": r"model\.moe_groups", "glm4_moe": r"model\.rope_fraction",
+                   "exaone_moe": r"model\.moe_groups",
                    "dots1": r"add_bias_linear also gives every expert biases",
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe": r"add_bias_linear also gives every expert biases",

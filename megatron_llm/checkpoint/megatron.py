@@ -4,7 +4,8 @@ Facts from ../shared/MEGATRON_FORMAT.md: megatron-core GPTModel names; `{i}` is 
 to its pipeline stage on the Megatron side and global on ours. Fused QKV rows go group by group
 (r = heads / groups query heads, then k, then v, each head_dim rows) and TP cuts whole groups; fc1 on TP
 rank t is cat([gate_t, up_t]); linear_proj and linear_fc2 split their input dim; the vocabulary is padded
-to a multiple of 128 * tp with copies of the last row. RoPE needs no permutation (rotate-half on both sides).
+to a multiple of 128 * tp with copies of the last row. RoPE needs no permutation (rotate-half or interleaved pairs
+over the same leading dims on both sides: rotary_interleaved, rotary_percent).
 Both directions read MEGATRON_TO_NATIVE; reading and writing files is megatron_io.py's job.
 """
 
@@ -76,7 +77,7 @@ MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's default; the padded vocabula
 # Values an architecture arg may take for our model to express it (None: absent, Megatron's default).
 SUPPORTED_ARGS = {
     "position_embedding_type": ("rope",), "swiglu": (True,), "normalization": ("RMSNorm", "LayerNorm", None),
-    "apply_layernorm_1p": (False, None), "rotary_percent": (1.0, None), "rotary_interleaved": (False, None),
+    "apply_layernorm_1p": (False, None),
     "virtual_pipeline_model_parallel_size": (None, 1),
 }
 # How each load-balancing type of Megatron-LM maps to (model.moe_aux_loss_scope, model.moe_aux_loss_global); the
@@ -85,6 +86,13 @@ LOAD_BALANCING = {"aux_loss": ("layer", False), "seq_aux_loss": ("sequence", Fal
                   "none": ("layer", False)}
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def megatron_rope_dims(head_dim: int, fraction: float) -> int:
+    """The dims megatron-core's RotaryEmbedding rotates: the first int(head_dim * rotary_percent) of each head, in
+    halves or (rotary_interleaved) pairs, as ours; an odd count it rounds up with frequencies over the odd width,
+    where ours rotates the even count below (model.rope_dim)."""
+    return int(head_dim * fraction) if fraction < 1.0 else head_dim
 
 
 def _padded(vocab: int, tp: int) -> int:
@@ -294,6 +302,10 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
                                 {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
         raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is Llama-3's "
                          f"with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
+    if cfg.position == "rope" and megatron_rope_dims(cfg.head_dim, cfg.rope_fraction) % 2:
+        raise UsageError(f"Megatron-LM cannot express model.rope_fraction={cfg.rope_fraction} of head_dim {cfg.head_dim}: "
+                         f"it would rotate {megatron_rope_dims(cfg.head_dim, cfg.rope_fraction)} dims, an odd count, "
+                         f"with other frequencies than our {cfg.rope_dim}; convert to native or hf instead")
     if cfg.moe_experts and spec == "te":
         raise UsageError("--megatron-spec te has no mixture-of-experts names we write (its experts are grouped Transformer "
                          "Engine modules): use --megatron-spec local")
@@ -331,7 +343,8 @@ def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> ar
         normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm", norm_epsilon=cfg.norm_eps,
         apply_layernorm_1p=False, swiglu=True, qk_layernorm=cfg.qk_norm,
         position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=False,
-        rotary_base=int(theta) if float(theta).is_integer() else theta, rotary_percent=1.0, rotary_interleaved=False,
+        rotary_base=int(theta) if float(theta).is_integer() else theta, rotary_percent=cfg.rope_fraction,
+        rotary_interleaved=cfg.rope_interleaved,
         use_rope_scaling=scaling is not None, rope_scaling_factor=float(scaling["factor"]) if scaling else 8.0,
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
         add_bias_linear=cfg.out_bias, add_qkv_bias=cfg.qkv_bias,
@@ -498,14 +511,20 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         {"rope_type": "llama3", "factor": float(arg("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3}
         if arg("use_rope_scaling") else None
     )
+    head_dim, fraction = arg("kv_channels") or args.hidden_size // heads, float(arg("rotary_percent") or 1.0)
+    if 0 < fraction < 1 and megatron_rope_dims(head_dim, fraction) % 2:
+        raise UsageError(f"Megatron checkpoint has rotary_percent={fraction}: it rotates "
+                         f"{megatron_rope_dims(head_dim, fraction)} of kv_channels {head_dim}, an odd count, with "
+                         "frequencies our rotation (an even count) has no equal for")
     return ModelConfig(
         vocab_size=arg("vocab_size") or args.padded_vocab_size,  # Megatron-LM itself does not always record it
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads, num_kv_heads=groups,
-        head_dim=arg("kv_channels") or args.hidden_size // heads,
+        head_dim=head_dim,
         ffn_hidden_size=arg("ffn_hidden_size") or 4 * args.hidden_size, mlp="swiglu",
         norm="rmsnorm" if arg("normalization") == "RMSNorm" else "layernorm", norm_eps=arg("norm_epsilon", 1e-5),
         max_seq_len=arg("max_position_embeddings") or args.seq_length, rope_theta=float(arg("rotary_base", 10000)),
-        rope_scaling=scaling, qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
+        rope_scaling=scaling, rope_fraction=fraction, rope_interleaved=bool(arg("rotary_interleaved")),
+        qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
         init_std=arg("init_method_std", 0.02), **_moe_config(args),
     )
