@@ -7,6 +7,7 @@ them bit-exact or refuses them by name (tests/test_convert.py checks the MoE sha
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -276,6 +277,20 @@ REFUSED = {
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
 }
+
+
+def test_the_latent_norms_epsilon_exports_where_transformers_has_it():
+    """transformers' latent norms keep 1e-6: a model whose latent epsilon is 1e-6 (model.mla_norm_eps, or norm_eps
+    where that is null) exports whatever its block norms' epsilon; another is refused by name."""
+    table = family("glm4_moe_lite")
+    cfg = table.read_config(transformers.AutoConfig.for_model(
+        "glm4_moe_lite", **{**SMALL, **EXPERTS, **CASES["glm4_moe_lite"]}).to_dict())
+    assert (cfg.norm_eps, cfg.mla_norm_eps) == (1e-5, 1e-6)
+    for norm_eps, mla_norm_eps in ((1e-6, None), (1e-5, 1e-6), (1e-4, 1e-6)):
+        assert table.write_config(dataclasses.replace(cfg, norm_eps=norm_eps, mla_norm_eps=mla_norm_eps))[
+            "rms_norm_eps"] == norm_eps
+    with pytest.raises(UsageError, match=r"model\.mla_norm_eps=None"):  # latent norms at 1e-5
+        table.write_config(dataclasses.replace(cfg, mla_norm_eps=None))
 
 
 @pytest.mark.parametrize("model_type", REFUSED)

@@ -223,10 +223,18 @@ SIGMOID_MOE_TENSORS = {**experts("model.layers.{i}.mlp", "gate_proj", "up_proj",
                        "model.layers.{i}.mlp.gate.e_score_correction_bias": EXPERT_BIAS, **shared_mlp("shared_experts")}
 
 
-def latent_norm_eps(default: float) -> tuple:
-    """The block norms' epsilon from rms_norm_eps (`default` where absent, the config class's); transformers' latent
-    norms (q_a_layernorm, kv_a_layernorm) keep RMSNorm's own 1e-6 whatever rms_norm_eps says."""
-    return Key("rms_norm_eps", "norm_eps", default=default), Fixed("mla_norm_eps", 1e-6)
+LATENT_NORM_EPS = 1e-6  # transformers' latent norms (q_a_layernorm, kv_a_layernorm): RMSNorm's own, whatever rms_norm_eps
+
+
+def latent_norm_eps(default: float) -> Derived:
+    """norm_eps from rms_norm_eps (`default` where absent, the config class's) and mla_norm_eps LATENT_NORM_EPS, as
+    null where the two agree: a model trained here with norm_eps 1e-6 and no mla_norm_eps exports as it is."""
+
+    def read(hf: dict) -> dict:
+        eps = get_family_value(hf, "rms_norm_eps", default=default)
+        return dict(norm_eps=eps, mla_norm_eps=None if eps == LATENT_NORM_EPS else LATENT_NORM_EPS)
+
+    return Derived(read, lambda cfg: {"rms_norm_eps": cfg.norm_eps})
 
 
 # Multi-head latent attention (DeepSeek-V2/V3): compressed q (or one projection) and kv with their norms, the
@@ -254,7 +262,7 @@ MLA_TENSORS = {
 # DeepSeek-V3: latent attention, the sigmoid router over groups of experts, the first k layers dense.
 DEEPSEEK_V3 = Family(
     "deepseek_v3", "DeepseekV3ForCausalLM",
-    (*MLA_CONFIG, *latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
+    (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
 
@@ -281,7 +289,7 @@ def _write_v2_groups(cfg) -> dict:
 DEEPSEEK_V2 = Family(
     "deepseek_v2", "DeepseekV2ForCausalLM",
     (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), Fixed("rope_interleaved", True),
-     Key("mlp_bias", "mlp_bias", default=False), *latent_norm_eps(1e-6),
+     Key("mlp_bias", "mlp_bias", default=False), latent_norm_eps(1e-6),
      *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False),
      Derived(_read_v2_groups, _write_v2_groups),
      first_dense_layers(0)),
@@ -301,7 +309,7 @@ def _read_whole_rope(hf: dict) -> dict:
 # GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's latent attention and router; its dense layers by mlp_layer_types.
 GLM4_MOE_LITE = Family(
     "glm4_moe_lite", "Glm4MoeLiteForCausalLM",
-    (*MLA_CONFIG, Derived(_read_whole_rope, lambda cfg: {}), *latent_norm_eps(1e-5), *sigmoid_routing(scale=1.8),
+    (*MLA_CONFIG, Derived(_read_whole_rope, lambda cfg: {}), latent_norm_eps(1e-5), *sigmoid_routing(scale=1.8),
      mlp_layer_types(1, first_key=None)),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
