@@ -172,6 +172,11 @@ class ModelConfig:
         False, "balance over the global micro-batch: f from assignment counts summed over the data-parallel ranks "
         "(Megatron's global_aux_loss, without its running mean over micro-batches); false: each rank's own tokens"
     )
+    moe_aux_loss_probs: Literal["scores", "softmax"] = param(
+        "scores", "the router probabilities the load-balancing loss takes: the scores (a sigmoid router's normalised "
+        "per token, as DeepSeek-V3 and megatron-core) or softmax(logits) whatever the scores (transformers' MiniMax-M2)")
+    moe_shared_combine: Literal["sum", "average"] = param(
+        "sum", "routed plus shared experts' outputs, or their mean ((routed + shared) / 2: Cohere2-MoE's average)")
     init_std: float = param(0.02, "std of the normal init of every weight matrix")
     scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
 
@@ -357,8 +362,9 @@ class ModelConfig:
         if self.moe_aux_loss_global and self.moe_aux_loss_scope == "sequence":
             raise UsageError("model.moe_aux_loss_global balances over the global micro-batch, model.moe_aux_loss_scope "
                              "sequence over each sequence: choose one")
-        if self.moe_shared_gate and not self.moe_shared_ffn_hidden_size:
-            raise UsageError("model.moe_shared_gate gates the shared experts: set model.moe_shared_ffn_hidden_size")
+        for key in ("moe_shared_gate", "moe_shared_combine"):
+            if getattr(self, key) not in (False, "sum") and not self.moe_shared_ffn_hidden_size:
+                raise UsageError(f"model.{key} acts on the shared experts: set model.moe_shared_ffn_hidden_size")
         if any(not 0 <= i < self.num_layers for i in self.moe_dense_layers):
             raise UsageError(f"model.moe_dense_layers {self.moe_dense_layers}: layer indices are 0..{self.num_layers - 1}")
 

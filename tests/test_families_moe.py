@@ -29,7 +29,8 @@ from tests.test_families import SMALL, WINDOW, tokens
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
-# model_type -> config keys over SMALL: 4 experts, top-2, each family's own options switched on.
+# case -> config keys over SMALL: 4 experts, top-2, each family's own options switched on. A case is a model_type, or
+# a model_type, '-' and a variant name where one family needs several configs.
 CASES = {
     "mixtral": dict(num_local_experts=4),
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, norm_topk_prob=True,
@@ -37,6 +38,10 @@ CASES = {
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=32, head_dim=24, decoder_sparse_step=2),
     "olmoe": dict(num_experts=4, pad_token_id=0, eos_token_id=1),
     "flex_olmo": dict(num_experts=4, norm_topk_prob=True, pad_token_id=0, eos_token_id=1),
+    # MiniMax-M2: QK-norm over the whole projection, half of each head rotated, a sigmoid router with the expert bias
+    # whose balance loss takes the softmax of its logits
+    "minimax_m2": dict(num_local_experts=4, head_dim=16,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
     # DeepSeek-V2: latent attention, softmax scores never renormalised, groups ranked by their best score
     # (group_limited_greedy), a scaled shared expert with biases, a dense first layer
     "deepseek_v2": dict(n_routed_experts=8, moe_intermediate_size=32, topk_method="group_limited_greedy", n_group=4,
@@ -85,6 +90,10 @@ CASES = {
                         head_dim=16, sliding_window=WINDOW,
                         rms_norm_eps=1e-5, attention_bias=True, expert_selection_fn="sigmoid", logit_scale=0.5,
                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    # Cohere2-MoE's defaults: the shared experts averaged with the routed ones ((routed + shared) / 2), a softmax
+    # router, Cohere's LayerNorm without bias, no linear biases
+    "cohere2_moe-average": dict(num_experts=4, num_shared_experts=1, head_dim=16, pad_token_id=0, eos_token_id=1,
+                                bos_token_id=2),
     # Granite-MoE: Granite's multipliers, experts with gate and up fused; the shared variant's shared MLP
     "granitemoe": dict(num_local_experts=4, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                        logits_scaling=4.0),
@@ -100,8 +109,12 @@ NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarva
                "hunyuan_v1_moe", "cohere2_moe"}
 
 
-def hf_model(model_type: str) -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]})
+def model_type_of(case: str) -> str:
+    return case.split("-")[0]
+
+
+def hf_model(case: str) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(model_type_of(case), **{**SMALL, **EXPERTS, **CASES[case]})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -118,17 +131,17 @@ def hf_model(model_type: str) -> torch.nn.Module:
 
 
 def test_every_moe_family_is_tested():
-    assert sorted(CASES) == sorted(f.model_type for f in moe.FAMILIES)
+    assert sorted({model_type_of(case) for case in CASES}) == sorted(f.model_type for f in moe.FAMILIES)
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """model_type -> (its saved directory, the transformers model), built once per module."""
+    """case -> (its saved directory, the transformers model), built once per module."""
 
     @functools.cache
-    def get(model_type: str):
-        model = hf_model(model_type)
-        model.save_pretrained(path := tmp_path_factory.mktemp(model_type))
+    def get(case: str):
+        model = hf_model(case)
+        model.save_pretrained(path := tmp_path_factory.mktemp(case))
         return path, model
 
     return get
@@ -176,35 +189,35 @@ def _kept(chosen: list, out: tuple, index: int) -> tuple:
     return out
 
 
-@pytest.mark.parametrize("model_type", CASES)
-def test_logits_and_routes_match_transformers(hf_dir, model_type):
-    path, hf = hf_dir(model_type)
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_routes_match_transformers(hf_dir, case):
+    path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
-    ours, theirs = our_routes(model, x), hf_routes(hf_model(model_type), x)
+    ours, theirs = our_routes(model, x), hf_routes(hf_model(case), x)
     assert len(ours) == len(theirs) == sum(model.cfg.layer(i).moe for i in range(model.cfg.num_layers)) > 0
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     assert all(len(r.unique()) == model.cfg.moe_experts for r in ours)  # every expert used: the stacking order tested
 
 
-@pytest.mark.parametrize("model_type", CASES)
-def test_hf_native_hf_round_trip(hf_dir, tmp_path, model_type):
-    path, hf = hf_dir(model_type)
+@pytest.mark.parametrize("case", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
+    path, hf = hf_dir(case)
     hf_native_hf(path, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert back.config.model_type == model_type
+    assert back.config.model_type == model_type_of(case)
     with torch.no_grad():
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", CASES)
-def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
+@pytest.mark.parametrize("case", CASES)
+def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
     """Our training step (SGD, lr 1, no clipping: the update is minus the gradient) against transformers'
     loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and its gradients."""
-    path, hf = hf_dir(model_type)
+    path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
     x = tokens()
     labels = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
@@ -216,7 +229,7 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, model_type):
     hf.train()
     expected = hf(x, labels=x, output_router_logits=True)
     expected.loss.backward()
-    if model_type in NO_AUX_LOSS:
+    if model_type_of(case) in NO_AUX_LOSS:
         assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
     else:
         coeff = hf.config.router_aux_loss_coef
@@ -238,28 +251,29 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
-# What Megatron-LM cannot hold, by the refusal's words: OLMoE's QK-norm over the whole projection; FlexOlmo's norms
+# What Megatron-LM cannot hold, by the refusal's words: OLMoE's and MiniMax-M2's QK-norm over the whole projection; FlexOlmo's norms
 # after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
 # Megatron (top_k / topk_groups = 1), by the top 2 in transformers; dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's
 # output-projection bias and DeepSeek-V2's MLP biases
 # (Megatron's add_bias_linear would give the experts biases too); Granite's attention multiplier.
-NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
+NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
                    "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
                    "exaone_moe": r"model\.moe_groups",
                    "dots1": r"add_bias_linear also gives every expert biases",
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe": r"add_bias_linear also gives every expert biases",
+                   "cohere2_moe-average": r"model\.norm_bias",  # Megatron's LayerNorm has a bias
                    "deepseek_v2": r"add_bias_linear also gives every expert biases",
                    "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale"}
 
 
-@pytest.mark.parametrize("model_type", CASES)
-def test_megatron_round_trip_at_ep2_or_refusal_by_name(hf_dir, tmp_path, model_type):
-    path, _ = hf_dir(model_type)
+@pytest.mark.parametrize("case", CASES)
+def test_megatron_round_trip_at_ep2_or_refusal_by_name(hf_dir, tmp_path, case):
+    path, _ = hf_dir(case)
     opts = Options(tp=2, pp=2, ep=2)
-    if model_type in NOT_IN_MEGATRON:
-        with pytest.raises(UsageError, match=NOT_IN_MEGATRON[model_type]):
+    if case in NOT_IN_MEGATRON:
+        with pytest.raises(UsageError, match=NOT_IN_MEGATRON[case]):
             convert(str(path), "hf", str(tmp_path / "mg"), "megatron", opts)
         assert not (tmp_path / "mg").exists()
         return
@@ -273,7 +287,7 @@ def test_megatron_round_trip_at_ep2_or_refusal_by_name(hf_dir, tmp_path, model_t
 REFUSED = {
     "mixtral": dict(router_jitter_noise=0.1),
     "hunyuan_v1_moe": dict(moe_topk=[2, 1]),  # top-k varying by layer
-    "cohere2_moe": dict(shared_expert_combination_strategy="average"),  # (routed + shared) / 2
+    "cohere2_moe": dict(shared_expert_combination_strategy="max"),
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
 }
@@ -302,9 +316,9 @@ def test_unsupported_config_value_is_one_line(model_type):
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
 
 
-@pytest.mark.parametrize("model_type", CASES)
-def test_a_dense_model_is_refused_by_name(model_type):
+@pytest.mark.parametrize("case", CASES)
+def test_a_dense_model_is_refused_by_name(case):
     """Export of a dense model to a mixture-of-experts family: a UsageError naming the field, not a writer's
     arithmetic failing on the missing experts (which also kept infer_family from trying the families after it)."""
     with pytest.raises(UsageError, match=r"experts"):
-        family(model_type).write_config(ModelConfig())
+        family(model_type_of(case)).write_config(ModelConfig())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_llm.checkpoint.megatron import Layout, megatron_args
 from megatron_llm.errors import UsageError
 from megatron_llm.model import build_model
 from megatron_llm.model.moe import MoE, grouped_mm
@@ -263,6 +264,7 @@ def test_gpt_oss_pieces_start_neutral_and_train():
     (dict(moe_groups=3), r"model\.moe_groups \(3\) must divide"),
     (dict(moe_groups=4, moe_topk_groups=1, moe_top_k=3), r"model\.moe_top_k \(3\) exceeds"),
     (dict(moe_shared_gate=True), r"model\.moe_shared_gate"),
+    (dict(moe_shared_combine="average"), r"^model\.moe_shared_combine acts on the shared experts: set "),
     (dict(moe_capacity_factor=0.0), r"model\.moe_capacity_factor"),
     (dict(moe_dense_layers=[2]), r"model\.moe_dense_layers"),
     (dict(mlp="swiglu_clamped", swiglu_limit=0.0), r"^model\.swiglu_limit must be a positive finite number, got 0\.0$"),
@@ -270,6 +272,36 @@ def test_gpt_oss_pieces_start_neutral_and_train():
 def test_bad_moe_config_is_one_line(overrides, message):
     with pytest.raises(UsageError, match=message):
         moe_cfg(**overrides)
+
+
+def test_softmax_balance_probabilities_and_the_averaged_shared_experts():
+    """model.moe_aux_loss_probs softmax balances softmax(logits) of a sigmoid router (transformers' MiniMax-M2), and
+    model.moe_shared_combine average halves routed + shared (Cohere2-MoE): each against its formula on the same
+    weights, the defaults unchanged."""
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2))
+    layers = {}
+    for key, value in (("default", None), ("moe_aux_loss_probs", "softmax"), ("moe_shared_combine", "average")):
+        cfg = moe_cfg(moe_score="sigmoid", moe_shared_ffn_hidden_size=24, **({} if value is None else {key: value}))
+        layers[key] = build_model(cfg, "cpu", seed=0).layers["1"].feed_forward
+        layers[key].out = layers[key](x)
+    default, softmax, average = layers.values()
+    logits = F.linear(x.reshape(-1, 32), default.router.weight)
+    scores = logits.sigmoid()
+    torch.testing.assert_close(default.stats.prob_sum[0], (scores / scores.sum(-1, keepdim=True)).sum(0))
+    torch.testing.assert_close(softmax.stats.prob_sum[0], logits.softmax(-1).sum(0))
+    torch.testing.assert_close(softmax.out, default.out, rtol=0, atol=0)
+    shared = default.shared_experts(x)
+    routed = default.out - shared
+    torch.testing.assert_close(average.out, (routed + shared) / 2)
+
+
+@pytest.mark.parametrize("overrides", [dict(moe_aux_loss_probs="softmax"), dict(moe_shared_combine="average")])
+def test_megatron_refuses_the_transformers_only_moe_options_by_name(overrides):
+    """megatron-core balances a sigmoid router's normalised scores and adds its shared experts' output."""
+    cfg = moe_cfg(moe_score="sigmoid", moe_shared_ffn_hidden_size=24, **overrides)
+    (key,) = overrides
+    with pytest.raises(UsageError, match=rf"^Megatron-LM cannot express model\.{key}="):
+        megatron_args(cfg, Layout.of(cfg, 1, 1), torch.float32, "local")
 
 
 def test_moe_trains_through_the_trainer_and_logs_expert_loads(tiny_config, tmp_path, capsys):

@@ -301,6 +301,8 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.balance_softmax = cfg.moe_aux_loss_probs == "softmax"
+        self.average_shared = cfg.moe_shared_combine == "average"
         self.router = Router(cfg)
         self.experts = GroupedExperts(cfg)
         shared = cfg.moe_shared_ffn_hidden_size
@@ -332,6 +334,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             out = out + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
+            if self.average_shared:  # Cohere2-MoE's average: (routed + shared) / 2
+                out = out / 2
         return out.view(shape)
 
     def _drop_over_capacity(self, order, counts, flat, weights, shape):
@@ -348,10 +352,14 @@ class MoE(nn.Module):
                 shape: torch.Size) -> None:
         """The router statistics of this forward (see RouterStats); the losses are the training step's.
         Softmax routers balance their probabilities (transformers' load_balancing_loss_func); sigmoid
-        ones their scores normalised per token (DeepSeek-V3's balance loss). x was [b, s, hidden] (shape)
+        ones their scores normalised per token (DeepSeek-V3's balance loss), or the softmax of their logits
+        (model.moe_aux_loss_probs softmax: transformers' MiniMax-M2). x was [b, s, hidden] (shape)
         or one sequence: the balancing groups are its sequences only when the sequence scope asks."""
         tokens, e = logits.shape
-        probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        if self.balance_softmax:
+            probs = logits.softmax(-1)
+        else:
+            probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         z = torch.logsumexp(logits, dim=-1)
         groups = shape[0] if self.balance_per_sequence and len(shape) == 3 else 1
         if self.router.expert_bias is not None or self.router.groups > 1:

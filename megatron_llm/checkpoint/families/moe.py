@@ -130,6 +130,33 @@ FLEX_OLMO = Family(
 )
 
 
+def _read_minimax_m2_rope(hf: dict) -> dict:
+    """MiniMaxM2Config's fills: base 5e6 where config.json gives none, and the rotated part of each head from the
+    legacy rotary_dim its published config.json has (rope_parameters' partial_rotary_factor takes precedence)."""
+    fill = {"rope_theta": 5000000.0}
+    if hf.get("rotary_dim"):
+        fill["partial_rotary_factor"] = hf["rotary_dim"] / (hf.get("head_dim") or 128)
+    return ROPE.read({**fill, **{k: v for k, v in hf.items() if v is not None}})
+
+
+# MiniMax-M2: OLMo2's QK-norm over the whole projection in a pre-norm block, part of each head rotated (by halves);
+# a sigmoid router choosing with the expert bias, renormalised, no groups or shared experts, whose load-balancing
+# loss in transformers takes the softmax of the router's logits (Mixtral's load_balancing_loss_func).
+MINIMAX_M2 = Family(
+    "minimax_m2", "MiniMaxM2ForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias") if e is not ROPE),
+     Derived(_read_minimax_m2_rope, ROPE.write), Fixed("qkv_bias", False), Fixed("out_bias", False),
+     Fixed("mlp_bias", False), Fixed("qk_norm", True), Fixed("qk_norm_per_head", False),
+     expert_count("num_local_experts", "num_experts"), Key("num_experts_per_tok", "moe_top_k"),
+     Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001), Fixed("moe_score", "sigmoid"),
+     Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Fixed("moe_aux_loss_probs", "softmax"),
+     unsupported("router_jitter_noise", "the router has no jitter")),
+    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+     **experts("model.layers.{i}.block_sparse_moe", "w1", "w3", "w2"),
+     "model.layers.{i}.block_sparse_moe.e_score_correction_bias": "layers.{i}.feed_forward.router.expert_bias"},
+)
+
+
 def _read_mla_shape(hf: dict) -> dict:
     """Our query/key head is [nope | rope]; YaRN's mscale_all_dim also scales the softmax (mscale squared)."""
     rope, head = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
@@ -436,25 +463,26 @@ def _write_cohere2_moe_layers(cfg) -> dict:
 
 
 def _read_cohere2_moe_experts(hf: dict) -> dict:
-    """Experts and shared experts intermediate_size wide, the dense first layers prefix_dense_intermediate_size; a
-    softmax router takes the softmax of the top-k logits (our renormalised softmax), a sigmoid one renormalises or not."""
+    """Experts and shared experts intermediate_size wide (the two outputs summed or averaged), the dense first layers
+    prefix_dense_intermediate_size; a softmax router takes the softmax of the top-k logits (our renormalised
+    softmax), a sigmoid one renormalises or not."""
     width, shared = hf["intermediate_size"], hf.get("num_shared_experts") or 0
-    if shared and hf.get("shared_expert_combination_strategy", "average") != "sum":
-        raise UsageError(f"config.json shared_expert_combination_strategy="
-                         f"{hf.get('shared_expert_combination_strategy', 'average')!r} is not supported: ours add the "
-                         "shared experts' output to the routed experts' (sum)")
+    combine = hf.get("shared_expert_combination_strategy", "average") if shared else "sum"  # moot without shared experts
+    if combine not in ("sum", "average"):
+        raise UsageError(f"config.json shared_expert_combination_strategy={combine!r} is not supported: cohere2_moe "
+                         "has sum or average")
     score = hf.get("expert_selection_fn", "softmax")
     if score not in ("softmax", "sigmoid"):
         raise UsageError(f"config.json expert_selection_fn={score!r}: cohere2_moe has softmax or sigmoid")
     return dict(moe_ffn_hidden_size=width, ffn_hidden_size=hf.get("prefix_dense_intermediate_size") or width,
-                moe_shared_ffn_hidden_size=shared * width, moe_score=score,
+                moe_shared_ffn_hidden_size=shared * width, moe_shared_combine=combine, moe_score=score,
                 moe_renormalize=score == "softmax" or hf.get("norm_topk_prob", True))
 
 
 def _write_cohere2_moe_experts(cfg) -> dict:
     return {"intermediate_size": cfg.moe_ffn_hidden_size, "prefix_dense_intermediate_size": cfg.ffn_hidden_size,
             "num_shared_experts": cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size,
-            "shared_expert_combination_strategy": "sum", "expert_selection_fn": cfg.moe_score,
+            "shared_expert_combination_strategy": cfg.moe_shared_combine, "expert_selection_fn": cfg.moe_score,
             "norm_topk_prob": cfg.moe_renormalize}
 
 
@@ -559,5 +587,5 @@ ERNIE4_5_MOE = Family(
      "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": Mapped((EXPERT_BIAS,), _unsqueezed, _squeezed)},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE,
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE,
             DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED, ERNIE4_5_MOE)
