@@ -63,6 +63,8 @@ class ParallelConfig:
             raise UsageError(
                 f"parallel.ep ({self.ep}) must be positive and divide model.moe_experts ({model.moe_experts})"
             )
+        if tp > 1 and model.moe_experts and model.moe_weight_input:  # the weights' gradient needs whole expert inputs
+            raise UsageError("model.moe_weight_input scales the experts' inputs, whose gradients parallel.tp splits: use tp 1")
         router_losses = model.moe_aux_loss_coeff or model.moe_z_loss_coeff
         if self.pp > 1 and model.moe_experts and router_losses and model.moe_aux_loss_scope == "model":
             raise UsageError(

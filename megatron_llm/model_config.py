@@ -44,6 +44,7 @@ class LayerSpec:
     window: Optional[int]  # sliding-window size in tokens (a query sees itself and window - 1 before it), or None
     rope: Optional[str]  # "global" or "local" RoPE table; None: no positions in this layer (NoPE)
     moe: bool = False  # a mixture of experts in the feed_forward slot (model/moe.py) instead of one MLP
+    chunk: Optional[int] = None  # chunked attention: a query sees the keys of its own chunk only (Llama 4)
 
 
 @dataclass
@@ -92,8 +93,10 @@ class ModelConfig:
     )
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
-        None, "per layer 'full' or 'sliding' attention; null: all sliding when sliding_window is set, else all full"
-    )
+        None, "per layer 'full', 'sliding' or 'chunked' attention; null: all sliding when sliding_window is set, else "
+        "all full")
+    attention_chunk_size: Optional[int] = param(
+        None, "chunked layers: positions cut into chunks of this many, a query sees only keys of its own chunk (Llama 4)")
     sliding_window: Optional[int] = param(None, "window of the sliding layers, in tokens (the query included)")
     attention_scale: Optional[float] = param(
         None, "multiplier of q.k; null: 1/sqrt(head_dim) (Gemma's query_pre_attn_scalar, Granite's attention_multiplier)"
@@ -105,6 +108,12 @@ class ModelConfig:
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
+    qk_l2_norm: bool = param(
+        False, "a weightless RMS norm (norm_eps) over each head of the rotated q and k, on RoPE layers only (Llama 4)")
+    attn_temperature_floor: Optional[float] = param(
+        None, "NoPE layers scale q by 1 + attn_temperature_scale * log1p(floor((position + 1) / this)) (Llama 4's "
+        "floor_scale); null: off")
+    attn_temperature_scale: float = param(0.1, "see attn_temperature_floor (Llama 4's attn_scale)")
     qkv_clip: Optional[float] = param(None, "clamp q, k and v to [-clip, clip] (OLMo's clip_qkv)")
     qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
     linear_bias: bool = param(False, "bias on every other linear layer (the default of out_bias and mlp_bias)")
@@ -148,6 +157,8 @@ class ModelConfig:
     moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
     moe_bias_update_rate: float = param(1e-3, "step of the expert bias towards balance after each optimizer step")
     moe_shared_ffn_hidden_size: int = param(0, "inner width of the shared experts every token passes through; 0: none")
+    moe_weight_input: bool = param(
+        False, "the router's weight scales each expert's input, and the k outputs are summed unweighted (Llama 4)")
     moe_shared_gate: bool = param(False, "scale the shared experts' output by sigmoid(w x) (Qwen2-MoE)")
     moe_layer_freq: int = param(1, "every n-th layer is MoE (layer i when (i + 1) % n == 0; Qwen2-MoE's decoder_sparse_step)")
     moe_dense_layers: list[int] = param([], "layers kept dense (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers)")
@@ -224,10 +235,11 @@ class ModelConfig:
         """Layer i's window, RoPE table and feed-forward kind."""
         kind = self.layer_types[i] if self.layer_types else ("sliding" if self.sliding_window else "full")
         window = self.sliding_window if kind == "sliding" else None
+        chunk = self.attention_chunk_size if kind == "chunked" else None
         moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
         if self.position != "rope" or i in self.nope_layers:
-            return LayerSpec(window, None, moe)
-        return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe)
+            return LayerSpec(window, None, moe, chunk)
+        return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe, chunk)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameters of the model this config builds, counted on the meta device (no memory)."""
@@ -264,7 +276,8 @@ class ModelConfig:
         for key in ("swiglu_alpha", "swiglu_limit"):
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise UsageError(f"model.{key} must be a positive finite number, got {getattr(self, key)}")
-        for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta", "mla_norm_eps"):
+        for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta", "mla_norm_eps",
+                    "attn_temperature_floor"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"model.{key} must be a positive finite number or null, got {value}")
@@ -297,12 +310,16 @@ class ModelConfig:
 
     def _validate_layers(self) -> None:
         if self.layer_types is not None:
-            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding"}:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding", "chunked"}:
                 raise UsageError(
-                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full' or 'sliding'"
+                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding' or 'chunked'"
                 )
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise UsageError("model.layer_types has sliding layers: set model.sliding_window")
+            if "chunked" in self.layer_types and not self.attention_chunk_size:
+                raise UsageError("model.layer_types has chunked layers: set model.attention_chunk_size")
+        if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
+            raise UsageError(f"model.attention_chunk_size must be positive or null, got {self.attention_chunk_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise UsageError(f"model.sliding_window must be positive or null, got {self.sliding_window}")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
@@ -378,5 +395,7 @@ class ModelConfig:
                 f"model.mla_rope_head_dim ({self.mla_rope_head_dim}) must be even and in 1..model.head_dim - 1 "
                 f"({self.head_dim - 1}): the rest of each query/key head carries no positions"
             )
-        if self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None or self.attention_sinks:
-            raise UsageError("model.attention mla takes position rope or none, and no qk_norm, qkv_clip or attention_sinks")
+        if (self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None or self.attention_sinks
+                or self.qk_l2_norm or self.attn_temperature_floor is not None or "chunked" in (self.layer_types or [])):
+            raise UsageError("model.attention mla takes position rope or none, and no qk_norm, qkv_clip or attention_sinks "
+                             "(nor qk_l2_norm, attn_temperature_floor or chunked layers)")

@@ -364,3 +364,49 @@ def test_input_longer_than_the_context_is_one_line():
     model(torch.zeros(1, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="an input of 33 positions exceeds the model's context of 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cached,documents", [(0, False), (10, False), (0, True)],
+                         ids=["chunks", "chunks-decode", "chunks-documents"])
+def test_chunked_attention_is_a_mask_of_absolute_chunks(cached, documents):
+    """Llama 4's chunked layers: a query sees keys of its own chunk of 5 key indices, causally. attend() (SDPA with
+    the dense mask; with documents too, which must not cut the row) and FlexAttention's eager reference against a
+    softmax under that mask written out, after a KV cache's keys too; and the mask itself."""
+    from megatron_llm.model.attention_kernels import KeyMask, ScoreRules, attend, dense_bias, flex_attention
+
+    gen = torch.Generator().manual_seed(0)
+    s_q, s_kv, chunk = 16 - cached, 16, 5
+    q = torch.randn(2, 4, s_q, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(2, 2, s_kv, 8, generator=gen, requires_grad=True) for _ in range(2))
+    query, key = torch.arange(cached, s_kv)[:, None], torch.arange(s_kv)[None, :]
+    keep = (key <= query) & (query // chunk == key // chunk)
+    keys = KeyMask(documents=(torch.arange(s_kv) >= 7).long().expand(2, s_kv)) if documents else KeyMask()
+    if documents:
+        keep = keep & ((query >= 7) == (key >= 7))
+    rules = ScoreRules(chunk=chunk)
+    assert torch.equal(dense_bias(rules, None, s_q, s_kv, "cpu", keys)[0, 0] == 0, keep)
+    out = attend(q, k, v, rules, 0.3, keys=keys)
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3).masked_fill(~keep, float("-inf"))
+    expected = scores.softmax(-1) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g))
+    if not documents:
+        with torch.no_grad():
+            flex = flex_attention(*(t.detach() for t in (q, k, v)), rules, 0.3, compiled=False)
+            torch.testing.assert_close(flex, expected)
+
+
+def test_llama4_query_temperature_and_l2_norm():
+    """The temperature 1 + scale * log1p(floor((p + 1) / floor_scale)) at each position, from the context's positions
+    (a cache's continuation, per row) or 0..s-1; the weightless norm against torch's rms_norm."""
+    import math
+
+    from megatron_llm.model.attention import l2_norm, query_temperature
+
+    expected = [1 + 0.5 * math.log1p(math.floor((p + 1) / 4)) for p in range(10)]
+    torch.testing.assert_close(query_temperature(None, 10, 4.0, 0.5).flatten(), torch.tensor(expected))
+    rows = torch.tensor([[3, 4, 5], [7, 8, 9]])
+    torch.testing.assert_close(query_temperature(rows, 3, 4.0, 0.5)[..., 0, 0], torch.tensor(expected)[rows])
+    x = torch.randn(2, 3, 4, 16)
+    torch.testing.assert_close(l2_norm(x, 1e-5), F.rms_norm(x, (16,), eps=1e-5))

@@ -70,6 +70,20 @@ class AttentionContext:
         return qk.narrow(2, 0, heads), qk.narrow(2, heads, qk.shape[2] - heads)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., d] over d to unit root-mean-square, without a weight, in fp32 (Llama 4's Llama4TextL2Norm)."""
+    t = x.float()
+    return (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def query_temperature(positions: Optional[torch.Tensor], s: int, floor: float, scale: float, device=None) -> torch.Tensor:
+    """1 + scale * log1p(floor((p + 1) / floor)) per query position p, as [1 or b, s, 1, 1] for q [b, s, heads, d]:
+    positions [s] or [b, s] (a cache's continuation), else 0..s-1."""
+    p = torch.arange(s, device=device) if positions is None else positions
+    t = torch.log1p(torch.floor((p.float() + 1.0) / floor)) * scale + 1.0
+    return t.view(-1, s, 1, 1)
+
+
 class HeadSinks(nn.Module):
     """gpt-oss's attention sinks: one learned logit per query head [heads], which joins each row of its head's
     softmax as an extra column (attention_kernels.attend). A module of its own, so that the tensor-parallel plan
@@ -111,7 +125,12 @@ class Attention(nn.Module):
         self.rope, self.rope_interleaved, self.clip = spec.rope, cfg.rope_interleaved, cfg.qkv_clip
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else d**-0.5
         self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi",
-                                sinks=cfg.attention_sinks)
+                                sinks=cfg.attention_sinks, chunk=spec.chunk)
+        # Llama 4: a weightless norm of the rotated heads on RoPE layers; a position-dependent query temperature on
+        # NoPE layers, which lets their scores sharpen with the distance covered (arXiv 2501.19399).
+        self.l2_eps = cfg.norm_eps if cfg.qk_l2_norm and spec.rope is not None else None
+        temperature = cfg.attn_temperature_floor is not None and spec.rope is None
+        self.temperature = (cfg.attn_temperature_floor, cfg.attn_temperature_scale) if temperature else None
         self.sinks = HeadSinks(cfg.num_heads) if cfg.attention_sinks else None
         # Derived from the head count, so kept out of checkpoints; filled by init_weights.
         slopes = torch.empty(cfg.num_heads) if self.rules.alibi else None
@@ -143,6 +162,10 @@ class Attention(nn.Module):
             q, k = ctx.rotate(self.rope, self.rope_interleaved, q, k)
         if self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.l2_eps is not None:
+            q, k = l2_norm(q, self.l2_eps), l2_norm(k, self.l2_eps)
+        if self.temperature is not None:
+            q = q * query_temperature(ctx.positions, s, *self.temperature, q.device).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]

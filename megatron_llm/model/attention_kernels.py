@@ -10,7 +10,7 @@ Kernel choice (`attend`), from cheapest to most general:
   - document masks alone elsewhere: each document on its own, without the mask (every rule is relative
     to the query, so a document alone sees what the mask lets it see), costing sum(L_i^2), not L^2;
     short documents grouped under the mask (`document_chunks`);
-  - elsewhere, additive rules only (window, ALiBi): SDPA with the dense mask or bias;
+  - elsewhere, additive rules only (window, chunks, ALiBi): SDPA with the dense mask or bias;
   - elsewhere with a soft-cap (not additive): eager math (torch 2.13 has no FlexAttention backward on CPU);
   - with attention sinks, everywhere: eager math (`attend` says why).
 """
@@ -34,10 +34,11 @@ class ScoreRules:
     softcap: Optional[float] = None  # cap * tanh(score / cap), before masking
     alibi: bool = False  # + slope[h] * (kv - q); the slopes are the attention module's buffer
     sinks: bool = False  # a learned logit per head as an extra softmax column, dropped after it (gpt-oss)
+    chunk: Optional[int] = None  # a query sees only keys of its own chunk of this many positions (Llama 4)
 
     @property
     def plain(self) -> bool:
-        return self.window is None and self.softcap is None and not self.alibi and not self.sinks
+        return self.window is None and self.softcap is None and not self.alibi and not self.sinks and self.chunk is None
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,11 @@ class KeyMask:
 NO_MASK = KeyMask()
 
 
-def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0, s_q: int = 1) -> Callable:
-    """mask_mod(b, h, q, kv) -> keep: causal, within the window when there is one, on valid keys of the
-    query's document. Query index q counts from the first query, which sits at key index q_offset (or at
-    query_end[b] - s_q + 1 in row b)."""
+def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0, s_q: int = 1,
+              chunk: Optional[int] = None) -> Callable:
+    """mask_mod(b, h, q, kv) -> keep: causal, within the window when there is one, within the query's chunk
+    (key indices [n * chunk, (n + 1) * chunk)) when there is one, on valid keys of the query's document. Query
+    index q counts from the first query, which sits at key index q_offset (or at query_end[b] - s_q + 1 in row b)."""
     valid, documents, query_end = keys.valid, keys.documents, keys.query_end
 
     def keep(b, h, q, kv):
@@ -77,6 +79,8 @@ def mask_rule(window: Optional[int], keys: KeyMask = NO_MASK, q_offset: int = 0,
         out = kv <= q
         if window is not None:
             out = out & (q - kv < window)
+        if chunk is not None:  # chunks of absolute key indices, as transformers' chunked mask (cache positions)
+            out = out & (q // chunk == kv // chunk)
         if valid is not None:  # a padding query still sees itself: no row of all -inf, no NaN to spread
             out = out & (valid[b, kv] | (kv == q))
         if documents is not None:
@@ -121,23 +125,23 @@ def dense_bias(rules: ScoreRules, slopes: Optional[torch.Tensor], s_q: int, s_kv
     where masked. Queries are the last s_q of the s_kv positions (a KV cache holds the others). A per-sequence
     mask's bias is built once per KeyMask (one forward), not per layer: on CPU decoding it was ~10% of a step."""
     memo = not keys.empty and not rules.alibi and not torch.compiler.is_compiling()  # slopes differ per layer
-    if memo and ("bias", rules.window, s_q, s_kv) in keys.memo:
-        return keys.memo["bias", rules.window, s_q, s_kv]
+    if memo and ("bias", rules.window, rules.chunk, s_q, s_kv) in keys.memo:
+        return keys.memo["bias", rules.window, rules.chunk, s_q, s_kv]
     offset = s_kv - s_q
     q = torch.arange(s_q, device=device)[:, None]
     kv = torch.arange(s_kv, device=device)[None, :]
     if keys.empty:
-        keep = mask_rule(rules.window, q_offset=offset)(None, None, q, kv)[None, None]  # [1, 1, s_q, s_kv]
+        keep = mask_rule(rules.window, q_offset=offset, chunk=rules.chunk)(None, None, q, kv)[None, None]  # [1, 1, s_q, s_kv]
     else:
         batch = next(t for t in (keys.valid, keys.documents, keys.query_end) if t is not None).shape[0]
         b = torch.arange(batch, device=device)[:, None, None, None]
-        keep = mask_rule(rules.window, keys, offset, s_q)(b, None, q, kv)  # [b, 1, s_q, s_kv]
+        keep = mask_rule(rules.window, keys, offset, s_q, rules.chunk)(b, None, q, kv)  # [b, 1, s_q, s_kv]
     bias = torch.zeros(keep.shape, device=device).masked_fill(~keep, -math.inf)
     if rules.alibi:
         heads = torch.arange(len(slopes), device=device)[:, None, None]
         bias = score_rule(ScoreRules(alibi=True), slopes, offset)(bias, None, heads, q, kv)  # [b, heads, s_q, s_kv]
     if memo:
-        keys.memo["bias", rules.window, s_q, s_kv] = bias
+        keys.memo["bias", rules.window, rules.chunk, s_q, s_kv] = bias
     return bias
 
 
@@ -151,7 +155,7 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, rules: ScoreRules, scale: 
     s_q, s_kv = scores.shape[-2:]
     if rules.softcap is not None:
         scores = torch.tanh(scores / rules.softcap) * rules.softcap
-    bias = dense_bias(ScoreRules(window=rules.window, alibi=rules.alibi), slopes, s_q, s_kv, q.device, keys)
+    bias = dense_bias(ScoreRules(window=rules.window, alibi=rules.alibi, chunk=rules.chunk), slopes, s_q, s_kv, q.device, keys)
     if sinks is None:
         return torch.softmax(scores + bias, dim=-1, dtype=torch.float32)
     column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)  # [b, heads, s_q, 1]
@@ -180,7 +184,8 @@ def attend(
         return sdpa(q, k, v, is_causal=s_q > 1, scale=scale, enable_gqa=gqa)
     if q.is_cuda:
         return flex_attention(q, k, v, rules, scale, slopes, keys=keys)
-    chunks = document_chunks(keys) if s_q == s_kv else None
+    # chunks are absolute: a document cut out of its row would see other chunk boundaries, so the dense mask decides
+    chunks = document_chunks(keys) if s_q == s_kv and rules.chunk is None else None
     if chunks is not None:
         return attend_by_document(q, k, v, rules, scale, slopes, keys.documents, chunks)
     return masked_attend(q, k, v, rules, scale, slopes, keys)
@@ -286,12 +291,12 @@ def _compiled_flex() -> Callable:
 
 
 @functools.lru_cache(maxsize=32)
-def _block_mask(window: Optional[int], s_q: int, s_kv: int, device: str):
+def _block_mask(window: Optional[int], chunk: Optional[int], s_q: int, s_kv: int, device: str):
     """Without per-sequence masks a block mask depends only on the rule and the lengths: built once per
     shape, not per layer or step."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask_rule(window, q_offset=s_kv - s_q), None, None, s_q, s_kv, device=device)
+    return create_block_mask(mask_rule(window, q_offset=s_kv - s_q, chunk=chunk), None, None, s_q, s_kv, device=device)
 
 
 def flex_attention(q, k, v, rules: ScoreRules, scale: float, slopes=None, compiled: bool = True,
@@ -302,9 +307,9 @@ def flex_attention(q, k, v, rules: ScoreRules, scale: float, slopes=None, compil
 
     s_q, s_kv = q.shape[2], k.shape[2]
     if keys.empty:
-        block_mask = _block_mask(rules.window, s_q, s_kv, str(q.device))
+        block_mask = _block_mask(rules.window, rules.chunk, s_q, s_kv, str(q.device))
     else:
-        block_mask = create_block_mask(mask_rule(rules.window, keys, s_kv - s_q, s_q), q.shape[0], None, s_q, s_kv,
+        block_mask = create_block_mask(mask_rule(rules.window, keys, s_kv - s_q, s_q, rules.chunk), q.shape[0], None, s_q, s_kv,
                                        device=str(q.device))
     kernel = _compiled_flex() if compiled else eager_flex
     return kernel(
