@@ -79,15 +79,20 @@ def test_logits_and_routes_match_transformers(hf_dir):
 
 def test_each_piece_bites(hf_dir):
     """The logits move when any one Llama 4 piece is switched off: the test above checks each of them."""
-    path, hf = hf_dir
-    model = megatron_llm.load_model(path)
+    path, _ = hf_dir
     x = tokens()
+    off = {"chunks": lambda a, f: setattr(a, "rules", dataclasses.replace(a.rules, chunk=None)),
+           "l2 norm": lambda a, f: setattr(a, "l2_eps", None),
+           "temperature": lambda a, f: setattr(a, "temperature", None),
+           "weighted inputs": lambda a, f: setattr(f, "weight_input", False)}
+    model = megatron_llm.load_model(path)
     with torch.no_grad():
         reference = model(x)
-        for attention in (model.layers[str(i)].attention for i in range(4)):
-            attention.rules, attention.l2_eps, attention.temperature = (
-                type(attention.rules)(), None, None)
-        assert (model(x) - reference).abs().max() > 1e-2
+        for piece, switch in off.items():
+            model = megatron_llm.load_model(path)
+            for block in model.layers.values():
+                switch(block.attention, block.feed_forward)
+            assert (model(x) - reference).abs().max() > 1e-3, piece
 
 
 def test_hf_native_hf_round_trip(hf_dir, tmp_path):
@@ -164,3 +169,23 @@ def test_weight_input_refused_under_tensor_parallelism():
     cfg = ModelConfig(num_heads=4, ffn_hidden_size=64, moe_experts=4, moe_ffn_hidden_size=32, moe_weight_input=True)
     with pytest.raises(UsageError, match=r"^model\.moe_weight_input .* use tp 1$"):
         ParallelConfig(tp=2).validate(cfg, seq_len=16, micro_batches=1, evaluates=False)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layer_types=["chunked", "full"]), r"^model\.layer_types has chunked layers: set model\.attention_chunk_size$"),
+    (dict(attention_chunk_size=0), r"^model\.attention_chunk_size must be positive or null, got 0$"),
+    (dict(attn_temperature_floor=-1.0), r"^model\.attn_temperature_floor must be a positive finite number or null"),
+    (dict(attention="mla", mla_kv_lora_rank=8, mla_v_head_dim=8, mla_rope_head_dim=8, qk_l2_norm=True),
+     r"^model\.attention mla .* \(nor qk_l2_norm, attn_temperature_floor or chunked layers\)$"),
+], ids=["chunked-without-size", "chunk-size-0", "floor-negative", "mla"])
+def test_bad_llama4_options_are_one_line(fields, message):
+    with pytest.raises(UsageError, match=message):
+        ModelConfig(num_layers=2, **fields).validate()
+
+
+def test_fractional_temperature_floor_is_refused_on_export():
+    from megatron_llm.checkpoint.families import family
+
+    cfg = family("llama4_text").read_config(transformers.AutoConfig.for_model("llama4_text", **CONFIG).to_dict())
+    with pytest.raises(UsageError, match=r"^llama4_text stores floor_scale as an integer"):
+        family("llama4_text").write_config(dataclasses.replace(cfg, attn_temperature_floor=4.5))
