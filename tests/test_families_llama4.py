@@ -95,6 +95,20 @@ def test_each_piece_bites(hf_dir):
             assert (model(x) - reference).abs().max() > 1e-3, piece
 
 
+def test_kv_cache_decoding_equals_the_whole_forward(hf_dir):
+    """Prefill 10 tokens, then decode the other 14 one at a time: chunks by key index and the temperature by the
+    cache's positions give the logits of one forward over all 24 (chunks of 8 cut inside both parts)."""
+    from megatron_llm.model.kv_cache import KVCache
+
+    model = megatron_llm.load_model(hf_dir[0])
+    x = tokens()
+    cache = KVCache(x.shape[1])
+    with torch.no_grad():
+        whole = model(x)
+        steps = [model(x[:, :10], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(10, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=1e-5)
+
+
 def test_hf_native_hf_round_trip(hf_dir, tmp_path):
     path, hf = hf_dir
     back = transformers.AutoModelForCausalLM.from_pretrained(hf_native_hf(path, tmp_path), attn_implementation="eager")
