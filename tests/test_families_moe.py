@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families import family, moe
+from megatron_llm.checkpoint.families import dbrx, family, moe
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 from megatron_llm.model.moe import Router
@@ -103,6 +103,12 @@ CASES = {
     # layer (moe_layer_start_index), shared experts
     "ernie4_5_moe": dict(num_experts=4, moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
                          use_bias=True, tie_word_embeddings=False, head_dim=16),
+    # DBRX: q/k/v fused and clipped (0.1 binds here), LayerNorms without bias, the top-k weights divided by their sum
+    # (moe_normalize_expert_weights 1), experts flattened to [E ffn, hidden]; SMALL's shape under its own names (its
+    # config copies d_model into ffn_config before transformers' attribute map would set it)
+    "dbrx": dict(d_model=SMALL["hidden_size"], n_heads=SMALL["num_attention_heads"], n_layers=SMALL["num_hidden_layers"],
+                 max_seq_len=SMALL["max_position_embeddings"], attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
+                 ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_loss_weight=0.05)),
 }
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
@@ -131,7 +137,7 @@ def hf_model(case: str) -> torch.nn.Module:
 
 
 def test_every_moe_family_is_tested():
-    assert sorted({model_type_of(case) for case in CASES}) == sorted(f.model_type for f in moe.FAMILIES)
+    assert sorted({model_type_of(case) for case in CASES}) == sorted(f.model_type for f in (*moe.FAMILIES, *dbrx.FAMILIES))
 
 
 @pytest.fixture(scope="module")
@@ -161,31 +167,33 @@ def our_routes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def hf_routes(hf: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The same from transformers: its routers (gate, or Granite's router) return (logits, weights, indices), or
-    (DeepSeek-V3) the MoE block picks the indices in route_tokens_to_experts."""
+    (DeepSeek-V3, DBRX) the MoE block picks the indices in route_tokens_to_experts."""
     chosen = []
     for block in moe_blocks(hf).values():
         if hasattr(block, "route_tokens_to_experts"):
             route = block.route_tokens_to_experts
-            block.route_tokens_to_experts = lambda logits, route=route: _kept(chosen, route(logits), 0)
+            block.route_tokens_to_experts = lambda logits, route=route: _kept(chosen, route(logits))
         else:
-            router_of(block).register_forward_hook(lambda m, a, out: _kept(chosen, out, 2))
+            router_of(block).register_forward_hook(lambda m, a, out: _kept(chosen, out))
     with torch.no_grad():
         hf(x)
     return chosen
 
 
 def moe_blocks(hf: torch.nn.Module) -> dict[int, torch.nn.Module]:
-    """Layer index -> transformers' MoE block there (layer.mlp; Granite's layer.block_sparse_moe): the child of the
-    layer that holds experts."""
-    return {i: m for i, layer in enumerate(hf.model.layers) for m in layer.children() if hasattr(m, "experts")}
+    """Layer index -> transformers' MoE block there (layer.mlp; Granite's layer.block_sparse_moe; DBRX's block.ffn):
+    the child of the layer that holds experts."""
+    layers = getattr(hf.base_model, "layers", None) or hf.base_model.blocks
+    return {i: m for i, layer in enumerate(layers) for m in layer.children() if hasattr(m, "experts")}
 
 
 def router_of(block: torch.nn.Module) -> torch.nn.Module:
     return block.gate if hasattr(block, "gate") else block.router
 
 
-def _kept(chosen: list, out: tuple, index: int) -> tuple:
-    chosen.append(out[index].sort(-1).values)
+def _kept(chosen: list, out: tuple) -> tuple:
+    """Keeps the expert indices among a router's outputs (its one integer tensor)."""
+    chosen.append(next(t for t in out if not t.is_floating_point()).sort(-1).values)
     return out
 
 
@@ -232,7 +240,7 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
     if model_type_of(case) in NO_AUX_LOSS:
         assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
     else:
-        coeff = hf.config.router_aux_loss_coef
+        coeff = hf.router_aux_loss_coef  # DBRX's from ffn_config.moe_loss_weight
         assert result.moe["moe_aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
         assert result.loss + coeff * result.moe["moe_aux_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
     grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
@@ -241,8 +249,16 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
     for i, theirs in blocks.items():  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
         torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(router_of(theirs)).grad,
                                    atol=1e-6, rtol=1e-4)  # the router's gradient carries the aux loss's
-        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.experts.w2"], theirs.experts.down_proj.grad,
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.experts.w2"], down_proj_grad(theirs.experts),
                                    atol=1e-6, rtol=1e-4)
+
+
+def down_proj_grad(experts: torch.nn.Module) -> torch.Tensor:
+    """The gradient of transformers' down projections as our w2's [E, hidden, ffn]: down_proj's, or DBRX's w2
+    [E ffn, hidden] (h @ w2[e]) reshaped and transposed per expert."""
+    if hasattr(experts, "down_proj"):
+        return experts.down_proj.grad
+    return experts.mlp.w2.grad.view(experts.num_experts, -1, experts.hidden_size).transpose(1, 2)
 
 
 def router_weight(gate: torch.nn.Module) -> torch.Tensor:
@@ -263,6 +279,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe": r"add_bias_linear also gives every expert biases",
                    "cohere2_moe-average": r"model\.norm_bias",  # Megatron's LayerNorm has a bias
+                   "dbrx": r"model\.norm_bias",
                    "deepseek_v2": r"add_bias_linear also gives every expert biases",
                    "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale"}
@@ -290,6 +307,8 @@ REFUSED = {
     "cohere2_moe": dict(shared_expert_combination_strategy="max"),
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
+    # the top-k weights divided by their 2-norm
+    "dbrx": dict(ffn_config={**CASES["dbrx"]["ffn_config"], "moe_normalize_expert_weights": 2.0}),
 }
 
 
@@ -312,7 +331,7 @@ def test_unsupported_config_value_is_one_line(model_type):
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]}).to_dict()
     config.update(REFUSED[model_type])
     (key,) = REFUSED[model_type]
-    with pytest.raises(UsageError, match=rf"^config\.json {key}=.* is not supported: [^\n]+$"):
+    with pytest.raises(UsageError, match=rf"^config\.json {key}[.=].* is not supported: [^\n]+$"):
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
 
 

@@ -97,11 +97,13 @@ class Stacked:
 class Mapped:
     """One Hugging Face tensor holding several of ours in a layout of its own, written by `to_hf(parts) -> tensor`
     and read by `from_hf(tensor) -> parts` (gpt-oss's experts: gate and up interleaved on the last dim, stored
-    [E, in, out]); named functions of the family's module, each the other's inverse."""
+    [E, in, out]), or by `from_hf(tensor, cfg)` with `config` where the tensor's shape leaves the layout open
+    (DBRX's experts flattened to [E ffn, hidden]); named functions of the family's module, each the other's inverse."""
 
     parts: tuple[str, ...]
     to_hf: Callable[[list[torch.Tensor]], torch.Tensor]
-    from_hf: Callable[[torch.Tensor], list[torch.Tensor]]
+    from_hf: Callable[..., list[torch.Tensor]]
+    config: bool = False
 
 
 TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked, Mapped]
@@ -234,7 +236,7 @@ class Family:
                 tensor = get(hf)
                 tensor = tensor.t() if _transposed(entry, tensor.shape) else _unswapped(entry, tensor, cfg)
                 cache[hf] = (_split(tensor, entry, name, cfg) if isinstance(entry, Fused) else
-                             entry.from_hf(tensor) if isinstance(entry, Mapped) else [tensor])
+                             _mapped_from_hf(entry, tensor, cfg) if isinstance(entry, Mapped) else [tensor])
             out[name] = cache[hf][index]
         return out
 
@@ -291,6 +293,10 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
                     table[ours] = (hf, entry, index)
         _REVERSE[key] = table
     return _REVERSE[key]
+
+
+def _mapped_from_hf(entry: Mapped, tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    return entry.from_hf(tensor, cfg) if entry.config else entry.from_hf(tensor)
 
 
 def _transposed(entry: TensorEntry, shape) -> bool:
