@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import pytest
 import torch
@@ -191,9 +192,10 @@ def router_of(block: torch.nn.Module) -> torch.nn.Module:
     return block.gate if hasattr(block, "gate") else block.router
 
 
-def _kept(chosen: list, out: tuple) -> tuple:
-    """Keeps the expert indices among a router's outputs (its one integer tensor)."""
-    chosen.append(next(t for t in out if not t.is_floating_point()).sort(-1).values)
+def _kept(chosen: list, out: tuple, index: Optional[int] = None) -> tuple:
+    """Keeps out[index], the expert indices among a router's outputs (None: its one integer tensor)."""
+    indices = out[index] if index is not None else next(t for t in out if not t.is_floating_point())
+    chosen.append(indices.sort(-1).values)
     return out
 
 
