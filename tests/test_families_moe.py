@@ -328,6 +328,16 @@ def test_the_latent_norms_epsilon_exports_where_transformers_has_it():
         table.write_config(dataclasses.replace(cfg, mla_norm_eps=None))
 
 
+def test_minimax_m2_reads_its_published_rope_keys():
+    """MiniMax-M2's published config.json gives the rotated dims as rotary_dim and its base as rope_theta (5e6, the
+    config class's fill where absent); rope_parameters' own partial_rotary_factor wins where both are given."""
+    config = transformers.AutoConfig.for_model("minimax_m2", **{**SMALL, **EXPERTS, **CASES["minimax_m2"]}).to_dict()
+    published = {k: v for k, v in config.items() if k != "rope_parameters"}
+    read = family("minimax_m2").read_config
+    assert (read({**published, "rotary_dim": 8}).rope_fraction, read(published).rope_theta) == (0.5, 5000000.0)
+    assert read({**config, "rotary_dim": 16}).rope_fraction == 0.5
+
+
 @pytest.mark.parametrize("model_type", REFUSED)
 def test_unsupported_config_value_is_one_line(model_type):
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]}).to_dict()
