@@ -338,6 +338,17 @@ def test_minimax_m2_reads_its_published_rope_keys():
     assert read({**config, "rotary_dim": 16}).rope_fraction == 0.5
 
 
+def test_dbrx_reads_unnormalised_weights_and_the_older_rope_base():
+    """moe_normalize_expert_weights null leaves the top-k softmax scores as they are (and writes back null); a
+    config.json without rope_parameters takes its base from attn_config.rope_theta."""
+    config = transformers.AutoConfig.for_model("dbrx", **{**SMALL, **EXPERTS, **CASES["dbrx"]}).to_dict()
+    table = family("dbrx")
+    cfg = table.read_config({**config, "ffn_config": {**config["ffn_config"], "moe_normalize_expert_weights": None}})
+    assert not cfg.moe_renormalize and table.write_config(cfg)["ffn_config"]["moe_normalize_expert_weights"] is None
+    older = {k: v for k, v in config.items() if k != "rope_parameters"}
+    assert table.read_config({**older, "attn_config": {**config["attn_config"], "rope_theta": 500000.0}}).rope_theta == 500000.0
+
+
 @pytest.mark.parametrize("model_type", REFUSED)
 def test_unsupported_config_value_is_one_line(model_type):
     config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **EXPERTS, **CASES[model_type]}).to_dict()
