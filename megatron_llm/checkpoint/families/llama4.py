@@ -28,24 +28,14 @@ def split_gate_up(fused: torch.Tensor) -> list[torch.Tensor]:
     return [half.transpose(1, 2).contiguous() for half in fused.chunk(2, dim=-1)]
 
 
-def _read_widths(hf: dict) -> dict:
-    """intermediate_size is each routed expert's width and the shared expert's; intermediate_size_mlp the dense
-    layers' (Llama4TextConfig's defaults where absent)."""
-    experts = hf.get("intermediate_size") or 8192
-    return dict(ffn_hidden_size=hf.get("intermediate_size_mlp") or 16384, moe_ffn_hidden_size=experts,
-                moe_shared_ffn_hidden_size=experts)
-
-
-def _write_widths(cfg: ModelConfig) -> dict:
-    return {"intermediate_size": cfg.moe_ffn_hidden_size, "intermediate_size_mlp": cfg.ffn_hidden_size}
-
-
 def _read_moe_layers(hf: dict) -> dict:
     """moe_layers, or every interleave_moe_layer_step-th layer (the config class's fill), as our frequency where it
-    is that pattern, else every layer sparse but the dense ones listed."""
+    is that pattern, else every layer sparse but the dense ones listed. Indices past the layers are ignored, as
+    transformers ignores them."""
     n, step = hf["num_hidden_layers"], hf.get("interleave_moe_layer_step") or 1
     sparse = hf.get("moe_layers")
-    if sparse is None or list(sparse) == list(range(step - 1, n, step)):
+    sparse = None if sparse is None else [i for i in sparse if i < n]
+    if sparse is None or sparse == list(range(step - 1, n, step)):
         return dict(moe_layer_freq=step, moe_dense_layers=[])
     return dict(moe_layer_freq=1, moe_dense_layers=[i for i in range(n) if i not in sparse])
 
@@ -57,12 +47,13 @@ def _write_moe_layers(cfg: ModelConfig) -> dict:
 
 def _read_positions(hf: dict) -> dict:
     """no_rope_layers (1: RoPE, 0: NoPE; default a NoPE layer every no_rope_layer_interval-th) and layer_types
-    (chunked on the RoPE layers where attention_chunk_size is set, as the config class fills it)."""
+    (chunked on the RoPE layers where attention_chunk_size is set, as the config class fills it); transformers reads
+    the first num_hidden_layers entries of each list."""
     n, chunk = hf["num_hidden_layers"], hf.get("attention_chunk_size")
     interval = hf.get("no_rope_layer_interval") or 4
-    uses_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
-    kinds = hf.get("layer_types") or ["chunked_attention" if r and chunk is not None else "full_attention"
-                                      for r in uses_rope]
+    uses_rope = (hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)])[:n]
+    kinds = (hf.get("layer_types") or ["chunked_attention" if r and chunk is not None else "full_attention"
+                                       for r in uses_rope])[:n]
     ours = ["chunked" if kind == "chunked_attention" else "full" for kind in kinds]
     return dict(nope_layers=[i for i, r in enumerate(uses_rope) if not r], attention_chunk_size=chunk,
                 layer_types=ours if "chunked" in ours else None)
@@ -98,7 +89,12 @@ def _mlp(prefix: str, ours: str) -> dict:
 LLAMA4_TEXT = Family(
     "llama4_text", "Llama4ForCausalLM",
     (*without(shape_defaulting(128, 8), "ffn_hidden_size"),
-     Derived(_read_widths, _write_widths), Fixed("mlp", "swiglu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     # intermediate_size: each routed expert's width and the shared expert's (written once: export refuses another
+     # shared width); intermediate_size_mlp: the dense layers'
+     Key("intermediate_size_mlp", "ffn_hidden_size", default=16384),
+     Key("intermediate_size", "moe_ffn_hidden_size", default=8192),
+     Derived(lambda hf: dict(moe_shared_ffn_hidden_size=hf.get("intermediate_size") or 8192), lambda cfg: {}),
+     Fixed("mlp", "swiglu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
      rope_defaulting({"rope_type": "default", "rope_theta": 500000.0}), Fixed("rope_interleaved", True),
      Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
      Fixed("mlp_bias", False), Key("use_qk_norm", "qk_l2_norm", default=True),
