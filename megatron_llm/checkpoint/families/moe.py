@@ -1,9 +1,10 @@
 """Mixture-of-experts families: a dense family's table plus the router, the experts (stored one tensor per
 expert, stacked into our [E, ...] weights by `Stacked`; Granite-MoE's gate/up fused per expert) and the shared
-experts. Softmax top-k routers first (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo), then DeepSeek's (V2's softmax, V3's
-sigmoid with the expert bias and the families that copied it: GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1,
-EXAONE-MoE), then HunYuan, Cohere2, Granite and ERNIE, each with a router of its own shape. Every config value a
-table cannot reproduce is refused by name on read (`unsupported` and the Derived readers)."""
+experts. Softmax top-k routers first (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo) and MiniMax-M2's sigmoid one, then
+DeepSeek's (V2's softmax, V3's sigmoid with the expert bias and the families that copied it: GLM-4.5,
+GLM-4.7-Flash, Sarvam, dots.llm1, EXAONE-MoE), then HunYuan, Cohere2, Granite and ERNIE, each with a router of its
+own shape (DBRX: families/dbrx.py). Every config value a table cannot reproduce is refused by name on read
+(`unsupported` and the Derived readers)."""
 
 import math
 from typing import Any, Callable, Optional
@@ -587,5 +588,5 @@ ERNIE4_5_MOE = Family(
      "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": Mapped((EXPERT_BIAS,), _unsqueezed, _squeezed)},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE,
-            DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED, ERNIE4_5_MOE)
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE,
+            SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED, ERNIE4_5_MOE)
