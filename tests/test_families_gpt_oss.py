@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 import megatron_llm
@@ -15,10 +14,8 @@ from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families.gpt_oss import interleave_gate_up, transposed_experts
 from megatron_llm.errors import UsageError
-from megatron_llm.parallel import ParallelDims
-from megatron_llm.training.step import train_step
 from tests.test_families import SMALL, WINDOW, tokens
-from tests.test_families_moe import _kept, our_routes
+from tests.test_families_moe import _kept, our_routes, our_sgd_step, random_hf_model, saved
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 # Sliding then full layers, YaRN (its x4 over 16 positions stretches the 24 of the test), 4 experts, top-2; the
@@ -30,22 +27,13 @@ CONFIG = dict(SMALL, head_dim=16, num_local_experts=4, num_experts_per_tok=2, ro
 
 
 def hf_model() -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model("gpt_oss", **CONFIG)
-    config._attn_implementation = "eager"
-    torch.manual_seed(1)  # a draw whose routers use every expert in both layers (seed 0's second uses two)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # biases the size of the embeddings: larger, every token routes alike
-            if name.endswith(("bias", "sinks")) or "norm" in name or name.endswith("router.weight"):
-                p.add_(torch.randn_like(p) * (0.02 if name.endswith("bias") else 0.5))
-    return model
+    # seed 1: a draw whose routers use every expert in both layers (seed 0's second uses two)
+    return random_hf_model("gpt_oss", CONFIG, seed=1, routers=("router.weight",))
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    model = hf_model()
-    model.save_pretrained(path := tmp_path_factory.mktemp("gpt_oss"))
-    return path, model
+    return saved(hf_model(), tmp_path_factory.mktemp("gpt_oss"))
 
 
 def test_logits_and_routes_match_transformers(hf_dir):
@@ -78,18 +66,12 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir):
     loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and the gradients of every new parameter."""
     path, _ = hf_dir
     hf = hf_model().train()  # its own copy: the module fixture's stays without gradients
-    model = megatron_llm.load_model(path)
     x = tokens()
-    labels = F.pad(x[:, 1:], (0, 1), value=-100)
-    batch = dict(tokens=x, labels=labels, loss_mask=(labels >= 0).float(), channel=torch.zeros(2, dtype=torch.long))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
-                        z_loss=0.0, grad_clip=0.0, autocast=None)
+    _, result, grad = our_sgd_step(path, x)
     expected = hf(x, labels=x, output_router_logits=True)
     expected.loss.backward()
     assert result.moe["moe_aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
     assert result.loss + 0.02 * result.moe["moe_aux_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
-    grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
     for i, layer in enumerate(hf.model.layers):
         ours = f"layers.{i}.feed_forward."
         experts, router = layer.mlp.experts, layer.mlp.router

@@ -23,10 +23,8 @@ from megatron_llm.config import ParallelConfig
 from megatron_llm.errors import UsageError
 from megatron_llm.model.moe import MoE
 from megatron_llm.model_config import ModelConfig
-from megatron_llm.parallel import ParallelDims
-from megatron_llm.training.step import train_step
 from tests.test_families import SMALL, WINDOW, tokens
-from tests.test_families_moe import our_routes
+from tests.test_families_moe import our_routes, our_sgd_step, random_hf_model, saved
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 # Four layers: chunked RoPE layers 0-2 with the L2 norm, a full NoPE layer 3 with the temperature; layers 1 and 3
@@ -38,22 +36,13 @@ CONFIG = dict(SMALL, num_hidden_layers=4, head_dim=16, intermediate_size=32, int
 
 
 def hf_model() -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model("llama4_text", **CONFIG)
-    config._attn_implementation = "eager"
-    torch.manual_seed(2)  # a draw whose routers use every expert in both MoE layers (seed 0's second uses three)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or name.endswith("router.weight"):
-                p.add_(torch.randn_like(p) * (0.02 if name.endswith("bias") else 0.5))
-    return model
+    # seed 2: a draw whose routers use every expert in both MoE layers (seed 0's second uses three)
+    return random_hf_model("llama4_text", CONFIG, seed=2, routers=("router.weight",))
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    model = hf_model()
-    model.save_pretrained(path := tmp_path_factory.mktemp("llama4"))
-    return path, model
+    return saved(hf_model(), tmp_path_factory.mktemp("llama4"))
 
 
 def test_logits_and_routes_match_transformers(hf_dir):
@@ -121,17 +110,11 @@ def test_training_loss_and_gradients(hf_dir):
     (Llama4ForCausalLM adds no router loss) and the gradients of the router, experts and shared expert."""
     path, _ = hf_dir
     hf = hf_model().train()  # its own copy: the module fixture's stays without gradients
-    model = megatron_llm.load_model(path)
     x = tokens()
-    labels = F.pad(x[:, 1:], (0, 1), value=-100)
-    batch = dict(tokens=x, labels=labels, loss_mask=(labels >= 0).float(), channel=torch.zeros(2, dtype=torch.long))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
-                        z_loss=0.0, grad_clip=0.0, autocast=None)
+    _, result, grad = our_sgd_step(path, x)
     expected = hf(x, labels=x)
     expected.loss.backward()
     assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
-    grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
     for i in (1, 3):
         ours, theirs = f"layers.{i}.", hf.model.layers[i]
         ff = theirs.feed_forward

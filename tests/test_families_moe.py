@@ -120,21 +120,29 @@ def model_type_of(case: str) -> str:
     return case.split("-")[0]
 
 
-def hf_model(case: str) -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model(model_type_of(case), **{**SMALL, **EXPERTS, **CASES[case]})
+def random_hf_model(model_type: str, config: dict, seed: int = 0, routers: tuple[str, ...] = ("gate.weight",)
+                    ) -> torch.nn.Module:
+    """transformers' model of `model_type` from `config` (fp32, eager attention), its biases, norms, routers (the
+    weights named ending in `routers`), attention sinks and expert biases drawn away from their constant inits, so a
+    mapping mistake shows."""
+    config = transformers.AutoConfig.for_model(model_type, **config)
     config._attn_implementation = "eager"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # biases, norms and routers away from their constant inits, so a mapping mistake shows
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):  # the size of the embeddings: larger, a constant would route every token alike
                 p.add_(torch.randn_like(p) * 0.02)
-            elif "norm" in name or name.endswith("gate.weight"):
+            elif "norm" in name or name.endswith((*routers, "sinks")):
                 p.add_(torch.randn_like(p) * 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's expert bias: it changes the choice
                 b.add_(torch.randn_like(b) * 0.01)
     return model
+
+
+def hf_model(case: str) -> torch.nn.Module:
+    return random_hf_model(model_type_of(case), {**SMALL, **EXPERTS, **CASES[case]})
 
 
 def test_every_moe_family_is_tested():
@@ -145,13 +153,13 @@ def test_every_moe_family_is_tested():
 def hf_dir(tmp_path_factory):
     """case -> (its saved directory, the transformers model), built once per module."""
 
-    @functools.cache
-    def get(case: str):
-        model = hf_model(case)
-        model.save_pretrained(path := tmp_path_factory.mktemp(case))
-        return path, model
+    return functools.cache(lambda case: saved(hf_model(case), tmp_path_factory.mktemp(case)))
 
-    return get
+
+def saved(model: torch.nn.Module, path):
+    """(path, model) once transformers has saved the model there."""
+    model.save_pretrained(path)
+    return path, model
 
 
 def our_routes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -223,19 +231,25 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
-    """Our training step (SGD, lr 1, no clipping: the update is minus the gradient) against transformers'
-    loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and its gradients."""
-    path, hf = hf_dir(case)
+def our_sgd_step(path, x: torch.Tensor) -> tuple:
+    """One training step of the model saved at `path` on x (SGD, lr 1, no clipping: the update is minus the
+    gradient): (its config, the StepResult, each parameter's gradient by name)."""
     model = megatron_llm.load_model(path)
-    x = tokens()
     labels = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
     batch = dict(tokens=x, labels=labels, loss_mask=(labels >= 0).float(), channel=torch.zeros(2, dtype=torch.long))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
                         z_loss=0.0, grad_clip=0.0, autocast=None)
+    return model.cfg, result, {k: before[k] - v for k, v in model.state_dict().items()}
 
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
+    """Our training step (SGD, lr 1, no clipping: the update is minus the gradient) against transformers'
+    loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and its gradients."""
+    path, hf = hf_dir(case)
+    x = tokens()
+    cfg, result, grad = our_sgd_step(path, x)
     hf.train()
     expected = hf(x, labels=x, output_router_logits=True)
     expected.loss.backward()
@@ -245,9 +259,8 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
         coeff = hf.router_aux_loss_coef  # DBRX's from ffn_config.moe_loss_weight
         assert result.moe["moe_aux_loss"] == pytest.approx(expected.aux_loss.item(), rel=1e-5)
         assert result.loss + coeff * result.moe["moe_aux_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
-    grad = {k: before[k] - v for k, v in model.state_dict().items()}  # ours
     blocks = moe_blocks(hf)
-    assert sorted(blocks) == [i for i in range(model.cfg.num_layers) if model.cfg.layer(i).moe]
+    assert sorted(blocks) == [i for i in range(cfg.num_layers) if cfg.layer(i).moe]
     for i, theirs in blocks.items():  # transformers' in-memory layout: experts.down_proj [E, hidden, ffn]
         torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(router_of(theirs)).grad,
                                    atol=1e-6, rtol=1e-4)  # the router's gradient carries the aux loss's
