@@ -8,6 +8,8 @@ import re
 from typing import Optional
 
 from megatron_llm.checkpoint.families import FAMILIES, family
+from megatron_llm.checkpoint.families.multimodal import text_config, unwrap
+from megatron_llm.checkpoint.families.table import Family
 from megatron_llm.checkpoint.stream import EMBEDDING, HEAD, native_shapes
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
@@ -17,9 +19,19 @@ from megatron_llm.errors import UsageError
 HF_IGNORED = re.compile(r".*\.(rotary_emb\.inv_freq|(attn|attention)\.(bias|masked_bias))$")
 
 
+def text_family(hf_config: dict) -> Family:
+    """The family of config.json's language model: its own, or a multimodal wrapper's text_config's."""
+    text = text_config(hf_config)
+    if text is not hf_config and text["model_type"] not in FAMILIES:
+        raise UsageError(f"the language model of this {hf_config['model_type']} checkpoint has text_config model_type "
+                         f"{text['model_type']!r}, which is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return family(text.get("model_type"))
+
+
 def model_config_from_hf(hf_config: dict) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout), through its family."""
-    return family(hf_config.get("model_type")).read_config(hf_config)
+    """A ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout, or a multimodal
+    wrapper's: its language model), through its family."""
+    return text_family(hf_config).read_config(text_config(hf_config))
 
 
 def hf_config_from_model_config(cfg: ModelConfig, model_type: str) -> dict:
@@ -50,8 +62,9 @@ TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept across fam
 def export_hf_config(cfg: ModelConfig, dtype: str, base: Optional[dict] = None, model_type: Optional[str] = None) -> dict:
     """config.json for `cfg`. `base` is the source model's own config.json when known (from a Hugging Face
     input or carried beside a converted checkpoint): its other fields are kept when the family stays the
-    same, its token ids always. The family is `model_type`, else base's, else the plainest that fits."""
-    base = base or {}
+    same, its token ids always. The family is `model_type`, else base's, else the plainest that fits (a
+    multimodal base's language model: its vision half is not ours to write)."""
+    base = text_config(base or {})
     model_type = model_type or base.get("model_type") or infer_family(cfg)
     same_family = base.get("model_type") == model_type
     kept = {k: v for k, v in base.items() if k not in REWRITTEN_KEYS and (same_family or k in TOKEN_KEYS)}
@@ -60,11 +73,12 @@ def export_hf_config(cfg: ModelConfig, dtype: str, base: Optional[dict] = None, 
 
 def hf_to_native(state_dict: dict, hf_config: dict) -> dict:
     """A Hugging Face state dict renamed (and split) to ours. A tied checkpoint may omit the head; the
-    native dict then gets output.weight = tok_embeddings.weight, as a tied model's state_dict has."""
+    native dict then gets output.weight = tok_embeddings.weight, as a tied model's state_dict has. A multimodal
+    model's state dict gives its language model's tensors."""
     cfg = model_config_from_hf(hf_config)
-    fam = family(hf_config["model_type"])
+    stored = unwrap(hf_config, list(state_dict)).stored
     names = [n for n in native_shapes(cfg) if not (cfg.tie_embeddings and n == HEAD)]
-    out = fam.from_hf(names, state_dict.__getitem__, cfg)
+    out = text_family(hf_config).from_hf(names, lambda name: state_dict[stored[name]], cfg)
     if cfg.tie_embeddings:
         out[HEAD] = out[EMBEDDING]
     return out

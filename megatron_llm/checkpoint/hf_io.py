@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from megatron_llm.checkpoint.families import family
-from megatron_llm.checkpoint.hf import HF_IGNORED, export_hf_config, model_config_from_hf
+from megatron_llm.checkpoint.families.multimodal import unwrap
+from megatron_llm.checkpoint.hf import HF_IGNORED, export_hf_config, model_config_from_hf, text_family
 from megatron_llm.checkpoint.stream import HEAD, check_names, native_shapes
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
@@ -56,12 +57,20 @@ class HFReader:
         config_file = self.directory / "config.json"
         if not config_file.is_file():
             raise UsageError(f"{path} is not a Hugging Face model directory: it has no config.json")
-        self.hf_config: Optional[dict] = _read_json(config_file)
-        self.config: ModelConfig = model_config_from_hf(self.hf_config)
+        hf_config = _read_json(config_file)
+        self.config: ModelConfig = model_config_from_hf(hf_config)
         self.config.validate()
-        self.family = family(self.hf_config["model_type"])
-        self.file_of = self._weight_map()
+        self.family = text_family(hf_config)
+        weight_map = self._weight_map()
+        # A multimodal checkpoint is read as its language model: its config and tensors by the text model's names.
+        text = unwrap(hf_config, list(weight_map))
+        self.hf_config: Optional[dict] = text.hf_config  # carried to the output: the text model is what we write
+        self.stored = text.stored  # the text model's tensor name -> the name in the files
+        self.file_of = {name: weight_map[at] for name, at in self.stored.items()}
         self._check_keys()
+        note = text.note(str(path))
+        if note:
+            print(note, flush=True)
 
     def _weight_map(self) -> dict[str, str]:
         """tensor name -> file name, from the index or from the single file's own header."""
@@ -97,7 +106,7 @@ class HFReader:
         theirs = {}
         for file in sorted({self.file_of[key] for key in keys}):
             with _open_safetensors(self.directory / file) as f:
-                theirs.update({key: f.get_tensor(key) for key in keys if self.file_of[key] == file})
+                theirs.update({key: f.get_tensor(self.stored[key]) for key in keys if self.file_of[key] == file})
         return self.family.from_hf(names, theirs.__getitem__, self.config)
 
 

@@ -1,0 +1,93 @@
+"""Multimodal checkpoints read as their language model: Llama 4 Scout/Maverick (llama4), Gemma 3 4b and up
+(gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava). Their config.json holds the text model's config under
+`text_config` and their safetensors hold its tensors under a prefix beside a vision tower and projector we do
+not model. A wrapper is data: its model_type and the config keys transformers reads from the top level
+rather than from text_config (it ties the head by the wrapper's tie_word_embeddings: Mistral 3's top level
+says true while its text_config says false). The text model then goes through its own family's table; an
+export writes that text family.
+
+The tensor prefixes are the same for every wrapper, in one of two layouts: the published checkpoints and
+transformers 5.x's save_pretrained (which reverses its conversion mapping on save) keep the language model
+whole under `language_model.` (language_model.model.layers..., language_model.lm_head.weight), while
+transformers 5.x's in-memory state_dict has model.language_model.layers... and lm_head.weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_llm.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Wrapper:
+    model_type: str
+    # config.json keys that hold at the wrapper's top level, over text_config's, when present there
+    top_level: tuple[str, ...] = ("tie_word_embeddings", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"),
+                                                        Wrapper("llava"))}
+
+# (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where
+# the text model's embedding is found.
+LAYOUTS: tuple[tuple[tuple[str, str], ...], ...] = (
+    (("", "language_model."),),  # published and saved: the whole *ForCausalLM under language_model
+    (("model.", "model.language_model."), ("lm_head.", "lm_head.")),  # transformers 5.x in memory
+)
+EMBEDDING = "model.embed_tokens.weight"  # the text model's embedding in every family a wrapper holds
+
+
+@dataclass(frozen=True)
+class Unwrapped:
+    hf_config: dict  # the text model's config.json: what its family reads and an export writes
+    stored: dict[str, str]  # the text model's tensor name -> the name stored in the checkpoint
+    left_out: int  # stored tensors that are not the text model's (vision tower, projector)
+    wrapper: Optional[str]  # the multimodal model_type, None for a plain text checkpoint
+
+    def note(self, where: str) -> Optional[str]:
+        if self.wrapper is None:
+            return None
+        return (f"note: {where} is a {self.wrapper} multimodal checkpoint: reading its {self.hf_config['model_type']} "
+                f"language model ({len(self.stored)} tensors) and leaving out {self.left_out} vision/projector tensors; "
+                f"an export writes model_type {self.hf_config['model_type']}")
+
+
+def text_config(hf: dict) -> dict:
+    """The language model's config.json: `hf` itself unless its model_type is a wrapper."""
+    wrapper = WRAPPERS.get(hf.get("model_type"))
+    if wrapper is None:
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict) or "model_type" not in text:
+        raise UsageError(f"config.json of model_type {wrapper.model_type} lacks a text_config with a model_type: "
+                         "is it complete?")
+    return {**text, **{k: hf[k] for k in wrapper.top_level if hf.get(k) is not None}}
+
+
+def unwrap(hf: dict, names: list[str]) -> Unwrapped:
+    """The text model's config and tensors of a checkpoint whose config.json is `hf` and whose stored tensors
+    are `names`."""
+    text = text_config(hf)
+    if text is hf:
+        return Unwrapped(hf, {n: n for n in names}, 0, None)
+    present = set(names)
+    for layout in LAYOUTS:
+        if _stored(layout, EMBEDDING) in present:
+            break
+    stored = {own: name for name in names for own in [_own(layout, name)] if own is not None}
+    return Unwrapped(text, stored, len(names) - len(stored), hf["model_type"])
+
+
+def _stored(layout, own: str) -> str:
+    prefix, at = next((p, s) for p, s in layout if own.startswith(p))
+    return at + own[len(prefix):]
+
+
+def _own(layout, name: str) -> Optional[str]:
+    """The text model's name for the stored `name`, None for a tensor outside the language model."""
+    for prefix, at in layout:
+        if name.startswith(at):
+            return prefix + name[len(at):]
+    return None

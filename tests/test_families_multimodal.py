@@ -1,0 +1,104 @@
+"""Multimodal checkpoints (checkpoint/families/multimodal.py) read as their language model: a tiny random
+model of each wrapper from transformers, with a tiny vision tower, saved as transformers saves it; our model
+must give its logits on text-only input, and the text model we export must give them under transformers too."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from megatron_llm import load_model
+from megatron_llm.checkpoint.convert import convert
+from megatron_llm.checkpoint.families.multimodal import WRAPPERS
+from megatron_llm.checkpoint.hf import hf_to_native
+from test_convert import run_cli
+
+VOCAB = 128
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, vocab_size=VOCAB)
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+# wrapper -> (text config, vision config, wrapper keys); the image token is the last id, never in the input
+
+
+def whole(model, x):
+    return model(input_ids=x).logits
+
+
+def inner_causal_lm(model, x):
+    """Llama 4's whole forward fails on text-only input in transformers 5.24 (it builds its output from the
+    inner model's `image_outputs`, which that has not): the Llama4ForCausalLM it wraps is its text path."""
+    return model.language_model(input_ids=x).logits
+
+
+REFERENCE = {"llama4": inner_causal_lm}  # else the whole model
+CASES = {
+    "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
+    # its top level ties the head while its text_config does not: transformers follows the top level
+    "mistral3": (dict(model_type="mistral"), dict(model_type="pixtral", head_dim=8), {"tie_word_embeddings": True}),
+    "llama4": (dict(model_type="llama4_text", intermediate_size_mlp=64, num_local_experts=2),
+               dict(model_type="llama4_vision_model", vision_output_dim=16, projector_input_dim=16, projector_output_dim=32),
+               {}),
+    "llava": (dict(model_type="llama", tie_word_embeddings=False), dict(model_type="clip_vision_model"), {}),
+}
+
+
+def multimodal_model(wrapper: str) -> torch.nn.Module:
+    """transformers' whole multimodal model, fp32, eager attention, norms drawn away from their constant inits."""
+    text, vision, top = CASES[wrapper]
+    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text}, vision_config={**VISION, **vision},
+                                               image_token_index=VOCAB - 1, **top)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def test_every_wrapper_is_tested():
+    assert sorted(CASES) == sorted(WRAPPERS)
+
+
+@pytest.mark.parametrize("wrapper", sorted(CASES))
+def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
+    model = multimodal_model(wrapper)
+    model.save_pretrained(tmp_path / "mm")
+    x = torch.randint(0, VOCAB - 1, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = REFERENCE.get(wrapper, whole)(model, x)
+
+    ours = load_model(str(tmp_path / "mm"))
+    with safe_open(tmp_path / "mm" / "model.safetensors", "pt") as f:
+        vision = [k for k in f.keys() if not k.startswith("language_model.")]
+    assert vision  # the tower and projector are there, and left out by count
+    text_type = CASES[wrapper][0]["model_type"]
+    assert f"leaving out {len(vision)} vision/projector tensors" in capsys.readouterr().out
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
+
+    # transformers 5.x's in-memory names (model.language_model..., lm_head) read the same
+    native = hf_to_native(model.state_dict(), json.loads((tmp_path / "mm" / "config.json").read_text()))
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(native[name], tensor), name
+
+    convert(str(tmp_path / "mm"), "hf", str(tmp_path / "native"), "native")
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == text_type
+    text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(text(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_language_model_is_refused_by_name(tmp_path, capsys):
+    """Ministral 3 wraps its text model as mistral3 with text_config model_type ministral3, which we lack."""
+    config = {"model_type": "mistral3", "text_config": {**TEXT, "model_type": "ministral3"}, "vision_config": VISION}
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "--input", tmp_path / "in", "--input-format", "hf", "--output", tmp_path / "out",
+                           "--output-format", "native")
+    assert code == 2 and err.count("\n") == 1 and "mistral3 checkpoint" in err and "'ministral3'" in err, err
+    assert not (tmp_path / "out").exists()
