@@ -2,6 +2,8 @@
 model of each wrapper from transformers, with a tiny vision tower, saved as transformers saves it; our model
 must give its logits on text-only input, and the text model we export must give them under transformers too."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +14,7 @@ from safetensors import safe_open
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import convert
 from megatron_llm.checkpoint.families.multimodal import WRAPPERS
-from megatron_llm.checkpoint.hf import hf_to_native
+from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
 from test_convert import run_cli
 
 VOCAB = 128
@@ -102,3 +104,30 @@ def test_unsupported_language_model_is_refused_by_name(tmp_path, capsys):
                            "--output-format", "native")
     assert code == 2 and err.count("\n") == 1 and "mistral3 checkpoint" in err and "'ministral3'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# Published config.json files (transformers 4.x), abridged to what the text model reads: Gemma 3 4b's and LLaVA
+# 1.5's text_config omit what equals their text config class's defaults, and Gemma 3 1b is in 4.x's layout.
+GEMMA3_4B = {"model_type": "gemma3", "eos_token_id": [1, 106], "image_token_index": 262144, "mm_tokens_per_image": 256,
+             "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text", "num_hidden_layers": 34,
+                             "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024},
+             "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                               "num_attention_heads": 16, "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False}}
+LLAVA_15 = {"model_type": "llava", "image_token_index": 32000, "pad_token_id": 32001, "tie_word_embeddings": False, "vocab_size": 32064,
+            "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096, "model_type": "llama",
+                            "rms_norm_eps": 1e-05, "vocab_size": 32064},
+            "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                              "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}}
+GEMMA3_1B = {"model_type": "gemma3_text", "bos_token_id": 2, "eos_token_id": [1, 106], "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+             "hidden_size": 1152, "intermediate_size": 6912, "max_position_embeddings": 32768, "num_attention_heads": 4,
+             "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+             "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
+             "sliding_window_pattern": 6, "vocab_size": 262144}
+
+
+@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, GEMMA3_1B], ids=["gemma3-4b", "llava-1.5", "gemma3-1b"])
+def test_published_config_reads_as_transformers_fills_it(published):
+    """Ours from the published file == ours from transformers 5.24's reading of it, every field written out."""
+    full = transformers.AutoConfig.for_model(**copy.deepcopy(published))
+    filled = {**getattr(full, "text_config", full).to_dict(), "tie_word_embeddings": full.tie_word_embeddings}
+    assert dataclasses.asdict(model_config_from_hf(published)) == dataclasses.asdict(model_config_from_hf(filled))

@@ -5,12 +5,14 @@ from megatron_llm.checkpoint.families.common import (
     LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
+    ROPE,
     SHAPE,
     SQRT_HIDDEN_EMBEDDING,
     also,
     scale_key,
     shape_defaulting,
     without,
+    write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 from megatron_llm.errors import UsageError
@@ -103,10 +105,12 @@ HYPERCLOVAX = Family(
 )
 
 # Gemma: RMSNorm weights act as 1 + w, embeddings are scaled by sqrt(hidden), the MLP is GeGLU (tanh).
-GEMMA_NORMS = (Fixed("norm_unit_offset", True), SQRT_HIDDEN_EMBEDDING)
+# Every Gemma config class ties the head unless told otherwise (Gemma 3 1b's config.json does not say).
+GEMMA_NORMS = (Fixed("norm_unit_offset", True), SQRT_HIDDEN_EMBEDDING,
+               Key("tie_word_embeddings", "tie_embeddings", default=True))
 GEMMA = Family(
     "gemma", "GemmaForCausalLM",
-    (*without(LLAMA_CONFIG, "mlp_bias"), Fixed("mlp_bias", False), *GEMMA_NORMS),
+    (*without(LLAMA_CONFIG, "mlp_bias", "tie_embeddings"), Fixed("mlp_bias", False), *GEMMA_NORMS),
     LLAMA_TENSORS,
 )
 
@@ -119,7 +123,7 @@ SANDWICH_TENSORS = {
     "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight",
 }
 GEMMA2_CONFIG = (
-    *without(LLAMA_CONFIG, "mlp", "mlp_bias"),
+    *without(LLAMA_CONFIG, "mlp", "mlp_bias", "tie_embeddings"),
     LAYERS,
     *GEMMA_NORMS,
     Fixed("norm_placement", "sandwich"), Fixed("mlp_bias", False),
@@ -135,7 +139,28 @@ VAULTGEMMA = Family(
     "vaultgemma", "VaultGemmaForCausalLM", without(GEMMA2_CONFIG, "norm_placement"),
     {k: v for k, v in SANDWICH_TENSORS.items() if "post_" not in k},
 )
-GEMMA3 = Family("gemma3_text", "Gemma3ForCausalLM", (*GEMMA2_CONFIG, Fixed("qk_norm", True)), SANDWICH_TENSORS)
+
+
+def _gemma3_layout(hf: dict) -> dict:
+    """config.json as Gemma3TextConfig reads it: the published checkpoints (transformers 4.x) give
+    sliding_window_pattern (default 6: every 6th layer full), rope_theta and rope_scaling for the full layers and
+    rope_local_base_freq for the sliding ones, where 5.x writes layer_types and rope_parameters per layer type."""
+    types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) else "full_attention"
+        for i in range(hf["num_hidden_layers"])]
+    params = hf.get("rope_parameters") or {}
+    full = {"rope_type": "default", **(params.get("full_attention") or {}), **(hf.get("rope_scaling") or {})}
+    full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    sliding = {"rope_type": "default", **(params.get("sliding_attention") or {})}
+    sliding.setdefault("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+    return {**hf, "layer_types": types, "rope_parameters": {"full_attention": full, "sliding_attention": sliding}}
+
+
+GEMMA3_CONFIG = tuple(
+    Derived(lambda hf: LAYERS.read(_gemma3_layout(hf)), write_every_layer_type) if entry is LAYERS else  # left out,
+    Derived(lambda hf: ROPE.read(_gemma3_layout(hf)), ROPE.write) if entry is ROPE else entry  # transformers' pattern
+    for entry in (*GEMMA2_CONFIG, Fixed("qk_norm", True)))
+GEMMA3 = Family("gemma3_text", "Gemma3ForCausalLM", GEMMA3_CONFIG, SANDWICH_TENSORS)
 
 # OLMo: a parameter-free LayerNorm, optional q/k/v clipping. OLMo2: RMSNorm on each sublayer's output
 # inside the residual, QK-norm over the whole projection.

@@ -27,6 +27,21 @@ class Wrapper:
     top_level: tuple[str, ...] = ("tie_word_embeddings", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+# transformers 4.x wrote a wrapper's text_config as a diff against its text config class's defaults, so the
+# published Gemma 3 and LLaVA 1.5 checkpoints omit the head counts and even the vocabulary: those defaults,
+# by text model_type, as transformers 5.24's Gemma3TextConfig and LlamaConfig hold them (a test reads each
+# published config both ways).
+TEXT_DEFAULTS: dict[str, dict] = {
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                        max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10_000.0, sliding_window=4096, sliding_window_pattern=6,
+                        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10_000.0,
+                  hidden_act="silu", tie_word_embeddings=False),
+}
+
 WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"),
                                                         Wrapper("llava"))}
 
@@ -63,7 +78,8 @@ def text_config(hf: dict) -> dict:
     if not isinstance(text, dict) or "model_type" not in text:
         raise UsageError(f"config.json of model_type {wrapper.model_type} lacks a text_config with a model_type: "
                          "is it complete?")
-    return {**text, **{k: hf[k] for k in wrapper.top_level if hf.get(k) is not None}}
+    top = {k: hf[k] for k in wrapper.top_level if hf.get(k) is not None}
+    return {**TEXT_DEFAULTS.get(text["model_type"], {}), **text, **top}
 
 
 def unwrap(hf: dict, names: list[str]) -> Unwrapped:
