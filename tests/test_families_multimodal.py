@@ -11,10 +11,12 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import convert
 from megatron_llm.checkpoint.families.multimodal import WRAPPERS
 from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
+from megatron_llm.config import load_config
 from test_convert import run_cli
 
 VOCAB = 128
@@ -131,3 +133,22 @@ def test_published_config_reads_as_transformers_fills_it(published):
     full = transformers.AutoConfig.for_model(**copy.deepcopy(published))
     filled = {**getattr(full, "text_config", full).to_dict(), "tie_word_embeddings": full.tie_word_embeddings}
     assert dataclasses.asdict(model_config_from_hf(published)) == dataclasses.asdict(model_config_from_hf(filled))
+
+
+def test_init_from_multimodal_starts_at_the_transformers_loss(corpus_dir, tmp_path):
+    """--checkpoint.init_from a Gemma 3 multimodal checkpoint fine-tunes its language model: the first step's loss
+    is the whole model's on text (the byte corpus: a vocabulary of 257, the image token outside it)."""
+    from megatron_llm.training.trainer import train
+
+    text, vision, _ = CASES["gemma3"]
+    widths = dict(vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=64)  # tiny_overrides'
+    config = transformers.AutoConfig.for_model("gemma3", text_config={**TEXT, **text, **widths},
+                                               vision_config={**VISION, **vision}, image_token_index=300)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    hf.save_pretrained(tmp_path / "mm")
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(
+        corpus_dir, tmp_path / "run", training__steps=1, training__eval_interval=0, checkpoint__init_from=str(tmp_path / "mm")))
+    assert (cfg.model.qk_norm, cfg.model.num_layers, cfg.model.tie_embeddings) == (True, 2, True)
+    expected, _ = transformers_first_loss(hf, cfg)
+    assert train(cfg).losses[0] == pytest.approx(expected, abs=1e-5)
