@@ -11,7 +11,7 @@ from torch import nn
 
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, ScoreRules, attend
 from megatron_llm.model.kv_cache import KVCache
-from megatron_llm.model.norms import build_norm
+from megatron_llm.model.norms import build_norm, normalize
 from megatron_llm.model.rope import apply_rolled, apply_rope, rolled_tables
 from megatron_llm.model_config import LayerSpec, ModelConfig
 
@@ -71,9 +71,9 @@ class AttentionContext:
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., d] over d to unit root-mean-square, without a weight, in fp32 (Llama 4's Llama4TextL2Norm)."""
-    t = x.float()
-    return (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """x [..., d] over d to unit root-mean-square, without a weight, in fp32 (Llama 4's Llama4TextL2Norm): the
+    weightless RMSNorm's own normalisation."""
+    return normalize(x, eps)[0]
 
 
 def query_temperature(positions: Optional[torch.Tensor], s: int, floor: float, scale: float, device=None) -> torch.Tensor:

@@ -30,11 +30,11 @@ class RMSNorm(nn.Module):
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             return _inference_norm(x, weight, self.eps)
         if weight is None:
-            return _normalize(x, self.eps)[0]
+            return normalize(x, self.eps)[0]
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             # The compiler fuses the plain ops into one kernel each way; without autograd (inference) the
             # Function's own overhead is all it would add.
-            return weight * _normalize(x, self.eps)[0]
+            return weight * normalize(x, self.eps)[0]
         return _RMSNormFunction.apply(x, weight, self.eps)
 
 
@@ -50,7 +50,7 @@ def _inference_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float)
     return normed if weight is None else weight * normed
 
 
-def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x / rms(x) cast back to x's dtype, 1 / rms(x) [..., 1] in fp32)."""
     x32 = x.float()
     rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -66,7 +66,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        normed, rstd = _normalize(x, eps)
+        normed, rstd = normalize(x, eps)
         ctx.save_for_backward(x, weight, normed, rstd)
         return weight * normed
 
