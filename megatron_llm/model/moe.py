@@ -217,10 +217,11 @@ def _per_expert(x: torch.Tensor, w: torch.Tensor, spans, transpose: bool = True,
     the expert's bias [E, out] where given (one addmm)."""
     out = x.new_empty(x.shape[0], w.shape[1] if transpose else w.shape[2])
     for e, (start, end) in enumerate(spans):
+        weight = w[e].T if transpose else w[e]
         if bias is None:
-            torch.mm(x[start:end], w[e].T if transpose else w[e], out=out[start:end])
+            torch.mm(x[start:end], weight, out=out[start:end])
         else:
-            torch.addmm(bias[e], x[start:end], w[e].T, out=out[start:end])
+            torch.addmm(bias[e], x[start:end], weight, out=out[start:end])
     return out
 
 
@@ -368,10 +369,14 @@ class MoE(nn.Module):
             probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
         z = torch.logsumexp(logits, dim=-1)
         groups = shape[0] if self.balance_per_sequence and len(shape) == 3 else 1
-        if self.router.expert_bias is not None or self.router.groups > 1:
-            indices = scores.topk(self.top_k, dim=-1).indices  # [T, k]: the unbiased, unlimited choice
-        group = torch.arange(tokens, device=logits.device) // (tokens // groups)  # [T]: the rows are batch-major
-        balance = torch.bincount((indices + e * group[:, None]).flatten(), minlength=groups * e).view(groups, e)
+        biased = self.router.expert_bias is not None or self.router.groups > 1
+        if groups == 1 and not biased:  # the balance counts the choice itself: the forward's counts
+            balance = counts.view(1, e)
+        else:
+            if biased:
+                indices = scores.topk(self.top_k, dim=-1).indices  # [T, k]: the unbiased, unlimited choice
+            group = torch.arange(tokens, device=logits.device) // (tokens // groups)  # [T]: the rows are batch-major
+            balance = torch.bincount((indices + e * group[:, None]).flatten(), minlength=groups * e).view(groups, e)
         routed = counts.detach().float()
         self.stats = RouterStats(routed, balance.float(), probs.view(groups, -1, e).sum(1), z.square().sum(), tokens,
                                  counts.new_zeros(()), routed)
