@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from megatron_llm.errors import UsageError
 
@@ -35,15 +36,15 @@ def temporary_beside(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".tmp-{path.name}-{socket.gethostname()}-{os.getpid()}{suffix}")
 
 
-def remove_dead_temporaries(path: Path, aside_suffix: str) -> None:
+def remove_dead_temporaries(path: Path, aside_suffix: Optional[str] = None) -> None:
     """Removes the temporaries of `path` (temporary_beside) left by processes of this host that no longer run,
     saying so in one line each; an older `path` that one had moved aside (`aside_suffix`) and not yet replaced
     is put back instead. Another host's are left alone: whether its pid still runs cannot be told from here."""
-    name = re.compile(rf"^\.tmp-{re.escape(path.name)}-{re.escape(socket.gethostname())}-(\d+)({re.escape(aside_suffix)})?$")
+    name = re.compile(rf"^\.tmp-{re.escape(path.name)}-{re.escape(socket.gethostname())}-(\d+)(.*)$")
     entries = path.parent.iterdir() if path.parent.is_dir() else ()
-    found = [(entry, match) for entry in entries if (match := name.match(entry.name))]
-    for entry, match in sorted(found, key=lambda item: item[1][2] is None):  # asides first: one may be put back
-        pid, aside = int(match[1]), match[2] is not None
+    found = [(entry, match) for entry in entries if (match := name.match(entry.name)) and match[2] in ("", aside_suffix)]
+    for entry, match in sorted(found, key=lambda item: not item[1][2]):  # asides first: one may be put back
+        pid, aside = int(match[1]), bool(match[2])
         if _running(pid):
             continue
         if aside and not path.exists():
@@ -67,8 +68,10 @@ def _running(pid: int) -> bool:
 
 def write_atomically(path: Path, text: str) -> None:
     """Writes `text` to `path` through a temporary name beside it, synced and renamed: a reader, or a crash,
-    finds the file before or the file after, never a part of it."""
-    tmp = path.with_name(f".tmp-{path.name}")
+    finds the file before or the file after, never a part of it. Two writers of one path each have their own
+    temporary; a killed writer's is removed by the next write."""
+    remove_dead_temporaries(path)
+    tmp = temporary_beside(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

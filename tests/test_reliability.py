@@ -609,6 +609,28 @@ def test_a_killed_converts_temporaries_are_removed_and_a_running_ones_kept(small
     assert sorted(p.name for p in out.iterdir()) == names and not aside.exists() and not left.exists()
 
 
+def test_small_files_are_written_through_a_temporary_of_their_own(tmp_path, capsys):
+    """write_atomically (checkpoints' `latest`, infer's and synthetic_chat's outputs) writes through
+    `.tmp-NAME-HOST-PID`: two writers of one file never share a temporary, and a killed writer's is removed
+    by the next write while a running one's is kept."""
+    from megatron_llm.paths import write_atomically
+
+    dead, alive = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "60"])
+    dead.wait()
+    host = socket.gethostname()
+    left, running = (tmp_path / f".tmp-latest-{host}-{pid}" for pid in (dead.pid, alive.pid))
+    for path in (left, running):
+        path.write_text("half a name")
+    try:
+        write_atomically(tmp_path / "latest", "step_0000004\n")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert (tmp_path / "latest").read_text() == "step_0000004\n"
+    assert f"removed {left}, left unfinished by a killed process ({dead.pid})" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "latest", running])
+
+
 def test_a_picture_that_fails_to_save_leaves_the_one_before_whole(tmp_path):
     """plot_channels, plot_experts and inspect_model save through save_figure: a write that breaks off
     half-way (a full disk) leaves the earlier picture as it was and no temporary file beside it."""

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.runs import find_run  # noqa: E402
-from megatron_llm.paths import writable_directory  # noqa: E402
+from megatron_llm.paths import remove_dead_temporaries, temporary_beside, writable_directory  # noqa: E402
 
 
 def read_scalars(logdir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -77,7 +77,8 @@ def save_figure(fig, output: str) -> None:
     import matplotlib.pyplot as plt
 
     suffix = check_picture(output)
-    tmp = Path(output).with_name(f".tmp-{Path(output).name}")
+    remove_dead_temporaries(Path(output))
+    tmp = temporary_beside(Path(output))
     try:
         fig.savefig(tmp, dpi=120, format=suffix)
         tmp.replace(output)

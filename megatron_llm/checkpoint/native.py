@@ -29,7 +29,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_llm.errors import UsageError
-from megatron_llm.paths import write_atomically
+from megatron_llm.paths import remove_dead_temporaries, temporary_beside, write_atomically
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 TMP_PREFIX = ".tmp-"  # everything named so is a save in progress, or left by a killed one
@@ -203,12 +203,15 @@ def save_weights(path: Path, model_state: dict[str, torch.Tensor], config: dict)
     from megatron_llm.checkpoint.safe_dcp import quiet_dcp
 
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with quiet_dcp():  # no_dist: one process writes it, even inside a run's process group (init_from's rank 0)
-        dcp.save({"model": model_state}, checkpoint_id=tmp, no_dist=True)
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    remove_dead_temporaries(path)
+    tmp = temporary_beside(path)
+    try:
+        with quiet_dcp():  # no_dist: one process writes it, even inside a run's process group (init_from's rank 0)
+            dcp.save({"model": model_state}, checkpoint_id=tmp, no_dist=True)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def has_training_state(path: Path) -> bool:
