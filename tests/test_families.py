@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families import FAMILIES, dbrx, gpt_oss, llama4, moe
+from megatron_llm.checkpoint.families import FAMILIES, dbrx, deepseek, gpt_oss, llama4, moe
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from megatron_llm.errors import UsageError
 
@@ -142,7 +142,7 @@ def tokens() -> torch.Tensor:
 
 REMOTE = {"baichuan", "internlm2"}  # not in transformers: tested against the published equations (test_families_remote.py)
 # tested with their routers and aux loss in test_families_moe.py, test_families_gpt_oss.py and test_families_llama4.py
-MOE = {f.model_type for f in (*moe.FAMILIES, *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES)}
+MOE = {f.model_type for f in (*moe.FAMILIES, *deepseek.FAMILIES, *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES)}
 
 
 def test_every_family_is_tested():

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families import dbrx, family, moe
+from megatron_llm.checkpoint.families import dbrx, deepseek, family, moe
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 from megatron_llm.model.moe import Router
@@ -146,7 +146,7 @@ def hf_model(case: str) -> torch.nn.Module:
 
 
 def test_every_moe_family_is_tested():
-    assert sorted({model_type_of(case) for case in CASES}) == sorted(f.model_type for f in (*moe.FAMILIES, *dbrx.FAMILIES))
+    assert sorted({model_type_of(case) for case in CASES}) == sorted(f.model_type for f in (*moe.FAMILIES, *deepseek.FAMILIES, *dbrx.FAMILIES))
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,11 @@
-"""Mixture-of-experts families: a dense family's table plus the router, the experts (stored one tensor per
-expert, stacked into our [E, ...] weights by `Stacked`; Granite-MoE's gate/up fused per expert) and the shared
-experts. Softmax top-k routers first (Mixtral, Qwen2/3-MoE, OLMoE, FlexOlmo) and MiniMax-M2's sigmoid one, then
-DeepSeek's (V2's softmax, V3's sigmoid with the expert bias and the families that copied it: GLM-4.5,
-GLM-4.7-Flash, Sarvam, dots.llm1, EXAONE-MoE), then HunYuan, Cohere2, Granite and ERNIE, each with a router of its
-own shape (DBRX: families/dbrx.py). Every config value a table cannot reproduce is refused by name on read
-(`unsupported` and the Derived readers)."""
+"""Mixture-of-experts families with a router of their own shape, and the expert pieces every MoE table shares: the
+router and the experts (stored one tensor per expert, stacked into our [E, ...] weights by `Stacked`), the shared
+experts, the expert count and bias, and refusals by name. Softmax top-k routers first (Mixtral, Qwen2/3-MoE, OLMoE,
+FlexOlmo), MiniMax-M2's sigmoid one, then HunYuan, Cohere2, Granite (gate/up fused per expert) and ERNIE. DeepSeek's
+router and latent attention, and the families that copied them: families/deepseek.py; DBRX: dbrx.py. Every config
+value a table cannot reproduce is refused by name on read (`unsupported` and the Derived readers)."""
 
-import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -18,15 +16,12 @@ from megatron_llm.checkpoint.families.common import (
     LLAMA_CONFIG,
     LLAMA_TENSORS,
     ROPE,
-    SHAPE,
     activation,
-    also,
-    partial_rope,
     rope_defaulting,
     without,
     write_every_layer_type,
 )
-from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS, HUNYUAN_DENSE
+from megatron_llm.checkpoint.families.dense import HUNYUAN_DENSE
 from megatron_llm.checkpoint.families.gpt import WHOLE_ROPE
 from megatron_llm.checkpoint.families.layernorm import TIED
 from megatron_llm.checkpoint.families.llama import GRANITE, MISTRAL, OLMO2, QWEN2, QWEN3
@@ -81,6 +76,29 @@ def softmax_routing(aux_loss_coeff: float) -> tuple:
     leaves it out: the config class's)."""
     return (Key("num_experts_per_tok", "moe_top_k"),
             Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=aux_loss_coeff), Fixed("moe_score", "softmax"))
+
+
+def shared_experts(hf_key: str, default: int) -> Derived:
+    """model.moe_shared_ffn_hidden_size from the count of shared experts, each moe_intermediate_size wide (one
+    MLP of their summed width is the same function); `default` where config.json leaves the count out."""
+
+    def read(hf: dict) -> dict:
+        return dict(moe_shared_ffn_hidden_size=get_family_value(hf, hf_key, default=default) * hf["moe_intermediate_size"])
+
+    return Derived(read, lambda cfg: {hf_key: cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size})
+
+
+def _require_experts(cfg) -> dict:
+    """Export to a family whose every config reads experts (its writers divide by their width): a dense model is
+    refused here by name, not by the arithmetic."""
+    if not cfg.moe_experts:
+        raise UsageError("a mixture-of-experts family cannot express model.moe_experts=0 (a dense model); choose "
+                         "another --output-family")
+    return {}
+
+
+EXPERTS_REQUIRED = Derived(lambda hf: {}, _require_experts)
+EXPERT_BIAS = "layers.{i}.feed_forward.router.expert_bias"  # added to the scores for the choice only (not the weights)
 
 
 ROUTING = softmax_routing(0.001)  # Mixtral's and Qwen's
@@ -154,261 +172,9 @@ MINIMAX_M2 = Family(
      unsupported("router_jitter_noise", "the router has no jitter")),
     {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
      **experts("model.layers.{i}.block_sparse_moe", "w1", "w3", "w2"),
-     "model.layers.{i}.block_sparse_moe.e_score_correction_bias": "layers.{i}.feed_forward.router.expert_bias"},
+     "model.layers.{i}.block_sparse_moe.e_score_correction_bias": EXPERT_BIAS},
 )
 
-
-def _read_mla_shape(hf: dict) -> dict:
-    """Our query/key head is [nope | rope]; YaRN's mscale_all_dim also scales the softmax (mscale squared)."""
-    rope, head = hf["qk_rope_head_dim"], hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    scale, factor = None, params.get("factor", 1.0)
-    if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim") and factor > 1:
-        scale = head**-0.5 * (0.1 * params["mscale_all_dim"] * math.log(factor) + 1.0) ** 2
-    return dict(head_dim=head, mla_rope_head_dim=rope, attention_scale=scale, num_kv_heads=hf["num_attention_heads"])
-
-
-def _write_mla_shape(cfg) -> dict:
-    return {"qk_nope_head_dim": cfg.head_dim - cfg.mla_rope_head_dim, "qk_rope_head_dim": cfg.mla_rope_head_dim,
-            "num_key_value_heads": cfg.num_kv_heads}
-
-
-def shared_experts(hf_key: str, default: int) -> Derived:
-    """model.moe_shared_ffn_hidden_size from the count of shared experts, each moe_intermediate_size wide (one
-    MLP of their summed width is the same function); `default` where config.json leaves the count out."""
-
-    def read(hf: dict) -> dict:
-        return dict(moe_shared_ffn_hidden_size=get_family_value(hf, hf_key, default=default) * hf["moe_intermediate_size"])
-
-    return Derived(read, lambda cfg: {hf_key: cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size})
-
-
-def first_dense_layers(default: int) -> Derived:
-    """model.moe_dense_layers from first_k_dense_replace: the first k layers dense (DeepSeek-V3, GLM-4.5, dots.llm1).
-    Other dense layers write a k that reads back differently, so export refuses them."""
-    return Derived(
-        lambda hf: dict(moe_dense_layers=list(range(get_family_value(hf, "first_k_dense_replace", default=default)))),
-        lambda cfg: {"first_k_dense_replace": len(cfg.moe_dense_layers)})
-
-
-def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_replace") -> Derived:
-    """model.moe_dense_layers from mlp_layer_types ('dense' or 'sparse' per layer); where it is absent, the
-    config class's fill: the first `first_key` layers dense (`first_dense` without the key; GLM-4.7-Flash reads
-    no such key, its class always fills one dense layer)."""
-
-    def read(hf: dict) -> dict:
-        first = get_family_value(hf, first_key, default=first_dense) if first_key else first_dense
-        types = hf.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(hf["num_hidden_layers"])]
-        if set(types) - {"dense", "sparse"}:
-            raise UsageError(f"config.json mlp_layer_types {types!r}: each entry is 'dense' or 'sparse'")
-        return dict(moe_dense_layers=[i for i, kind in enumerate(types) if kind == "dense"])
-
-    def write(cfg) -> dict:
-        return {"mlp_layer_types": ["sparse" if cfg.layer(i).moe else "dense" for i in range(cfg.num_layers)]}
-
-    return Derived(read, write)
-
-
-def _require_experts(cfg) -> dict:
-    """Export to a family whose every config reads experts (its writers divide by their width): a dense model is
-    refused here by name, not by the arithmetic."""
-    if not cfg.moe_experts:
-        raise UsageError("a mixture-of-experts family cannot express model.moe_experts=0 (a dense model); choose "
-                         "another --output-family")
-    return {}
-
-
-EXPERTS_REQUIRED = Derived(lambda hf: {}, _require_experts)
-
-
-def deepseek_experts(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, scale: float = 1.0,
-                     shared_count: int = 1) -> tuple:
-    """DeepSeek's expert keys (V2 and V3 and the families that copied V3): the counts (under the family's names),
-    their width moe_intermediate_size, the routed scale, shared experts; the defaults are the config class's (what a
-    config.json without the key means). transformers computes no aux loss for any of them."""
-    return (EXPERTS_REQUIRED, Key(experts, "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
-            Key("moe_intermediate_size", "moe_ffn_hidden_size"),
-            Key("routed_scaling_factor", "moe_routed_scale", default=scale),
-            shared_experts(shared, shared_count), Fixed("moe_aux_loss_coeff", 0.0))
-
-
-def sigmoid_routing(experts: str = "n_routed_experts", shared: str = "n_shared_experts", *, renormalize: bool = True,
-                    scale: float = 1.0, groups: int = 1, topk_groups: int = 1, shared_count: int = 1) -> tuple:
-    """DeepSeek-V3's router as config keys: a sigmoid per expert, the aux-loss-free expert bias (its
-    e_score_correction_bias), group-limited top-k (groups ranked by their best two scores, our default); GLM-4.5,
-    dots.llm1, EXAONE-MoE, Sarvam-MoE and GLM-4.7-Flash copied it with defaults and count names of their own."""
-    return (
-        *deepseek_experts(experts, shared, scale=scale, shared_count=shared_count),
-        Fixed("moe_score", "sigmoid"), Fixed("moe_expert_bias", True),
-        Key("norm_topk_prob", "moe_renormalize", default=renormalize),
-        Key("n_group", "moe_groups", default=groups), Key("topk_group", "moe_topk_groups", default=topk_groups),
-    )
-
-
-EXPERT_BIAS = "layers.{i}.feed_forward.router.expert_bias"
-# The DeepSeek-style MoE block: the router (mlp.gate) with its expert bias, the experts, the shared experts.
-SIGMOID_MOE_TENSORS = {**experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
-                       "model.layers.{i}.mlp.gate.e_score_correction_bias": EXPERT_BIAS, **shared_mlp("shared_experts")}
-
-
-LATENT_NORM_EPS = 1e-6  # transformers' latent norms (q_a_layernorm, kv_a_layernorm): RMSNorm's own, whatever rms_norm_eps
-
-
-def latent_norm_eps(default: float) -> Derived:
-    """norm_eps from rms_norm_eps (`default` where absent, the config class's) and mla_norm_eps LATENT_NORM_EPS, as
-    null where the two agree: a model trained here with norm_eps 1e-6 and no mla_norm_eps exports as it is."""
-
-    def read(hf: dict) -> dict:
-        eps = get_family_value(hf, "rms_norm_eps", default=default)
-        return dict(norm_eps=eps, mla_norm_eps=None if eps == LATENT_NORM_EPS else LATENT_NORM_EPS)
-
-    return Derived(read, lambda cfg: {"rms_norm_eps": cfg.norm_eps})
-
-
-# Multi-head latent attention (DeepSeek-V2/V3): compressed q (or one projection) and kv with their norms, the
-# decoupled RoPE dims interleaved or not, every head its own key and value.
-MLA_CONFIG = (
-    Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Key("num_hidden_layers", "num_layers"),
-    Key("num_attention_heads", "num_heads"), Key("intermediate_size", "ffn_hidden_size"),
-    Key("max_position_embeddings", "max_seq_len"), Key("tie_word_embeddings", "tie_embeddings", default=False),
-    activation("hidden_act", GATED_ACTIVATIONS, default="silu"), ROPE,
-    Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
-    Fixed("mlp_bias", False), Fixed("attention", "mla"), Derived(_read_mla_shape, _write_mla_shape),
-    Key("kv_lora_rank", "mla_kv_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=None),
-    Key("v_head_dim", "mla_v_head_dim"), Key("rope_interleave", "rope_interleaved", default=True),
-)
-MLA_TENSORS = {
-    **{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k},
-    **{f"model.layers.{{i}}.self_attn.{theirs}": f"layers.{{i}}.attention.{ours}" for theirs, ours in (
-        ("q_proj.weight", "wq.weight"), ("q_a_proj.weight", "wq_a.weight"), ("q_a_proj.bias", "wq_a.bias"),
-        ("q_a_layernorm.weight", "q_a_norm.weight"), ("q_b_proj.weight", "wq_b.weight"),
-        ("kv_a_proj_with_mqa.weight", "wkv_a.weight"), ("kv_a_proj_with_mqa.bias", "wkv_a.bias"),
-        ("kv_a_layernorm.weight", "kv_a_norm.weight"), ("kv_b_proj.weight", "wkv_b.weight"),
-        ("o_proj.weight", "wo.weight"), ("o_proj.bias", "wo.bias"))},
-}
-
-# DeepSeek-V3: latent attention, the sigmoid router over groups of experts, the first k layers dense.
-DEEPSEEK_V3 = Family(
-    "deepseek_v3", "DeepseekV3ForCausalLM",
-    (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
-)
-
-
-def _read_v2_groups(hf: dict) -> dict:
-    """DeepSeek-V2's topk_method: greedy (no groups) or group_limited_greedy (groups ranked by their best score)."""
-    method = hf.get("topk_method") or "greedy"
-    if method == "greedy":
-        return dict(moe_groups=1, moe_topk_groups=1)
-    if method != "group_limited_greedy":
-        raise UsageError(f"config.json topk_method={method!r} is not supported: deepseek_v2 has greedy or "
-                         "group_limited_greedy")
-    return dict(moe_groups=hf["n_group"], moe_topk_groups=hf["topk_group"], moe_group_rank_top=1)
-
-
-def _write_v2_groups(cfg) -> dict:
-    if cfg.moe_groups == 1:
-        return {"topk_method": "greedy"}
-    return {"topk_method": "group_limited_greedy", "n_group": cfg.moe_groups, "topk_group": cfg.moe_topk_groups}
-
-
-# DeepSeek-V2: latent attention (RoPE in interleaved pairs), a softmax router whose top-k weights are never
-# renormalised (transformers ignores norm_topk_prob), greedy or group-limited; biases on the dense MLPs optional.
-DEEPSEEK_V2 = Family(
-    "deepseek_v2", "DeepseekV2ForCausalLM",
-    (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), Fixed("rope_interleaved", True),
-     Key("mlp_bias", "mlp_bias", default=False), latent_norm_eps(1e-6),
-     *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False),
-     Derived(_read_v2_groups, _write_v2_groups),
-     first_dense_layers(0)),
-    {**MLA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS}},
-)
-
-
-def _read_whole_rope(hf: dict) -> dict:
-    """GLM-4.7-Flash rotates partial_rotary_factor of qk_rope_head_dim only in its table, not in its attention."""
-    fraction = ROPE.read(hf)["rope_fraction"]
-    if fraction != 1.0:
-        raise UsageError(f"config.json partial_rotary_factor={fraction} is not supported: latent attention rotates all "
-                         "qk_rope_head_dim dims (set qk_rope_head_dim instead)")
-    return {}
-
-
-# GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's latent attention and router; its dense layers by mlp_layer_types.
-GLM4_MOE_LITE = Family(
-    "glm4_moe_lite", "Glm4MoeLiteForCausalLM",
-    (*MLA_CONFIG, Derived(_read_whole_rope, lambda cfg: {}), latent_norm_eps(1e-5), *sigmoid_routing(scale=1.8),
-     mlp_layer_types(1, first_key=None)),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
-)
-
-def glm4_moe_config(rope: Derived, eps: float, qk_norm: bool, scale: float, head_dim=HEAD_DIM) -> tuple:
-    """GLM-4.5's keys with a config class's defaults: its RoPE block (and partial factor), norm epsilon, QK-norm,
-    routed scale and head width where config.json leaves them out."""
-    return (*(e for e in without(LLAMA_CONFIG, "norm_eps", "out_bias", "mlp_bias") if e not in (ROPE, HEAD_DIM)),
-            head_dim, rope, Key("rms_norm_eps", "norm_eps", default=eps), Fixed("out_bias", False), Fixed("mlp_bias", False),
-            Key("use_qk_norm", "qk_norm", default=qk_norm), *sigmoid_routing(scale=scale), first_dense_layers(1))
-
-
-# GLM-4.5/4.6 (glm4_moe): Llama's attention with q/k/v biases only, half of each head rotated (by halves, unlike
-# GLM-4's pairs), an optional per-head QK-norm; DeepSeek-V3's router.
-GLM4_MOE = Family("glm4_moe", "Glm4MoeForCausalLM", glm4_moe_config(partial_rope(0.5), 1e-5, False, 1.0),
-                  {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS})
-
-# Sarvam-MoE: GLM-4.5's model (transformers runs it on that code) with defaults of its own, q/k/v fused in one
-# query_key_value and names of its own.
-SARVAM_MOE = Family(
-    "sarvam_moe", "Glm4MoeForCausalLM",
-    also(glm4_moe_config(rope_defaulting({"rope_type": "default", "rope_theta": 8000000.0}), 1e-6, True, 2.5,
-                         Key("head_dim", "head_dim", default=64)), attention_bias="use_qkv_bias"),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".self_attn." not in k and "embed_tokens" not in k},
-     **{k.replace(".gate.e_score_correction_bias", ".gate.expert_bias"): v for k, v in SIGMOID_MOE_TENSORS.items()},
-     "model.word_embeddings.weight": "tok_embeddings.weight",
-     **{f"model.layers.{{i}}.attention.query_key_value.{kind}": Fused(tuple(f"layers.{{i}}.attention.{w}.{kind}"
-                                                                             for w in ("wq", "wk", "wv")))
-        for kind in ("weight", "bias")},
-     "model.layers.{i}.attention.dense.weight": "layers.{i}.attention.wo.weight",
-     "model.layers.{i}.attention.query_layernorm.weight": "layers.{i}.attention.q_norm.weight",
-     "model.layers.{i}.attention.key_layernorm.weight": "layers.{i}.attention.k_norm.weight"},
-)
-
-
-def _read_dots1_layers(hf: dict) -> dict:
-    """Dots1Config's fill for a missing layer_types: the layers from max_window_layers on slide (window 4096)."""
-    window = hf["sliding_window"] if "sliding_window" in hf else 4096
-    first = get_family_value(hf, "max_window_layers", default=62)
-    types = hf.get("layer_types") or [
-        "sliding_attention" if window and i >= first else "full_attention" for i in range(hf["num_hidden_layers"])]
-    return LAYERS.read({**hf, "sliding_window": window, "layer_types": types, "use_sliding_window": None})  # not its key
-
-
-# dots.llm1 (dots1): Qwen3's attention (per-head QK-norm, biases on every projection or none, sliding layers; no
-# partial rotation, whatever the config says) and DeepSeek-V3's router.
-DOTS1 = Family(
-    "dots1", "Dots1ForCausalLM",
-    (*(e for e in QWEN3.config if e is not LAYERS), Fixed("rope_fraction", 1.0),
-     Derived(_read_dots1_layers, write_every_layer_type), *sigmoid_routing(renormalize=False), first_dense_layers(0)),
-    {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS},
-)
-
-
-def _read_exaone_moe_layers(hf: dict) -> dict:
-    """EXAONE 4's layers, with ExaoneMoeConfig's window (4096) where config.json has no sliding_window key."""
-    return EXAONE4_LAYERS.read({**hf, "sliding_window": hf["sliding_window"] if "sliding_window" in hf else 4096})
-
-
-# EXAONE-MoE: EXAONE 4's attention (per-head QK-norm, sliding layers, no positions on the full ones) in a pre-norm
-# block (every head rotated whole, whatever the config says); DeepSeek-V3's router, its expert bias one level up
-# (mlp.e_score_correction_bias).
-EXAONE_MOE = Family(
-    "exaone_moe", "ExaoneMoeForCausalLM",
-    (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
-     ROPE, Fixed("rope_fraction", 1.0), Derived(_read_exaone_moe_layers, write_every_layer_type), Fixed("qk_norm", True),
-     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False),
-     *sigmoid_routing("num_experts", "num_shared_experts", scale=2.5), mlp_layer_types(1)),
-    {**LLAMA_TENSORS, **{k: v for k, v in SIGMOID_MOE_TENSORS.items() if v != EXPERT_BIAS},
-     "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
-)
 
 def one_for_all_layers(hf_key: str) -> Callable[[Any], Any]:
     """A Key's read for a value a config.json may give per layer (HunYuan's moe_topk): one value, or a list of
@@ -438,6 +204,7 @@ HUNYUAN_MOE = Family(
      **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
      "model.layers.{i}.mlp.gate.wg.weight": "layers.{i}.feed_forward.router.weight", **shared_mlp("shared_mlp")},
 )
+
 
 def _read_cohere2_moe_layers(hf: dict) -> dict:
     """Which layers slide, rotate and are dense, as Cohere2MoeConfig fills them where config.json leaves them out
@@ -535,6 +302,7 @@ GRANITE_MOE_SHARED = Family(
      "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
 )
 
+
 def _read_ernie_layers(hf: dict) -> dict:
     """Every moe_layer_interval-th layer sparse between moe_layer_start_index and moe_layer_end_index (-1: the
     last); the layers outside that would be sparse by the interval are our dense layers."""
@@ -588,5 +356,5 @@ ERNIE4_5_MOE = Family(
      "model.layers.{i}.mlp.moe_statics.e_score_correction_bias": Mapped((EXPERT_BIAS,), _unsqueezed, _squeezed)},
 )
 
-FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE,
-            SARVAM_MOE, DOTS1, EXAONE_MOE, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE, GRANITE_MOE_SHARED, ERNIE4_5_MOE)
+FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE,
+            GRANITE_MOE_SHARED, ERNIE4_5_MOE)
