@@ -212,6 +212,11 @@ LLAMA_TENSORS = {
 }
 
 
+def without_mlp(tensors: dict) -> dict:
+    """A tensor table minus its MLP's entries: a mixture-of-experts family puts its router and experts there."""
+    return {k: v for k, v in tensors.items() if ".mlp." not in k}
+
+
 def without(config: tuple, *ours: str) -> tuple:
     """A config table minus the entries that set the given fields (a family that fixes them instead)."""
     return tuple(e for e in config if not (isinstance(e, (Key, Fixed)) and e.ours in ours))

@@ -11,6 +11,7 @@ from megatron_llm.checkpoint.families.common import (
     SHAPE,
     layers_defaulting,
     rope_defaulting,
+    without_mlp,
 )
 from megatron_llm.checkpoint.families.moe import expert_count, softmax_routing, unsupported
 from megatron_llm.checkpoint.families.table import Family, Fixed, Key, Mapped
@@ -56,7 +57,7 @@ GPT_OSS = Family(
      # OpenAI's published weights: the experts in MXFP4 blocks and scales, which we do not read
      unsupported("quantization_config", "the experts are quantized (MXFP4); save a dequantized copy first "
                  "(transformers: from_pretrained with Mxfp4Config(dequantize=True), then save_pretrained)")),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    {**without_mlp(LLAMA_TENSORS),
      "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight",
      "model.layers.{i}.mlp.router.weight": "layers.{i}.feed_forward.router.weight",
      "model.layers.{i}.mlp.router.bias": "layers.{i}.feed_forward.router.bias",

@@ -11,6 +11,7 @@ from megatron_llm.checkpoint.families.common import (
     activation,
     partial_rope,
     without,
+    without_mlp,
     write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.dense import layer_types_by_pattern
@@ -55,7 +56,7 @@ STARCODER2 = Family(
      Key("sliding_window", "sliding_window", default=None),
      Key("use_bias", "qkv_bias", default=True), Key("use_bias", "out_bias", default=True),
      Key("use_bias", "mlp_bias", default=True)),
-    {**{k: v for k, v in LAYERNORM_TENSORS.items() if ".mlp." not in k},
+    {**without_mlp(LAYERNORM_TENSORS),
      **modules({"model.layers.{i}.mlp.c_fc": "layers.{i}.feed_forward.w1",
                 "model.layers.{i}.mlp.c_proj": "layers.{i}.feed_forward.w2"})},
 )

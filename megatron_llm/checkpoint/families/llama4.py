@@ -8,7 +8,7 @@ named transforms below move them to our [E, out, in] weights."""
 
 import torch
 
-from megatron_llm.checkpoint.families.common import LLAMA_TENSORS, rope_defaulting, shape_defaulting, without
+from megatron_llm.checkpoint.families.common import LLAMA_TENSORS, rope_defaulting, shape_defaulting, without, without_mlp
 from megatron_llm.checkpoint.families.gpt_oss import transposed_experts
 from megatron_llm.checkpoint.families.moe import expert_count, unsupported
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Mapped
@@ -105,7 +105,7 @@ LLAMA4_TEXT = Family(
      Fixed("moe_aux_loss_coeff", 0.0),
      Derived(_read_moe_layers, _write_moe_layers),
      unsupported("router_jitter_noise", "the router has no jitter")),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    {**without_mlp(LLAMA_TENSORS),
      **_mlp("model.layers.{i}.feed_forward", FF),
      **_mlp("model.layers.{i}.feed_forward.shared_expert", f"{FF}.shared_experts"),
      "model.layers.{i}.feed_forward.router.weight": f"{FF}.router.weight",

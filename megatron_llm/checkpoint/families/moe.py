@@ -19,6 +19,7 @@ from megatron_llm.checkpoint.families.common import (
     activation,
     rope_defaulting,
     without,
+    without_mlp,
     write_every_layer_type,
 )
 from megatron_llm.checkpoint.families.dense import HUNYUAN_DENSE
@@ -116,7 +117,7 @@ MIXTRAL = Family(
     "mixtral", "MixtralForCausalLM",
     (*MISTRAL.config, *ROUTING, expert_count("num_local_experts", "num_experts"),
      Fixed("moe_renormalize", True), unsupported("router_jitter_noise", "the router has no jitter")),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    {**without_mlp(LLAMA_TENSORS),
      **experts("model.layers.{i}.block_sparse_moe", "w1", "w3", "w2")},
 )
 
@@ -144,7 +145,7 @@ OLMOE = Family(
 FLEX_OLMO = Family(
     "flex_olmo", "FlexOlmoForCausalLM",
     (*without(OLMO2.config, "mlp_bias"), Fixed("mlp_bias", False), *OLMO_ROUTING),
-    {**{k: v for k, v in OLMO2.tensors.items() if ".mlp." not in k},
+    {**without_mlp(OLMO2.tensors),
      **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj")},
 )
 
@@ -170,7 +171,7 @@ MINIMAX_M2 = Family(
      Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.001), Fixed("moe_score", "sigmoid"),
      Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Fixed("moe_aux_loss_probs", "softmax"),
      unsupported("router_jitter_noise", "the router has no jitter")),
-    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    {**without_mlp(LLAMA_TENSORS),
      **experts("model.layers.{i}.block_sparse_moe", "w1", "w3", "w2"),
      "model.layers.{i}.block_sparse_moe.e_score_correction_bias": EXPERT_BIAS},
 )
@@ -200,7 +201,7 @@ HUNYUAN_MOE = Family(
      Fixed("moe_renormalize", True), Fixed("moe_aux_loss_coeff", 0.0),
      Derived(lambda hf: dict(moe_ffn_hidden_size=hf["intermediate_size"], moe_shared_ffn_hidden_size=hf["intermediate_size"]),
              lambda cfg: {})),
-    {**{k: v for k, v in HUNYUAN_DENSE.tensors.items() if ".mlp." not in k},
+    {**without_mlp(HUNYUAN_DENSE.tensors),
      **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
      "model.layers.{i}.mlp.gate.wg.weight": "layers.{i}.feed_forward.router.weight", **shared_mlp("shared_mlp")},
 )
@@ -285,7 +286,7 @@ COHERE2_MOE = Family(
 # GraniteMoeShared adds a shared MLP, its gate/up fused the same way.
 GRANITE_EXPERTS = ("layers.{i}.feed_forward.experts.w1", "layers.{i}.feed_forward.experts.w3")
 GRANITE_MOE_TENSORS = {
-    **{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k},
+    **without_mlp(LLAMA_TENSORS),
     "model.layers.{i}.block_sparse_moe.router.layer.weight": "layers.{i}.feed_forward.router.weight",
     "model.layers.{i}.block_sparse_moe.input_linear.weight": Fused(GRANITE_EXPERTS),
     "model.layers.{i}.block_sparse_moe.output_linear.weight": "layers.{i}.feed_forward.experts.w2",
