@@ -27,7 +27,9 @@ with warnings.catch_warnings():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
     from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 
 @contextlib.contextmanager
@@ -56,10 +58,12 @@ class RankInGroup:
 
 
 def transformer_config_from_args(args) -> TransformerConfig:
-    """As Megatron-LM's core_transformer_config_from_args: every field named like an arg is copied, then
-    the renamed and derived ones; use_cpu_initialization is the one setting of our own (no GPU)."""
-    names = {f.name for f in dataclasses.fields(TransformerConfig)}
-    kw = {name: value for name, value in vars(args).items() if name in names}
+    """As Megatron-LM's core_transformer_config_from_args: every field named like an arg is copied (of
+    MLATransformerConfig with multi_latent_attention, rope_type None left to its default), then the renamed
+    and derived ones; use_cpu_initialization is the one setting of our own (no GPU)."""
+    config_class = MLATransformerConfig if getattr(args, "multi_latent_attention", False) else TransformerConfig
+    names = {f.name for f in dataclasses.fields(config_class)}
+    kw = {name: value for name, value in vars(args).items() if name in names and not (name == "rope_type" and value is None)}
     kw.update(
         layernorm_epsilon=args.norm_epsilon,
         layernorm_zero_centered_gamma=args.apply_layernorm_1p,
@@ -70,7 +74,7 @@ def transformer_config_from_args(args) -> TransformerConfig:
     )
     if args.swiglu:
         kw.update(activation_func=F.silu, gated_linear_unit=True)
-    return TransformerConfig(**kw)
+    return config_class(**kw)
 
 
 def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
@@ -92,8 +96,9 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization,
                                           pp_rank=pp_rank)
     else:
-        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
-    with patched([CPU_DEVICE]), grouped_gemm_on_cpu():
+        spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization,
+                                        multi_latent_attention=config.multi_latent_attention)
+    with patched([CPU_DEVICE, *LATENT_ATTENTION]), grouped_gemm_on_cpu():
         return GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,
@@ -132,6 +137,27 @@ def patched(patches: list):
 
 # RoPE's table and the router's expert-bias buffers go to torch.cuda.current_device(), even in a CPU model.
 CPU_DEVICE = (torch.cuda, "current_device", lambda: "cpu")
+
+
+def _latent_core_attention(init):
+    """megatron-core 0.16.1's MLASelfAttention builds its core attention with k_channels (q_head_dim) and v_channels
+    (v_head_dim), which only Transformer Engine's attention takes: the local spec's DotProductAttention raises
+    TypeError, so no MLA GPTModel of the local spec can be built as shipped. Its forward already takes any query/key
+    width (softmax_scale comes from MLA) and the values' own width; only the output's size, heads x v_channels,
+    comes from the constructor. This takes the two and sets that size; the arithmetic stays DotProductAttention's."""
+    def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+        init(self, *args, **kwargs)
+        if v_channels is not None:
+            self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+    return __init__
+
+
+# multi_latent_attention.py imports Transformer Engine's names from megatron-core's extension module, which without
+# Transformer Engine defines them as MagicMocks (no ImportError), so it sets HAVE_TE and then fails isinstance(x,
+# TELinear); the extension module's own HAVE_TE is False, as it is here.
+LATENT_ATTENTION = [(DotProductAttention, "__init__", _latent_core_attention(DotProductAttention.__init__)),
+                    (multi_latent_attention, "HAVE_TE", False)]
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:

@@ -19,12 +19,14 @@ from typing import Optional
 
 import torch
 
+from megatron_llm.checkpoint.megatron_mla import latent_config, mla_args
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
+from megatron_llm.model.rope import rope_frequencies
 
-# How tensor parallelism places a tensor: REPLICATED on every rank; ROW splits dim 1; VOCAB pads then
-# splits dim 0; GATED holds [gate_t; up_t]; QKV holds whole query groups, fused.
-REPLICATED, ROW, VOCAB, GATED, QKV = "replicated", "row", "vocab", "gated", "qkv"
+# How tensor parallelism places a tensor: REPLICATED on every rank; ROW splits dim 1; COLUMN splits dim 0; VOCAB
+# pads then splits dim 0; GATED holds [gate_t; up_t]; QKV holds whole query groups, fused.
+REPLICATED, ROW, COLUMN, VOCAB, GATED, QKV = "replicated", "row", "column", "vocab", "gated", "qkv"
 
 # megatron-core name (local spec): (the native tensors it holds, in fused order; how TP places it)
 MEGATRON_TO_NATIVE = {
@@ -60,6 +62,23 @@ MEGATRON_TO_NATIVE = {
     "decoder.final_layernorm.bias": (("norm.bias",), REPLICATED),
     "output_layer.weight": (("output.weight",), VOCAB),
 }
+# Multi-head latent attention (megatron-core's MLASelfAttention, local spec), beside linear_proj above. Every projection
+# is a ColumnParallelLinear, the down projections too (their outputs are gathered before the latent norms, so the
+# split is ours to undo, not a choice of megatron-core's heads); the up projections' rows are whole heads, each
+# [qk_head_dim | qk_pos_emb_head_dim] (queries) or [qk_head_dim | v_head_dim] (keys, values), as ours are.
+# q_layernorm / kv_layernorm are the latent norms (args.qk_layernorm builds them); a GQA model's q_layernorm is
+# its QK-norm instead (MEGATRON_TO_NATIVE): a model has one or the other, never both.
+LATENT_TO_NATIVE = {
+    "decoder.layers.{i}.self_attention.linear_q_proj.weight": (("layers.{i}.attention.wq.weight",), COLUMN),
+    "decoder.layers.{i}.self_attention.linear_q_down_proj.weight": (("layers.{i}.attention.wq_a.weight",), COLUMN),
+    "decoder.layers.{i}.self_attention.q_layernorm.weight": (("layers.{i}.attention.q_a_norm.weight",), REPLICATED),
+    "decoder.layers.{i}.self_attention.q_layernorm.bias": (("layers.{i}.attention.q_a_norm.bias",), REPLICATED),
+    "decoder.layers.{i}.self_attention.linear_q_up_proj.weight": (("layers.{i}.attention.wq_b.weight",), COLUMN),
+    "decoder.layers.{i}.self_attention.linear_kv_down_proj.weight": (("layers.{i}.attention.wkv_a.weight",), COLUMN),
+    "decoder.layers.{i}.self_attention.kv_layernorm.weight": (("layers.{i}.attention.kv_a_norm.weight",), REPLICATED),
+    "decoder.layers.{i}.self_attention.kv_layernorm.bias": (("layers.{i}.attention.kv_a_norm.bias",), REPLICATED),
+    "decoder.layers.{i}.self_attention.linear_kv_up_proj.weight": (("layers.{i}.attention.wkv_b.weight",), COLUMN),
+}
 # The Transformer Engine spec fuses each pre-norm into the linear layer that follows it.
 TE_NAMES = {
     "decoder.layers.{i}.input_layernorm.weight": "decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight",
@@ -70,7 +89,8 @@ TE_NAMES = {
 # Every linear module but the router carries an `_extra_state` entry (FP8 metadata; we write None, which
 # both megatron-core and Transformer Engine accept), and so does the Transformer Engine spec's core
 # attention. Missing ones fail Megatron's strict load.
-LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
+           "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
 TE_EXTRA_STATE = "self_attention.core_attention"
 SPECS = ("local", "te")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's default; the padded vocabulary is a multiple of this * tp
@@ -86,6 +106,9 @@ LOAD_BALANCING = {"aux_loss": ("layer", False), "seq_aux_loss": ("sequence", Fal
                   "none": ("layer", False)}
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# Megatron's YaRN for latent attention takes the factor, mscale and mscale_all_dim; the rest are MLATransformerConfig's
+# defaults, which no Megatron-LM flag sets (correction range rounded to integers, as transformers' truncate).
+MEGATRON_YARN = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
 
 
 def megatron_rope_dims(head_dim: int, fraction: float) -> int:
@@ -115,6 +138,7 @@ class Layout:
     ep: int = 1
     experts: int = 0
     etp: int = 1  # experts' tensor-parallel size (expert_tensor_parallel_size), dividing tp; `of` sets it
+    latent: bool = False  # multi-head latent attention (LATENT_TO_NATIVE; its wq is no fused QKV's, nor a GQA one's)
 
     @classmethod
     def of(cls, cfg: ModelConfig, tp: int, pp: int, padded_vocab_size: Optional[int] = None, ep: int = 1,
@@ -136,6 +160,8 @@ class Layout:
                 ("MLP width", cfg.ffn_hidden_size, tp, "--tp"), ("layers", cfg.num_layers, pp, "--pp"),
                 ("expert width", cfg.moe_ffn_hidden_size or 0, etp, "--etp"),
                 ("shared-expert width", cfg.moe_shared_ffn_hidden_size, tp, "--tp"),
+                ("latent query rank", cfg.mla_q_lora_rank or 0, tp, "--tp"),
+                ("latent key/value rank plus RoPE dims", cfg.mla_kv_lora_rank + cfg.mla_rope_head_dim, tp, "--tp"),
                 ("experts", cfg.moe_experts, ep, "--ep")):
             if by < 1 or n % by:
                 raise UsageError(f"{flag} {by} does not divide the model's {n} {what}; choose a {flag} that divides {n}")
@@ -143,7 +169,7 @@ class Layout:
         if padded < cfg.vocab_size or padded % tp:
             raise UsageError(f"padded_vocab_size {padded} cannot hold the vocabulary of {cfg.vocab_size} split {tp} ways")
         return cls(tp, pp, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, padded,
-                   ep, cfg.moe_experts, etp)
+                   ep, cfg.moe_experts, etp, cfg.attention == "mla")
 
     @property
     def layers_per_stage(self) -> int:
@@ -199,11 +225,12 @@ def entries(shapes: dict, layout: Layout, spec: str, tied: bool) -> list[Entry]:
     order. A tied head is stored only when pipelining: megatron-core's last stage keeps its own copy of
     the embedding."""
     out = []
-    for template, (sources, kind) in MEGATRON_TO_NATIVE.items():
+    for template, (sources, kind) in [*MEGATRON_TO_NATIVE.items(), *(LATENT_TO_NATIVE.items() if layout.latent else ())]:
         name = TE_NAMES.get(template, template) if spec == "te" else template
         for i in range(layout.num_layers) if "{i}" in template else [None]:
             names = tuple(s.format(i=i) for s in sources)
-            if names[0] not in shapes or (template == "output_layer.weight" and tied and layout.pp == 1):
+            # all its sources: latent attention's one query projection wq is no fused QKV's first part
+            if any(n not in shapes for n in names) or (template == "output_layer.weight" and tied and layout.pp == 1):
                 continue
             if i is None:
                 stage = 0 if template.startswith("embedding.") else layout.pp - 1
@@ -241,6 +268,8 @@ def split(entry: Entry, parts: list[torch.Tensor], layout: Layout) -> list[torch
         return [parts[0]] * tp
     if kind == ROW:
         return [c.contiguous() if tp > 1 else c for c in parts[0].chunk(tp, dim=1)]
+    if kind == COLUMN:
+        return list(parts[0].chunk(tp))
     if kind == VOCAB:  # pad with copies of the last row, as Megatron-LM's own converter does
         full = parts[0]
         rows = layout.padded_vocab_size // tp
@@ -271,6 +300,8 @@ def merge(entry: Entry, shards: list[torch.Tensor], layout: Layout) -> list[torc
         return [shards[0]]
     if kind == ROW:
         return [torch.cat(shards, dim=1) if len(shards) > 1 else shards[0]]
+    if kind == COLUMN:
+        return [torch.cat(shards) if len(shards) > 1 else shards[0]]
     if kind == VOCAB:
         return [torch.cat(shards)[: layout.vocab_size]]  # drop the padding rows
     if kind == GATED:
@@ -298,11 +329,14 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
                          "sinks, router and expert biases, clamped SwiGLU): our Megatron table writes none; convert to "
                          "native or hf instead")
     scaling = cfg.rope_scaling
-    if scaling is not None and (scaling["rope_type"] != "llama3" or
+    if cfg.attention == "mla" and spec == "te":
+        raise UsageError("--megatron-spec te fuses latent attention's norms into its up projections, names we do not "
+                         "write: use --megatron-spec local")
+    if cfg.attention != "mla" and scaling is not None and (scaling["rope_type"] != "llama3" or
                                 {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
         raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is Llama-3's "
                          f"with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
-    if cfg.position == "rope" and megatron_rope_dims(cfg.head_dim, cfg.rope_fraction) % 2:
+    if cfg.attention != "mla" and cfg.position == "rope" and megatron_rope_dims(cfg.head_dim, cfg.rope_fraction) % 2:
         raise UsageError(f"Megatron-LM cannot express model.rope_fraction={cfg.rope_fraction} of head_dim {cfg.head_dim}: "
                          f"it would rotate {megatron_rope_dims(cfg.head_dim, cfg.rope_fraction)} dims, an odd count, "
                          f"with other frequencies than our {cfg.rope_dim}; convert to native or hf instead")
@@ -312,7 +346,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     if cfg.moe_experts and (cfg.out_bias or cfg.mlp_bias):
         raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, which our experts lack: convert "
                          "a mixture-of-experts model with linear biases to native or hf instead")
-    args = argparse.Namespace(**vars(_args(cfg, layout, dtype, spec)), **moe_args(cfg, layout))
+    args = argparse.Namespace(**{**vars(_args(cfg, layout, dtype, spec)), **moe_args(cfg, layout), **mla_args(cfg)})
     # Every field must survive a read back: what Megatron cannot express is refused here, by name.
     read_back = model_config_from_args(args)
     back = dataclasses.asdict(read_back)
@@ -323,10 +357,20 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
+    if _same_rotation(read_back, cfg):  # the same frequencies and factor, optional keys given or left to defaults
+        back["rope_scaling"] = cfg.rope_scaling
     for key, value in dataclasses.asdict(cfg).items():
         if back[key] != value:
             raise UsageError(f"Megatron-LM cannot express model.{key}={value!r}; convert to native or hf instead")
     return args
+
+
+def _same_rotation(a: ModelConfig, b: ModelConfig) -> bool:
+    """Whether two configs' RoPE scalings give the same inverse frequencies and attention factor, bit for bit."""
+    if (a.rope_scaling is None) != (b.rope_scaling is None):
+        return False
+    (fa, af_a), (fb, af_b) = (rope_frequencies(c.rope_dim, c.rope_theta, c.rope_scaling, c.max_seq_len) for c in (a, b))
+    return af_a == af_b and torch.equal(fa, fb)
 
 
 def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
@@ -516,7 +560,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         raise UsageError(f"Megatron checkpoint has rotary_percent={fraction}: it rotates "
                          f"{megatron_rope_dims(head_dim, fraction)} of kv_channels {head_dim}, an odd count, with "
                          "frequencies our rotation (an even count) has no equal for")
-    return ModelConfig(
+    fields = dict(
         vocab_size=arg("vocab_size") or args.padded_vocab_size,  # Megatron-LM itself does not always record it
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads, num_kv_heads=groups,
         head_dim=head_dim,
@@ -528,3 +572,4 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
         init_std=arg("init_method_std", 0.02), **_moe_config(args),
     )
+    return ModelConfig(**{**fields, **latent_config(args)})
