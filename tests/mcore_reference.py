@@ -98,7 +98,9 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization,
                                         multi_latent_attention=config.multi_latent_attention)
-    with patched([CPU_DEVICE, *LATENT_ATTENTION]), grouped_gemm_on_cpu():
+    # A module built without a tp group (MLA's linear_q_proj) takes megatron-core's default one, the run's tp group.
+    default_tp = (parallel_state, "get_tensor_model_parallel_group", lambda *a, **k: groups.tp)
+    with patched([CPU_DEVICE, default_tp, *LATENT_ATTENTION]), grouped_gemm_on_cpu():
         return GPTModel(
             config=config, transformer_layer_spec=spec, vocab_size=args.padded_vocab_size,
             max_sequence_length=args.max_position_embeddings,

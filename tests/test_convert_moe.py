@@ -1,7 +1,8 @@
 """Mixture of experts in Megatron-LM checkpoints, against megatron-core: its MoE names (router,
 local_experts.{l}, shared experts, the grouped weight1/weight2 layout), expert-parallel files
 mp_rank_TT[_PPP]_EEE, and the router's args, checked by round trips, strict loading into GPTModel, and
-megatron-core's own MoE forward. Helpers and the dense checks are in test_convert.py."""
+megatron-core's own MoE forward; DeepSeek-V3's multi-head latent attention (both query forms, YaRN) the same
+way. Helpers and the dense checks are in test_convert.py."""
 
 import dataclasses
 import math
@@ -28,13 +29,24 @@ MOE_HF = {
     # pre-softmax top-k, a gated shared expert, layer 0 dense (pretrain_gpt's moe_layer_freq pattern)
     "qwen2_moe": ("Qwen2Moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                    shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+    # latent attention with compressed queries (linear_q_down_proj / linear_q_up_proj) and DeepSeek-V3's published
+    # YaRN (factor 40, mscale = mscale_all_dim = 1: the softmax scaled by 1.87); its router: 8 experts in 2 groups,
+    # a token's top 2 in the best group (top-k / kept groups 2, as DeepSeek-V3's 8 / 4), a shared expert, layer 0 dense
+    "deepseek_v3": ("DeepseekV3", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                       moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+                                       routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                       qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=8, rope_scaling=dict(
+                                           type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                           beta_slow=1, mscale=1.0, mscale_all_dim=1.0))),
 }
-# DeepSeek-V3's router on attention Megatron holds (no family has both): sigmoid scores, the expert bias,
-# group-limited top-k, a routed scale, ungated shared experts, the first layer dense.
-DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=4, ffn_hidden_size=64,
+# DeepSeek's router (sigmoid scores, the expert bias, group-limited top-k ranked by each group's best 2, a routed
+# scale, ungated shared experts, the first layer dense) on latent attention with one query projection
+# (linear_q_proj, DeepSeek-V2-Lite's form) and plain RoPE, in our own config.
+DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=4, num_heads=8, num_kv_heads=8, ffn_hidden_size=64,
                      max_seq_len=64, moe_experts=8, moe_top_k=4, moe_ffn_hidden_size=32, moe_score="sigmoid",
                      moe_expert_bias=True, moe_groups=4, moe_topk_groups=2, moe_routed_scale=2.5,
-                     moe_shared_ffn_hidden_size=64, moe_dense_layers=[0])
+                     moe_shared_ffn_hidden_size=64, moe_dense_layers=[0], attention="mla", head_dim=16,
+                     mla_kv_lora_rank=16, mla_rope_head_dim=8, mla_v_head_dim=8, rope_interleaved=True)
 MOE_LAYOUTS = [(2, 2, 2), (1, 2, 4)]
 
 
@@ -48,7 +60,7 @@ def moe_dirs(tmp_path_factory) -> dict:
 
     out = {}
     for name, (prefix, extra) in MOE_HF.items():
-        model = random_hf_model(prefix, **MOE_SMALL, **extra)
+        model = random_hf_model(prefix, **{**MOE_SMALL, **extra})
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
         out[name] = (path, "hf", model)
@@ -181,20 +193,37 @@ def test_megatron_lm_integer_moe_layer_freq_reads_as_its_pattern(mcore, tmp_path
 
 
 def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
-    """Every file loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, and each of its
-    local experts holds the global expert megatron-core assigns that slot (MoELayer.local_expert_indices)."""
+    """Every file loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, each of its local
+    experts holds the global expert megatron-core assigns that slot (MoELayer.local_expert_indices), and each
+    attention tensor (latent attention's projections and norms, or the fused QKV) is the slice of the tp=1 tensor
+    that megatron-core's own sharded_state_dict places on that rank (global offset and shape)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     tp, pp, ep = 2, 2, 2
     for name, (src, fmt, _) in moe_dirs.items():
         out = tmp_path / name
         convert(str(src), fmt, str(out), "megatron", Options(tp=tp, pp=pp, ep=ep))
+        convert(str(src), fmt, str(tmp_path / f"{name}-tp1"), "megatron")
+        unsplit = safe_load(tmp_path / f"{name}-tp1" / "release" / "mp_rank_00" / "model_optim_rng.pt")["model"]
         ours = megatron_llm.load_model(str(src))
-        whole, checked = ours.state_dict(), 0
+        whole, checked, placed = ours.state_dict(), 0, 0
         for t in range(tp):
             for p in range(pp):
                 for e in range(ep):
                     shard = safe_load(shard_path(out, t, p, e, pp, ep))
                     model = mcore.gpt_model(shard["args"], t, p, e)
                     model.load_state_dict(shard["model"], strict=True)
+                    for sharded in model.sharded_state_dict().values():
+                        # attention's linears (the local spec names its input norm linear_qkv.layer_norm_weight here)
+                        if (not isinstance(sharded, ShardedTensor) or ".self_attention.linear" not in sharded.key
+                                or ".layer_norm_" in sharded.key):
+                            continue
+                        key, offset = sharded.key, sharded.global_offset
+                        if sharded.prepend_axis_num:  # a leading layer axis: the offset's first entry is the layer
+                            key, offset = key.replace("decoder.layers.", f"decoder.layers.{offset[0]}.", 1), offset[1:]
+                        where = tuple(slice(o, o + n) for o, n in zip(offset, sharded.data.shape))
+                        assert torch.equal(sharded.data, unsplit[key][where]), key
+                        placed += 1
                     for i, layer in enumerate(model.decoder.layers):
                         w2 = whole.get(f"layers.{p * len(model.decoder.layers) + i}.feed_forward.experts.w2")
                         for slot, expert in enumerate(getattr(layer.mlp, "local_expert_indices", [])):
@@ -203,6 +232,7 @@ def test_moe_shards_load_strictly_into_megatron_core(mcore, moe_dirs, tmp_path):
                             checked += 1
         sparse = sum(ours.cfg.layer(i).moe for i in range(ours.cfg.num_layers))
         assert checked == tp * ours.cfg.moe_experts * sparse  # every expert of every sparse layer, on each tp rank
+        assert placed >= tp * ep * ours.cfg.num_layers * 2  # per file, each layer's linear_proj and one more at least
 
 
 def routing_of_megatron_core(model) -> list:
@@ -390,6 +420,73 @@ def test_reads_megatron_core_grouped_experts(mcore, moe_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Multi-head latent attention: the args (megatron_mla.py) and a training step from DeepSeek-V3's checkpoint.
+
+
+@pytest.mark.parametrize("m", [1.0, 0.707], ids=["deepseek-v3", "deepseek-v2"])
+def test_latent_attention_args_hold_yarn_as_megatron_core_computes_it(m):
+    """DeepSeek-V3's and -V2's published YaRN (factor 40, mscale = mscale_all_dim = 1 or 0.707) write as Megatron-LM's
+    rope_type yarn, rotary_scaling_factor, mscale and mscale_all_dim and read back as every field of the model; the
+    softmax scale and the cos/sin factor are megatron-core's own (MultiLatentAttention.softmax_scale and
+    YarnRotaryEmbedding's concentration factor). Args without --rope-type read as megatron-core's default, YaRN.
+    A YaRN setting no Megatron-LM flag holds is refused by name."""
+    import transformers
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        _yarn_get_concentration_factor, _yarn_get_mscale)
+
+    from megatron_llm.checkpoint.families import family
+    from megatron_llm.checkpoint.megatron import Layout, megatron_args, model_config_from_args
+    from megatron_llm.errors import UsageError
+    from megatron_llm.model.rope import rope_frequencies
+
+    prefix, extra = MOE_HF["deepseek_v3"]
+    extra = {**extra, "rope_scaling": {**extra["rope_scaling"], "mscale": m, "mscale_all_dim": m}}
+    cfg = family("deepseek_v3").read_config(transformers.AutoConfig.for_model("deepseek_v3", **{**MOE_SMALL, **extra}).to_dict())
+    args = megatron_args(cfg, Layout.of(cfg, 2, 1), torch.float32, "local")
+    assert (args.rope_type, args.rotary_scaling_factor, args.mscale, args.mscale_all_dim) == ("yarn", 40.0, m, m)
+    back = model_config_from_args(args)
+    assert back == dataclasses.replace(cfg, moe_aux_loss_scope="layer", rope_scaling=back.rope_scaling)
+    assert back.attention_scale == pytest.approx(_yarn_get_mscale(40.0, m) ** 2 / 24**0.5, rel=1e-15)
+    inv_freq, factor = rope_frequencies(8, cfg.rope_theta, back.rope_scaling, cfg.max_seq_len)
+    assert factor == pytest.approx(_yarn_get_concentration_factor(40.0, m, m), rel=1e-15)
+    assert torch.equal(inv_freq, rope_frequencies(8, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)[0])
+    args.rope_type, args.rotary_scaling_factor = None, 4.0  # Megatron-LM's MLA default: yarn
+    assert model_config_from_args(args).rope_scaling["factor"] == 4.0
+    longer = {**cfg.rope_scaling, "original_max_position_embeddings": 8192}
+    with pytest.raises(UsageError, match=r"model\.rope_scaling=.* with latent attention: its RoPE scaling there is YaRN "
+                                         r"with \{'original_max_position_embeddings': 4096"):
+        megatron_args(dataclasses.replace(cfg, rope_scaling=longer), Layout.of(cfg, 1, 1), torch.float32, "local")
+
+
+def test_training_continues_from_a_megatron_deepseek_v3_checkpoint(moe_dirs, tmp_path):
+    """DeepSeek-V3 written at tp2 pp2 ep2 and read back trains on: one step from the Megatron checkpoint gives
+    transformers' loss (DeepSeek's has no aux loss) and gradients on the latent projections and the experts (SGD, lr 1:
+    the update is minus the gradient)."""
+    from test_families_moe import our_sgd_step
+
+    src, _, hf = moe_dirs["deepseek_v3"]
+    convert(str(src), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2, ep=2))
+    x = tokens()
+    _, result, grad = our_sgd_step(tmp_path / "mg", x)
+    hf.train()
+    try:
+        expected = hf(x, labels=x)
+        expected.loss.backward()
+        assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
+        layer = hf.model.layers[3]
+        for ours, theirs in (("attention.wq_a", layer.self_attn.q_a_proj), ("attention.wq_b", layer.self_attn.q_b_proj),
+                             ("attention.wkv_a", layer.self_attn.kv_a_proj_with_mqa),
+                             ("attention.wkv_b", layer.self_attn.kv_b_proj), ("attention.wo", layer.self_attn.o_proj),
+                             ("feed_forward.router", layer.mlp.gate)):
+            torch.testing.assert_close(grad[f"layers.3.{ours}.weight"], theirs.weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(grad["layers.3.feed_forward.experts.w2"], layer.mlp.experts.down_proj.grad,
+                                   atol=1e-6, rtol=1e-4)
+    finally:
+        hf.zero_grad(set_to_none=True)
+        hf.eval()
+
+
+# ------------------------------------------------------------------------------------------------
 # Training continues from a converted checkpoint.
 
 
@@ -441,3 +538,29 @@ def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
     assert message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mg"]  # no output, no temporary directory
+
+
+LATENT_BAD = {
+    # name: (args set on DeepSeek-like's Megatron files before they are read, or None: the flags refuse the write;
+    # the flags; words the one-line error must contain)
+    "te-spec": (None, ["--output-format", "megatron", "--megatron-spec", "te"],
+                "--megatron-spec te fuses latent attention's norms into its up projections"),
+    "interleaved-twice": (dict(rotary_interleaved=True), ["--output-format", "native"],
+                          "multi_latent_attention with rotary_interleaved=True: megatron-core's MLA then rotates pairs"),
+    "latents-unnormalised": (dict(qk_layernorm=False), ["--output-format", "native"],
+                             "multi_latent_attention with qk_layernorm=False: its latents are not normalised"),
+}
+
+
+@pytest.mark.parametrize("case", LATENT_BAD)
+def test_latent_attention_megatron_cannot_hold_or_we_cannot_read_is_refused(moe_dirs, tmp_path, capsys, case):
+    values, flags, message = LATENT_BAD[case]
+    src, fmt = moe_dirs["deepseek-like"][0], "native"
+    if values is not None:
+        convert(str(src), fmt, str(tmp_path / "mg"), "megatron")
+        _set_megatron_args(tmp_path / "mg", **values)
+        src, fmt = tmp_path / "mg", "megatron"
+    code, out, err = run_cli(capsys, "--input", src, "--input-format", fmt, "--output", tmp_path / "out", *flags)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()

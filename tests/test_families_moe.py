@@ -49,25 +49,26 @@ CASES = {
                         topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
                         mlp_bias=True, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
                         v_head_dim=12, num_key_value_heads=4),
-    # latent attention (compressed q and kv, decoupled interleaved RoPE dims), 8 experts in 4 groups of which a
-    # token may use 2, the expert bias, a shared expert, a dense first layer, a routed scale
-    "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=1,
+    # latent attention (compressed q and kv, decoupled interleaved RoPE dims) with DeepSeek-V3's published YaRN, 8
+    # experts in 2 groups of which a token may use 1 (top-k / kept groups = 2, as DeepSeek-V3's 8 / 4: groups ranked
+    # by their best two), the expert bias, a shared expert, a dense first layer, a routed scale
+    "deepseek_v3": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, n_shared_experts=1,
                         first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
-                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
+                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
+                        rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                          beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
     # DeepSeek-V3's router and experts after a dense layer in the families that copied them, each with its own
     # attention: GLM-4.7-Flash's latent attention (one q projection, RoPE dims by halves), its published block-norm
     # epsilon 1e-5 beside the latent norms' fixed 1e-6 (model.mla_norm_eps)
-    "glm4_moe_lite": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=2, n_shared_experts=2,
+    "glm4_moe_lite": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, n_shared_experts=2,
                           mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=None,
                           qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
                           rope_interleave=False, rms_norm_eps=1e-5),
-    # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated; four layers, so that the dense first one
-    # comes back from Megatron as moe_layer_freq 1 (at two, its pattern [0, 1] reads as moe_layer_freq 2)
+    # GLM-4.5: q/k/v biases, QK-norm, half of each (wider) head rotated; four layers, a dense first one
     "glm4_moe": dict(num_hidden_layers=4, n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1,
                      n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
                      use_qk_norm=True, head_dim=24),
-    # Sarvam-MoE: GLM-4.5 with q/k/v fused and its biases (use_qkv_bias), QK-norm by default; every layer sparse (a
-    # dense first one would come back from Megatron as moe_layer_freq 2, which no Hugging Face table writes)
+    # Sarvam-MoE: GLM-4.5 with q/k/v fused and its biases (use_qkv_bias), QK-norm by default; every layer sparse
     "sarvam_moe": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=4, topk_group=1, n_shared_experts=1,
                        first_k_dense_replace=0, use_qkv_bias=True, head_dim=16),
     # dots.llm1: biases on every projection, QK-norm, a sliding layer, renormalised top-k (its default is not)
@@ -283,12 +284,13 @@ def router_weight(gate: torch.nn.Module) -> torch.Tensor:
 
 
 # What Megatron-LM cannot hold, by the refusal's words: OLMoE's and MiniMax-M2's QK-norm over the whole projection; FlexOlmo's norms
-# after each sublayer; DeepSeek-V3, GLM-4.7-Flash and EXAONE-MoE here rank their groups by their top-1 score in
-# Megatron (top_k / topk_groups = 1), by the top 2 in transformers; dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's
+# after each sublayer; EXAONE-MoE here ranks its groups by their top-1 score in Megatron (top_k / topk_groups = 1), by
+# the top 2 in transformers; GLM-4.7-Flash's RoPE dims by halves (megatron-core's MLA pairs them interleaved);
+# dots.llm1's, HunYuan's, Cohere2-MoE's and ERNIE's
 # output-projection bias and DeepSeek-V2's MLP biases
 # (Megatron's add_bias_linear would give the experts biases too); Granite's attention multiplier.
 NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.qk_norm_per_head", "flex_olmo": r"model\.norm_placement",
-                   "deepseek_v3": r"model\.moe_groups", "glm4_moe_lite": r"model\.moe_groups",
+                   "glm4_moe_lite": r"model\.rope_interleaved=False with latent attention",
                    "exaone_moe": r"model\.moe_groups",
                    "dots1": r"add_bias_linear also gives every expert biases",
                    "hunyuan_v1_moe": r"add_bias_linear also gives every expert biases",

@@ -517,8 +517,11 @@ def _moe_config(args: argparse.Namespace) -> dict:
     pattern = [int(i % freq == 0) for i in range(args.num_layers)] if isinstance(freq, int) else list(freq)
     if len(pattern) != args.num_layers or not any(pattern):
         raise refuse("moe_layer_freq", f"it names no mixture-of-experts layer of the {args.num_layers}")
-    # Ours: layer i is sparse when (i + 1) % moe_layer_freq == 0 and i is not in moe_dense_layers.
-    step = math.gcd(*(i + 1 for i, sparse in enumerate(pattern) if sparse))
+    # Ours: layer i is sparse when (i + 1) % moe_layer_freq == 0 and i is not in moe_dense_layers. Dense first layers
+    # then sparse ones read as that (DeepSeek's first_k_dense_replace, which the tables write), not as a step ([0, 1]
+    # would read as moe_layer_freq 2).
+    first_dense = pattern == sorted(pattern)
+    step = 1 if first_dense else math.gcd(*(i + 1 for i, sparse in enumerate(pattern) if sparse))
     shared = arg("moe_shared_expert_intermediate_size", 0)
     factor, tp = arg("moe_expert_capacity_factor"), arg("tensor_model_parallel_size", 1)
     return dict(

@@ -43,6 +43,13 @@ def mla_args(cfg: ModelConfig) -> dict:
     it gets multi_latent_attention False. UsageError for RoPE scaling megatron-core's MLA lacks."""
     if cfg.attention != "mla":
         return dict(multi_latent_attention=False)
+    if not cfg.rope_interleaved:
+        raise UsageError("Megatron-LM cannot express model.rope_interleaved=False with latent attention: megatron-core's "
+                         "MLA rotates the RoPE dims in interleaved pairs (2j, 2j+1); convert to native or hf instead")
+    if cfg.mla_norm_eps not in (None, cfg.norm_eps):
+        raise UsageError(f"Megatron-LM cannot express model.mla_norm_eps={cfg.mla_norm_eps} beside model.norm_eps="
+                         f"{cfg.norm_eps}: megatron-core's latent norms take the block norms' epsilon; convert to native "
+                         "or hf instead")
     scaling = cfg.rope_scaling or {"rope_type": None}
     yarn = scaling["rope_type"] == "yarn"
     fixed = {"original_max_position_embeddings": float(scaling.get("original_max_position_embeddings", 0)),
