@@ -44,13 +44,23 @@ COMMON = dict(
 )
 # The two chains also carry the architecture menu: a Gemma2/3-like model (sandwich unit-offset norms, soft-caps,
 # sliding and full layers with their own RoPE bases, scaled embeddings, tanh GeGLU; interleaved partial RoPE
-# and a NoPE layer; gpt-oss's attention sinks, split with the heads under tp) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
+# and a NoPE layer; gpt-oss's attention sinks, split with the heads under tp; Llama 4's chunked layer and its NoPE
+# layer's query temperature, which must see global positions under sp and in every pipeline stage; HunYuan's QK-norm
+# after RoPE) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
 # biases everywhere including the head's, Baichuan's NormHead, Granite's multipliers, OLMo's q/k/v clipping).
+# Each of the Llama 4 and HunYuan pieces moves the one-process run: over 6 steps the chunked layer moves the losses by
+# up to 1.8e-3 relative and the temperature by 4.5e-4; the QK-norm after RoPE, the same function as before it while
+# the norm's weights are uniform, by 5e-6, but the q/k norm weights by 8.8e-3 after 2 steps (tolerance 2e-5).
+# AdamW's eps is 1e-6 here, as in the output-norm chain below: at 1e-8, with these pieces on, a handful of
+# elements whose gradients are rounding noise (layer 3's key bias, a GeGLU unit at ~0) moved by up to 3.3e-5 at
+# tp2-pp2-1f1b-sp, whose losses were bit-identical to one process'; at 1e-6 the link's worst is 8.3e-7.
 TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=True, training__z_loss=1e-3,
             model__norm_placement="sandwich", model__norm_unit_offset=True, model__attn_softcap=20.0,
-            model__logit_softcap=30.0, model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]",
-            model__rope_local_theta=100.0, model__embedding_multiplier=8.0, model__mlp="geglu_tanh",
-            model__rope_interleaved=True, model__rope_fraction=0.5, model__nope_layers="[3]", model__attention_sinks=True)
+            model__logit_softcap=30.0, model__sliding_window=8, model__layer_types="[sliding, chunked, sliding, full]",
+            model__attention_chunk_size=12, model__rope_local_theta=100.0, model__embedding_multiplier=8.0,
+            model__mlp="geglu_tanh", model__rope_interleaved=True, model__rope_fraction=0.5, model__nope_layers="[3]",
+            model__attn_temperature_floor=4.0, model__qk_norm_after_rope=True, model__attention_sinks=True,
+            optimizer__eps=1e-6)
 UNTIED = dict(model__linear_bias=True, model__position="alibi", model__norm="layernorm", model__parallel_residual=True,
               model__output_bias=True, model__mlp="gelu_tanh", model__norm_head=True,
               model__residual_multiplier=0.5, model__logit_multiplier=0.8, model__qkv_clip=2.0,
@@ -83,7 +93,8 @@ UNTIED_CHAIN = [
 # with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
 # learned positions, an embedding norm and xIELU's learned scalars (Apertus), at tp x FSDP; the original transformer's post-norm with sinusoidal
 # positions and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
-# residual and init with LayerNorm biases and squared ReLU.
+# residual and init with LayerNorm biases and squared ReLU, and Llama 4's weightless norm of each rotated q and k
+# head, through tp2-sp too (the norm moves the one-process losses by 3.8e-4 and 1.2e-3 relative at that link's steps).
 # The output-norm model's wq/wk take many gradient elements of ~1e-9, AdamW's eps: there its update
 # g / (|g| + eps) turns fp32 summation-order noise (~1e-8 of the tensor's gradient scale) into differences of
 # ~1% of the LR. Measured at eps 1e-8 after one step: 2.3e-5 between tp2-sp and one process, 2.0e-5 on the same
@@ -102,9 +113,10 @@ PLACEMENTS = {
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
-                      model__mlp="relu2"), [
+                      model__mlp="relu2", model__qk_l2_norm=True), [
         ("pp2-dp2-interleaved-1f1b-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
                                                        parallel__data_parallel="ddp")),
+        ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
     ]),
 }
 
