@@ -49,6 +49,12 @@ CASES = {
                         topk_group=2, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
                         mlp_bias=True, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16,
                         v_head_dim=12, num_key_value_heads=4),
+    # DeepSeek-V2-Lite's form: one query projection, greedy top-k, no biases, its published YaRN (mscale 0.707)
+    "deepseek_v2-lite": dict(n_routed_experts=8, moe_intermediate_size=32, topk_method="greedy", n_shared_experts=2,
+                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                             qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
+                             rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                               beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
     # latent attention (compressed q and kv, decoupled interleaved RoPE dims) with DeepSeek-V3's published YaRN, 8
     # experts in 2 groups of which a token may use 1 (top-k / kept groups = 2, as DeepSeek-V3's 8 / 4: groups ranked
     # by their best two), the expert bias, a shared expert, a dense first layer, a routed scale

@@ -69,15 +69,12 @@ MEGATRON_TO_NATIVE = {
 # q_layernorm / kv_layernorm are the latent norms (args.qk_layernorm builds them); a GQA model's q_layernorm is
 # its QK-norm instead (MEGATRON_TO_NATIVE): a model has one or the other, never both.
 LATENT_TO_NATIVE = {
-    "decoder.layers.{i}.self_attention.linear_q_proj.weight": (("layers.{i}.attention.wq.weight",), COLUMN),
-    "decoder.layers.{i}.self_attention.linear_q_down_proj.weight": (("layers.{i}.attention.wq_a.weight",), COLUMN),
-    "decoder.layers.{i}.self_attention.q_layernorm.weight": (("layers.{i}.attention.q_a_norm.weight",), REPLICATED),
-    "decoder.layers.{i}.self_attention.q_layernorm.bias": (("layers.{i}.attention.q_a_norm.bias",), REPLICATED),
-    "decoder.layers.{i}.self_attention.linear_q_up_proj.weight": (("layers.{i}.attention.wq_b.weight",), COLUMN),
-    "decoder.layers.{i}.self_attention.linear_kv_down_proj.weight": (("layers.{i}.attention.wkv_a.weight",), COLUMN),
-    "decoder.layers.{i}.self_attention.kv_layernorm.weight": (("layers.{i}.attention.kv_a_norm.weight",), REPLICATED),
-    "decoder.layers.{i}.self_attention.kv_layernorm.bias": (("layers.{i}.attention.kv_a_norm.bias",), REPLICATED),
-    "decoder.layers.{i}.self_attention.linear_kv_up_proj.weight": (("layers.{i}.attention.wkv_b.weight",), COLUMN),
+    f"decoder.layers.{{i}}.self_attention.{theirs}": ((f"layers.{{i}}.attention.{ours}",), kind) for theirs, ours, kind in (
+        ("linear_q_proj.weight", "wq.weight", COLUMN), ("linear_q_down_proj.weight", "wq_a.weight", COLUMN),
+        ("q_layernorm.weight", "q_a_norm.weight", REPLICATED), ("q_layernorm.bias", "q_a_norm.bias", REPLICATED),
+        ("linear_q_up_proj.weight", "wq_b.weight", COLUMN), ("linear_kv_down_proj.weight", "wkv_a.weight", COLUMN),
+        ("kv_layernorm.weight", "kv_a_norm.weight", REPLICATED), ("kv_layernorm.bias", "kv_a_norm.bias", REPLICATED),
+        ("linear_kv_up_proj.weight", "wkv_b.weight", COLUMN))
 }
 # The Transformer Engine spec fuses each pre-norm into the linear layer that follows it.
 TE_NAMES = {
