@@ -546,7 +546,7 @@ LATENT_BAD = {
     "te-spec": (None, ["--output-format", "megatron", "--megatron-spec", "te"],
                 "--megatron-spec te fuses latent attention's norms into its up projections"),
     "interleaved-twice": (dict(rotary_interleaved=True), ["--output-format", "native"],
-                          "multi_latent_attention with rotary_interleaved=True: megatron-core's MLA then rotates pairs"),
+                          "multi_latent_attention with rotary_interleaved=True: megatron-core's TransformerConfig refuses it"),
     "latents-unnormalised": (dict(qk_layernorm=False), ["--output-format", "native"],
                              "multi_latent_attention with qk_layernorm=False: its latents are not normalised"),
 }

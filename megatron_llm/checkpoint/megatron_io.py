@@ -30,7 +30,6 @@ import torch
 
 from megatron_llm.checkpoint.megatron import (
     Layout,
-    drop_shards_note,
     entries,
     extra_state_keys,
     held_by,
@@ -39,6 +38,7 @@ from megatron_llm.checkpoint.megatron import (
     model_config_from_args,
     split,
 )
+from megatron_llm.checkpoint.megatron_moe import drop_shards_note
 from megatron_llm.checkpoint.stream import check_names, native_shapes, own_storage, read_hf_sidecar
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError

@@ -6,8 +6,8 @@ The tensor names are megatron.py's LATENT_TO_NATIVE.
 What megatron-core 0.16's MLASelfAttention computes, and so what these args can say:
 - RoPE on the qk_pos_emb_head_dim dims only, always as interleaved pairs (2j, 2j+1): its _apply_rotary_pos_emb_bshd
   gathers the even then the odd dims and rotates halves, which rotates the same pairs by the same angles as our
-  model.rope_interleaved (it leaves them permuted, alike in q and k, so the scores are ours). rotary_interleaved on
-  top would pair other dims, rotary_percent < 1 rotate part of them: neither is a rotation we have.
+  model.rope_interleaved (it leaves them permuted, alike in q and k, so the scores are ours). Its TransformerConfig
+  refuses rotary_interleaved with MLA; rotary_percent < 1 would rotate part of the dims, which ours never does.
 - rope_type rope (plain), or yarn (Megatron-LM's default for MLA when --rope-type is not given): transformers' YaRN
   operation for operation (YarnRotaryEmbedding: the same correction range rounded to integers, ramp and mixing;
   cos and sin times mscale(f, mscale) / mscale(f, mscale_all_dim)), with original_max_position_embeddings, beta_fast
@@ -90,7 +90,8 @@ def latent_config(args: argparse.Namespace) -> dict:
     if not getattr(args, "qk_layernorm", False):
         raise refuse("qk_layernorm", "its latents are not normalised, ours always are")
     if getattr(args, "rotary_interleaved", False):
-        raise refuse("rotary_interleaved", "megatron-core's MLA then rotates pairs of its de-interleaved dims")
+        raise refuse("rotary_interleaved", "megatron-core's TransformerConfig refuses it with MLA, which pairs the "
+                     "RoPE dims interleaved already")
     if float(getattr(args, "rotary_percent", None) or 1.0) != 1.0:
         raise refuse("rotary_percent", "our latent attention rotates every qk_pos_emb_head_dim dim")
     rope_type = getattr(args, "rope_type", None) or "yarn"  # Megatron-LM leaves None to MLATransformerConfig: yarn
