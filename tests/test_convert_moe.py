@@ -490,6 +490,15 @@ def test_training_continues_from_a_megatron_deepseek_v3_checkpoint(moe_dirs, tmp
 # Training continues from a converted checkpoint.
 
 
+def _rename_tensors(mg: Path, names: dict) -> None:
+    """Renames, in every file, each tensor whose name ends with a key of `names` to end with its value instead."""
+    for path in (mg / "release").glob("*/model_optim_rng.pt"):
+        state = load_to_memory(path)
+        state["model"] = {next((k[: -len(a)] + b for a, b in names.items() if k.endswith(a)), k): v
+                          for k, v in state["model"].items()}
+        torch.save(state, path)
+
+
 def _set_megatron_args(mg: Path, **values) -> None:
     for path in (mg / "release").glob("*/model_optim_rng.pt"):
         state = load_to_memory(path)
@@ -549,6 +558,11 @@ LATENT_BAD = {
                           "multi_latent_attention with rotary_interleaved=True: megatron-core's TransformerConfig refuses it"),
     "latents-unnormalised": (dict(qk_layernorm=False), ["--output-format", "native"],
                              "multi_latent_attention with qk_layernorm=False: its latents are not normalised"),
+    "multi-token-prediction": (dict(mtp_num_layers=1), ["--output-format", "native"],
+                               "Megatron checkpoint has mtp_num_layers=1; our model supports None or 0"),
+    # Megatron-LM's Transformer Engine spec fuses the latent norm into the up projection that follows it
+    "te-spec-read": ({"kv_layernorm.weight": "linear_kv_up_proj.layer_norm_weight"}, ["--output-format", "native"],
+                     "holds latent attention in the Transformer Engine spec"),
 }
 
 
@@ -558,7 +572,10 @@ def test_latent_attention_megatron_cannot_hold_or_we_cannot_read_is_refused(moe_
     src, fmt = moe_dirs["deepseek-like"][0], "native"
     if values is not None:
         convert(str(src), fmt, str(tmp_path / "mg"), "megatron")
-        _set_megatron_args(tmp_path / "mg", **values)
+        if case == "te-spec-read":
+            _rename_tensors(tmp_path / "mg", values)
+        else:
+            _set_megatron_args(tmp_path / "mg", **values)
         src, fmt = tmp_path / "mg", "megatron"
     code, out, err = run_cli(capsys, "--input", src, "--input-format", fmt, "--output", tmp_path / "out", *flags)
     assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: "), err

@@ -99,6 +99,8 @@ SUPPORTED_ARGS = {
     "position_embedding_type": ("rope",), "swiglu": (True,), "normalization": ("RMSNorm", "LayerNorm", None),
     "apply_layernorm_1p": (False, None),
     "virtual_pipeline_model_parallel_size": (None, 1),
+    "mtp_num_layers": (None, 0),  # DeepSeek-V3's multi-token prediction layers: our model has none
+    "experimental_attention_variant": (None,),  # e.g. DeepSeek-V3.2's sparse attention (dsa)
 }
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}

@@ -134,6 +134,11 @@ class MegatronReader:
         if self.spec == "te" and self.config.moe_experts:
             raise UsageError(f"{first[0]} is a mixture-of-experts model in the Transformer Engine spec, whose expert and "
                              "norm names we do not read; save it with megatron-core's local spec (transformer_impl local)")
+        # ... and latent attention's latent norms into linear_q_up_proj / linear_kv_up_proj, whose names we do not read
+        if any(k.endswith("linear_kv_up_proj.layer_norm_weight") for k in state.get("model", {})):
+            raise UsageError(f"{first[0]} holds latent attention in the Transformer Engine spec (its latent norms fused "
+                             "into linear_kv_up_proj), whose names we do not read; save it with megatron-core's local "
+                             "spec (transformer_impl local)")
         self._entries = entries(native_shapes(self.config), self.layout, self.spec, self.config.tie_embeddings)
 
     def _check_shard_dirs(self) -> None:
