@@ -8,7 +8,9 @@ The tp links split every expert's inner width over tp (slices over (ep, tp) at e
 on in one, off in the other), the shared experts like the dense MLP.
 The model is DeepSeek-V3's shape, multi-head latent attention with low-rank queries, so the tp links also check
 MLA's tensor-parallel plan (heads split, the compressed projections and their norms replicated). A one-link chain
-takes MLA's single query projection (no low-rank q) and the expert slices through tp 2 x FSDP2 dp 2 with sp.
+takes MLA's single query projection (no low-rank q) and the expert slices through tp 2 x FSDP2 dp 2 with sp; another
+a sigmoid router with MiniMax-M2's softmax balance loss and Llama 4's router-weighted expert inputs through
+pp 2 x dp 2 x ep 2. The short chains average the routed and shared experts (Cohere2-MoE).
 """
 
 from __future__ import annotations
@@ -45,8 +47,18 @@ EP_CHAIN = [
     ("dp4-ep2-fsdp", 1, 1, 4, dict(parallel__ep=2)),
     ("tp2-pp2-ep1", 2, 2, 1, {}),
 ]
-SINGLE_WQ = {**MOE, "model__mla_q_lora_rank": None}
+# The two short chains also take Cohere2-MoE's average of the routed and shared experts' outputs, through tp's
+# partial sums in one and ep in the other. (Not in the long chain: there it put one token's top-2 choice 6.6e-7
+# from its third at step 7, where the runs' rounding differences chose otherwise.)
+SINGLE_WQ = {**MOE, "model__mla_q_lora_rank": None, "model__moe_shared_combine": "average"}
 SINGLE_WQ_CHAIN = [("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True))]
+# A sigmoid router whose balance loss takes softmax(logits) (MiniMax-M2), and Llama 4's expert inputs scaled by the
+# router's weights, which tp cannot split (refused below), so in a chain of its own through ep and pp. Each piece
+# moves the one-process losses at step 1 (relative): softmax balance 1.3e-3 (the logged balance loss 7.5e-3 at step
+# 0), weighted inputs 9.3e-4, the average 4.3e-3 here and 4.6e-3 in the single-projection chain.
+WEIGHTED_INPUT = {**MOE, "model__moe_score": "sigmoid", "model__moe_aux_loss_probs": "softmax",
+                  "model__moe_weight_input": True, "model__moe_shared_combine": "average"}
+WEIGHTED_INPUT_CHAIN = [("pp2-dp2-ep2", 1, 2, 2, dict(parallel__ep=2))]
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +70,24 @@ def workers():
     pool.close()
 
 
-def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path):
-    ref, runs = check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN)
-    for name, got in runs.items():  # the logged means over layers, micro-batches and ranks
+def check_router_losses(ref, runs: dict) -> None:
+    """The logged router losses, means over layers, micro-batches and ranks, against the single process's."""
+    for name, got in runs.items():
         for step, logged in got.router_losses.items():
             assert logged.keys() == {"moe_aux_loss", "moe_z_loss"}, (name, step)
             assert logged == pytest.approx(ref.router_losses[step], rel=LOSS_RTOL), (name, step)
 
 
+def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path):
+    check_router_losses(*check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN))
+
+
 def test_single_query_projection_and_expert_slices_under_fsdp_match_one_process(workers, corpus_dir, tmp_path):
     check_chain(workers, corpus_dir, tmp_path, SINGLE_WQ, SINGLE_WQ_CHAIN)
+
+
+def test_softmax_balance_and_weighted_expert_inputs_match_one_process(workers, corpus_dir, tmp_path):
+    check_router_losses(*check_chain(workers, corpus_dir, tmp_path, WEIGHTED_INPUT, WEIGHTED_INPUT_CHAIN))
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -77,6 +97,8 @@ def test_single_query_projection_and_expert_slices_under_fsdp_match_one_process(
      r"model.moe_shared_ffn_hidden_size \(17\) is not divisible by parallel.tp \(2\)"),
     (dict(parallel__ep=3), r"parallel.ep \(3\) must be positive and divide model.moe_experts \(4\)"),
     (dict(parallel__ep=2, model__moe_experts=0), r"parallel.ep \(2\) must be positive and divide model.moe_experts \(0\)"),
+    (dict(parallel__tp=2, model__moe_weight_input=True),
+     r"^model.moe_weight_input scales the experts' inputs, whose gradients parallel.tp splits: use tp 1$"),
 ])
 def test_bad_expert_layouts_are_refused_by_the_config(corpus_dir, tmp_path, settings, message):
     with pytest.raises(UsageError, match=message):
