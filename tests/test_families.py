@@ -195,6 +195,23 @@ def test_unknown_model_type_is_one_line():
         model_config_from_hf({"model_type": "no_such_family"})
 
 
+def test_quantized_checkpoints_are_refused_before_any_tensor(tmp_path):
+    """DeepSeek-V3's published fp8 blocks, a GPTQ upload: one line saying how to dequantize where transformers can,
+    from config.json alone (the directory holds no tensors), nothing written."""
+    import json
+
+    config = transformers.AutoConfig.for_model("llama", **SMALL).to_dict()
+    fp8 = {**config, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    (tmp_path / "fp8").mkdir()
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(fp8))
+    with pytest.raises(UsageError, match=r"quant_method 'fp8'\).*FineGrainedFP8Config\(dequantize=True\)"):
+        convert(str(tmp_path / "fp8"), "hf", str(tmp_path / "out"), "native")
+    assert not (tmp_path / "out").exists()
+    gptq = {**config, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    with pytest.raises(UsageError, match=r"quant_method 'gptq'\): its weights are quantized .*dequantized copy first$"):
+        model_config_from_hf(gptq)
+
+
 def test_missing_key_is_named():
     config = transformers.AutoConfig.for_model("llama", **SMALL).to_dict()
     del config["hidden_size"]

@@ -87,10 +87,11 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir):
 
 
 def test_quantized_checkpoint_is_one_line():
-    """OpenAI's published gpt-oss stores its experts in MXFP4 (blocks and scales): refused on read, by the key."""
+    """OpenAI's published gpt-oss stores its experts in MXFP4 (blocks and scales): refused on read, saying how to
+    dequantize (hf.refuse_quantized, as DeepSeek-V3's fp8)."""
     config = transformers.AutoConfig.for_model("gpt_oss", **CONFIG).to_dict()
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    with pytest.raises(UsageError, match=r"^config\.json quantization_config=.* is not supported: the experts are quantized"):
+    with pytest.raises(UsageError, match=r"^config\.json has quantization_config \(quant_method 'mxfp4'\).*Mxfp4Config"):
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
 
 

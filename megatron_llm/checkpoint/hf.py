@@ -28,9 +28,27 @@ def text_family(hf_config: dict) -> Family:
     return family(text.get("model_type"))
 
 
+# transformers' quantization configs that load a quantized checkpoint dequantized (their dequantize=True)
+DEQUANTIZING_CONFIGS = {"fp8": "FineGrainedFP8Config", "mxfp4": "Mxfp4Config"}
+
+
+def refuse_quantized(hf_config: dict) -> None:
+    """Published DeepSeek-V3 (fp8 blocks and scales), gpt-oss (MXFP4 experts) and the GPTQ/AWQ/bitsandbytes
+    uploads store weights no family table reads: refused by the config, before any tensor is looked at."""
+    quantization = text_config(hf_config).get("quantization_config") or hf_config.get("quantization_config")
+    if not quantization:
+        return
+    method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+    how = (f" (transformers: from_pretrained with quantization_config={DEQUANTIZING_CONFIGS[method]}(dequantize=True), "
+           "then save_pretrained)" if method in DEQUANTIZING_CONFIGS else "")
+    raise UsageError(f"config.json has quantization_config (quant_method {method!r}): its weights are quantized and we "
+                     f"read full-precision weights only; save a dequantized copy first{how}")
+
+
 def model_config_from_hf(hf_config: dict) -> ModelConfig:
     """A ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout, or a multimodal
-    wrapper's: its language model), through its family."""
+    wrapper's: its language model), through its family; a quantized checkpoint is refused."""
+    refuse_quantized(hf_config)
     return text_family(hf_config).read_config(text_config(hf_config))
 
 

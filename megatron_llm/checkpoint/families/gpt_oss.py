@@ -13,7 +13,7 @@ from megatron_llm.checkpoint.families.common import (
     rope_defaulting,
     without_mlp,
 )
-from megatron_llm.checkpoint.families.moe import expert_count, softmax_routing, unsupported
+from megatron_llm.checkpoint.families.moe import expert_count, softmax_routing
 from megatron_llm.checkpoint.families.table import Family, Fixed, Key, Mapped
 
 EXPERTS = "layers.{i}.feed_forward.experts"
@@ -53,10 +53,7 @@ GPT_OSS = Family(
      Fixed("mlp", "swiglu_clamped"), Key("swiglu_alpha", "swiglu_alpha", default=1.702),
      Key("swiglu_limit", "swiglu_limit", default=7.0),
      expert_count("num_local_experts", "num_experts"), *softmax_routing(0.001), Fixed("moe_renormalize", True),
-     Fixed("moe_router_bias", True), Fixed("moe_ffn_bias", True),
-     # OpenAI's published weights: the experts in MXFP4 blocks and scales, which we do not read
-     unsupported("quantization_config", "the experts are quantized (MXFP4); save a dequantized copy first "
-                 "(transformers: from_pretrained with Mxfp4Config(dequantize=True), then save_pretrained)")),
+     Fixed("moe_router_bias", True), Fixed("moe_ffn_bias", True)),  # MXFP4 uploads: hf.refuse_quantized
     {**without_mlp(LLAMA_TENSORS),
      "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight",
      "model.layers.{i}.mlp.router.weight": "layers.{i}.feed_forward.router.weight",
