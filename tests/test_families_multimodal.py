@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm import load_model
-from megatron_llm.checkpoint.convert import convert
+from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families.multimodal import WRAPPERS
 from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
 from megatron_llm.config import load_config
@@ -36,7 +36,30 @@ def inner_causal_lm(model, x):
     return model.language_model(input_ids=x).logits
 
 
+def text_model_with_head(directory):
+    """transformers' text model of an exported Qwen-VL language model (the *_vl_text types have no causal-LM class):
+    its hidden states times the exported head."""
+    model = transformers.AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        head = f.get_tensor("lm_head.weight")
+    return lambda x: model(input_ids=x).last_hidden_state @ head.T
+
+
+def causal_lm(directory):
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    return lambda x: model(x).logits
+
+
 REFERENCE = {"llama4": inner_causal_lm}  # else the whole model
+# Qwen-VL: a tiny tower, its sections covering head_dim 8 (temporal 2, height 1, width 1), their image and video ids
+# the last two in the vocabulary; its language model exported as its own family (M-RoPE kept) and as the text family
+# whose RoPE equals M-RoPE on text.
+QWEN_VISION = dict(depth=1, embed_dim=16, num_heads=2, out_hidden_size=32, spatial_merge_size=1, num_position_embeddings=4,
+                   deepstack_visual_indexes=[0])
+MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
+QWEN_TOP = {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2}
+TEXT_EXPORT = {w: text_model_with_head for w in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}  # else causal_lm
+PLAIN_EXPORT = {"qwen2_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -45,20 +68,29 @@ CASES = {
                dict(model_type="llama4_vision_model", vision_output_dim=16, projector_input_dim=16, projector_output_dim=32),
                {}),
     "llava": (dict(model_type="llama", tie_word_embeddings=False), dict(model_type="clip_vision_model"), {}),
+    "qwen2_vl": (dict(model_type="qwen2_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
+    "qwen2_5_vl": (dict(model_type="qwen2_5_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
+    "qwen3_vl": (dict(model_type="qwen3_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
+    # expert width 24: no stacked expert is square, so transformers' loader tells its two layouts apart
+    "qwen3_vl_moe": (dict(model_type="qwen3_vl_moe_text", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                          **MROPE), QWEN_VISION, QWEN_TOP),
 }
+LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
+                  "model.norm.")  # the stored prefixes of the three layouts' text model
 
 
 def multimodal_model(wrapper: str) -> torch.nn.Module:
-    """transformers' whole multimodal model, fp32, eager attention, norms drawn away from their constant inits."""
+    """transformers' whole multimodal model, fp32, eager attention, norms and biases drawn away from their constant
+    inits."""
     text, vision, top = CASES[wrapper]
     config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text}, vision_config={**VISION, **vision},
-                                               image_token_index=VOCAB - 1, **top)
+                                               **({"image_token_index": VOCAB - 1} | top))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.5)
     return model
 
@@ -77,9 +109,10 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
 
     ours = load_model(str(tmp_path / "mm"))
     with safe_open(tmp_path / "mm" / "model.safetensors", "pt") as f:
-        vision = [k for k in f.keys() if not k.startswith("language_model.")]
+        vision = [k for k in f.keys() if not k.startswith(LANGUAGE_MODEL)]
     assert vision  # the tower and projector are there, and left out by count
-    text_type = CASES[wrapper][0]["model_type"]
+    text_config = CASES[wrapper][0]
+    text_type = text_config["model_type"]
     assert f"leaving out {len(vision)} vision/projector tensors" in capsys.readouterr().out
     with torch.no_grad():
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
@@ -91,10 +124,15 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
 
     convert(str(tmp_path / "mm"), "hf", str(tmp_path / "native"), "native")
     convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == text_type
-    text = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["model_type"] == text_type
+    assert written["rope_parameters"].get("mrope_section") == text_config.get("rope_parameters", {}).get("mrope_section")
     with torch.no_grad():
-        torch.testing.assert_close(text(x).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(TEXT_EXPORT.get(wrapper, causal_lm)(tmp_path / "hf")(x), want, rtol=1e-5, atol=1e-5)
+    if wrapper in PLAIN_EXPORT:
+        convert(str(tmp_path / "native"), "native", str(tmp_path / "plain"), "hf", Options(hf_family=PLAIN_EXPORT[wrapper]))
+        with torch.no_grad():
+            torch.testing.assert_close(causal_lm(tmp_path / "plain")(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_language_model_is_refused_by_name(tmp_path, capsys):

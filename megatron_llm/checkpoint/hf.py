@@ -75,6 +75,8 @@ REWRITTEN_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "dtype", "tor
 
 
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept across families too
+# M-RoPE's layout in a RoPE block (Qwen-VL): text reads it as RoPE (families/qwen_vl.py), the same family gets it back
+CARRIED_ROPE_KEYS = ("mrope_section", "mrope_interleaved")
 
 
 def export_hf_config(cfg: ModelConfig, dtype: str, base: Optional[dict] = None, model_type: Optional[str] = None) -> dict:
@@ -86,7 +88,12 @@ def export_hf_config(cfg: ModelConfig, dtype: str, base: Optional[dict] = None, 
     model_type = model_type or base.get("model_type") or infer_family(cfg)
     same_family = base.get("model_type") == model_type
     kept = {k: v for k, v in base.items() if k not in REWRITTEN_KEYS and (same_family or k in TOKEN_KEYS)}
-    return {**kept, **hf_config_from_model_config(cfg, model_type), "torch_dtype": dtype}
+    out = {**kept, **hf_config_from_model_config(cfg, model_type), "torch_dtype": dtype}
+    rope = base.get("rope_parameters") or base.get("rope_scaling") or {}
+    carried = {k: rope[k] for k in CARRIED_ROPE_KEYS if k in rope} if same_family else {}
+    if carried:  # after the family's own RoPE block, which text training reads without them
+        out["rope_parameters"] = {**out["rope_parameters"], **carried}
+    return out
 
 
 def hf_to_native(state_dict: dict, hf_config: dict) -> dict:

@@ -1,15 +1,18 @@
 """Multimodal checkpoints read as their language model: Llama 4 Scout/Maverick (llama4), Gemma 3 4b and up
-(gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava). Their config.json holds the text model's config under
-`text_config` and their safetensors hold its tensors under a prefix beside a vision tower and projector we do
-not model. A wrapper is data: its model_type and the config keys transformers reads from the top level
+(gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava), Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (their M-RoPE
+read as RoPE: families/qwen_vl.py). Their config.json holds the text model's config under `text_config` (the
+published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a prefix beside a
+vision tower and projector we do not model. A wrapper is data: its model_type and the config keys transformers reads from the top level
 rather than from text_config (it ties the head by the wrapper's tie_word_embeddings: Mistral 3's top level
 says true while its text_config says false). The text model then goes through its own family's table; an
 export writes that text family.
 
-The tensor prefixes are the same for every wrapper, in one of two layouts: the published checkpoints and
+The tensor prefixes are the same for every wrapper, in one of three layouts: the published checkpoints and
 transformers 5.x's save_pretrained (which reverses its conversion mapping on save) keep the language model
 whole under `language_model.` (language_model.model.layers..., language_model.lm_head.weight), while
-transformers 5.x's in-memory state_dict has model.language_model.layers... and lm_head.weight.
+transformers 5.x's in-memory state_dict (and the published Qwen3-VL) has model.language_model.layers... and
+lm_head.weight; Qwen2-VL and Qwen2.5-VL keep the text model's own names (model.layers..., lm_head.weight) beside
+`visual.`, as published and as transformers 5 saves them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ class Wrapper:
     model_type: str
     # config.json keys that hold at the wrapper's top level, over text_config's, when present there
     top_level: tuple[str, ...] = ("tie_word_embeddings", "vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+    # the text model_type of a config.json without text_config, whose text keys then sit at the top level (the
+    # published Qwen2-VL and Qwen2.5-VL, written by transformers 4.4x); None: text_config is required
+    flat_text_type: Optional[str] = None
 
 
 # transformers 4.x wrote a wrapper's text_config as a diff against its text config class's defaults, so the
@@ -42,14 +48,18 @@ TEXT_DEFAULTS: dict[str, dict] = {
                   hidden_act="silu", tie_word_embeddings=False),
 }
 
-WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"),
-                                                        Wrapper("llava"))}
+WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (
+    Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"), Wrapper("llava"),
+    Wrapper("qwen2_vl", flat_text_type="qwen2_vl_text"), Wrapper("qwen2_5_vl", flat_text_type="qwen2_5_vl_text"),
+    Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"))}
+VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that are not the text model's
 
 # (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where
 # the text model's embedding is found.
 LAYOUTS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("", "language_model."),),  # published and saved: the whole *ForCausalLM under language_model
-    (("model.", "model.language_model."), ("lm_head.", "lm_head.")),  # transformers 5.x in memory
+    (("model.", "model.language_model."), ("lm_head.", "lm_head.")),  # transformers 5.x in memory, Qwen3-VL
+    (("model.", "model."), ("lm_head.", "lm_head.")),  # Qwen2-VL, Qwen2.5-VL: the text model's names beside visual.
 )
 EMBEDDING = "model.embed_tokens.weight"  # the text model's embedding in every family a wrapper holds
 
@@ -75,6 +85,8 @@ def text_config(hf: dict) -> dict:
     if wrapper is None:
         return hf
     text = hf.get("text_config")
+    if text is None and wrapper.flat_text_type is not None:
+        text = {**{k: v for k, v in hf.items() if k not in VISION_KEYS}, "model_type": wrapper.flat_text_type}
     if not isinstance(text, dict) or "model_type" not in text:
         raise UsageError(f"config.json of model_type {wrapper.model_type} lacks a text_config with a model_type: "
                          "is it complete?")
