@@ -20,11 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_llm.checkpoint.megatron_attention import YARN_ARGS
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer import multi_latent_attention
@@ -74,7 +78,15 @@ def transformer_config_from_args(args) -> TransformerConfig:
     )
     if args.swiglu:
         kw.update(activation_func=F.silu, gated_linear_unit=True)
-    return config_class(**kw)
+    if getattr(args, "quick_geglu", False):  # gpt-oss's clamped SwiGLU, with glu_linear_offset and the clamp value
+        kw.update(activation_func=quick_gelu, gated_linear_unit=True)
+    config = config_class(**kw)
+    # YaRN's settings are no TransformerConfig fields: GPTModel and attention read them with getattr (Megatron-LM's
+    # --enable-gpt-oss and Megatron-Bridge set them on the config the same way)
+    for name in YARN_ARGS:
+        if hasattr(args, name):
+            setattr(config, name, getattr(args, name))
+    return config
 
 
 def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
@@ -186,8 +198,16 @@ def forward_on_cpu():
 
     tracker = lambda *a, **k: types.SimpleNamespace(fork=contextlib.nullcontext)  # noqa: E731
     return patched([CPU_DEVICE, (tensor_parallel, "get_cuda_rng_tracker", tracker),
+                    (fused_softmax, "get_sliding_window_causal_mask", _sliding_window_causal_mask),
                     (moe_utils, "get_cuda_rng_tracker", tracker),
                     (moe_utils, "te_general_gemm", getattr(moe_utils, "te_general_gemm", None))])
+
+
+def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple) -> torch.Tensor:
+    """megatron-core's get_sliding_window_causal_mask (transformer/utils.py), which builds its mask on "cuda", on
+    the CPU: True where a query may not see a key, i.e. outside [i - left, i + right] (offset by skv - sq)."""
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
 
 def logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:

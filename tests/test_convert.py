@@ -5,6 +5,7 @@ random models are built from transformers config objects in temporary directorie
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -42,11 +43,16 @@ FAMILIES = {
         "original_max_position_embeddings": 8192})),
 }
 # Megatron's rotary_percent and rotary_interleaved, checked against megatron-core alone (test_families.py round-trips
-# them at tp 2 x pp 2): half of each head rotated, in halves (LayerNorm with biases) or in interleaved pairs.
+# them at tp 2 x pp 2): half of each head rotated, in halves (LayerNorm with biases) or in interleaved pairs; YaRN.
 ROPE_FAMILIES = {
     "stablelm": ("StableLm", dict(use_qkv_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                       "partial_rotary_factor": 0.5})),
     "glm": ("Glm", dict(head_dim=8, pad_token_id=0)),
+    # YaRN (truncate by default) on grouped-query attention, megatron-core's position_embedding_type yarn; sliding
+    # windows on the last two layers (window_attn_skip_freq as a list)
+    "qwen3-yarn": ("Qwen3", dict(head_dim=24, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                  "original_max_position_embeddings": 16})),
 }
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1)]
 TOKENIZER = '{"version": "1.0", "model": {"type": "BPE"}}'  # carried through, never parsed
@@ -239,6 +245,59 @@ def test_megatron_core_forward_matches_transformers(mcore, hf_dirs, tmp_path, fa
     x = tokens()
     logits = mcore.logits(model, x)[..., :VOCAB]  # drop the padding rows' logits
     torch.testing.assert_close(logits, hf(x).logits.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_yarn_round_trips_at_tp2_pp2_with_its_windows(hf_dirs, tmp_path):
+    src, _ = hf_dirs["qwen3-yarn"]
+    convert(str(src), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
+    args = megatron_shards(tmp_path / "mg")["mp_rank_01_001"]["args"]
+    assert (args.position_embedding_type, args.yarn_correction_range_round_to_int, args.window_size,
+            args.window_attn_skip_freq) == ("yarn", True, (7, 0), [0, 0, 1, 1])
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "hf"), "hf")
+    assert_same_tensors(hf_tensors(src), hf_tensors(tmp_path / "hf"))
+    assert model_config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path / "hf").to_dict()) == \
+        model_config_from_hf(transformers.AutoConfig.from_pretrained(src).to_dict())
+
+
+# YaRN settings (rope_scaling over head_dim, rope_theta): gpt-oss's (truncate False), Qwen3's (truncate by default),
+# DeepSeek's mscale pair, and an attention_factor equal to the one megatron-core derives.
+YARN = {
+    "gpt-oss": ({"factor": 32.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False}, 64, 150000.0),
+    "qwen3": ({"factor": 4.0, "original_max_position_embeddings": 32768}, 128, 1000000.0),
+    "mscale": ({"factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 0.707, "mscale_all_dim": 1.0}, 64,
+               10000.0),
+    "attention-factor": ({"factor": 8.0, "original_max_position_embeddings": 2048, "beta_fast": 16.0,
+                          "attention_factor": 0.1 * math.log(8.0) + 1.0}, 32, 500000.0),
+}
+
+
+@pytest.mark.parametrize("case", YARN)
+def test_yarn_args_give_megatron_cores_frequencies_and_factor(mcore, case):
+    """megatron-core's YarnRotaryEmbedding, built from the yarn_* args we write, gives our model's angles and cos/sin
+    factor exactly; an attention factor it does not derive, or YaRN on part of the head, is refused by name."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding
+
+    from megatron_llm.checkpoint.megatron_attention import YARN_ARGS
+    from megatron_llm.model.rope import rope_frequencies
+
+    keys, head_dim, theta = YARN[case]
+    cfg = ModelConfig(hidden_size=64, num_heads=2, head_dim=head_dim, rope_theta=theta, max_seq_len=64,
+                      rope_scaling={"rope_type": "yarn", **keys})
+    args = megatron_args(cfg, Layout.of(cfg, 1, 1), torch.float32, "local")
+    assert model_config_from_args(args).rope_scaling is not None
+    with mcore.patched([mcore.CPU_DEVICE]):
+        theirs = YarnRotaryEmbedding(head_dim, rotary_base=args.rotary_base, use_cpu_initialization=True,
+                                     **{k.replace("yarn_", "").replace("rotary_", ""): getattr(args, k) for k in YARN_ARGS})
+        emb, factor = theirs.get_emb(64)
+    inv_freq, ours = rope_frequencies(head_dim, theta, cfg.rope_scaling, 64)
+    assert torch.equal(emb[:, 0, 0, : head_dim // 2], torch.outer(torch.arange(64.0), inv_freq)) and factor == ours
+    with pytest.raises(UsageError, match=r"model\.rope_fraction=0\.5: megatron-core's YaRN takes its frequencies over "
+                                         r"the whole kv_channels"):
+        megatron_args(dataclasses.replace(cfg, rope_fraction=0.5), Layout.of(cfg, 1, 1), torch.float32, "local")
+    other = dataclasses.replace(cfg, rope_scaling={**cfg.rope_scaling, "attention_factor": 1.25})
+    with pytest.raises(UsageError, match=r"attention_factor 1\.25: megatron-core multiplies cos and sin by"):
+        megatron_args(other, Layout.of(cfg, 1, 1), torch.float32, "local")
 
 
 def test_an_odd_rotary_width_is_refused_both_ways():

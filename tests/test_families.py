@@ -42,8 +42,8 @@ CASES = {
     "exaone": ({}, True),
     "vaultgemma": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
                         query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0), False),
-    "mistral": (dict(sliding_window=WINDOW), False),
-    "ministral": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
+    "mistral": (dict(sliding_window=WINDOW), True),  # Megatron's window_size
+    "ministral": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), True),
     "qwen2": ({}, True),
     "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
@@ -69,7 +69,7 @@ CASES = {
     "jais2": ({}, False),
     "nanochat": (dict(final_logit_softcapping=3.0), False),
     "cwm": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"], rope_parameters={
-        "rope_type": "default", "rope_theta": 10000.0}), False),
+        "rope_type": "default", "rope_theta": 10000.0}), True),
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),
     "helium": (dict(head_dim=16, attention_bias=True), True),  # interleaved pairs
     "exaone4": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),

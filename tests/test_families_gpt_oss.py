@@ -1,9 +1,12 @@
 """gpt-oss against transformers' own model, tiny and random (fp32, CPU), with its sinks, biases, norms and router
 bias drawn away from their inits so a mapping mistake shows: logits and the router's choices, the Hugging Face
-round trip through native (bit exact), one training step's loss (with the load-balancing loss) and gradients, and
-Megatron-LM's refusal by name."""
+round trip through native (bit exact), one training step's loss (with the load-balancing loss) and gradients; and
+Megatron-LM: the round trip through tp2 x pp2 x ep2 (bit exact), megatron-core's GPTModel strict-loading every file
+and, at tp=pp=ep=1, giving transformers' logits, and what it cannot hold refused by name."""
 
 from __future__ import annotations
+
+import argparse
 
 import pytest
 import torch
@@ -13,8 +16,9 @@ import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families.gpt_oss import interleave_gate_up, transposed_experts
+from megatron_llm.checkpoint.megatron_io import safe_load
 from megatron_llm.errors import UsageError
-from tests.test_families import SMALL, WINDOW, tokens
+from tests.test_families import SMALL, VOCAB, WINDOW, tokens
 from tests.test_families_moe import _kept, our_routes, our_sgd_step, random_hf_model, saved
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -26,9 +30,15 @@ CONFIG = dict(SMALL, head_dim=16, num_local_experts=4, num_experts_per_tok=2, ro
                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
 
 
-def hf_model() -> torch.nn.Module:
+# megatron-core's quick_gelu fixes the clamped SwiGLU's alpha at gpt-oss's 1.702; YaRN over 64 original positions,
+# where truncate False moves the ramp's top end (2.0 -> 3 rounded) and so the logits
+MEGATRON_CONFIG = {**CONFIG, "swiglu_alpha": 1.702,
+                   "rope_parameters": {**CONFIG["rope_parameters"], "original_max_position_embeddings": 64}}
+
+
+def hf_model(config: dict = CONFIG) -> torch.nn.Module:
     # seed 1: a draw whose routers use every expert in both layers (seed 0's second uses two)
-    return random_hf_model("gpt_oss", CONFIG, seed=1, routers=("router.weight",))
+    return random_hf_model("gpt_oss", config, seed=1, routers=("router.weight",))
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +105,85 @@ def test_quantized_checkpoint_is_one_line():
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
 
 
-def test_megatron_output_is_refused_by_name(hf_dir, tmp_path):
-    path, _ = hf_dir
-    with pytest.raises(UsageError, match=r"^Megatron-LM cannot express model\.attention_sinks"):
-        convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=1, pp=1, ep=1))
+@pytest.fixture(scope="module")
+def megatron_dir(tmp_path_factory):
+    """(hf directory, the transformers model, the same written as Megatron-LM at tp2 x pp2 x ep2)."""
+    path, hf = saved(hf_model(MEGATRON_CONFIG), tmp_path_factory.mktemp("gpt_oss_megatron") / "hf")
+    convert(str(path), "hf", str(path.parent / "mg"), "megatron", Options(tp=2, pp=2, ep=2))
+    return path, hf, path.parent / "mg"
+
+
+def test_megatron_round_trip_at_tp2_pp2_ep2_is_bit_exact(megatron_dir, tmp_path):
+    """Sinks, every bias (router and experts' included), the clamped SwiGLU, alternating windows and YaRN written as
+    the args Megatron-LM reads; biased experts are whole on each rank (megatron-core: expert tensor parallelism 1), so
+    tp2 x ep2 is parallel folding: 2 files per stage."""
+    from safetensors.torch import load_file
+
+    path, _, mg = megatron_dir
+    files = sorted(p.parent.name for p in (mg / "release").glob("*/model_optim_rng.pt"))
+    assert files == ["mp_rank_00_000_000", "mp_rank_00_001_000", "mp_rank_01_000_001", "mp_rank_01_001_001"]
+    args = vars(safe_load(mg / "release" / files[0] / "model_optim_rng.pt")["args"])
+    assert {k: args[k] for k in ("add_bias_linear", "softmax_type", "swiglu", "quick_geglu", "glu_linear_offset",
+                                 "activation_func_clamp_value", "window_size", "window_attn_skip_freq",
+                                 "position_embedding_type", "yarn_rotary_scaling_factor", "yarn_correction_range_round_to_int",
+                                 "expert_tensor_parallel_size")} == dict(
+        add_bias_linear=True, softmax_type="learnable", swiglu=False, quick_geglu=True, glu_linear_offset=1.0,
+        activation_func_clamp_value=0.2, window_size=(WINDOW - 1, 0), window_attn_skip_freq=2,
+        position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_correction_range_round_to_int=False,
+        expert_tensor_parallel_size=1)
+    convert(str(mg), "megatron", str(tmp_path / "hf"), "hf")
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# Each piece written off, one at a time: megatron-core's forward must then move away from transformers' logits.
+PIECES = {"sinks": dict(softmax_type="vanilla"), "windows": dict(window_size=None),
+          "clamp": dict(activation_func_clamp_value=None), "YaRN truncate": dict(yarn_correction_range_round_to_int=True),
+          "YaRN": dict(position_embedding_type="rope")}
+
+
+def test_megatron_core_loads_every_file_and_its_forward_equals_transformers(mcore, megatron_dir, tmp_path):
+    """Every file strict-loads into the GPTModel megatron-core builds for its (tp, pp, ep) rank, each rank's sinks
+    being its heads' (softmax_offset); at tp=pp=ep=1 megatron-core's forward (learnable softmax offset, quick_gelu
+    with glu_linear_offset 1 and the clamp, window_attn_skip_freq 2, YarnRotaryEmbedding, biased router and experts)
+    gives transformers' logits (fp32, 1e-5) with the same experts chosen, and loses them with any piece written off."""
+    from tests.test_convert_moe import routing_of_megatron_core
+
+    path, hf, mg = megatron_dir
+    sinks = megatron_llm.load_model(path).state_dict()["layers.1.attention.sinks.weight"]
+    for file in sorted((mg / "release").glob("*/model_optim_rng.pt")):
+        t, p, e = map(int, file.parent.name.split("_")[2:])
+        shard = safe_load(file)
+        mcore.gpt_model(shard["args"], t, p, e).load_state_dict(shard["model"], strict=True)
+        if p == 1:
+            assert torch.equal(shard["model"]["decoder.layers.0.self_attention.core_attention.softmax_offset"],
+                               sinks.chunk(2)[t])
+    convert(str(path), "hf", str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    model = mcore.gpt_model(shard["args"], 0, 0).eval()
+    model.load_state_dict(shard["model"], strict=True)
+    theirs = routing_of_megatron_core(model)
+    x = tokens()
+    with torch.no_grad():
+        expected = hf(x).logits
+    torch.testing.assert_close(mcore.logits(model, x)[..., :VOCAB], expected, atol=1e-5, rtol=1e-5)
+    ours = our_routes(megatron_llm.load_model(path), x)
+    assert len(theirs) == len(ours) == 2  # [tokens, E] maps against [tokens, k] sorted indices
+    assert all(torch.equal(m.nonzero()[:, 1].view(-1, 2), r) for m, r in zip(theirs, ours))
+    for piece, values in PIECES.items():
+        args = argparse.Namespace(**{**vars(shard["args"]), **values})
+        off = mcore.gpt_model(args, 0, 0).eval()
+        off.load_state_dict(shard["model"], strict=False)
+        assert (mcore.logits(off, x)[..., :VOCAB] - expected).abs().max() > 1e-3, piece
+
+
+def test_megatron_refuses_what_megatron_core_cannot_hold_by_name(hf_dir, megatron_dir, tmp_path):
+    """Another alpha than quick_gelu's 1.702, and biased experts split by tensor parallelism: one line each, nothing
+    written."""
+    with pytest.raises(UsageError, match=r"^Megatron-LM cannot express model\.swiglu_alpha=1\.5: its clamped SwiGLU is "
+                                         r"quick_gelu"):
+        convert(str(hf_dir[0]), "hf", str(tmp_path / "mg"), "megatron", Options(tp=1, pp=1, ep=1))
+    with pytest.raises(UsageError, match=r"^--etp 2: megatron-core gives experts biases only at expert tensor "
+                                         r"parallelism 1"):
+        convert(str(megatron_dir[0]), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, etp=2))
     assert not (tmp_path / "mg").exists()

@@ -7,8 +7,11 @@ rank t is cat([gate_t, up_t]); linear_proj and linear_fc2 split their input dim;
 to a multiple of 128 * tp with copies of the last row. RoPE needs no permutation (rotate-half or interleaved pairs
 over the same leading dims on both sides: rotary_interleaved, rotary_percent). Latent attention's projections
 (LATENT_TO_NATIVE) are all column-parallel: dim 0 in contiguous blocks, whole heads for the up projections.
-Both directions read MEGATRON_TO_NATIVE; the MoE and latent-attention args are megatron_moe.py's and
-megatron_mla.py's; reading and writing files is megatron_io.py's job.
+Both directions read MEGATRON_TO_NATIVE; the MoE, latent-attention, YaRN and sliding-window args are megatron_moe.py's,
+megatron_mla.py's and megatron_attention.py's; reading and writing files is megatron_io.py's job. gpt-oss's pieces:
+attention sinks are DotProductAttention's learnable softmax_offset (softmax_type learnable), its clamped SwiGLU is
+quick_gelu with glu_linear_offset 1 and activation_func_clamp_value, and add_bias_linear gives the router and the
+experts biases (megatron-core: at expert tensor parallelism 1 only).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from megatron_llm.checkpoint.megatron_attention import window_args, window_config, yarn_args, yarn_scaling
 from megatron_llm.checkpoint.megatron_mla import latent_config, mla_args
 from megatron_llm.checkpoint.megatron_moe import moe_args, moe_config, moe_pattern
 from megatron_llm.config import ModelConfig
@@ -44,6 +48,8 @@ MEGATRON_TO_NATIVE = {
     "decoder.layers.{i}.self_attention.k_layernorm.weight": (("layers.{i}.attention.k_norm.weight",), REPLICATED),
     "decoder.layers.{i}.self_attention.linear_proj.weight": (("layers.{i}.attention.wo.weight",), ROW),
     "decoder.layers.{i}.self_attention.linear_proj.bias": (("layers.{i}.attention.wo.bias",), REPLICATED),
+    # softmax_type learnable: one sink logit per head (DotProductAttention's), split with the heads
+    "decoder.layers.{i}.self_attention.core_attention.softmax_offset": (("layers.{i}.attention.sinks.weight",), COLUMN),
     "decoder.layers.{i}.pre_mlp_layernorm.weight": (("layers.{i}.ffn_norm.weight",), REPLICATED),
     "decoder.layers.{i}.pre_mlp_layernorm.bias": (("layers.{i}.ffn_norm.bias",), REPLICATED),
     "decoder.layers.{i}.mlp.linear_fc1.weight": (("layers.{i}.feed_forward.w1.weight", "layers.{i}.feed_forward.w3.weight"), GATED),
@@ -54,12 +60,21 @@ MEGATRON_TO_NATIVE = {
     # LOCAL to its expert-parallel rank; ours are stacked [E, ...] tensors, one entry per expert (Entry.expert).
     "decoder.layers.{i}.mlp.router.weight": (("layers.{i}.feed_forward.router.weight",), REPLICATED),
     "decoder.layers.{i}.mlp.router.expert_bias": (("layers.{i}.feed_forward.router.expert_bias",), REPLICATED),
+    # add_bias_linear: the router's logits, each expert's fc1 (gate then up, as the weight) and fc2, whose bias a
+    # row-parallel layer adds once, after its sum over the ranks
+    "decoder.layers.{i}.mlp.router.bias": (("layers.{i}.feed_forward.router.bias",), REPLICATED),
     "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc1.weight": (
         ("layers.{i}.feed_forward.experts.w1", "layers.{i}.feed_forward.experts.w3"), GATED),
+    "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc1.bias": (
+        ("layers.{i}.feed_forward.experts.w1_bias", "layers.{i}.feed_forward.experts.w3_bias"), GATED),
     "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc2.weight": (("layers.{i}.feed_forward.experts.w2",), ROW),
+    "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc2.bias": (("layers.{i}.feed_forward.experts.w2_bias",), REPLICATED),
     "decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight": (
         ("layers.{i}.feed_forward.shared_experts.w1.weight", "layers.{i}.feed_forward.shared_experts.w3.weight"), GATED),
+    "decoder.layers.{i}.mlp.shared_experts.linear_fc1.bias": (
+        ("layers.{i}.feed_forward.shared_experts.w1.bias", "layers.{i}.feed_forward.shared_experts.w3.bias"), GATED),
     "decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight": (("layers.{i}.feed_forward.shared_experts.w2.weight",), ROW),
+    "decoder.layers.{i}.mlp.shared_experts.linear_fc2.bias": (("layers.{i}.feed_forward.shared_experts.w2.bias",), REPLICATED),
     "decoder.layers.{i}.mlp.shared_experts.gate_weight": (("layers.{i}.feed_forward.shared_gate.weight",), REPLICATED),
     "decoder.final_layernorm.weight": (("norm.weight",), REPLICATED),
     "decoder.final_layernorm.bias": (("norm.bias",), REPLICATED),
@@ -96,12 +111,14 @@ SPECS = ("local", "te")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's default; the padded vocabulary is a multiple of this * tp
 # Values an architecture arg may take for our model to express it (None: absent, Megatron's default).
 SUPPORTED_ARGS = {
-    "position_embedding_type": ("rope",), "swiglu": (True,), "normalization": ("RMSNorm", "LayerNorm", None),
+    "position_embedding_type": ("rope", "yarn"), "normalization": ("RMSNorm", "LayerNorm", None),
+    "softmax_type": ("vanilla", "learnable", None),  # off-by-one: a sink fixed at 0, not a parameter of ours
     "apply_layernorm_1p": (False, None),
     "virtual_pipeline_model_parallel_size": (None, 1),
     "mtp_num_layers": (None, 0),  # DeepSeek-V3's multi-token prediction layers: our model has none
     "experimental_attention_variant": (None,),  # e.g. DeepSeek-V3.2's sparse attention (dsa)
 }
+QUICK_GELU_ALPHA = 1.702  # megatron-core's quick_gelu: x * sigmoid(1.702 x), gpt-oss's swiglu_alpha
 # Megatron's Llama-3 RoPE scaling takes only the factor; the rest is fixed in megatron-core.
 MEGATRON_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
@@ -144,7 +161,10 @@ class Layout:
             raise UsageError(f"--ep {ep} splits the experts of a mixture-of-experts model, and this model has none; drop --ep")
         if etp not in (None, tp) and not cfg.moe_experts:
             raise UsageError(f"--etp {etp} splits the experts of a mixture-of-experts model, and this model has none; drop --etp")
-        etp = tp if etp is None else etp
+        if cfg.moe_ffn_bias and etp not in (None, 1):
+            raise UsageError(f"--etp {etp}: megatron-core gives experts biases only at expert tensor parallelism 1 "
+                             "(its TransformerConfig asserts it); use --etp 1")
+        etp = (1 if cfg.moe_ffn_bias else tp) if etp is None else etp  # biased experts: whole experts per rank
         if etp < 1 or tp % etp:
             # A legacy file is named by its dense tp rank t and holds expert slice (rank % etp), which is t % etp
             # only when etp divides tp; otherwise files of different slices share a name (Megatron overwrites them).
@@ -317,20 +337,14 @@ def merge(entry: Entry, shards: list[torch.Tensor], layout: Layout) -> list[torc
 def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
     """Every architecture field Megatron-LM reads, for `cfg` at `layout`; UsageError if Megatron cannot
     express the model."""
-    gpt_oss = [f"model.{k}" for k in ("attention_sinks", "moe_router_bias", "moe_ffn_bias") if getattr(cfg, k)]
-    gpt_oss += ["model.mlp=swiglu_clamped"] if cfg.mlp == "swiglu_clamped" else []
-    if gpt_oss:  # before the RoPE and bias refusals, which would name less
-        raise UsageError(f"Megatron-LM cannot express {', '.join(gpt_oss)} (gpt-oss's "
-                         "sinks, router and expert biases, clamped SwiGLU): our Megatron table writes none; convert to "
-                         "native or hf instead")
     scaling = cfg.rope_scaling
     if cfg.attention == "mla" and spec == "te":
         raise UsageError("--megatron-spec te fuses latent attention's norms into its up projections, names we do not "
                          "write: use --megatron-spec local")
-    if cfg.attention != "mla" and scaling is not None and (scaling["rope_type"] != "llama3" or
-                                {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
-        raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is Llama-3's "
-                         f"with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
+    if cfg.attention != "mla" and scaling is not None and scaling["rope_type"] != "yarn" and (
+            scaling["rope_type"] != "llama3" or {k: float(scaling[k]) for k in MEGATRON_LLAMA3} != MEGATRON_LLAMA3):
+        raise UsageError(f"Megatron-LM cannot express model.rope_scaling={scaling!r}: its RoPE scaling is YaRN or "
+                         f"Llama-3's with {MEGATRON_LLAMA3} fixed; convert to native or hf instead")
     if cfg.attention != "mla" and cfg.position == "rope" and megatron_rope_dims(cfg.head_dim, cfg.rope_fraction) % 2:
         raise UsageError(f"Megatron-LM cannot express model.rope_fraction={cfg.rope_fraction} of head_dim {cfg.head_dim}: "
                          f"it would rotate {megatron_rope_dims(cfg.head_dim, cfg.rope_fraction)} dims, an odd count, "
@@ -338,10 +352,14 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     if cfg.moe_experts and spec == "te":
         raise UsageError("--megatron-spec te has no mixture-of-experts names we write (its experts are grouped Transformer "
                          "Engine modules): use --megatron-spec local")
-    if cfg.moe_experts and (cfg.out_bias or cfg.mlp_bias):
-        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, which our experts lack: convert "
-                         "a mixture-of-experts model with linear biases to native or hf instead")
-    args = argparse.Namespace(**{**vars(_args(cfg, layout, dtype, spec)), **moe_args(cfg, layout), **mla_args(cfg)})
+    _check_linear_biases(cfg)
+    if cfg.mlp == "swiglu_clamped" and cfg.swiglu_alpha != QUICK_GELU_ALPHA:
+        raise UsageError(f"Megatron-LM cannot express model.swiglu_alpha={cfg.swiglu_alpha}: its clamped SwiGLU is "
+                         f"quick_gelu, x * sigmoid({QUICK_GELU_ALPHA} x); convert to native or hf instead")
+    extra = {**moe_args(cfg, layout), **mla_args(cfg)}
+    if cfg.attention != "mla":
+        extra.update(yarn_args(cfg))
+    args = argparse.Namespace(**{**vars(_args(cfg, layout, dtype, spec)), **window_args(cfg), **extra})
     # Every field must survive a read back: what Megatron cannot express is refused here, by name.
     read_back = model_config_from_args(args)
     back = dataclasses.asdict(read_back)
@@ -352,12 +370,38 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
+    if not _dense_mlps(cfg):  # add_bias_linear says nothing of MLPs the model does not have
+        back.update(mlp_bias=cfg.mlp_bias, linear_bias=cfg.linear_bias)
+    if _windows(read_back) == _windows(cfg):  # the same layers sliding, however the fields say it
+        back.update(layer_types=cfg.layer_types, sliding_window=cfg.sliding_window)
     if _same_rotation(read_back, cfg):  # the same frequencies and factor, optional keys given or left to defaults
         back["rope_scaling"] = cfg.rope_scaling
     for key, value in dataclasses.asdict(cfg).items():
         if back[key] != value:
             raise UsageError(f"Megatron-LM cannot express model.{key}={value!r}; convert to native or hf instead")
     return args
+
+
+def _windows(cfg: ModelConfig) -> list[Optional[int]]:
+    return [cfg.layer(i).window for i in range(cfg.num_layers)]
+
+
+def _dense_mlps(cfg: ModelConfig) -> bool:
+    """Whether the model has an MLP outside its routed experts: a dense layer or shared experts."""
+    return not cfg.moe_experts or cfg.moe_shared_ffn_hidden_size > 0 or not all(moe_pattern(cfg))
+
+
+def _check_linear_biases(cfg: ModelConfig) -> None:
+    """Megatron-LM's add_bias_linear is one switch for every linear layer but the fused QKV: our biases on the
+    attention output, the router, the experts and any dense MLP must be all on or all off."""
+    if not cfg.moe_experts:
+        return
+    pieces = {"out_bias": cfg.out_bias, "moe_router_bias": cfg.moe_router_bias, "moe_ffn_bias": cfg.moe_ffn_bias,
+              **({"mlp_bias": cfg.mlp_bias} if _dense_mlps(cfg) else {})}
+    if len(set(pieces.values())) > 1:
+        have = ", ".join(f"model.{k}={v}" for k, v in pieces.items())
+        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, the router one, the attention "
+                         f"output and dense MLPs theirs, all or none: this model has {have}; convert to native or hf instead")
 
 
 def _same_rotation(a: ModelConfig, b: ModelConfig) -> bool:
@@ -370,6 +414,7 @@ def _same_rotation(a: ModelConfig, b: ModelConfig) -> bool:
 
 def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> argparse.Namespace:
     scaling, theta = cfg.rope_scaling, cfg.rope_theta
+    llama3 = scaling is not None and scaling["rope_type"] == "llama3"  # YaRN: yarn_args
     return argparse.Namespace(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_heads, num_query_groups=cfg.num_kv_heads,
@@ -380,11 +425,16 @@ def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> ar
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm", norm_epsilon=cfg.norm_eps,
-        apply_layernorm_1p=False, swiglu=True, qk_layernorm=cfg.qk_norm,
+        apply_layernorm_1p=False, qk_layernorm=cfg.qk_norm,
+        # SwiGLU, or gpt-oss's clamped one: quick_gelu(min(g, c)) * (clamp(u, -c, c) + 1) (megatron-core's MLP glu)
+        swiglu=cfg.mlp != "swiglu_clamped", quick_geglu=cfg.mlp == "swiglu_clamped",
+        glu_linear_offset=1.0 if cfg.mlp == "swiglu_clamped" else 0.0,
+        activation_func_clamp_value=cfg.swiglu_limit if cfg.mlp == "swiglu_clamped" else None,
+        softmax_type="learnable" if cfg.attention_sinks else "vanilla",  # sinks: DotProductAttention's softmax_offset
         position_embedding_type="rope", use_rotary_position_embeddings=True, add_position_embedding=False,
         rotary_base=int(theta) if float(theta).is_integer() else theta, rotary_percent=cfg.rope_fraction,
         rotary_interleaved=cfg.rope_interleaved,
-        use_rope_scaling=scaling is not None, rope_scaling_factor=float(scaling["factor"]) if scaling else 8.0,
+        use_rope_scaling=llama3, rope_scaling_factor=float(scaling["factor"]) if llama3 else 8.0,
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
         add_bias_linear=cfg.out_bias, add_qkv_bias=cfg.qkv_bias,
         init_method_std=cfg.init_std, hidden_dropout=0.0, attention_dropout=0.0,
@@ -408,7 +458,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     bias = bool(arg("add_bias_linear", True))
     scaling = (
         {"rope_type": "llama3", "factor": float(arg("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3}
-        if arg("use_rope_scaling") else None
+        if arg("use_rope_scaling") else yarn_scaling(args) if arg("position_embedding_type") == "yarn" else None
     )
     head_dim, fraction = arg("kv_channels") or args.hidden_size // heads, float(arg("rotary_percent") or 1.0)
     if 0 < fraction < 1 and megatron_rope_dims(head_dim, fraction) % 2:
@@ -419,12 +469,30 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         vocab_size=arg("vocab_size") or args.padded_vocab_size,  # Megatron-LM itself does not always record it
         hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=heads, num_kv_heads=groups,
         head_dim=head_dim,
-        ffn_hidden_size=arg("ffn_hidden_size") or 4 * args.hidden_size, mlp="swiglu",
+        ffn_hidden_size=arg("ffn_hidden_size") or 4 * args.hidden_size, **_mlp_config(args),
+        attention_sinks=arg("softmax_type") == "learnable",
         norm="rmsnorm" if arg("normalization") == "RMSNorm" else "layernorm", norm_eps=arg("norm_epsilon", 1e-5),
         max_seq_len=arg("max_position_embeddings") or args.seq_length, rope_theta=float(arg("rotary_base", 10000)),
         rope_scaling=scaling, rope_fraction=fraction, rope_interleaved=bool(arg("rotary_interleaved")),
         qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
-        init_std=arg("init_method_std", 0.02), **moe_config(args),
+        init_std=arg("init_method_std", 0.02), **moe_config(args), **window_config(args),
     )
-    return ModelConfig(**{**fields, **latent_config(args)})
+    fields = {**fields, **latent_config(args)}
+    if fields.get("moe_experts") and not _dense_mlps(ModelConfig(**fields)):
+        fields["mlp_bias"] = False  # no MLP to hold one: the form our tables give an all-MoE model with biases
+    return ModelConfig(**fields)
+
+
+def _mlp_config(args: argparse.Namespace) -> dict:
+    """model.mlp (and the clamped SwiGLU's fields) from Megatron-LM's activation args, or UsageError."""
+    offset, clamp = getattr(args, "glu_linear_offset", None) or 0.0, getattr(args, "activation_func_clamp_value", None)
+    if getattr(args, "quick_geglu", False):
+        if offset != 1.0 or clamp is None:
+            raise UsageError(f"Megatron checkpoint has quick_geglu with glu_linear_offset={offset} and "
+                             f"activation_func_clamp_value={clamp}: ours is gpt-oss's, offset 1.0 and a clamp")
+        return dict(mlp="swiglu_clamped", swiglu_alpha=QUICK_GELU_ALPHA, swiglu_limit=float(clamp))
+    if not getattr(args, "swiglu", False) or offset != 0.0 or clamp is not None:
+        raise UsageError(f"Megatron checkpoint has swiglu={getattr(args, 'swiglu', None)!r} (glu_linear_offset={offset}, "
+                         f"activation_func_clamp_value={clamp}): we read SwiGLU or gpt-oss's clamped quick GeGLU")
+    return dict(mlp="swiglu")

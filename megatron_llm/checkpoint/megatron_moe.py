@@ -115,9 +115,6 @@ def moe_config(args: argparse.Namespace) -> dict:
     experts = arg("num_experts")
     if not experts:
         return {}
-    if arg("add_bias_linear", True):
-        raise refuse("add_bias_linear", "its experts have biases, which our stacked experts lack; convert it with "
-                     "Megatron-LM's own tools")
     balancing = arg("moe_router_load_balancing_type", "aux_loss")
     if not isinstance(balancing, str) or balancing not in LOAD_BALANCING:
         raise refuse("moe_router_load_balancing_type", f"we read only one of {', '.join(LOAD_BALANCING)} (our router "
@@ -160,4 +157,6 @@ def moe_config(args: argparse.Namespace) -> dict:
         moe_aux_loss_coeff=float(arg("moe_aux_loss_coeff", 0.0)), moe_z_loss_coeff=float(arg("moe_z_loss_coeff", 0.0)),
         # Megatron-LM takes its router losses per layer, so training continues as it did (and with pp > 1).
         moe_aux_loss_scope=scope, moe_aux_loss_global=balance_global,
+        # add_bias_linear gives the router's logits and every expert's projections biases too
+        moe_router_bias=bool(arg("add_bias_linear", True)), moe_ffn_bias=bool(arg("add_bias_linear", True)),
     )
