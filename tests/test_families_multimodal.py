@@ -135,14 +135,22 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
             torch.testing.assert_close(causal_lm(tmp_path / "plain")(x), want, rtol=1e-5, atol=1e-5)
 
 
-def test_unsupported_language_model_is_refused_by_name(tmp_path, capsys):
-    """Ministral 3 wraps its text model as mistral3 with text_config model_type ministral3, which we lack."""
-    config = {"model_type": "mistral3", "text_config": {**TEXT, "model_type": "ministral3"}, "vision_config": VISION}
+@pytest.mark.parametrize("config, named", [
+    # Ministral 3 wraps its text model as mistral3 with text_config model_type ministral3, which we lack
+    ({"model_type": "mistral3", "text_config": {**TEXT, "model_type": "ministral3"}, "vision_config": VISION},
+     ("mistral3 checkpoint", "'ministral3'")),
+    # sections covering 10 of head_dim 8's rotated dims (transformers' Qwen2-VL fails on them; Qwen3-VL's slices
+    # would silently drop or repeat frequencies), in Qwen2-VL's flat transformers 4 layout
+    ({"model_type": "qwen2_vl", **TEXT, "max_position_embeddings": 64,
+      "rope_scaling": {"type": "mrope", "mrope_section": [1, 2, 2]}, "vision_config": {}},
+     ("mrope_section=[1, 2, 2]", "covers 10 rotary dims", "rotates 8")),
+], ids=["ministral3", "mrope-section"])
+def test_unexpressible_language_model_is_refused_by_name(config, named, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "--input", tmp_path / "in", "--input-format", "hf", "--output", tmp_path / "out",
                            "--output-format", "native")
-    assert code == 2 and err.count("\n") == 1 and "mistral3 checkpoint" in err and "'ministral3'" in err, err
+    assert code == 2 and err.count("\n") == 1 and all(n in err for n in named), err
     assert not (tmp_path / "out").exists()
 
 
@@ -165,7 +173,29 @@ GEMMA3_1B = {"model_type": "gemma3_text", "bos_token_id": 2, "eos_token_id": [1,
              "sliding_window_pattern": 6, "vocab_size": 262144}
 
 
-@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, GEMMA3_1B], ids=["gemma3-4b", "llava-1.5", "gemma3-1b"])
+# Qwen2-VL-7B-Instruct keeps its text keys at the top level (no text_config), its sections in a rope_scaling of type
+# mrope; Qwen3-VL-30B-A3B-Instruct has a text_config with interleaved sections and a norm_topk_prob its code ignores.
+QWEN2_VL_7B = {"model_type": "qwen2_vl", "bos_token_id": 151643, "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584,
+               "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 28,
+               "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+               "sliding_window": 32768, "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 152064,
+               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "image_token_id": 151655,
+               "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "hidden_size": 3584,
+                                 "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+QWEN3_VL_30B = {"model_type": "qwen3_vl_moe", "tie_word_embeddings": False, "image_token_id": 151655,
+                "text_config": {"bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+                                "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 6144,
+                                "max_position_embeddings": 262144, "mlp_only_layers": [], "model_type": "qwen3_vl_moe_text",
+                                "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+                                "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+                                "rms_norm_eps": 1e-06, "rope_theta": 5000000, "vocab_size": 151936,
+                                "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}},
+                "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_vl_moe", "num_heads": 16,
+                                  "out_hidden_size": 2048, "deepstack_visual_indexes": [8, 16, 24]}}
+
+
+@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, GEMMA3_1B, QWEN2_VL_7B, QWEN3_VL_30B],
+                         ids=["gemma3-4b", "llava-1.5", "gemma3-1b", "qwen2-vl-7b", "qwen3-vl-30b-a3b"])
 def test_published_config_reads_as_transformers_fills_it(published):
     """Ours from the published file == ours from transformers 5.24's reading of it, every field written out."""
     full = transformers.AutoConfig.for_model(**copy.deepcopy(published))
@@ -173,20 +203,25 @@ def test_published_config_reads_as_transformers_fills_it(published):
     assert dataclasses.asdict(model_config_from_hf(published)) == dataclasses.asdict(model_config_from_hf(filled))
 
 
-def test_init_from_multimodal_starts_at_the_transformers_loss(corpus_dir, tmp_path):
-    """--checkpoint.init_from a Gemma 3 multimodal checkpoint fine-tunes its language model: the first step's loss
-    is the whole model's on text (the byte corpus: a vocabulary of 257, the image token outside it)."""
+@pytest.mark.parametrize("wrapper", ["gemma3", "qwen3_vl_moe"])
+def test_init_from_multimodal_starts_at_the_transformers_loss(wrapper, corpus_dir, tmp_path):
+    """--checkpoint.init_from a multimodal checkpoint fine-tunes its language model: the first step's loss is the whole
+    model's on text (the byte corpus: a vocabulary of 257, the image tokens outside it)."""
     from megatron_llm.training.trainer import train
 
-    text, vision, _ = CASES["gemma3"]
+    text, vision, top = CASES[wrapper]
     widths = dict(vocab_size=257, hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=64)  # tiny_overrides'
-    config = transformers.AutoConfig.for_model("gemma3", text_config={**TEXT, **text, **widths},
-                                               vision_config={**VISION, **vision}, image_token_index=300)
+    if "rope_parameters" in text:  # M-RoPE's sections for head_dim 16
+        widths["rope_parameters"] = {**text["rope_parameters"], "mrope_section": [4, 2, 2]}
+    images = {key: 300 + i for i, key in enumerate(top)} or {"image_token_index": 300}
+    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text, **widths},
+                                               vision_config={**VISION, **vision}, **images)
     torch.manual_seed(0)
     hf = transformers.AutoModelForImageTextToText.from_config(config).eval()
     hf.save_pretrained(tmp_path / "mm")
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(
         corpus_dir, tmp_path / "run", training__steps=1, training__eval_interval=0, checkpoint__init_from=str(tmp_path / "mm")))
-    assert (cfg.model.qk_norm, cfg.model.num_layers, cfg.model.tie_embeddings) == (True, 2, True)
+    assert (cfg.model.qk_norm, cfg.model.num_layers, cfg.model.tie_embeddings, cfg.model.moe_experts) == (
+        True, 2, config.tie_word_embeddings, text.get("num_experts", 0))
     expected, _ = transformers_first_loss(hf, cfg)
     assert train(cfg).losses[0] == pytest.approx(expected, abs=1e-5)
