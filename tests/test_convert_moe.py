@@ -519,7 +519,15 @@ MOE_BAD = {
                                 "moe_router_load_balancing_type=['seq_aux_loss', 'aux_loss']: we read only one of"),
     "padded-with-expert-bias": ("megatron", ["--output-format", "hf"],
                                 "moe_pad_expert_input_to_capacity=True: its expert-bias update counts the padding"),
+    # args megatron-core computes with, which ours has no equal for (SET_ARGS)
+    "softmax-off-by-one": ("megatron", ["--output-format", "hf"], "softmax_type='off-by-one'; our model supports"),
+    "quick-geglu-unshifted": ("megatron", ["--output-format", "hf"], "quick_geglu with glu_linear_offset=0.0 and "
+                              "activation_func_clamp_value=None: ours is gpt-oss's"),
+    "window-looking-ahead": ("megatron", ["--output-format", "hf"], "window_size=(7, 3): its windows see 3 keys ahead"),
+    "yarn-unset": ("megatron", ["--output-format", "hf"], "position_embedding_type='yarn' without yarn_rotary_scaling_factor"),
 }
+SET_ARGS = {"softmax-off-by-one": dict(softmax_type="off-by-one"), "quick-geglu-unshifted": dict(swiglu=False, quick_geglu=True),
+            "window-looking-ahead": dict(window_size=(7, 3)), "yarn-unset": dict(position_embedding_type="yarn")}
 
 
 @pytest.mark.parametrize("case", MOE_BAD)
@@ -539,6 +547,8 @@ def test_moe_layouts_megatron_cannot_hold_or_we_cannot_read_are_refused(moe_dirs
     elif case == "several-balancing-types":  # Megatron-LM sums them, each with its coefficient
         _set_megatron_args(tmp_path / "mg", moe_router_load_balancing_type=["seq_aux_loss", "aux_loss"],
                            moe_aux_loss_coeff=[1e-4, 1e-3])
+    elif case in SET_ARGS:
+        _set_megatron_args(tmp_path / "mg", **SET_ARGS[case])
     elif case == "padded-with-expert-bias":
         _set_megatron_args(tmp_path / "mg", moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True,
                            moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")

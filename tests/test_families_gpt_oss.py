@@ -187,3 +187,16 @@ def test_megatron_refuses_what_megatron_core_cannot_hold_by_name(hf_dir, megatro
                                          r"parallelism 1"):
         convert(str(megatron_dir[0]), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, etp=2))
     assert not (tmp_path / "mg").exists()
+
+
+def test_megatron_lm_enable_gpt_oss_reads_as_the_yarn_its_model_builder_sets(megatron_dir):
+    """Megatron-LM's post-training --enable-gpt-oss sets YaRN on the config whatever position_embedding_type says (its
+    default learned_absolute included): read as that model, original 131072 positions and truncate False."""
+    from megatron_llm.checkpoint.megatron import model_config_from_args
+    from megatron_llm.checkpoint.megatron_attention import YARN_ARGS
+
+    args = vars(safe_load(next((megatron_dir[2] / "release").glob("*/model_optim_rng.pt")))["args"])
+    args = argparse.Namespace(**{**{k: v for k, v in args.items() if k not in YARN_ARGS},
+                                 "position_embedding_type": "learned_absolute", "enable_gpt_oss": True})
+    assert model_config_from_args(args).rope_scaling == {"rope_type": "yarn", "factor": 32.0, "truncate": False,
+                                                         "original_max_position_embeddings": 131072}

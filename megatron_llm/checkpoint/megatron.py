@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_llm.checkpoint.megatron_attention import window_args, window_config, yarn_args, yarn_scaling
+from megatron_llm.checkpoint.megatron_attention import as_built, window_args, window_config, yarn_args, yarn_scaling
 from megatron_llm.checkpoint.megatron_mla import latent_config, mla_args
 from megatron_llm.checkpoint.megatron_moe import moe_args, moe_config, moe_pattern
 from megatron_llm.config import ModelConfig
@@ -447,6 +447,7 @@ def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> ar
 
 def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     """The inverse of megatron_args, for any Megatron-LM GPT checkpoint; refuses what our model lacks."""
+    args = as_built(args)
     def arg(name, default=None):
         return getattr(args, name, default)
 

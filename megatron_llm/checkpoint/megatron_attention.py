@@ -31,6 +31,19 @@ YARN_ARGS = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embedding
              "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int")
 
 
+# What Megatron-LM's post-training model_builder sets on the config for --enable-gpt-oss, over what the args say
+# (megatron/post_training/model_builder.py): the model such a checkpoint trained, its original_max_position_embeddings
+# 131072 rather than gpt-oss's published 4096.
+ENABLE_GPT_OSS = dict(position_embedding_type="yarn", yarn_rotary_scaling_factor=32.0,
+                      yarn_original_max_position_embeddings=131072, yarn_beta_fast=32.0, yarn_beta_slow=1.0,
+                      yarn_mscale=1.0, yarn_mscale_all_dim=0.0, yarn_correction_range_round_to_int=False)
+
+
+def as_built(args: argparse.Namespace) -> argparse.Namespace:
+    """args as Megatron-LM built its model from them: --enable-gpt-oss's YaRN over what they say."""
+    return argparse.Namespace(**{**vars(args), **ENABLE_GPT_OSS}) if getattr(args, "enable_gpt_oss", False) else args
+
+
 def _mscale(factor: float, m: float) -> float:
     """megatron-core's _yarn_get_mscale (transformers' get_mscale)."""
     return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
