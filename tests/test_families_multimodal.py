@@ -14,8 +14,9 @@ from safetensors import safe_open
 from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families.multimodal import WRAPPERS
+from megatron_llm.checkpoint.families.multimodal import WRAPPERS, unwrap
 from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
+from megatron_llm.checkpoint.hf_io import SINGLE
 from megatron_llm.config import load_config
 from test_convert import run_cli
 
@@ -58,8 +59,16 @@ QWEN_VISION = dict(depth=1, embed_dim=16, num_heads=2, out_hidden_size=32, spati
                    deepstack_visual_indexes=[0])
 MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 QWEN_TOP = {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2}
-TEXT_EXPORT = {w: text_model_with_head for w in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}  # else causal_lm
-PLAIN_EXPORT = {"qwen2_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}
+GLM_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, spatial_merge_size=1)
+EXPERTS_SPLIT_ON_SAVE = ("glm4v_moe",)  # stacked in memory, one tensor per expert in files (transformers' conversion)
+M_ROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
+# How transformers loads an exported language model: its *ForCausalLM (the default), or for the M-RoPE types, which
+# have no causal-LM class, the text model with the exported head; GLM-4.5V's text model alone reads only stacked
+# experts (its whole model converts the per-expert files we write, as published): its checks are the tensors'
+# identity with transformers' and the glm4_moe export.
+TEXT_EXPORT = {**{w: text_model_with_head for w in M_ROPE}, "glm4v_moe": None}
+PLAIN_EXPORT = {"qwen2_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe", "glm4v": "glm4",
+                "glm4v_moe": "glm4_moe"}
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -74,6 +83,13 @@ CASES = {
     # expert width 24: no stacked expert is square, so transformers' loader tells its two layouts apart
     "qwen3_vl_moe": (dict(model_type="qwen3_vl_moe_text", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                           **MROPE), QWEN_VISION, QWEN_TOP),
+    # GLM-4V: pairs of half of each head rotated (GLM-4.5V: halves), a section for each pair; GLM-4.5V's first layer
+    # dense, one shared expert, its router bias drawn as the other biases
+    "glm4v": (dict(model_type="glm4v_text", rope_parameters={**MROPE["rope_parameters"], "partial_rotary_factor": 0.5,
+                                                            "mrope_section": [1, 0, 1]}), GLM_VISION, QWEN_TOP),
+    "glm4v_moe": (dict(model_type="glm4v_moe_text", moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+                       first_k_dense_replace=1, rope_parameters={**MROPE["rope_parameters"], "partial_rotary_factor": 0.5,
+                                                                 "mrope_section": [1, 0, 1]}), GLM_VISION, QWEN_TOP),
 }
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
                   "model.norm.")  # the stored prefixes of the three layouts' text model
@@ -118,19 +134,27 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
         torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-5)
 
     # transformers 5.x's in-memory names (model.language_model..., lm_head) read the same
-    native = hf_to_native(model.state_dict(), json.loads((tmp_path / "mm" / "config.json").read_text()))
-    for name, tensor in ours.state_dict().items():
-        assert torch.equal(native[name], tensor), name
+    if wrapper not in EXPERTS_SPLIT_ON_SAVE:
+        native = hf_to_native(model.state_dict(), json.loads((tmp_path / "mm" / "config.json").read_text()))
+        for name, tensor in ours.state_dict().items():
+            assert torch.equal(native[name], tensor), name
 
     convert(str(tmp_path / "mm"), "hf", str(tmp_path / "native"), "native")
     convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["model_type"] == text_type
     assert written["rope_parameters"].get("mrope_section") == text_config.get("rope_parameters", {}).get("mrope_section")
+    with safe_open(tmp_path / "mm" / SINGLE, "pt") as mm, safe_open(tmp_path / "hf" / SINGLE, "pt") as out:
+        stored = unwrap(json.loads((tmp_path / "mm" / "config.json").read_text()), list(mm.keys())).stored
+        for name in out.keys():  # the text model's tensors as transformers wrote them, bit for bit
+            assert torch.equal(out.get_tensor(name), mm.get_tensor(stored[name])), name
+    loader = TEXT_EXPORT.get(wrapper, causal_lm)
     with torch.no_grad():
-        torch.testing.assert_close(TEXT_EXPORT.get(wrapper, causal_lm)(tmp_path / "hf")(x), want, rtol=1e-5, atol=1e-5)
+        if loader is not None:
+            torch.testing.assert_close(loader(tmp_path / "hf")(x), want, rtol=1e-5, atol=1e-5)
     if wrapper in PLAIN_EXPORT:
-        convert(str(tmp_path / "native"), "native", str(tmp_path / "plain"), "hf", Options(hf_family=PLAIN_EXPORT[wrapper]))
+        plain = Options(hf_family=PLAIN_EXPORT[wrapper])
+        convert(str(tmp_path / "native"), "native", str(tmp_path / "plain"), "hf", plain)
         with torch.no_grad():
             torch.testing.assert_close(causal_lm(tmp_path / "plain")(x), want, rtol=1e-5, atol=1e-5)
 
@@ -193,9 +217,18 @@ QWEN3_VL_30B = {"model_type": "qwen3_vl_moe", "tie_word_embeddings": False, "ima
                 "vision_config": {"depth": 27, "hidden_size": 1152, "model_type": "qwen3_vl_moe", "num_heads": 16,
                                   "out_hidden_size": 2048, "deepstack_visual_indexes": [8, 16, 24]}}
 
+# GLM-4.1V-9B-Thinking: partial_rotary_factor beside its RoPE block, which transformers 5 moves into it.
+GLM41V_9B = {"model_type": "glm4v", "tie_word_embeddings": False, "image_token_id": 151343,
+             "text_config": {"vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 13696, "num_hidden_layers": 40,
+                             "num_attention_heads": 32, "num_key_value_heads": 2, "max_position_embeddings": 65536,
+                             "rms_norm_eps": 1e-05, "partial_rotary_factor": 0.5, "rope_theta": 10000, "attention_bias": True,
+                             "hidden_act": "silu", "rope_scaling": {"rope_type": "default", "mrope_section": [8, 12, 12]},
+                             "model_type": "glm4v_text", "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338]},
+             "vision_config": {"depth": 24, "hidden_size": 1536, "model_type": "glm4v", "out_hidden_size": 4096}}
 
-@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, GEMMA3_1B, QWEN2_VL_7B, QWEN3_VL_30B],
-                         ids=["gemma3-4b", "llava-1.5", "gemma3-1b", "qwen2-vl-7b", "qwen3-vl-30b-a3b"])
+
+@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, GEMMA3_1B, QWEN2_VL_7B, QWEN3_VL_30B, GLM41V_9B],
+                         ids=["gemma3-4b", "llava-1.5", "gemma3-1b", "qwen2-vl-7b", "qwen3-vl-30b-a3b", "glm-4.1v-9b"])
 def test_published_config_reads_as_transformers_fills_it(published):
     """Ours from the published file == ours from transformers 5.24's reading of it, every field written out."""
     full = transformers.AutoConfig.for_model(**copy.deepcopy(published))

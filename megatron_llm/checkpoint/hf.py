@@ -75,7 +75,7 @@ REWRITTEN_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "dtype", "tor
 
 
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept across families too
-# M-RoPE's layout in a RoPE block (Qwen-VL): text reads it as RoPE (families/qwen_vl.py), the same family gets it back
+# M-RoPE's layout in a RoPE block (Qwen-VL): text reads it as RoPE (families/mrope.py), the same family gets it back
 CARRIED_ROPE_KEYS = ("mrope_section", "mrope_interleaved")
 
 

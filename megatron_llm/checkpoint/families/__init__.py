@@ -2,13 +2,13 @@
 says what a table holds). A family is added by writing its table and listing it here."""
 
 from megatron_llm.checkpoint.families import (dbrx, deepseek, dense, fused, gpt, gpt_oss, layernorm, llama, llama4, moe,
-                                              qwen_vl, remote)
+                                              mrope, remote)
 from megatron_llm.checkpoint.families.table import Family
 from megatron_llm.errors import UsageError
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES, *fused.FAMILIES, *dense.FAMILIES, *remote.FAMILIES,
                                                 *gpt.FAMILIES, *layernorm.FAMILIES, *moe.FAMILIES, *deepseek.FAMILIES,
-                                                *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES, *qwen_vl.FAMILIES)}
+                                                *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES, *mrope.FAMILIES)}
 
 
 def family(model_type: str) -> Family:

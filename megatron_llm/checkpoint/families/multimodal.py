@@ -1,18 +1,18 @@
 """Multimodal checkpoints read as their language model: Llama 4 Scout/Maverick (llama4), Gemma 3 4b and up
-(gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava), Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (their M-RoPE
-read as RoPE: families/qwen_vl.py). Their config.json holds the text model's config under `text_config` (the
-published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a prefix beside a
-vision tower and projector we do not model. A wrapper is data: its model_type and the config keys transformers reads from the top level
-rather than from text_config (it ties the head by the wrapper's tie_word_embeddings: Mistral 3's top level
-says true while its text_config says false). The text model then goes through its own family's table; an
-export writes that text family.
+(gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V and
+GLM-4.5V (their M-RoPE read as RoPE: families/mrope.py). Their config.json holds the text model's config under
+`text_config` (the published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a
+prefix beside a vision tower and projector we do not model. A wrapper is data: its model_type and the config keys
+transformers reads from the top level rather than from text_config (it ties the head by the wrapper's
+tie_word_embeddings: Mistral 3's top level says true while its text_config says false). The text model then goes
+through its own family's table; an export writes that text family.
 
 The tensor prefixes are the same for every wrapper, in one of three layouts: the published checkpoints and
 transformers 5.x's save_pretrained (which reverses its conversion mapping on save) keep the language model
 whole under `language_model.` (language_model.model.layers..., language_model.lm_head.weight), while
-transformers 5.x's in-memory state_dict (and the published Qwen3-VL) has model.language_model.layers... and
-lm_head.weight; Qwen2-VL and Qwen2.5-VL keep the text model's own names (model.layers..., lm_head.weight) beside
-`visual.`, as published and as transformers 5 saves them.
+transformers 5.x's in-memory state_dict has model.language_model.layers... and lm_head.weight (as have the published
+Qwen3-VL and GLM-4V, saved so too); Qwen2-VL and Qwen2.5-VL keep the text model's own names (model.layers...,
+lm_head.weight) beside `visual.`, as published and as transformers 5 saves them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ TEXT_DEFAULTS: dict[str, dict] = {
 WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (
     Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"), Wrapper("llava"),
     Wrapper("qwen2_vl", flat_text_type="qwen2_vl_text"), Wrapper("qwen2_5_vl", flat_text_type="qwen2_5_vl_text"),
-    Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"))}
+    Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"), Wrapper("glm4v"), Wrapper("glm4v_moe"))}
 VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that are not the text model's
 
 # (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where

@@ -1,8 +1,9 @@
-"""The language models of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE (model_types qwen2_vl_text, ...), read as
-Qwen2's, Qwen3's and Qwen3-MoE's tables with multimodal RoPE (M-RoPE) in place of RoPE.
+"""The language models of the vision-language families with multimodal RoPE (M-RoPE): Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+and Qwen3-VL-MoE (model_types qwen2_vl_text, ...) as Qwen2's, Qwen3's and Qwen3-MoE's tables, GLM-4.1V and GLM-4.5V
+(glm4v_text, glm4v_moe_text) as GLM-4's and GLM-4.5's, each with M-RoPE read in place of its RoPE.
 
 M-RoPE gives each token three positions (temporal, height, width) and splits a head's rotated frequencies into
-sections, one per position: contiguous in Qwen2-VL and Qwen2.5-VL (rope_parameters.mrope_section), interleaved
+sections, one per position: contiguous in Qwen2-VL, Qwen2.5-VL and GLM-4V (rope_parameters.mrope_section), interleaved
 t,h,w,t,h,w... in Qwen3-VL (its mrope_interleaved flag; its code always interleaves). transformers builds the three
 rows of a text-only input from the same arange, so every frequency turns by the one position: ordinary RoPE with
 the same inverse frequencies and attention factor (transformers' whole-model logits on text are the proof, in
@@ -13,17 +14,26 @@ rotated dims and kept by the carried config (hf.CARRIED_ROPE_KEYS) for an export
 
 import torch
 
-from megatron_llm.checkpoint.families.common import ROPE, without
+from megatron_llm.checkpoint.families.common import (
+    GATED_ACTIVATIONS,
+    ROPE,
+    activation,
+    partial_rope,
+    shape_defaulting,
+    without,
+)
+from megatron_llm.checkpoint.families.deepseek import GLM4_MOE, glm4_moe_config
+from megatron_llm.checkpoint.families.fused import GLM4
 from megatron_llm.checkpoint.families.gpt_oss import transposed_experts
 from megatron_llm.checkpoint.families.llama import QWEN2, QWEN3
 from megatron_llm.checkpoint.families.llama4 import split_gate_up
 from megatron_llm.checkpoint.families.moe import QWEN3_MOE
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Mapped
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Mapped
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
 
-def mrope(plain: Derived = ROPE) -> Derived:
+def mrope_as(plain: Derived) -> Derived:
     """`plain` (the text family's RoPE entry) for a config whose RoPE block also holds M-RoPE's sections, checked
     where given (without them transformers fills its own, which text does not use); transformers 4's rope type
     "mrope" is its name for default RoPE with sections."""
@@ -47,7 +57,7 @@ def mrope(plain: Derived = ROPE) -> Derived:
 
 
 def _with_mrope(config: tuple) -> tuple:
-    return tuple(mrope(e) if e is ROPE else e for e in config)
+    return tuple(mrope_as(e) if e is ROPE else e for e in config)
 
 
 QWEN2_VL = Family("qwen2_vl_text", "Qwen2VLTextModel", _with_mrope(QWEN2.config), QWEN2.tensors)
@@ -85,4 +95,37 @@ QWEN3_VL_MOE = Family(
                                                       config=True)},
 )
 
-FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE)
+
+
+def _read_glm4v_head_dim(hf: dict) -> dict:
+    """Glm4vTextAttention's heads are hidden_size / num_attention_heads wide whatever head_dim says (its RoPE takes
+    head_dim): a head_dim that differs is a model transformers itself runs inconsistently."""
+    width = hf["hidden_size"] // hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, width):
+        raise UsageError(f"config.json head_dim={hf['head_dim']} is not supported: glm4v_text's heads are hidden_size / "
+                         f"num_attention_heads = {width} wide")
+    return dict(head_dim=width)
+
+
+# GLM-4.1V: GLM-4's block (sandwich norms, gate/up fused, RoPE on interleaved pairs of the first partial_rotary_factor
+# of each head), q/k/v biases always, its config class's defaults: whole heads rotated, norm epsilon 1e-5.
+GLM4V = Family(
+    "glm4v_text", "Glm4vTextModel",
+    (*without(shape_defaulting(head_dim=128, kv_heads=2), "head_dim"), Derived(_read_glm4v_head_dim, lambda cfg: {}),
+     activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     mrope_as(ROPE), Fixed("rope_interleaved", True), Fixed("qkv_bias", True), Fixed("out_bias", False),
+     Fixed("mlp_bias", False), Fixed("norm_placement", "sandwich")),
+    GLM4.tensors,
+)
+
+# GLM-4.5V: GLM-4.5's model (half of each head rotated by halves, DeepSeek-V3's router) without QK-norm, q/k/v biases
+# by default; its experts stored one tensor each, as GLM-4.5's.
+GLM4V_MOE = Family(
+    "glm4v_moe_text", "Glm4vMoeTextModel",
+    tuple(Fixed("qk_norm", False) if getattr(e, "ours", None) == "qk_norm" else
+          Key("attention_bias", "qkv_bias", default=True) if getattr(e, "ours", None) == "qkv_bias" else e
+          for e in glm4_moe_config(mrope_as(partial_rope(0.5)), 1e-5, False, 1.0)),
+    GLM4_MOE.tensors,
+)
+
+FAMILIES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, GLM4V, GLM4V_MOE)
