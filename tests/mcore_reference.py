@@ -6,7 +6,9 @@ for their size and rank while it allocates parameters. So each shard's model is 
 args (tp, pp and all) with stand-in tp and pp groups that report that shard's (size, rank): its
 parameters then have exactly the shapes, names and local layer numbers megatron-core gives that rank.
 A mixture-of-experts model gets stand-in expert groups the same way (ep, and expert tp: etp), and the
-decoder block spec pretrain_gpt.py builds for it (dense and MoE layers by moe_layer_freq).
+decoder block spec pretrain_gpt.py builds for it (dense and MoE layers by moe_layer_freq). gpt-oss's pieces come
+from the args as Megatron-LM turns them into a config: quick_geglu's activation, and the yarn_* attributes set on
+the config, which GPTModel reads with getattr.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def forward_on_cpu():
     """megatron-core's forward asks CUDA even in a CPU model: the current device (CPU_DEVICE), and core
     attention and the MoE layer fork the CUDA RNG tracker (for dropout and router noise, both off here):
     the forks become no-ops. The router's gating reads a Transformer Engine gemm whose import failed
-    without defining the name: None selects its own torch.mm fallback. The arithmetic is untouched."""
+    without defining the name: None selects its own torch.mm fallback. A sliding-window layer builds its mask
+    on "cuda" (_sliding_window_causal_mask builds the same on the CPU). The arithmetic is untouched."""
     from megatron.core.transformer.moe import moe_utils
 
     tracker = lambda *a, **k: types.SimpleNamespace(fork=contextlib.nullcontext)  # noqa: E731
