@@ -14,6 +14,7 @@ from safetensors import safe_open
 from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.families import mrope
 from megatron_llm.checkpoint.families.multimodal import WRAPPERS, unwrap
 from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
 from megatron_llm.checkpoint.hf_io import SINGLE
@@ -113,6 +114,7 @@ def multimodal_model(wrapper: str) -> torch.nn.Module:
 
 def test_every_wrapper_is_tested():
     assert sorted(CASES) == sorted(WRAPPERS)
+    assert {f.model_type for f in mrope.FAMILIES} <= {text["model_type"] for text, _, _ in CASES.values()}
 
 
 @pytest.mark.parametrize("wrapper", sorted(CASES))
