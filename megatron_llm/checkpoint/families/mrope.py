@@ -8,7 +8,7 @@ t,h,w,t,h,w... in Qwen3-VL (its mrope_interleaved flag; its code always interlea
 rows of a text-only input from the same arange, so every frequency turns by the one position: ordinary RoPE with
 the same inverse frequencies and attention factor (transformers' whole-model logits on text are the proof, in
 tests/test_families_multimodal.py). Qwen3-VL's deepstack adds vision features to the first layers' hidden states at
-the image tokens only, and passes none without pixels: nothing on text. The sections are checked to cover the
+the image tokens only, and passes none without pixels: nothing on text. Sections given are checked to cover the
 rotated dims and kept by the carried config (hf.CARRIED_ROPE_KEYS) for an export to the same family.
 """
 
