@@ -71,10 +71,7 @@ MEGATRON_TO_NATIVE = {
     "decoder.layers.{i}.mlp.experts.local_experts.{l}.linear_fc2.bias": (("layers.{i}.feed_forward.experts.w2_bias",), REPLICATED),
     "decoder.layers.{i}.mlp.shared_experts.linear_fc1.weight": (
         ("layers.{i}.feed_forward.shared_experts.w1.weight", "layers.{i}.feed_forward.shared_experts.w3.weight"), GATED),
-    "decoder.layers.{i}.mlp.shared_experts.linear_fc1.bias": (
-        ("layers.{i}.feed_forward.shared_experts.w1.bias", "layers.{i}.feed_forward.shared_experts.w3.bias"), GATED),
     "decoder.layers.{i}.mlp.shared_experts.linear_fc2.weight": (("layers.{i}.feed_forward.shared_experts.w2.weight",), ROW),
-    "decoder.layers.{i}.mlp.shared_experts.linear_fc2.bias": (("layers.{i}.feed_forward.shared_experts.w2.bias",), REPLICATED),
     "decoder.layers.{i}.mlp.shared_experts.gate_weight": (("layers.{i}.feed_forward.shared_gate.weight",), REPLICATED),
     "decoder.final_layernorm.weight": (("norm.weight",), REPLICATED),
     "decoder.final_layernorm.bias": (("norm.bias",), REPLICATED),
@@ -393,11 +390,16 @@ def _dense_mlps(cfg: ModelConfig) -> bool:
 
 def _check_linear_biases(cfg: ModelConfig) -> None:
     """Megatron-LM's add_bias_linear is one switch for every linear layer but the fused QKV: our biases on the
-    attention output, the router, the experts and any dense MLP must be all on or all off."""
+    attention output, the router, the experts and any dense MLP must be all on or all off, and off with shared
+    experts."""
     if not cfg.moe_experts:
         return
     pieces = {"out_bias": cfg.out_bias, "moe_router_bias": cfg.moe_router_bias, "moe_ffn_bias": cfg.moe_ffn_bias,
               **({"mlp_bias": cfg.mlp_bias} if _dense_mlps(cfg) else {})}
+    if cfg.moe_shared_ffn_hidden_size and cfg.out_bias:
+        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, and megatron-core's shared "
+                         "experts refuse them (SharedExpertMLP asserts add_bias_linear False): this model has "
+                         "model.out_bias=True and shared experts; convert to native or hf instead")
     if len(set(pieces.values())) > 1:
         have = ", ".join(f"model.{k}={v}" for k, v in pieces.items())
         raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, the router one, the attention "

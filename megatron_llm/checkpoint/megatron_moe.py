@@ -115,6 +115,9 @@ def moe_config(args: argparse.Namespace) -> dict:
     experts = arg("num_experts")
     if not experts:
         return {}
+    if arg("add_bias_linear", True) and arg("moe_shared_expert_intermediate_size"):
+        raise refuse("add_bias_linear", "with shared experts, which megatron-core builds without biases (SharedExpertMLP "
+                     "asserts add_bias_linear False), so no Megatron-LM run holds it")
     balancing = arg("moe_router_load_balancing_type", "aux_loss")
     if not isinstance(balancing, str) or balancing not in LOAD_BALANCING:
         raise refuse("moe_router_load_balancing_type", f"we read only one of {', '.join(LOAD_BALANCING)} (our router "
