@@ -24,9 +24,16 @@ from typing import Optional
 
 import torch
 
-from megatron_llm.checkpoint.megatron_attention import as_built, window_args, window_config, yarn_args, yarn_scaling
+from megatron_llm.checkpoint.megatron_attention import (
+    as_built,
+    window_args,
+    window_config,
+    windows,
+    yarn_args,
+    yarn_scaling,
+)
 from megatron_llm.checkpoint.megatron_mla import latent_config, mla_args
-from megatron_llm.checkpoint.megatron_moe import moe_args, moe_config, moe_pattern
+from megatron_llm.checkpoint.megatron_moe import check_linear_biases, dense_mlps, moe_args, moe_config, moe_pattern
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
 from megatron_llm.model.rope import rope_frequencies
@@ -349,7 +356,7 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     if cfg.moe_experts and spec == "te":
         raise UsageError("--megatron-spec te has no mixture-of-experts names we write (its experts are grouped Transformer "
                          "Engine modules): use --megatron-spec local")
-    _check_linear_biases(cfg)
+    check_linear_biases(cfg)
     if cfg.mlp == "swiglu_clamped" and cfg.swiglu_alpha != QUICK_GELU_ALPHA:
         raise UsageError(f"Megatron-LM cannot express model.swiglu_alpha={cfg.swiglu_alpha}: its clamped SwiGLU is "
                          f"quick_gelu, x * sigmoid({QUICK_GELU_ALPHA} x); convert to native or hf instead")
@@ -367,9 +374,9 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
     back["moe_capacity_sequence_shards"] = cfg.moe_capacity_sequence_shards
     if moe_pattern(read_back) == moe_pattern(cfg):  # the same layers sparse, however the fields say it
         back.update(moe_layer_freq=cfg.moe_layer_freq, moe_dense_layers=cfg.moe_dense_layers)
-    if not _dense_mlps(cfg):  # add_bias_linear says nothing of MLPs the model does not have
+    if not dense_mlps(cfg):  # add_bias_linear says nothing of MLPs the model does not have
         back.update(mlp_bias=cfg.mlp_bias, linear_bias=cfg.linear_bias)
-    if _windows(read_back) == _windows(cfg):  # the same layers sliding, however the fields say it
+    if windows(read_back) == windows(cfg):  # the same layers sliding, however the fields say it
         back.update(layer_types=cfg.layer_types, sliding_window=cfg.sliding_window)
     if _same_rotation(read_back, cfg):  # the same frequencies and factor, optional keys given or left to defaults
         back["rope_scaling"] = cfg.rope_scaling
@@ -377,33 +384,6 @@ def megatron_args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: st
         if back[key] != value:
             raise UsageError(f"Megatron-LM cannot express model.{key}={value!r}; convert to native or hf instead")
     return args
-
-
-def _windows(cfg: ModelConfig) -> list[Optional[int]]:
-    return [cfg.layer(i).window for i in range(cfg.num_layers)]
-
-
-def _dense_mlps(cfg: ModelConfig) -> bool:
-    """Whether the model has an MLP outside its routed experts: a dense layer or shared experts."""
-    return not cfg.moe_experts or cfg.moe_shared_ffn_hidden_size > 0 or not all(moe_pattern(cfg))
-
-
-def _check_linear_biases(cfg: ModelConfig) -> None:
-    """Megatron-LM's add_bias_linear is one switch for every linear layer but the fused QKV: our biases on the
-    attention output, the router, the experts and any dense MLP must be all on or all off, and off with shared
-    experts."""
-    if not cfg.moe_experts:
-        return
-    pieces = {"out_bias": cfg.out_bias, "moe_router_bias": cfg.moe_router_bias, "moe_ffn_bias": cfg.moe_ffn_bias,
-              **({"mlp_bias": cfg.mlp_bias} if _dense_mlps(cfg) else {})}
-    if cfg.moe_shared_ffn_hidden_size and cfg.out_bias:
-        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, and megatron-core's shared "
-                         "experts refuse them (SharedExpertMLP asserts add_bias_linear False): this model has "
-                         "model.out_bias=True and shared experts; convert to native or hf instead")
-    if len(set(pieces.values())) > 1:
-        have = ", ".join(f"model.{k}={v}" for k, v in pieces.items())
-        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, the router one, the attention "
-                         f"output and dense MLPs theirs, all or none: this model has {have}; convert to native or hf instead")
 
 
 def _same_rotation(a: ModelConfig, b: ModelConfig) -> bool:
@@ -482,7 +462,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         init_std=arg("init_method_std", 0.02), **moe_config(args), **window_config(args),
     )
     fields = {**fields, **latent_config(args)}
-    if fields.get("moe_experts") and not _dense_mlps(ModelConfig(**fields)):
+    if fields.get("moe_experts") and not dense_mlps(ModelConfig(**fields)):
         fields["mlp_bias"] = False  # no MLP to hold one: the form our tables give an all-MoE model with biases
     return ModelConfig(**fields)
 

@@ -105,6 +105,11 @@ def yarn_scaling(args: argparse.Namespace) -> dict:
     return scaling
 
 
+def windows(cfg: ModelConfig) -> list[Optional[int]]:
+    """Each layer's sliding window (None: full attention)."""
+    return [cfg.layer(i).window for i in range(cfg.num_layers)]
+
+
 def window_args(cfg: ModelConfig) -> dict:
     """window_size and window_attn_skip_freq for the model's sliding layers; UsageError for chunked layers."""
     specs = [cfg.layer(i) for i in range(cfg.num_layers)]

@@ -1,6 +1,7 @@
 """Mixture of experts in Megatron-LM's args, both directions: our router, experts, shared experts, dense layers,
 capacity and router losses <-> num_experts, moe_* and the load-balancing type (megatron-core's TopKRouter,
-MoELayer, and Megatron-LM's _add_moe_args). The tensor names are megatron.py's MEGATRON_TO_NATIVE."""
+MoELayer, and Megatron-LM's _add_moe_args); add_bias_linear's rule for the router's and the experts' biases. The
+tensor names are megatron.py's MEGATRON_TO_NATIVE."""
 
 from __future__ import annotations
 
@@ -47,6 +48,29 @@ def moe_args(cfg: ModelConfig, layout: Layout) -> dict:
         sequence_parallel=cfg.moe_capacity_factor is not None and cfg.moe_capacity_sequence_shards == layout.tp > 1,
         moe_grouped_gemm=False, expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp,
     )
+
+
+def dense_mlps(cfg: ModelConfig) -> bool:
+    """Whether the model has an MLP outside its routed experts: a dense layer or shared experts."""
+    return not cfg.moe_experts or cfg.moe_shared_ffn_hidden_size > 0 or not all(moe_pattern(cfg))
+
+
+def check_linear_biases(cfg: ModelConfig) -> None:
+    """Megatron-LM's add_bias_linear is one switch for every linear layer but the fused QKV: our biases on the
+    attention output, the router, the experts and any dense MLP must be all on or all off, and off with shared
+    experts."""
+    if not cfg.moe_experts:
+        return
+    pieces = {"out_bias": cfg.out_bias, "moe_router_bias": cfg.moe_router_bias, "moe_ffn_bias": cfg.moe_ffn_bias,
+              **({"mlp_bias": cfg.mlp_bias} if dense_mlps(cfg) else {})}
+    if cfg.moe_shared_ffn_hidden_size and cfg.out_bias:
+        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, and megatron-core's shared "
+                         "experts refuse them (SharedExpertMLP asserts add_bias_linear False): this model has "
+                         "model.out_bias=True and shared experts; convert to native or hf instead")
+    if len(set(pieces.values())) > 1:
+        have = ", ".join(f"model.{k}={v}" for k, v in pieces.items())
+        raise UsageError("Megatron-LM's add_bias_linear also gives every expert biases, the router one, the attention "
+                         f"output and dense MLPs theirs, all or none: this model has {have}; convert to native or hf instead")
 
 
 def _load_balancing_type(cfg: ModelConfig) -> str:
