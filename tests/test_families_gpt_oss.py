@@ -138,6 +138,9 @@ def test_megatron_round_trip_at_tp2_pp2_ep2_is_bit_exact(megatron_dir, tmp_path)
 
 # Each piece written off, one at a time: megatron-core's forward must then move away from transformers' logits.
 PIECES = {"sinks": dict(softmax_type="vanilla"), "windows": dict(window_size=None),
+          # megatron-core's window (left, 0) sees left + 1 keys: (WINDOW, 0), as Megatron-LM's gpt-oss example writes
+          # 128 for gpt-oss's 128, is one key too wide
+          "window one key wider": dict(window_size=(WINDOW, 0)),
           "clamp": dict(activation_func_clamp_value=None), "YaRN truncate": dict(yarn_correction_range_round_to_int=True),
           "YaRN": dict(position_embedding_type="rope")}
 
