@@ -119,7 +119,7 @@ def test_megatron_round_trip_at_tp2_pp2_ep2_is_bit_exact(megatron_dir, tmp_path)
     tp2 x ep2 is parallel folding: 2 files per stage."""
     from safetensors.torch import load_file
 
-    path, _, mg = megatron_dir
+    path, hf, mg = megatron_dir
     files = sorted(p.parent.name for p in (mg / "release").glob("*/model_optim_rng.pt"))
     assert files == ["mp_rank_00_000_000", "mp_rank_00_001_000", "mp_rank_01_000_001", "mp_rank_01_001_001"]
     args = vars(safe_load(mg / "release" / files[0] / "model_optim_rng.pt")["args"])
@@ -131,6 +131,8 @@ def test_megatron_round_trip_at_tp2_pp2_ep2_is_bit_exact(megatron_dir, tmp_path)
         activation_func_clamp_value=0.2, window_size=(WINDOW - 1, 0), window_attn_skip_freq=2,
         position_embedding_type="yarn", yarn_rotary_scaling_factor=4.0, yarn_correction_range_round_to_int=False,
         expert_tensor_parallel_size=1)
+    with torch.no_grad():  # read as the model it is: sinks, windows, YaRN, the clamp, every bias
+        torch.testing.assert_close(megatron_llm.load_model(mg)(tokens()), hf(tokens()).logits, atol=1e-5, rtol=1e-5)
     convert(str(mg), "megatron", str(tmp_path / "hf"), "hf")
     before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
     assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
