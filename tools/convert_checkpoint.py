@@ -14,6 +14,10 @@ Reshard a Megatron-LM checkpoint (tp=4, pp=2 -> tp=2, pp=1):
 Hugging Face -> native, then train from it:
     python tools/convert_checkpoint.py --input hf/Qwen3-0.6B --input-format hf --output ckpt/qwen3 --output-format native
     python train.py --config my.yaml --checkpoint.resume ckpt/qwen3   # the model section must match
+A language model fine-tuned from a multimodal checkpoint (--checkpoint.init_from hf/Qwen3-VL-2B) written back into
+it: its config.json, vision tower, projector and processor files, with our weights as its language model:
+    python tools/convert_checkpoint.py --input ckpt/run --input-format native --output hf/Qwen3-VL-2B-tuned \
+        --output-format hf --vision-from hf/Qwen3-VL-2B    # --output-family qwen3_vl is implied
 
 The output appears complete or not at all (it is written beside, then renamed). Bad input exits with
 code 2 and a one-line `error: ...`.
@@ -42,6 +46,7 @@ def _bytes(text: str) -> int:
 
 def parser() -> ArgumentParser:
     from megatron_llm.checkpoint.families import FAMILIES
+    from megatron_llm.checkpoint.families.multimodal import WRAPPERS
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="checkpoint directory to read")
@@ -57,10 +62,14 @@ def parser() -> ArgumentParser:
     p.add_argument("--megatron-spec", choices=("local", "te"), default="local",
                    help="Megatron key names: megatron-core's local spec or the Transformer Engine spec")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
-    p.add_argument("--output-family", "--hf-family", dest="hf_family", choices=sorted(FAMILIES), default=None,
-                   metavar="MODEL_TYPE",
+    p.add_argument("--output-family", "--hf-family", dest="hf_family", choices=sorted({*FAMILIES, *WRAPPERS}),
+                   default=None, metavar="MODEL_TYPE",
                    help="model_type of a Hugging Face output, rewriting the model as that family when it can express it "
-                        "(default: the source's, else the first that fits); one of: " + ", ".join(sorted(FAMILIES)))
+                        "(default: the source's, else the first that fits); one of: " + ", ".join(sorted(FAMILIES))
+                        + "; or a multimodal one, with --vision-from: " + ", ".join(sorted(WRAPPERS)))
+    p.add_argument("--vision-from", default=None, metavar="VL_DIR",
+                   help="a multimodal Hugging Face checkpoint to write the model into as its language model: the output "
+                        "is VL_DIR (config, vision tower, projector, tokenizer and processor files) with our weights")
     p.add_argument("--max-shard-size", type=_bytes, default="5GB", help="largest safetensors shard of a Hugging Face output")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p
@@ -72,7 +81,7 @@ def main(argv: list[str]) -> int:
         from megatron_llm.checkpoint.convert import Options, convert
 
         opts = Options(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, spec=args.megatron_spec, dtype=args.dtype, hf_family=args.hf_family,
-                       max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+                       vision_from=args.vision_from, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
         summary = convert(args.input, args.input_format, args.output, args.output_format, opts)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ tp/pp (resharding) is simply a Megatron reader feeding a Megatron writer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -18,6 +19,7 @@ from typing import Optional
 import torch
 
 from megatron_llm.checkpoint.families.bridge import BridgedReader, bridged_config
+from megatron_llm.checkpoint.families.multimodal import WRAPPERS
 from megatron_llm.checkpoint.hf_io import INDEX, SINGLE, HFReader, HFWriter
 from megatron_llm.checkpoint.megatron import SPECS
 from megatron_llm.checkpoint.megatron_io import TRACKER, MegatronReader, MegatronWriter
@@ -32,6 +34,7 @@ from megatron_llm.checkpoint.stream import (
     atomic_directory,
     directory_bytes,
     native_groups,
+    native_shapes,
     stream,
 )
 from megatron_llm.config import ModelConfig
@@ -47,6 +50,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
     "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
+# Copied too from the multimodal checkpoint of --vision-from: its processor's image and video settings.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+                   "chat_template.json")
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Options:
     spec: str = "local"  # Megatron key names: megatron-core's local spec or the Transformer Engine spec
     dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's
     hf_family: Optional[str] = None  # None: the input's own family when known, else the plainest that fits
+    # a multimodal Hugging Face checkpoint (a wrapper in families/multimodal.py) that the output copies, with our model
+    # as its language model: how a language model fine-tuned from it goes back to serving images
+    vision_from: Optional[str] = None
     max_shard_bytes: int = 5 * 1024**3  # Hugging Face output: bytes per safetensors shard, at most (as transformers)
     overwrite: bool = False
 
@@ -103,14 +112,15 @@ def open_reader(fmt: str, path: Path) -> Reader:
     return READERS[fmt](Path(path))
 
 
-def _open_writer(fmt: str, path: Path, reader: Reader, opts: Options, dtype: torch.dtype) -> Writer:
+def _open_writer(fmt: str, path: Path, reader: Reader, opts: Options, dtype: torch.dtype,
+                 into: Optional[HFReader]) -> Writer:
     cfg = reader.config
     if fmt == "megatron":
         return MegatronWriter(path, cfg, opts.tp, opts.pp, opts.spec, dtype, opts.ep, opts.etp)
     if ((opts.tp, opts.pp, opts.ep) != (1, 1, 1) or opts.etp is not None) and fmt == "hf":
         raise UsageError("--tp/--pp/--ep/--etp set a Megatron layout; Hugging Face checkpoints are unsharded: drop them")
     if fmt == "hf":
-        return HFWriter(path, cfg, dtype, reader.hf_config, opts.hf_family, opts.max_shard_bytes)
+        return HFWriter(path, cfg, dtype, reader.hf_config, opts.hf_family, opts.max_shard_bytes, into)
     return NativeWriter(path, cfg)
 
 
@@ -140,21 +150,25 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     if dst.exists() and not dst.is_dir():
         raise UsageError(f"--output {output} is a file: a checkpoint is a directory; choose another --output")
     start = time.perf_counter()
+    into = _multimodal_target(opts, output_format, dst)
     reader = open_reader(input_format, src)
     if input_format == "native" and reader.hf_config is None:  # a model trained here: nothing to inherit ids from
         reader.hf_config = byte_token_ids(src, reader.config)
-    if output_format == "hf" and opts.hf_family is not None:  # trans_X_to_Y: the target family's form of the model
-        bridged = bridged_config(reader.config, opts.hf_family)
+    target = into.family.model_type if into else opts.hf_family
+    if output_format == "hf" and target is not None:  # trans_X_to_Y: the target family's form of the model
+        bridged = bridged_config(reader.config, target)
         reader = reader if bridged == reader.config else BridgedReader(reader, bridged)
+    if into:
+        _check_fits(reader.config, into)
     writable_directory(str(dst.parent), "the directory of --output")  # now, not after the conversion's work
     dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
     label = f"{input_format} -> {output_format}"
     try:
         with atomic_directory(dst, opts.overwrite) as tmp:
-            writer = _open_writer(output_format, tmp, reader, opts, dtype)
+            writer = _open_writer(output_format, tmp, reader, opts, dtype, into)
             totals = stream(reader, writer, dtype, label)  # always cast: writers plan for one dtype
             files = writer.finish()
-            _carry_files(reader, tmp, output_format)
+            _carry_files(reader, tmp, output_format, into)
     except OSError as e:  # a full disk, a read-only directory: the partial output is already gone
         raise UsageError(f"cannot write {output} ({e.strerror or e}); nothing was left behind: free space or choose another --output") from None
     if output_format == "megatron":
@@ -162,7 +176,51 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
         label += f" (tp={opts.tp}, pp={opts.pp}{experts}, {opts.spec} spec)"
     elif output_format == "native":
         label += " (layout-free: train.py loads it at any tp/pp)"
+    elif into:
+        label += f" (into {into.text.wrapper} {opts.vision_from}, its {into.text.left_out} vision/projector tensors copied)"
     return Summary(label, totals.parameters, files, directory_bytes(dst), time.perf_counter() - start, Path(output))
+
+
+def _multimodal_target(opts: Options, output_format: str, dst: Path) -> Optional[HFReader]:
+    """The multimodal checkpoint of --vision-from, checked against --output-family and --output-format; None
+    without one. A wrapper's vision tower and projector are not ours to write, so a wrapper family needs it."""
+    wrapper = opts.hf_family if opts.hf_family in WRAPPERS else None
+    if opts.vision_from is None:
+        if wrapper:
+            raise UsageError(f"--output-family {wrapper} is a multimodal model whose vision tower and projector we do not "
+                             f"hold: add --vision-from with the {wrapper} checkpoint to take them from")
+        return None
+    if output_format != "hf":
+        raise UsageError(f"--vision-from writes a Hugging Face multimodal checkpoint, not {output_format}: use "
+                         "--output-format hf or drop --vision-from")
+    source = Path(opts.vision_from).resolve()
+    if not source.is_dir():
+        raise UsageError(f"--vision-from {opts.vision_from} is not a directory")
+    if source == dst or source in dst.parents or dst in source.parents:
+        raise UsageError(f"--output overlaps --vision-from {opts.vision_from}; choose a directory outside it")
+    into = HFReader(source, quiet=True)
+    model_type = into.config_json.get("model_type")
+    if into.text.wrapper is None:
+        raise UsageError(f"--vision-from {opts.vision_from} is a {model_type} checkpoint, not a multimodal one: give one "
+                         f"of model_type {', '.join(sorted(WRAPPERS))}")
+    if opts.hf_family not in (None, model_type):
+        raise UsageError(f"--output-family {opts.hf_family} differs from --vision-from {opts.vision_from}'s model_type "
+                         f"{model_type}: the output is that checkpoint's model; drop --output-family or give a "
+                         f"{opts.hf_family} checkpoint")
+    return into
+
+
+def _check_fits(cfg: ModelConfig, into: HFReader) -> None:
+    """Our language model must have the tensors and shapes of the one it replaces (the projector feeds its hidden
+    size, the image tokens index its vocabulary); other choices (RoPE, norm epsilon, a tied head) are written as ours."""
+    if native_shapes(cfg) == native_shapes(into.config):
+        return
+    theirs = dataclasses.asdict(into.config)
+    differ = [f"{key} {value!r} (theirs {theirs[key]!r})" for key, value in dataclasses.asdict(cfg).items()
+              if value != theirs[key]]
+    raise UsageError(f"our language model does not fit the {into.family.model_type} model of --vision-from "
+                     f"{into.directory}: {', '.join(differ[:3])}; fine-tune from that checkpoint "
+                     "(--checkpoint.init_from) to get one that does")
 
 
 def byte_token_ids(path: Path, cfg: ModelConfig) -> Optional[dict]:
@@ -175,13 +233,14 @@ def byte_token_ids(path: Path, cfg: ModelConfig) -> Optional[dict]:
     return dict.fromkeys(TOKEN_KEYS, ByteTokenizer.eod)
 
 
-def _carry_files(reader: Reader, out: Path, output_format: str) -> None:
-    """Tokenizer files go everywhere; the Hugging Face config rides beside non-HF outputs (hf_config.json);
-    a Hugging Face output without a generation_config.json gets one with config.json's token ids, which
-    transformers' generate() reads."""
-    for name in TOKENIZER_FILES:
-        if (reader.directory / name).is_file():
-            shutil.copy2(reader.directory / name, out / name)
+def _carry_files(reader: Reader, out: Path, output_format: str, into: Optional[HFReader]) -> None:
+    """Tokenizer files go everywhere (into a multimodal checkpoint: its own, with its processor's); the Hugging Face
+    config rides beside non-HF outputs (hf_config.json); a Hugging Face output without a generation_config.json gets
+    one with config.json's token ids, which transformers' generate() reads."""
+    source, names = (into.directory, TOKENIZER_FILES + PROCESSOR_FILES) if into else (reader.directory, TOKENIZER_FILES)
+    for name in names:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
     if output_format == "hf" and not (out / "generation_config.json").exists():
         config = json.loads((out / "config.json").read_text())
         ids = {key: config[key] for key in TOKEN_KEYS if config.get(key) is not None}

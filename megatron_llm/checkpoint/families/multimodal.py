@@ -70,6 +70,12 @@ class Unwrapped:
     stored: dict[str, str]  # the text model's tensor name -> the name stored in the checkpoint
     left_out: int  # stored tensors that are not the text model's (vision tower, projector)
     wrapper: Optional[str]  # the multimodal model_type, None for a plain text checkpoint
+    layout: tuple = ()  # the checkpoint's LAYOUTS entry (a wrapper's)
+
+    def stored_name(self, own: str) -> str:
+        """Where this checkpoint's layout keeps the text model's tensor `own`, stored or not (an untied head
+        written into a tied checkpoint)."""
+        return self.stored.get(own) or (_stored(self.layout, own) if self.layout else own)
 
     def note(self, where: str) -> Optional[str]:
         if self.wrapper is None:
@@ -105,7 +111,18 @@ def unwrap(hf: dict, names: list[str]) -> Unwrapped:
         if _stored(layout, EMBEDDING) in present:
             break
     stored = {own: name for name in names for own in [_own(layout, name)] if own is not None}
-    return Unwrapped(text, stored, len(names) - len(stored), hf["model_type"])
+    return Unwrapped(text, stored, len(names) - len(stored), hf["model_type"], layout)
+
+
+def wrap_config(hf: dict, text: dict) -> dict:
+    """The wrapper's config.json `hf` holding the language model config `text` instead of its own: in text_config,
+    or at the top level where `hf` keeps it there (flat), with the top-level keys transformers lets win over
+    text_config set to text's, so that both say the same (a tied head, the vocabulary, the token ids)."""
+    wrapper = WRAPPERS[hf["model_type"]]
+    if "text_config" not in hf:  # flat: text's keys at the top level beside the vision ones
+        return {**text, **{k: hf[k] for k in VISION_KEYS if k in hf}, "model_type": wrapper.model_type}
+    top = {k: text[k] for k in wrapper.top_level if k in hf and k in text}
+    return {**hf, **top, "text_config": text}
 
 
 def _stored(layout, own: str) -> str:
