@@ -78,7 +78,8 @@ CASES = {
                dict(model_type="llama4_vision_model", vision_output_dim=16, projector_input_dim=16, projector_output_dim=32),
                {}),
     "llava": (dict(model_type="llama", tie_word_embeddings=False), dict(model_type="clip_vision_model"), {}),
-    "qwen2_vl": (dict(model_type="qwen2_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
+    # Qwen2-VL's merger outputs vision_config.hidden_size: the text model's width, for its image path to run
+    "qwen2_vl": (dict(model_type="qwen2_vl_text", **MROPE), {**QWEN_VISION, "hidden_size": 32}, QWEN_TOP),
     "qwen2_5_vl": (dict(model_type="qwen2_5_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
     "qwen3_vl": (dict(model_type="qwen3_vl_text", **MROPE), QWEN_VISION, QWEN_TOP),
     # expert width 24: no stacked expert is square, so transformers' loader tells its two layouts apart
@@ -96,11 +97,12 @@ LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model
                   "model.norm.")  # the stored prefixes of the three layouts' text model
 
 
-def multimodal_model(wrapper: str) -> torch.nn.Module:
+def multimodal_model(wrapper: str, **text_overrides) -> torch.nn.Module:
     """transformers' whole multimodal model, fp32, eager attention, norms and biases drawn away from their constant
     inits."""
     text, vision, top = CASES[wrapper]
-    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text}, vision_config={**VISION, **vision},
+    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text, **text_overrides},
+                                               vision_config={**VISION, **vision},
                                                **({"image_token_index": VOCAB - 1} | top))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -241,7 +243,8 @@ def test_published_config_reads_as_transformers_fills_it(published):
 @pytest.mark.parametrize("wrapper", ["gemma3", "qwen3_vl_moe"])
 def test_init_from_multimodal_starts_at_the_transformers_loss(wrapper, corpus_dir, tmp_path):
     """--checkpoint.init_from a multimodal checkpoint fine-tunes its language model: the first step's loss is the whole
-    model's on text (the byte corpus: a vocabulary of 257, the image tokens outside it)."""
+    model's on text (the byte corpus: a vocabulary of 257, the image tokens outside it); written back with
+    --vision-from, transformers' whole model gives the trained model's logits."""
     from megatron_llm.training.trainer import train
 
     text, vision, top = CASES[wrapper]
@@ -260,3 +263,12 @@ def test_init_from_multimodal_starts_at_the_transformers_loss(wrapper, corpus_di
         True, 2, config.tie_word_embeddings, text.get("num_experts", 0))
     expected, _ = transformers_first_loss(hf, cfg)
     assert train(cfg).losses[0] == pytest.approx(expected, abs=1e-5)
+
+    # and the fine-tuned language model goes back into the multimodal checkpoint, which transformers serves
+    convert(cfg.checkpoint.dir, "native", str(tmp_path / "tuned"), "hf", Options(vision_from=str(tmp_path / "mm")))
+    tuned = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "tuned", attn_implementation="eager")
+    x = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = load_model(cfg.checkpoint.dir)(x)
+        torch.testing.assert_close(tuned.eval()(input_ids=x).logits, ours, rtol=1e-5, atol=1e-5)
+        assert (ours - hf(input_ids=x).logits).abs().max() > 1e-4  # the step moved it
