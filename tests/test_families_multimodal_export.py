@@ -4,6 +4,7 @@ model.language_model. + lm_head, Qwen2-VL's model. beside visual.), its language
 written back; transformers' wrapper class must load the result strictly and give the changed model's logits, on text
 and on an image."""
 
+import copy
 import json
 
 import pytest
@@ -14,10 +15,11 @@ from safetensors.torch import load_file, save_file
 
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families.multimodal import unwrap
+from megatron_llm.checkpoint.families.multimodal import text_config, unwrap, wrap_config
+from megatron_llm.checkpoint.hf import export_hf_config, model_config_from_hf
 from megatron_llm.checkpoint.hf_io import SINGLE
 from test_convert import run_cli
-from test_families_multimodal import VOCAB, multimodal_model
+from test_families_multimodal import GEMMA3_4B, GLM41V_9B, LLAVA_15, QWEN2_VL_7B, QWEN3_VL_30B, VOCAB, multimodal_model
 
 IMAGE = VOCAB - 1  # the image token of every case
 PROCESSOR = {"preprocessor_config.json": '{"image_processor_type": "tiny"}', "chat_template.jinja": "{{ messages }}"}
@@ -109,6 +111,21 @@ def test_published_experts_layout_is_kept(tmp_path):
         torch.testing.assert_close(loaded.eval()(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("published", [GEMMA3_4B, LLAVA_15, QWEN2_VL_7B, QWEN3_VL_30B, GLM41V_9B],
+                         ids=["gemma3-4b", "llava-1.5", "qwen2-vl-7b", "qwen3-vl-30b-a3b", "glm-4.1v-9b"])
+def test_published_config_written_back_reads_the_same(published):
+    """A published wrapper's config.json with its language model's config written over it (nested, or flat as
+    Qwen2-VL's) reads as the same model, by us and by transformers 5.24, its other keys kept."""
+    cfg = model_config_from_hf(published)
+    written = wrap_config(published, export_hf_config(cfg, "bfloat16", published, text_config(published)["model_type"]))
+    full = transformers.AutoConfig.for_model(**copy.deepcopy(written))
+    filled = {**getattr(full, "text_config", full).to_dict(), "tie_word_embeddings": full.tie_word_embeddings}
+    assert model_config_from_hf(written) == cfg == model_config_from_hf(filled)
+    text = text_config(published)
+    assert written["model_type"] == published["model_type"] and "vision_config" in written
+    assert all(written[k] == v for k, v in published.items() if k not in text and k != "text_config")
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     """A LLaVA checkpoint, its language model as ours (native), as a text checkpoint, and a LLaVA whose language
@@ -119,6 +136,14 @@ def llava(tmp_path_factory):
     convert(str(root / "vl"), "hf", str(root / "native"), "native")
     convert(str(root / "native"), "native", str(root / "text"), "hf")
     return root
+
+
+def test_written_in_the_checkpoints_dtype(llava, tmp_path):
+    """Our fp32 weights go into a bf16 checkpoint as bf16 (the dtype it stores its language model in), unless --dtype
+    says otherwise: here the same bytes as transformers' own cast."""
+    multimodal_model("llava").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    convert(str(llava / "native"), "native", str(tmp_path / "back"), "hf", Options(vision_from=str(tmp_path / "bf16")))
+    assert_same_tensors(tensors(tmp_path / "back"), tensors(tmp_path / "bf16"))
 
 
 @pytest.mark.parametrize("argv, named", [

@@ -61,7 +61,7 @@ def parser() -> ArgumentParser:
                         "parallel folding); default: --tp")
     p.add_argument("--megatron-spec", choices=("local", "te"), default="local",
                    help="Megatron key names: megatron-core's local spec or the Transformer Engine spec")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="output dtype (default: the input's; with --vision-from, that checkpoint's language model's)")
     p.add_argument("--output-family", "--hf-family", dest="hf_family", choices=sorted({*FAMILIES, *WRAPPERS}),
                    default=None, metavar="MODEL_TYPE",
                    help="model_type of a Hugging Face output, rewriting the model as that family when it can express it "

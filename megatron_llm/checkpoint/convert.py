@@ -62,7 +62,7 @@ class Options:
     ep: int = 1  # expert-parallel size of a Megatron output (mixture-of-experts models)
     etp: Optional[int] = None  # its experts' tensor-parallel size, dividing tp (1: experts whole); None: tp
     spec: str = "local"  # Megatron key names: megatron-core's local spec or the Transformer Engine spec
-    dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's
+    dtype: Optional[str] = None  # fp32, bf16 or fp16; None keeps the input's (with vision_from, that checkpoint's)
     hf_family: Optional[str] = None  # None: the input's own family when known, else the plainest that fits
     # a multimodal Hugging Face checkpoint (a wrapper in families/multimodal.py) that the output copies, with our model
     # as its language model: how a language model fine-tuned from it goes back to serving images
@@ -161,7 +161,7 @@ def convert(input: str, input_format: str, output: str, output_format: str, opts
     if into:
         _check_fits(reader.config, into)
     writable_directory(str(dst.parent), "the directory of --output")  # now, not after the conversion's work
-    dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(reader)
+    dtype = DTYPES[opts.dtype] if opts.dtype else _first_dtype(into or reader)  # into a checkpoint: as it stores it
     label = f"{input_format} -> {output_format}"
     try:
         with atomic_directory(dst, opts.overwrite) as tmp:

@@ -119,6 +119,7 @@ def wrap_config(hf: dict, text: dict) -> dict:
     or at the top level where `hf` keeps it there (flat), with the top-level keys transformers lets win over
     text_config set to text's, so that both say the same (a tied head, the vocabulary, the token ids)."""
     wrapper = WRAPPERS[hf["model_type"]]
+    text = {k: v for k, v in text.items() if k != "architectures"}  # the wrapper's class loads it, not the text model's
     if "text_config" not in hf:  # flat: text's keys at the top level beside the vision ones
         return {**text, **{k: hf[k] for k in VISION_KEYS if k in hf}, "model_type": wrapper.model_type}
     top = {k: text[k] for k in wrapper.top_level if k in hf and k in text}
