@@ -94,6 +94,16 @@ def test_language_model_written_back_into_its_multimodal_checkpoint(wrapper, tmp
         assert (want - model(input_ids=image["input_ids"].clamp(max=VOCAB - 2)).logits).abs().max() > 1e-2  # it saw pixels
 
 
+def test_megatron_checkpoint_written_back(tmp_path, capsys):
+    """A Megatron-LM checkpoint (tp 2, pp 2) of the language model goes back as well: hf -> megatron -> VL bit-exact."""
+    multimodal_model("qwen3_vl").save_pretrained(tmp_path / "vl")
+    convert(str(tmp_path / "vl"), "hf", str(tmp_path / "megatron"), "megatron", Options(tp=2, pp=2))
+    code, _, err = run_cli(capsys, "--input", tmp_path / "megatron", "--input-format", "megatron", "--output",
+                           tmp_path / "back", "--output-format", "hf", "--vision-from", tmp_path / "vl")
+    assert code == 0, err
+    assert_same_tensors(tensors(tmp_path / "back"), tensors(tmp_path / "vl"))
+
+
 def test_published_experts_layout_is_kept(tmp_path):
     """Published Qwen3-VL-MoE stores stacked experts [E, in, out] (transformers' whole model transposes them on load):
     written back so, bit for bit, and transformers reads the result as the original."""

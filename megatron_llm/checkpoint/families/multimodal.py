@@ -5,7 +5,8 @@ GLM-4.5V (their M-RoPE read as RoPE: families/mrope.py). Their config.json holds
 prefix beside a vision tower and projector we do not model. A wrapper is data: its model_type and the config keys
 transformers reads from the top level rather than from text_config (it ties the head by the wrapper's
 tie_word_embeddings: Mistral 3's top level says true while its text_config says false). The text model then goes
-through its own family's table; an export writes that text family.
+through its own family's table; an export writes that text family, or with --vision-from the wrapper again: its
+config.json with ours as text_config (wrap_config), its other tensors copied (hf_io.HFWriter).
 
 The tensor prefixes are the same for every wrapper, in one of three layouts: the published checkpoints and
 transformers 5.x's save_pretrained (which reverses its conversion mapping on save) keep the language model
@@ -82,7 +83,7 @@ class Unwrapped:
             return None
         return (f"note: {where} is a {self.wrapper} multimodal checkpoint: reading its {self.hf_config['model_type']} "
                 f"language model ({len(self.stored)} tensors) and leaving out {self.left_out} vision/projector tensors; "
-                f"an export writes model_type {self.hf_config['model_type']}")
+                f"an export writes model_type {self.hf_config['model_type']}, or this model with --vision-from {where}")
 
 
 def text_config(hf: dict) -> dict:
