@@ -76,14 +76,15 @@ class Unwrapped:
     def stored_name(self, own: str) -> str:
         """Where this checkpoint's layout keeps the text model's tensor `own`, stored or not (an untied head
         written into a tied checkpoint)."""
-        return self.stored.get(own) or (_stored(self.layout, own) if self.layout else own)
+        return self.stored.get(own) or _stored(self.layout, own)
 
     def note(self, where: str) -> Optional[str]:
         if self.wrapper is None:
             return None
         return (f"note: {where} is a {self.wrapper} multimodal checkpoint: reading its {self.hf_config['model_type']} "
                 f"language model ({len(self.stored)} tensors) and leaving out {self.left_out} vision/projector tensors; "
-                f"an export writes model_type {self.hf_config['model_type']}, or this model with --vision-from {where}")
+                f"an export writes model_type {self.hf_config['model_type']}, or this {self.wrapper} again with --vision-from "
+                f"{where}")
 
 
 def text_config(hf: dict) -> dict:
