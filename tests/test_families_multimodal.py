@@ -1,6 +1,8 @@
 """Multimodal checkpoints (checkpoint/families/multimodal.py) read as their language model: a tiny random
 model of each wrapper from transformers, with a tiny vision tower, saved as transformers saves it; our model
-must give its logits on text-only input, and the text model we export must give them under transformers too."""
+must give its logits on text-only input, the text model we export must give them under transformers too, and
+written back with --vision-from it must be the checkpoint it came from (test_families_multimodal_export.py: a
+changed language model written back)."""
 
 import copy
 import dataclasses
@@ -144,6 +146,13 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
             assert torch.equal(native[name], tensor), name
 
     convert(str(tmp_path / "mm"), "hf", str(tmp_path / "native"), "native")
+    # written back into the multimodal checkpoint: every tensor as it was, read strictly by transformers' wrapper class
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "back"), "hf", Options(vision_from=str(tmp_path / "mm")))
+    with safe_open(tmp_path / "mm" / SINGLE, "pt") as mm, safe_open(tmp_path / "back" / SINGLE, "pt") as back:
+        assert sorted(back.keys()) == sorted(mm.keys())
+        assert all(torch.equal(back.get_tensor(name), mm.get_tensor(name)) for name in mm.keys())
+    _, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert written["model_type"] == text_type
