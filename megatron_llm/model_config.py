@@ -188,6 +188,12 @@ class ModelConfig:
         "per token, as DeepSeek-V3 and megatron-core) or softmax(logits) whatever the scores (transformers' MiniMax-M2)")
     moe_shared_combine: Literal["sum", "average"] = param(
         "sum", "routed plus shared experts' outputs, or their mean ((routed + shared) / 2: Cohere2-MoE's average)")
+    mtp_layers: int = param(
+        0, "multi-token prediction depths (DeepSeek-V3; Megatron's mtp_num_layers): depth k adds one block of the last "
+        "layer's kind that predicts token t + k + 1 through the shared head, in training only (model/mtp.py)")
+    mtp_loss_coeff: float = param(
+        0.1, "the mean over depths of the multi-token prediction losses is added times this (Megatron's "
+        "mtp_loss_scaling_factor; DeepSeek-V3 trains with 0.3, then 0.1)")
     init_std: float = param(0.02, "std of the normal init of every weight matrix")
     scaled_init: bool = param(True, "divide the init std of output projections by sqrt(2 * num_layers)")
 
@@ -267,6 +273,11 @@ class ModelConfig:
         self._validate_norms()
         self._validate_moe()
         self._validate_mla()
+        if self.mtp_layers < 0 or not (math.isfinite(self.mtp_loss_coeff) and self.mtp_loss_coeff >= 0):
+            raise UsageError(f"model.mtp_layers ({self.mtp_layers}) and model.mtp_loss_coeff ({self.mtp_loss_coeff}) "
+                             "must not be negative")
+        if self.mtp_layers and self.head != "lm":
+            raise UsageError("model.mtp_layers predicts tokens, which a model.head score does not: set mtp_layers 0")
 
     def _validate_scalars(self) -> None:
         for key in ("norm_eps", "init_std", "embedding_multiplier", "residual_multiplier", "logit_multiplier"):

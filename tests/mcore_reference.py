@@ -28,7 +28,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
     from megatron.core.fusions import fused_softmax
     from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.post_training.modelopt.gpt.state_dict_hooks import mcore_gpt_load_te_state_dict_pre_hook
@@ -112,6 +116,8 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization,
                                         multi_latent_attention=config.multi_latent_attention)
+    # Multi-token prediction: megatron-core's MTP block of the decoder's last layer spec, on the last stage
+    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, pp_rank=pp_rank) if config.mtp_num_layers else None
     # A module built without a tp group (MLA's linear_q_proj) takes megatron-core's default one, the run's tp group.
     default_tp = (parallel_state, "get_tensor_model_parallel_group", lambda *a, **k: groups.tp)
     with patched([CPU_DEVICE, default_tp, *LATENT_ATTENTION]), grouped_gemm_on_cpu():
@@ -122,7 +128,7 @@ def gpt_model(args, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> GPTModel:
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
             position_embedding_type=args.position_embedding_type, rotary_percent=args.rotary_percent,
             rotary_base=args.rotary_base, rope_scaling=args.use_rope_scaling, rope_scaling_factor=args.rope_scaling_factor,
-            pg_collection=groups,
+            pg_collection=groups, mtp_block_spec=mtp,
         )
 
 

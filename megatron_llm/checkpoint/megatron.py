@@ -34,6 +34,7 @@ from megatron_llm.checkpoint.megatron_attention import (
 )
 from megatron_llm.checkpoint.megatron_mla import latent_config, mla_args
 from megatron_llm.checkpoint.megatron_moe import check_linear_biases, dense_mlps, moe_args, moe_config, moe_pattern
+from megatron_llm.checkpoint.megatron_mtp import check_mtp_layout, mtp_depths, mtp_templates
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
 from megatron_llm.model.rope import rope_frequencies
@@ -109,7 +110,7 @@ TE_NAMES = {
 # both megatron-core and Transformer Engine accept), and so does the Transformer Engine spec's core
 # attention. Missing ones fail Megatron's strict load.
 LINEARS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "linear_q_proj", "linear_q_down_proj",
-           "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj")
+           "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj", "eh_proj")
 TE_EXTRA_STATE = "self_attention.core_attention"
 SPECS = ("local", "te")
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128  # Megatron-LM's default; the padded vocabulary is a multiple of this * tp
@@ -119,7 +120,6 @@ SUPPORTED_ARGS = {
     "softmax_type": ("vanilla", "learnable", None),  # off-by-one: a sink fixed at 0, not a parameter of ours
     "apply_layernorm_1p": (False, None),
     "virtual_pipeline_model_parallel_size": (None, 1),
-    "mtp_num_layers": (None, 0),  # DeepSeek-V3's multi-token prediction layers: our model has none
     "experimental_attention_variant": (None,),  # e.g. DeepSeek-V3.2's sparse attention (dsa)
 }
 QUICK_GELU_ALPHA = 1.702  # megatron-core's quick_gelu: x * sigmoid(1.702 x), gpt-oss's swiglu_alpha
@@ -161,6 +161,7 @@ class Layout:
            etp: Optional[int] = None) -> "Layout":
         """Refuses layouts Megatron cannot hold (megatron-core < 0.16 needs whole query groups per rank,
         and so do we; an expert's width is split over etp, by default tp, as the dense MLP's is)."""
+        check_mtp_layout(cfg.mtp_layers, pp)
         if ep > 1 and not cfg.moe_experts:
             raise UsageError(f"--ep {ep} splits the experts of a mixture-of-experts model, and this model has none; drop --ep")
         if etp not in (None, tp) and not cfg.moe_experts:
@@ -244,19 +245,21 @@ def entries(shapes: dict, layout: Layout, spec: str, tied: bool) -> list[Entry]:
     order. A tied head is stored only when pipelining: megatron-core's last stage keeps its own copy of
     the embedding."""
     out = []
-    for template, (sources, kind) in [*MEGATRON_TO_NATIVE.items(), *(LATENT_TO_NATIVE.items() if layout.latent else ())]:
-        name = TE_NAMES.get(template, template) if spec == "te" else template
-        for i in range(layout.num_layers) if "{i}" in template else [None]:
+    decoder = [(TE_NAMES.get(template, template) if spec == "te" else template, sources, kind) for template, (sources, kind)
+               in [*MEGATRON_TO_NATIVE.items(), *(LATENT_TO_NATIVE.items() if layout.latent else ())]]
+    for name, sources, kind in [*decoder, *mtp_templates(decoder, REPLICATED, COLUMN)]:
+        mtp = name.startswith("mtp.")  # on the last stage, numbered 0..D-1 there
+        for i in range(mtp_depths(shapes) if mtp else layout.num_layers) if "{i}" in name else [None]:
             names = tuple(s.format(i=i) for s in sources)
             # all its sources: latent attention's one query projection wq is no fused QKV's first part
-            if any(n not in shapes for n in names) or (template == "output_layer.weight" and tied and layout.pp == 1):
+            if any(n not in shapes for n in names) or (name == "output_layer.weight" and tied and layout.pp == 1):
                 continue
             if i is None:
-                stage = 0 if template.startswith("embedding.") else layout.pp - 1
+                stage = 0 if name.startswith("embedding.") else layout.pp - 1
                 out.append(Entry(name, names, kind, stage))
                 continue
-            stage, local = divmod(i, layout.layers_per_stage)
-            if "{l}" not in template:
+            stage, local = (layout.pp - 1, i) if mtp else divmod(i, layout.layers_per_stage)
+            if "{l}" not in name:
                 out.append(Entry(name.format(i=local), names, kind, stage))
                 continue
             for e in range(layout.experts):
@@ -275,6 +278,8 @@ def extra_state_keys(stage_entries: list[Entry], layout: Layout, stage: int, spe
     modules = dict.fromkeys(e.key.rsplit(".", 1)[0] for e in stage_entries if e.key.rsplit(".", 2)[-2] in LINEARS)
     if spec == "te":
         modules.update(dict.fromkeys(f"decoder.layers.{i}.{TE_EXTRA_STATE}" for i in range(layout.layers_per_stage)))
+        modules.update(dict.fromkeys(e.key.split(".transformer_layer.")[0] + f".transformer_layer.{TE_EXTRA_STATE}"
+                                     for e in stage_entries if ".transformer_layer." in e.key))
     if stage == layout.pp - 1:
         modules["output_layer"] = None
     return [f"{m}._extra_state" for m in modules]
@@ -419,6 +424,7 @@ def _args(cfg: ModelConfig, layout: Layout, dtype: torch.dtype, spec: str) -> ar
         use_rope_scaling=llama3, rope_scaling_factor=float(scaling["factor"]) if llama3 else 8.0,
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
         add_bias_linear=cfg.out_bias, add_qkv_bias=cfg.qkv_bias,
+        mtp_num_layers=cfg.mtp_layers or None, mtp_loss_scaling_factor=cfg.mtp_loss_coeff,
         init_method_std=cfg.init_std, hidden_dropout=0.0, attention_dropout=0.0,
         apply_query_key_layer_scaling=False, attention_softmax_in_fp32=True,
         transformer_impl="transformer_engine" if spec == "te" else "local",
@@ -460,6 +466,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
         qk_norm=bool(arg("qk_layernorm")), qkv_bias=bias or bool(arg("add_qkv_bias")),
         linear_bias=bias, tie_embeddings=not arg("untie_embeddings_and_output_weights", False),
         init_std=arg("init_method_std", 0.02), **moe_config(args), **window_config(args),
+        mtp_layers=arg("mtp_num_layers") or 0, mtp_loss_coeff=float(arg("mtp_loss_scaling_factor", 0.1)),
     )
     fields = {**fields, **latent_config(args)}
     if fields.get("moe_experts") and not dense_mlps(ModelConfig(**fields)):

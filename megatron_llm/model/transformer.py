@@ -21,6 +21,7 @@ from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.mla import LatentAttention
 from megatron_llm.model.mlp import XIELU, FeedForward
 from megatron_llm.model.moe import GroupedExperts, MoE, Router
+from megatron_llm.model.mtp import MultiTokenPrediction
 from megatron_llm.model.norms import RMSNorm, build_norm
 from megatron_llm.model.rope import rope_tables
 from megatron_llm.model_config import LayerSpec, ModelConfig
@@ -79,7 +80,7 @@ class Transformer(nn.Module):
     """
 
     FIRST_STAGE = ("tok_embeddings", "pos_embeddings", "embedding_norm")
-    LAST_STAGE = ("norm", "output")
+    LAST_STAGE = ("norm", "output", "mtp")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -94,6 +95,9 @@ class Transformer(nn.Module):
         self.norm = build_norm(cfg) if cfg.norm_placement not in ("post", "deepnorm") else None
         outputs = cfg.vocab_size if cfg.head == "lm" else 1  # score: one scalar per position
         self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, outputs, bias=cfg.output_bias)
+        # Multi-token prediction (model/mtp.py): extra blocks of the last decoder layer's kind, training only.
+        last = cfg.layer(cfg.num_layers - 1)
+        self.mtp = MultiTokenPrediction(cfg, lambda: TransformerBlock(cfg, last)) if cfg.mtp_layers else None
         self.tie_weights()
         # Derived from the config, so kept out of checkpoints; filled by init_weights on the real device.
         self.rope_names = tuple(sorted({layer.attention.rope for layer in self.layers.values()} - {None}))
@@ -215,16 +219,22 @@ class Transformer(nn.Module):
             h = layer(h, ctx)
         if cache is not None:
             cache.advance(tokens.shape[1])
+        h = h if self.norm is None else self.norm(h)
         if self.output is None:
-            return h if self.norm is None else self.norm(h)
-        logits = self.logits(h)
+            return h
+        if self.mtp is not None and self.training and cache is None:  # leaves its logits on self.mtp
+            self.mtp(h, tokens, positions, ctx, self._embed, self._head)
+        logits = self._head(h)
         return logits if labels is None else token_cross_entropy(logits, labels)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The last blocks' hidden states [b, s, hidden] through the final norm and the head: logits [b, s, vocab]
         (also the logit lens's view of any layer)."""
-        if self.norm is not None:
-            h = self.norm(h)
+        return self._head(h if self.norm is None else self.norm(h))
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [b, s, hidden] -> logits [b, s, vocab]: the output head shared by the
+        main prediction and every multi-token prediction depth."""
         logits = self.output(h)  # [b, s, vocab], or scores [b, s, 1]
         if self.cfg.head == "score":  # the multiplier and soft-cap shape a distribution over the vocabulary only
             return logits

@@ -64,14 +64,14 @@ class RouterCollector:
 
     def __init__(self, model: nn.Module, cfg: ModelConfig):
         self.cfg = cfg
-        self.moe_layers = [i for i in range(cfg.num_layers) if cfg.layer(i).moe]  # of the whole model
+        self.moe_layers = moe_layers(cfg)  # of the whole model
         self.device = next(model.parameters()).device
         self.dims: Optional[ParallelDims] = None  # set by start_step: whom global counts are summed over
         self.micro_batches = 1
         self.reset()
         for name, module in model.named_modules():
             if isinstance(module, MoE):
-                module.register_forward_hook(self._hook(_layer_of(name)))
+                module.register_forward_hook(self._hook(_layer_of(name, cfg)))
 
     def start_step(self, dims: ParallelDims, micro_batches: int) -> None:
         self.dims, self.micro_batches = dims, micro_batches
@@ -195,13 +195,22 @@ def update_expert_bias(model: nn.Module, moe_layers: list[int], load: torch.Tens
     rank holding a layer moves its bias the same way."""
     for name, module in model.named_modules():
         if isinstance(module, MoE) and module.router.expert_bias is not None:
-            row = load[moe_layers.index(_layer_of(name))]
+            row = load[moe_layers.index(_layer_of(name, model.cfg))]
             module.router.expert_bias += rate * torch.sign(row.mean() - row).to(module.router.expert_bias.device)
 
 
-def _layer_of(name: str) -> int:
-    """'layers.3.feed_forward' -> 3 (module names keep the global layer index in every layout)."""
-    return int(re.search(r"layers\.(\d+)\.", name + ".").group(1))
+def moe_layers(cfg: ModelConfig) -> list[int]:
+    """The MoE layers' indices: decoder layers, then the multi-token prediction depths as num_layers + k
+    (megatron-core's MTP layer numbers; their routers' losses count as a layer's)."""
+    mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp_layers) if cfg.layer(cfg.num_layers - 1).moe else ()
+    return [i for i in range(cfg.num_layers) if cfg.layer(i).moe] + list(mtp)
+
+
+def _layer_of(name: str, cfg: ModelConfig) -> int:
+    """'layers.3.feed_forward' -> 3, 'mtp.layers.0.block.feed_forward' -> num_layers (module names keep the
+    global layer index in every layout)."""
+    index = int(re.search(r"layers\.(\d+)\.", name + ".").group(1))
+    return cfg.num_layers + index if name.startswith("mtp.") else index
 
 
 _COLLECTORS: "weakref.WeakKeyDictionary[nn.Module, RouterCollector]" = weakref.WeakKeyDictionary()
@@ -210,7 +219,7 @@ _COLLECTORS: "weakref.WeakKeyDictionary[nn.Module, RouterCollector]" = weakref.W
 def router_collector(model: nn.Module) -> Optional[RouterCollector]:
     """The model's collector (created on first use), or None for a model without MoE layers."""
     cfg = model.cfg
-    if not any(cfg.layer(i).moe for i in range(cfg.num_layers)):
+    if not moe_layers(cfg):
         return None
     if model not in _COLLECTORS:
         _COLLECTORS[model] = RouterCollector(model, cfg)

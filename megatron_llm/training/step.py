@@ -16,6 +16,7 @@ from megatron_llm.parallel.pipeline import Records, document_inputs
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
 from megatron_llm.training.loss import micro_batch_loss
 from megatron_llm.training.moe_loss import router_collector
+from megatron_llm.training.mtp_loss import mtp_loss
 from megatron_llm.training.reward import PairwiseObjective
 
 
@@ -68,6 +69,7 @@ def train_step(
     routers = router_collector(model)  # None without MoE layers
     if routers is not None:
         routers.start_step(dims, len(micro_batches))
+    mtp = mtp_loss(model)  # None without multi-token prediction on this rank
 
     def loss_fn(logits, mb):
         if objective is not None:
@@ -79,7 +81,8 @@ def train_step(
         router_loss = routers.take_loss() if routers is not None and not isinstance(model, PipelineModel) else None
         if router_loss is not None:  # a mean over the micro-batches (and, by the gradient average, over dp)
             loss = loss + router_loss / len(micro_batches)
-        return loss, token_ce
+        extra = mtp(mb, per_rank_tokens) if mtp is not None else None
+        return (loss if extra is None else loss + extra), token_ce
 
     for mb, token_ce in _run(model, micro_batches, dims, autocast, loss_fn, train=True):  # last stage only under pp
         ce_sum += token_ce.sum()
@@ -96,6 +99,8 @@ def train_step(
     channels = channel_sums.gather(dims.dp_group) if channel_sums is not None else {}
     rates = objective.gather(dims.dp_group) if objective is not None else {}
     moe = routers.finish_step(model, dims, len(micro_batches), updated=finite) if routers is not None else {}
+    if mtp is not None:  # logged beside the router losses
+        moe.update(mtp.scalars(lambda sums: all_reduce_sum(sums, dims, over_stages=True)))
     return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe, rates=rates)
 
 

@@ -1,0 +1,115 @@
+"""Multi-token prediction (DeepSeek-V3; model/mtp.py, training/mtp_loss.py, checkpoint/megatron_mtp.py) against
+megatron-core's own GPTModel with its MTP block: our weights written as a Megatron checkpoint, strict-loaded into
+megatron-core, and the main loss, each depth's loss and the gradients of the MTP weights compared."""
+
+import pytest
+import torch
+
+import megatron_llm
+from megatron_llm.checkpoint.convert import convert
+from megatron_llm.checkpoint.megatron import Layout
+from megatron_llm.checkpoint.megatron_io import safe_load
+from megatron_llm.checkpoint.native import save_weights
+from megatron_llm.config import Config, ModelConfig, ParallelConfig
+from megatron_llm.errors import UsageError
+from megatron_llm.model import build_model
+from megatron_llm.training.loss import micro_batch_loss
+from megatron_llm.training.mtp_loss import mtp_loss, mtp_targets
+
+VOCAB = 128  # megatron-core's padded vocabulary is this one: its cross-entropy runs over the same columns as ours
+DENSE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, ffn_hidden_size=96,
+             max_seq_len=32, tie_embeddings=False, mtp_layers=2, mtp_loss_coeff=0.3)
+DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=64, max_seq_len=32,
+                     moe_experts=8, moe_top_k=2, moe_ffn_hidden_size=32, moe_score="sigmoid", moe_expert_bias=True,
+                     moe_groups=4, moe_topk_groups=2, moe_routed_scale=2.5, moe_shared_ffn_hidden_size=64,
+                     moe_dense_layers=[0], moe_aux_loss_scope="layer", attention="mla", head_dim=16,
+                     mla_kv_lora_rank=16, mla_rope_head_dim=8, mla_v_head_dim=8, rope_interleaved=True, mtp_layers=1)
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (2, 17), generator=g)
+    mask = torch.ones(2, 16)
+    mask[0, 3:6] = 0  # a prompt-like gap: its rolled copy masks other depths' targets
+    return tokens[:, :-1], tokens[:, 1:], mask
+
+
+def _ours(model, x, labels, mask):
+    """(main per-token losses, per-depth means, gradients) of our training objective at one micro-batch."""
+    model.train()
+    tokens = mask.sum()
+    loss, token_ce = micro_batch_loss(model(x), labels, mask, 0.0, tokens)
+    mtp = mtp_loss(model)
+    (loss + mtp({"labels": labels, "loss_mask": mask}, tokens)).backward()
+    means = mtp.scalars(lambda sums: sums)
+    return token_ce, [means[f"mtp_loss/depth{k + 1}"] for k in range(model.cfg.mtp_layers)]
+
+
+def _megatron_core(mcore, shard, x, labels, mask):
+    """megatron-core's GPTModel on the shard: per-token main loss [b, s], its MTPLossLoggingHelper's per-depth losses,
+    the model (with gradients). Per-token loss mode, the MTP gradient scaled by 1/tokens as the main loss's."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, MTPLossLoggingHelper
+
+    model = mcore.gpt_model(shard["args"], 0, 0)
+    model.config.calculate_per_token_loss = True
+    model.load_state_dict(shard["model"], strict=True)
+    model.train()
+    s = x.shape[1]
+    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None]
+    MTPLossLoggingHelper.tracker.clear()
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0) / mask.sum())
+    try:
+        with mcore.forward_on_cpu():
+            ce = model(x, torch.arange(s)[None].expand_as(x), causal, labels=labels, loss_mask=mask)
+            ((ce * mask).sum() / mask.sum()).backward()
+    finally:
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    return ce, MTPLossLoggingHelper.tracker["values"].tolist(), model
+
+
+@pytest.mark.parametrize("kind", ["dense", "deepseek"])
+def test_losses_and_gradients_equal_megatron_core(mcore, tmp_path, kind):
+    cfg = ModelConfig(**(DENSE if kind == "dense" else DEEPSEEK_LIKE))
+    model = build_model(cfg, "cpu", seed=3)
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    assert (shard["args"].mtp_num_layers, shard["args"].mtp_loss_scaling_factor) == (cfg.mtp_layers, cfg.mtp_loss_coeff)
+    x, labels, mask = _batch()
+    token_ce, depths = _ours(model, x, labels, mask)
+    ce, their_depths, theirs = _megatron_core(mcore, shard, x, labels, mask)
+    torch.testing.assert_close(token_ce, ce.detach() * mask, atol=1e-5, rtol=1e-5)
+    assert depths == pytest.approx(their_depths, abs=1e-5)
+    for k, layer in enumerate(theirs.mtp.layers):
+        ours = model.mtp.layers[str(k)]
+        pairs = [(ours.eh_proj, layer.eh_proj), (ours.enorm, layer.enorm), (ours.hnorm, layer.hnorm),
+                 (ours.norm, layer.final_layernorm), (ours.block.attention.wo, layer.transformer_layer.self_attention.linear_proj)]
+        for a, b in pairs:
+            torch.testing.assert_close(a.weight.grad, b.weight.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(model.tok_embeddings.weight.grad, theirs.embedding.word_embeddings.weight.grad,
+                               atol=1e-6, rtol=1e-4)  # the embedding's gradient reaches it from every depth
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), "native")
+    back = megatron_llm.load_model(str(tmp_path / "back"))
+    assert back.cfg == cfg
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_targets_roll_as_megatron_core_within_documents():
+    labels, mask = torch.arange(1, 7)[None], torch.ones(1, 6)
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    shifted, kept = mtp_targets(labels, mask, 2, documents)
+    assert shifted.tolist() == [[3, 4, 5, 6, 0, 0]] and kept.tolist() == [[1, 0, 0, 1, 0, 0]]
+
+
+def test_inference_forward_and_layouts():
+    cfg = ModelConfig(**DENSE)
+    model = build_model(cfg, "cpu", seed=0).eval()
+    x, _, _ = _batch()
+    model(x)
+    assert model.mtp.take() == []  # evaluation and generation leave the depths out
+    for layout in (dict(tp=2), dict(pp=2), dict(ep=2)):  # refused before any process group
+        with pytest.raises(UsageError, match="mtp_layers"):
+            ParallelConfig(**layout).validate(cfg, 16, 2, False)
+    with pytest.raises(UsageError, match="--pp 2"):
+        convert_to_megatron_at_pp2 = Layout.of(cfg, 1, 2)  # noqa: F841
