@@ -616,8 +616,9 @@ LATENT_BAD = {
                           "multi_latent_attention with rotary_interleaved=True: megatron-core's TransformerConfig refuses it"),
     "latents-unnormalised": (dict(qk_layernorm=False), ["--output-format", "native"],
                              "multi_latent_attention with qk_layernorm=False: its latents are not normalised"),
+    # args promising an MTP block (read since tests/test_mtp.py) that the files do not hold
     "multi-token-prediction": (dict(mtp_num_layers=1), ["--output-format", "native"],
-                               "Megatron checkpoint has mtp_num_layers=1; our model supports None or 0"),
+                               "missing tensors ['mtp.layers.0.eh_proj.weight'"),
     # Megatron-LM's Transformer Engine spec fuses the latent norm into the up projection that follows it
     "te-spec-read": ({"kv_layernorm.weight": "linear_kv_up_proj.layer_norm_weight"}, ["--output-format", "native"],
                      "holds latent attention in the Transformer Engine spec"),

@@ -20,7 +20,7 @@ VOCAB = 128  # megatron-core's padded vocabulary is this one: its cross-entropy 
 DENSE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, ffn_hidden_size=96,
              max_seq_len=32, tie_embeddings=False, mtp_layers=2, mtp_loss_coeff=0.3)
 DEEPSEEK_LIKE = dict(vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=64, max_seq_len=32,
-                     moe_experts=8, moe_top_k=2, moe_ffn_hidden_size=32, moe_score="sigmoid", moe_expert_bias=True,
+                     moe_experts=8, moe_top_k=4, moe_ffn_hidden_size=32, moe_score="sigmoid", moe_expert_bias=True,
                      moe_groups=4, moe_topk_groups=2, moe_routed_scale=2.5, moe_shared_ffn_hidden_size=64,
                      moe_dense_layers=[0], moe_aux_loss_scope="layer", attention="mla", head_dim=16,
                      mla_kv_lora_rank=16, mla_rope_head_dim=8, mla_v_head_dim=8, rope_interleaved=True, mtp_layers=1)
@@ -108,8 +108,8 @@ def test_inference_forward_and_layouts():
     x, _, _ = _batch()
     model(x)
     assert model.mtp.take() == []  # evaluation and generation leave the depths out
-    for layout in (dict(tp=2), dict(pp=2), dict(ep=2)):  # refused before any process group
-        with pytest.raises(UsageError, match="mtp_layers"):
-            ParallelConfig(**layout).validate(cfg, 16, 2, False)
+    for model, layout in ((cfg, dict(tp=2)), (cfg, dict(pp=2)), (ModelConfig(**DEEPSEEK_LIKE), dict(ep=2))):
+        with pytest.raises(UsageError, match="mtp_layers"):  # refused before any process group
+            ParallelConfig(**layout).validate(model, 16, 2, False)
     with pytest.raises(UsageError, match="--pp 2"):
-        convert_to_megatron_at_pp2 = Layout.of(cfg, 1, 2)  # noqa: F841
+        Layout.of(cfg, 1, 2)
