@@ -113,3 +113,40 @@ def test_inference_forward_and_layouts():
             ParallelConfig(**layout).validate(model, 16, 2, False)
     with pytest.raises(UsageError, match="--pp 2"):
         Layout.of(cfg, 1, 2)
+
+
+def _step(cfg, micro_batches):
+    """One SGD step (lr 1) through train_step: (result, each parameter's update)."""
+    from megatron_llm.parallel import ParallelDims
+    from megatron_llm.training.step import train_step
+
+    model = build_model(cfg, "cpu", seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), micro_batches, ParallelDims(1, 0, 1, 1, 1),
+                        z_loss=0.0, grad_clip=0.0, autocast=None)
+    return result, {k: before[k] - v for k, v in model.state_dict().items()}
+
+
+def test_step_is_a_token_mean_whatever_the_micro_batches():
+    """The MTP loss is normalised by the step's tokens, as the main loss: one micro-batch of two sequences and two of
+    one give the same update and the same logged depth losses."""
+    x, labels, mask = _batch(1)
+    batch = dict(tokens=x, labels=labels, loss_mask=mask, channel=torch.zeros(2, dtype=torch.long))
+    cfg = ModelConfig(**DENSE)
+    whole, whole_update = _step(cfg, [batch])
+    halves, halves_update = _step(cfg, [{k: v[i : i + 1] for k, v in batch.items()} for i in range(2)])
+    assert whole.moe == pytest.approx(halves.moe, abs=1e-6) and set(whole.moe) == {"mtp_loss/depth1", "mtp_loss/depth2"}
+    for name, update in whole_update.items():
+        torch.testing.assert_close(update, halves_update[name], atol=1e-6, rtol=1e-5)
+    assert whole_update["mtp.layers.1.eh_proj.weight"].abs().max() > 0
+
+
+def test_mtp_router_is_logged_and_balanced_as_layer_num_layers():
+    """The MoE of the MTP block (megatron-core's layer number num_layers + k) gets its expert load logged and its expert
+    bias moved under its own index, not under decoder layer 0."""
+    x, labels, mask = _batch(2)
+    cfg = ModelConfig(**{**DEEPSEEK_LIKE, "moe_aux_loss_coeff": 0.01})
+    result, update = _step(cfg, [dict(tokens=x, labels=labels, loss_mask=mask, channel=torch.zeros(2, dtype=torch.long))])
+    assert sum(result.moe[f"expert_load/layer2/expert{e}"] for e in range(8)) == pytest.approx(1.0)
+    assert "expert_load/layer0/expert0" not in result.moe  # layer 0 is dense
+    assert update["mtp.layers.0.block.feed_forward.router.expert_bias"].abs().min() > 0
