@@ -150,3 +150,22 @@ def test_mtp_router_is_logged_and_balanced_as_layer_num_layers():
     assert sum(result.moe[f"expert_load/layer2/expert{e}"] for e in range(8)) == pytest.approx(1.0)
     assert "expert_load/layer0/expert0" not in result.moe  # layer 0 is dense
     assert update["mtp.layers.0.block.feed_forward.router.expert_bias"].abs().min() > 0
+
+
+@pytest.fixture(scope="module")
+def workers():
+    from parallel_harness import Workers
+
+    pool = Workers(2)
+    yield pool
+    pool.close()
+
+
+def test_data_parallel_matches_one_process(workers, corpus_dir, tmp_path):
+    """FSDP2 over dp 2 (the MTP block in the root unit beside the embedding and head it shares) continues one
+    process's MTP run: losses, validation losses and every parameter (tests/test_parallel.py's tolerances)."""
+    from test_parallel import check_chain
+
+    model = dict(model__mtp_layers=1, model__num_layers=2, training__grad_accum_steps=2, training__eval_interval=0,
+                 optimizer__eps=1e-6)
+    check_chain(workers, corpus_dir, tmp_path, model, [("dp2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp"))])
