@@ -169,3 +169,14 @@ def test_data_parallel_matches_one_process(workers, corpus_dir, tmp_path):
     model = dict(model__mtp_layers=1, model__num_layers=2, training__grad_accum_steps=2, training__eval_interval=0,
                  optimizer__eps=1e-6)
     check_chain(workers, corpus_dir, tmp_path, model, [("dp2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp"))])
+
+
+def test_flops_count_each_depth_as_a_layer_and_a_head():
+    from megatron_llm.model import flops_per_token
+
+    cfg = ModelConfig(**DENSE)
+    plain = ModelConfig(**{**DENSE, "mtp_layers": 0})
+    depth = ModelConfig(**{**DENSE, "mtp_layers": 0, "num_layers": 3})  # one more block, no projection or head
+    block = flops_per_token(depth, 16) - flops_per_token(plain, 16)
+    extra = 6 * (2 * 64 * 64 + 64 + 2 * 64 + VOCAB * 64)  # eh_proj, final norm, enorm + hnorm, the head once more
+    assert flops_per_token(cfg, 16) == pytest.approx(flops_per_token(plain, 16) + 2 * (block + extra))

@@ -340,8 +340,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     active non-embedding parameters (a mixture of experts' top_k experts, as Megatron's MFU counts them) plus
     the output head (a lookup costs nothing, the head is a matmul even when tied), plus 6 * layers * heads *
     (query-key + value width) * seq_len for the attention scores and values (12 * ... * head_dim where the
-    widths are equal). The causal mask is not discounted, as in PaLM and Megatron's MFU."""
+    widths are equal). The causal mask is not discounted, as in PaLM and Megatron's MFU. Multi-token prediction
+    depths count as layers (their blocks are among the parameters), and each runs the shared head once more."""
     n = count_params(cfg, include_embedding=False, active=True)
-    n += cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0
+    n += cfg.vocab_size * cfg.hidden_size * (int(cfg.tie_embeddings) + cfg.mtp_layers)
     value_dim = cfg.mla_v_head_dim if cfg.attention == "mla" else cfg.head_dim
-    return 6.0 * n + 6.0 * cfg.num_layers * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len
+    layers = cfg.num_layers + cfg.mtp_layers
+    return 6.0 * n + 6.0 * layers * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len
