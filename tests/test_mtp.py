@@ -108,7 +108,7 @@ def test_inference_forward_and_layouts():
     x, _, _ = _batch()
     model(x)
     assert model.mtp.take() == []  # evaluation and generation leave the depths out
-    for model, layout in ((cfg, dict(tp=2)), (cfg, dict(pp=2)), (ModelConfig(**DEEPSEEK_LIKE), dict(ep=2))):
+    for model, layout in ((cfg, dict(pp=2)), (ModelConfig(**DEEPSEEK_LIKE), dict(ep=2))):
         with pytest.raises(UsageError, match="mtp_layers"):  # refused before any process group
             ParallelConfig(**layout).validate(model, 16, 2, False)
     with pytest.raises(UsageError, match="--pp 2"):
@@ -161,14 +161,16 @@ def workers():
     pool.close()
 
 
-def test_data_parallel_matches_one_process(workers, corpus_dir, tmp_path):
-    """FSDP2 over dp 2 (the MTP block in the root unit beside the embedding and head it shares) continues one
-    process's MTP run: losses, validation losses and every parameter (tests/test_parallel.py's tolerances)."""
+def test_tensor_and_data_parallel_match_one_process(workers, corpus_dir, tmp_path):
+    """tp2 with sequence parallelism (each rank embeds its shard of the globally shifted tokens), then FSDP2 over dp 2
+    resuming from its checkpoint, continue one process's MTP run: losses, per-channel sums and every parameter to
+    tests/test_parallel.py's tolerances. The vocabulary (257) is padded at tp 2: the depths' logits are masked too."""
     from test_parallel import check_chain
 
     model = dict(model__mtp_layers=1, model__num_layers=2, training__grad_accum_steps=2, training__eval_interval=0,
                  optimizer__eps=1e-6)
-    check_chain(workers, corpus_dir, tmp_path, model, [("dp2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp"))])
+    check_chain(workers, corpus_dir, tmp_path, model, [("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
+                                                       ("dp2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp"))])
 
 
 def test_flops_count_each_depth_as_a_layer_and_a_head():

@@ -236,6 +236,20 @@ def _has_params(block: nn.Module, name: str, weightless_too: bool = False) -> bo
     return module is not None and (weightless_too or any(True for _ in module.parameters()))
 
 
+def mtp_plan(sp: bool) -> dict:
+    """One multi-token prediction depth around its block (block_plan). Its inputs, the shifted tokens' embeddings and
+    the main model's normed hidden states, come in the residual stream's layout: under sp each rank projects its
+    sequence shard with replicated enorm, hnorm and eh_proj (megatron-core splits eh_proj's rows, then gathers them
+    and scatters the sequence: the same numbers), whose gradients sum over tp as the norms'; without sp every rank
+    computes them whole, as the decoder's replicated norms. The final norm hands the head a sequence shard, as the
+    main model's norm does."""
+    if not sp:
+        return {}
+    plan = {name: SequenceParallel(use_local_output=True) for name in ("enorm", "hnorm", "eh_proj")}
+    plan["norm"] = SequenceParallel()
+    return plan
+
+
 def outer_plan(sp: bool, score: bool = False) -> dict:
     """Embedding, final norm and head; the head keeps its logits a DTensor sharded on the vocabulary. A score
     head (one output) is row-parallel instead: each rank multiplies its slice of the hidden size and the
@@ -279,9 +293,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     weights are expert_parallel.py's (split_experts)."""
     cfg = model.cfg
     pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
-    for block in model.layers.values():
+    mtp = getattr(model, "mtp", None)  # multi-token prediction (model/mtp.py), on the stage with the head
+    for block in [*model.layers.values(), *(layer.block for layer in mtp.layers.values())] if mtp else model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(block, sp))
         _shard_alibi_slopes(block.attention, tp_mesh)
+    for layer in mtp.layers.values() if mtp else ():
+        parallelize_module(layer, tp_mesh, mtp_plan(sp))
     present = {name: style for name, style in outer_plan(sp, cfg.head == "score").items() if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, present)
     model.tie_weights()  # the head and the embedding were distributed one by one: share the DTensor again
@@ -321,4 +338,9 @@ def _mask_padded_logits(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     def hook(module, args, logits):
         return logits + bias  # [b, s, padded] sharded on the vocabulary
 
+    def mtp_hook(module, args, output):  # the depths' logits, left on the module (model/mtp.py)
+        module.logits = [logits + bias for logits in module.logits]
+
     model.register_forward_hook(hook)
+    if getattr(model, "mtp", None) is not None:
+        model.mtp.register_forward_hook(mtp_hook)
