@@ -71,9 +71,9 @@ class ParallelConfig:
                 "model.moe_aux_loss_scope model takes the routers of every layer in one loss, which parallel.pp "
                 "splits: set model.moe_aux_loss_scope layer (Megatron's per-layer losses) or use pp 1"
             )
-        if model.mtp_layers and max(self.pp, self.ep) > 1:  # the stage split and the expert split do not place it yet
-            raise UsageError("model.mtp_layers runs with tensor and data parallelism (parallel.pp and ep 1): set them 1 "
-                             "or model.mtp_layers 0")
+        if model.mtp_layers and self.pp > 1:  # the last stage would need the tokens and an embedding of its own
+            raise UsageError("model.mtp_layers runs with tensor, data and expert parallelism, not yet with parallel.pp: "
+                             "set pp 1 or model.mtp_layers 0")
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
         if self.stage_layers is not None:

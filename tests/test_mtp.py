@@ -108,9 +108,8 @@ def test_inference_forward_and_layouts():
     x, _, _ = _batch()
     model(x)
     assert model.mtp.take() == []  # evaluation and generation leave the depths out
-    for model, layout in ((cfg, dict(pp=2)), (ModelConfig(**DEEPSEEK_LIKE), dict(ep=2))):
-        with pytest.raises(UsageError, match="mtp_layers"):  # refused before any process group
-            ParallelConfig(**layout).validate(model, 16, 2, False)
+    with pytest.raises(UsageError, match="mtp_layers"):  # refused before any process group
+        ParallelConfig(pp=2).validate(cfg, 16, 2, False)
     with pytest.raises(UsageError, match="--pp 2"):
         Layout.of(cfg, 1, 2)
 
@@ -162,15 +161,19 @@ def workers():
 
 
 def test_tensor_and_data_parallel_match_one_process(workers, corpus_dir, tmp_path):
-    """tp2 with sequence parallelism (each rank embeds its shard of the globally shifted tokens), then FSDP2 over dp 2
-    resuming from its checkpoint, continue one process's MTP run: losses, per-channel sums and every parameter to
-    tests/test_parallel.py's tolerances. The vocabulary (257) is padded at tp 2: the depths' logits are masked too."""
+    """A MoE model whose MTP depth is a MoE block: tp2 with sequence parallelism (each rank embeds its shard of the
+    globally shifted tokens), then FSDP2 over dp 2 with the experts split ep 2 (the MTP block's too) resuming from its
+    checkpoint, continue one process's run: losses, per-channel sums and every parameter to tests/test_parallel.py's
+    tolerances. The vocabulary (257) is padded at tp 2: the depths' logits are masked too."""
     from test_parallel import check_chain
 
     model = dict(model__mtp_layers=1, model__num_layers=2, training__grad_accum_steps=2, training__eval_interval=0,
-                 optimizer__eps=1e-6)
+                 optimizer__eps=1e-6, model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=64,
+                 model__moe_aux_loss_coeff=0.01, model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True,
+                 model__moe_score="sigmoid", model__moe_expert_bias=True, model__moe_bias_update_rate=0.01)
     check_chain(workers, corpus_dir, tmp_path, model, [("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
-                                                       ("dp2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp"))])
+                                                       ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp",
+                                                                                      parallel__ep=2))])
 
 
 def test_flops_count_each_depth_as_a_layer_and_a_head():
