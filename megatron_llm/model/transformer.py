@@ -77,6 +77,7 @@ class Transformer(nn.Module):
     On a pipeline stage without the FIRST_STAGE modules the input is hidden states [b, s, hidden]; on one
     without the LAST_STAGE modules the result is hidden states. Construct on the meta device and call
     init_weights(seed) after to_empty() (see build_model): __init__ allocates nothing worth keeping.
+    With multi-token prediction (model/mtp.py) a training-mode forward also leaves the depths' logits on `mtp`.
     """
 
     FIRST_STAGE = ("tok_embeddings", "pos_embeddings", "embedding_norm")
