@@ -204,3 +204,61 @@ def test_megatron_tp2_shards_load_strictly_and_round_trip(mcore, tmp_path):
     convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "back"), "native")
     back = megatron_llm.load_model(str(tmp_path / "back")).state_dict()
     assert all(torch.equal(back[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_hf_depths_round_trip_load_in_transformers_and_give_megatron_cores_loss(mcore, tmp_path):
+    """DeepSeek-V3's published layout: depth 1 is model.layers.{num_layers} with its own copies of the embedding and
+    head. Written from our model, transformers loads it (skipping the layer) with our logits; hf -> native -> hf is
+    bit-exact; the same directory converted to Megatron gives megatron-core's MTP loss equal to ours read from it."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from megatron_llm.checkpoint.convert import Options
+
+    cfg = ModelConfig(**{**DEEPSEEK_LIKE, "mtp_loss_coeff": 0.3, "norm_eps": 1e-6})  # one epsilon, as Megatron
+    model = build_model(cfg, "cpu", seed=5)
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    hf = tmp_path / "hf"
+    convert(str(tmp_path / "native"), "native", str(hf), "hf", Options(hf_family="deepseek_v3"))
+    tensors = load_file(hf / "model.safetensors")
+    assert json.loads((hf / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert torch.equal(tensors["model.layers.2.eh_proj.weight"], model.mtp.layers["0"].eh_proj.weight)
+    assert torch.equal(tensors["model.layers.2.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(tensors["model.layers.2.shared_head.head.weight"], tensors["lm_head.weight"])
+    x, labels, mask = _batch()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), theirs(x).logits, atol=1e-5, rtol=1e-5)
+
+    convert(str(hf), "hf", str(tmp_path / "back-native"), "native")
+    convert(str(tmp_path / "back-native"), "native", str(tmp_path / "back"), "hf")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+    convert(str(hf), "hf", str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    read = megatron_llm.load_model(str(hf))
+    assert read.cfg.mtp_layers == 1
+    token_ce, depths = _ours(read, x, labels, mask)
+    ce, their_depths, _ = _megatron_core(mcore, shard, x, labels, mask)
+    torch.testing.assert_close(token_ce, ce.detach() * mask, atol=1e-5, rtol=1e-5)
+    assert depths == pytest.approx(their_depths, abs=1e-5) and depths[0] > 0
+
+    # transformers' save_pretrained drops the depths (its config keeps num_nextn_predict_layers 1): read without them
+    theirs.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    assert megatron_llm.load_model(str(tmp_path / "saved")).cfg.mtp_layers == 0
+    # a copy that is not the model's own tensor, and a second depth the files lack: refused in one line
+    save_file({**tensors, "model.layers.2.embed_tokens.weight": tensors["model.embed_tokens.weight"] + 1},
+              hf / "model.safetensors")
+    with pytest.raises(UsageError, match=r"model\.layers\.2\.embed_tokens\.weight differs from model\.embed_tokens"):
+        megatron_llm.load_model(str(hf))
+    (hf / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
+                                                "num_nextn_predict_layers": 2}))
+    with pytest.raises(UsageError, match=r"missing tensors \['model\.layers\.3\."):
+        megatron_llm.load_model(str(hf))
+    # a family without multi-token prediction names those with it
+    with pytest.raises(UsageError, match="llama stores no multi-token prediction.*deepseek_v3, glm4_moe"):
+        convert(str(tmp_path / "native"), "native", str(tmp_path / "llama"), "hf", Options(hf_family="llama"))

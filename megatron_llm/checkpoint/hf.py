@@ -5,7 +5,7 @@ and back, and whole state dicts by name. The streaming reader and writer (hf_io.
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Collection, Optional
 
 from megatron_llm.checkpoint.families import FAMILIES, family
 from megatron_llm.checkpoint.families.multimodal import text_config, unwrap
@@ -45,11 +45,12 @@ def refuse_quantized(hf_config: dict) -> None:
                      f"read full-precision weights only; save a dequantized copy first{how}")
 
 
-def model_config_from_hf(hf_config: dict) -> ModelConfig:
+def model_config_from_hf(hf_config: dict, tensors: Optional[Collection[str]] = None) -> ModelConfig:
     """A ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout, or a multimodal
-    wrapper's: its language model), through its family; a quantized checkpoint is refused."""
+    wrapper's: its language model), through its family; a quantized checkpoint is refused. `tensors`, the
+    names the files hold, decide whether multi-token prediction depths are read (Family.read_config)."""
     refuse_quantized(hf_config)
-    return text_family(hf_config).read_config(text_config(hf_config))
+    return text_family(hf_config).read_config(text_config(hf_config), tensors)
 
 
 def hf_config_from_model_config(cfg: ModelConfig, model_type: str) -> dict:
@@ -100,8 +101,8 @@ def hf_to_native(state_dict: dict, hf_config: dict) -> dict:
     """A Hugging Face state dict renamed (and split) to ours. A tied checkpoint may omit the head; the
     native dict then gets output.weight = tok_embeddings.weight, as a tied model's state_dict has. A multimodal
     model's state dict gives its language model's tensors."""
-    cfg = model_config_from_hf(hf_config)
     stored = unwrap(hf_config, list(state_dict)).stored
+    cfg = model_config_from_hf(hf_config, stored)
     names = [n for n in native_shapes(cfg) if not (cfg.tie_embeddings and n == HEAD)]
     out = text_family(hf_config).from_hf(names, lambda name: state_dict[stored[name]], cfg)
     if cfg.tie_embeddings:

@@ -69,6 +69,8 @@ class HFReader:
         self.hf_config: Optional[dict] = self.text.hf_config  # carried to the output: the text model is what we write
         self.stored = self.text.stored  # the text model's tensor name -> the name in the files
         self.file_of = {name: self.weight_map[at] for name, at in self.stored.items()}
+        self.config = model_config_from_hf(self.config_json, self.stored)  # now with the depths the files hold
+        self.config.validate()
         self._check_keys()
         note = self.text.note(str(path))
         if note and not quiet:

@@ -24,7 +24,7 @@ from megatron_llm.checkpoint.families.common import (
 from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS
 from megatron_llm.checkpoint.families.llama import QWEN3
 from megatron_llm.checkpoint.families.moe import EXPERT_BIAS, EXPERTS_REQUIRED, experts, shared_experts, shared_mlp
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, get_family_value
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, MTPLayers, get_family_value
 from megatron_llm.errors import UsageError
 
 
@@ -136,11 +136,22 @@ MLA_TENSORS = {
         ("o_proj.weight", "wo.weight"), ("o_proj.bias", "wo.bias"))},
 }
 
+# DeepSeek-V3's multi-token prediction as published (model.layers.61 of V3; vLLM's deepseek_mtp.py and GLM-4.5's
+# glm4_moe_mtp.py read these names): each depth a decoder layer plus its projection, norms and its own copies of the
+# embedding and head, which our model shares (transformers' models skip the layer on load and never write it).
+DEEPSEEK_MTP = MTPLayers(
+    "num_nextn_predict_layers",
+    {f"model.layers.{{i}}.{theirs}": f"layers.{{i}}.mtp.{ours}" for theirs, ours in (
+        ("enorm.weight", "enorm.weight"), ("hnorm.weight", "hnorm.weight"), ("eh_proj.weight", "eh_proj.weight"),
+        ("shared_head.norm.weight", "norm.weight"))},
+    {"model.layers.{i}.embed_tokens.weight": "tok_embeddings.weight", "model.layers.{i}.shared_head.head.weight": "output.weight"},
+)
+
 # DeepSeek-V3: latent attention, the sigmoid router over groups of experts, the first k layers dense.
 DEEPSEEK_V3 = Family(
     "deepseek_v3", "DeepseekV3ForCausalLM",
     (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS}, mtp=DEEPSEEK_MTP,
 )
 
 
@@ -203,7 +214,7 @@ def glm4_moe_config(rope: Derived, eps: float, qk_norm: bool, scale: float, head
 # GLM-4.5/4.6 (glm4_moe): Llama's attention with q/k/v biases only, half of each head rotated (by halves, unlike
 # GLM-4's pairs), an optional per-head QK-norm; DeepSeek-V3's router.
 GLM4_MOE = Family("glm4_moe", "Glm4MoeForCausalLM", glm4_moe_config(partial_rope(0.5), 1e-5, False, 1.0),
-                  {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS})
+                  {**LLAMA_TENSORS, **SIGMOID_MOE_TENSORS}, mtp=DEEPSEEK_MTP)
 
 # Sarvam-MoE: GLM-4.5's model (transformers runs it on that code) with defaults of its own, q/k/v fused in one
 # query_key_value and names of its own.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Collection, Optional, Union
 
 import torch
 
@@ -108,6 +108,22 @@ class Mapped:
 
 TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked, Mapped]
 
+MTP_PREFIX = "mtp.layers."  # our multi-token prediction depths: mtp.layers.{k}.{enorm,hnorm,eh_proj,norm,block.*}
+
+
+@dataclass(frozen=True)
+class MTPLayers:
+    """Multi-token prediction depths stored as extra decoder layers (DeepSeek-V3's published checkpoints, GLM-4.5):
+    depth k (0-based) is layer num_layers + k, holding a decoder layer's tensors under the family's own names for
+    our block (mtp.layers.{k}.block.*), `tensors` (their name template -> ours, `{i}` that layer, ours under the
+    virtual `layers.{i}.mtp.`), and `copies` of the model's own tensors (their template -> our name) that every
+    depth stores again: written from ours, and on read checked equal to ours. `key` counts the depths in config.json;
+    a directory whose files lack depth 1's eh_proj has none (transformers' save_pretrained drops them)."""
+
+    key: str
+    tensors: dict[str, str]
+    copies: dict[str, str]
+
 
 @dataclass(frozen=True)
 class When:
@@ -127,11 +143,14 @@ class Family:
     # Hugging Face config keys written on export besides the mapped ones (constants transformers reads).
     extra: dict = field(default_factory=dict)
     variants: tuple[When, ...] = ()  # tensor names that follow the config
+    mtp: Optional[MTPLayers] = None  # where the family stores multi-token prediction; None: it does not
 
     # ---------------------------------------------------------------------------------------------
     # config.json <-> ModelConfig
 
-    def read_config(self, hf: dict) -> ModelConfig:
+    def read_config(self, hf: dict, tensors: Optional[Collection[str]] = None) -> ModelConfig:
+        """`tensors`: the names the files hold, where known: multi-token prediction depths are read only when they
+        hold depth 1's eh_proj (config.json alone says nothing: transformers writes its default 1 without them)."""
         values: dict[str, Any] = {}
         for entry in self.config:
             if isinstance(entry, Fixed):
@@ -149,6 +168,8 @@ class Family:
                     raw = entry.default
                 values[entry.ours] = entry.read(raw)
         values.setdefault("init_std", hf.get("initializer_range", 0.02))
+        if self.mtp is not None and tensors is not None and self._mtp_hf(0, "eh_proj.weight", values["num_layers"]) in tensors:
+            values["mtp_layers"] = get_family_value(hf, self.mtp.key, default=1)  # the config classes' default
         if any(a.endswith(SCORE_SUFFIX) for a in hf.get("architectures") or []):
             labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0, 1: 1}))  # transformers' default: 2
             if labels != 1:
@@ -159,6 +180,12 @@ class Family:
     def write_config(self, cfg: ModelConfig) -> dict:
         """config.json for `cfg`, refused with the first field this family cannot express: the result is
         read back and every field must survive (init-only fields excepted)."""
+        if cfg.mtp_layers and self.mtp is None:  # named first: no other field would make this family fit
+            from megatron_llm.checkpoint.families import FAMILIES  # the registry, which imports this module
+
+            carriers = ", ".join(name for name, f in FAMILIES.items() if f.mtp is not None)
+            raise UsageError(f"{self.model_type} stores no multi-token prediction (model.mtp_layers={cfg.mtp_layers}); "
+                             f"the families that do: {carriers}; choose one as --output-family, or export native or megatron")
         out = {"architectures": [self.architecture], "model_type": self.model_type, **self.extra}
         if cfg.head == "score":  # the family's sequence classifier with one label (a reward model)
             out.update(architectures=[self.architecture.replace("ForCausalLM", SCORE_SUFFIX)], num_labels=1)
@@ -168,12 +195,16 @@ class Family:
             elif isinstance(entry, Derived):
                 out.update(entry.write(cfg))
         out["initializer_range"] = cfg.init_std
-        try:
-            back = dataclasses.asdict(self.read_config(out))
+        if self.mtp is not None:
+            out[self.mtp.key] = cfg.mtp_layers
+        try:  # as a directory holding every tensor of `out` reads it
+            stored = {self._mtp_hf(0, "eh_proj.weight", cfg.num_layers)} if self.mtp is not None and cfg.mtp_layers else set()
+            back = dataclasses.asdict(self.read_config(out, stored))
         except UsageError as e:
             raise UsageError(f"{self.model_type} cannot express this model: {e}") from None
         back["scaled_init"] = cfg.scaled_init  # an init choice Hugging Face does not record
         back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # a training choice it does not record either
+        back["mtp_loss_coeff"] = cfg.mtp_loss_coeff  # and another
         for key, value in dataclasses.asdict(cfg).items():
             if back[key] != value:
                 raise UsageError(
@@ -188,6 +219,7 @@ class Family:
     def hf_names(self, native: dict[str, torch.Size], cfg: ModelConfig) -> dict[str, torch.Size]:
         """Hugging Face name -> shape for our tensors `native` (name -> shape), in our order."""
         out: dict[str, torch.Size] = {}
+        native = {_virtual(name, cfg): shape for name, shape in native.items()}
         for name, shape in native.items():
             hf, entry, _ = self._entry_of(name, cfg)
             if hf in out:
@@ -203,11 +235,13 @@ class Family:
                 dim = _rows_dim(shapes[0])
                 shape = torch.Size((*shapes[0][:dim], sum(s[dim] for s in shapes), *shapes[0][dim + 1:]))
             out[hf] = shape.__class__(reversed(shape)) if _transposed(entry, shape) else shape
+        out.update({copy: native[ours] for copy, ours in self._mtp_copies(native, cfg)})
         return out
 
     def to_hf(self, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """One group of our tensors -> theirs; every part of a fused tensor is in the same group (a layer)."""
         out = {}
+        tensors = {_virtual(name, cfg): tensor for name, tensor in tensors.items()}
         for name, tensor in tensors.items():
             hf, entry, _ = self._entry_of(name, cfg)
             if isinstance(entry, Stacked):
@@ -221,6 +255,7 @@ class Family:
             if isinstance(entry, Fused):
                 tensor = _fuse([tensors[_layer(part, name)] for part in entry.parts], entry.layout, cfg)
             out[hf] = tensor.t() if _transposed(entry, tensor.shape) else _unswapped(entry, tensor, cfg)
+        out.update({copy: tensors[ours] for copy, ours in self._mtp_copies(tensors, cfg)})
         return out
 
     def from_hf(self, names: list[str], get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -228,7 +263,7 @@ class Family:
         cache: dict[str, list[torch.Tensor]] = {}
         out = {}
         for name in names:
-            hf, entry, index = self._entry_of(name, cfg)
+            hf, entry, index = self._entry_of(_virtual(name, cfg), cfg)
             if isinstance(entry, Stacked):
                 out[name] = torch.stack([get(hf.format(e=e)) for e in range(cfg.moe_experts)])  # [E, ...]
                 continue
@@ -238,6 +273,11 @@ class Family:
                 cache[hf] = (_split(tensor, entry, name, cfg) if isinstance(entry, Fused) else
                              _mapped_from_hf(entry, tensor, cfg) if isinstance(entry, Mapped) else [tensor])
             out[name] = cache[hf][index]
+        for copy, ours in self._mtp_copies(out, cfg):
+            if not torch.equal(get(copy), get(self.hf_name(ours, cfg))):
+                raise UsageError(f"{copy} differs from {self.hf_name(ours, cfg)}: multi-token prediction shares the "
+                                 "model's own tensor, so its copy must be equal; copy the model's into it or drop the "
+                                 f"depths ({self.mtp.key} 0 and no layer {cfg.num_layers} on)")
         return out
 
     def hf_name(self, name: str, cfg: ModelConfig) -> str:
@@ -245,8 +285,21 @@ class Family:
 
     def hf_keys(self, name: str, cfg: ModelConfig) -> list[str]:
         """The Hugging Face tensors holding our `name`: one, or one per expert for a stacked tensor."""
-        hf, entry, _ = self._entry_of(name, cfg)
-        return [hf.format(e=e) for e in range(cfg.moe_experts)] if isinstance(entry, Stacked) else [hf]
+        hf, entry, _ = self._entry_of(_virtual(name, cfg), cfg)
+        keys = [hf.format(e=e) for e in range(cfg.moe_experts)] if isinstance(entry, Stacked) else [hf]
+        return keys + [copy for copy, _ in self._mtp_copies((name,), cfg)]  # read with it, to be compared
+
+    def _mtp_copies(self, ours: Collection[str], cfg: ModelConfig) -> list[tuple[str, str]]:
+        """(their copy, our tensor) for each multi-token prediction depth's copy of one of `ours`."""
+        if self.mtp is None:
+            return []
+        return [(copy.format(i=cfg.num_layers + k), source) for copy, source in self.mtp.copies.items() if source in ours
+                for k in range(cfg.mtp_layers)]
+
+    def _mtp_hf(self, depth: int, ours: str, num_layers: int) -> str:
+        """Their name of depth `depth`'s (0-based) own tensor `ours` (eh_proj.weight, ...)."""
+        theirs = {v: k for k, v in self.mtp.tensors.items()}[f"layers.{{i}}.mtp.{ours}"]
+        return theirs.format(i=num_layers + depth)
 
     def _entry_of(self, name: str, cfg: ModelConfig) -> tuple[str, TensorEntry, int]:
         """(Hugging Face name, its entry, our tensor's index among the entry's parts) for our `name`."""
@@ -272,6 +325,17 @@ def _template(name: str) -> tuple[str, str]:
     return name[: match.start()] + ".{i}." + name[match.end() :], match.group(1)
 
 
+def _virtual(name: str, cfg: ModelConfig) -> str:
+    """Our multi-token prediction depth k's tensors as the extra decoder layer num_layers + k that Hugging Face
+    tables name: mtp.layers.{k}.block.X -> layers.{L+k}.X (a decoder layer's name), mtp.layers.{k}.Y ->
+    layers.{L+k}.mtp.Y (MTPLayers.tensors); any other name as it is."""
+    if not name.startswith(MTP_PREFIX):
+        return name
+    depth, rest = name[len(MTP_PREFIX):].split(".", 1)
+    layer = f"layers.{cfg.num_layers + int(depth)}."
+    return layer + rest.removeprefix("block.") if rest.startswith("block.") else f"{layer}mtp.{rest}"
+
+
 def _layer(template: str, like: str) -> str:
     return template.format(i=_template(like)[1])
 
@@ -286,7 +350,8 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
     key = (family.model_type, *chosen)
     if key not in _REVERSE:
         table = {}
-        for tensors in (family.tensors, *(family.variants[i].tensors for i in chosen)):
+        mtp = (family.mtp.tensors,) if family.mtp is not None else ()
+        for tensors in (family.tensors, *mtp, *(family.variants[i].tensors for i in chosen)):
             for hf, entry in tensors.items():
                 parts = entry.parts if isinstance(entry, (Fused, Mapped)) else (entry.ours if isinstance(entry, (Transposed, HalvesSwapped, Stacked)) else entry,)
                 for index, ours in enumerate(parts):
