@@ -21,7 +21,10 @@ import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import dbrx, deepseek, family, moe
+from megatron_llm.checkpoint.native import save_weights
+from megatron_llm.config import Config
 from megatron_llm.errors import UsageError
+from megatron_llm.model import build_model
 from megatron_llm.model_config import ModelConfig
 from megatron_llm.model.moe import Router
 from megatron_llm.parallel import ParallelDims
@@ -385,3 +388,30 @@ def test_a_dense_model_is_refused_by_name(case):
     arithmetic failing on the missing experts (which also kept infer_family from trying the families after it)."""
     with pytest.raises(UsageError, match=r"experts"):
         family(model_type_of(case)).write_config(ModelConfig())
+
+
+@pytest.mark.parametrize("case", [f.model_type for f in deepseek.FAMILIES if f.mtp is not None])
+def test_mtp_depths_written_as_published_load_in_transformers(hf_dir, tmp_path, case):
+    """A model with one multi-token prediction depth exports it as layer num_layers (vLLM's deepseek_mtp /
+    glm4_moe_mtp names, with the embedding and head copies); transformers skips that layer and gives its own model's
+    logits; hf -> native -> hf is bit-exact, the depth included."""
+    path, hf = hf_dir(case)
+    read = megatron_llm.load_model(path)
+    assert read.cfg.mtp_layers == 0  # transformers saved no depth, whatever num_nextn_predict_layers says
+    cfg = dataclasses.replace(read.cfg, mtp_layers=1)
+    model = build_model(cfg, "cpu", seed=2)
+    assert not model.load_state_dict(read.state_dict(), strict=False).unexpected_keys  # the depth stays random
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "out"), "hf", Options(hf_family=case))
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    depth = f"model.layers.{cfg.num_layers}."
+    assert torch.equal(written[depth + "eh_proj.weight"], model.mtp.layers["0"].eh_proj.weight)
+    assert torch.equal(written[depth + "shared_head.norm.weight"], model.mtp.layers["0"].norm.weight)
+    assert torch.equal(written[depth + "shared_head.head.weight"], written["lm_head.weight"])
+    assert torch.equal(written[depth + "post_attention_layernorm.weight"], model.mtp.layers["0"].block.ffn_norm.weight)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.num_nextn_predict_layers == 1
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+    assert megatron_llm.load_model(tmp_path / "out").cfg.mtp_layers == 1
+    hf_native_hf(tmp_path / "out", tmp_path / "again")

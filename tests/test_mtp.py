@@ -2,11 +2,15 @@
 megatron-core's own GPTModel with its MTP block: our weights written as a Megatron checkpoint, strict-loaded into
 megatron-core, and the main loss, each depth's loss and the gradients of the MTP weights compared."""
 
+import json
+
 import pytest
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
 import megatron_llm
-from megatron_llm.checkpoint.convert import convert
+from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.megatron import Layout
 from megatron_llm.checkpoint.megatron_io import safe_load
 from megatron_llm.checkpoint.native import save_weights
@@ -190,8 +194,6 @@ def test_flops_count_each_depth_as_a_layer_and_a_head():
 def test_megatron_tp2_shards_load_strictly_and_round_trip(mcore, tmp_path):
     """At tp 2 (eh_proj's rows split as megatron-core's ColumnParallelLinear) in the Transformer Engine spec's names, every
     shard strict-loads into megatron-core's GPTModel with its MTP block, and the way back is bit-exact."""
-    from megatron_llm.checkpoint.convert import Options
-
     cfg = ModelConfig(**DENSE)
     model = build_model(cfg, "cpu", seed=4)
     save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
@@ -210,13 +212,6 @@ def test_hf_depths_round_trip_load_in_transformers_and_give_megatron_cores_loss(
     """DeepSeek-V3's published layout: depth 1 is model.layers.{num_layers} with its own copies of the embedding and
     head. Written from our model, transformers loads it (skipping the layer) with our logits; hf -> native -> hf is
     bit-exact; the same directory converted to Megatron gives megatron-core's MTP loss equal to ours read from it."""
-    import json
-
-    import transformers
-    from safetensors.torch import load_file, save_file
-
-    from megatron_llm.checkpoint.convert import Options
-
     cfg = ModelConfig(**{**DEEPSEEK_LIKE, "mtp_loss_coeff": 0.3, "norm_eps": 1e-6})  # one epsilon, as Megatron
     model = build_model(cfg, "cpu", seed=5)
     save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
