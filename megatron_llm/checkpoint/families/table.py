@@ -5,8 +5,9 @@ always is (`Fixed`), the odd keys that need a small function each way (`Derived`
 from Hugging Face name templates to ours (`{i}` is the layer), where an entry may fuse several of our
 tensors into one of theirs (`Fused`: q/k/v in one of three layouts, gate/up) or store a weight
 transposed (GPT-2's Conv1D) or with each head's halves swapped (NanoChat's q/k); names that follow the
-config are the family's variants (`When`). One engine below reads every table in both directions, so no
-family has a conversion loop of its own, and export is proven by reading the written config back.
+config are the family's variants (`When`); multi-token prediction depths stored as extra layers, `MTPLayers`.
+One engine below reads every table in both directions, so no family has a conversion loop of its own, and
+export is proven by reading the written config back.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class Family:
                     raw = entry.default
                 values[entry.ours] = entry.read(raw)
         values.setdefault("init_std", hf.get("initializer_range", 0.02))
-        if self.mtp is not None and tensors is not None and self._mtp_hf(0, "eh_proj.weight", values["num_layers"]) in tensors:
+        depth_1 = self._mtp_hf(0, "eh_proj.weight", values["num_layers"]) if self.mtp is not None else None
+        if depth_1 is not None and tensors is not None and depth_1 in tensors:
             values["mtp_layers"] = get_family_value(hf, self.mtp.key, default=1)  # the config classes' default
         if any(a.endswith(SCORE_SUFFIX) for a in hf.get("architectures") or []):
             labels = hf.get("num_labels", len(hf.get("id2label") or {0: 0, 1: 1}))  # transformers' default: 2
@@ -185,7 +187,8 @@ class Family:
 
             carriers = ", ".join(name for name, f in FAMILIES.items() if f.mtp is not None)
             raise UsageError(f"{self.model_type} stores no multi-token prediction (model.mtp_layers={cfg.mtp_layers}); "
-                             f"the families that do: {carriers}; choose one as --output-family, or export native or megatron")
+                             f"the families that do: {carriers}; choose one as --output-family, or export native or "
+                             "megatron")
         out = {"architectures": [self.architecture], "model_type": self.model_type, **self.extra}
         if cfg.head == "score":  # the family's sequence classifier with one label (a reward model)
             out.update(architectures=[self.architecture.replace("ForCausalLM", SCORE_SUFFIX)], num_labels=1)
@@ -198,7 +201,7 @@ class Family:
         if self.mtp is not None:
             out[self.mtp.key] = cfg.mtp_layers
         try:  # as a directory holding every tensor of `out` reads it
-            stored = {self._mtp_hf(0, "eh_proj.weight", cfg.num_layers)} if self.mtp is not None and cfg.mtp_layers else set()
+            stored = {self._mtp_hf(0, "eh_proj.weight", cfg.num_layers)} if self.mtp and cfg.mtp_layers else set()
             back = dataclasses.asdict(self.read_config(out, stored))
         except UsageError as e:
             raise UsageError(f"{self.model_type} cannot express this model: {e}") from None
@@ -293,8 +296,8 @@ class Family:
         """(their copy, our tensor) for each multi-token prediction depth's copy of one of `ours`."""
         if self.mtp is None:
             return []
-        return [(copy.format(i=cfg.num_layers + k), source) for copy, source in self.mtp.copies.items() if source in ours
-                for k in range(cfg.mtp_layers)]
+        return [(copy.format(i=cfg.num_layers + k), source) for copy, source in self.mtp.copies.items()
+                if source in ours for k in range(cfg.mtp_layers)]
 
     def _mtp_hf(self, depth: int, ours: str, num_layers: int) -> str:
         """Their name of depth `depth`'s (0-based) own tensor `ours` (eh_proj.weight, ...)."""
