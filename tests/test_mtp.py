@@ -155,6 +155,41 @@ def test_mtp_router_is_logged_and_balanced_as_layer_num_layers():
     assert update["mtp.layers.0.block.feed_forward.router.expert_bias"].abs().min() > 0
 
 
+def test_activation_checkpointing_and_compile_reach_the_mtp_blocks():
+    """training.activation_checkpointing full recomputes each MTP depth's block as the decoder's (its attention runs
+    again in the backward, autograd keeps less) with the same loss and gradients; training.compile compiles it."""
+    from megatron_llm.parallel import ParallelDims, parallelize
+    from megatron_llm.training.step import train_step
+
+    x, labels, mask = _batch(3)
+    batch = dict(tokens=x, labels=labels, loss_mask=mask, channel=torch.zeros(2, dtype=torch.long))
+    cfg = ModelConfig(**DENSE)
+    runs = []
+    for recompute in (False, True):
+        model = parallelize(cfg, ParallelDims(1, 0, 1, 1, 1), ParallelConfig(), device=torch.device("cpu"), seed=5,
+                            compile=False, micro_batches=1, recompute=recompute)
+        calls = []
+        model.mtp.layers["1"].block.attention.register_forward_hook(lambda *_: calls.append(1))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        saved = []  # elements autograd keeps for the backward, outside the recomputed blocks
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
+                                z_loss=0.0, grad_clip=0.0, autocast=None)
+        update = {k: before[k] - v for k, v in model.state_dict().items()}  # the gradient, at lr 1
+        runs.append((result, update, len(calls), sum(saved)))
+    (plain, grads, calls, saved), (recomputed, grads_r, calls_r, saved_r) = runs
+    assert (calls, calls_r) == (1, 2)  # forward, then once more in the backward
+    assert saved_r < saved / 2
+    assert recomputed.loss == pytest.approx(plain.loss, abs=1e-6) and recomputed.moe == pytest.approx(plain.moe, abs=1e-6)
+    assert grads.keys() == grads_r.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_r[name], grad, atol=1e-9, rtol=1e-6, msg=name)  # tiny: wq's are ~1e-6
+    assert grads["mtp.layers.1.block.attention.wq.weight"].abs().max() > 1e-6
+    compiled = parallelize(cfg, ParallelDims(1, 0, 1, 1, 1), ParallelConfig(), device=torch.device("cpu"), seed=5,
+                           compile=True, micro_batches=1)
+    assert all(layer.block._compiled_call_impl is not None for layer in compiled.mtp.layers.values())
+
+
 @pytest.fixture(scope="module")
 def workers():
     from parallel_harness import Workers

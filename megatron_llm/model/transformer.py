@@ -112,6 +112,12 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks, then the MTP depths' blocks: every block the parallel layers treat one by one
+        (activation checkpointing, compilation)."""
+        mtp = self.mtp.layers.values() if self.mtp else ()
+        return [*self.layers.values(), *(layer.block for layer in mtp)]
+
     def _sparse_embedding_grad(self) -> bool:
         """Whether the lookup may return a sparse gradient (only the rows of this batch's tokens). Tied to
         the head of this same module, autograd adds it into the head's dense gradient in one buffer,

@@ -64,7 +64,7 @@ def parallelize(
             apply_tp(part, dims.mesh["tp"], parallel.sp)
         if (experts_mesh := dims.experts_mesh()) is not None:
             split_experts(part, experts_mesh)
-        for block in part.layers.values():
+        for block in part.blocks():  # the decoder's and the MTP depths'
             if recompute:
                 recompute_in_backward(block)
             if compile:
