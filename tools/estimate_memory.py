@@ -35,6 +35,11 @@ The model counts what this code keeps, measured with saved-tensor hooks on the t
     scores (every tp rank routes the whole sequence) (configs/mixtral_tiny.yaml, micro-batch 2 x 256, CPU
     fp32: one process 1.37 GiB estimated, 1.24 measured; ep 2 over dp 2 with DDP 0.74 estimated, 0.77 measured;
     tp 2 0.72 estimated, 0.65 measured, where whole experts on each tp rank had 1.32 and 1.21).
+  - multi-token prediction (model.mtp_layers, last stage): each depth's block counted as a decoder layer of
+    the last layer's kind, its enorm, hnorm, eh_proj and norm whole on every tp rank; activations per depth
+    the block's (its input under recompute), 8h around it and the head's 3-4 x vocab/tp logits, all depths
+    alive together until the loss (configs/tiny.yaml, 2 depths, micro-batch 16 x 256, CPU fp32: 0.62 GiB
+    estimated, 0.63 measured; with activation_checkpointing full 0.30 and 0.27).
 Activations take 4 bytes per element in fp32 and about 2 under bf16 autocast (matmul inputs are saved
 in bf16; the norms' fp32 internals make this a slight underestimate).
 """
@@ -116,6 +121,18 @@ def outer_params(model: nn.Module, m: ModelConfig, tp: int, vocab: int) -> tuple
     return vocab * m.hidden_size // tp, positions, head_bias + sum(p.numel() for p in model.norm.parameters())
 
 
+def mtp_params(model: nn.Module, tp: int, ep: int) -> tuple[int, int]:
+    """(routed experts, everything else) parameters one rank holds of the multi-token prediction depths (last stage):
+    each depth's block as a decoder block, its enorm, hnorm, eh_proj and final norm whole on every tp rank
+    (tensor_parallel.mtp_plan replicates them)."""
+    routed = rest = 0
+    for layer in model.mtp.layers.values() if model.mtp is not None else ():
+        block_routed, block_rest = layer_params(layer.block, tp, ep)
+        routed += block_routed
+        rest += block_rest + sum(p.numel() for name, p in layer.named_parameters() if not name.startswith("block."))
+    return routed, rest
+
+
 def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False) -> float:
     """A MoE layer keeps the MLP's 3 widths (split by tp) for each of a token's k experts and the shared ones,
     and its input and output rows and router scores for the whole sequence on every tp rank."""
@@ -143,6 +160,17 @@ def attention_activations(m: ModelConfig) -> tuple[int, int]:
     return 3 * heads * d + 2 * m.num_kv_heads * d, 0
 
 
+def mtp_activations_per_token(m: ModelConfig, tp: int, sp: bool, vocab: int, recompute: bool) -> float:
+    """One multi-token prediction depth (model/mtp.py): its block as a decoder layer of the last layer's kind (only
+    its input under recompute), around it the shifted tokens' embedding, enorm and hnorm, their concatenation
+    (2h), eh_proj's output and the final norm (8h, a sequence shard under sp), and its logits as the main head's
+    (logits, log-probabilities, their gradient; the masked logits under loss_parallel): all depths' logits are
+    alive together until the loss."""
+    h = m.hidden_size / tp if sp and tp > 1 else m.hidden_size
+    block = h if recompute else activations_per_token_layer(m, tp, sp, moe=m.layer(m.num_layers - 1).moe)
+    return block + 8 * h + (3 + (tp > 1)) * vocab / tp
+
+
 def in_flight(parallel: ParallelConfig, pp_rank: int, micro_batches: int) -> float:
     """Micro-batches whose activations a pp rank holds at its peak, in units of all its layers."""
     pp, v = parallel.pp, parallel.virtual_stages
@@ -164,6 +192,7 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
     model = meta_model(m)
     held = [layer_params(model.layers[str(i)], tp, p.ep) for i in range(m.num_layers)]  # (routed, rest) per layer
     table, first_rest, last_rest = outer_params(model, m, tp, vocab)
+    mtp_routed, mtp_rest = mtp_params(model, tp, p.ep)
     layers = stage_layers(m.num_layers, p)
     tokens = t.micro_batch_size * cfg.data.seq_len
     fsdp = p.data_parallel == "fsdp" and dp > 1
@@ -173,10 +202,10 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         first, last = 0 in stages, p.num_stages - 1 in stages
         mine = [i for s in stages for i in layers[s]]
         n_layers, n_moe = len(mine), sum(m.layer(i).moe for i in mine)
-        routed = sum(held[i][0] for i in mine)
+        routed = sum(held[i][0] for i in mine) + (mtp_routed if last else 0)
         full = routed + sum(held[i][1] for i in mine)  # this rank's parameters before FSDP
         full += table + first_rest if first else 0
-        full += last_rest + (0 if m.tie_embeddings and first else table) if last else 0  # a tied head counts once
+        full += last_rest + mtp_rest + (0 if m.tie_embeddings and first else table) if last else 0  # a tied head counts once
         # FSDP shards the experts over the dp / ep ranks holding the same ones, the rest over dp
         params = math.ceil((full - routed) / dp) + math.ceil(routed * p.ep / dp) if fsdp else full
         per_layer = activations_per_token_layer(m, tp, p.sp)
@@ -190,6 +219,7 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         if last:  # final norm; logits, log-probabilities, their gradient (+ the masked logits under loss_parallel;
             # + the logits a pipeline stage keeps as its output until the backward)
             acts += 3 * m.hidden_size + (3 + (tp > 1) + (pp > 1)) * vocab / tp
+            acts += m.mtp_layers * mtp_activations_per_token(m, tp, p.sp, vocab, t.activation_checkpointing == "full")
         block = max(sum(held[i]) for i in mine)
         if fsdp and pp > 1:  # unsharded stage and gradients through the step
             unsharded = 8 * full
