@@ -119,6 +119,6 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, kind: str) -> None
         for experts in split:
             wrap(experts, mesh=dims.expert_mesh["edp"])
     ignored = {p for experts in split for p in experts.parameters()} if dims.dp == dims.ep else None
-    for block in model.layers.values():
+    for block in model.blocks():  # the MTP depths' blocks too: each gathers its own weights, not the root's all
         wrap(block, mesh=dp_mesh, ignored_params=ignored)
-    wrap(model, mesh=dp_mesh, ignored_params=ignored)  # embedding, final norm, head
+    wrap(model, mesh=dp_mesh, ignored_params=ignored)  # embedding, final norm, head (and the MTP depths' projections)
