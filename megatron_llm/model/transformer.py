@@ -114,7 +114,7 @@ class Transformer(nn.Module):
 
     def blocks(self) -> list[nn.Module]:
         """The decoder blocks, then the MTP depths' blocks: every block the parallel layers treat one by one
-        (activation checkpointing, compilation)."""
+        (tensor and expert parallelism, activation checkpointing, compilation, data-parallel units)."""
         mtp = self.mtp.layers.values() if self.mtp else ()
         return [*self.layers.values(), *(layer.block for layer in mtp)]
 

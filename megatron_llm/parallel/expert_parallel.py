@@ -41,8 +41,7 @@ EXPERTS = "feed_forward.experts"  # the slot expert parallelism splits
 def expert_modules(model: nn.Module) -> list[nn.Module]:
     """The stacked-expert modules of the blocks this model (or pipeline stage) holds, multi-token prediction's too."""
     found = []
-    mtp = getattr(model, "mtp", None)
-    for block in [*model.layers.values(), *(layer.block for layer in mtp.layers.values())] if mtp else model.layers.values():
+    for block in model.blocks():
         try:
             found.append(block.get_submodule(EXPERTS))
         except AttributeError:  # a dense layer: its feed_forward has no experts

@@ -293,8 +293,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     weights are expert_parallel.py's (split_experts)."""
     cfg = model.cfg
     pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
-    mtp = getattr(model, "mtp", None)  # multi-token prediction (model/mtp.py), on the stage with the head
-    for block in [*model.layers.values(), *(layer.block for layer in mtp.layers.values())] if mtp else model.layers.values():
+    mtp = model.mtp  # multi-token prediction (model/mtp.py), on the stage with the head
+    for block in model.blocks():  # the decoder's and the MTP depths'
         parallelize_module(block, tp_mesh, block_plan(block, sp))
         _shard_alibi_slopes(block.attention, tp_mesh)
     for layer in mtp.layers.values() if mtp else ():
