@@ -76,6 +76,17 @@ def first_batch(cfg) -> dict:
     return batch
 
 
+def perturb_norms_and_biases(model, scale: float = 0.1) -> None:
+    """Adds N(0, scale) noise to every norm weight and bias of a transformers model: transformers initialises
+    norms to one and biases to zero, which would hide a mapping mistake between them."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * scale)
+
+
 def hf_native_hf(source, tmp_path) -> "Path":
     """Converts the Hugging Face directory `source` to native and back into tmp_path/hf, asserts every tensor
     came back bit for bit under its own name, and returns the directory written."""

@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from conftest import ROOT, tiny_overrides, transformers_first_loss
+from conftest import ROOT, perturb_norms_and_biases, tiny_overrides, transformers_first_loss
 from megatron_llm import load_model
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import mrope
@@ -109,10 +109,7 @@ def multimodal_model(wrapper: str, **text_overrides) -> torch.nn.Module:
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.5)
+    perturb_norms_and_biases(model, 0.5)
     return model
 
 

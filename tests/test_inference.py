@@ -8,6 +8,7 @@ import torch
 import transformers
 
 import megatron_llm
+from conftest import perturb_norms_and_biases
 from megatron_llm.errors import UsageError
 
 EOD = 256  # the byte tokenizer's end of document: a stop token
@@ -34,10 +35,7 @@ def models(tmp_path_factory):
             config._attn_implementation = "eager"
             torch.manual_seed(0)
             hf = transformers.AutoModelForCausalLM.from_config(config).eval()
-            with torch.no_grad():
-                for name, p in hf.named_parameters():
-                    if "norm" in name or name.endswith("bias"):
-                        p.add_(torch.randn_like(p) * 0.1)
+            perturb_norms_and_biases(hf)
             path = tmp_path_factory.mktemp(model_type)
             hf.save_pretrained(path)
             built[model_type] = (megatron_llm.LLM.load(str(path)), hf)

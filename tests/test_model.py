@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from conftest import perturb_norms_and_biases
 from megatron_llm.checkpoint.hf import (
     hf_config_from_model_config,
     hf_to_native,
@@ -48,10 +49,7 @@ def hf_model(name: str) -> nn.Module:
     config = getattr(transformers, f"{prefix}Config")(**SMALL, **extra, attn_implementation="eager")
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
-    with torch.no_grad():  # HF zero-initialises biases and ones its norms: randomise so they are tested
-        for key, p in model.named_parameters():
-            if key.endswith("bias") or "norm" in key:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms_and_biases(model)
     return model
 
 

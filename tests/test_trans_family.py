@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import ROOT
+from conftest import ROOT, perturb_norms_and_biases
 from megatron_llm.checkpoint.convert import Options
 from megatron_llm.checkpoint.convert import convert as convert_in_process
 
@@ -22,10 +22,7 @@ def saved(tmp_path, model_type: str, **extra):
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms_and_biases(model)
     model.save_pretrained(tmp_path / model_type)
     return tmp_path / model_type, model
 
