@@ -21,13 +21,18 @@ def micro_batch_loss(
     micro-batch) makes accumulated gradients equal to one big batch's token mean, however the tokens
     fall across micro-batches.
     """
-    token_ce = _local(token_cross_entropy(logits, labels)) * loss_mask  # [b, s], fp32
+    token_ce = masked_cross_entropy(logits, labels, loss_mask)
     loss = token_ce.sum()
     if z_loss:
         # z-loss (PaLM): keeps log Z near 0 so the softmax stays well conditioned in low precision.
         log_z = _local(log_partition(logits.float()))  # [b, s]
         loss = loss + z_loss * (log_z.square() * loss_mask).sum()
     return loss / step_tokens, token_ce.detach()
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] (fp32, this rank's full value under tp), zero where the loss mask is."""
+    return _local(token_cross_entropy(logits, labels)) * loss_mask
 
 
 def log_partition(logits: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_llm.model import token_cross_entropy
 from megatron_llm.model.mtp import shift_left
-from megatron_llm.training.loss import _local
+from megatron_llm.training.loss import masked_cross_entropy
 
 
 def mtp_targets(labels: torch.Tensor, loss_mask: torch.Tensor, k: int,
@@ -48,7 +47,7 @@ class MTPLoss:
         total = 0.0
         for k, depth_logits in enumerate(logits, start=1):
             labels, mask = mtp_targets(mb["labels"], mb["loss_mask"], k, mb.get("documents"))
-            ce = (_local(token_cross_entropy(depth_logits, labels)) * mask).sum()
+            ce = masked_cross_entropy(depth_logits, labels, mask).sum()
             self.sums[:, k - 1] += torch.stack([ce.detach(), mask.sum().float()])
             total = total + ce
         return self.coeff / len(logits) * total / step_tokens
