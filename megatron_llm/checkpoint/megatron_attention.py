@@ -20,11 +20,11 @@ windows (multi-head latent attention's YaRN is megatron_mla.py's).
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
+from megatron_llm.model.rope import yarn_mscale
 
 TRANSFORMERS_YARN = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}  # transformers' defaults of these keys
 YARN_ARGS = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
@@ -44,14 +44,11 @@ def as_built(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **ENABLE_GPT_OSS}) if getattr(args, "enable_gpt_oss", False) else args
 
 
-def _mscale(factor: float, m: float) -> float:
-    """megatron-core's _yarn_get_mscale (transformers' get_mscale)."""
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
-
-
 def concentration(factor: float, m: Optional[float], m_all: Optional[float]) -> float:
     """megatron-core's _yarn_get_concentration_factor: what multiplies its YaRN cos and sin."""
-    return _mscale(factor, 1.0) if m is None or m_all is None else _mscale(factor, m) / _mscale(factor, m_all)
+    if m is None or m_all is None:
+        return yarn_mscale(factor, 1.0)
+    return yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
 
 
 def yarn_args(cfg: ModelConfig) -> dict:
@@ -100,7 +97,7 @@ def yarn_scaling(args: argparse.Namespace) -> dict:
     scaling.update({k: v for k, v in given.items() if v != TRANSFORMERS_YARN[k]})  # transformers' defaults left out
     if m and m_all:  # transformers computes the same ratio from the two
         scaling.update(mscale=float(m), mscale_all_dim=float(m_all))
-    elif concentration(factor, m, m_all) != _mscale(factor, 1.0):
+    elif concentration(factor, m, m_all) != yarn_mscale(factor, 1.0):
         scaling["attention_factor"] = concentration(factor, m, m_all)
     return scaling
 

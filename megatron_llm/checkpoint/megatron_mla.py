@@ -20,22 +20,17 @@ What megatron-core 0.16's MLASelfAttention computes, and so what these args can 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional
 
 from megatron_llm.config import ModelConfig
 from megatron_llm.errors import UsageError
+from megatron_llm.model.rope import yarn_mscale
 
 # MLATransformerConfig's YaRN settings that no Megatron-LM flag sets.
 MEGATRON_YARN = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
 # Megatron-LM's defaults of the _add_mla_args flags (a checkpoint's args may lack any of them).
 MLA_FLAG_DEFAULTS = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
                          rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
-
-
-def mscale(factor: float, m: float) -> float:
-    """YaRN's magnitude scale, as megatron-core's _yarn_get_mscale and transformers' get_mscale compute it."""
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 def mla_args(cfg: ModelConfig) -> dict:
@@ -60,7 +55,7 @@ def mla_args(cfg: ModelConfig) -> dict:
                          f"RoPE scaling there is YaRN with {MEGATRON_YARN} fixed (no attention_factor, truncate); "
                          "convert to native or hf instead")
     m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    if not (m and m_all):  # transformers then scales cos and sin by mscale(factor, 1): megatron-core's at (1, 0)
+    if not (m and m_all):  # transformers then scales cos and sin by yarn_mscale(factor, 1): megatron-core's at (1, 0)
         m, m_all = 1.0, 0.0
     return dict(
         multi_latent_attention=True, q_lora_rank=cfg.mla_q_lora_rank, kv_lora_rank=cfg.mla_kv_lora_rank,
@@ -103,13 +98,13 @@ def latent_config(args: argparse.Namespace) -> dict:
     if rope_type == "yarn":
         factor, m, m_all = float(arg("rotary_scaling_factor")), float(arg("mscale")), float(arg("mscale_all_dim"))
         scaling = {"rope_type": "yarn", "factor": factor, **MEGATRON_YARN}
-        attention_factor = mscale(factor, m) / mscale(factor, m_all)
+        attention_factor = yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
         if m and m_all:  # transformers computes this same ratio from the two
             scaling.update(mscale=m, mscale_all_dim=m_all)
-        elif attention_factor != mscale(factor, 1.0):
+        elif attention_factor != yarn_mscale(factor, 1.0):
             scaling["attention_factor"] = attention_factor
-        if mscale(factor, m_all) != 1.0:  # as the deepseek tables read transformers' softmax scale
-            scale = (nope + rope) ** -0.5 * mscale(factor, m_all) ** 2
+        if yarn_mscale(factor, m_all) != 1.0:  # as the deepseek tables read transformers' softmax scale
+            scale = (nope + rope) ** -0.5 * yarn_mscale(factor, m_all) ** 2
     return dict(
         attention="mla", head_dim=nope + rope, num_kv_heads=args.num_attention_heads, mla_q_lora_rank=arg("q_lora_rank"),
         mla_kv_lora_rank=arg("kv_lora_rank"), mla_rope_head_dim=rope, mla_v_head_dim=arg("v_head_dim"),

@@ -47,7 +47,8 @@ def _llama3(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude scale (transformers' get_mscale, megatron-core's _yarn_get_mscale)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -59,7 +60,7 @@ def _yarn(dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
     if attention_factor is None:
         mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         attention_factor = (
-            _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all else _yarn_mscale(factor)
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all else yarn_mscale(factor)
         )
 
     def correction_dim(rotations: float) -> float:

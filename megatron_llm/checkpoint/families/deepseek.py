@@ -3,7 +3,6 @@ bias and group-limited top-k, which GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1 an
 experts and dense first layers, and multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash). The expert pieces
 every MoE table shares come from moe.py. Every config value a table cannot reproduce is refused by name on read."""
 
-import math
 from typing import Optional
 
 from megatron_llm.checkpoint.families.common import (
@@ -26,6 +25,7 @@ from megatron_llm.checkpoint.families.llama import QWEN3
 from megatron_llm.checkpoint.families.moe import EXPERT_BIAS, EXPERTS_REQUIRED, experts, shared_experts, shared_mlp
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, MTPLayers, get_family_value
 from megatron_llm.errors import UsageError
+from megatron_llm.model.rope import yarn_mscale
 
 
 def first_dense_layers(default: int) -> Derived:
@@ -91,7 +91,7 @@ def _read_mla_shape(hf: dict) -> dict:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     scale, factor = None, params.get("factor", 1.0)
     if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim") and factor > 1:
-        scale = head**-0.5 * (0.1 * params["mscale_all_dim"] * math.log(factor) + 1.0) ** 2
+        scale = head**-0.5 * yarn_mscale(factor, params["mscale_all_dim"]) ** 2
     return dict(head_dim=head, mla_rope_head_dim=rope, attention_scale=scale, num_kv_heads=hf["num_attention_heads"])
 
 
