@@ -1,11 +1,11 @@
-"""Every family in the registry against transformers' own model of it, on tiny random models (fp32, CPU):
+"""Each family of CASES (the dense ones) against transformers' own model of it, on tiny random models (fp32, CPU):
 logits and loss of `megatron_llm.load_model(hf_dir)`, the Hugging Face round trip through native (bit
 exact, config fields kept, transformers loads it and gives the same logits), and the Megatron round trip
 at tp 2 x pp 2 where Megatron-LM can express the family (refused with one line, nothing written, where
 it cannot). Norm weights and biases are randomised so that a mapping mistake shows.
 
-A family is tested by adding its tiny config to CASES; `test_every_family_is_tested` keeps the registry
-and the cases in step.
+A family is tested by adding its tiny config to CASES; tests/test_family_coverage.py keeps the registry and
+the family test modules in step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import megatron_llm
 from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
-from megatron_llm.checkpoint.families import FAMILIES, dbrx, deepseek, gpt_oss, llama4, moe, mrope
+from megatron_llm.checkpoint.families import FAMILIES
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from megatron_llm.errors import UsageError
 
@@ -140,16 +140,7 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-REMOTE = {"baichuan", "internlm2"}  # not in transformers: tested against the published equations (test_families_remote.py)
-# tested with their routers and aux loss in test_families_moe.py, test_families_gpt_oss.py and test_families_llama4.py
-MOE = {f.model_type for f in (*moe.FAMILIES, *deepseek.FAMILIES, *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES)}
-
-
-MROPE = {f.model_type for f in mrope.FAMILIES}  # language models of multimodal wrappers: test_families_multimodal.py
-
-
-def test_every_family_is_tested():
-    assert sorted({model_type_of(case) for case in CASES}) == sorted(set(FAMILIES) - REMOTE - MOE - MROPE)
+FAMILIES_TESTED = {model_type_of(case) for case in CASES}  # tests/test_family_coverage.py gathers these
 
 
 @pytest.mark.parametrize("case", CASES)

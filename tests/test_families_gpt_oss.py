@@ -28,6 +28,7 @@ CONFIG = dict(SMALL, head_dim=16, num_local_experts=4, num_experts_per_tok=2, ro
               sliding_window=WINDOW, swiglu_limit=0.2, swiglu_alpha=1.5,
               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0,
                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
+FAMILIES_TESTED = {"gpt_oss"}  # tests/test_family_coverage.py gathers these
 
 
 # megatron-core's quick_gelu fixes the clamped SwiGLU's alpha at gpt-oss's 1.702; YaRN over 64 original positions,

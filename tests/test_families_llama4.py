@@ -33,6 +33,7 @@ CONFIG = dict(SMALL, num_hidden_layers=4, head_dim=16, intermediate_size=32, int
               num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2, attention_bias=True,
               attention_chunk_size=WINDOW, floor_scale=4, attn_scale=0.5,
               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+FAMILIES_TESTED = {"llama4_text"}  # tests/test_family_coverage.py gathers these
 
 
 def hf_model() -> torch.nn.Module:

@@ -38,6 +38,7 @@ INTERNLM2 = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2",
                  hidden_act="silu", max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1000000,
                  rope_scaling={"type": "linear", "factor": 2.0}, tie_word_embeddings=False)
 CASES = {"baichuan_7b": BAICHUAN_7B, "baichuan_13b": BAICHUAN_13B, "baichuan1_7b": BAICHUAN1_7B, "internlm2": INTERNLM2}
+FAMILIES_TESTED = {case["model_type"] for case in CASES.values()}  # tests/test_family_coverage.py gathers these
 
 # Tensor names of each published layout ({i} is the layer) and how its fused q/k/v rows are ordered.
 LAYOUTS = {
