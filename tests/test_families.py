@@ -72,6 +72,7 @@ CASES = {
         "rope_type": "default", "rope_theta": 10000.0}), True),
     "seed_oss": (dict(head_dim=16, attention_out_bias=True), False),
     "helium": (dict(head_dim=16, attention_bias=True), True),  # interleaved pairs
+    "ernie4_5": (dict(head_dim=16, use_bias=True, tie_word_embeddings=False), True),  # interleaved pairs, every bias
     "exaone4": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), False),
     "olmo3": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},  # YaRN on the full layer alone

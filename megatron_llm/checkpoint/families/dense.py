@@ -153,6 +153,18 @@ def _read_hunyuan_rope(hf: dict) -> dict:
     return ROPE.read({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": theta}})
 
 
+# ERNIE 4.5 (dense): Llama with RoPE over whole heads in interleaved pairs and use_bias on every projection but the
+# head; its config class fills a missing head_dim with 128, num_key_value_heads with 2 and ties the head.
+ERNIE4_5 = Family(
+    "ernie4_5", "Ernie4_5ForCausalLM",
+    (*without(shape_defaulting(head_dim=128, kv_heads=2), "tie_embeddings"),
+     Key("tie_word_embeddings", "tie_embeddings", default=True), activation("hidden_act", GATED_ACTIVATIONS, default="silu"),
+     Key("rms_norm_eps", "norm_eps", default=1e-5), rope_defaulting({"rope_type": "default", "rope_theta": 500000.0}),
+     Fixed("rope_fraction", 1.0), Fixed("rope_interleaved", True),
+     *(Key("use_bias", ours, default=False) for ours in ("qkv_bias", "out_bias", "mlp_bias"))),
+    LLAMA_TENSORS,
+)
+
 HUNYUAN_DENSE = Family(
     "hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM",
     (*(e for e in without(LLAMA_CONFIG, "mlp_bias") if e is not ROPE), Derived(_read_hunyuan_rope, ROPE.write),
@@ -214,4 +226,4 @@ NANOCHAT = Family(
     },
 )
 
-FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, HUNYUAN_DENSE, APERTUS, CWM, NANOCHAT)
+FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, ERNIE4_5, HUNYUAN_DENSE, APERTUS, CWM, NANOCHAT)
