@@ -188,6 +188,9 @@ class ModelConfig:
         "per token, as DeepSeek-V3 and megatron-core) or softmax(logits) whatever the scores (transformers' MiniMax-M2)")
     moe_shared_combine: Literal["sum", "average"] = param(
         "sum", "routed plus shared experts' outputs, or their mean ((routed + shared) / 2: Cohere2-MoE's average)")
+    moe_post_norm: bool = param(
+        False, "a norm on each MoE layer's feed-forward output (routed plus shared experts) before the residual add, in "
+        "the ffn_post_norm slot; dense layers have none (A.X-K1's post_mlp_layernorm)")
     mtp_layers: int = param(
         0, "multi-token prediction depths (DeepSeek-V3; Megatron's mtp_num_layers): depth k adds one block of the last "
         "layer's kind that predicts token t + k + 1 through the shared head, in training only (model/mtp.py)")
@@ -345,6 +348,10 @@ class ModelConfig:
             )
         if self.qk_norm_after_rope and not (self.qk_norm and self.qk_norm_per_head):
             raise UsageError("model.qk_norm_after_rope moves the per-head norm: set model.qk_norm and model.qk_norm_per_head")
+        if self.moe_post_norm and (self.norm_placement != "pre" or self.parallel_residual):
+            raise UsageError(f"model.moe_post_norm adds a norm after the MoE layers' feed-forward, which model.norm_placement "
+                             f"{self.norm_placement!r} (or parallel_residual) places otherwise: set norm_placement pre, "
+                             "parallel_residual false")
         if self.norm_head and self.tie_embeddings:
             raise UsageError("model.norm_head normalises the head alone: it cannot be tied (set tie_embeddings false)")
         if self.head == "score" and (self.tie_embeddings or self.norm_head or self.output_bias):

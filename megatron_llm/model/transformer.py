@@ -48,7 +48,7 @@ class TransformerBlock(nn.Module):
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
         self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
         self.feed_forward = MoE(cfg) if spec.moe else FeedForward(cfg)
-        self.ffn_post_norm = build_norm(cfg) if post_sublayer else None
+        self.ffn_post_norm = build_norm(cfg) if post_sublayer or (spec.moe and cfg.moe_post_norm) else None
         self.parallel = cfg.parallel_residual
         self.post_residual = placement in ("post", "deepnorm")
         self.alpha, self.multiplier = cfg.residual_alpha, cfg.residual_multiplier

@@ -224,9 +224,18 @@ def without(config: tuple, *ours: str) -> tuple:
 
 def also(config: tuple, **older: str) -> tuple:
     """A config table whose keys are also read under older names (hf key=older name), as a family's
-    published config.json spells them (EXAONE 3's num_layers, InternLM3's qkv_bias)."""
-    return tuple(dataclasses.replace(e, also=(*e.also, older[e.hf])) if isinstance(e, Key) and e.hf in older else e
-                 for e in config)
+    published config.json spells them (EXAONE 3's num_layers, InternLM3's qkv_bias); its Derived entries read
+    a config whose missing keys are filled from their older names (Sarvam's num_shared_experts)."""
+
+    def respelled(hf: dict) -> dict:
+        return {**hf, **{key: hf[old] for key, old in older.items() if hf.get(key) is None and hf.get(old) is not None}}
+
+    def spelled(e):
+        if isinstance(e, Key) and e.hf in older:
+            return dataclasses.replace(e, also=(*e.also, older[e.hf]))
+        return Derived(lambda hf, read=e.read: read(respelled(hf)), e.write) if isinstance(e, Derived) else e
+
+    return tuple(spelled(e) for e in config)
 
 
 def scale_key(hf_key: str, ours: str) -> Key:

@@ -1,6 +1,7 @@
 """Families on DeepSeek's mixture of experts: its router as config keys (V2's softmax; V3's sigmoid with the expert
-bias and group-limited top-k, which GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1 and EXAONE-MoE copied), the shared
-experts and dense first layers, and multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash). The expert pieces
+bias and group-limited top-k, which GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1, EXAONE-MoE and A.X-K1 copied), the
+shared experts and dense first layers, and multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Sarvam-MLA,
+A.X-K1). The expert pieces
 every MoE table shares come from moe.py. Every config value a table cannot reproduce is refused by name on read."""
 
 from typing import Optional
@@ -36,14 +37,18 @@ def first_dense_layers(default: int) -> Derived:
         lambda cfg: {"first_k_dense_replace": len(cfg.moe_dense_layers)})
 
 
-def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_replace") -> Derived:
+def mlp_layer_types(first_dense: int, first_key: Optional[str] = "first_k_dense_replace",
+                    freq_key: Optional[str] = None) -> Derived:
     """model.moe_dense_layers from mlp_layer_types ('dense' or 'sparse' per layer); where it is absent, the
     config class's fill: the first `first_key` layers dense (`first_dense` without the key; GLM-4.7-Flash reads
-    no such key, its class always fills one dense layer)."""
+    no such key, its class always fills one dense layer), and with `freq_key` n, of the rest only the layers i with
+    i % n == 0 sparse (A.X-K1's legacy moe_layer_freq)."""
 
     def read(hf: dict) -> dict:
         first = get_family_value(hf, first_key, default=first_dense) if first_key else first_dense
-        types = hf.get("mlp_layer_types") or ["dense" if i < first else "sparse" for i in range(hf["num_hidden_layers"])]
+        freq = get_family_value(hf, freq_key, default=1) if freq_key else 1
+        types = hf.get("mlp_layer_types") or ["dense" if i < first or i % freq else "sparse"
+                                              for i in range(hf["num_hidden_layers"])]
         if set(types) - {"dense", "sparse"}:
             raise UsageError(f"config.json mlp_layer_types {types!r}: each entry is 'dense' or 'sparse'")
         return dict(moe_dense_layers=[i for i, kind in enumerate(types) if kind == "dense"])
@@ -271,4 +276,35 @@ EXAONE_MOE = Family(
      "model.layers.{i}.mlp.e_score_correction_bias": EXPERT_BIAS},
 )
 
-FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE)
+
+def _read_deepseek_yarn(hf: dict) -> dict:
+    """RoPE where the published config.json names YaRN 'deepseek_yarn' (Sarvam's remote code; transformers reads
+    it as yarn, the same computation) under rope_scaling."""
+    scaling = hf.get("rope_scaling") or {}
+    if "deepseek_yarn" in (scaling.get("type"), scaling.get("rope_type")):
+        hf = {**hf, "rope_scaling": {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "yarn"}}
+    return ROPE.read(hf)
+
+
+# Sarvam-MLA (sarvam_mla): transformers runs DeepSeek-V3's model under its own defaults (one query projection, one
+# group, a dense first layer); the published config.json spells the expert counts num_experts and num_shared_experts
+# and its YaRN deepseek_yarn. Its released checkpoints hold no multi-token prediction layers.
+SARVAM_MLA = Family(
+    "sarvam_mla", "DeepseekV3ForCausalLM",
+    also((*(e for e in MLA_CONFIG if e is not ROPE), Derived(_read_deepseek_yarn, ROPE.write), latent_norm_eps(1e-6),
+          *sigmoid_routing(scale=2.5), first_dense_layers(1)),
+         n_routed_experts="num_experts", n_shared_experts="num_shared_experts"),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
+)
+
+# A.X-K1 (axk1): DeepSeek-V3 (compressed queries always) with a norm on each MoE layer's output (post_mlp_layernorm,
+# model.moe_post_norm), its dense layers by mlp_layer_types or the legacy first_k_dense_replace / moe_layer_freq.
+AXK1 = Family(
+    "axk1", "AXK1ForCausalLM",
+    (*without(MLA_CONFIG, "mla_q_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=1536), latent_norm_eps(1e-6),
+     *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), mlp_layer_types(1, freq_key="moe_layer_freq"),
+     Fixed("moe_post_norm", True)),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, "model.layers.{i}.post_mlp_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
+)
+
+FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, SARVAM_MLA, AXK1)
