@@ -111,9 +111,14 @@ class ModelConfig:
     qk_l2_norm: bool = param(
         False, "a weightless RMS norm (norm_eps) over each head of the rotated q and k, on RoPE layers only (Llama 4)")
     attn_temperature_floor: Optional[float] = param(
-        None, "NoPE layers scale q by 1 + attn_temperature_scale * log1p(floor((position + 1) / this)) (Llama 4's "
-        "floor_scale); null: off")
+        None, "the layers of attn_temperature_layers scale q by 1 + attn_temperature_scale * log1p(floor((position + "
+        "attn_temperature_offset) / this)) (Llama 4's floor_scale); null: off")
     attn_temperature_scale: float = param(0.1, "see attn_temperature_floor (Llama 4's attn_scale)")
+    attn_temperature_offset: int = param(
+        1, "attn_temperature_floor: the position p enters as p + this (Llama 4: 1; Ministral 3, whose floor is YaRN's "
+        "original length: 0)")
+    attn_temperature_layers: Literal["nope", "all"] = param(
+        "nope", "attn_temperature_floor: the layers whose q it scales, after RoPE (Llama 4: its NoPE layers; Ministral 3: all)")
     qkv_clip: Optional[float] = param(None, "clamp q, k and v to [-clip, clip] (OLMo's clip_qkv)")
     qkv_bias: bool = param(False, "bias on the q/k/v projections (Qwen2)")
     linear_bias: bool = param(False, "bias on every other linear layer (the default of out_bias and mlp_bias)")
@@ -295,6 +300,8 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"model.{key} must be a positive finite number or null, got {value}")
+        if self.attn_temperature_offset < 0:
+            raise UsageError(f"model.attn_temperature_offset must not be negative, got {self.attn_temperature_offset}")
 
     def _validate_positions(self) -> None:
         if not 0 < self.rope_fraction <= 1:

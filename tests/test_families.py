@@ -33,6 +33,9 @@ VOCAB, SEQ = 101, 24
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 WINDOW = 8  # shorter than SEQ, so sliding layers differ from full ones
+# YaRN from 8 positions, so that Ministral 3's query temperature 1 + beta log1p(floor(p / 8)) changes within SEQ
+MINISTRAL3_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 8,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}
 # case -> (config keys over SMALL, whether Megatron-LM can express it). A case is a model_type, or a
 # model_type, '-' and a variant name where one family needs several configs (Falcon's two decoders).
 CASES = {
@@ -44,6 +47,10 @@ CASES = {
                         query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0), False),
     "mistral": (dict(sliding_window=WINDOW), True),  # Megatron's window_size
     "ministral": (dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]), True),
+    # Ministral 3: YaRN; the query temperature off (beta 0) is a Mistral Megatron-LM holds, on it is not in megatron-core
+    "ministral3": (dict(head_dim=16, sliding_window=WINDOW, rope_parameters=dict(MINISTRAL3_YARN, llama_4_scaling_beta=0.0)),
+                   True),
+    "ministral3-temperature": (dict(head_dim=16, rope_parameters=MINISTRAL3_YARN), False),  # 1, 1.35, 1.55 over SEQ
     "qwen2": ({}, True),
     "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),

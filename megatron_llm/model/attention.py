@@ -76,11 +76,12 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return normalize(x, eps)[0]
 
 
-def query_temperature(positions: Optional[torch.Tensor], s: int, floor: float, scale: float, device=None) -> torch.Tensor:
-    """1 + scale * log1p(floor((p + 1) / floor)) per query position p, as [1 or b, s, 1, 1] for q [b, s, heads, d]:
+def query_temperature(positions: Optional[torch.Tensor], s: int, floor: float, scale: float, offset: int = 1,
+                      device=None) -> torch.Tensor:
+    """1 + scale * log1p(floor((p + offset) / floor)) per query position p, as [1 or b, s, 1, 1] for q [b, s, heads, d]:
     positions [s] or [b, s] (a cache's continuation), else 0..s-1."""
     p = torch.arange(s, device=device) if positions is None else positions
-    t = torch.log1p(torch.floor((p.float() + 1.0) / floor)) * scale + 1.0
+    t = torch.log1p(torch.floor((p.float() + offset) / floor)) * scale + 1.0
     return t.view(-1, s, 1, 1)
 
 
@@ -127,10 +128,11 @@ class Attention(nn.Module):
         self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=cfg.position == "alibi",
                                 sinks=cfg.attention_sinks, chunk=spec.chunk)
         # Llama 4: a weightless norm of the rotated heads on RoPE layers; a position-dependent query temperature on
-        # NoPE layers, which lets their scores sharpen with the distance covered (arXiv 2501.19399).
+        # NoPE layers (Ministral 3: on every layer), which lets scores sharpen with the distance covered (arXiv 2501.19399).
         self.l2_eps = cfg.norm_eps if cfg.qk_l2_norm and spec.rope is not None else None
-        temperature = cfg.attn_temperature_floor is not None and spec.rope is None
-        self.temperature = (cfg.attn_temperature_floor, cfg.attn_temperature_scale) if temperature else None
+        temperature = cfg.attn_temperature_floor is not None and (spec.rope is None or cfg.attn_temperature_layers == "all")
+        self.temperature = (cfg.attn_temperature_floor, cfg.attn_temperature_scale,
+                            cfg.attn_temperature_offset) if temperature else None
         self.sinks = HeadSinks(cfg.num_heads) if cfg.attention_sinks else None
         # Derived from the head count, so kept out of checkpoints; filled by init_weights.
         slopes = torch.empty(cfg.num_heads) if self.rules.alibi else None
@@ -165,7 +167,7 @@ class Attention(nn.Module):
         if self.l2_eps is not None:
             q, k = l2_norm(q, self.l2_eps), l2_norm(k, self.l2_eps)
         if self.temperature is not None:
-            q = q * query_temperature(ctx.positions, s, *self.temperature, q.device).to(q.dtype)
+            q = q * query_temperature(ctx.positions, s, *self.temperature, device=q.device).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]

@@ -61,6 +61,44 @@ MISTRAL = Family(
 
 MINISTRAL = Family("ministral", "MinistralForCausalLM", MISTRAL.config, LLAMA_TENSORS)
 
+# Ministral 3: Mistral whose queries, rotated, are scaled by 1 + beta * log1p(floor(p / L)) on every layer, with beta
+# rope_parameters' llama_4_scaling_beta and L YaRN's original length (Llama 4's query temperature, with the position
+# not offset by one and on RoPE layers too). Its config class's defaults: YaRN x16 from 16384 and beta 0.1.
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+
+
+def _read_ministral3_rope(hf: dict) -> dict:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or MINISTRAL3_ROPE
+    out = ROPE.read({**hf, "rope_parameters": params})
+    if not params.get("llama_4_scaling_beta"):  # 0 scales by 1
+        return out
+    if not params.get("original_max_position_embeddings"):
+        raise UsageError("config.json rope_parameters has llama_4_scaling_beta but no original_max_position_embeddings, "
+                         "the length Ministral 3 divides the positions by")
+    return {**out, "attn_temperature_floor": float(params["original_max_position_embeddings"]),
+            "attn_temperature_scale": float(params["llama_4_scaling_beta"]), "attn_temperature_offset": 0,
+            "attn_temperature_layers": "all"}
+
+
+def _write_ministral3_rope(cfg) -> dict:
+    """The temperature's length is written as the RoPE block's original length, which transformers needs even
+    without one (it divides by it whatever beta is): a length other than YaRN's own reads back otherwise, refused."""
+    floor = cfg.attn_temperature_floor
+    length = floor if floor is not None else (cfg.rope_scaling or {}).get("original_max_position_embeddings", cfg.max_seq_len)
+    beta = cfg.attn_temperature_scale if floor is not None else 0.0
+    return {"rope_parameters": {"original_max_position_embeddings": int(length) if float(length).is_integer() else length,
+                                **ROPE.write(cfg)["rope_parameters"], "llama_4_scaling_beta": beta}}
+
+
+MINISTRAL3 = Family(
+    "ministral3", "Ministral3ForCausalLM",
+    (*shape_defaulting(head_dim=128, kv_heads=8),
+     *(e for e in without(MISTRAL.config, "norm_eps") if e is not ROPE and e not in SHAPE),
+     Key("rms_norm_eps", "norm_eps", default=1e-5), Derived(_read_ministral3_rope, _write_ministral3_rope)),
+    LLAMA_TENSORS,
+)
+
 QWEN2 = Family(
     "qwen2", "Qwen2ForCausalLM",
     (*without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias"), Fixed("qkv_bias", True), Fixed("out_bias", False),
@@ -179,5 +217,5 @@ OLMO2 = Family(
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
 )
 
-FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, QWEN2, QWEN3, SMOLLM3, GRANITE, HYPERCLOVAX,
+FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, HYPERCLOVAX,
             GEMMA, GEMMA2, VAULTGEMMA, GEMMA3, OLMO, OLMO2)
