@@ -55,6 +55,10 @@ CASES = {
     "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
     "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0), False),
+    # a sliding layer with its own base, a full one, a full one without positions; a sink per head
+    "granite_swa": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
+                         num_hidden_layers=3, sliding_window=WINDOW, layer_rope_theta=[100.0, 10000.0, 0],
+                         layer_types=["sliding_attention", "full_attention", "full_attention"]), False),
     "hyperclovax": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
                     False),
     "gemma": (dict(head_dim=16), False),
@@ -123,7 +127,7 @@ def hf_model(case: str) -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # transformers zero-initialises biases and ones its norms: randomise so they are tested
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2]:
+            if name.endswith(("bias", "sinks")) or "norm" in name or "ln" in name.split(".")[-2]:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
 
@@ -280,3 +284,18 @@ def test_mpt_options_transformers_does_not_run_are_refused():
     config = transformers.AutoConfig.for_model("mpt", d_model=64, n_heads=4, n_layers=2, attn_config={"qk_ln": True})
     with pytest.raises(UsageError, match=r"^config.json attn_config.qk_ln=true is not supported"):
         model_config_from_hf(config.to_dict())
+
+
+def test_granite_swa_bases_beyond_the_menu_are_refused():
+    """One RoPE base per kind of layer (full, sliding): a second one among the full layers, or a sliding base of its
+    own beside rope scaling (ours leaves the sliding table unscaled), is refused by name."""
+    config = transformers.AutoConfig.for_model("granite_swa", **SMALL, sliding_window=WINDOW,
+                                               layer_types=["full_attention", "full_attention"]).to_dict()
+    with pytest.raises(UsageError, match=r"^config.json layer_rope_theta \[100.0, 200.0\] gives one kind of layer"):
+        model_config_from_hf({**config, "layer_rope_theta": [100.0, 200.0]})
+    scaled = {**config, "layer_types": ["sliding_attention", "full_attention"], "layer_rope_theta": [100.0, 200.0],
+              "rope_parameters": {"rope_type": "linear", "rope_theta": 200.0, "factor": 2.0}}
+    with pytest.raises(UsageError, match=r"^config.json scales the RoPE of every base"):
+        model_config_from_hf(scaled)
+    assert model_config_from_hf({**scaled, "rope_parameters": {"rope_type": "default", "rope_theta": 200.0}}).rope_local_theta == 100.0
+

@@ -1,6 +1,8 @@
 """Llama and the families written as a difference from it (transformers' modular files do the same):
 each table is Llama's keys and tensor names plus what the family changes."""
 
+import dataclasses
+
 from megatron_llm.checkpoint.families.common import (
     LAYERS,
     LLAMA_CONFIG,
@@ -9,6 +11,7 @@ from megatron_llm.checkpoint.families.common import (
     SHAPE,
     SQRT_HIDDEN_EMBEDDING,
     also,
+    layers_defaulting,
     scale_key,
     shape_defaulting,
     without,
@@ -131,6 +134,49 @@ GRANITE = Family(
     LLAMA_TENSORS,
 )
 
+
+
+def _granite_swa_types(hf: dict) -> list[str]:
+    """layer_types, or GraniteSWAConfig's pattern: every fourth layer full, from the first."""
+    return hf.get("layer_types") or ["full_attention" if i % 4 == 0 else "sliding_attention"
+                                     for i in range(hf["num_hidden_layers"])]
+
+
+def _read_granite_swa_rope(hf: dict) -> dict:
+    """layer_rope_theta: a RoPE base per layer, 0 for none (NoPE). The menu has one base for the full layers and one
+    for the sliding ones (rope_local_theta, unscaled), so a model with more is refused by name."""
+    out = ROPE.read(hf)
+    thetas = hf.get("layer_rope_theta") or [out["rope_theta"]] * hf["num_hidden_layers"]
+    sliding = [kind == "sliding_attention" and bool(hf.get("sliding_window", 128)) for kind in _granite_swa_types(hf)]
+    bases = {kind: {t for t, s in zip(thetas, sliding) if t and s == kind} for kind in (False, True)}
+    if len(bases[False]) > 1 or len(bases[True]) > 1:
+        raise UsageError(f"config.json layer_rope_theta {thetas} gives one kind of layer several RoPE bases; the menu has "
+                         "one for the full layers and one for the sliding ones")
+    full = next(iter(bases[False] or bases[True] or {out["rope_theta"]}))
+    local = next(iter(bases[True] - {full}), None)
+    if local is not None and out["rope_scaling"] is not None:
+        raise UsageError("config.json scales the RoPE of every base in layer_rope_theta; the sliding layers' own base is "
+                         "left unscaled here: only one base with rope scaling is supported")
+    return {**out, "rope_theta": float(full), "rope_local_theta": None if local is None else float(local),
+            "nope_layers": [i for i, t in enumerate(thetas) if not t]}
+
+
+def _write_granite_swa_rope(cfg) -> dict:
+    thetas = [{None: 0, "global": cfg.rope_theta, "local": cfg.rope_local_theta}[cfg.layer(i).rope]
+              for i in range(cfg.num_layers)]
+    return {**ROPE.write(dataclasses.replace(cfg, rope_local_theta=None)), "layer_rope_theta": thetas}
+
+
+# Granite SWA: Granite with a learned sink per head (gpt-oss's), sliding layers and a RoPE base per layer.
+GRANITE_SWA = Family(
+    "granite_swa", "GraniteSWAForCausalLM",
+    (*(e for e in without(GRANITE.config, "tie_embeddings", "attention_scale") if e is not ROPE),
+     Key("tie_word_embeddings", "tie_embeddings", default=True), Key("attention_multiplier", "attention_scale", default=1.0),
+     Derived(_read_granite_swa_rope, _write_granite_swa_rope), Fixed("attention_sinks", True),
+     layers_defaulting(128, lambda i: i % 4 == 0)),
+    {**LLAMA_TENSORS, "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight"},
+)
+
 # HyperCLOVA X: Granite with norms after each sublayer too (use_post_norm: sandwich), its logits multiplied by
 # logits_scaling where Granite divides.
 HYPERCLOVAX = Family(
@@ -217,5 +263,5 @@ OLMO2 = Family(
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
 )
 
-FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, HYPERCLOVAX,
+FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, GRANITE_SWA, HYPERCLOVAX,
             GEMMA, GEMMA2, VAULTGEMMA, GEMMA3, OLMO, OLMO2)
