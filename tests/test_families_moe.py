@@ -120,6 +120,17 @@ CASES = {
     "dbrx": dict(d_model=SMALL["hidden_size"], n_heads=SMALL["num_attention_heads"], n_layers=SMALL["num_hidden_layers"],
                  max_seq_len=SMALL["max_position_embeddings"], attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_loss_weight=0.05)),
+    # Solar Open: GLM-4.5's router (8 experts in 2 groups, 1 kept; the expert bias) in every layer, Llama's attention
+    # with q/k/v biases
+    "solar_open": dict(n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1, n_shared_experts=2,
+                       routed_scaling_factor=2.5, attention_bias=True, head_dim=16),
+    # HunYuan v3: Qwen3's per-head QK-norm, a dense first layer, a sigmoid router with the expert bias beside it,
+    # renormalised and scaled, a shared expert (its class's initializer_range 0.006 would route every token alike)
+    "hy_v3": dict(num_experts=4, moe_intermediate_size=32, num_shared_experts=1, head_dim=16, router_scaling_factor=2.0,
+                  initializer_range=0.02),
+    # HunYuan v3's biases on all four attention projections and on the dense and shared MLPs
+    "hy_v3-bias": dict(num_experts=4, moe_intermediate_size=32, num_shared_experts=1, head_dim=16,
+                       initializer_range=0.02, attention_bias=True, mlp_bias=True, num_experts_per_tok=3),
     # Sarvam-MLA: DeepSeek-V3's model with its defaults (one query projection, no groups, a dense first layer)
     "sarvam_mla": dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
@@ -130,7 +141,8 @@ CASES = {
 }
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
-               "hunyuan_v1_moe", "cohere2_moe", "sarvam_mla", "axk1"}
+               "hunyuan_v1_moe", "cohere2_moe", "sarvam_mla", "axk1",
+               "solar_open", "hy_v3"}
 
 
 def model_type_of(case: str) -> str:
@@ -314,6 +326,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "dbrx": r"model\.norm_bias",
                    "deepseek_v2": r"add_bias_linear also gives every expert biases",
                    "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
+                   "hy_v3-bias": r"add_bias_linear also gives every expert biases",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer
 
