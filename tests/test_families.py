@@ -93,6 +93,7 @@ CASES = {
         "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0}), False),
     "apertus": (dict(attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                 "original_max_position_embeddings": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0}), False),
+    "apertus1p5_text": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), False),
     "gpt2": (dict(n_inner=96), False),
     "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),

@@ -191,6 +191,20 @@ APERTUS = Family(
 
 
 
+def _read_output_vocab(hf: dict) -> dict:
+    """Apertus 1.5's head may keep only the first output_vocab_size rows (the text tokens); ours has a row per token."""
+    if hf.get("output_vocab_size") not in (None, hf["vocab_size"]):
+        raise UsageError(f"config.json output_vocab_size={hf['output_vocab_size']} is not supported: a head narrower than "
+                         f"the vocabulary ({hf['vocab_size']}) is not in the menu")
+    return {}
+
+
+# Apertus 1.5's language model: Apertus with an optional pruned head.
+APERTUS1P5_TEXT = Family(
+    "apertus1p5_text", "Apertus1p5TextForCausalLM",
+    (*APERTUS.config, Derived(_read_output_vocab, lambda cfg: {"output_vocab_size": None})), APERTUS.tensors,
+)
+
 # CWM (Code World Model): Llama without projection biases, sliding and full layers.
 CWM_ROPE = {"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192}  # CwmConfig's, for a config.json without rope_parameters
@@ -226,4 +240,5 @@ NANOCHAT = Family(
     },
 )
 
-FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, ERNIE4_5, HUNYUAN_DENSE, APERTUS, CWM, NANOCHAT)
+FAMILIES = (NEMOTRON, JAIS2, ARCEE, SEED_OSS, HELIUM, EXAONE4, OLMO3, ERNIE4_5, HUNYUAN_DENSE, APERTUS, APERTUS1P5_TEXT, CWM,
+            NANOCHAT)
