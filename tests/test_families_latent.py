@@ -1,0 +1,122 @@
+"""The dense latent-attention families (families/latent.py) against transformers' own models, tiny and random (fp32,
+CPU; norms, the latent norms included, and biases drawn away from their inits): logits and loss of
+`megatron_llm.load_model(hf_dir)`, the Hugging Face round trip through native (bit exact, config kept, transformers
+loads it with the same logits), and the Megatron round trip at tp 2 x pp 2 or its refusal by name. Also the
+published config.json spellings of these and of Sarvam-MLA (whose model tests/test_families_moe.py runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+import megatron_llm
+from conftest import hf_native_hf
+from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.errors import UsageError
+from tests.test_families import SMALL, tokens
+from tests.test_families_moe import random_hf_model, saved
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+LATENT = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,  # every head its own
+              bos_token_id=0, eos_token_id=1)
+# model_type -> (config keys over SMALL and LATENT, the Megatron refusal's words or None where it round-trips)
+CASES = {
+    # Youtu-LLM: one query projection (q_lora_rank null, where its class fills 1536), RoPE dims interleaved, tied head
+    "youtu": (dict(q_lora_rank=None), None),
+    # MiniCPM3: compressed queries, RoPE dims by halves with its published LongRoPE (SEQ past the original length:
+    # the long factors), biases on the attention and MLP, muP's embedding, residual and logit scales
+    "minicpm3": (dict(q_lora_rank=24, attention_bias=True, mlp_bias=True, scale_emb=3.0, scale_depth=1.4,
+                      dim_model_base=16, original_max_position_embeddings=16,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                       "long_factor": [1.0, 2.5, 4.0, 7.0], "short_factor": [1.0, 1.2, 1.5, 2.0]}),
+                 r"model\.rope_interleaved=False with latent attention"),  # megatron-core's MLA rotates pairs
+}
+FAMILIES_TESTED = set(CASES)  # tests/test_family_coverage.py gathers these
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """model_type -> (its saved directory, the transformers model), built once per module."""
+    return functools.cache(lambda case: saved(random_hf_model(case, {**SMALL, **LATENT, **CASES[case][0]}),
+                                              tmp_path_factory.mktemp(case)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_loss_match_transformers(hf_dir, case):
+    path, hf = hf_dir(case)
+    model = megatron_llm.load_model(path)
+    x = tokens()
+    with torch.no_grad():
+        expected = hf(x, labels=x)
+        torch.testing.assert_close(model(x), expected.logits, atol=1e-5, rtol=1e-5)
+        shifted = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
+        loss = model(x, labels=shifted).sum() / (shifted >= 0).sum()
+    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
+    path, hf = hf_dir(case)
+    hf_native_hf(path, tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert config.model_type == case
+    assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())
+    config._attn_implementation = "eager"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_megatron_round_trip_or_refusal(hf_dir, tmp_path, case):
+    path, _ = hf_dir(case)
+    refusal = CASES[case][1]
+    if refusal is not None:
+        with pytest.raises(UsageError, match=refusal):
+            convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
+        assert not (tmp_path / "mg").exists()
+        return
+    convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
+    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "hf"), "hf")
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_config_class_fills_are_read():
+    """Keys a config.json leaves out read as the config classes fill them: Youtu's compressed queries (1536; a
+    null is one projection), MiniCPM3's scales (12, 1.4 / sqrt(layers), 256 / hidden; nulls: no scaling) and value
+    width (hidden / heads)."""
+    youtu = transformers.AutoConfig.for_model("youtu", **{**SMALL, **LATENT}, q_lora_rank=None).to_dict()
+    assert model_config_from_hf(youtu).mla_q_lora_rank is None
+    assert model_config_from_hf({k: v for k, v in youtu.items() if k != "q_lora_rank"}).mla_q_lora_rank == 1536
+    minicpm3 = transformers.AutoConfig.for_model("minicpm3", **{**SMALL, **LATENT}).to_dict()
+    absent = {k: v for k, v in minicpm3.items() if k not in ("scale_emb", "scale_depth", "dim_model_base", "v_head_dim")}
+    cfg = model_config_from_hf(absent)
+    layers, hidden = SMALL["num_hidden_layers"], SMALL["hidden_size"]
+    assert (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logit_multiplier, cfg.mla_v_head_dim) == (
+        12.0, 1.4 / math.sqrt(layers), 256 / hidden, hidden // SMALL["num_attention_heads"])
+    nulls = model_config_from_hf({**minicpm3, "scale_depth": None, "dim_model_base": None})
+    assert (nulls.residual_multiplier, nulls.logit_multiplier) == (1.0, 1.0)
+
+
+def test_sarvam_mla_reads_its_published_spellings():
+    """sarvamai/sarvam-105b's config.json as its remote code wrote it (num_experts, num_shared_experts, YaRN named
+    deepseek_yarn under rope_scaling, head_dim for vLLM) reads as transformers' conversion of it does."""
+    yarn = dict(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0)
+    converted = transformers.AutoConfig.for_model(
+        "sarvam_mla", **{**SMALL, **LATENT}, n_routed_experts=8, n_shared_experts=2, moe_intermediate_size=32,
+        num_experts_per_tok=2, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **yarn}).to_dict()
+    published = {k: v for k, v in converted.items() if k not in ("n_routed_experts", "n_shared_experts", "rope_parameters")}
+    published.update(num_experts=8, num_shared_experts=2, head_dim=16 + 8, rope_theta=10000.0,
+                     rope_scaling={"type": "deepseek_yarn", **yarn})
+    cfg = model_config_from_hf(published)
+    assert cfg == model_config_from_hf(converted)
+    assert (cfg.moe_experts, cfg.moe_shared_ffn_hidden_size, cfg.rope_scaling["rope_type"]) == (8, 64, "yarn")
