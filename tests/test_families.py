@@ -111,6 +111,9 @@ CASES = {
     "stablelm": (dict(use_qkv_bias=True), True),  # a quarter of each head rotated, in halves
     "cohere": (dict(attention_bias=True, logit_scale=0.5), False),
     "persimmon": ({}, False),
+    "cohere_compass_text": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5,
+                                 attention_bias=True, rope_parameters={"sliding_attention": {"rope_type": "default",
+                                 "rope_theta": 100.0}, "full_attention": None}), False),  # full layers: NoPE
     "cohere2": (dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], attention_bias=True,
                      logit_scale=0.5), False),
 }
@@ -299,4 +302,11 @@ def test_granite_swa_bases_beyond_the_menu_are_refused():
     with pytest.raises(UsageError, match=r"^config.json scales the RoPE of every base"):
         model_config_from_hf(scaled)
     assert model_config_from_hf({**scaled, "rope_parameters": {"rope_type": "default", "rope_theta": 200.0}}).rope_local_theta == 100.0
+
+
+def test_cohere_compass_needs_a_rope_block_per_layer_type():
+    """transformers looks up each layer type's block (KeyError without one): refused on read, by name."""
+    config = transformers.AutoConfig.for_model("cohere_compass_text", **SMALL).to_dict()  # rope_parameters {}
+    with pytest.raises(UsageError, match=r"^config.json rope_parameters has no block for the layer types \['full_attention'\]"):
+        model_config_from_hf(config)
 

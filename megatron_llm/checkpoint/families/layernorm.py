@@ -6,6 +6,7 @@ from megatron_llm.checkpoint.families.common import (
     HEAD_DIM,
     LAYERS,
     LLAMA_TENSORS,
+    ROPE,
     PLAIN_ACTIVATIONS,
     SHAPE,
     activation,
@@ -17,6 +18,7 @@ from megatron_llm.checkpoint.families.common import (
 from megatron_llm.checkpoint.families.dense import layer_types_by_pattern
 from megatron_llm.checkpoint.families.gpt import LAYERNORM, MHA_SHAPE, QKV, WHOLE_ROPE, modules, refused
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key
+from megatron_llm.errors import UsageError
 
 LAYERNORM_TENSORS = {
     **LLAMA_TENSORS,
@@ -105,6 +107,51 @@ COHERE2 = Family(
     LLAMA_TENSORS,
 )
 
+
+
+def _compass_types(hf: dict) -> list[str]:
+    return hf.get("layer_types") or ["full_attention"] * hf["num_hidden_layers"]  # CohereCompassTextConfig's default
+
+
+def _read_compass_positions(hf: dict) -> dict:
+    """rope_parameters holds a block per layer type, None where that type has no positions (NoPE); the full layers'
+    block is the main table, the sliding layers' base their local one (left unscaled, as the reader of two blocks
+    refuses otherwise). Without a block for a type transformers cannot run the model: refused by name."""
+    types, params = _compass_types(hf), hf.get("rope_parameters") or {}
+    missing = [kind for kind in dict.fromkeys(types) if kind not in params]
+    if missing:
+        raise UsageError(f"config.json rope_parameters has no block for the layer types {missing}; "
+                         "cohere_compass_text keeps one per layer type (null: no positions)")
+    full, sliding = params.get("full_attention"), params.get("sliding_attention")
+    blocks = {"full_attention": full, "sliding_attention": sliding} if full and sliding else full or sliding or {}
+    out = ROPE.read({**hf, "rope_parameters": blocks})
+    if out.get("rope_local_theta") == out["rope_theta"] and out["rope_scaling"] is None:
+        out["rope_local_theta"] = None  # one table
+    nope = [i for i, kind in enumerate(types) if params[kind] is None]
+    return {**out, **LAYERS.read({"sliding_window": 4096, **hf, "layer_types": types}), "nope_layers": nope}
+
+
+def _write_compass_positions(cfg) -> dict:
+    """A layer type's block, or None where its layers have no positions; a type whose layers differ reads back
+    otherwise and is refused."""
+    both = ROPE.write(cfg)["rope_parameters"]  # one block, or full and sliding ones with a local base
+    blocks = {}
+    for i, kind in enumerate(write_every_layer_type(cfg)["layer_types"]):
+        blocks.setdefault(kind, None if cfg.layer(i).rope is None else both.get(kind, both))
+    return {"rope_parameters": blocks, **write_every_layer_type(cfg)}
+
+
+# Cohere Compass's language model (North): Cohere2 whose layer types each have their own RoPE block or none, rotating
+# q/k by halves (Qwen3-VL's M-RoPE, which on text is RoPE), its logits unscaled unless logit_scale says.
+COHERE_COMPASS_TEXT = Family(
+    "cohere_compass_text", "CohereCompassForCausalLM",
+    (*(e for e in COHERE_CONFIG if e not in (HEAD_DIM, *WHOLE_ROPE) and getattr(e, "ours", None) not in (
+        "rope_interleaved", "logit_multiplier")),
+     Derived(_read_compass_positions, _write_compass_positions), Fixed("rope_fraction", 1.0),
+     Key("logit_scale", "logit_multiplier", default=1.0)),
+    LLAMA_TENSORS,
+)
+
 # Persimmon: q/k/v fused per head (as GPT-NeoX), a LayerNorm over each head's q and k shared by the heads, half
 # of each head rotated, a plain squared-ReLU MLP, every bias but the head's.
 PERSIMMON = Family(
@@ -127,4 +174,4 @@ PERSIMMON = Family(
     }),
 )
 
-FAMILIES = (PHI, STARCODER2, STABLELM, COHERE, COHERE2, PERSIMMON)
+FAMILIES = (PHI, STARCODER2, STABLELM, COHERE, COHERE2, COHERE_COMPASS_TEXT, PERSIMMON)
