@@ -131,6 +131,9 @@ CASES = {
     # HunYuan v3's biases on all four attention projections and on the dense and shared MLPs
     "hy_v3-bias": dict(num_experts=4, moe_intermediate_size=32, num_shared_experts=1, head_dim=16,
                        initializer_range=0.02, attention_bias=True, mlp_bias=True, num_experts_per_tok=3),
+    # Mellum: Qwen3-MoE's block in a sliding layer (RoPE base 10000) and a full one (base 500000)
+    "mellum": dict(num_experts=4, moe_intermediate_size=32, head_dim=16, sliding_window=WINDOW,
+                   layer_types=["sliding_attention", "full_attention"]),
     # Sarvam-MLA: DeepSeek-V3's model with its defaults (one query projection, no groups, a dense first layer)
     "sarvam_mla": dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
@@ -327,6 +330,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "deepseek_v2": r"add_bias_linear also gives every expert biases",
                    "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
                    "hy_v3-bias": r"add_bias_linear also gives every expert biases",
+                   "mellum": r"model\.rope_local_theta",  # Megatron-LM has one RoPE base
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer
 
@@ -352,6 +356,8 @@ REFUSED = {
     "hunyuan_v1_moe": dict(moe_topk=[2, 1]),  # top-k varying by layer
     "cohere2_moe": dict(shared_expert_combination_strategy="max"),
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
+    "mellum": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
     # the top-k weights divided by their 2-norm
     "dbrx": dict(ffn_config={**CASES["dbrx"]["ffn_config"], "moe_normalize_expert_weights": 2.0}),
