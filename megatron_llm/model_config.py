@@ -45,6 +45,7 @@ class LayerSpec:
     rope: Optional[str]  # "global" or "local" RoPE table; None: no positions in this layer (NoPE)
     moe: bool = False  # a mixture of experts in the feed_forward slot (model/moe.py) instead of one MLP
     chunk: Optional[int] = None  # chunked attention: a query sees the keys of its own chunk only (Llama 4)
+    linear: bool = False  # a Gated DeltaNet mixer (model/linear_attention.py) in the attention slot instead
 
 
 @dataclass
@@ -93,8 +94,8 @@ class ModelConfig:
     )
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
-        None, "per layer 'full', 'sliding' or 'chunked' attention; null: all sliding when sliding_window is set, else "
-        "all full")
+        None, "per layer 'full', 'sliding' or 'chunked' attention, or 'linear' (a Gated DeltaNet mixer: Qwen3-Next, "
+        "Qwen3.5); null: all sliding when sliding_window is set, else all full")
     attention_chunk_size: Optional[int] = param(
         None, "chunked layers: positions cut into chunks of this many, a query sees only keys of its own chunk (Llama 4)")
     sliding_window: Optional[int] = param(None, "window of the sliding layers, in tokens (the query included)")
@@ -105,6 +106,17 @@ class ModelConfig:
     attention_sinks: bool = param(
         False, "a learned logit per head joins each query's softmax as an extra column, dropped after it, so the "
         "weights of a row sum to less than 1 (gpt-oss's sinks)")
+    attention_output_gate: bool = param(
+        False, "wq also makes a gate per query head ([q_h; gate_h] rows per head), and the attention's output is "
+        "multiplied by sigmoid(gate) before wo (Qwen3-Next, Qwen3.5)")
+    linear_num_key_heads: int = param(0, "linear layers: query/key heads of the Gated DeltaNet")
+    linear_num_value_heads: int = param(0, "linear layers: value heads (a multiple of the key heads, which each serve "
+                                           "value_heads / key_heads consecutive ones)")
+    linear_key_head_dim: int = param(0, "linear layers: width of a query/key head")
+    linear_value_head_dim: int = param(0, "linear layers: width of a value head (and of the recurrent state's rows)")
+    linear_conv_kernel: int = param(4, "linear layers: taps of the causal depthwise convolution over q, k and v")
+    linear_chunk_size: int = param(64, "linear layers: tokens per chunk of the chunked delta rule in a forward of "
+                                       "many tokens (a speed choice: every size gives the same numbers)")
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
@@ -251,6 +263,8 @@ class ModelConfig:
         window = self.sliding_window if kind == "sliding" else None
         chunk = self.attention_chunk_size if kind == "chunked" else None
         moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
+        if kind == "linear":  # positions come from the recurrence's order: no RoPE
+            return LayerSpec(None, None, moe, None, linear=True)
         if self.position != "rope" or i in self.nope_layers:
             return LayerSpec(window, None, moe, chunk)
         return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe, chunk)
@@ -331,10 +345,13 @@ class ModelConfig:
 
     def _validate_layers(self) -> None:
         if self.layer_types is not None:
-            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding", "chunked"}:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding", "chunked", "linear"}:
                 raise UsageError(
-                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding' or 'chunked'"
+                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding', 'chunked' "
+                    "or 'linear'"
                 )
+            if "linear" in self.layer_types:
+                self._validate_linear()
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise UsageError("model.layer_types has sliding layers: set model.sliding_window")
             if "chunked" in self.layer_types and not self.attention_chunk_size:
@@ -345,6 +362,16 @@ class ModelConfig:
             raise UsageError(f"model.sliding_window must be positive or null, got {self.sliding_window}")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise UsageError(f"model.nope_layers {self.nope_layers}: layer indices are 0..{self.num_layers - 1}")
+
+    def _validate_linear(self) -> None:
+        sizes = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                 "linear_conv_kernel", "linear_chunk_size")
+        for key in sizes:
+            if getattr(self, key) <= 0:
+                raise UsageError(f"model.layer_types has linear layers: model.{key} must be positive, got {getattr(self, key)}")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise UsageError(f"model.linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
+                             f"model.linear_num_key_heads ({self.linear_num_key_heads})")
 
     def _validate_norms(self) -> None:
         if self.norm_unit_offset and not self.norm_affine:

@@ -108,11 +108,15 @@ def windows(cfg: ModelConfig) -> list[Optional[int]]:
 
 
 def window_args(cfg: ModelConfig) -> dict:
-    """window_size and window_attn_skip_freq for the model's sliding layers; UsageError for chunked layers."""
+    """window_size and window_attn_skip_freq for the model's sliding layers; UsageError for chunked or linear layers."""
     specs = [cfg.layer(i) for i in range(cfg.num_layers)]
     if any(spec.chunk for spec in specs):
         raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r}: megatron-core has no "
                          "chunked attention; convert to native or hf instead")
+    if any(spec.linear for spec in specs):
+        raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r}: megatron-core's Gated DeltaNet "
+                         "layers (experimental_attention_variant gated_delta_net) are built by a Transformer Engine spec "
+                         "only, whose names we do not write; convert to native or hf instead")
     sliding = [int(spec.window is not None) for spec in specs]
     if not any(sliding):
         return dict(window_size=None, window_attn_skip_freq=None)

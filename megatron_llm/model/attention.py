@@ -114,7 +114,9 @@ class Attention(nn.Module):
         super().__init__()
         d = self.head_dim = cfg.head_dim
         q_dim, kv_dim = cfg.num_heads * d, cfg.num_kv_heads * d
-        self.wq = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
+        # Qwen3-Next's output gate: wq's rows per head are [q_h; gate_h], so a row split keeps each head's gate with it
+        self.output_gate = cfg.attention_output_gate
+        self.wq = nn.Linear(cfg.hidden_size, q_dim * (2 if self.output_gate else 1), bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
@@ -140,17 +142,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self.qkv(x, ctx)
+        q, k, v, gate = self._qkv_gate(x, ctx)
         slopes = self.alibi_slopes if self.rules.alibi else None  # a buffer read costs a module __getattr__
         sinks = self.sinks() if self.rules.sinks else None  # [heads]; this rank's heads under TP
         out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys, sinks)  # [b, heads, s, d]
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # from [b, s, heads * d]
+        out = out.transpose(1, 2).reshape(b, s, -1)  # [b, s, heads * d]
+        return self.wo(out if gate is None else out * torch.sigmoid(gate))
 
     def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,
         clipped, normed, rotated, and joined to the cache's. The attention probe reads them too."""
+        return self._qkv_gate(x, ctx)[:3]
+
+    def _qkv_gate(self, x: torch.Tensor, ctx: AttentionContext):
+        """qkv's three and the output gate [b, s, heads * d] (None without one)."""
         b, s, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [b, s, heads * d], [b, s, kv_heads * d] x2
+        gate = None
+        if self.output_gate:  # [b, s, heads * 2d] -> [b, s, heads * d] each
+            q, gate = (t.reshape(b, s, -1) for t in q.view(b, s, -1, 2 * self.head_dim).chunk(2, dim=-1))
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         if self.q_norm is not None and not self.qk_norm_per_head:
@@ -171,4 +181,4 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]
-        return q, k, v
+        return q, k, v, gate

@@ -1,7 +1,10 @@
 """A key/value cache for incremental decoding, owned by the caller (inference/), never stored on modules:
-the model receives it through the attention context, so training code never sees one."""
+the model receives it through the attention context, so training code never sees one. Linear-attention layers
+(model/linear_attention.py) keep their recurrent state in it instead of keys and values."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -15,6 +18,15 @@ class KVCache:
     def __init__(self, max_len: int):
         self.max_len, self.length = max_len, 0
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recurrent(self, layer: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """A linear-attention layer's (convolution history, recurrent state) after the tokens so far, or None."""
+        return self.states.get(id(layer))
+
+    def keep(self, layer: nn.Module, history: torch.Tensor, state: torch.Tensor) -> None:
+        """Replaces `layer`'s state: history [b, channels, kernel - 1], state [b, heads, d_k, d_v] (fp32)."""
+        self.states[id(layer)] = (history, state)
 
     def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this forward's k, v [b, kv_heads, s, d] for `layer`; returns all of its keys and values so far."""

@@ -99,12 +99,15 @@ class Mapped:
     """One Hugging Face tensor holding several of ours in a layout of its own, written by `to_hf(parts) -> tensor`
     and read by `from_hf(tensor) -> parts` (gpt-oss's experts: gate and up interleaved on the last dim, stored
     [E, in, out]), or by `from_hf(tensor, cfg)` with `config` where the tensor's shape leaves the layout open
-    (DBRX's experts flattened to [E ffn, hidden]); named functions of the family's module, each the other's inverse."""
+    (DBRX's experts flattened to [E ffn, hidden]), and written by `to_hf(parts, cfg)` with `config_to_hf` where the
+    parts' shapes do too (Qwen3-Next's q, k, v, z grouped per key head); named functions of the family's module,
+    each the other's inverse."""
 
     parts: tuple[str, ...]
-    to_hf: Callable[[list[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[..., torch.Tensor]
     from_hf: Callable[..., list[torch.Tensor]]
     config: bool = False
+    config_to_hf: bool = False
 
 
 TensorEntry = Union[str, Fused, Transposed, HalvesSwapped, Stacked, Mapped]
@@ -231,7 +234,8 @@ class Family:
                 out.update({hf.format(e=e): shape[1:] for e in range(shape[0])})
                 continue
             if isinstance(entry, Mapped):  # the shape its function gives, computed on the meta device
-                out[hf] = entry.to_hf([torch.empty(native[_layer(p, name)], device="meta") for p in entry.parts]).shape
+                out[hf] = _mapped_to_hf(entry, [torch.empty(native[_layer(p, name)], device="meta") for p in entry.parts],
+                                        cfg).shape
                 continue
             if isinstance(entry, Fused):
                 shapes = [native[_layer(part, name)] for part in entry.parts]
@@ -253,7 +257,7 @@ class Family:
             if hf in out:
                 continue
             if isinstance(entry, Mapped):
-                out[hf] = entry.to_hf([tensors[_layer(part, name)] for part in entry.parts])
+                out[hf] = _mapped_to_hf(entry, [tensors[_layer(part, name)] for part in entry.parts], cfg)
                 continue
             if isinstance(entry, Fused):
                 tensor = _fuse([tensors[_layer(part, name)] for part in entry.parts], entry.layout, cfg)
@@ -365,6 +369,10 @@ def _reverse(family: Family, cfg: ModelConfig) -> dict[str, tuple[str, TensorEnt
 
 def _mapped_from_hf(entry: Mapped, tensor: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
     return entry.from_hf(tensor, cfg) if entry.config else entry.from_hf(tensor)
+
+
+def _mapped_to_hf(entry: Mapped, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    return entry.to_hf(parts, cfg) if entry.config_to_hf else entry.to_hf(parts)
 
 
 def _transposed(entry: TensorEntry, shape) -> bool:
