@@ -110,6 +110,11 @@ CASES = {
                        logits_scaling=4.0),
     "granitemoeshared": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
                              residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0),
+    # Granite-MoE SWA: a sink per head, a full layer without positions (base 0) and a sliding one with a base of its
+    # own, the experts under gate_up_proj / down_proj, a shared MLP
+    "granitemoe_swa": dict(num_local_experts=4, shared_intermediate_size=48, embedding_multiplier=2.0,
+                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0, sliding_window=WINDOW,
+                           layer_types=["full_attention", "sliding_attention"], layer_rope_theta=[0, 500.0]),
     # ERNIE 4.5 MoE: a softmax router with the expert bias, biases on every projection and the head, a dense first
     # layer (moe_layer_start_index), shared experts
     "ernie4_5_moe": dict(num_experts=4, moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
@@ -332,6 +337,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "hy_v3-bias": r"add_bias_linear also gives every expert biases",
                    "mellum": r"model\.rope_local_theta",  # Megatron-LM has one RoPE base
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
+                   "granitemoe_swa": r"model\.nope_layers",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer
 
 

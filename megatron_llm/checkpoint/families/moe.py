@@ -25,7 +25,7 @@ from megatron_llm.checkpoint.families.common import (
 from megatron_llm.checkpoint.families.dense import HUNYUAN_DENSE
 from megatron_llm.checkpoint.families.gpt import WHOLE_ROPE
 from megatron_llm.checkpoint.families.layernorm import TIED
-from megatron_llm.checkpoint.families.llama import GRANITE, MISTRAL, OLMO2, QWEN2, QWEN3
+from megatron_llm.checkpoint.families.llama import GRANITE, GRANITE_SWA, MISTRAL, OLMO2, QWEN2, QWEN3
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, Stacked, get_family_value
 from megatron_llm.errors import UsageError
 
@@ -303,6 +303,22 @@ GRANITE_MOE_SHARED = Family(
      "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.shared_experts.w2.weight"},
 )
 
+SHARED_GRANITE_MLP = {k: v for k, v in GRANITE_MOE_SHARED.tensors.items() if ".shared_mlp." in k}
+
+# Granite-MoE SWA: Granite SWA's attention (a sink per head, sliding layers, a RoPE base per layer) with Granite-MoE's
+# router, optional shared MLP, and its experts under transformers 5's names: gate_up_proj [E, 2 ffn, hidden] (gate,
+# then up) and down_proj [E, hidden, ffn]; untied by default.
+GRANITE_MOE_SWA = Family(
+    "granitemoe_swa", "GraniteMoeSWAForCausalLM",
+    (*without(GRANITE_SWA.config, "mlp_bias", "tie_embeddings"), Key("tie_word_embeddings", "tie_embeddings", default=False),
+     Fixed("mlp_bias", False), *ROUTING, expert_count("num_local_experts", "num_experts"), Fixed("moe_renormalize", True),
+     Key("shared_intermediate_size", "moe_shared_ffn_hidden_size", default=0)),
+    {**without_mlp(GRANITE_SWA.tensors), **SHARED_GRANITE_MLP,
+     "model.layers.{i}.block_sparse_moe.router.weight": "layers.{i}.feed_forward.router.weight",
+     "model.layers.{i}.block_sparse_moe.experts.gate_up_proj": Fused(GRANITE_EXPERTS),
+     "model.layers.{i}.block_sparse_moe.experts.down_proj": "layers.{i}.feed_forward.experts.w2"},
+)
+
 
 def _read_ernie_layers(hf: dict) -> dict:
     """Every moe_layer_interval-th layer sparse between moe_layer_start_index and moe_layer_end_index (-1: the
@@ -358,4 +374,4 @@ ERNIE4_5_MOE = Family(
 )
 
 FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE,
-            GRANITE_MOE_SHARED, ERNIE4_5_MOE)
+            GRANITE_MOE_SHARED, GRANITE_MOE_SWA, ERNIE4_5_MOE)
