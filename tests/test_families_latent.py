@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import megatron_llm
 from conftest import hf_native_hf
@@ -22,7 +23,8 @@ from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import model_config_from_hf
 from megatron_llm.errors import UsageError
 from tests.test_families import SMALL, tokens
-from tests.test_families_moe import random_hf_model, saved
+from tests.test_families_moe import CASES as MOE_CASES
+from tests.test_families_moe import EXPERTS, random_hf_model, saved
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 LATENT = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,  # every head its own
@@ -120,3 +122,37 @@ def test_sarvam_mla_reads_its_published_spellings():
     cfg = model_config_from_hf(published)
     assert cfg == model_config_from_hf(converted)
     assert (cfg.moe_experts, cfg.moe_shared_ffn_hidden_size, cfg.rope_scaling["rope_type"]) == (8, 64, "yarn")
+
+
+def test_axk1_reads_its_released_layout(tmp_path):
+    """A.X-K1's released files hold post_mlp_layernorm on the dense layers too (unused) and no router expert bias:
+    read as transformers loads them (the bias its zero fill), with its logits; written back as transformers saves,
+    the unused norm dropped and every other tensor bit for bit."""
+    path, _ = saved(random_hf_model("axk1", {**SMALL, **EXPERTS, **MOE_CASES["axk1"]}), tmp_path / "saved")
+    tensors = {k: v for k, v in load_file(path / "model.safetensors").items() if "e_score_correction_bias" not in k}
+    unused = "model.layers.0.post_mlp_layernorm.weight"  # layer 0 is dense
+    released = tmp_path / "released"
+    released.mkdir()
+    save_file({**tensors, unused: torch.randn(SMALL["hidden_size"])}, released / "model.safetensors")
+    shutil.copy(path / "config.json", released)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(released, attn_implementation="eager").eval()
+    model = megatron_llm.load_model(released)
+    assert not model.cfg.moe_expert_bias
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()), hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+    convert(str(released), "hf", str(tmp_path / "native"), "native")
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "out"), "hf")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(written) == sorted(tensors) and all(torch.equal(written[k], tensors[k]) for k in tensors)
+
+
+def test_axk1_reads_the_legacy_dense_layers():
+    """Without mlp_layer_types, A.X-K1's config class makes layer i sparse where i >= first_k_dense_replace and
+    i % moe_layer_freq == 0: the same layers read sparse here."""
+    legacy = dict(num_hidden_layers=5, first_k_dense_replace=1, moe_layer_freq=2)
+    converted = transformers.AutoConfig.for_model("axk1", **{**SMALL, **EXPERTS, **MOE_CASES["axk1"], **legacy,
+                                                             "mlp_layer_types": None}).to_dict()
+    published = {**{k: v for k, v in converted.items() if k != "mlp_layer_types"}, **legacy}
+    cfg = model_config_from_hf(published)
+    assert [cfg.layer(i).moe for i in range(5)] == [kind == "sparse" for kind in converted["mlp_layer_types"]]
+    assert converted["mlp_layer_types"] == ["dense", "dense", "sparse", "dense", "sparse"]

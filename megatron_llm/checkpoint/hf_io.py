@@ -99,6 +99,7 @@ class HFReader:
         shapes = {n: shape for n, shape in native_shapes(self.config).items() if not (tied and n == HEAD)}
         expected = set(self.family.hf_names(shapes, self.config))
         present = {k for k in self.file_of if not HF_IGNORED.match(k)}
+        present -= {k for k in present - expected if self.family.is_unused(k)}  # stored, but of no use to the model
         # A tied checkpoint may still store the head (some exporters do); it is the embedding, so skipped.
         optional = {self.family.hf_name(HEAD, self.config)} if tied else set()
         check_names(f"{self.directory} does not match its config.json", expected, present - optional)

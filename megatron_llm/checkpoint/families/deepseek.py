@@ -24,7 +24,8 @@ from megatron_llm.checkpoint.families.common import (
 from megatron_llm.checkpoint.families.dense import EXAONE4_LAYERS
 from megatron_llm.checkpoint.families.llama import QWEN3
 from megatron_llm.checkpoint.families.moe import EXPERT_BIAS, EXPERTS_REQUIRED, experts, shared_experts, shared_mlp
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, MTPLayers, get_family_value
+from megatron_llm.checkpoint.families.table import (Derived, Family, Fixed, Fused, Key, MTPLayers, Stored,
+                                                     get_family_value)
 from megatron_llm.errors import UsageError
 from megatron_llm.model.rope import yarn_mscale
 
@@ -87,7 +88,8 @@ def sigmoid_routing(experts: str = "n_routed_experts", shared: str = "n_shared_e
 # router's expert bias (DeepSeek-V2 has none; EXAONE-MoE keeps it one level up).
 DEEPSEEK_MOE_TENSORS = {**experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
                         **shared_mlp("shared_experts")}
-SIGMOID_MOE_TENSORS = {**DEEPSEEK_MOE_TENSORS, "model.layers.{i}.mlp.gate.e_score_correction_bias": EXPERT_BIAS}
+ROUTER_BIAS = "model.layers.{i}.mlp.gate.e_score_correction_bias"
+SIGMOID_MOE_TENSORS = {**DEEPSEEK_MOE_TENSORS, ROUTER_BIAS: EXPERT_BIAS}
 
 
 def _read_mla_shape(hf: dict) -> dict:
@@ -298,13 +300,17 @@ SARVAM_MLA = Family(
 )
 
 # A.X-K1 (axk1): DeepSeek-V3 (compressed queries always) with a norm on each MoE layer's output (post_mlp_layernorm,
-# model.moe_post_norm), its dense layers by mlp_layer_types or the legacy first_k_dense_replace / moe_layer_freq.
+# model.moe_post_norm), its dense layers by mlp_layer_types or the legacy first_k_dense_replace / moe_layer_freq. Its
+# released files store that norm for the dense layers too, unused, and no router expert bias (routing without it is
+# routing with transformers' zero fill), which transformers' save writes.
+AXK1_NORM = "model.layers.{i}.post_mlp_layernorm.weight"
 AXK1 = Family(
     "axk1", "AXK1ForCausalLM",
     (*without(MLA_CONFIG, "mla_q_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=1536), latent_norm_eps(1e-6),
-     *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), mlp_layer_types(1, freq_key="moe_layer_freq"),
-     Fixed("moe_post_norm", True)),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, "model.layers.{i}.post_mlp_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
+     *without(sigmoid_routing(scale=2.5, groups=8, topk_groups=4), "moe_expert_bias"),
+     Stored(ROUTER_BIAS, "moe_expert_bias"),
+     mlp_layer_types(1, freq_key="moe_layer_freq"), Fixed("moe_post_norm", True)),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, AXK1_NORM: "layers.{i}.ffn_post_norm.weight"}, unused=(AXK1_NORM,),
 )
 
 FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, SARVAM_MLA, AXK1)

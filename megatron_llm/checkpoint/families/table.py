@@ -5,7 +5,8 @@ always is (`Fixed`), the odd keys that need a small function each way (`Derived`
 from Hugging Face name templates to ours (`{i}` is the layer), where an entry may fuse several of our
 tensors into one of theirs (`Fused`: q/k/v in one of three layouts, gate/up) or store a weight
 transposed (GPT-2's Conv1D) or with each head's halves swapped (NanoChat's q/k); names that follow the
-config are the family's variants (`When`); multi-token prediction depths stored as extra layers, `MTPLayers`.
+config are the family's variants (`When`); multi-token prediction depths stored as extra layers, `MTPLayers`;
+a field that follows whether the files hold a tensor, `Stored`.
 One engine below reads every table in both directions, so no family has a conversion loop of its own, and
 export is proven by reading the written config back.
 """
@@ -54,7 +55,17 @@ class Derived:
     write: Callable[[ModelConfig], dict]
 
 
-ConfigEntry = Union[Key, Fixed, Derived]
+@dataclass(frozen=True)
+class Stored:
+    """A field true where the checkpoint's files hold the tensor `hf` (a name template, `{i}` any layer) and false
+    where they lack it, as transformers then fills it (its _keys_to_ignore_on_load_missing: A.X-K1's released files
+    have no router expert bias, transformers' save writes it); true where the names are unknown (config.json alone)."""
+
+    hf: str
+    ours: str
+
+
+ConfigEntry = Union[Key, Fixed, Derived, Stored]
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,9 @@ class Family:
     extra: dict = field(default_factory=dict)
     variants: tuple[When, ...] = ()  # tensor names that follow the config
     mtp: Optional[MTPLayers] = None  # where the family stores multi-token prediction; None: it does not
+    # Name templates of tensors published files may hold that the model does not use (transformers'
+    # _keys_to_ignore_on_load_unexpected: A.X-K1's post_mlp_layernorm on its dense layers): skipped on read, not written.
+    unused: tuple[str, ...] = ()
 
     # ---------------------------------------------------------------------------------------------
     # config.json <-> ModelConfig
@@ -161,6 +175,8 @@ class Family:
                 values[entry.ours] = entry.value
             elif isinstance(entry, Derived):
                 values.update(entry.read(hf))
+            elif isinstance(entry, Stored):
+                values[entry.ours] = tensors is None or any(_holds(entry.hf, name) for name in tensors)
             else:
                 raw = get_family_value(hf, entry.hf, *entry.also)
                 if raw is None:
@@ -205,6 +221,7 @@ class Family:
             out[self.mtp.key] = cfg.mtp_layers
         try:  # as a directory holding every tensor of `out` reads it
             stored = {self._mtp_hf(0, "eh_proj.weight", cfg.num_layers)} if self.mtp and cfg.mtp_layers else set()
+            stored |= {e.hf.format(i=0) for e in self.config if isinstance(e, Stored) and getattr(cfg, e.ours)}
             back = dataclasses.asdict(self.read_config(out, stored))
         except UsageError as e:
             raise UsageError(f"{self.model_type} cannot express this model: {e}") from None
@@ -296,6 +313,10 @@ class Family:
         keys = [hf.format(e=e) for e in range(cfg.moe_experts)] if isinstance(entry, Stacked) else [hf]
         return keys + [copy for copy, _ in self._mtp_copies((name,), cfg)]  # read with it, to be compared
 
+    def is_unused(self, hf_name: str) -> bool:
+        """Whether `hf_name` is one of the tensors the family's published files may hold without use (`unused`)."""
+        return any(_holds(template, hf_name) for template in self.unused)
+
     def _mtp_copies(self, ours: Collection[str], cfg: ModelConfig) -> list[tuple[str, str]]:
         """(their copy, our tensor) for each multi-token prediction depth's copy of one of `ours`."""
         if self.mtp is None:
@@ -341,6 +362,11 @@ def _virtual(name: str, cfg: ModelConfig) -> str:
     depth, rest = name[len(MTP_PREFIX):].split(".", 1)
     layer = f"layers.{cfg.num_layers + int(depth)}."
     return layer + rest.removeprefix("block.") if rest.startswith("block.") else f"{layer}mtp.{rest}"
+
+
+def _holds(template: str, name: str) -> bool:
+    """Whether `name` is `template` at some layer ({i})."""
+    return re.fullmatch(re.escape(template).replace(re.escape("{i}"), r"\d+"), name) is not None
 
 
 def _layer(template: str, like: str) -> str:
