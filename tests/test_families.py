@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -161,7 +162,11 @@ FAMILIES_TESTED = {model_type_of(case) for case in CASES}  # tests/test_family_c
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_and_loss_match_transformers(hf_dir, case):
-    path, hf = hf_dir(case)
+    assert_logits_and_loss_match(*hf_dir(case))
+
+
+def assert_logits_and_loss_match(path: Path, hf: torch.nn.Module) -> None:
+    """`megatron_llm.load_model(path)` gives the logits and loss of transformers' model `hf` saved there."""
     model = megatron_llm.load_model(path)
     x = tokens()
     with torch.no_grad():
@@ -174,10 +179,14 @@ def test_logits_and_loss_match_transformers(hf_dir, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
-    path, hf = hf_dir(case)
+    assert_hf_native_hf_round_trip(*hf_dir(case), tmp_path, model_type_of(case))
+
+
+def assert_hf_native_hf_round_trip(path: Path, hf: torch.nn.Module, tmp_path: Path, model_type: str) -> None:
+    """hf -> native -> hf bit exact with the config's fields kept; transformers loads the result with hf's logits."""
     hf_native_hf(path, tmp_path)
     config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
-    assert config.model_type == model_type_of(case)
+    assert config.model_type == model_type
     assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())
     config._attn_implementation = "eager"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
@@ -188,9 +197,14 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
 @pytest.mark.parametrize("case", CASES)
 def test_megatron_round_trip_or_refusal(hf_dir, tmp_path, case):
     path, _ = hf_dir(case)
-    expressible = CASES[case][1]
-    if not expressible:  # refused by the field, or first by a split the layout cannot make (one kv head at tp 2)
-        with pytest.raises(UsageError, match="cannot express model|does not divide"):
+    # refused by the field, or first by a split the layout cannot make (one kv head at tp 2)
+    assert_megatron_round_trip_or_refusal(path, tmp_path, None if CASES[case][1] else "cannot express model|does not divide")
+
+
+def assert_megatron_round_trip_or_refusal(path: Path, tmp_path: Path, refusal: Optional[str]) -> None:
+    """hf -> megatron at tp 2 x pp 2 -> hf bit exact, or (`refusal`: its words) one UsageError with nothing written."""
+    if refusal is not None:
+        with pytest.raises(UsageError, match=refusal):
             convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
         assert not (tmp_path / "mg").exists()
         return

@@ -1,8 +1,9 @@
 """The dense latent-attention families (families/latent.py) against transformers' own models, tiny and random (fp32,
 CPU; norms, the latent norms included, and biases drawn away from their inits): logits and loss of
 `megatron_llm.load_model(hf_dir)`, the Hugging Face round trip through native (bit exact, config kept, transformers
-loads it with the same logits), and the Megatron round trip at tp 2 x pp 2 or its refusal by name. Also the
-published config.json spellings of these and of Sarvam-MLA (whose model tests/test_families_moe.py runs).
+loads it with the same logits), and the Megatron round trip at tp 2 x pp 2 or its refusal by name, through
+tests/test_families.py's checks. Also the config classes' fills, and the published spellings and layouts of Sarvam-MLA
+and A.X-K1 (whose models tests/test_families_moe.py runs).
 """
 
 from __future__ import annotations
@@ -13,21 +14,20 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 
 import megatron_llm
-from conftest import hf_native_hf
-from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.convert import convert
 from megatron_llm.checkpoint.hf import model_config_from_hf
-from megatron_llm.errors import UsageError
-from tests.test_families import SMALL, tokens
+from tests.test_families import (SMALL, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
+                                  assert_megatron_round_trip_or_refusal, tokens)
 from tests.test_families_moe import CASES as MOE_CASES
 from tests.test_families_moe import EXPERTS, random_hf_model, saved
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-LATENT = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,  # every head its own
+# latent attention's shape (every head its own key and value: as many kv heads as heads), token ids in the vocabulary
+LATENT = dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
               bos_token_id=0, eos_token_id=1)
 # model_type -> (config keys over SMALL and LATENT, the Megatron refusal's words or None where it round-trips)
 CASES = {
@@ -53,43 +53,17 @@ def hf_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_and_loss_match_transformers(hf_dir, case):
-    path, hf = hf_dir(case)
-    model = megatron_llm.load_model(path)
-    x = tokens()
-    with torch.no_grad():
-        expected = hf(x, labels=x)
-        torch.testing.assert_close(model(x), expected.logits, atol=1e-5, rtol=1e-5)
-        shifted = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
-        loss = model(x, labels=shifted).sum() / (shifted >= 0).sum()
-    torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
+    assert_logits_and_loss_match(*hf_dir(case))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
-    path, hf = hf_dir(case)
-    hf_native_hf(path, tmp_path)
-    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
-    assert config.model_type == case
-    assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())
-    config._attn_implementation = "eager"
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+    assert_hf_native_hf_round_trip(*hf_dir(case), tmp_path, case)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_megatron_round_trip_or_refusal(hf_dir, tmp_path, case):
-    path, _ = hf_dir(case)
-    refusal = CASES[case][1]
-    if refusal is not None:
-        with pytest.raises(UsageError, match=refusal):
-            convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
-        assert not (tmp_path / "mg").exists()
-        return
-    convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2, pp=2))
-    convert(str(tmp_path / "mg"), "megatron", str(tmp_path / "hf"), "hf")
-    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
-    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert_megatron_round_trip_or_refusal(hf_dir(case)[0], tmp_path, CASES[case][1])
 
 
 def test_config_class_fills_are_read():
