@@ -139,6 +139,10 @@ CASES = {
     # Mellum: Qwen3-MoE's block in a sliding layer (RoPE base 10000) and a full one (base 500000)
     "mellum": dict(num_experts=4, moe_intermediate_size=32, head_dim=16, sliding_window=WINDOW,
                    layer_types=["sliding_attention", "full_attention"]),
+    # Flint: a sink per head everywhere, RoPE in the sliding layer only, a sigmoid top-k without expert bias beside a
+    # shared expert, every layer sparse here (its default keeps the first two dense)
+    "flint": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
+                  sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], mlp_only_layers=[]),
     # Sarvam-MLA: DeepSeek-V3's model with its defaults (one query projection, no groups, a dense first layer)
     "sarvam_mla": dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
@@ -336,6 +340,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "ernie4_5_moe": r"add_bias_linear also gives every expert biases",
                    "hy_v3-bias": r"add_bias_linear also gives every expert biases",
                    "mellum": r"model\.rope_local_theta",  # Megatron-LM has one RoPE base
+                   "flint": r"model\.nope_layers",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
                    "granitemoe_swa": r"model\.nope_layers",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer

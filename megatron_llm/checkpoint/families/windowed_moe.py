@@ -1,12 +1,13 @@
 """Mixture-of-experts families whose layers slide or attend fully by type, each type with a RoPE block of its own
-(rope_parameters keyed by layer type, Gemma3's form): Mellum. The expert tables are moe.py's. Every config value a
+(rope_parameters keyed by layer type, Gemma3's form: Mellum) or rotate in the sliding layers only (Flint). The expert
+tables are moe.py's. Every config value a
 table cannot reproduce is refused by name on read."""
 
-from megatron_llm.checkpoint.families.common import LAYERS, ROPE, layers_defaulting
+from megatron_llm.checkpoint.families.common import LAYERS, ROPE, layers_defaulting, write_every_layer_type
 from megatron_llm.checkpoint.families.deepseek import mlp_layer_types
 from megatron_llm.checkpoint.families.llama import QWEN3
-from megatron_llm.checkpoint.families.moe import QWEN_EXPERTS, ROUTING, expert_count
-from megatron_llm.checkpoint.families.table import Derived, Family, Key
+from megatron_llm.checkpoint.families.moe import QWEN_EXPERTS, ROUTING, expert_count, shared_mlp
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 from megatron_llm.errors import UsageError
 
 
@@ -39,4 +40,34 @@ MELLUM = Family(
     QWEN_EXPERTS,
 )
 
-FAMILIES = (MELLUM,)
+
+
+def _read_flint_layers(hf: dict) -> dict:
+    """FlintConfig's fills (window 513; full layers 0, 1, every fourth from 1 and the last), the full layers without
+    positions: its attention rotates only where a window is set."""
+    n = hf["num_hidden_layers"]
+    window = hf["sliding_window"] if "sliding_window" in hf else 513
+    types = hf.get("layer_types") or ["full_attention" if i < 2 or i % 4 == 1 or i == n - 1 else "sliding_attention"
+                                      for i in range(n)]
+    rotating = {i for i, kind in enumerate(types) if kind == "sliding_attention" and window}
+    return {**LAYERS.read({**hf, "sliding_window": window, "layer_types": types}),
+            "nope_layers": [i for i in range(n) if i not in rotating]}
+
+
+# Flint: Qwen3-MoE's attention with a sink per head (stored as softmax_offset) in every layer, RoPE in the sliding
+# layers only; a sigmoid top-k (no expert bias), renormalised by default, beside an ungated shared expert; the first
+# two layers dense by default. transformers' balance loss takes the softmax of the router's logits.
+FLINT = Family(
+    "flint", "FlintForCausalLM",
+    (*(e for e in QWEN3.config if e is not LAYERS), Derived(_read_flint_layers, write_every_layer_type),
+     Fixed("attention_sinks", True), expert_count("num_experts", "num_local_experts"),
+     Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("decoder_sparse_step", "moe_layer_freq", default=1),
+     Key("norm_topk_prob", "moe_renormalize", default=True), Key("mlp_only_layers", "moe_dense_layers", default=[0, 1]),
+     Key("shared_expert_intermediate_size", "moe_shared_ffn_hidden_size", default=1024),
+     Key("num_experts_per_tok", "moe_top_k"), Key("router_aux_loss_coef", "moe_aux_loss_coeff", default=0.0005),
+     Fixed("moe_score", "sigmoid"), Fixed("moe_aux_loss_probs", "softmax")),
+    {**QWEN_EXPERTS, **shared_mlp("shared_expert"),
+     "model.layers.{i}.self_attn.softmax_offset": "layers.{i}.attention.sinks.weight"},
+)
+
+FAMILIES = (MELLUM, FLINT)
