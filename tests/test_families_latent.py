@@ -3,7 +3,7 @@ CPU; norms, the latent norms included, and biases drawn away from their inits): 
 `megatron_llm.load_model(hf_dir)`, the Hugging Face round trip through native (bit exact, config kept, transformers
 loads it with the same logits), and the Megatron round trip at tp 2 x pp 2 or its refusal by name, through
 tests/test_families.py's checks. Also the config classes' fills, and the published spellings and layouts of Sarvam-MLA
-and A.X-K1 (whose models tests/test_families_moe.py runs).
+and A.X-K1 (whose models tests/test_families_moe.py runs), and LongCat-Flash's refusal.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import megatron_llm
 from megatron_llm.checkpoint.convert import convert
 from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.errors import UsageError
 from tests.test_families import (SMALL, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
                                   assert_megatron_round_trip_or_refusal, tokens)
 from tests.test_families_moe import CASES as MOE_CASES
@@ -130,3 +131,11 @@ def test_axk1_reads_the_legacy_dense_layers():
     cfg = model_config_from_hf(published)
     assert [cfg.layer(i).moe for i in range(5)] == [kind == "sparse" for kind in converted["mlp_layer_types"]]
     assert converted["mlp_layer_types"] == ["dense", "dense", "sparse", "dense", "sparse"]
+
+
+def test_longcat_flash_is_refused_by_name():
+    """LongCat-Flash is not read: its config.json is refused with the reason, before any tensor."""
+    config = transformers.AutoConfig.for_model("longcat_flash", num_layers=2, hidden_size=64).to_dict()
+    with pytest.raises(UsageError, match=r"^model_type 'longcat_flash' is not supported: LongCat-Flash's block holds two "
+                                         r"attention and two MLP sublayers .*zero-computation"):
+        model_config_from_hf(config)

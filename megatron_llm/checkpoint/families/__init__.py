@@ -13,7 +13,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES, *fused
                                                 *hybrid.FAMILIES)}
 
 
+# model_types transformers builds whose models the menu cannot express, each with the reason a user is told.
+NOT_READ = {
+    "longcat_flash": "LongCat-Flash's block holds two attention and two MLP sublayers with a mixture of experts on a "
+                     "shortcut beside them (fed the first MLP's input, added after the second), zero-computation "
+                     "(identity) experts among the routed ones, and latent attention that scales the queries and the "
+                     "key latent by sqrt(hidden_size / rank); the model menu has none of these",
+}
+
+
 def family(model_type: str) -> Family:
+    if model_type in NOT_READ:
+        raise UsageError(f"model_type {model_type!r} is not supported: {NOT_READ[model_type]}")
     if model_type not in FAMILIES:
         raise UsageError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
