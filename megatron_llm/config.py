@@ -52,9 +52,11 @@ class ParallelConfig:
         tp, stages = self.tp, self.num_stages
         if self.virtual_stages <= 0 or self.timeout_s <= 0:
             raise UsageError("parallel.virtual_stages and parallel.timeout_s must be positive")
-        for key in ("num_heads", "num_kv_heads", "ffn_hidden_size"):
+        heads = ("num_heads", "num_kv_heads", "linear_num_key_heads", "linear_num_value_heads")
+        for key in (*heads, "ffn_hidden_size"):
             if getattr(model, key) % tp:
-                # Key/value heads are split, never replicated: each tp rank owns whole GQA groups.
+                # Key/value heads are split, never replicated: each tp rank owns whole GQA groups (and a linear
+                # layer's key heads with the value heads they serve).
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")
         for key in ("moe_ffn_hidden_size", "moe_shared_ffn_hidden_size") if model.moe_experts else ():
             if getattr(model, key) % tp:  # the experts' inner widths are split over tp

@@ -103,3 +103,11 @@ def test_packed_documents_are_refused_by_name():
 def test_bad_linear_sizes_are_one_line(change, words):
     with pytest.raises(UsageError, match=words):
         dataclasses.replace(HYBRID, **change).validate()
+
+
+def test_heads_not_divisible_by_tp_are_refused(tiny_config):
+    """(tests/test_parallel.py's deepnorm chain trains linear layers at tp2-sp and pp2 against one process.)"""
+    with pytest.raises(UsageError, match=r"model\.linear_num_key_heads \(2\) is not divisible by parallel\.tp \(4\)"):
+        tiny_config(model__num_layers=4, model__num_kv_heads=4, parallel__tp=4, model__linear_num_key_heads=2,
+                    model__layer_types="[linear, full, linear, full]", model__linear_num_value_heads=4,
+                    model__linear_key_head_dim=16, model__linear_value_head_dim=8)

@@ -102,6 +102,12 @@ UNTIED_CHAIN = [
 # the chain's params sat at 1.94e-5 against the 2e-5 tolerance. At eps 1e-6 those two one-process runs differ
 # by 6.6e-7 and the chain's worst is 2.5e-6 (a real error still shows: the tp x FSDP gradient-norm bug, now
 # fixed, moved the validation loss by 1.2-1.3e-4 relative at either eps).
+# Qwen3-Next's Gated DeltaNet in the deepnorm chain's layers 0 and 2 (model/linear_attention.py: its projections, the
+# convolution's channels and the decay parameters split with the heads under tp; 4 chunks of 8 per sequence) and the
+# full layers' output gate.
+LINEAR_LAYERS = dict(model__layer_types="[linear, full, linear, full]", model__linear_num_key_heads=2,
+                     model__linear_num_value_heads=4, model__linear_key_head_dim=16, model__linear_value_head_dim=8,
+                     model__linear_chunk_size=8, model__attention_output_gate=True)
 PLACEMENTS = {
     "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
                     model__position="learned", model__embedding_norm=True, model__mlp="xielu", optimizer__eps=1e-6), [
@@ -113,7 +119,7 @@ PLACEMENTS = {
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
-                      model__mlp="relu2", model__qk_l2_norm=True), [
+                      model__mlp="relu2", model__qk_l2_norm=True, **LINEAR_LAYERS), [
         ("pp2-dp2-interleaved-1f1b-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
                                                        parallel__data_parallel="ddp")),
         ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),

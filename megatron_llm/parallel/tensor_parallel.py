@@ -66,6 +66,7 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         "attention.sinks": ShardedWithHeads(),  # gpt-oss's per-head sink logits
         "attention.wq_b": ColwiseParallel(),  # mla
         "attention.wkv_b": ColwiseParallel(),  # mla
+        **linear_attention_plan(seq),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         "feed_forward.w3": ColwiseParallel(),
@@ -99,6 +100,20 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         plan["attention.wkv_a"] = SharedRopeKey(block.attention.rope_dim)
     weightless = (ProjectionNorm, GradSummedOverTp)  # placed whether or not the slot has weights
     return {name: style for name, style in plan.items() if _has_params(block, name, isinstance(style, weightless))}
+
+
+def linear_attention_plan(seq) -> dict:
+    """A Gated DeltaNet mixer (model/linear_attention.py), split by heads as attention is: the projections column-
+    parallel (rows of whole key heads, and of the value heads each serves, since both counts divide by tp), the
+    convolution's channel rows and the per-head decay parameters sharded alike, out_proj row-parallel. The recurrence
+    is per value head, so it runs on this rank's heads with no communication; the per-head norm over d_v takes the
+    per-head QK-norm's placement (below)."""
+    plan = {f"attention.{p}_proj": ColwiseParallel() for p in "qkvzba"}
+    rows = ("conv_q", "conv_k", "conv_v", "a_log", "dt_bias")
+    plan.update({f"attention.{name}": ShardedWithHeads() for name in rows})
+    plan["attention.out_proj"] = RowwiseParallel(output_layouts=seq)
+    plan["attention.norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
 
 
 def moe_plan(seq) -> dict:
