@@ -82,6 +82,9 @@ class ModelConfig:
     position: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = param(
         "rope", "positions: rotary, ALiBi biases, learned or sinusoidal absolute embeddings, or none (NoPE)"
     )
+    position_offset: int = param(
+        0, "learned or sinusoidal positions: position p reads row p + this of a table of max_seq_len + this rows "
+        "(fairseq's padding rows: OPT, BioGPT, XGLM 2)")
     rope_theta: float = param(10000.0, "RoPE base frequency")
     rope_scaling: Optional[dict] = param(
         None,
@@ -320,6 +323,9 @@ class ModelConfig:
     def _validate_positions(self) -> None:
         if not 0 < self.rope_fraction <= 1:
             raise UsageError(f"model.rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        if self.position_offset < 0 or (self.position_offset and self.position not in ("learned", "sinusoidal")):
+            raise UsageError(f"model.position_offset ({self.position_offset}) shifts the rows of an absolute position "
+                             "table: it must not be negative, and needs model.position learned or sinusoidal")
         if self.position != "rope":
             return
         if self.rope_dim == 0:

@@ -98,9 +98,14 @@ CASES = {
     "gpt2": (dict(n_inner=96), False),
     "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),
+    "codegen": (dict(n_inner=96, rotary_dim=4, num_attention_heads=8), False),  # q/k/v fused per shard, 2 heads each
     "gpt_neo": (dict(attention_types=[[["global", "local"], 1]], window_size=WINDOW), False),
     "gpt_bigcode": (dict(n_inner=96), False),  # multi-query: c_attn is [q; k; v]
     "gpt_bigcode-mha": (dict(n_inner=96, multi_query=False), False),  # c_attn per head [q_h; k_h; v_h]
+    "opt": (dict(ffn_dim=96, word_embed_proj_dim=64, pad_token_id=1), False),  # pre-norm, a final norm
+    "opt-post": (dict(ffn_dim=96, word_embed_proj_dim=64, do_layer_norm_before=False, enable_bias=False,
+                      layer_norm_elementwise_affine=False, tie_word_embeddings=False), False),  # the 350m's post-norm
+    "biogpt": ({}, False),
     "gpt_neox": (dict(rotary_pct=0.5), False),
     "bloom": ({}, False),
     "mpt": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, attn_config={"clip_qkv": 0.5, "softmax_scale": 0.2}),

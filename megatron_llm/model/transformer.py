@@ -91,7 +91,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = _table(cfg.vocab_size, cfg.hidden_size)
         # Absolute positions, learned or fixed, fill one slot: the tensor-parallel plan shards either alike.
         table = {"learned": _table, "sinusoidal": SinusoidalPositions}.get(cfg.position)
-        self.pos_embeddings = table(cfg.max_seq_len, cfg.hidden_size) if table else None
+        self.pos_embeddings = table(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size) if table else None
         self.embedding_norm = build_norm(cfg) if cfg.embedding_norm else None
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
         # Post-residual blocks end in a norm already; every other topology needs a final one.
@@ -190,7 +190,7 @@ class Transformer(nn.Module):
                 cos_buffer.copy_(cos)
                 getattr(self, _rope_buffer(name, "sin")).copy_(sin)
         if isinstance(self.pos_embeddings, SinusoidalPositions):
-            self.pos_embeddings.table.copy_(sinusoid_table(cfg.max_seq_len, cfg.hidden_size))
+            self.pos_embeddings.table.copy_(sinusoid_table(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size))
 
     def attention_context(self, positions: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
                           cache: Optional[KVCache] = None) -> AttentionContext:
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
             h = h * self.cfg.embedding_multiplier
         if self.pos_embeddings is not None:
             positions = torch.arange(tokens.shape[1], device=tokens.device) if positions is None else positions
-            h = h + self.pos_embeddings(positions).to(h.dtype)
+            h = h + self.pos_embeddings(positions + self.cfg.position_offset).to(h.dtype)
         return h if self.embedding_norm is None else self.embedding_norm(h)
 
     def forward(

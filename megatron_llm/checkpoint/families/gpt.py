@@ -6,6 +6,9 @@ the layouts table.Fused names."""
 from __future__ import annotations
 
 import dataclasses
+import math
+
+import torch
 
 from megatron_llm.checkpoint.families.common import (
     LAYERS,
@@ -22,6 +25,7 @@ from megatron_llm.checkpoint.families.table import (
     Fixed,
     Fused,
     Key,
+    Mapped,
     TensorEntry,
     Transposed,
     When,
@@ -378,4 +382,95 @@ MPT = Family(
     }),
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, OPENAI_GPT, MPT)
+
+
+def fairseq_layer(layer: str) -> dict:
+    """The layer's module names OPT and BioGPT keep from fairseq's transformer decoder."""
+    return {
+        **{f"{layer}.self_attn.{p}_proj": f"layers.{{i}}.attention.w{p}" for p in "qkv"},
+        f"{layer}.self_attn.out_proj": "layers.{i}.attention.wo",
+        f"{layer}.self_attn_layer_norm": "layers.{i}.attention_norm",
+        f"{layer}.fc1": "layers.{i}.feed_forward.w1",
+        f"{layer}.fc2": "layers.{i}.feed_forward.w2",
+        f"{layer}.final_layer_norm": "layers.{i}.ffn_norm",
+    }
+
+
+# fairseq's learned positions: row p + 2 for position p (two rows kept for its padding scheme); a tied head.
+FAIRSEQ_POSITIONS = (Fixed("position", "learned"), Fixed("position_offset", 2))
+FAIRSEQ_SHAPE = (*without(MHA_SHAPE, "ffn_hidden_size", "max_seq_len", "tie_embeddings"),
+                 Key("tie_word_embeddings", "tie_embeddings", default=True))
+
+
+def _read_opt_projection(hf: dict) -> dict:
+    """OPT-350m embeds in word_embed_proj_dim and projects in and out of the hidden size (project_in, project_out)."""
+    if hf.get("word_embed_proj_dim", hf["hidden_size"]) != hf["hidden_size"]:
+        raise UsageError(f"config.json word_embed_proj_dim={hf['word_embed_proj_dim']} is not supported: embeddings "
+                         f"narrower than hidden_size ({hf['hidden_size']}), projected in and out, are not in the menu")
+    return {}
+
+
+# OPT: fairseq's decoder with ReLU, every bias (enable_bias), LayerNorm before each sublayer and at the end
+# (do_layer_norm_before) or after each residual add (the 350m), learned positions offset by 2, a tied head.
+OPT = Family(
+    "opt", "OPTForCausalLM",
+    (*FAIRSEQ_SHAPE, Key("ffn_dim", "ffn_hidden_size"), Key("max_position_embeddings", "max_seq_len", default=2048),
+     activation("activation_function", PLAIN_ACTIVATIONS, default="relu"), LAYERNORM, Fixed("norm_eps", 1e-5),
+     Key("layer_norm_elementwise_affine", "norm_affine", default=True),
+     Key("do_layer_norm_before", "norm_placement", default=True, read=lambda v: "pre" if v else "post",
+         write=lambda placement: placement == "pre"),
+     *(Key("enable_bias", ours, default=True) for ours in ("qkv_bias", "out_bias", "mlp_bias")), *FAIRSEQ_POSITIONS,
+     Derived(_read_opt_projection, lambda cfg: {"word_embed_proj_dim": cfg.hidden_size}),
+     refused("_remove_final_layer_norm", "pre-norm layers without a final norm are not in the menu")),
+    modules({
+        "model.decoder.embed_tokens": "tok_embeddings",
+        "model.decoder.embed_positions": "pos_embeddings",
+        **fairseq_layer("model.decoder.layers.{i}"),
+        "model.decoder.final_layer_norm": "norm",
+        "lm_head": "output",
+    }),
+)
+
+# BioGPT: fairseq's pre-norm decoder with GELU, embeddings scaled by sqrt(hidden) (scale_embedding), learned
+# positions offset by 2. Its LayerNorms are built with torch's default epsilon, whatever layer_norm_eps says.
+BIOGPT = Family(
+    "biogpt", "BioGptForCausalLM",
+    (*FAIRSEQ_SHAPE, Key("intermediate_size", "ffn_hidden_size"),
+     Key("max_position_embeddings", "max_seq_len", default=1024),
+     activation("hidden_act", PLAIN_ACTIVATIONS, default="gelu"), LAYERNORM, Fixed("norm_eps", 1e-5),
+     Derived(lambda hf: dict(embedding_multiplier=math.sqrt(hf["hidden_size"]) if hf.get("scale_embedding", True) else 1.0),
+             lambda cfg: {"scale_embedding": cfg.embedding_multiplier != 1.0}),
+     *ALL_BIASES, *FAIRSEQ_POSITIONS),
+    modules({
+        "biogpt.embed_tokens": "tok_embeddings",
+        "biogpt.embed_positions": "pos_embeddings",
+        **fairseq_layer("biogpt.layers.{i}"),
+        "biogpt.layer_norm": "norm",
+        "output_projection": "output",
+    }),
+)
+
+
+CODEGEN_SHARDS = 4  # CodeGen was trained on 4 model-parallel shards; transformers fixes mp_num = 4 whatever the size
+
+
+def _codegen_qkv(parts: list[torch.Tensor]) -> torch.Tensor:
+    """wq, wk, wv [hidden, in] each -> qkv_proj [3 hidden, in]: per shard m its rows of q, then v, then k."""
+    q, k, v = (p.view(CODEGEN_SHARDS, -1, p.shape[-1]) for p in parts)  # [4, hidden / 4, in]
+    return torch.cat((q, v, k), dim=1).reshape(-1, parts[0].shape[-1])
+
+
+def _codegen_split(fused: torch.Tensor) -> list[torch.Tensor]:
+    q, v, k = fused.view(CODEGEN_SHARDS, 3, -1, fused.shape[-1]).unbind(1)  # [4, hidden / 4, in] each
+    return [t.reshape(-1, fused.shape[-1]) for t in (q, k, v)]
+
+
+# CodeGen: GPT-J (its config, parallel block, interleaved partial RoPE, MLP and head biases) with q/k/v in one
+# qkv_proj laid out by model-parallel shard: [q_m; v_m; k_m] for each of the 4 shards m.
+CODEGEN = Family(
+    "codegen", "CodeGenForCausalLM", GPTJ.config,
+    {**{k: v for k, v in GPTJ.tensors.items() if not any(f".{p}_proj." in k for p in "qkv")},
+     "transformer.h.{i}.attn.qkv_proj.weight": Mapped(tuple(f"{w}.weight" for w in QKV), _codegen_qkv, _codegen_split)},
+)
+
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, OPENAI_GPT, MPT, OPT, BIOGPT, CODEGEN)
