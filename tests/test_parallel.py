@@ -92,7 +92,7 @@ UNTIED_CHAIN = [
 # The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
 # with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
 # learned positions, an embedding norm and xIELU's learned scalars (Apertus), at tp x FSDP; the original transformer's post-norm with sinusoidal
-# positions and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
+# positions (read 2 rows on, as XGLM's and OPT's tables) and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
 # residual and init with LayerNorm biases and squared ReLU, and Llama 4's weightless norm of each rotated q and k
 # head, through tp2-sp too (the norm moves the one-process losses by 3.8e-4 and 1.2e-3 relative at that link's steps).
 # The output-norm model's wq/wk take many gradient elements of ~1e-9, AdamW's eps: there its update
@@ -114,7 +114,7 @@ PLACEMENTS = {
         ("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="fsdp")),
         ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
     ]),
-    "post": (dict(model__norm_placement="post", model__position="sinusoidal", model__norm="layernorm",
+    "post": (dict(model__norm_placement="post", model__position="sinusoidal", model__position_offset=2, model__norm="layernorm",
                   model__norm_affine=False, model__qk_norm=True, model__qk_norm_per_head=False, model__mlp="gelu"), [
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
