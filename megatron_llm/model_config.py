@@ -175,6 +175,9 @@ class ModelConfig:
     moe_router_bias: bool = param(False, "a bias on the router's logits, choice and weights alike (gpt-oss)")
     moe_ffn_bias: bool = param(False, "biases on the routed experts' projections, [E, ...] each (gpt-oss)")
     moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
+    moe_expert_bias_on: Literal["scores", "logits"] = param(
+        "scores", "what the expert bias is added to for the choice: the scores (DeepSeek-V3) or the router's logits "
+        "(Kolibri-1: top-k of logits + bias; the weights stay the chosen experts' scores)")
     moe_bias_update_rate: float = param(1e-3, "step of the expert bias towards balance after each optimizer step")
     moe_shared_ffn_hidden_size: int = param(0, "inner width of the shared experts every token passes through; 0: none")
     moe_weight_input: bool = param(
@@ -434,6 +437,8 @@ class ModelConfig:
         if self.moe_capacity_sequence_shards > 1 and self.moe_capacity_factor is None:
             raise UsageError("model.moe_capacity_sequence_shards splits token dropping: set model.moe_capacity_factor or "
                              "leave it 1 (dropless)")
+        if self.moe_expert_bias_on != "scores" and not self.moe_expert_bias:
+            raise UsageError("model.moe_expert_bias_on says where the expert bias goes: set model.moe_expert_bias")
         if self.moe_aux_loss_global and self.moe_aux_loss_scope == "sequence":
             raise UsageError("model.moe_aux_loss_global balances over the global micro-batch, model.moe_aux_loss_scope "
                              "sequence over each sequence: choose one")

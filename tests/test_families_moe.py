@@ -143,6 +143,10 @@ CASES = {
     # shared expert, every layer sparse here (its default keeps the first two dense)
     "flint": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
                   sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], mlp_only_layers=[]),
+    # Kolibri-1: EXAONE 4's attention (the full layer without positions) in a sandwich block, a sigmoid router whose
+    # expert bias moves the logits, renormalised, beside a shared expert
+    "kolibri1": dict(num_local_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
+                     sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], norm_topk_prob=True),
     # Sarvam-MLA: DeepSeek-V3's model with its defaults (one query projection, no groups, a dense first layer)
     "sarvam_mla": dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
@@ -154,7 +158,7 @@ CASES = {
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
                "hunyuan_v1_moe", "cohere2_moe", "sarvam_mla", "axk1",
-               "solar_open", "hy_v3"}
+               "solar_open", "hy_v3", "kolibri1"}
 
 
 def model_type_of(case: str) -> str:
@@ -341,6 +345,7 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "hy_v3-bias": r"add_bias_linear also gives every expert biases",
                    "mellum": r"model\.rope_local_theta",  # Megatron-LM has one RoPE base
                    "flint": r"model\.nope_layers",
+                   "kolibri1": r"model\.norm_placement",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
                    "granitemoe_swa": r"model\.nope_layers",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer

@@ -29,10 +29,13 @@ LLAMA_SHAPE_128 = (*shape_defaulting(128, 8), *(e for e in without(LLAMA_CONFIG,
                                                                     "mlp_bias") if e is not ROPE and e not in SHAPE))
 
 
-def _read_solar_open_widths(hf: dict) -> dict:
-    """Every Solar Open layer is sparse; its config class has no intermediate_size (the dense width we still hold:
-    config.json's where a saved one carries it, else the experts')."""
+def _read_every_layer_sparse(hf: dict) -> dict:
+    """Every layer sparse, and a config class without intermediate_size (Solar Open, Kolibri-1): the dense width we
+    still hold is config.json's where a saved one carries it, else the experts'."""
     return dict(ffn_hidden_size=hf.get("intermediate_size") or hf["moe_intermediate_size"], moe_dense_layers=[])
+
+
+EVERY_LAYER_SPARSE = Derived(_read_every_layer_sparse, lambda cfg: {"intermediate_size": cfg.ffn_hidden_size})
 
 
 # Solar Open: Llama's attention (q/k/v biases under attention_bias, none on the output; every dim rotated, as its
@@ -41,7 +44,7 @@ def _read_solar_open_widths(hf: dict) -> dict:
 SOLAR_OPEN = Family(
     "solar_open", "SolarOpenForCausalLM",
     (*(e for e in LLAMA_SHAPE_128 if getattr(e, "ours", None) != "ffn_hidden_size"),
-     Derived(_read_solar_open_widths, lambda cfg: {"intermediate_size": cfg.ffn_hidden_size}),
+     EVERY_LAYER_SPARSE,
      theta(1_000_000.0), Fixed("rope_fraction", 1.0), Key("rms_norm_eps", "norm_eps", default=1e-5),
      Key("attention_bias", "qkv_bias", default=False), Fixed("out_bias", False), Fixed("mlp_bias", False),
      *sigmoid_routing()),

@@ -1,12 +1,23 @@
 """Mixture-of-experts families whose layers slide or attend fully by type, each type with a RoPE block of its own
-(rope_parameters keyed by layer type, Gemma3's form: Mellum) or rotate in the sliding layers only (Flint). The expert
-tables are moe.py's. Every config value a
+(rope_parameters keyed by layer type, Gemma3's form: Mellum) or rotate in the sliding layers only (Flint, Kolibri-1).
+The expert tables are moe.py's. Every config value a
 table cannot reproduce is refused by name on read."""
 
-from megatron_llm.checkpoint.families.common import LAYERS, ROPE, layers_defaulting, write_every_layer_type
+from typing import Callable
+
+from megatron_llm.checkpoint.families.common import (
+    LAYERS,
+    LLAMA_TENSORS,
+    ROPE,
+    SHAPE,
+    layers_defaulting,
+    without_mlp,
+    write_every_layer_type,
+)
 from megatron_llm.checkpoint.families.deepseek import mlp_layer_types
 from megatron_llm.checkpoint.families.llama import QWEN3
-from megatron_llm.checkpoint.families.moe import QWEN_EXPERTS, ROUTING, expert_count, shared_mlp
+from megatron_llm.checkpoint.families.moe import EXPERT_BIAS, EXPERTS_REQUIRED, QWEN_EXPERTS, ROUTING, experts, expert_count, shared_mlp
+from megatron_llm.checkpoint.families.sigmoid_moe import EVERY_LAYER_SPARSE
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
 from megatron_llm.errors import UsageError
 
@@ -42,16 +53,21 @@ MELLUM = Family(
 
 
 
-def _read_flint_layers(hf: dict) -> dict:
-    """FlintConfig's fills (window 513; full layers 0, 1, every fourth from 1 and the last), the full layers without
-    positions: its attention rotates only where a window is set."""
-    n = hf["num_hidden_layers"]
-    window = hf["sliding_window"] if "sliding_window" in hf else 513
-    types = hf.get("layer_types") or ["full_attention" if i < 2 or i % 4 == 1 or i == n - 1 else "sliding_attention"
-                                      for i in range(n)]
-    rotating = {i for i, kind in enumerate(types) if kind == "sliding_attention" and window}
-    return {**LAYERS.read({**hf, "sliding_window": window, "layer_types": types}),
-            "nope_layers": [i for i in range(n) if i not in rotating]}
+def full_layers_nope(window: int, is_full: Callable[[int], bool], rotate_without_window: bool) -> Derived:
+    """Sliding and full layers, the full ones without positions: the config class's window and pattern (layer i full
+    where is_full(i, n)) where config.json leaves them out; without a window every layer rotates or none does (the
+    attention rotates where a window is set, or also where none is: `rotate_without_window`)."""
+
+    def read(hf: dict) -> dict:
+        n = hf["num_hidden_layers"]
+        size = hf["sliding_window"] if "sliding_window" in hf else window
+        types = hf.get("layer_types") or ["full_attention" if is_full(i, n) else "sliding_attention" for i in range(n)]
+        rotating = {i for i, kind in enumerate(types) if (kind == "sliding_attention" and size) or
+                    (rotate_without_window and not size)}
+        return {**LAYERS.read({**hf, "sliding_window": size, "layer_types": types}),
+                "nope_layers": [i for i in range(n) if i not in rotating]}
+
+    return Derived(read, write_every_layer_type)
 
 
 # Flint: Qwen3-MoE's attention with a sink per head (stored as softmax_offset) in every layer, RoPE in the sliding
@@ -59,7 +75,8 @@ def _read_flint_layers(hf: dict) -> dict:
 # two layers dense by default. transformers' balance loss takes the softmax of the router's logits.
 FLINT = Family(
     "flint", "FlintForCausalLM",
-    (*(e for e in QWEN3.config if e is not LAYERS), Derived(_read_flint_layers, write_every_layer_type),
+    (*(e for e in QWEN3.config if e is not LAYERS),
+     full_layers_nope(513, lambda i, n: i < 2 or i % 4 == 1 or i == n - 1, rotate_without_window=False),
      Fixed("attention_sinks", True), expert_count("num_experts", "num_local_experts"),
      Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("decoder_sparse_step", "moe_layer_freq", default=1),
      Key("norm_topk_prob", "moe_renormalize", default=True), Key("mlp_only_layers", "moe_dense_layers", default=[0, 1]),
@@ -70,4 +87,24 @@ FLINT = Family(
      "model.layers.{i}.self_attn.softmax_offset": "layers.{i}.attention.sinks.weight"},
 )
 
-FAMILIES = (MELLUM, FLINT)
+# Kolibri-1: EXAONE 4's attention (per-head QK-norm; full layers without positions where a window is set; no biases)
+# in GLM-4's sandwich block (norms after each sublayer too), every layer sparse: a sigmoid router whose expert bias
+# moves the logits for the choice, renormalised only where norm_topk_prob says, beside shared experts.
+KOLIBRI1 = Family(
+    "kolibri1", "Kolibri1ForCausalLM",
+    (*(e for e in SHAPE if getattr(e, "ours", None) != "ffn_hidden_size"), EVERY_LAYER_SPARSE,
+     *(e for e in QWEN3.config if e not in SHAPE and e is not LAYERS and getattr(e, "ours", None) not in
+       ("qkv_bias", "out_bias")), Fixed("qkv_bias", False), Fixed("out_bias", False),
+     Fixed("norm_placement", "sandwich"), full_layers_nope(513, lambda i, n: (i + 1) % 5 == 0, rotate_without_window=True),
+     EXPERTS_REQUIRED, expert_count("num_local_experts", "num_experts"), Key("num_experts_per_tok", "moe_top_k"),
+     Key("moe_intermediate_size", "moe_ffn_hidden_size"),
+     Key("shared_expert_intermediate_size", "moe_shared_ffn_hidden_size", default=512),
+     Key("norm_topk_prob", "moe_renormalize", default=False), Fixed("moe_score", "sigmoid"),
+     Fixed("moe_expert_bias", True), Fixed("moe_expert_bias_on", "logits"), Fixed("moe_aux_loss_coeff", 0.0)),
+    {**without_mlp(LLAMA_TENSORS), **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"),
+     **shared_mlp("shared_experts"), "model.layers.{i}.moe.router.expert_bias": EXPERT_BIAS,
+     "model.layers.{i}.post_attn_norm.weight": "layers.{i}.attention_post_norm.weight",
+     "model.layers.{i}.post_ffn_norm.weight": "layers.{i}.ffn_post_norm.weight"},
+)
+
+FAMILIES = (MELLUM, FLINT, KOLIBRI1)
