@@ -85,6 +85,9 @@ class ModelConfig:
     position_offset: int = param(
         0, "learned or sinusoidal positions: position p reads row p + this of a table of max_seq_len + this rows "
         "(fairseq's padding rows: OPT, BioGPT, XGLM 2)")
+    sinusoid: Literal["vaswani", "tensor2tensor"] = param(
+        "vaswani", "sinusoidal positions: vaswani: sin and cos interleaved at 10000^(-2j/d); tensor2tensor: the sines "
+        "then the cosines at 10000^(-j/(d/2 - 1)) (fairseq's, XGLM)")
     rope_theta: float = param(10000.0, "RoPE base frequency")
     rope_scaling: Optional[dict] = param(
         None,

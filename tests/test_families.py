@@ -106,6 +106,7 @@ CASES = {
     "opt-post": (dict(ffn_dim=96, word_embed_proj_dim=64, do_layer_norm_before=False, enable_bias=False,
                       layer_norm_elementwise_affine=False, tie_word_embeddings=False), False),  # the 350m's post-norm
     "biogpt": ({}, False),
+    "xglm": (dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=96, max_position_embeddings=64), False),
     "gpt_neox": (dict(rotary_pct=0.5), False),
     "bloom": ({}, False),
     "mpt": (dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, attn_config={"clip_qkv": 0.5, "softmax_scale": 0.2}),
@@ -273,7 +274,8 @@ def test_megatron_refusal_names_the_field(hf_dir, tmp_path):
 # (model_type, a config key the menu cannot express when true): refused on read, by name, in one line.
 UNEXPRESSIBLE = [("gpt2", "scale_attn_by_inverse_layer_idx"), ("gpt2", "add_cross_attention"),
                  ("bloom", "apply_residual_connection_post_layernorm"), ("falcon", "alibi"),
-                 ("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm")]
+                 ("stablelm", "qk_layernorm"), ("cohere", "use_qk_norm"), ("opt", "_remove_final_layer_norm"),
+                 ("xglm", "add_cross_attention")]
 
 
 @pytest.mark.parametrize("model_type, key", UNEXPRESSIBLE)
@@ -327,5 +329,13 @@ def test_cohere_compass_needs_a_rope_block_per_layer_type():
     """transformers looks up each layer type's block (KeyError without one): refused on read, by name."""
     config = transformers.AutoConfig.for_model("cohere_compass_text", **SMALL).to_dict()  # rope_parameters {}
     with pytest.raises(UsageError, match=r"^config.json rope_parameters has no block for the layer types \['full_attention'\]"):
+        model_config_from_hf(config)
+
+
+def test_opt_350m_projections_are_refused():
+    """OPT-350m embeds in 512 dims and projects in and out of its 1024 (project_in, project_out): refused by name."""
+    config = transformers.AutoConfig.for_model("opt", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               ffn_dim=96, word_embed_proj_dim=32).to_dict()
+    with pytest.raises(UsageError, match=r"^config.json word_embed_proj_dim=32 is not supported: embeddings narrower"):
         model_config_from_hf(config)
 

@@ -190,7 +190,8 @@ class Transformer(nn.Module):
                 cos_buffer.copy_(cos)
                 getattr(self, _rope_buffer(name, "sin")).copy_(sin)
         if isinstance(self.pos_embeddings, SinusoidalPositions):
-            self.pos_embeddings.table.copy_(sinusoid_table(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size))
+            self.pos_embeddings.table.copy_(sinusoid_table(cfg.max_seq_len + cfg.position_offset, cfg.hidden_size,
+                                                           cfg.sinusoid))
 
     def attention_context(self, positions: Optional[torch.Tensor] = None, keys: KeyMask = NO_MASK,
                           cache: Optional[KVCache] = None) -> AttentionContext:
@@ -287,11 +288,17 @@ class SinusoidalPositions(nn.Module):
         return F.embedding(positions, self.table)  # [..., dim]; a lookup DTensor shards like the learned one
 
 
-def sinusoid_table(max_seq_len: int, dim: int) -> torch.Tensor:
-    """Vaswani et al.'s absolute positions [max_seq_len, dim]: sin on even, cos on odd dimensions."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+def sinusoid_table(max_seq_len: int, dim: int, kind: str = "vaswani") -> torch.Tensor:
+    """Absolute positions [max_seq_len, dim]: Vaswani et al.'s, sin on even and cos on odd dimensions, or
+    tensor2tensor's (fairseq, XGLM), the sines of all frequencies then their cosines, the lowest 10000^-1 exactly."""
+    if kind == "vaswani":
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    else:  # as fairseq computes it, so that the table is the same to the last bit
+        inv_freq = torch.exp(torch.arange(dim // 2).float() * -(math.log(10000) / (dim // 2 - 1)))
     angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # [s, dim/2]
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    if kind == "vaswani":
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

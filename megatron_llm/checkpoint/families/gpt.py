@@ -385,7 +385,7 @@ MPT = Family(
 
 
 def fairseq_layer(layer: str) -> dict:
-    """The layer's module names OPT and BioGPT keep from fairseq's transformer decoder."""
+    """The layer's module names OPT, BioGPT and XGLM keep from fairseq's transformer decoder."""
     return {
         **{f"{layer}.self_attn.{p}_proj": f"layers.{{i}}.attention.w{p}" for p in "qkv"},
         f"{layer}.self_attn.out_proj": "layers.{i}.attention.wo",
@@ -400,6 +400,13 @@ def fairseq_layer(layer: str) -> dict:
 FAIRSEQ_POSITIONS = (Fixed("position", "learned"), Fixed("position_offset", 2))
 FAIRSEQ_SHAPE = (*without(MHA_SHAPE, "ffn_hidden_size", "max_seq_len", "tie_embeddings"),
                  Key("tie_word_embeddings", "tie_embeddings", default=True))
+
+
+def scale_embedding(hidden_key: str) -> Derived:
+    """fairseq's scale_embedding: the token embeddings times sqrt(hidden size) (true by default), else 1; another
+    multiplier reads back otherwise and is refused."""
+    return Derived(lambda hf: dict(embedding_multiplier=math.sqrt(hf[hidden_key]) if hf.get("scale_embedding", True) else 1.0),
+                   lambda cfg: {"scale_embedding": cfg.embedding_multiplier != 1.0})
 
 
 def _read_opt_projection(hf: dict) -> dict:
@@ -438,9 +445,7 @@ BIOGPT = Family(
     (*FAIRSEQ_SHAPE, Key("intermediate_size", "ffn_hidden_size"),
      Key("max_position_embeddings", "max_seq_len", default=1024),
      activation("hidden_act", PLAIN_ACTIVATIONS, default="gelu"), LAYERNORM, Fixed("norm_eps", 1e-5),
-     Derived(lambda hf: dict(embedding_multiplier=math.sqrt(hf["hidden_size"]) if hf.get("scale_embedding", True) else 1.0),
-             lambda cfg: {"scale_embedding": cfg.embedding_multiplier != 1.0}),
-     *ALL_BIASES, *FAIRSEQ_POSITIONS),
+     scale_embedding("hidden_size"), *ALL_BIASES, *FAIRSEQ_POSITIONS),
     modules({
         "biogpt.embed_tokens": "tok_embeddings",
         "biogpt.embed_positions": "pos_embeddings",
@@ -450,6 +455,24 @@ BIOGPT = Family(
     }),
 )
 
+
+# XGLM: fairseq's pre-norm decoder with GELU, every bias, embeddings scaled by sqrt(d_model), tensor2tensor's sinusoids
+# read 2 rows on; LayerNorms at torch's default epsilon.
+XGLM = Family(
+    "xglm", "XGLMForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("d_model", "hidden_size"), Key("num_layers", "num_layers"),
+     Key("attention_heads", "num_heads"), Key("ffn_dim", "ffn_hidden_size"),
+     Key("max_position_embeddings", "max_seq_len", default=2048), Key("tie_word_embeddings", "tie_embeddings", default=True),
+     activation("activation_function", PLAIN_ACTIVATIONS, default="gelu"), LAYERNORM, Fixed("norm_eps", 1e-5),
+     scale_embedding("d_model"), *ALL_BIASES, Fixed("position", "sinusoidal"), Fixed("position_offset", 2),
+     Fixed("sinusoid", "tensor2tensor"), refused("add_cross_attention", "cross-attention to an encoder is not in the menu")),
+    modules({
+        "model.embed_tokens": "tok_embeddings",
+        **fairseq_layer("model.layers.{i}"),
+        "model.layer_norm": "norm",
+        "lm_head": "output",
+    }),
+)
 
 CODEGEN_SHARDS = 4  # CodeGen was trained on 4 model-parallel shards; transformers fixes mp_num = 4 whatever the size
 
@@ -473,4 +496,4 @@ CODEGEN = Family(
      "transformer.h.{i}.attn.qkv_proj.weight": Mapped(tuple(f"{w}.weight" for w in QKV), _codegen_qkv, _codegen_split)},
 )
 
-FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, OPENAI_GPT, MPT, OPT, BIOGPT, CODEGEN)
+FAMILIES = (GPT2, GPTJ, GPT_NEOX, BLOOM, FALCON, GPT_BIGCODE, GPT_NEO, OPENAI_GPT, MPT, OPT, BIOGPT, XGLM, CODEGEN)
