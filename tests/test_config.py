@@ -44,6 +44,7 @@ def test_blend_override_parses_yaml():
         (["--data.split", "1,2"], "data.split"),
         (["--model.qk_norm_after_rope", "true"], "model.qk_norm_after_rope moves the per-head norm: set model.qk_norm"),
         (["--model.mlp", "xielu", "--model.moe_experts", "4"], "model.mlp xielu learns scalars per MLP"),
+        (["--model.moe_post_norm", "true", "--model.norm_placement", "sandwich"], "model.moe_post_norm adds a norm after"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):
