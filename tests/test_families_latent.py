@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import megatron_llm
 from megatron_llm.checkpoint.convert import convert
-from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
 from megatron_llm.errors import UsageError
 from tests.test_families import (SMALL, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
                                   assert_megatron_round_trip_or_refusal, tokens)
@@ -82,6 +82,9 @@ def test_config_class_fills_are_read():
         12.0, 1.4 / math.sqrt(layers), 256 / hidden, hidden // SMALL["num_attention_heads"])
     nulls = model_config_from_hf({**minicpm3, "scale_depth": None, "dim_model_base": None})
     assert (nulls.residual_multiplier, nulls.logit_multiplier) == (1.0, 1.0)
+    # 6 layers: 1.4 / sqrt(6) * sqrt(6) is 1.4000000000000001, which reads back the same; written as published
+    six = model_config_from_hf({**minicpm3, "num_hidden_layers": 6})
+    assert hf_config_from_model_config(six, "minicpm3")["scale_depth"] == 1.4
 
 
 def test_sarvam_mla_reads_its_published_spellings():
