@@ -147,6 +147,9 @@ CASES = {
     # expert bias moves the logits, renormalised, beside a shared expert
     "kolibri1": dict(num_local_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
                      sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], norm_topk_prob=True),
+    # Aria's language model: the softmax of the top-k logits over experts stored [in, out], two shared experts
+    "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2, intermediate_size=32, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2),
     # Sarvam-MLA: DeepSeek-V3's model with its defaults (one query projection, no groups, a dense first layer)
     "sarvam_mla": dict(n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, kv_lora_rank=16,
                        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4),
@@ -158,7 +161,7 @@ CASES = {
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
                "hunyuan_v1_moe", "cohere2_moe", "sarvam_mla", "axk1",
-               "solar_open", "hy_v3", "kolibri1"}
+               "solar_open", "hy_v3", "kolibri1", "aria_text"}
 
 
 def model_type_of(case: str) -> str:
@@ -313,10 +316,10 @@ def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
 
 
 def down_proj_grad(experts: torch.nn.Module) -> torch.Tensor:
-    """The gradient of transformers' down projections as our w2's [E, hidden, ffn]: down_proj's, or DBRX's w2
-    [E ffn, hidden] (h @ w2[e]) reshaped and transposed per expert."""
+    """The gradient of transformers' down projections as our w2's [E, hidden, ffn]: down_proj's (transposed where the
+    experts hold [E, in, out]: Aria), or DBRX's w2 [E ffn, hidden] (h @ w2[e]) reshaped and transposed per expert."""
     if hasattr(experts, "down_proj"):
-        return experts.down_proj.grad
+        return experts.down_proj.grad.transpose(1, 2) if getattr(experts, "is_transposed", False) else experts.down_proj.grad
     return experts.mlp.w2.grad.view(experts.num_experts, -1, experts.hidden_size).transpose(1, 2)
 
 

@@ -320,6 +320,40 @@ GRANITE_MOE_SWA = Family(
 )
 
 
+def _aria_fc1(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts, dim=1).transpose(1, 2).contiguous()  # w1, w3 [E, ffn, hidden] -> [E, hidden, 2 ffn]
+
+
+def _aria_w1_w3(fc1: torch.Tensor) -> list[torch.Tensor]:
+    return [t.transpose(1, 2).contiguous() for t in fc1.chunk(2, dim=2)]
+
+
+def _aria_fc2(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0].transpose(1, 2).contiguous()  # w2 [E, hidden, ffn] -> [E, ffn, hidden]
+
+
+def _aria_w2(fc2: torch.Tensor) -> list[torch.Tensor]:
+    return [fc2.transpose(1, 2).contiguous()]
+
+
+# Aria's language model (aria_text): Llama's attention, every layer sparse: the softmax of the top-k logits (our
+# renormalised softmax) over SiLU-gated experts intermediate_size wide, stored [in, out] per expert (fc1: gate then up
+# on the last dim; fc2), beside shared experts moe_num_shared_experts times as wide. transformers computes no aux loss.
+ARIA_TEXT = Family(
+    "aria_text", "AriaTextForCausalLM",
+    (*(e for e in LLAMA_CONFIG if getattr(e, "ours", None) != "mlp"), activation("hidden_act", {"silu": "swiglu"}, "silu"),
+     EXPERTS_REQUIRED, Key("moe_num_experts", "moe_experts", default=8), Key("moe_topk", "moe_top_k", default=2),
+     Fixed("moe_score", "softmax"), Fixed("moe_renormalize", True), Fixed("moe_aux_loss_coeff", 0.0),
+     Derived(lambda hf: dict(moe_ffn_hidden_size=hf["intermediate_size"], moe_shared_ffn_hidden_size=hf["intermediate_size"]
+                             * get_family_value(hf, "moe_num_shared_experts", default=2)),
+             lambda cfg: {"moe_num_shared_experts": cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size})),
+    {**without_mlp(LLAMA_TENSORS), **shared_mlp("shared_experts"),
+     "model.layers.{i}.mlp.router.weight": "layers.{i}.feed_forward.router.weight",
+     "model.layers.{i}.mlp.experts.fc1.weight": Mapped(GRANITE_EXPERTS, _aria_fc1, _aria_w1_w3),
+     "model.layers.{i}.mlp.experts.fc2.weight": Mapped(("layers.{i}.feed_forward.experts.w2",), _aria_fc2, _aria_w2)},
+)
+
+
 def _read_ernie_layers(hf: dict) -> dict:
     """Every moe_layer_interval-th layer sparse between moe_layer_start_index and moe_layer_end_index (-1: the
     last); the layers outside that would be sparse by the interval are our dense layers."""
@@ -374,4 +408,4 @@ ERNIE4_5_MOE = Family(
 )
 
 FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, FLEX_OLMO, MINIMAX_M2, HUNYUAN_MOE, COHERE2_MOE, GRANITE_MOE,
-            GRANITE_MOE_SHARED, GRANITE_MOE_SWA, ERNIE4_5_MOE)
+            GRANITE_MOE_SHARED, GRANITE_MOE_SWA, ERNIE4_5_MOE, ARIA_TEXT)
