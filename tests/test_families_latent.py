@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import megatron_llm
 from megatron_llm.checkpoint.convert import convert
 from megatron_llm.checkpoint.hf import hf_config_from_model_config, model_config_from_hf
+from megatron_llm.checkpoint.megatron_io import safe_load
 from megatron_llm.errors import UsageError
 from tests.test_families import (SMALL, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
                                   assert_megatron_round_trip_or_refusal, tokens)
@@ -65,6 +66,19 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
 @pytest.mark.parametrize("case", CASES)
 def test_megatron_round_trip_or_refusal(hf_dir, tmp_path, case):
     assert_megatron_round_trip_or_refusal(hf_dir(case)[0], tmp_path, CASES[case][1])
+
+
+def test_megatron_core_computes_youtu_from_its_megatron_checkpoint(mcore, hf_dir, tmp_path):
+    """Dense latent attention through Megatron-LM's args: megatron-core's GPTModel with the MLA spec, built from the
+    converted checkpoint's args and strict-loading its weights, gives transformers' logits."""
+    path, hf = hf_dir("youtu")
+    convert(str(path), "hf", str(tmp_path / "mg"), "megatron")
+    shard = safe_load(tmp_path / "mg" / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    model = mcore.gpt_model(shard["args"], 0, 0).eval()
+    model.load_state_dict(shard["model"], strict=True)
+    with torch.no_grad():
+        expected = hf(tokens()).logits
+    torch.testing.assert_close(mcore.logits(model, tokens())[..., :SMALL["vocab_size"]], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_config_class_fills_are_read():
