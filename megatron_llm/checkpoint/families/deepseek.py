@@ -1,8 +1,8 @@
 """Families on DeepSeek's mixture of experts: its router as config keys (V2's softmax; V3's sigmoid with the expert
 bias and group-limited top-k, which GLM-4.5, GLM-4.7-Flash, Sarvam, dots.llm1, EXAONE-MoE and A.X-K1 copied), the
 shared experts and dense first layers, and multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Flash, Sarvam-MLA,
-A.X-K1). The expert pieces
-every MoE table shares come from moe.py. Every config value a table cannot reproduce is refused by name on read."""
+A.X-K1; the dense families on it are latent.py's). The expert pieces every MoE table shares come from moe.py. Every
+config value a table cannot reproduce is refused by name on read."""
 
 from typing import Optional
 
