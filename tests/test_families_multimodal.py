@@ -62,7 +62,9 @@ QWEN_VISION = dict(depth=1, embed_dim=16, num_heads=2, out_hidden_size=32, spati
 MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 QWEN_TOP = {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2}
 GLM_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, spatial_merge_size=1)
-EXPERTS_SPLIT_ON_SAVE = ("glm4v_moe",)  # stacked in memory, one tensor per expert in files (transformers' conversion)
+# experts stacked in memory, one tensor per expert in files (GLM-4.5V), or renamed (Aria's gate_up_proj, fc1 in files):
+# transformers' conversion
+EXPERTS_SPLIT_ON_SAVE = ("glm4v_moe", "aria")
 M_ROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
 # How transformers loads an exported language model: its *ForCausalLM (the default), or for the M-RoPE types, which
 # have no causal-LM class, the text model with the exported head; GLM-4.5V's text model alone reads only stacked
@@ -93,6 +95,8 @@ CASES = {
     "glm4v_moe": (dict(model_type="glm4v_moe_text", moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
                        first_k_dense_replace=1, rope_parameters={**MROPE["rope_parameters"], "partial_rotary_factor": 0.5,
                                                                  "mrope_section": [1, 0, 1]}), GLM_VISION, QWEN_TOP),
+    # Aria: its MoE language model (experts stored [in, out]) beside Idefics3's vision tower and a cross-attention projector
+    "aria": (dict(model_type="aria_text", moe_num_experts=4, moe_topk=2), dict(model_type="idefics3_vision"), {}),
 }
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
                   "model.norm.")  # the stored prefixes of the three layouts' text model
