@@ -73,9 +73,9 @@ class ParallelConfig:
                 "model.moe_aux_loss_scope model takes the routers of every layer in one loss, which parallel.pp "
                 "splits: set model.moe_aux_loss_scope layer (Megatron's per-layer losses) or use pp 1"
             )
-        if model.mtp_layers and self.pp > 1:  # the last stage would need the tokens and an embedding of its own
-            raise UsageError("model.mtp_layers runs with tensor, data and expert parallelism, not yet with parallel.pp: "
-                             "set pp 1 or model.mtp_layers 0")
+        if model.mtp_layers and self.pp > 1 and self.schedule == "zbv":  # first and last stage on one rank
+            raise UsageError("model.mtp_layers keeps a copy of the embedding on the last pipeline stage, which zbv puts "
+                             "on the first stage's rank: use parallel.schedule interleaved_zb (or 1f1b, interleaved_1f1b)")
         if self.sp and seq_len % tp:
             raise UsageError(f"parallel.sp shards the sequence: data.seq_len ({seq_len}) must be divisible by parallel.tp ({tp})")
         if self.stage_layers is not None:

@@ -113,9 +113,10 @@ def test_inference_forward_and_layouts():
     x, _, _ = _batch()
     model(x)
     assert model.mtp.take() == []  # evaluation and generation leave the depths out
-    with pytest.raises(UsageError, match="mtp_layers"):  # refused before any process group
-        ParallelConfig(pp=2).validate(cfg, 16, 2, False)
-    with pytest.raises(UsageError, match="--pp 2"):
+    ParallelConfig(pp=2).validate(cfg, 16, 2, False)  # pipelines hold the depths on the last stage, but not zbv's V
+    with pytest.raises(UsageError, match="mtp_layers .* zbv .* use parallel.schedule interleaved_zb"):
+        ParallelConfig(pp=2, schedule="zbv", virtual_stages=2).validate(cfg, 16, 4, False)
+    with pytest.raises(UsageError, match="--pp 2"):  # the Megatron file layout of that copy is not written
         Layout.of(cfg, 1, 2)
 
 
@@ -219,20 +220,47 @@ def workers():
     pool.close()
 
 
-def test_tensor_and_data_parallel_match_one_process(workers, corpus_dir, tmp_path):
-    """A MoE model whose MTP depth is a MoE block: tp2 with sequence parallelism (each rank embeds its shard of the
-    globally shifted tokens), then FSDP2 over dp 2 with the experts split ep 2 (the MTP block's too) resuming from its
-    checkpoint, continue one process's run: losses, per-channel sums and every parameter to tests/test_parallel.py's
-    tolerances. The vocabulary (257) is padded at tp 2: the depths' logits are masked too."""
-    from test_parallel import check_chain
+def _check_mtp_chain(workers, corpus_dir, tmp_path, model: dict, chain: list) -> None:
+    """tests/test_parallel.py's check_chain, and the logged per-depth MTP losses of every run equal one process's."""
+    from test_parallel import LOSS_RTOL, check_chain
 
+    ref, runs = check_chain(workers, corpus_dir, tmp_path, model, chain)
+    for name, run in runs.items():
+        for step, losses in run.mtp_losses.items():
+            depths = {f"mtp_loss/depth{k + 1}" for k in range(model["model__mtp_layers"])}
+            assert losses.keys() == ref.mtp_losses[step].keys() == depths, (name, step)
+            for key, value in losses.items():
+                assert value == pytest.approx(ref.mtp_losses[step][key], rel=LOSS_RTOL), (name, step, key)
+
+
+def test_parallel_layouts_match_one_process(workers, corpus_dir, tmp_path):
+    """A MoE model whose MTP depth is a MoE block: tp2 with sequence parallelism (each rank embeds its shard of the
+    globally shifted tokens); pp2 1F1B, where the last stage embeds the tokens with its own copy of the embedding,
+    whose gradient is summed with the first stage's; FSDP2 over dp 2 with the experts split ep 2 (the MTP block's
+    too); each resuming from the one before, they continue one process's run: losses, per-channel sums, per-depth MTP
+    losses and every parameter to tests/test_parallel.py's tolerances. The vocabulary (257) is padded at tp 2: the
+    depths' logits are masked too."""
     model = dict(model__mtp_layers=1, model__num_layers=2, training__grad_accum_steps=2, training__eval_interval=0,
                  optimizer__eps=1e-6, model__moe_experts=4, model__moe_top_k=2, model__moe_ffn_hidden_size=64,
                  model__moe_aux_loss_coeff=0.01, model__moe_aux_loss_scope="layer", model__moe_aux_loss_global=True,
                  model__moe_score="sigmoid", model__moe_expert_bias=True, model__moe_bias_update_rate=0.01)
-    check_chain(workers, corpus_dir, tmp_path, model, [("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
-                                                       ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp",
-                                                                                      parallel__ep=2))])
+    _check_mtp_chain(workers, corpus_dir, tmp_path, model, [
+        ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
+        ("pp2-1f1b", 1, 2, 1, {}),
+        ("dp2-ep2-fsdp", 1, 1, 2, dict(parallel__data_parallel="fsdp", parallel__ep=2)),
+    ])
+
+
+def test_tied_pipeline_matches_one_process(workers, corpus_dir, tmp_path):
+    """Tied embeddings, learned positions and an embedding norm: the last stage's head is its embedding copy, and
+    the depths use every embedding parameter, all summed with the first stage's. Interleaved zero-bubble pp2 with
+    the end stages holding no decoder layer (the first only embeds, the last only predicts), with evaluation."""
+    model = dict(model__mtp_layers=2, model__num_layers=2, model__tie_embeddings=True, model__position="learned",
+                 model__embedding_norm=True, training__grad_accum_steps=2, optimizer__eps=1e-6)
+    _check_mtp_chain(workers, corpus_dir, tmp_path, model, [
+        ("pp2-interleaved-zb", 1, 2, 1, dict(parallel__schedule="interleaved_zb", parallel__virtual_stages=2,
+                                             parallel__stage_layers="[0, 1, 1, 0]")),
+    ])
 
 
 def test_flops_count_each_depth_as_a_layer_and_a_head():

@@ -4,7 +4,9 @@ the last pipeline stage, its layers numbered 0..D-1 there. eh_proj is a ColumnPa
 False (megatron-core gathers its output after), so tensor parallelism splits its rows.
 
 megatron-core's last stage also keeps its own copy of the embedding for the MTP when pipelining (GPTModel builds
-`embedding` where mtp_process): we do not write or read that layout yet, so an MTP model is refused at pp > 1.
+`embedding` where mtp_process): we do not write or read that file layout yet, so the converter refuses an MTP model
+at --pp > 1. (Training at parallel.pp > 1 holds the same copy, parallel/pipeline.py, and its native checkpoints are
+layout-free: convert one at --pp 1.)
 """
 
 from __future__ import annotations

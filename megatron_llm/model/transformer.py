@@ -214,11 +214,13 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None, *, positions: Optional[torch.Tensor] = None,
-        keys: KeyMask = NO_MASK, cache: Optional[KVCache] = None,
+        keys: KeyMask = NO_MASK, cache: Optional[KVCache] = None, token_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Training passes tokens (and labels) alone. Inference may pass the tokens' positions [b, s] (left
         padding), per-sequence key masks and a KV cache, which this forward fills and advances; positions
-        default to the cache's continuation, else 0..s-1."""
+        default to the cache's continuation, else 0..s-1. The last pipeline stage of a model with multi-token
+        prediction gets hidden states as `tokens` and the micro-batch's tokens [b, s] as `token_ids`, which the
+        depths embed with that stage's copy of the embedding (parallel/pipeline.py)."""
         end = tokens.shape[1] + getattr(cache, "length", 0)  # what a uniform KV cache already holds
         if self.tok_embeddings is not None and end > self.cfg.max_seq_len:
             raise ValueError(f"an input of {end} positions exceeds the model's context of {self.cfg.max_seq_len} "
@@ -226,7 +228,7 @@ class Transformer(nn.Module):
         if positions is None and cache is not None and cache.length:
             positions = torch.arange(cache.length, cache.length + tokens.shape[1], device=tokens.device)
         # a later pipeline stage gets hidden states [b, s, hidden] already
-        h = tokens if self.tok_embeddings is None else self._embed(tokens, positions)
+        h = tokens if self.tok_embeddings is None or token_ids is not None else self._embed(tokens, positions)
         ctx = self.attention_context(positions, keys, cache)
         for layer in self.layers.values():
             h = layer(h, ctx)
@@ -236,7 +238,7 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         if self.mtp is not None and self.training and cache is None:  # leaves its logits on self.mtp
-            self.mtp(h, tokens, positions, ctx, self._embed, self._head)
+            self.mtp(h, tokens if token_ids is None else token_ids, positions, ctx, self._embed, self._head)
         logits = self._head(h)
         return logits if labels is None else token_cross_entropy(logits, labels)
 

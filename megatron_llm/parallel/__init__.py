@@ -75,7 +75,7 @@ def parallelize(
         return parts[0]
     pp_group = dims.mesh["pp"].get_group()
     stages, schedule, loss = build_schedule(parts, stage_ids, parallel, pp_group, device, micro_batches)
-    group = tie_group(dims.mesh, parallel.schedule) if cfg.tie_embeddings else None
+    group = tie_group(dims.mesh, parallel.schedule) if cfg.tie_embeddings or cfg.mtp_layers else None
     return PipelineModel(parts, stages, schedule, loss, group)
 
 

@@ -19,11 +19,12 @@ def grad_norm(model: nn.Module, dims: ParallelDims) -> torch.Tensor:
     has each shard on (dp * tp) / k of them, so every rank adds its local sum of squares times
     k / (dp * tp) and the sum over all ranks counts each element once: plain and replicated gradients
     (norms without sp, everything under DDP) are identical copies and get weight 1 / (dp * tp).
-    A tied head on the last pipeline stage is a copy of the embedding and is left out.
+    The last pipeline stage's copies of the first stage's weights (a tied head, the MTP stage's embedding) are
+    left out.
     """
     match_param_layouts(model.parameters())
-    skip = getattr(model, "tied_copy", None)
-    grads = [p.grad for p in model.parameters() if p.grad is not None and p is not skip]
+    skip = {id(p) for p in getattr(model, "duplicates", ())}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in skip]
     ranks_per_stage = dims.world_size // dims.pp
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     weights = [_shards(g) / ranks_per_stage for g in grads]

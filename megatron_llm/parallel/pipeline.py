@@ -2,7 +2,9 @@
 
 The model is split by layer count into pp x virtual_stages stages (evenly, or as parallel.stage_layers
 says); the first stage also holds the embedding, the last the final norm and the head, and the loss is
-computed there by the schedule. Each stage is a Transformer with the other modules deleted, so every
+computed there by the schedule. With multi-token prediction the last stage also holds the MTP depths and a
+copy of the embedding, whose inputs are the micro-batch's tokens (megatron-core's MTP block and its embedding
+group); see PipelineModel for how the copies stay equal. Each stage is a Transformer with the other modules deleted, so every
 parameter keeps its full-model name. Which stages a rank runs depends on the schedule: one for GPipe
 and 1F1B; stages r, r + pp, ... for the interleaved ones ("loop"); r and 2pp - 1 - r for ZBV ("v").
 
@@ -94,14 +96,28 @@ def stages_of_rank(pp_rank: int, parallel: ParallelConfig) -> list[int]:
 
 
 def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
-    """A copy of (meta) `model` holding only `layers`, plus the embeddings if first, norm and head if last."""
+    """A copy of (meta) `model` holding only `layers`, plus the embeddings if first, norm and head if last; the
+    last keeps the embeddings too when it holds the MTP depths, which embed the shifted tokens."""
     stage = copy.deepcopy(model)
     for key in list(stage.layers):
         if int(key) not in layers:
             del stage.layers[key]
-    for name in (() if first else Transformer.FIRST_STAGE) + (() if last else Transformer.LAST_STAGE):
+    embeds = first or (last and model.mtp is not None)
+    for name in (() if embeds else Transformer.FIRST_STAGE) + (() if last else Transformer.LAST_STAGE):
         setattr(stage, name, None)
     return stage
+
+
+def embedding_copies(part: Transformer, first: bool) -> list[nn.Parameter]:
+    """The parameters of a first (`first`) or last stage that the other end also holds, in the same order at both
+    ends: with MTP every embedding parameter (the token, position and embedding-norm weights the depths use), else
+    with tied embeddings the embedding at the first and the head at the last."""
+    if part.cfg.mtp_layers:
+        return [p for name in Transformer.FIRST_STAGE if getattr(part, name) is not None
+                for p in getattr(part, name).parameters()]
+    if part.cfg.tie_embeddings:
+        return [part.tok_embeddings.weight if first else part.output.weight]
+    return []
 
 
 class ScheduleLoss:
@@ -132,8 +148,10 @@ class PipelineModel(nn.Module):
     work on it as on the whole model. `run` feeds micro-batches through the schedule.
 
     With tied embeddings the first stage's embedding and the last stage's head are two copies of one
-    weight: they start equal (init is per name) and `run` sums their gradients (Megatron's embedding
-    group), so identical AdamW updates keep them equal.
+    weight; with multi-token prediction the last stage holds a copy of every embedding parameter under the
+    first stage's names (and, tied, its head is that copy's token embedding). Either way the copies start
+    equal (init is per name; a checkpoint holds the one name both load), `run` sums their gradients over the
+    two ends (Megatron's embedding group), and identical AdamW updates keep them equal.
     """
 
     def __init__(self, parts: list[Transformer], stages: list[PipelineStage], schedule, loss: ScheduleLoss, tie_group):
@@ -149,14 +167,28 @@ class PipelineModel(nn.Module):
         self.carries_documents = False  # set by the first micro-batches with document masks (see run)
         self.is_first = any(s.is_first for s in stages)
         self.is_last = any(s.is_last for s in stages)
-        ends = [getattr(self, name, None) for name in ("tok_embeddings", "output")]
-        self.tied = [m.weight for m in ends if m is not None] if self.cfg.tie_embeddings else []
+        # This rank's copies, the first stage's before the last's (both on one rank only under ZBV, MTP-free)
+        ends = [(part, stage.is_first) for part, stage in zip(parts, stages) if stage.is_first or stage.is_last]
+        self.copies = [p for part, first in ends for p in embedding_copies(part, first)]
+        # the last stage's: left out of the gradient norm, which counts each weight once
+        self.duplicates = [p for part, first in ends if not first for p in embedding_copies(part, first)]
+        self.mtp_here = getattr(self, "mtp", None) is not None
 
     @property
     def tied_copy(self) -> Optional[nn.Parameter]:
-        """The head's weight when it is a second copy of the embedding: counted once in the gradient norm,
-        saved and loaded under the embedding's optimizer state."""
-        return self.tied[-1] if self.tied and hasattr(self, "output") else None
+        """The head's weight when it is a second copy of the embedding under its own name (not the MTP stage's
+        embedding copy itself): saved and loaded under the embedding's optimizer state."""
+        head, embedding = getattr(self, "output", None), getattr(self, "tok_embeddings", None)
+        if not self.cfg.tie_embeddings or head is None or (embedding is not None and embedding.weight is head.weight):
+            return None
+        return head.weight
+
+    def train(self, mode: bool = True) -> "PipelineModel":
+        """Also the stage modules' own flags (they are not children of this module): the last stage runs the MTP
+        depths in training only."""
+        for stage in self.stages:
+            stage.submod.train(mode)
+        return super().train(mode)
 
     def run(self, micro_batches: list[dict], loss_fn: LossFn, train: bool) -> Records:
         """Forward (and backward when `train`) over the micro-batches, already on the device; returns the
@@ -177,7 +209,7 @@ class PipelineModel(nn.Module):
             group += [dict(group[-1], loss_mask=torch.zeros_like(group[-1]["loss_mask"]))] * (m - real)
             records += self._run_group(group, loss_fn, train)[:real]
         if train:
-            self._sum_tied_grads()
+            self._sum_copies_grads()
         return records
 
     def _run_group(self, micro_batches: list[dict], loss_fn: LossFn, train: bool) -> Records:
@@ -186,21 +218,24 @@ class PipelineModel(nn.Module):
         args = tuple(torch.cat([mb[k] for mb in micro_batches]) for k in keys) if self.is_first else ()  # [m * b, s]
         # The schedule splits the target along dim 0 into the micro-batches: each gets its index b times.
         target = torch.arange(len(micro_batches)).repeat_interleave(b) if self.is_last else None
+        # The MTP depths embed the tokens on the last stage: the schedule splits keyword inputs into micro-batches
+        # as it does the first stage's and hands them to every stage of this rank (Transformer.forward's token_ids).
+        kwargs = {"token_ids": torch.cat([mb["tokens"] for mb in micro_batches])} if self.mtp_here else {}
         self.loss.micro_batches, self.loss.fn, self.loss.records = micro_batches, loss_fn, {}
         run = self.schedule.step if train else self.schedule.eval
-        run(*args, target=target, return_outputs=False)
+        run(*args, target=target, return_outputs=False, **kwargs)
         records = [self.loss.records[i] for i in sorted(self.loss.records)]
         self.loss.records, self.loss.micro_batches = {}, []
         return records
 
-    def _sum_tied_grads(self) -> None:
-        match_param_layouts(self.tied)  # each rank's own vocabulary rows, as on the other stage
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.tied]
-        if len(grads) == 2:  # both copies on this rank (ZBV); their shards line up (same placements)
+    def _sum_copies_grads(self) -> None:
+        match_param_layouts(self.copies)  # each rank's own vocabulary rows, as on the other stage
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.copies]
+        if self.tie_group is None and grads:  # both ends on this rank (ZBV, tied): their shards line up
             grads[0].add_(grads[1])
             grads[1].copy_(grads[0])
-        elif grads:
-            dist.all_reduce(grads[0], group=self.tie_group)
+        for grad in grads if self.tie_group is not None else ():
+            dist.all_reduce(grad, group=self.tie_group)
 
     def forward(self, *args):
         raise RuntimeError("a pipeline stage runs through PipelineModel.run, not forward()")
@@ -222,12 +257,23 @@ def tie_group(mesh, schedule: str) -> Optional[dist.ProcessGroup]:
     return mine
 
 
+def whole_backward(part: nn.Module) -> Optional[Callable]:
+    """For the MTP stage, a dw_builder whose weight step does nothing, so that the zero-bubble schedules' input step
+    computes the stage's whole backward. torch 2.13 splits a stage's backward by grouping its parameters where
+    their paths meet the input's (pipelining/_backward.py get_param_groups); its merge can leave one parameter in
+    two groups, and the second group's weight step then backpropagates through a graph the first freed ("Trying to
+    backward through the graph a second time"). The MTP stage's embedding copy, depth norms and head meet the
+    hidden states at several places and do this (1 or 2 depths, tied or not); the decoder's stages do not."""
+    return (lambda: lambda: None) if part.mtp is not None else None
+
+
 def build_schedule(
     parts: list[nn.Module], stage_ids: list[int], parallel: ParallelConfig, pp_group, device, micro_batches: int
 ):
     """(this rank's PipelineStages, the configured schedule, its loss) over `parts` (possibly wrapped for
     data parallelism). Gradients are not rescaled: the loss is already divided by the step's tokens."""
-    stages = [PipelineStage(part, i, parallel.num_stages, device, group=pp_group) for part, i in zip(parts, stage_ids)]
+    stages = [PipelineStage(part, i, parallel.num_stages, device, group=pp_group, dw_builder=whole_backward(part))
+              for part, i in zip(parts, stage_ids)]
     loss = ScheduleLoss(micro_batches)
     owner = stages[0] if parallel.schedule in SINGLE_STAGE else stages
     schedule = SCHEDULES[parallel.schedule](owner, n_microbatches=micro_batches, loss_fn=loss, scale_grads=False)

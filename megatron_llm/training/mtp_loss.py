@@ -32,33 +32,41 @@ def mtp_targets(labels: torch.Tensor, loss_mask: torch.Tensor, k: int,
 
 
 class MTPLoss:
-    """Per step: takes each micro-batch's MTP logits from the model and sums the depths' losses for logging."""
+    """Per step: takes each micro-batch's MTP logits from the model and sums the depths' losses for logging. Under a
+    pipeline every stage holds one (all join the sum over stages) and only the last stage's module computes."""
 
-    def __init__(self, module: nn.Module, coeff: float):
+    def __init__(self, module: Optional[nn.Module], depths: int, coeff: float, device: torch.device):
         self.module, self.coeff = module, coeff
-        device = next(module.parameters()).device
-        self.sums = torch.zeros(2, len(module.layers), device=device)  # [masked CE sum, targets] per depth, this rank
+        self.zeros = torch.zeros(2, depths, device=device)  # [masked CE sum, targets] per depth
+        # Per micro-batch, the last call's: a pipeline schedule's shape inference calls the loss once more first,
+        # on placeholder logits of the first micro-batch (parallel/pipeline.py, ScheduleLoss).
+        self.sums: dict[int, torch.Tensor] = {}
 
     def __call__(self, mb: dict, step_tokens: torch.Tensor) -> Optional[torch.Tensor]:
         """The loss to add to the micro-batch's (None when the forward left no logits: evaluation)."""
         logits = self.module.take()
         if not logits:
             return None
-        total = 0.0
+        sums, total = self.zeros.clone(), 0.0
         for k, depth_logits in enumerate(logits, start=1):
             labels, mask = mtp_targets(mb["labels"], mb["loss_mask"], k, mb.get("documents"))
             ce = masked_cross_entropy(depth_logits, labels, mask).sum()
-            self.sums[:, k - 1] += torch.stack([ce.detach(), mask.sum().float()])
+            sums[:, k - 1] = torch.stack([ce.detach(), mask.sum().float()])
             total = total + ce
+        self.sums[id(mb)] = sums
         return self.coeff / len(logits) * total / step_tokens
 
     def scalars(self, reduce) -> dict[str, float]:
-        """Per-depth token means over the step, summed over ranks by `reduce` (a sum over dp and stages)."""
-        sums = reduce(self.sums).cpu()
+        """Per-depth token means over the step, summed over ranks by `reduce` (a sum over dp and stages, which every
+        rank joins)."""
+        sums = reduce(sum(self.sums.values(), self.zeros.clone())).cpu()
         return {f"mtp_loss/depth{k + 1}": (sums[0, k] / sums[1, k].clamp(min=1)).item() for k in range(sums.shape[1])}
 
 
 def mtp_loss(model: nn.Module) -> Optional[MTPLoss]:
-    """A fresh per-step MTPLoss for a model with multi-token prediction on this rank, else None."""
-    module = getattr(model, "mtp", None)
-    return MTPLoss(module, model.cfg.mtp_loss_coeff) if module is not None else None
+    """A fresh per-step MTPLoss for a model with multi-token prediction (on every pipeline stage; the depths live on
+    the last), else None."""
+    cfg = model.cfg
+    if not cfg.mtp_layers:
+        return None
+    return MTPLoss(getattr(model, "mtp", None), cfg.mtp_layers, cfg.mtp_loss_coeff, next(model.parameters()).device)

@@ -69,7 +69,7 @@ def train_step(
     routers = router_collector(model)  # None without MoE layers
     if routers is not None:
         routers.start_step(dims, len(micro_batches))
-    mtp = mtp_loss(model)  # None without multi-token prediction on this rank
+    mtp = mtp_loss(model)  # None without multi-token prediction
 
     def loss_fn(logits, mb):
         if objective is not None:

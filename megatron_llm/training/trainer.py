@@ -52,6 +52,7 @@ class TrainResult:
     rates: dict[int, dict[str, ChannelTotals]] = field(default_factory=dict)  # step -> reward accuracy, margin sums
     val_channel_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> channel name -> loss
     router_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> moe_aux_loss, moe_z_loss
+    mtp_losses: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> mtp_loss/depthK
     skipped_steps: int = 0
     final_step: int = 0
     stopped: str | None = None  # the signal that ended this call early, after a checkpoint
@@ -247,6 +248,7 @@ class Trainer:
         result.channels[self.step] = out.channels
         result.rates[self.step] = out.rates
         result.router_losses[self.step] = {k: v for k, v in out.moe.items() if k in ("moe_aux_loss", "moe_z_loss")}
+        result.mtp_losses[self.step] = {k: v for k, v in out.moe.items() if k.startswith("mtp_loss/")}
         if not out.skipped:
             self.bad_in_a_row = 0
             return
