@@ -57,6 +57,7 @@ CASES = {
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
     "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0), False),
     # a sliding layer with its own base, a full one, a full one without positions; a sink per head
+    "emu3_text_model": (dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), True),  # Emu3's language model
     "granite_swa": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
                          num_hidden_layers=3, sliding_window=WINDOW, layer_rope_theta=[100.0, 10000.0, 0],
                          layer_types=["sliding_attention", "full_attention", "full_attention"]), False),
@@ -130,12 +131,19 @@ def model_type_of(case: str) -> str:
     return case if case in FAMILIES else case.rsplit("-", 1)[0]  # openai-gpt has a '-' of its own
 
 
+def causal_lm_class(config: transformers.PretrainedConfig) -> type:
+    """transformers' causal LM for `config`: its Auto class's, else the one the family's table names (Emu3's language
+    model, whose type transformers maps to a class only through the multimodal Emu3Config)."""
+    mapping = transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    return mapping[type(config)] if type(config) in mapping else getattr(transformers, FAMILIES[config.model_type].architecture)
+
+
 def hf_model(case: str) -> torch.nn.Module:
     extra, _ = CASES[case]
     config = transformers.AutoConfig.for_model(model_type_of(case), **{**SMALL, **extra})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = causal_lm_class(config)._from_config(config).eval()
     with torch.no_grad():  # transformers zero-initialises biases and ones its norms: randomise so they are tested
         for name, p in model.named_parameters():
             if name.endswith(("bias", "sinks")) or "norm" in name or "ln" in name.split(".")[-2]:
@@ -195,7 +203,7 @@ def assert_hf_native_hf_round_trip(path: Path, hf: torch.nn.Module, tmp_path: Pa
     assert config.model_type == model_type
     assert model_config_from_hf(config.to_dict()) == model_config_from_hf(hf.config.to_dict())
     config._attn_implementation = "eager"
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
+    back = causal_lm_class(config).from_pretrained(tmp_path / "hf", config=config).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 

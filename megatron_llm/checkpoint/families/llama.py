@@ -4,6 +4,7 @@ each table is Llama's keys and tensor names plus what the family changes."""
 import dataclasses
 
 from megatron_llm.checkpoint.families.common import (
+    KV_HEADS,
     LAYERS,
     LLAMA_CONFIG,
     LLAMA_TENSORS,
@@ -12,6 +13,7 @@ from megatron_llm.checkpoint.families.common import (
     SQRT_HIDDEN_EMBEDDING,
     also,
     layers_defaulting,
+    rope_defaulting,
     scale_key,
     shape_defaulting,
     without,
@@ -177,6 +179,18 @@ GRANITE_SWA = Family(
     {**LLAMA_TENSORS, "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight"},
 )
 
+# Emu3's language model (transformers saves Emu3ForCausalLM as this type): Llama without projection biases, with its
+# config class's defaults (8 key/value heads, RMSNorm epsilon 1e-5, RoPE base 1e6).
+EMU3_TEXT = Family(
+    "emu3_text_model", "Emu3ForCausalLM",
+    (*(e for e in without(LLAMA_CONFIG, "qkv_bias", "out_bias", "mlp_bias", "norm_eps", "num_kv_heads")
+       if e not in (ROPE, KV_HEADS)),
+     Key("num_key_value_heads", "num_kv_heads", default=8), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     rope_defaulting({"rope_type": "default", "rope_theta": 1000000.0}),
+     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False)),
+    LLAMA_TENSORS,
+)
+
 # HyperCLOVA X: Granite with norms after each sublayer too (use_post_norm: sandwich), its logits multiplied by
 # logits_scaling where Granite divides.
 HYPERCLOVAX = Family(
@@ -263,5 +277,5 @@ OLMO2 = Family(
      "model.layers.{i}.post_feedforward_layernorm.weight": "layers.{i}.ffn_post_norm.weight"},
 )
 
-FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE, GRANITE_SWA, HYPERCLOVAX,
-            GEMMA, GEMMA2, VAULTGEMMA, GEMMA3, OLMO, OLMO2)
+FAMILIES = (LLAMA, INTERNLM3, IQUESTCODER, EXAONE, MISTRAL, MINISTRAL, MINISTRAL3, QWEN2, QWEN3, SMOLLM3, GRANITE,
+            GRANITE_SWA, EMU3_TEXT, HYPERCLOVAX, GEMMA, GEMMA2, VAULTGEMMA, GEMMA3, OLMO, OLMO2)
