@@ -204,6 +204,10 @@ def test_memory_estimate_holds_the_mtp_depths():
 
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), ["--model.mtp_layers", "2"])
     assert estimate(cfg, dp=1, act_bytes=4)[0].params == cfg.model.num_params() > 4_700_000
+    pp2 = load_config(str(ROOT / "configs" / "tiny.yaml"), ["--model.mtp_layers", "2", "--parallel.pp", "2",
+                                                            "--training.grad_accum_steps", "2"])
+    copy = pp2.model.vocab_size * pp2.model.hidden_size  # the last stage's embedding, for the depths
+    assert sum(s.params for s in estimate(pp2, dp=1, act_bytes=4)) == cfg.model.num_params() + copy
     moe = ["--model.mtp_layers", "1", "--parallel.ep", "2", "--parallel.data_parallel", "ddp"]
     ep2 = load_config(str(ROOT / "configs" / "mixtral_tiny.yaml"), moe)
     m = ep2.model

@@ -206,6 +206,8 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         full = routed + sum(held[i][1] for i in mine)  # this rank's parameters before FSDP
         full += table + first_rest if first else 0
         full += last_rest + mtp_rest + (0 if m.tie_embeddings and first else table) if last else 0  # a tied head counts once
+        # the MTP stage's copy of the embedding (parallel/pipeline.py); tied, the head above is its table
+        full += first_rest + (0 if m.tie_embeddings else table) if last and m.mtp_layers and not first else 0
         # FSDP shards the experts over the dp / ep ranks holding the same ones, the rest over dp
         params = math.ceil((full - routed) / dp) + math.ceil(routed * p.ep / dp) if fsdp else full
         per_layer = activations_per_token_layer(m, tp, p.sp)
