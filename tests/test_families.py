@@ -56,11 +56,12 @@ CASES = {
     "qwen3": (dict(head_dim=24, tie_word_embeddings=True), True),
     "smollm3": (dict(no_rope_layers=[1, 0], tie_word_embeddings=True, pad_token_id=0), False),
     "granite": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0), False),
-    # a sliding layer with its own base, a full one, a full one without positions; a sink per head
     "emu3_text_model": (dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), True),  # Emu3's language model
+    # sliding layers with their own base, a full one, a full one without positions; a sink per head
     "granite_swa": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0,
-                         num_hidden_layers=3, sliding_window=WINDOW, layer_rope_theta=[100.0, 10000.0, 0],
-                         layer_types=["sliding_attention", "full_attention", "full_attention"]), False),
+                         num_hidden_layers=4, sliding_window=WINDOW, layer_rope_theta=[100.0, 10000.0, 0, 100.0],
+                         layer_types=["sliding_attention", "full_attention", "full_attention", "sliding_attention"]),
+                    False),
     "hyperclovax": (dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
                     False),
     "gemma": (dict(head_dim=16), False),
