@@ -121,8 +121,15 @@ def latent_norm_eps(default: float) -> Derived:
     return Derived(read, lambda cfg: {"rms_norm_eps": cfg.norm_eps})
 
 
+def q_lora_rank(default: Optional[int]) -> Derived:
+    """model.mla_q_lora_rank from q_lora_rank, `default` (the config class's) only where config.json lacks the key:
+    its null means one query projection, so it cannot stand for absent as Key's default does."""
+    return Derived(lambda hf: dict(mla_q_lora_rank=hf["q_lora_rank"] if "q_lora_rank" in hf else default),
+                   lambda cfg: {"q_lora_rank": cfg.mla_q_lora_rank})
+
+
 # Multi-head latent attention (DeepSeek-V2/V3): compressed q (or one projection) and kv with their norms, the
-# decoupled RoPE dims interleaved or not, every head its own key and value.
+# decoupled RoPE dims interleaved or not, every head its own key and value; each family adds its q_lora_rank default.
 MLA_CONFIG = (
     Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Key("num_hidden_layers", "num_layers"),
     Key("num_attention_heads", "num_heads"), Key("intermediate_size", "ffn_hidden_size"),
@@ -130,7 +137,7 @@ MLA_CONFIG = (
     activation("hidden_act", GATED_ACTIVATIONS, default="silu"), ROPE,
     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
     Fixed("mlp_bias", False), Fixed("attention", "mla"), Derived(_read_mla_shape, _write_mla_shape),
-    Key("kv_lora_rank", "mla_kv_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=None),
+    Key("kv_lora_rank", "mla_kv_lora_rank"),
     Key("v_head_dim", "mla_v_head_dim"), Key("rope_interleave", "rope_interleaved", default=True),
 )
 MLA_TENSORS = {
@@ -157,7 +164,8 @@ DEEPSEEK_MTP = MTPLayers(
 # DeepSeek-V3: latent attention, the sigmoid router over groups of experts, the first k layers dense.
 DEEPSEEK_V3 = Family(
     "deepseek_v3", "DeepseekV3ForCausalLM",
-    (*MLA_CONFIG, latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), first_dense_layers(3)),
+    (*MLA_CONFIG, q_lora_rank(1536), latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5, groups=8, topk_groups=4),
+     first_dense_layers(3)),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS}, mtp=DEEPSEEK_MTP,
 )
 
@@ -183,7 +191,7 @@ def _write_v2_groups(cfg) -> dict:
 # renormalised (transformers ignores norm_topk_prob), greedy or group-limited; biases on the dense MLPs optional.
 DEEPSEEK_V2 = Family(
     "deepseek_v2", "DeepseekV2ForCausalLM",
-    (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), Fixed("rope_interleaved", True),
+    (*without(MLA_CONFIG, "rope_interleaved", "mlp_bias"), q_lora_rank(1536), Fixed("rope_interleaved", True),
      Key("mlp_bias", "mlp_bias", default=False), latent_norm_eps(1e-6),
      *deepseek_experts(shared_count=2), Fixed("moe_score", "softmax"), Fixed("moe_renormalize", False),
      Derived(_read_v2_groups, _write_v2_groups),
@@ -204,7 +212,8 @@ def _read_whole_rope(hf: dict) -> dict:
 # GLM-4.7-Flash (glm4_moe_lite): DeepSeek-V3's latent attention and router; its dense layers by mlp_layer_types.
 GLM4_MOE_LITE = Family(
     "glm4_moe_lite", "Glm4MoeLiteForCausalLM",
-    (*MLA_CONFIG, Derived(_read_whole_rope, lambda cfg: {}), latent_norm_eps(1e-5), *sigmoid_routing(scale=1.8),
+    (*MLA_CONFIG, q_lora_rank(768), Derived(_read_whole_rope, lambda cfg: {}), latent_norm_eps(1e-5),
+     *sigmoid_routing(scale=1.8),
      mlp_layer_types(1, first_key=None)),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
@@ -293,8 +302,8 @@ def _read_deepseek_yarn(hf: dict) -> dict:
 # and its YaRN deepseek_yarn. Its released checkpoints hold no multi-token prediction layers.
 SARVAM_MLA = Family(
     "sarvam_mla", "DeepseekV3ForCausalLM",
-    also((*(e for e in MLA_CONFIG if e is not ROPE), Derived(_read_deepseek_yarn, ROPE.write), latent_norm_eps(1e-6),
-          *sigmoid_routing(scale=2.5), first_dense_layers(1)),
+    also((*(e for e in MLA_CONFIG if e is not ROPE), Derived(_read_deepseek_yarn, ROPE.write), q_lora_rank(None),
+          latent_norm_eps(1e-6), *sigmoid_routing(scale=2.5), first_dense_layers(1)),
          n_routed_experts="num_experts", n_shared_experts="num_shared_experts"),
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS},
 )
@@ -306,7 +315,7 @@ SARVAM_MLA = Family(
 AXK1_NORM = "model.layers.{i}.post_mlp_layernorm.weight"
 AXK1 = Family(
     "axk1", "AXK1ForCausalLM",
-    (*without(MLA_CONFIG, "mla_q_lora_rank"), Key("q_lora_rank", "mla_q_lora_rank", default=1536), latent_norm_eps(1e-6),
+    (*MLA_CONFIG, q_lora_rank(1536), latent_norm_eps(1e-6),
      *without(sigmoid_routing(scale=2.5, groups=8, topk_groups=4), "moe_expert_bias"),
      Stored(ROUTER_BIAS, "moe_expert_bias"),
      mlp_layer_types(1, freq_key="moe_layer_freq"), Fixed("moe_post_norm", True)),

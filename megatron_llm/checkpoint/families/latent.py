@@ -9,15 +9,8 @@ import math
 from typing import Callable
 
 from megatron_llm.checkpoint.families.common import without
-from megatron_llm.checkpoint.families.deepseek import MLA_CONFIG, MLA_TENSORS, latent_norm_eps
+from megatron_llm.checkpoint.families.deepseek import MLA_CONFIG, MLA_TENSORS, latent_norm_eps, q_lora_rank
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key
-
-
-def q_lora_rank(default: int) -> Derived:
-    """model.mla_q_lora_rank from q_lora_rank, `default` (the config class's) only where config.json lacks the key:
-    its null means one query projection, so it cannot stand for absent as Key's default does."""
-    return Derived(lambda hf: dict(mla_q_lora_rank=hf["q_lora_rank"] if "q_lora_rank" in hf else default),
-                   lambda cfg: {"q_lora_rank": cfg.mla_q_lora_rank})
 
 
 def _shortest(value: float, read: Callable[[float], float]) -> float:
@@ -34,7 +27,7 @@ def _shortest(value: float, read: Callable[[float], float]) -> float:
 # head tied unless told otherwise.
 YOUTU = Family(
     "youtu", "YoutuForCausalLM",
-    (*without(MLA_CONFIG, "tie_embeddings", "mla_q_lora_rank"), Key("tie_word_embeddings", "tie_embeddings", default=True),
+    (*without(MLA_CONFIG, "tie_embeddings"), Key("tie_word_embeddings", "tie_embeddings", default=True),
      q_lora_rank(1536), latent_norm_eps(1e-6)),
     MLA_TENSORS,
 )
@@ -67,7 +60,7 @@ def _read_v_head_dim(hf: dict) -> dict:
 # halves, muP's three scales, the head tied unless told otherwise; its latent norms keep 1e-6 beside the block's 1e-5.
 MINICPM3 = Family(
     "minicpm3", "MiniCPM3ForCausalLM",
-    (*without(MLA_CONFIG, "tie_embeddings", "mla_q_lora_rank", "mla_v_head_dim", "rope_interleaved", "mlp_bias"),
+    (*without(MLA_CONFIG, "tie_embeddings", "mla_v_head_dim", "rope_interleaved", "mlp_bias"),
      Key("tie_word_embeddings", "tie_embeddings", default=True), Key("mlp_bias", "mlp_bias", default=False),
      Fixed("rope_interleaved", False), q_lora_rank(768), Derived(_read_v_head_dim, lambda cfg: {"v_head_dim": cfg.mla_v_head_dim}),
      latent_norm_eps(1e-5), Derived(_read_minicpm3_scales, _write_minicpm3_scales)),
