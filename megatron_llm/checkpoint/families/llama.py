@@ -131,7 +131,7 @@ GRANITE = Family(
     (*LLAMA_CONFIG,
      Key("embedding_multiplier", "embedding_multiplier", default=1.0),
      Key("residual_multiplier", "residual_multiplier", default=1.0),
-     Key("attention_multiplier", "attention_scale", default=None),
+     Key("attention_multiplier", "attention_scale", default=1.0),  # GraniteConfig's (it takes no null)
      Key("logits_scaling", "logit_multiplier", default=1.0, read=lambda v: 1.0 / v, write=lambda v: 1.0 / v)),
     LLAMA_TENSORS,
 )
@@ -172,8 +172,8 @@ def _write_granite_swa_rope(cfg) -> dict:
 # Granite SWA: Granite with a learned sink per head (gpt-oss's), sliding layers and a RoPE base per layer.
 GRANITE_SWA = Family(
     "granite_swa", "GraniteSWAForCausalLM",
-    (*(e for e in without(GRANITE.config, "tie_embeddings", "attention_scale") if e is not ROPE),
-     Key("tie_word_embeddings", "tie_embeddings", default=True), Key("attention_multiplier", "attention_scale", default=1.0),
+    (*(e for e in without(GRANITE.config, "tie_embeddings") if e is not ROPE),
+     Key("tie_word_embeddings", "tie_embeddings", default=True),
      Derived(_read_granite_swa_rope, _write_granite_swa_rope), Fixed("attention_sinks", True),
      layers_defaulting(128, lambda i: i % 4 == 0)),
     {**LLAMA_TENSORS, "model.layers.{i}.self_attn.sinks": "layers.{i}.attention.sinks.weight"},
@@ -195,7 +195,8 @@ EMU3_TEXT = Family(
 # logits_scaling where Granite divides.
 HYPERCLOVAX = Family(
     "hyperclovax", "HyperCLOVAXForCausalLM",
-    (*without(GRANITE.config, "logit_multiplier"), Key("logits_scaling", "logit_multiplier", default=1.0),
+    (*without(GRANITE.config, "logit_multiplier", "attention_scale"), Key("logits_scaling", "logit_multiplier", default=1.0),
+     Key("attention_multiplier", "attention_scale", default=None),
      Key("use_post_norm", "norm_placement", default=True, read=lambda v: "sandwich" if v else "pre",
          write=lambda placement: placement == "sandwich")),
     {**LLAMA_TENSORS, "model.layers.{i}.post_norm1.weight": "layers.{i}.attention_post_norm.weight",
