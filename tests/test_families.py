@@ -348,3 +348,16 @@ def test_opt_350m_projections_are_refused():
     with pytest.raises(UsageError, match=r"^config.json word_embed_proj_dim=32 is not supported: embeddings narrower"):
         model_config_from_hf(config)
 
+
+def test_published_ministral3_reads_through_its_mistral3_wrapper():
+    """Ministral 3 is published as a mistral3 checkpoint whose text_config is ministral3, its RoPE block in the old
+    spelling ("type") with the temperature's beta and transformers' max_position_embeddings inside."""
+    text = dict(SMALL, model_type="ministral3", head_dim=16, rope_parameters={
+        "type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+        "max_position_embeddings": 262144, "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+        "llama_4_scaling_beta": 0.1})
+    cfg = model_config_from_hf({"model_type": "mistral3", "text_config": text, "vision_config": {}})
+    assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.rope_scaling["factor"] == 16.0
+    assert (cfg.attn_temperature_floor, cfg.attn_temperature_scale, cfg.attn_temperature_offset,
+            cfg.attn_temperature_layers) == (16384.0, 0.1, 0, "all")
+
