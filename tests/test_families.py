@@ -361,3 +361,10 @@ def test_published_ministral3_reads_through_its_mistral3_wrapper():
     assert (cfg.attn_temperature_floor, cfg.attn_temperature_scale, cfg.attn_temperature_offset,
             cfg.attn_temperature_layers) == (16384.0, 0.1, 0, "all")
 
+
+def test_modernbert_decoder_is_refused_by_name():
+    config = transformers.AutoConfig.for_model("modernbert-decoder", **SMALL).to_dict()
+    with pytest.raises(UsageError, match=r"^model_type 'modernbert-decoder' is not supported: ModernBERT's decoder puts a "
+                                         "prediction head"):
+        model_config_from_hf(config)
+

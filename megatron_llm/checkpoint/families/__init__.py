@@ -19,6 +19,9 @@ NOT_READ = {
                      "shortcut beside them (fed the first MLP's input, added after the second), zero-computation "
                      "(identity) experts among the routed ones, and latent attention that scales the queries and the "
                      "key latent by sqrt(hidden_size / rank); the model menu has none of these",
+    "modernbert-decoder": "ModernBERT's decoder puts a prediction head (a dense layer, its activation and a LayerNorm) "
+                          "between the final norm and the vocabulary projection, and its first layer has no attention "
+                          "norm (the embedding's norm serves it); the model menu has neither",
 }
 
 
