@@ -101,6 +101,8 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_
 # A mixture of experts keeps its experts' count, width and choice (top-k, groups): transformers' defaults are a full-size
 # model's (DeepSeek-V3's 256 experts of 2048, Qwen3-MoE's 128, would not fit this machine at hidden 512).
 MOE_SHAPE_FIELDS = ("moe_experts", "moe_top_k", "moe_ffn_hidden_size", "moe_groups", "moe_topk_groups")
+# Linear-attention layers keep their heads and widths too (Qwen3-Next's defaults are 16 + 32 heads of 128).
+LINEAR_SHAPE_FIELDS = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim")
 
 
 def family_model(cfg: Config, model_type: str) -> None:
@@ -110,7 +112,8 @@ def family_model(cfg: Config, model_type: str) -> None:
     transformers = import_transformers()
     table = family(model_type)
     experts = {f: getattr(cfg.model, f) for f in MOE_SHAPE_FIELDS} if cfg.model.moe_experts else {}
-    fields = (*SHAPE_FIELDS, *experts)  # through the table where it maps a field one to one (widths HF derives from)
+    linear = LINEAR_SHAPE_FIELDS if cfg.model.linear_num_key_heads else ()
+    fields = (*SHAPE_FIELDS, *experts, *linear)  # through the table where it maps a field one to one
     shape = {e.hf: e.write(getattr(cfg.model, e.ours)) for e in table.config if getattr(e, "ours", None) in fields}
     hf = {**transformers.AutoConfig.for_model(model_type).to_dict(), **shape}
     hf.update(num_key_value_heads=cfg.model.num_kv_heads, head_dim=cfg.model.head_dim)  # derived keys of most tables
