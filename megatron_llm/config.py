@@ -294,6 +294,10 @@ class Config:
             raise UsageError("data.format pairs needs an even training.micro_batch_size (a pair is two rows, chosen and rejected)")
         if d.document_mask and d.format != "pretrain":
             raise UsageError("data.document_mask is for data.format pretrain; packed sft conversations are always masked")
+        if (d.document_mask or (d.format == "sft" and d.packing)) and "linear" in (self.model.layer_types or []):
+            raise UsageError("model.layer_types has linear-attention layers, whose state runs through the whole "
+                             "sequence: packed documents cannot be kept apart there; set data.document_mask false "
+                             "(pretrain) or data.packing false (sft)")
         if d.random_channels is not None and d.random_channels <= 0:
             raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):

@@ -105,9 +105,17 @@ def test_bad_linear_sizes_are_one_line(change, words):
         dataclasses.replace(HYBRID, **change).validate()
 
 
-def test_heads_not_divisible_by_tp_are_refused(tiny_config):
-    """(tests/test_parallel.py's deepnorm chain trains linear layers at tp2-sp and pp2 against one process.)"""
-    with pytest.raises(UsageError, match=r"model\.linear_num_key_heads \(2\) is not divisible by parallel\.tp \(4\)"):
-        tiny_config(model__num_layers=4, model__num_kv_heads=4, parallel__tp=4, model__linear_num_key_heads=2,
-                    model__layer_types="[linear, full, linear, full]", model__linear_num_value_heads=4,
-                    model__linear_key_head_dim=16, model__linear_value_head_dim=8)
+LINEAR_LAYERS = dict(model__num_layers=4, model__layer_types="[linear, full, linear, full]",
+                     model__linear_num_key_heads=2, model__linear_num_value_heads=4, model__linear_key_head_dim=16,
+                     model__linear_value_head_dim=8)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(model__num_kv_heads=4, parallel__tp=4),
+     r"model\.linear_num_key_heads \(2\) is not divisible by parallel\.tp \(4\)"),
+    (dict(data__document_mask=True), r"linear-attention layers.*set data\.document_mask false"),
+])
+def test_what_linear_layers_cannot_do_is_refused_by_the_config(tiny_config, settings, message):
+    """Before any process group. (tests/test_parallel.py's deepnorm chain trains linear layers at tp2-sp and pp2.)"""
+    with pytest.raises(UsageError, match=message):
+        tiny_config(**LINEAR_LAYERS, **settings)
