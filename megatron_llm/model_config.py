@@ -98,6 +98,9 @@ class ModelConfig:
     rope_local_theta: Optional[float] = param(
         None, "RoPE base of sliding-window layers, which rope_scaling leaves unscaled (Gemma3); null: rope_theta"
     )
+    rope_local_fraction: Optional[float] = param(
+        None, "fraction of head_dim the sliding layers' table (rope_local_theta) rotates (Laguna: 1 beside its full "
+        "layers' 0.5); null: rope_fraction")
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
         None, "per layer 'full', 'sliding' or 'chunked' attention, or 'linear' (a Gated DeltaNet mixer: Qwen3-Next, "
@@ -115,6 +118,12 @@ class ModelConfig:
     attention_output_gate: bool = param(
         False, "wq also makes a gate per query head ([q_h; gate_h] rows per head), and the attention's output is "
         "multiplied by sigmoid(gate) before wo (Qwen3-Next, Qwen3.5)")
+    attention_gate: Literal["none", "sigmoid", "softplus"] = param(
+        "none", "the attention's output times act(wg x) before wo, from a projection of its own, attention.wg (AFMoE: "
+        "sigmoid; Laguna: softplus); attention_output_gate is the gate made inside wq (Qwen3-Next)")
+    attention_gate_per_head: bool = param(
+        False, "attention_gate: one gate per head (wg makes num_heads values, each scaling its head's head_dim "
+        "outputs: Laguna) instead of one per output element")
     linear_num_key_heads: int = param(0, "linear layers: query/key heads of the Gated DeltaNet")
     linear_num_value_heads: int = param(0, "linear layers: value heads (a multiple of the key heads, which each serve "
                                            "value_heads / key_heads consecutive ones)")
@@ -178,6 +187,8 @@ class ModelConfig:
     moe_router_bias: bool = param(False, "a bias on the router's logits, choice and weights alike (gpt-oss)")
     moe_ffn_bias: bool = param(False, "biases on the routed experts' projections, [E, ...] each (gpt-oss)")
     moe_expert_bias: bool = param(False, "aux-loss-free balancing: a per-expert bias added to the scores for the choice only")
+    moe_router_softcap: Optional[float] = param(
+        None, "router logits soft-capped, cap * tanh(logits / cap), before scores, choice and losses (Laguna); null: off")
     moe_expert_bias_on: Literal["scores", "logits"] = param(
         "scores", "what the expert bias is added to for the choice: the scores (DeepSeek-V3) or the router's logits "
         "(Kolibri-1: top-k of logits + bias; the weights stay the chosen experts' scores)")
@@ -256,6 +267,12 @@ class ModelConfig:
             return self.mla_rope_head_dim
         return int(self.head_dim * self.rope_fraction) // 2 * 2
 
+    def table_rope_dim(self, table: str) -> int:
+        """rope_dim of RoPE table `table` ("global", or "local": the sliding layers' with rope_local_fraction)."""
+        if table == "local" and self.rope_local_fraction is not None:
+            return int(self.head_dim * self.rope_local_fraction) // 2 * 2
+        return self.rope_dim
+
     @property
     def residual_alpha(self) -> float:
         """DeepNet's residual scale for a decoder of N layers, (2N)^(1/4); 1 elsewhere."""
@@ -304,6 +321,9 @@ class ModelConfig:
         self._validate_norms()
         self._validate_moe()
         self._validate_mla()
+        if self.attention_gate != "none" and (self.attention_output_gate or self.attention == "mla"):
+            raise UsageError("model.attention_gate gates grouped-query attention through its own projection: not with "
+                             "model.attention_output_gate (the gate made inside wq) nor model.attention mla")
         if self.mtp_layers < 0 or not (math.isfinite(self.mtp_loss_coeff) and self.mtp_loss_coeff >= 0):
             raise UsageError(f"model.mtp_layers ({self.mtp_layers}) and model.mtp_loss_coeff ({self.mtp_loss_coeff}) "
                              "must not be negative")
@@ -319,7 +339,7 @@ class ModelConfig:
             if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
                 raise UsageError(f"model.{key} must be a positive finite number, got {getattr(self, key)}")
         for key in ("logit_softcap", "attn_softcap", "attention_scale", "qkv_clip", "rope_local_theta", "mla_norm_eps",
-                    "attn_temperature_floor"):
+                    "attn_temperature_floor", "moe_router_softcap"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"model.{key} must be a positive finite number or null, got {value}")
@@ -329,6 +349,9 @@ class ModelConfig:
     def _validate_positions(self) -> None:
         if not 0 < self.rope_fraction <= 1:
             raise UsageError(f"model.rope_fraction must be in (0, 1], got {self.rope_fraction}")
+        if self.rope_local_fraction is not None and not (0 < self.rope_local_fraction <= 1 and self.rope_local_theta):
+            raise UsageError(f"model.rope_local_fraction ({self.rope_local_fraction}) must be in (0, 1] and is the "
+                             "sliding layers' own table's: set model.rope_local_theta too")
         if self.position_offset < 0 or (self.position_offset and self.position not in ("learned", "sinusoidal")):
             raise UsageError(f"model.position_offset ({self.position_offset}) shifts the rows of an absolute position "
                              "table: it must not be negative, and needs model.position learned or sinusoidal")

@@ -45,6 +45,12 @@ def test_blend_override_parses_yaml():
         (["--model.qk_norm_after_rope", "true"], "model.qk_norm_after_rope moves the per-head norm: set model.qk_norm"),
         (["--model.mlp", "xielu", "--model.moe_experts", "4"], "model.mlp xielu learns scalars per MLP"),
         (["--model.moe_post_norm", "true", "--model.norm_placement", "sandwich"], "model.moe_post_norm adds a norm after"),
+        (["--model.attention_gate", "sigmoid", "--model.attention_output_gate", "true"],
+         "model.attention_gate gates grouped-query attention through its own projection"),
+        (["--model.rope_local_fraction", "1.0"], "model.rope_local_fraction (1.0) must be in (0, 1] and is the sliding"),
+        (["--model.moe_experts", "4", "--model.moe_expert_bias_on", "logits"],
+         "model.moe_expert_bias_on says where the expert bias goes: set model.moe_expert_bias"),
+        (["--model.moe_experts", "4", "--model.moe_router_softcap", "0"], "model.moe_router_softcap must be a positive"),
     ],
 )
 def test_bad_input_names_the_key(overrides, message):

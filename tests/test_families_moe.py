@@ -147,6 +147,16 @@ CASES = {
     # expert bias moves the logits, renormalised, beside a shared expert
     "kolibri1": dict(num_local_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
                      sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], norm_topk_prob=True),
+    # AFMoE: QK-norm, a sigmoid output gate, RoPE in the sliding layer only, a sandwich block, muP's embedding scale, a
+    # sigmoid router with the expert bias, scaled, a shared expert; every layer sparse here (its default: one dense)
+    "afmoe": dict(num_experts=4, moe_intermediate_size=32, num_shared_experts=1, num_dense_layers=0, route_scale=2.0,
+                  mup_enabled=True, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]),
+    # Laguna: a softplus output gate per head, a sliding layer rotating whole heads (base 1e4) and a full one rotating
+    # half of each (5e5: its class's blocks), a sigmoid router over soft-capped logits with the expert bias, scaled,
+    # beside a shared expert; every layer sparse here (its default keeps the first dense)
+    "laguna": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48, head_dim=16,
+                   sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+                   mlp_layer_types=["sparse", "sparse"], moe_router_logit_softcapping=2.0, moe_routed_scaling_factor=2.0),
     # Aria's language model: the softmax of the top-k logits over experts stored [in, out], two shared experts
     "aria_text": dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2, intermediate_size=32, pad_token_id=0,
                       bos_token_id=1, eos_token_id=2),
@@ -161,7 +171,7 @@ CASES = {
 # transformers computes no aux loss for these (DeepSeek's and the families that copied its router, HunYuan, Cohere2)
 NO_AUX_LOSS = {"deepseek_v2", "deepseek_v3", "glm4_moe_lite", "glm4_moe", "sarvam_moe", "dots1", "exaone_moe",
                "hunyuan_v1_moe", "cohere2_moe", "sarvam_mla", "axk1",
-               "solar_open", "hy_v3", "kolibri1", "aria_text"}
+               "solar_open", "hy_v3", "kolibri1", "aria_text", "afmoe"}
 
 
 def model_type_of(case: str) -> str:
@@ -349,6 +359,8 @@ NOT_IN_MEGATRON = {"olmoe": r"model\.qk_norm_per_head", "minimax_m2": r"model\.q
                    "mellum": r"model\.rope_local_theta",  # Megatron-LM has one RoPE base
                    "flint": r"model\.nope_layers",
                    "kolibri1": r"model\.norm_placement",
+                   "afmoe": r"model\.norm_placement",
+                   "laguna": r"model\.rope_local_theta",
                    "granitemoe": r"model\.attention_scale", "granitemoeshared": r"model\.attention_scale",
                    "granitemoe_swa": r"model\.nope_layers",
                    "axk1": r"model\.moe_post_norm"}  # megatron-core has no norm after the MoE layer
@@ -375,8 +387,7 @@ REFUSED = {
     "hunyuan_v1_moe": dict(moe_topk=[2, 1]),  # top-k varying by layer
     "cohere2_moe": dict(shared_expert_combination_strategy="max"),
     "glm4_moe_lite": dict(partial_rotary_factor=0.5),
-    "mellum": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 0.5},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "laguna": dict(num_attention_heads_per_layer=[4, 2]),  # heads varying by layer
     "ernie4_5_moe": dict(moe_norm_min=0.6),  # a floor on the top-2-of-4 sum (at least 0.5) that binds
     # the top-k weights divided by their 2-norm
     "dbrx": dict(ffn_config={**CASES["dbrx"]["ffn_config"], "moe_normalize_expert_weights": 2.0}),

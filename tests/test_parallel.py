@@ -47,7 +47,8 @@ COMMON = dict(
 # and a NoPE layer; gpt-oss's attention sinks, split with the heads under tp; Llama 4's chunked layer and its NoPE
 # layer's query temperature, which must see global positions under sp and in every pipeline stage; HunYuan's QK-norm
 # after RoPE) and a BLOOM/NeoX-like one (ALiBi, LayerNorm with biases, parallel residual with one shared norm,
-# biases everywhere including the head's, Baichuan's NormHead, Granite's multipliers, OLMo's q/k/v clipping).
+# biases everywhere including the head's, Baichuan's NormHead, Granite's multipliers, OLMo's q/k/v clipping, Laguna's
+# softplus output gate per head from its own projection, split with the heads under tp).
 # Each of the Llama 4 and HunYuan pieces moves the one-process run: over 6 steps the chunked layer moves the losses by
 # up to 1.8e-3 relative and the temperature by 4.5e-4; the QK-norm after RoPE, the same function as before it while
 # the norm's weights are uniform, by 5e-6, but the q/k norm weights by 8.8e-3 after 2 steps (tolerance 2e-5).
@@ -64,7 +65,8 @@ TIED = dict(model__tie_embeddings=True, model__qk_norm=True, model__qkv_bias=Tru
 UNTIED = dict(model__linear_bias=True, model__position="alibi", model__norm="layernorm", model__parallel_residual=True,
               model__output_bias=True, model__mlp="gelu_tanh", model__norm_head=True,
               model__residual_multiplier=0.5, model__logit_multiplier=0.8, model__qkv_clip=2.0,
-              model__attention_scale=0.3, model__parallel_shared_norm=True)
+              model__attention_scale=0.3, model__parallel_shared_norm=True, model__attention_gate="softplus",
+              model__attention_gate_per_head=True)
 
 # (name, tp, pp, dp, extra settings); each runs 2 steps from the previous run's last checkpoint.
 TIED_CHAIN = [

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, ScoreRules, attend
@@ -120,6 +121,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        # AFMoE's and Laguna's output gate, from a projection of its own: act(wg x) per output element or per head
+        gate_rows = cfg.num_heads * (1 if cfg.attention_gate_per_head else d)
+        self.wg = nn.Linear(cfg.hidden_size, gate_rows, bias=False) if cfg.attention_gate != "none" else None
+        self.gate_act = F.softplus if cfg.attention_gate == "softplus" else torch.sigmoid
+        self.gate_width = 1 if cfg.attention_gate_per_head else d  # outputs each gate value scales
         # A norm on queries and keys before RoPE bounds the attention logits: over each head (Qwen3) or
         # over the whole projection (OLMo2).
         self.qk_norm_per_head, self.qk_norm_after_rope = cfg.qk_norm_per_head, cfg.qk_norm_after_rope  # HunYuan: after
@@ -147,7 +153,12 @@ class Attention(nn.Module):
         sinks = self.sinks() if self.rules.sinks else None  # [heads]; this rank's heads under TP
         out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys, sinks)  # [b, heads, s, d]
         out = out.transpose(1, 2).reshape(b, s, -1)  # [b, s, heads * d]
-        return self.wo(out if gate is None else out * torch.sigmoid(gate))
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        if self.wg is not None:  # [b, s, heads, d] times [b, s, heads, d or 1]
+            g = self.gate_act(self.wg(x).float()).to(out.dtype).view(b, s, -1, self.gate_width)  # local heads under TP
+            out = (out.view(b, s, -1, self.head_dim) * g).view(b, s, -1)
+        return self.wo(out)
 
     def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,

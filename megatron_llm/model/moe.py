@@ -43,10 +43,10 @@ class RouterStats:
 
 class Router(nn.Module):
     """x [T, hidden] -> (expert indices [T, k], their weights [T, k], stats). Scores are a softmax over the
-    experts or a sigmoid per expert; the choice may add the expert bias (DeepSeek-V3's aux-loss-free
-    balancing, a buffer the training step moves, never a gradient) to the scores or (Kolibri-1) to the logits,
-    and be limited to the best groups of experts; the weights are the unbiased scores of the chosen experts,
-    renormalised or not, scaled."""
+    experts or a sigmoid per expert, of the logits (soft-capped where asked: Laguna); the choice may add the
+    expert bias (DeepSeek-V3's aux-loss-free balancing, a buffer the training step moves, never a gradient) to the
+    scores or (Kolibri-1) to the logits, and be limited to the best groups of experts; the weights are the
+    unbiased scores of the chosen experts, renormalised or not, scaled."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -57,10 +57,13 @@ class Router(nn.Module):
         self.groups, self.topk_groups, self.group_rank_top = cfg.moe_groups, cfg.moe_topk_groups, cfg.moe_group_rank_top
         self.renormalize, self.scale = cfg.moe_renormalize, cfg.moe_routed_scale
         self.bias_on_logits = cfg.moe_expert_bias_on == "logits"  # Kolibri-1: the bias moves the logits' order
+        self.softcap = cfg.moe_router_softcap  # Laguna
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(indices [T, k], weights [T, k] in x's dtype, logits [T, E] and scores [T, E] in fp32)."""
         logits = F.linear(x, self.weight, self.bias).float()  # [T, E]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         if self.expert_bias is None:
             choice = scores

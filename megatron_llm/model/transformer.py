@@ -106,7 +106,8 @@ class Transformer(nn.Module):
         self.rope_names = tuple(sorted({layer.attention.rope for layer in self.layers.values()} - {None}))
         for name in self.rope_names:
             for part in ("cos", "sin"):
-                self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.rope_dim // 2), persistent=False)
+                self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.table_rope_dim(name) // 2),
+                                     persistent=False)
 
     def tie_weights(self) -> None:
         """Makes output.weight the very Parameter of tok_embeddings.weight (when tied and both exist).
@@ -186,7 +187,7 @@ class Transformer(nn.Module):
         for name, theta, scaling in (("global", cfg.rope_theta, cfg.rope_scaling), ("local", cfg.rope_local_theta, None)):
             cos_buffer = getattr(self, _rope_buffer(name, "cos"), None)
             if cos_buffer is not None:
-                cos, sin = rope_tables(cfg.rope_dim, cfg.max_seq_len, theta, scaling, cos_buffer.device)
+                cos, sin = rope_tables(cfg.table_rope_dim(name), cfg.max_seq_len, theta, scaling, cos_buffer.device)
                 cos_buffer.copy_(cos)
                 getattr(self, _rope_buffer(name, "sin")).copy_(sin)
         if isinstance(self.pos_embeddings, SinusoidalPositions):

@@ -54,12 +54,12 @@ def expert_count(hf_key: str, other: str) -> Derived:
     return Derived(read, lambda cfg: {hf_key: cfg.moe_experts})
 
 
-def experts(prefix: str, gate: str, up: str, down: str) -> dict:
-    """The router and the stacked experts under `prefix` (the layer's MoE module), with the family's names
-    for the gate, up and down projections of one expert."""
+def experts(prefix: str, gate: str, up: str, down: str, router: str = "gate") -> dict:
+    """The router (`router`.weight) and the stacked experts under `prefix` (the layer's MoE module), with the
+    family's names for the gate, up and down projections of one expert."""
     ours = "layers.{i}.feed_forward"
     return {
-        f"{prefix}.gate.weight": f"{ours}.router.weight",
+        f"{prefix}.{router}.weight": f"{ours}.router.weight",
         f"{prefix}.experts.{{e}}.{gate}.weight": Stacked(f"{ours}.experts.w1"),
         f"{prefix}.experts.{{e}}.{up}.weight": Stacked(f"{ours}.experts.w3"),
         f"{prefix}.experts.{{e}}.{down}.weight": Stacked(f"{ours}.experts.w2"),

@@ -66,8 +66,7 @@ HY_V3 = Family(
      Fixed("moe_expert_bias", True), Fixed("moe_renormalize", True), Fixed("moe_aux_loss_coeff", 0.0),
      mlp_layer_types(1, first_key=None)),
     {**LLAMA_TENSORS,
-     **{k.replace(".mlp.gate.", ".mlp.router.gate."): v for k, v in experts("model.layers.{i}.mlp", "gate_proj",
-                                                                          "up_proj", "down_proj").items()},
+     **experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj", router="router.gate"),
      **shared_mlp("shared_mlp"), "model.layers.{i}.mlp.expert_bias": EXPERT_BIAS},
 )
 
