@@ -45,7 +45,14 @@ class LayerSpec:
     rope: Optional[str]  # "global" or "local" RoPE table; None: no positions in this layer (NoPE)
     moe: bool = False  # a mixture of experts in the feed_forward slot (model/moe.py) instead of one MLP
     chunk: Optional[int] = None  # chunked attention: a query sees the keys of its own chunk only (Llama 4)
-    linear: bool = False  # a Gated DeltaNet mixer (model/linear_attention.py) in the attention slot instead
+    # what fills the attention slot: attention, "linear" (Gated DeltaNet, model/linear_attention.py) or "mamba"
+    # (Mamba-2, model/mamba.py); the recurrent mixers have no positions (rope None)
+    mixer: str = "attention"
+
+    @property
+    def linear(self) -> bool:
+        """A Gated DeltaNet mixer in the attention slot."""
+        return self.mixer == "linear"
 
 
 @dataclass
@@ -104,7 +111,8 @@ class ModelConfig:
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
         None, "per layer 'full', 'sliding' or 'chunked' attention, or 'linear' (a Gated DeltaNet mixer: Qwen3-Next, "
-        "Qwen3.5); null: all sliding when sliding_window is set, else all full")
+        "Qwen3.5) or 'mamba' (a Mamba-2 mixer: Bamba, Granite 4.0); null: all sliding when sliding_window is set, "
+        "else all full")
     attention_chunk_size: Optional[int] = param(
         None, "chunked layers: positions cut into chunks of this many, a query sees only keys of its own chunk (Llama 4)")
     sliding_window: Optional[int] = param(None, "window of the sliding layers, in tokens (the query included)")
@@ -132,6 +140,18 @@ class ModelConfig:
     linear_conv_kernel: int = param(4, "linear layers: taps of the causal depthwise convolution over q, k and v")
     linear_chunk_size: int = param(64, "linear layers: tokens per chunk of the chunked delta rule in a forward of "
                                        "many tokens (a speed choice: every size gives the same numbers)")
+    mamba_num_heads: int = param(0, "mamba layers: heads of the Mamba-2 mixer (its inner width is heads x head_dim)")
+    mamba_head_dim: int = param(0, "mamba layers: channels per head")
+    mamba_groups: int = param(0, "mamba layers: groups of heads sharing one B and one C (and one group of the gated norm)")
+    mamba_state_size: int = param(0, "mamba layers: state size N per head channel (d_state)")
+    mamba_conv_kernel: int = param(4, "mamba layers: taps of the causal depthwise convolution over x, B and C")
+    mamba_conv_bias: bool = param(True, "mamba layers: a bias on the convolution")
+    mamba_proj_bias: bool = param(False, "mamba layers: biases on the input and output projections")
+    mamba_chunk_size: int = param(256, "mamba layers: tokens per chunk of the chunked (SSD) scan in a forward of many "
+                                       "tokens (a speed choice: every size gives the same numbers)")
+    mamba_dt_floor: float = param(0.0, "mamba layers: the time step softplus(dt + dt_bias) is clamped to at least this "
+                                       "(time_step_limit[0]; Nemotron-H's time_step_min)")
+    mamba_dt_ceiling: Optional[float] = param(None, "mamba layers: the time step's upper clamp; null: none")
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
@@ -289,8 +309,8 @@ class ModelConfig:
         window = self.sliding_window if kind == "sliding" else None
         chunk = self.attention_chunk_size if kind == "chunked" else None
         moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
-        if kind == "linear":  # positions come from the recurrence's order: no RoPE
-            return LayerSpec(None, None, moe, None, linear=True)
+        if kind in ("linear", "mamba"):  # positions come from the recurrence's order: no RoPE
+            return LayerSpec(None, None, moe, None, mixer=kind)
         if self.position != "rope" or i in self.nope_layers:
             return LayerSpec(window, None, moe, chunk)
         return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe, chunk)
@@ -380,13 +400,16 @@ class ModelConfig:
 
     def _validate_layers(self) -> None:
         if self.layer_types is not None:
-            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding", "chunked", "linear"}:
+            kinds = {"full", "sliding", "chunked", "linear", "mamba"}
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - kinds:
                 raise UsageError(
-                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding', 'chunked' "
-                    "or 'linear'"
+                    f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding', 'chunked', "
+                    "'linear' or 'mamba'"
                 )
             if "linear" in self.layer_types:
                 self._validate_linear()
+            if "mamba" in self.layer_types:
+                self._validate_mamba()
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise UsageError("model.layer_types has sliding layers: set model.sliding_window")
             if "chunked" in self.layer_types and not self.attention_chunk_size:
@@ -407,6 +430,19 @@ class ModelConfig:
         if self.linear_num_value_heads % self.linear_num_key_heads:
             raise UsageError(f"model.linear_num_value_heads ({self.linear_num_value_heads}) must be a multiple of "
                              f"model.linear_num_key_heads ({self.linear_num_key_heads})")
+
+    def _validate_mamba(self) -> None:
+        for key in ("mamba_num_heads", "mamba_head_dim", "mamba_groups", "mamba_state_size", "mamba_conv_kernel",
+                    "mamba_chunk_size"):
+            if getattr(self, key) <= 0:
+                raise UsageError(f"model.layer_types has mamba layers: model.{key} must be positive, got {getattr(self, key)}")
+        if self.mamba_num_heads % self.mamba_groups:
+            raise UsageError(f"model.mamba_num_heads ({self.mamba_num_heads}) must be a multiple of model.mamba_groups "
+                             f"({self.mamba_groups})")
+        ceiling = self.mamba_dt_ceiling if self.mamba_dt_ceiling is not None else math.inf
+        if not 0 <= self.mamba_dt_floor < ceiling:
+            raise UsageError(f"model.mamba_dt_floor ({self.mamba_dt_floor}) must be >= 0 and below model.mamba_dt_ceiling "
+                             f"({self.mamba_dt_ceiling})")
 
     def _validate_norms(self) -> None:
         if self.norm_unit_offset and not self.norm_affine:

@@ -117,6 +117,10 @@ def window_args(cfg: ModelConfig) -> dict:
         raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r}: megatron-core's Gated DeltaNet "
                          "layers (experimental_attention_variant gated_delta_net) are built by a Transformer Engine spec "
                          "only, whose names we do not write; convert to native or hf instead")
+    if any(spec.mixer == "mamba" for spec in specs):
+        raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r} in GPTModel: megatron-core "
+                         "builds Mamba-2 layers in MambaModel, a model class of its own (hybrid_override_pattern), "
+                         "which we do not write; convert to native or hf instead")
     sliding = [int(spec.window is not None) for spec in specs]
     if not any(sliding):
         return dict(window_size=None, window_attn_skip_freq=None)

@@ -72,28 +72,16 @@ class GatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """The convolution as nn.Conv1d initialises a depthwise one (uniform in +-1/sqrt(taps)); decay rates
-        exp(a_log) uniform in [1, 16] and time steps softplus(dt_bias) log-uniform in [1e-3, 0.1] (Mamba-2's and
-        FLA's ranges); the projections are the Transformer's (init_weights), the norm's weight 1."""
+        """The convolution as nn.Conv1d initialises a depthwise one (uniform in +-1/sqrt(taps)), the decay as
+        init_decay; the projections are the Transformer's (init_weights), the norm's weight 1."""
         bound = self.kernel ** -0.5
         for conv in (self.conv_q, self.conv_k, self.conv_v):
             conv.weight.uniform_(-bound, bound, generator=generator)
-        self.a_log.weight.uniform_(1.0, 16.0, generator=generator).log_()
-        low, high = math.log(1e-3), math.log(0.1)
-        dt = self.dt_bias.weight.uniform_(low, high, generator=generator).exp_()
-        self.dt_bias.weight.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init_decay(self.a_log.weight, self.dt_bias.weight, generator)
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        keys, cache = ctx.keys, ctx.cache
-        if keys.documents is not None or keys.query_end is not None:
-            raise ValueError("a linear-attention (Gated DeltaNet) layer carries one state per sequence: packed "
-                             "documents (data.document_mask, sft packing) and continuous batching are not supported; "
-                             "set data.document_mask false / data.packing false, or decode with generate")
-        if keys.valid is not None:  # left padding: zero inputs keep a zero state, as if the row began later
-            x = x * keys.valid[:, -s:, None].to(x.dtype)
-        state = cache.recurrent(self) if cache is not None else None
-        history, recurrent = state if state is not None else (None, None)
+        x, (history, recurrent) = sequence_state(self, x, ctx, "a linear-attention (Gated DeltaNet) layer")
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, s, kv_dim] x2, [b, s, v_dim]; local heads (tp)
         widths = (q.shape[-1], k.shape[-1], v.shape[-1])
         taps = torch.cat((self.conv_q(), self.conv_k(), self.conv_v()))  # [channels, kernel]
@@ -108,11 +96,36 @@ class GatedDeltaNet(nn.Module):
             out, recurrent = recurrent_delta_rule(q, k, v, g, beta, recurrent)
         else:
             out, recurrent = chunked_delta_rule(q, k, v, g, beta, self.chunk_size, recurrent)
-        if cache is not None:
-            cache.keep(self, history, recurrent)
+        if ctx.cache is not None:
+            ctx.cache.keep(self, history, recurrent)
         z = self.z_proj(x).view(b, s, -1, self.v_head_dim)
         out = self.norm(out.to(x.dtype)) * F.silu(z.float()).to(x.dtype)  # [b, s, v_heads, d_v]
         return self.out_proj(out.reshape(b, s, -1))
+
+
+@torch.no_grad()
+def init_decay(a_log: torch.Tensor, dt_bias: torch.Tensor, generator: torch.Generator) -> None:
+    """Per-head decay rates exp(a_log) uniform in [1, 16] and time steps softplus(dt_bias) log-uniform in [1e-3, 0.1]
+    (Mamba-2's and FLA's ranges), in place."""
+    a_log.uniform_(1.0, 16.0, generator=generator).log_()
+    dt = dt_bias.uniform_(math.log(1e-3), math.log(0.1), generator=generator).exp_()
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+
+def sequence_state(layer: nn.Module, x: torch.Tensor, ctx: AttentionContext, what: str):
+    """What a layer with a recurrent state (`what`, for the refusal) reads of its context: x [b, s, h] with left
+    padding zeroed (zero inputs keep a zero state, as if the row began later) and (convolution history, state) from
+    the cache, or (None, None). Packed documents and rows of different lengths (continuous batching) would need a
+    state per document or row: refused by name."""
+    keys, s = ctx.keys, x.shape[1]
+    if keys.documents is not None or keys.query_end is not None:
+        raise ValueError(f"{what} carries one state per sequence: packed documents (data.document_mask, sft packing) "
+                         "and continuous batching are not supported; set data.document_mask false / data.packing "
+                         "false, or decode with generate")
+    if keys.valid is not None:
+        x = x * keys.valid[:, -s:, None].to(x.dtype)
+    state = ctx.cache.recurrent(layer) if ctx.cache is not None else None
+    return x, state if state is not None else (None, None)
 
 
 def causal_conv(x: torch.Tensor, taps: torch.Tensor,

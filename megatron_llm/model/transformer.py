@@ -19,6 +19,7 @@ from megatron_llm.model.attention import Attention, AttentionContext, HeadSinks
 from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
 from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.linear_attention import GatedDeltaNet
+from megatron_llm.model.mamba import Mamba2
 from megatron_llm.model.mla import LatentAttention
 from megatron_llm.model.mlp import XIELU, FeedForward
 from megatron_llm.model.moe import GroupedExperts, MoE, Router
@@ -44,8 +45,8 @@ class TransformerBlock(nn.Module):
         placement = cfg.norm_placement
         post_sublayer = placement in ("sandwich", "output")
         self.attention_norm = build_norm(cfg) if placement != "output" else None
-        mixer = GatedDeltaNet if spec.linear else LatentAttention if cfg.attention == "mla" else Attention
-        self.attention = mixer(cfg, spec)
+        attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.attention = {"linear": GatedDeltaNet, "mamba": Mamba2}.get(spec.mixer, attention)(cfg, spec)
         self.attention_post_norm = build_norm(cfg) if post_sublayer else None
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
         self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
@@ -163,7 +164,7 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.expert_bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU, HeadSinks)):
                 module.reset_parameters()
-            elif isinstance(module, GatedDeltaNet):  # its convolution and decay rates (its projections: Linear above)
+            elif isinstance(module, (GatedDeltaNet, Mamba2)):  # convolution and decay rates (projections: Linear above)
                 generator = torch.Generator(module.out_proj.weight.device)
                 module.reset_parameters(generator.manual_seed(seed + zlib.crc32(name.encode())))
 
@@ -364,13 +365,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     (query-key + value width) * seq_len for the attention scores and values (12 * ... * head_dim where the
     widths are equal). The causal mask is not discounted, as in PaLM and Megatron's MFU. Multi-token prediction
     depths count as layers (their blocks are among the parameters), and each runs the shared head once more.
-    Linear-attention layers have no scores: their recurrent state's products count instead, per token."""
+    Linear-attention and Mamba-2 layers have no scores: their recurrent state's products count instead, per token."""
     n = count_params(cfg, include_embedding=False, active=True)
     n += cfg.vocab_size * cfg.hidden_size * (int(cfg.tie_embeddings) + cfg.mtp_layers)
     value_dim = cfg.mla_v_head_dim if cfg.attention == "mla" else cfg.head_dim
-    linear = [cfg.layer(i).linear for i in range(cfg.num_layers)] + [cfg.layer(cfg.num_layers - 1).linear] * cfg.mtp_layers
-    # A linear-attention layer's state [d_k, d_v] per value head is read, corrected and written once per token
-    # (three products, 2 FLOPs each, forward and backward): no seq_len term.
-    recurrent = 18.0 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
-    scores = 6.0 * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len
-    return 6.0 * n + (len(linear) - sum(linear)) * scores + sum(linear) * recurrent
+    mixers = [cfg.layer(i).mixer for i in range(cfg.num_layers)] + [cfg.layer(cfg.num_layers - 1).mixer] * cfg.mtp_layers
+    # A linear-attention layer's state [d_k, d_v] per value head (a Mamba-2 layer's [N, head_dim] per head) is read,
+    # corrected or decayed, and written once per token (three products, 2 FLOPs each, forward and backward): no
+    # seq_len term.
+    per_token = {
+        "attention": 6.0 * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len,
+        "linear": 18.0 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim,
+        "mamba": 18.0 * cfg.mamba_num_heads * cfg.mamba_state_size * cfg.mamba_head_dim,
+    }
+    return 6.0 * n + sum(per_token[kind] for kind in mixers)

@@ -1,0 +1,127 @@
+"""State-space hybrid families: Mamba-2 mixers (model/mamba.py) between attention layers. Bamba (bamba) and
+Granite 4.0's hybrids (granitemoehybrid).
+
+Their Mamba-2 layers store the five input projections fused in one in_proj [z; x; B; C; dt], the convolution over
+x, B and C as one conv1d [channels, 1, taps] (and its bias), A_log, D and dt_bias as bare [heads] parameters and the
+gated norm's weight as norm.weight; ours are apart so that tensor parallelism splits them by heads and groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron_llm.checkpoint.families.common import GATED_ACTIVATIONS, LLAMA_TENSORS, SHAPE, activation, partial_rope
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Mapped
+from megatron_llm.errors import UsageError
+from megatron_llm.model_config import ModelConfig
+
+MIXER = "layers.{i}.attention"
+
+
+def _time_step_limit(value) -> float:
+    """A time_step_limit bound as config.json holds it: a number, or transformers' {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
+def _read_mamba(hf: dict) -> dict:
+    heads, hidden = hf.get("mamba_n_heads", 128), hf["hidden_size"]
+    head_dim = hf.get("mamba_d_head", "auto")
+    inner = hf.get("mamba_expand", 2) * hidden
+    head_dim = inner // heads if head_dim in (None, "auto") else head_dim
+    if head_dim * heads != inner:
+        raise UsageError(f"config.json mamba_n_heads x mamba_d_head ({heads} x {head_dim}) is not mamba_expand x "
+                         f"hidden_size ({inner}), which transformers requires")
+    low, high = (_time_step_limit(v) for v in (hf.get("time_step_limit") or (0.0, math.inf)))
+    return dict(mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_dt_floor=low,
+                mamba_dt_ceiling=None if math.isinf(high) else high)
+
+
+def _write_mamba(cfg: ModelConfig) -> dict:
+    inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    expand = inner // cfg.hidden_size if inner % cfg.hidden_size == 0 else f"<no mamba_expand for inner width {inner}>"
+    high = cfg.mamba_dt_ceiling if cfg.mamba_dt_ceiling is not None else math.inf
+    return {"mamba_n_heads": cfg.mamba_num_heads, "mamba_d_head": cfg.mamba_head_dim, "mamba_expand": expand,
+            "time_step_limit": [cfg.mamba_dt_floor, high]}
+
+
+MAMBA_CONFIG = (
+    Derived(_read_mamba, _write_mamba),
+    Key("mamba_n_groups", "mamba_groups", default=1), Key("mamba_d_state", "mamba_state_size", default=256),
+    Key("mamba_d_conv", "mamba_conv_kernel", default=4), Key("mamba_chunk_size", "mamba_chunk_size", default=256),
+    Key("mamba_conv_bias", "mamba_conv_bias", default=True), Key("mamba_proj_bias", "mamba_proj_bias", default=False),
+)
+
+
+def _read_attention_layers(hf: dict) -> dict:
+    """Bamba's attn_layer_indices: attention there, Mamba-2 elsewhere."""
+    attention = set(hf.get("attn_layer_indices") or ())
+    return dict(layer_types=["full" if i in attention else "mamba" for i in range(hf["num_hidden_layers"])])
+
+
+def _write_attention_layers(cfg: ModelConfig) -> dict:
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    if any(s.window or s.chunk or s.mixer not in ("attention", "mamba") for s in specs):
+        return {"attn_layer_indices": "<only full attention and mamba layers here>"}
+    return {"attn_layer_indices": [i for i, s in enumerate(specs) if s.mixer == "attention"]}
+
+
+def _sizes(cfg: ModelConfig) -> list[int]:
+    """Rows of z, x, B, C and dt in the fused in_proj."""
+    inner, bc = cfg.mamba_num_heads * cfg.mamba_head_dim, cfg.mamba_groups * cfg.mamba_state_size
+    return [inner, inner, bc, bc, cfg.mamba_num_heads]
+
+
+def _split(fused: torch.Tensor, cfg: ModelConfig, sizes: list[int]) -> list[torch.Tensor]:
+    return [t.contiguous() for t in fused.split(sizes, dim=0)]
+
+
+def _mapped_rows(parts: tuple[str, ...], sizes) -> Mapped:
+    """One stored tensor whose rows are our parts in order (in_proj's weight and bias, conv1d's bias)."""
+    return Mapped(parts, lambda ts: torch.cat(ts), lambda t, cfg: _split(t, cfg, sizes(cfg)), config=True)
+
+
+def _conv_from_hf(weight: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    return _split(weight.squeeze(1), cfg, _sizes(cfg)[1:4])
+
+
+def _bare(name: str) -> Mapped:
+    """A_log, D, dt_bias: stored as bare parameters [heads], ours the weight of a module (Rows)."""
+    return Mapped((f"{MIXER}.{name}.weight",), lambda parts: parts[0], lambda t: [t])
+
+
+def mamba_tensors(prefix: str) -> dict:
+    """The Mamba-2 mixer's tensors under `prefix` (model.layers.{i}.mamba)."""
+    projections = tuple(f"{MIXER}.{p}_proj" for p in ("z", "x", "b", "c", "dt"))
+    convs = tuple(f"{MIXER}.conv_{p}" for p in "xbc")
+    return {
+        f"{prefix}.in_proj.weight": _mapped_rows(tuple(f"{p}.weight" for p in projections), _sizes),
+        f"{prefix}.in_proj.bias": _mapped_rows(tuple(f"{p}.bias" for p in projections), _sizes),
+        f"{prefix}.conv1d.weight": Mapped(tuple(f"{c}.weight" for c in convs), lambda ts: torch.cat(ts).unsqueeze(1),
+                                          _conv_from_hf, config=True),
+        f"{prefix}.conv1d.bias": _mapped_rows(tuple(f"{c}.bias" for c in convs), lambda cfg: _sizes(cfg)[1:4]),
+        f"{prefix}.A_log": _bare("a_log"), f"{prefix}.D": _bare("d"), f"{prefix}.dt_bias": _bare("dt_bias"),
+        f"{prefix}.norm.weight": f"{MIXER}.gate_norm.weight",
+        f"{prefix}.out_proj.weight": f"{MIXER}.out_proj.weight",
+        f"{prefix}.out_proj.bias": f"{MIXER}.out_proj.bias",
+    }
+
+
+# Bamba: Llama attention (half of each head rotated) at attn_layer_indices, Mamba-2 elsewhere, a SwiGLU MLP
+# (feed_forward) in every layer, pre_ff_layernorm before it and final_layernorm at the end.
+BAMBA = Family(
+    "bamba", "BambaForCausalLM",
+    (*SHAPE, activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-5),
+     partial_rope(0.5), Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+     Key("mlp_bias", "mlp_bias", default=False), Fixed("rope_fraction", 0.5),
+     Derived(_read_attention_layers, _write_attention_layers), *MAMBA_CONFIG),
+    {**{k: v for k, v in LLAMA_TENSORS.items() if ".mlp." not in k and "post_attention" not in k
+        and k != "model.norm.weight"},
+     "model.layers.{i}.pre_ff_layernorm.weight": "layers.{i}.ffn_norm.weight",
+     **{k.replace(".mlp.", ".feed_forward."): v for k, v in LLAMA_TENSORS.items() if ".mlp." in k},
+     "model.final_layernorm.weight": "norm.weight",
+     **mamba_tensors("model.layers.{i}.mamba")},
+)
+
+FAMILIES = (BAMBA,)
