@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_llm.model.attention import AttentionContext
-from megatron_llm.model.linear_attention import Rows, causal_conv
+from megatron_llm.model.linear_attention import Rows, causal_conv, init_decay, sequence_state
 from megatron_llm.model_config import LayerSpec, ModelConfig
 
 
@@ -69,32 +69,20 @@ class Mamba2(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Mamba-2's init: the convolution as nn.Conv1d's depthwise one (uniform in +-1/sqrt(taps), bias 0),
-        A = -exp(A_log) with exp(A_log) uniform in [1, 16], time steps softplus(dt_bias) log-uniform in [1e-3, 0.1],
-        D and the gated norm's weight 1; the projections are the Transformer's (init_weights)."""
+        """Mamba-2's init: the convolution as nn.Conv1d's depthwise one (uniform in +-1/sqrt(taps), bias 0), A_log
+        and dt_bias as init_decay, D and the gated norm's weight 1; the projections are the Transformer's (init_weights)."""
         bound = self.kernel ** -0.5
         for conv in (self.conv_x, self.conv_b, self.conv_c):
             conv.weight.uniform_(-bound, bound, generator=generator)
             if conv.bias is not None:
                 conv.bias.zero_()
-        self.a_log.weight.uniform_(1.0, 16.0, generator=generator).log_()
-        dt = self.dt_bias.weight.uniform_(math.log(1e-3), math.log(0.1), generator=generator).exp_()
-        self.dt_bias.weight.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        init_decay(self.a_log.weight, self.dt_bias.weight, generator)
         self.d.weight.fill_(1.0)
         self.gate_norm.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        keys, cache = ctx.keys, ctx.cache
-        if keys.documents is not None or keys.query_end is not None:
-            raise ValueError("a Mamba-2 layer carries one state per sequence: packed documents (data.document_mask, "
-                             "sft packing) and continuous batching are not supported; set data.document_mask false / "
-                             "data.packing false, or decode with generate")
-        valid = keys.valid[:, -s:, None].to(x.dtype) if keys.valid is not None else None
-        if valid is not None:  # left padding: zero inputs (and convolution outputs) keep a zero state
-            x = x * valid
-        state = cache.recurrent(self) if cache is not None else None
-        history, ssm_state = state if state is not None else (None, None)
+        x, (history, ssm_state) = sequence_state(self, x, ctx, "a Mamba-2 layer")
         xs, B, C = self.x_proj(x), self.b_proj(x), self.c_proj(x)  # [b, s, heads/tp * p], [b, s, groups/tp * N] x2
         widths = (xs.shape[-1], B.shape[-1], C.shape[-1])
         taps = torch.cat((self.conv_x(), self.conv_b(), self.conv_c()))  # [channels, kernel (+ bias)]
@@ -102,8 +90,8 @@ class Mamba2(nn.Module):
         if taps.shape[1] > self.kernel:
             mixed = mixed + taps[:, self.kernel].to(mixed.dtype)
         mixed = F.silu(mixed)
-        if valid is not None:
-            mixed = mixed * valid
+        if ctx.keys.valid is not None:  # left padding: the convolution's bias would write into the state
+            mixed = mixed * ctx.keys.valid[:, -s:, None].to(mixed.dtype)
         xs, B, C = mixed.split(widths, dim=-1)
         xs = xs.reshape(b, s, -1, self.head_dim)  # [b, s, heads, p]
         B, C = (t.reshape(b, s, -1, self.state_size) for t in (B, C))  # [b, s, groups, N]
@@ -113,8 +101,8 @@ class Mamba2(nn.Module):
             y, ssm_state = recurrent_scan(xs, dt, A, B, C, ssm_state)
         else:
             y, ssm_state = chunked_scan(xs, dt, A, B, C, self.chunk_size, ssm_state)
-        if cache is not None:
-            cache.keep(self, history, ssm_state)
+        if ctx.cache is not None:
+            ctx.cache.keep(self, history, ssm_state)
         y = y + xs.float() * self.d().float()[:, None]  # the D skip
         gated = y.reshape(b, s, -1) * F.silu(self.z_proj(x).float())  # [b, s, heads * p], fp32
         groups = gated.view(b, s, -1, self.group_width)  # the norm's statistics per group of heads
