@@ -22,6 +22,17 @@ NOT_READ = {
     "modernbert-decoder": "ModernBERT's decoder puts a prediction head (a dense layer, its activation and a LayerNorm) "
                           "between the final norm and the vocabulary projection, and its first layer has no attention "
                           "norm (the embedding's norm serves it); the model menu has neither",
+    "mimo_v2_flash": "MiMo-V2-Flash's values are narrower than its queries and keys (v_head_dim) and scaled by "
+                     "attention_value_scale, and its sliding layers have twice the full layers' key/value heads and "
+                     "attention sinks the full layers lack; the model menu has one value width, no value scale and "
+                     "sinks on every layer or none",
+    "beam": "Beam scales each residual add by its depth (the n-th add takes the sublayer's output times 1/sqrt(n) and "
+            "the stream times sqrt((n - 1)/n)), multiplies its NoPE layers' queries by (1 + (position + 1)/2048)^0.1 "
+            "and adds a per-head bias to its sigmoid output gate; the model menu has none of these",
+    "phimoe": "Phi-3.5-MoE's sparsemixer router weighs each of its two picks by a softmax over only the experts whose "
+              "logits lie within 2 x router_jitter_noise (relative) of that pick's, and in training samples the picks "
+              "(Gumbel) with a Heun's-method gradient; the router menu has softmax or sigmoid top-k scores, "
+              "renormalised or not, chosen and trained deterministically",
 }
 
 
