@@ -1,7 +1,8 @@
 """The hybrid families (Gated DeltaNet linear-attention layers between full-attention ones: families/hybrid.py) against
 transformers' own models, tiny and random (fp32, CPU): logits and loss, the routers' choices, one training step's loss
 (the load-balancing loss included) and the linear layers' gradients, the Hugging Face round trip through native (bit
-exact), greedy generation token for token, the multimodal wrappers, and Megatron-LM refused by name."""
+exact), greedy generation token for token, and Megatron-LM refused by name. The multimodal qwen3_5 / qwen3_5_moe:
+tests/test_families_multimodal.py."""
 
 from __future__ import annotations
 
@@ -114,19 +115,6 @@ def test_greedy_generation_equals_transformers(hf_dir):
     theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
     ours = generate_ids(model, x.tolist(), Sampling(max_new_tokens=10))
     assert ours == theirs.tolist()
-
-
-def test_multimodal_wrapper_reads_its_language_model(tmp_path):
-    """Qwen3.5's multimodal checkpoint (qwen3_5): its text model read beside the vision tower, text logits equal."""
-    config = transformers.AutoConfig.for_model(
-        "qwen3_5", text_config={**SMALL, "model_type": "qwen3_5_text"},
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64))
-    torch.manual_seed(0)
-    vl = transformers.Qwen3_5ForConditionalGeneration(config).eval()
-    vl.save_pretrained(tmp_path)
-    model = megatron_llm.load_model(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(model(tokens()), vl(input_ids=tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_megatron_refuses_linear_layers_by_name(hf_dir, tmp_path):

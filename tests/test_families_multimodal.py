@@ -61,10 +61,14 @@ QWEN_VISION = dict(depth=1, embed_dim=16, num_heads=2, out_hidden_size=32, spati
                    deepstack_visual_indexes=[0])
 MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 QWEN_TOP = {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2}
+QWEN3_5_TEXT = dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+                   linear_key_head_dim=8, linear_value_head_dim=8,
+                   rope_parameters={**MROPE["rope_parameters"], "partial_rotary_factor": 1.0})
+QWEN3_5_VISION = {k: v for k, v in QWEN_VISION.items() if k != "deepstack_visual_indexes"}
 GLM_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, spatial_merge_size=1)
 # experts stacked in memory, one tensor per expert in files (GLM-4.5V), or renamed (Aria's gate_up_proj, fc1 in files):
 # transformers' conversion
-EXPERTS_SPLIT_ON_SAVE = ("glm4v_moe", "aria")
+EXPERTS_SPLIT_ON_SAVE = ("glm4v_moe", "aria", "qwen3_5_moe")
 M_ROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
 # How transformers loads an exported language model: its *ForCausalLM (the default), or for the M-RoPE types, which
 # have no causal-LM class, the text model with the exported head; GLM-4.5V's text model alone reads only stacked
@@ -95,6 +99,11 @@ CASES = {
     "glm4v_moe": (dict(model_type="glm4v_moe_text", moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
                        first_k_dense_replace=1, rope_parameters={**MROPE["rope_parameters"], "partial_rotary_factor": 0.5,
                                                                  "mrope_section": [1, 0, 1]}), GLM_VISION, QWEN_TOP),
+    # Qwen3.5 (-MoE): a Gated DeltaNet layer then a full one (families/hybrid.py), whole heads rotated here so that the
+    # sections cover them; Qwen3-VL's tower without its deepstack
+    "qwen3_5": (dict(model_type="qwen3_5_text", **QWEN3_5_TEXT), QWEN3_5_VISION, QWEN_TOP),
+    "qwen3_5_moe": (dict(model_type="qwen3_5_moe_text", moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                         shared_expert_intermediate_size=16, **QWEN3_5_TEXT), QWEN3_5_VISION, QWEN_TOP),
     # Aria: its MoE language model (experts stored [in, out]) beside Idefics3's vision tower and a cross-attention projector
     "aria": (dict(model_type="aria_text", moe_num_experts=4, moe_topk=2), dict(model_type="idefics3_vision"), {}),
 }
