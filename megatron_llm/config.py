@@ -52,9 +52,9 @@ class ParallelConfig:
         tp, stages = self.tp, self.num_stages
         if self.virtual_stages <= 0 or self.timeout_s <= 0:
             raise UsageError("parallel.virtual_stages and parallel.timeout_s must be positive")
-        heads = ("num_heads", "num_kv_heads", "linear_num_key_heads", "linear_num_value_heads")
+        heads = ("num_heads", "num_kv_heads", "linear_num_key_heads", "linear_num_value_heads", "full_kv_heads")
         for key in (*heads, "ffn_hidden_size"):
-            if getattr(model, key) % tp:
+            if (getattr(model, key) or 0) % tp:  # full_kv_heads null: the full layers' are num_kv_heads
                 # Key/value heads are split, never replicated: each tp rank owns whole GQA groups (and a linear
                 # layer's key heads with the value heads they serve).
                 raise UsageError(f"model.{key} ({getattr(model, key)}) is not divisible by parallel.tp ({tp})")

@@ -33,6 +33,8 @@ ROPE_SCALING_KEYS = {
     "longrope": (
         {"long_factor", "short_factor", "original_max_position_embeddings"}, {"factor", "attention_factor"},
     ),
+    # Gemma 4's full layers: the first partial_rotary_factor of the whole head's frequencies turn, the rest stay
+    "proportional": ({"partial_rotary_factor"}, {"factor"}),
 }
 GATED_MLPS = ("swiglu", "geglu", "geglu_tanh", "reglu", "swiglu_clamped")
 
@@ -48,6 +50,9 @@ class LayerSpec:
     # what fills the attention slot: attention, "linear" (Gated DeltaNet, model/linear_attention.py) or "mamba"
     # (Mamba-2, model/mamba.py); the recurrent mixers have no positions (rope None)
     mixer: str = "attention"
+    head_dim: Optional[int] = None  # this layer's own head width; None: model.head_dim (Gemma 4's full layers differ)
+    kv_heads: Optional[int] = None  # this layer's own key/value heads; None: model.num_kv_heads
+    values_from_keys: bool = False  # no wv: the values are wk's output before k_norm and RoPE (Gemma 4's k_eq_v)
 
     @property
     def linear(self) -> bool:
@@ -155,6 +160,18 @@ class ModelConfig:
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
+    v_norm: bool = param(False, "a weightless RMS norm (norm_eps) over each value head (Gemma 4)")
+    full_head_dim: Optional[int] = param(
+        None, "head width of the full-attention layers, their q/k/v and the global RoPE table's (Gemma 4's "
+        "global_head_dim; the sliding layers keep head_dim and the local table); null: head_dim")
+    full_kv_heads: Optional[int] = param(
+        None, "key/value heads of the full-attention layers (Gemma 4's num_global_key_value_heads); null: num_kv_heads")
+    full_values_from_keys: bool = param(
+        False, "full-attention layers have no wv: their values are wk's output, before k_norm and RoPE (and v_norm "
+        "applies; Gemma 4's attention_k_eq_v)")
+    layer_scalar: bool = param(
+        False, "each block's output, residual included, times a stored scalar of its own, layers.{i}.layer_scalar "
+        "(Gemma 4's; a buffer, not trained)")
     qk_l2_norm: bool = param(
         False, "a weightless RMS norm (norm_eps) over each head of the rotated q and k, on RoPE layers only (Llama 4)")
     attn_temperature_floor: Optional[float] = param(
@@ -291,6 +308,8 @@ class ModelConfig:
         """rope_dim of RoPE table `table` ("global", or "local": the sliding layers' with rope_local_fraction)."""
         if table == "local" and self.rope_local_fraction is not None:
             return int(self.head_dim * self.rope_local_fraction) // 2 * 2
+        if table == "global" and self.full_head_dim is not None:  # read by full layers only (validated)
+            return int(self.full_head_dim * self.rope_fraction) // 2 * 2
         return self.rope_dim
 
     @property
@@ -311,9 +330,12 @@ class ModelConfig:
         moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
         if kind in ("linear", "mamba"):  # positions come from the recurrence's order: no RoPE
             return LayerSpec(None, None, moe, None, mixer=kind)
-        if self.position != "rope" or i in self.nope_layers:
-            return LayerSpec(window, None, moe, chunk)
-        return LayerSpec(window, "local" if window and self.rope_local_theta is not None else "global", moe, chunk)
+        rope = None if self.position != "rope" or i in self.nope_layers else (
+            "local" if window and self.rope_local_theta is not None else "global")
+        if kind == "full":  # Gemma 4's global layers: a head width, key/value heads and values of their own
+            return LayerSpec(window, rope, moe, chunk, head_dim=self.full_head_dim, kv_heads=self.full_kv_heads,
+                             values_from_keys=self.full_values_from_keys)
+        return LayerSpec(window, rope, moe, chunk)
 
     def num_params(self, include_embedding: bool = True) -> int:
         """Parameters of the model this config builds, counted on the meta device (no memory)."""
@@ -420,6 +442,21 @@ class ModelConfig:
             raise UsageError(f"model.sliding_window must be positive or null, got {self.sliding_window}")
         if any(not 0 <= i < self.num_layers for i in self.nope_layers):
             raise UsageError(f"model.nope_layers {self.nope_layers}: layer indices are 0..{self.num_layers - 1}")
+        self._validate_full_layers()
+
+    def _validate_full_layers(self) -> None:
+        """The full-attention layers' own shape (Gemma 4): positive, whole groups, and a global RoPE table no other
+        layer reads (its width is theirs)."""
+        sizes = [v for v in (self.full_head_dim, self.full_kv_heads) if v is not None]
+        if min(sizes, default=1) <= 0 or self.num_heads % (self.full_kv_heads or 1):
+            raise UsageError(f"model.full_head_dim ({self.full_head_dim}) and model.full_kv_heads ({self.full_kv_heads}) "
+                             f"must be positive, and full_kv_heads divide model.num_heads ({self.num_heads})")
+        if self.full_head_dim is None:
+            return
+        others = [i for i in range(self.num_layers) if self.layer(i).rope == "global" and self.layer(i).head_dim is None]
+        if others:
+            raise UsageError(f"model.full_head_dim gives the global RoPE table the full layers' width, but layers {others} "
+                             "(sliding or chunked) read it too: set model.rope_local_theta for the sliding layers")
 
     def _validate_linear(self) -> None:
         sizes = ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",

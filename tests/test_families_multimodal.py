@@ -77,6 +77,8 @@ M_ROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_
 TEXT_EXPORT = {**{w: text_model_with_head for w in M_ROPE}, "glm4v_moe": None}
 PLAIN_EXPORT = {"qwen2_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe", "glm4v": "glm4",
                 "glm4v_moe": "glm4_moe"}
+GEMMA4_TEXT = dict(global_head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+GEMMA4_VISION = dict(num_key_value_heads=2, head_dim=8)
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -106,6 +108,12 @@ CASES = {
                          shared_expert_intermediate_size=16, **QWEN3_5_TEXT), QWEN3_5_VISION, QWEN_TOP),
     # Aria: its MoE language model (experts stored [in, out]) beside Idefics3's vision tower and a cross-attention projector
     "aria": (dict(model_type="aria_text", moe_num_experts=4, moe_topk=2), dict(model_type="idefics3_vision"), {}),
+    # Gemma 4: a sliding layer and a full one twice as wide, without the per-layer inputs (refused); its own vision tower
+    "gemma4": (dict(model_type="gemma4_text", hidden_size_per_layer_input=0, **GEMMA4_TEXT),
+               dict(model_type="gemma4_vision", **GEMMA4_VISION), {"image_token_id": VOCAB - 1}),
+    "gemma4_unified": (dict(model_type="gemma4_unified_text", **GEMMA4_TEXT), dict(model_type="gemma4_unified_vision",
+                                                                                  **GEMMA4_VISION),
+                       {"image_token_id": VOCAB - 1}),
 }
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
                   "model.norm.")  # the stored prefixes of the three layouts' text model

@@ -113,13 +113,13 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        d = self.head_dim = cfg.head_dim
-        q_dim, kv_dim = cfg.num_heads * d, cfg.num_kv_heads * d
+        d = self.head_dim = spec.head_dim or cfg.head_dim  # Gemma 4's full layers have their own width and kv heads
+        q_dim, kv_dim = cfg.num_heads * d, (spec.kv_heads or cfg.num_kv_heads) * d
         # Qwen3-Next's output gate: wq's rows per head are [q_h; gate_h], so a row split keeps each head's gate with it
         self.output_gate = cfg.attention_output_gate
         self.wq = nn.Linear(cfg.hidden_size, q_dim * (2 if self.output_gate else 1), bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
+        self.wv = None if spec.values_from_keys else nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         # AFMoE's and Laguna's output gate, from a projection of its own: act(wg x) per output element or per head
         gate_rows = cfg.num_heads * (1 if cfg.attention_gate_per_head else d)
@@ -138,6 +138,7 @@ class Attention(nn.Module):
         # Llama 4: a weightless norm of the rotated heads on RoPE layers; a position-dependent query temperature on
         # NoPE layers (Ministral 3: on every layer), which lets scores sharpen with the distance covered (arXiv 2501.19399).
         self.l2_eps = cfg.norm_eps if cfg.qk_l2_norm and spec.rope is not None else None
+        self.v_norm_eps = cfg.norm_eps if cfg.v_norm else None  # Gemma 4: values to unit RMS per head, no weight
         temperature = cfg.attn_temperature_floor is not None and (spec.rope is None or cfg.attn_temperature_layers == "all")
         self.temperature = (cfg.attn_temperature_floor, cfg.attn_temperature_scale,
                             cfg.attn_temperature_offset) if temperature else None
@@ -168,7 +169,8 @@ class Attention(nn.Module):
     def _qkv_gate(self, x: torch.Tensor, ctx: AttentionContext):
         """qkv's three and the output gate [b, s, heads * d] (None without one)."""
         b, s, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [b, s, heads * d], [b, s, kv_heads * d] x2
+        q, k = self.wq(x), self.wk(x)  # [b, s, heads * d], [b, s, kv_heads * d]
+        v = k if self.wv is None else self.wv(x)  # [b, s, kv_heads * d]; the keys' own projection without wv
         gate = None
         if self.output_gate:  # [b, s, heads * 2d] -> [b, s, heads * d] each
             q, gate = (t.reshape(b, s, -1) for t in q.view(b, s, -1, 2 * self.head_dim).chunk(2, dim=-1))
@@ -179,6 +181,8 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, self.head_dim)  # [b, s, heads, d]; local heads under TP
         k = k.view(b, s, -1, self.head_dim)  # [b, s, kv_heads, d]
         v = v.view(b, s, -1, self.head_dim)
+        if self.v_norm_eps is not None:
+            v = l2_norm(v, self.v_norm_eps)
         if self.q_norm is not None and self.qk_norm_per_head and not self.qk_norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:

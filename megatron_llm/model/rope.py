@@ -1,5 +1,5 @@
 """Rotary position embeddings: rotate-half (default) or interleaved pairs, whole or partial heads, with
-the frequency scalings the open families use (linear, llama3, yarn, longrope).
+the frequency scalings the open families use (linear, llama3, yarn, longrope, proportional).
 
 Rotate-half pairs dimension j with j + d/2 (Hugging Face's Llama layout and Megatron), so q/k weights
 copy across with no row permutation; interleaved pairs 2j with 2j+1 (GPT-J, GLM, Cohere, Meta's
@@ -30,6 +30,10 @@ def rope_frequencies(dim: int, theta: float, scaling: Optional[dict], max_seq_le
         return _llama3(inv_freq, scaling), 1.0
     if kind == "yarn":
         return _yarn(dim, theta, scaling)
+    if kind == "proportional":  # the first fraction of the pairs turn at the whole head's frequencies, the rest not
+        turning = int(scaling["partial_rotary_factor"] * dim // 2)
+        inv_freq = torch.cat((inv_freq[:turning], torch.zeros(dim // 2 - turning)))
+        return inv_freq / scaling.get("factor", 1.0), 1.0
     return _longrope(exponents, theta, scaling, max_seq_len)
 
 

@@ -55,14 +55,18 @@ class TransformerBlock(nn.Module):
         self.parallel = cfg.parallel_residual
         self.post_residual = placement in ("post", "deepnorm")
         self.alpha, self.multiplier = cfg.residual_alpha, cfg.residual_multiplier
+        # Gemma 4's stored scale of the block's whole output [1]: a checkpoint's value, not trained (init_weights: 1)
+        self.register_buffer("layer_scalar", torch.empty(1) if cfg.layer_scalar else None)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         if self.parallel:
             a = self.attention_norm(x)
             f = a if self.ffn_norm is None else self.ffn_norm(x)
-            return x + self._scaled(self.attention(a, ctx=ctx) + self.feed_forward(f))
-        h = self._residual(x, self.attention_norm, functools.partial(self.attention, ctx=ctx), self.attention_post_norm)
-        return self._residual(h, self.ffn_norm, self.feed_forward, self.ffn_post_norm)
+            h = x + self._scaled(self.attention(a, ctx=ctx) + self.feed_forward(f))
+        else:
+            h = self._residual(x, self.attention_norm, functools.partial(self.attention, ctx=ctx), self.attention_post_norm)
+            h = self._residual(h, self.ffn_norm, self.feed_forward, self.ffn_post_norm)
+        return h if self.layer_scalar is None else h * self.layer_scalar
 
     def _residual(self, x: torch.Tensor, norm, sublayer, post_norm) -> torch.Tensor:
         if self.post_residual:
@@ -164,6 +168,8 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.expert_bias)
             elif isinstance(module, (RMSNorm, nn.LayerNorm, XIELU, HeadSinks)):
                 module.reset_parameters()
+            elif isinstance(module, TransformerBlock) and module.layer_scalar is not None:
+                module.layer_scalar.fill_(1.0)
             elif isinstance(module, (GatedDeltaNet, Mamba2)):  # convolution and decay rates (projections: Linear above)
                 generator = torch.Generator(module.out_proj.weight.device)
                 module.reset_parameters(generator.manual_seed(seed + zlib.crc32(name.encode())))

@@ -1,7 +1,7 @@
 """Every Hugging Face family we read and write, by model_type: one declarative table each (table.py
 says what a table holds). A family is added by writing its table and listing it here."""
 
-from megatron_llm.checkpoint.families import (dbrx, deepseek, dense, fused, gpt, gpt_oss, hybrid, latent, layernorm, llama, llama4, moe,
+from megatron_llm.checkpoint.families import (dbrx, deepseek, dense, fused, gemma, gpt, gpt_oss, hybrid, latent, layernorm, llama, llama4, moe,
                                               mrope, remote, sigmoid_moe, ssm, windowed_moe)
 from megatron_llm.checkpoint.families.table import Family
 from megatron_llm.errors import UsageError
@@ -10,7 +10,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES, *fused
                                                 *gpt.FAMILIES, *layernorm.FAMILIES, *moe.FAMILIES, *deepseek.FAMILIES,
                                                 *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES, *mrope.FAMILIES,
                                                 *sigmoid_moe.FAMILIES, *latent.FAMILIES, *windowed_moe.FAMILIES,
-                                                *hybrid.FAMILIES, *ssm.FAMILIES)}
+                                                *hybrid.FAMILIES, *ssm.FAMILIES, *gemma.FAMILIES)}
 
 
 # model_types transformers builds whose models the menu cannot express, each with the reason a user is told.
@@ -19,6 +19,10 @@ NOT_READ = {
                      "shortcut beside them (fed the first MLP's input, added after the second), zero-computation "
                      "(identity) experts among the routed ones, and latent attention that scales the queries and the "
                      "key latent by sqrt(hidden_size / rank); the model menu has none of these",
+    "gemma3n_text": "Gemma 3n carries altup_num_inputs copies of the hidden state through every block (AltUp's "
+                    "predict and correct steps), a low-rank learned residual beside attention (Laurel), per-layer input "
+                    "embeddings, keys and values shared by its last layers and a Gaussian top-k sparsity on the MLP "
+                    "activations of its first layers; the model menu has none of these",
     "modernbert-decoder": "ModernBERT's decoder puts a prediction head (a dense layer, its activation and a LayerNorm) "
                           "between the final norm and the vocabulary projection, and its first layer has no attention "
                           "norm (the embedding's norm serves it); the model menu has neither",

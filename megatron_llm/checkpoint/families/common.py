@@ -40,6 +40,8 @@ def _rope_block(params: dict, hf: dict) -> tuple[float, dict | None, float]:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     fraction = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "proportional":  # its fraction picks frequencies over the whole head: a part of the scaling
+        fraction = 1.0
     if kind == "default":
         return float(theta), None, float(fraction)
     if kind not in ROPE_SCALING_KEYS:

@@ -1,0 +1,120 @@
+"""Gemma 4's language models (families/gemma.py) against transformers' own, tiny and random (fp32, CPU; norms drawn
+away from one and each layer's stored scalar away from one): logits and loss of `megatron_llm.load_model(hf_dir)`, the
+Hugging Face round trip through native (bit exact, config kept, transformers loads it with the same logits) and the
+Megatron refusal by name, through tests/test_families.py's checks. Each Gemma 4 piece of the menu is shown to bite (the
+logits move when ours leaves it out), and what the menu has not is refused by its key before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import megatron_llm
+from megatron_llm.checkpoint.families import family
+from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.errors import UsageError
+from megatron_llm.model.transformer import build_model
+from tests.test_families import (SMALL, WINDOW, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
+                                  assert_megatron_round_trip_or_refusal, tokens)
+from tests.test_families_moe import random_hf_model, saved
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+# a sliding layer (head_dim 16, its own base 100) and a full one (32 wide, proportional RoPE over a quarter of its
+# frequencies); no per-layer inputs (the config class's default, 256, is refused)
+GEMMA4 = dict(head_dim=16, global_head_dim=32, sliding_window=WINDOW, hidden_size_per_layer_input=0,
+              layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0,
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                  "rope_theta": 10000.0}})
+# the full layers' values are their keys' projection (no v_proj), with one key/value head where the sliding ones have 2
+K_EQ_V = dict(attention_k_eq_v=True, num_global_key_value_heads=1)
+# case -> config keys over SMALL and GEMMA4
+CASES = {
+    "gemma4_text": {},
+    "gemma4_text-k_eq_v": dict(K_EQ_V, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2),
+    "gemma4_unified_text": K_EQ_V,
+}
+FAMILIES_TESTED = {case.split("-")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
+
+
+def hf_model(case: str) -> torch.nn.Module:
+    model = random_hf_model(case.split("-")[0], {**SMALL, **GEMMA4, **CASES[case]})
+    with torch.no_grad():  # transformers fills each layer's scalar with 1: draw it, so that a missing one shows
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """case -> (its saved directory, the transformers model), built once per module."""
+    return functools.cache(lambda case: saved(hf_model(case), tmp_path_factory.mktemp(case)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_loss_match_transformers(hf_dir, case):
+    assert_logits_and_loss_match(*hf_dir(case))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
+    assert_hf_native_hf_round_trip(*hf_dir(case), tmp_path, case.split("-")[0])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_megatron_is_refused_by_name(hf_dir, tmp_path, case):
+    assert_megatron_round_trip_or_refusal(hf_dir(case)[0], tmp_path, "cannot express model")
+
+
+def test_full_layers_have_their_own_shape(hf_dir):
+    """The full layers' width and key/value heads read from transformers' per_layer_config; with attention_k_eq_v they
+    store no value projection, and ours has none."""
+    path, hf = hf_dir("gemma4_text-k_eq_v")
+    cfg = model_config_from_hf(hf.config.to_dict())
+    assert (cfg.head_dim, cfg.full_head_dim, cfg.num_kv_heads, cfg.full_kv_heads) == (16, 32, 2, 1)
+    stored = load_file(path / "model.safetensors")
+    assert "model.layers.1.self_attn.v_proj.weight" not in stored and "model.layers.0.self_attn.v_proj.weight" in stored
+    model = megatron_llm.load_model(path)
+    assert model.layers["1"].attention.wv is None and model.layers["1"].attention.wk.weight.shape == (32, 64)
+
+
+# menu field -> the value that leaves Gemma 4's piece out; proportional RoPE is left out as the ordinary partial
+# rotary of a quarter of the head (its first 8 dims, at their own frequencies)
+LEFT_OUT = {"v_norm": dict(v_norm=False), "layer_scalar": dict(layer_scalar=False),
+            "proportional": dict(rope_scaling=None, rope_fraction=0.25), "softcap": dict(logit_softcap=None)}
+
+
+@pytest.mark.parametrize("piece", LEFT_OUT)
+def test_each_piece_bites(hf_dir, piece):
+    """Ours without the piece (the rest of the weights as read) is off transformers' logits by more than 1e-3,
+    where with it test_logits_and_loss_match_transformers holds them within 1e-5."""
+    path, hf = hf_dir("gemma4_text")
+    model = megatron_llm.load_model(path)
+    without = build_model(dataclasses.replace(model.cfg, **LEFT_OUT[piece]), "cpu", init=False)
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if k in without.state_dict()})
+    with torch.no_grad():
+        moved = (without(tokens()) - hf(tokens()).logits).abs().max().item()
+    assert moved > 1e-3, f"{piece} left out moves the logits by only {moved}"
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size_per_layer_input", None), ("num_kv_shared_layers", 1),
+                                        ("enable_moe_block", True), ("use_bidirectional_attention", "all")])
+def test_what_the_menu_has_not_is_refused_by_its_key(key, value):
+    """One line naming the key, from config.json alone (no tensor is read); the per-layer inputs are refused where
+    config.json leaves the key to Gemma4TextConfig's default (256)."""
+    config = {"model_type": "gemma4_text", **SMALL, **GEMMA4, key: value}
+    if value is None:
+        del config[key]
+    with pytest.raises(UsageError, match=f"^config.json {key} .*which the model menu has not[^\n]*$"):
+        model_config_from_hf(config)
+
+
+def test_gemma3n_is_refused_by_name():
+    with pytest.raises(UsageError, match="gemma3n_text.*AltUp"):
+        family("gemma3n_text")
