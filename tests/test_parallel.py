@@ -110,6 +110,11 @@ UNTIED_CHAIN = [
 LINEAR_LAYERS = dict(model__layer_types="[linear, full, linear, full]", model__linear_num_key_heads=2,
                      model__linear_num_value_heads=4, model__linear_key_head_dim=16, model__linear_value_head_dim=8,
                      model__linear_chunk_size=8, model__attention_output_gate=True)
+# Gemma 4's full layers in the post-norm chain: 48-wide heads, 2 key/value heads and no wv (the keys' projection
+# serves as values) beside sliding layers of 32-wide heads with 4, values normed per head, a stored scalar per block.
+GEMMA4_LAYERS = dict(model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]", model__full_head_dim=48,
+                     model__full_kv_heads=2, model__full_values_from_keys=True, model__v_norm=True,
+                     model__layer_scalar=True)
 PLACEMENTS = {
     "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
                     model__position="learned", model__embedding_norm=True, model__mlp="xielu", optimizer__eps=1e-6), [
@@ -117,7 +122,8 @@ PLACEMENTS = {
         ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),
     ]),
     "post": (dict(model__norm_placement="post", model__position="sinusoidal", model__position_offset=2, model__norm="layernorm",
-                  model__norm_affine=False, model__qk_norm=True, model__qk_norm_per_head=False, model__mlp="gelu"), [
+                  model__norm_affine=False, model__qk_norm=True, model__qk_norm_per_head=False, model__mlp="gelu",
+                  **GEMMA4_LAYERS), [
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
