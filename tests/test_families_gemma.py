@@ -12,13 +12,14 @@ import functools
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 import megatron_llm
 from megatron_llm.checkpoint.families import family
 from megatron_llm.checkpoint.hf import model_config_from_hf
 from megatron_llm.errors import UsageError
-from megatron_llm.model.transformer import build_model
+from megatron_llm.model.transformer import build_model, flops_per_token
 from tests.test_families import (SMALL, WINDOW, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
                                   assert_megatron_round_trip_or_refusal, tokens)
 from tests.test_families_moe import random_hf_model, saved
@@ -118,3 +119,26 @@ def test_what_the_menu_has_not_is_refused_by_its_key(key, value):
 def test_gemma3n_is_refused_by_name():
     with pytest.raises(UsageError, match="gemma3n_text.*AltUp"):
         family("gemma3n_text")
+
+
+def test_published_layout_reads_as_transformers_builds_it():
+    """The published config.json's global_head_dim, num_global_key_value_heads and attention_k_eq_v (transformers 5
+    saves per_layer_config instead) give the config transformers builds from them, and the class's fills too: no
+    rope_parameters (proportional RoPE over a quarter of the full layers' frequencies) and no layer_types (every
+    sixth layer full, the last always)."""
+    published = {"model_type": "gemma4_text", **SMALL, "num_hidden_layers": 8, "head_dim": 16, "global_head_dim": 32,
+                 "num_global_key_value_heads": 1, "attention_k_eq_v": True, "hidden_size_per_layer_input": 0}
+    built = transformers.AutoConfig.for_model(**published).to_dict()
+    assert "per_layer_config" in built and "global_head_dim" not in built
+    cfg = model_config_from_hf(published)
+    assert cfg == model_config_from_hf(built)
+    assert (cfg.full_head_dim, cfg.full_kv_heads, cfg.full_values_from_keys) == (32, 1, True)
+    assert cfg.layer_types == ["sliding"] * 5 + ["full", "sliding", "full"] and cfg.sliding_window == 512
+    assert cfg.rope_scaling == {"rope_type": "proportional", "partial_rotary_factor": 0.25}
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (1_000_000.0, 10_000.0)
+
+
+def test_flops_count_each_layer_at_its_width(hf_dir):
+    """The scores and values of the full layers count at their 32-wide heads, the sliding layer's at 16."""
+    cfg = model_config_from_hf(hf_dir("gemma4_text")[1].config.to_dict())
+    assert flops_per_token(cfg, 24) - flops_per_token(cfg, 0) == 12.0 * cfg.num_heads * (16 + 32) * 24

@@ -369,19 +369,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     active non-embedding parameters (a mixture of experts' top_k experts, as Megatron's MFU counts them) plus
     the output head (a lookup costs nothing, the head is a matmul even when tied), plus 6 * layers * heads *
     (query-key + value width) * seq_len for the attention scores and values (12 * ... * head_dim where the
-    widths are equal). The causal mask is not discounted, as in PaLM and Megatron's MFU. Multi-token prediction
+    widths are equal), each layer at its own width. The causal mask is not discounted, as in PaLM and Megatron's MFU. Multi-token prediction
     depths count as layers (their blocks are among the parameters), and each runs the shared head once more.
     Linear-attention and Mamba-2 layers have no scores: their recurrent state's products count instead, per token."""
     n = count_params(cfg, include_embedding=False, active=True)
     n += cfg.vocab_size * cfg.hidden_size * (int(cfg.tie_embeddings) + cfg.mtp_layers)
-    value_dim = cfg.mla_v_head_dim if cfg.attention == "mla" else cfg.head_dim
-    mixers = [cfg.layer(i).mixer for i in range(cfg.num_layers)] + [cfg.layer(cfg.num_layers - 1).mixer] * cfg.mtp_layers
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)] + [cfg.layer(cfg.num_layers - 1)] * cfg.mtp_layers
     # A linear-attention layer's state [d_k, d_v] per value head (a Mamba-2 layer's [N, head_dim] per head) is read,
     # corrected or decayed, and written once per token (three products, 2 FLOPs each, forward and backward): no
     # seq_len term.
     per_token = {
-        "attention": 6.0 * cfg.num_heads * (cfg.head_dim + value_dim) * seq_len,
         "linear": 18.0 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim,
         "mamba": 18.0 * cfg.mamba_num_heads * cfg.mamba_state_size * cfg.mamba_head_dim,
     }
-    return 6.0 * n + sum(per_token[kind] for kind in mixers)
+
+    def scores(spec) -> float:  # query-key + value widths of this layer's heads (Gemma 4's full layers are wider)
+        d = spec.head_dim or cfg.head_dim
+        return 6.0 * cfg.num_heads * (d + (cfg.mla_v_head_dim if cfg.attention == "mla" else d)) * seq_len
+
+    return 6.0 * n + sum(scores(spec) if spec.mixer == "attention" else per_token[spec.mixer] for spec in specs)
