@@ -67,6 +67,13 @@ class ParallelConfig:
             )
         if tp > 1 and model.moe_experts and model.moe_weight_input:  # the weights' gradient needs whole expert inputs
             raise UsageError("model.moe_weight_input scales the experts' inputs, whose gradients parallel.tp splits: use tp 1")
+        if model.dsa_index_topk is not None and not model.dsa_indexer_frozen:
+            raise UsageError("model.dsa_index_topk: the sparse attention's indexer gets no gradient through its top-k "
+                             "(megatron-core trains it by a KL loss to the main attention, not implemented here): set "
+                             "model.dsa_indexer_frozen true to train the rest with the indexer fixed")
+        if model.dsa_index_topk is not None and tp > 1:
+            raise UsageError("model.dsa_index_topk: the indexer's heads are not in the tensor-parallel plan: use "
+                             "parallel.tp 1")
         router_losses = model.moe_aux_loss_coeff or model.moe_z_loss_coeff
         if self.pp > 1 and model.moe_experts and router_losses and model.moe_aux_loss_scope == "model":
             raise UsageError(

@@ -190,6 +190,9 @@ class ModelConfig:
     mlp_bias: Optional[bool] = param(None, "bias on the MLP projections; null: linear_bias")
     output_bias: bool = param(False, "bias on the output head (GPT-J, Phi)")
     tie_embeddings: bool = param(False, "share the token embedding with the output head")
+    output_vocab_size: Optional[int] = param(
+        None, "rows of the lm head: logits (and labels) over token ids 0..N-1 only, while the embedding keeps every id "
+        "(Apertus 1.5's head pruned to its text tokens); null: vocab_size")
     embedding_norm: bool = param(False, "a norm right after the embedding (BLOOM)")
     embedding_multiplier: float = param(1.0, "scale of the embedding output (Gemma: sqrt(hidden_size); Granite)")
     residual_multiplier: float = param(1.0, "scale of each sublayer's output before the residual add (Granite)")
@@ -210,6 +213,15 @@ class ModelConfig:
     mla_norm_eps: Optional[float] = param(
         None, "mla: epsilon of the latent norms (q_a_norm, kv_a_norm); null: model.norm_eps (transformers' DeepSeek "
         "V2/V3 and GLM-4.7-Flash fix it at 1e-6)")
+    dsa_index_topk: Optional[int] = param(
+        None, "mla: DeepSeek Sparse Attention: keys each query attends to, chosen by the lightning indexer (index_topk); "
+        "null: every key")
+    dsa_index_heads: int = param(0, "dsa: indexer heads (index_n_heads)")
+    dsa_index_head_dim: int = param(0, "dsa: indexer head width (index_head_dim); its first mla_rope_head_dim dims rotated")
+    dsa_index_rope_interleaved: bool = param(False, "dsa: the indexer rotates pairs (GLM-5) instead of halves (DeepSeek-V3.2)")
+    dsa_indexer_frozen: bool = param(
+        False, "dsa: train with the indexer fixed (its KL loss to the main attention is not implemented; training "
+        "refuses a trainable indexer)")
     moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
     moe_top_k: int = param(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
@@ -303,6 +315,11 @@ class ModelConfig:
         if self.attention == "mla":
             return self.mla_rope_head_dim
         return int(self.head_dim * self.rope_fraction) // 2 * 2
+
+    @property
+    def head_vocab_size(self) -> int:
+        """Rows of the lm head: the token ids it predicts (output_vocab_size where the head is pruned)."""
+        return self.output_vocab_size or self.vocab_size
 
     def table_rope_dim(self, table: str) -> int:
         """rope_dim of RoPE table `table` ("global", or "local": the sliding layers' with rope_local_fraction)."""
@@ -499,6 +516,11 @@ class ModelConfig:
         if self.head == "score" and (self.tie_embeddings or self.norm_head or self.output_bias):
             raise UsageError("model.head score is a plain [1, hidden] projection: set tie_embeddings, norm_head and "
                              "output_bias false")
+        if self.output_vocab_size is not None and not (
+                1 <= self.output_vocab_size <= self.vocab_size and self.head == "lm" and not self.tie_embeddings):
+            raise UsageError(f"model.output_vocab_size ({self.output_vocab_size}) keeps the first rows of an lm head: it "
+                             f"must be in 1..model.vocab_size ({self.vocab_size}), with head lm and tie_embeddings false "
+                             "(a tied head is the whole embedding)")
 
     def _validate_moe(self) -> None:
         if self.moe_experts < 0:
@@ -549,6 +571,8 @@ class ModelConfig:
 
     def _validate_mla(self) -> None:
         if self.attention != "mla":
+            if self.dsa_index_topk is not None:
+                raise UsageError("model.dsa_index_topk selects keys for latent attention: set model.attention mla")
             return
         if self.mla_kv_lora_rank <= 0 or self.mla_v_head_dim <= 0 or (self.mla_q_lora_rank or 1) <= 0:
             raise UsageError("model.attention mla needs positive model.mla_kv_lora_rank and model.mla_v_head_dim")
@@ -557,6 +581,13 @@ class ModelConfig:
                 f"model.mla_rope_head_dim ({self.mla_rope_head_dim}) must be even and in 1..model.head_dim - 1 "
                 f"({self.head_dim - 1}): the rest of each query/key head carries no positions"
             )
+        if self.dsa_index_topk is not None and (
+                self.dsa_index_topk <= 0 or self.dsa_index_heads <= 0 or self.mla_q_lora_rank is None
+                or not self.mla_rope_head_dim <= self.dsa_index_head_dim or self.attn_softcap is not None):
+            raise UsageError(
+                f"model.dsa_index_topk ({self.dsa_index_topk}) needs positive model.dsa_index_heads, "
+                "model.mla_q_lora_rank (the indexer's queries come from the query latent), model.dsa_index_head_dim "
+                "at least model.mla_rope_head_dim, and no model.attn_softcap")
         if (self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None or self.attention_sinks
                 or self.qk_l2_norm or self.attn_temperature_floor is not None or "chunked" in (self.layer_types or [])):
             raise UsageError("model.attention mla takes position rope or none, and no qk_norm, qkv_clip or attention_sinks "

@@ -38,6 +38,10 @@ def mla_args(cfg: ModelConfig) -> dict:
     it gets multi_latent_attention False. UsageError for RoPE scaling megatron-core's MLA lacks."""
     if cfg.attention != "mla":
         return dict(multi_latent_attention=False)
+    if cfg.dsa_index_topk is not None:  # megatron-core 0.16.1: experimental_attention_variant dsa, TE-built only
+        raise UsageError("Megatron-LM cannot express model.dsa_index_topk (DeepSeek Sparse Attention): megatron-core "
+                         "0.16.1 builds its DSA only from Transformer Engine specs (experimental_attention_variant), "
+                         "not the local MLA spec; convert to native or hf instead")
     if not cfg.rope_interleaved:
         raise UsageError("Megatron-LM cannot express model.rope_interleaved=False with latent attention: megatron-core's "
                          "MLA rotates the RoPE dims in interleaved pairs (2j, 2j+1); convert to native or hf instead")

@@ -35,8 +35,8 @@ class KVCache:
             raise ValueError(f"the KV cache holds {self.max_len} positions; this forward needs {end}")
         key = id(layer)
         if key not in self.buffers:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.buffers[key] = (k.new_empty(shape), v.new_empty(shape))
+            shape = (k.shape[0], k.shape[1], self.max_len)  # values may be narrower than keys (MLA's v_head_dim)
+            self.buffers[key] = (k.new_empty(*shape, k.shape[3]), v.new_empty(*shape, v.shape[3]))
         k_all, v_all = self.buffers[key]
         k_all.narrow(2, self.length, k.shape[2]).copy_(k)  # narrow: one op, where [:, :, a:b] takes three slices
         v_all.narrow(2, self.length, v.shape[2]).copy_(v)

@@ -16,6 +16,7 @@ from megatron_llm.model.attention import AttentionContext
 from megatron_llm.model.attention_kernels import ScoreRules, attend
 from megatron_llm.model.norms import build_norm
 from megatron_llm.model.rope import apply_rope
+from megatron_llm.model.sparse_attention import Indexer, sparse_attend
 from megatron_llm.model_config import LayerSpec, ModelConfig
 
 
@@ -37,10 +38,13 @@ class LatentAttention(nn.Module):
         self.rope, self.rope_interleaved = spec.rope, cfg.rope_interleaved
         self.scale = cfg.attention_scale if cfg.attention_scale is not None else d**-0.5
         self.rules = ScoreRules(window=spec.window, softcap=cfg.attn_softcap, alibi=False)
+        # DeepSeek Sparse Attention: each query sees only its top-k keys by the indexer (model/sparse_attention.py)
+        self.indexer = Indexer(cfg, spec.rope) if cfg.dsa_index_topk is not None else None
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_a_norm(self.wq_a(x)))
+        q_latent = self.q_a_norm(self.wq_a(x)) if self.wq is None else None  # [b, s, q_lora_rank]
+        q = self.wq(x) if self.wq is not None else self.wq_b(q_latent)
         q = q.view(b, s, -1, self.head_dim)  # [b, s, heads, nope + rope]
         kv, k_rope = self.wkv_a(x).split([self.latent, self.rope_dim], dim=-1)  # [b, s, latent], [b, s, rope]
         kv = self.wkv_b(self.kv_a_norm(kv)).view(b, s, q.shape[2], -1)  # [b, s, heads, nope + v]
@@ -56,5 +60,9 @@ class LatentAttention(nn.Module):
         v = v.transpose(1, 2)  # [b, heads, s, v_dim]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)
-        out = attend(q, k, v, self.rules, self.scale, None, ctx.keys)  # [b, heads, s, v_dim]
+        if self.indexer is not None:
+            keep = self.indexer(x, q_latent, ctx, self.rules, k.shape[2])  # [b, 1, s, s_kv]
+            out = sparse_attend(q, k, v, keep, self.scale)
+        else:
+            out = attend(q, k, v, self.rules, self.scale, None, ctx.keys)  # [b, heads, s, v_dim]
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))

@@ -33,6 +33,22 @@ NOT_READ = {
     "beam": "Beam scales each residual add by its depth (the n-th add takes the sublayer's output times 1/sqrt(n) and "
             "the stream times sqrt((n - 1)/n)), multiplies its NoPE layers' queries by (1 + (position + 1)/2048)^0.1 "
             "and adds a per-head bias to its sigmoid output gate; the model menu has none of these",
+    # DeepSeek Sparse Attention's relatives (deepseek_v32 and glm_moe_dsa read, families/deepseek.py)
+    "axk2": "A.X-K2's input norms are gated RMSNorms (a low-rank sigmoid gate on the normalised state), its latent "
+            "attention's output is gated by a sigmoid from a fused query projection, and its grouped router fills the "
+            "dropped groups' scores with 0 rather than -inf; the model menu has none of these",
+    "dots3_note_text": "dots.3-note's sliding layers are latent attention of their own shape and RoPE base (per-layer "
+                       "qk_rope_head_dim and theta), its keys' RoPE part has its own norm and its attention an output "
+                       "gate (g_proj); the model menu has one latent shape and base for every layer and neither",
+    "hy_v4": "HunYuan-V4 carries hc_mult copies of the hidden state through every block (hyper-connections), adds "
+             "attention sinks and a clamped SwiGLU to its sparse attention, and its 'shared' indexer layers reuse an "
+             "earlier layer's top-k; the model menu has no hyper-connections and each layer selects its own keys",
+    "minimax_m3_vl_text": "MiniMax-M3's indexer selects blocks of index_block_size keys (index_topk_blocks of them, "
+                          "plus index_local_blocks recent ones), not single keys; the sparse attention here ranks "
+                          "keys one by one",
+    "qwen4_exp_text": "Qwen4-Exp's sparse attention indexes compressed key blocks (indexer_compress_ratio, a budget and "
+                      "key heads of its own), and its blocks carry hyper-connections, per-layer and n-gram embeddings; "
+                      "the model menu has none of these",
     "phimoe": "Phi-3.5-MoE's sparsemixer router weighs each of its two picks by a softmax over only the experts whose "
               "logits lie within 2 x router_jitter_noise (relative) of that pick's, and in training samples the picks "
               "(Gumbel) with a Heun's-method gradient; the router menu has softmax or sigmoid top-k scores, "

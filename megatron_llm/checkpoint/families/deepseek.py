@@ -322,4 +322,54 @@ AXK1 = Family(
     {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, AXK1_NORM: "layers.{i}.ffn_post_norm.weight"}, unused=(AXK1_NORM,),
 )
 
-FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, SARVAM_MLA, AXK1)
+def sparse_attention(heads: int, interleaved: bool) -> tuple:
+    """DeepSeek Sparse Attention's keys (model/sparse_attention.py) with a config class's defaults: top-k, the
+    indexer's heads and width; its RoPE pairs interleaved (GLM-5) or by halves (DeepSeek-V3.2), not a key."""
+    return (Key("index_topk", "dsa_index_topk", default=2048), Key("index_n_heads", "dsa_index_heads", default=heads),
+            Key("index_head_dim", "dsa_index_head_dim", default=128), Fixed("dsa_index_rope_interleaved", interleaved))
+
+
+# The lightning indexer of each layer: its query projection from the query latent, its key with a LayerNorm, the
+# per-head weights.
+DSA_TENSORS = {f"model.layers.{{i}}.self_attn.indexer.{theirs}": f"layers.{{i}}.attention.indexer.{ours}"
+               for theirs, ours in (("wq_b.weight", "wq_b.weight"), ("wk.weight", "wk.weight"),
+                                    ("k_norm.weight", "k_norm.weight"), ("k_norm.bias", "k_norm.bias"),
+                                    ("weights_proj.weight", "head_weights.weight"))}
+
+# DeepSeek-V3.2: DeepSeek-V3 (compressed queries always, RoPE pairs always interleaved whatever rope_interleave says)
+# with the sparse attention's indexer in every layer, its RoPE by halves; dense layers by mlp_layer_types or
+# first_k_dense_replace.
+DEEPSEEK_V32 = Family(
+    "deepseek_v32", "DeepseekV32ForCausalLM",
+    (*without(MLA_CONFIG, "rope_interleaved"), Fixed("rope_interleaved", True), q_lora_rank(1536), latent_norm_eps(1e-6),
+     *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), mlp_layer_types(3), *sparse_attention(64, False)),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS},
+)
+
+
+def _read_indexer_types(hf: dict) -> dict:
+    """GLM-5's indexer_types (GlmMoeDsaConfig's fill from index_topk_pattern or index_topk_freq and
+    index_skip_topk_offset): a 'shared' layer reuses the previous layer's top-k, which a block cannot see."""
+    freq, offset = max(hf.get("index_topk_freq", 1), 1), hf.get("index_skip_topk_offset", 2)
+    pattern = hf.get("index_topk_pattern")
+    types = hf.get("indexer_types") or (
+        [{"F": "full", "S": "shared"}.get(c, c) for c in pattern] if pattern is not None else
+        ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(hf["num_hidden_layers"])])
+    if set(types) != {"full"}:
+        raise UsageError(f"config.json indexer_types {types!r} is not supported: a 'shared' layer reuses the previous "
+                         "layer's top-k keys, and each layer here selects its own (every layer 'full' only)")
+    return {}
+
+
+# GLM-5 (glm_moe_dsa): DeepSeek-V3.2 with GLM's defaults (one expert group, 32 indexer heads), its indexer's RoPE
+# in interleaved pairs.
+GLM_MOE_DSA = Family(
+    "glm_moe_dsa", "GlmMoeDsaForCausalLM",
+    (*without(MLA_CONFIG, "rope_interleaved"), Fixed("rope_interleaved", True), q_lora_rank(2048), latent_norm_eps(1e-5),
+     *sigmoid_routing(scale=2.5), mlp_layer_types(3), *sparse_attention(32, True),
+     Derived(_read_indexer_types, lambda cfg: {"indexer_types": ["full"] * cfg.num_layers})),
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS},
+)
+
+FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, SARVAM_MLA, AXK1, DEEPSEEK_V32,
+            GLM_MOE_DSA)

@@ -1,0 +1,136 @@
+"""DeepSeek Sparse Attention families (DeepSeek-V3.2, GLM-5; model/sparse_attention.py) against transformers' own
+models, tiny and random (fp32, CPU; norms, the indexer's LayerNorm included, biases and routers drawn away from their
+inits), with a sequence (24) three times index_topk (8), so the selection bites: logits and expert choices, top-k off
+moving them, the Hugging Face round trip, a training step's loss and gradients, greedy generation with the cache, and
+the refusals by name (Megatron-LM, GLM-5's shared indexer layers, tp, a trainable indexer in training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+import transformers
+
+import megatron_llm
+from megatron_llm.checkpoint.convert import Options, convert
+from megatron_llm.checkpoint.hf import model_config_from_hf
+from megatron_llm.config import ParallelConfig
+from megatron_llm.errors import UsageError
+from megatron_llm.inference.generate import Sampling, generate_ids
+from megatron_llm.model.sparse_attention import Indexer
+from tests.test_families import SEQ, SMALL, assert_hf_native_hf_round_trip, tokens
+from tests.test_families_moe import (EXPERTS, hf_routes, moe_blocks, our_routes, our_sgd_step, random_hf_model,
+                                     router_of, router_weight, saved)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+TOPK = 8  # a third of SEQ: most queries choose among more keys than they keep
+# latent attention with compressed queries (the indexer's come from that latent), 8 experts in 2 groups, a dense layer
+DSA = dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
+           num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32, n_group=2, topk_group=1,
+           n_shared_experts=1, first_k_dense_replace=1, mlp_layer_types=None, index_topk=TOPK, index_n_heads=8,
+           index_head_dim=16, bos_token_id=0, eos_token_id=1)
+CASES = {"deepseek_v32": {}, "glm_moe_dsa": {}}  # the indexer's RoPE by halves and in pairs
+FAMILIES_TESTED = set(CASES)  # tests/test_family_coverage.py gathers these
+
+
+def hf_model(case: str) -> torch.nn.Module:
+    return random_hf_model(case, {**SMALL, **EXPERTS, **DSA, **CASES[case]}, routers=("gate.weight", "k_norm.weight"))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """model_type -> (its saved directory, the transformers model), built once per module."""
+    return functools.cache(lambda case: saved(hf_model(case), tmp_path_factory.mktemp(case)))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_routes_match_transformers_and_the_selection_bites(hf_dir, case):
+    path, hf = hf_dir(case)
+    model = megatron_llm.load_model(path)
+    x = tokens()
+    routes, theirs = our_routes(model, x), hf_routes(hf_model(case), x)
+    assert len(routes) == len(theirs) == 1 and torch.equal(routes[0], theirs[0])
+    with torch.no_grad():
+        ours = model(x)
+        torch.testing.assert_close(ours, hf(x).logits, atol=1e-5, rtol=1e-5)
+        for m in model.modules():
+            if isinstance(m, Indexer):
+                m.topk = SEQ  # every key kept: dense latent attention
+        dense = model(x)
+    assert (dense - ours).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
+    assert_hf_native_hf_round_trip(*hf_dir(case), tmp_path, case)
+
+
+def test_training_step_matches_transformers(hf_dir):
+    """SGD lr 1 (the update is minus the gradient): transformers' loss, and the gradients of the attention that the
+    selection masks and of the router; the indexer (behind a top-k: no gradient either side) unchanged."""
+    path, hf = hf_dir("deepseek_v32")
+    x = tokens()
+    cfg, result, grad = our_sgd_step(path, x)
+    hf.train()
+    expected = hf(x, labels=x)
+    expected.loss.backward()
+    assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
+    layers = hf.model.layers
+    for i in range(cfg.num_layers):
+        torch.testing.assert_close(grad[f"layers.{i}.attention.wkv_b.weight"], layers[i].self_attn.kv_b_proj.weight.grad,
+                                   atol=1e-6, rtol=1e-4)
+        assert not grad[f"layers.{i}.attention.indexer.wk.weight"].any()
+    for i, block in moe_blocks(hf).items():
+        torch.testing.assert_close(grad[f"layers.{i}.feed_forward.router.weight"], router_weight(router_of(block)).grad,
+                                   atol=1e-6, rtol=1e-4)
+    hf.zero_grad()
+    hf.eval()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_generation_equals_transformers(hf_dir, case):
+    """Prompts of 24 tokens, 10 new ones, decoded one token per step: the indexer's keys cached beside the latent
+    attention's, each new query choosing its top 8 of up to 34 keys."""
+    path, hf = hf_dir(case)
+    model = megatron_llm.load_model(path).eval()
+    x = tokens()
+    theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
+    assert generate_ids(model, x.tolist(), Sampling(max_new_tokens=10)) == theirs.tolist()
+
+
+def test_megatron_refuses_sparse_attention_by_name(hf_dir, tmp_path):
+    """megatron-core 0.16.1's DSA is an experimental variant built by a Transformer Engine spec: refused on export."""
+    with pytest.raises(UsageError, match=r"model\.dsa_index_topk"):
+        convert(str(hf_dir("deepseek_v32")[0]), "hf", str(tmp_path / "mg"), "megatron", Options(tp=1, pp=1))
+    assert not (tmp_path / "mg").exists()
+
+
+def test_glm5_shared_indexer_layers_are_refused_by_name():
+    config = hf_model("glm_moe_dsa").config.to_dict()
+    for keys in (dict(indexer_types=["full", "shared"]), dict(indexer_types=None, index_topk_freq=2,
+                                                             index_skip_topk_offset=0)):
+        with pytest.raises(UsageError, match="indexer_types"):
+            model_config_from_hf({**config, **keys})
+
+
+def test_training_refuses_a_trainable_indexer_and_tp(hf_dir):
+    """The indexer learns only from megatron-core's KL loss, not implemented: training needs it frozen, by name; its
+    heads are not in the tensor-parallel plan: tp 1."""
+    cfg = model_config_from_hf(hf_dir("deepseek_v32")[1].config.to_dict())
+    with pytest.raises(UsageError, match=r"model\.dsa_indexer_frozen"):
+        ParallelConfig().validate(cfg, SEQ, 1, False)
+    frozen = dataclasses.replace(cfg, dsa_indexer_frozen=True)
+    ParallelConfig().validate(frozen, SEQ, 1, False)
+    with pytest.raises(UsageError, match=r"model\.dsa_index_topk.*parallel\.tp"):
+        ParallelConfig(tp=2).validate(frozen, SEQ, 1, False)
+
+
+@pytest.mark.parametrize("model_type", ["axk2", "dots3_note_text", "hy_v4", "minimax_m3_vl_text", "qwen4_exp_text"])
+def test_relatives_beyond_the_menu_are_refused_by_name(model_type):
+    """Sparse-attention relatives whose other pieces the menu lacks: refused by model_type, with the missing piece."""
+    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    with pytest.raises(UsageError, match=f"model_type '{model_type}' is not supported: .*the model menu|ranks keys"):
+        model_config_from_hf(config)
