@@ -111,8 +111,8 @@ CASES = {
     # Gemma 4: a sliding layer and a full one twice as wide, without the per-layer inputs (refused); its own vision tower
     "gemma4": (dict(model_type="gemma4_text", hidden_size_per_layer_input=0, **GEMMA4_TEXT),
                dict(model_type="gemma4_vision", **GEMMA4_VISION), {"image_token_id": VOCAB - 1}),
-    "gemma4_unified": (dict(model_type="gemma4_unified_text", **GEMMA4_TEXT), dict(model_type="gemma4_unified_vision",
-                                                                                  **GEMMA4_VISION),
+    "gemma4_unified": (dict(model_type="gemma4_unified_text", **GEMMA4_TEXT),
+                       dict(model_type="gemma4_unified_vision", mm_embed_dim=16, mm_posemb_size=4, output_proj_dims=16),
                        {"image_token_id": VOCAB - 1}),
 }
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
