@@ -508,6 +508,9 @@ def _model_of_checkpoint(path: str, model_overrides: dict[str, Any]) -> dict:
             # plain score head (training/reward.py stages its weights without the old head).
             model.head, model.tie_embeddings, model.norm_head, model.output_bias = "score", False, False, False
             continue
+        if key == "dsa_indexer_frozen":  # how the loaded indexer trains, not what it is (sparse_attention.py)
+            model.dsa_indexer_frozen = _coerce(value, hints[key], dotted)
+            continue
         if _coerce(value, hints[key], dotted) != getattr(model, key):
             raise UsageError(
                 f"--{dotted} {value!r} contradicts checkpoint.init_from {path}, whose model has {key}="

@@ -15,9 +15,10 @@ import torch
 import transformers
 
 import megatron_llm
+from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import model_config_from_hf
-from megatron_llm.config import ParallelConfig
+from megatron_llm.config import ParallelConfig, load_config
 from megatron_llm.errors import UsageError
 from megatron_llm.inference.generate import Sampling, generate_ids
 from megatron_llm.model.sparse_attention import Indexer
@@ -134,3 +135,25 @@ def test_relatives_beyond_the_menu_are_refused_by_name(model_type):
     config = transformers.AutoConfig.for_model(model_type).to_dict()
     with pytest.raises(UsageError, match=f"model_type '{model_type}' is not supported: .*the model menu|ranks keys"):
         model_config_from_hf(config)
+
+
+def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp_path):
+    """--checkpoint.init_from a DeepSeek-V3.2 directory trains with --model.dsa_indexer_frozen true (refused without
+    it): the first step's loss is transformers' on the trainer's batch (32 tokens, top 8), and a step moves the
+    attention but leaves the indexer as loaded."""
+    from megatron_llm.training.trainer import train
+
+    hf = random_hf_model("deepseek_v32", {**SMALL, **EXPERTS, **DSA, "vocab_size": 257, "intermediate_size": 128})
+    hf.save_pretrained(tmp_path / "v32")
+    init = dict(checkpoint__init_from=str(tmp_path / "v32"), training__steps=1, training__eval_interval=0,
+                model__num_kv_heads=4)  # latent attention: a key per head
+    with pytest.raises(UsageError, match=r"model\.dsa_indexer_frozen"):
+        load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(corpus_dir, tmp_path / "refused", **init))
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
+                      tiny_overrides(corpus_dir, tmp_path / "run", model__dsa_indexer_frozen=True, **init))
+    expected, _ = transformers_first_loss(hf, cfg)
+    assert train(cfg).losses[0] == pytest.approx(expected, abs=1e-5)
+    tuned = megatron_llm.load_model(cfg.checkpoint.dir).state_dict()
+    theirs = hf.state_dict()
+    assert torch.equal(tuned["layers.1.attention.indexer.wk.weight"], theirs["model.layers.1.self_attn.indexer.wk.weight"])
+    assert not torch.equal(tuned["layers.1.attention.wkv_b.weight"], theirs["model.layers.1.self_attn.kv_b_proj.weight"])
