@@ -19,6 +19,7 @@ import megatron_llm
 from megatron_llm.checkpoint.families import family
 from megatron_llm.checkpoint.hf import model_config_from_hf
 from megatron_llm.errors import UsageError
+from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.transformer import build_model, flops_per_token
 from tests.test_families import (SMALL, WINDOW, assert_hf_native_hf_round_trip, assert_logits_and_loss_match,
                                   assert_megatron_round_trip_or_refusal, tokens)
@@ -142,3 +143,14 @@ def test_flops_count_each_layer_at_its_width(hf_dir):
     """The scores and values of the full layers count at their 32-wide heads, the sliding layer's at 16."""
     cfg = model_config_from_hf(hf_dir("gemma4_text")[1].config.to_dict())
     assert flops_per_token(cfg, 24) - flops_per_token(cfg, 0) == 12.0 * cfg.num_heads * (16 + 32) * 24
+
+
+def test_decoding_with_a_cache_gives_the_whole_forward(hf_dir):
+    """Through a KV cache (a prompt of 12, one token, the rest) the logits are the whole sequence's: each layer's
+    cache holds its own width and key/value heads, and the full layers' values (their keys' projection, normed)."""
+    model = megatron_llm.load_model(hf_dir("gemma4_text-k_eq_v")[0])
+    x = tokens()
+    with torch.no_grad():
+        cache = KVCache(x.shape[1])
+        steps = [model(x[:, :12], cache=cache), model(x[:, 12:13], cache=cache), model(x[:, 13:], cache=cache)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), model(x), atol=1e-5, rtol=1e-5)
