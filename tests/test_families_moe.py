@@ -438,6 +438,23 @@ def test_unsupported_config_value_is_one_line(model_type):
         megatron_llm.checkpoint.hf.model_config_from_hf(config)
 
 
+# Keys a config class fills where a published config.json leaves them out (layer and MLP patterns, RoPE blocks, windows,
+# widths): our tables fill them the same way.
+FILLED = ("layer_types", "mlp_layer_types", "rope_parameters", "sliding_window", "mlp_only_layers", "num_dense_layers",
+          "num_attention_heads_per_layer", "shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts",
+          "head_dim", "num_key_value_heads", "router_scaling_factor", "route_scale", "norm_topk_prob")
+
+
+@pytest.mark.parametrize("model_type", ["solar_open", "hy_v3", "mellum", "flint", "kolibri1", "afmoe", "laguna",
+                                        "granitemoe_swa", "aria_text"])
+def test_a_config_json_without_the_class_fills_reads_the_same(model_type):
+    shape = {k: v for k, v in SMALL.items() if k not in FILLED}
+    full = transformers.AutoConfig.for_model(model_type, **{**shape, "num_hidden_layers": 10}).to_dict()
+    published = {k: v for k, v in full.items() if k not in FILLED}
+    table = family(model_type)
+    assert table.read_config(published) == table.read_config(full)
+
+
 # Mixture-of-experts families transformers builds that the menu cannot express: refused on read, naming what they do.
 NOT_READ = {"mimo_v2_flash": dict(n_routed_experts=4, moe_intermediate_size=32), "beam": dict(num_experts=4),
             "phimoe": dict(num_local_experts=4)}

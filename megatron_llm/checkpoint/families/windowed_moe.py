@@ -13,6 +13,7 @@ from megatron_llm.checkpoint.families.common import (
     ROPE,
     SHAPE,
     layers_defaulting,
+    shape_defaulting,
     without_mlp,
     write_every_layer_type,
 )
@@ -32,6 +33,11 @@ from megatron_llm.checkpoint.families.moe import (
 from megatron_llm.checkpoint.families.sigmoid_moe import EVERY_LAYER_SPARSE
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, get_family_value
 from megatron_llm.errors import UsageError
+
+
+# Qwen3's attention and block keys (QK-norm per head, biases under attention_bias, no MLP bias) without its shape,
+# RoPE and windows, which these families fill their own way.
+QWEN3_ATTENTION = tuple(e for e in QWEN3.config if e not in SHAPE and e not in (ROPE, LAYERS))
 
 
 def rope_per_type(full: dict, sliding: dict) -> Derived:
@@ -58,7 +64,7 @@ def rope_per_type(full: dict, sliding: dict) -> Derived:
 # whose RoPE bases differ; the class fills every layer full and every layer sparse.
 MELLUM = Family(
     "mellum", "MellumForCausalLM",
-    (*(e for e in QWEN3.config if e not in (ROPE, LAYERS)),
+    (*shape_defaulting(128, 4), *QWEN3_ATTENTION,
      rope_per_type({"rope_type": "default", "rope_theta": 500000.0}, {"rope_type": "default", "rope_theta": 10000.0}),
      layers_defaulting(1024, lambda i: True), *ROUTING, expert_count("num_local_experts", "num_experts"),
      Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("norm_topk_prob", "moe_renormalize", default=True),
@@ -90,7 +96,7 @@ def full_layers_nope(window: int, is_full: Callable[[int, int], bool], without_w
 # two layers dense by default. transformers' balance loss takes the softmax of the router's logits.
 FLINT = Family(
     "flint", "FlintForCausalLM",
-    (*(e for e in QWEN3.config if e is not LAYERS),
+    (*shape_defaulting(128, 4), *QWEN3_ATTENTION, ROPE,
      full_layers_nope(513, lambda i, n: i < 2 or i % 4 == 1 or i == n - 1, without_window="none"),
      Fixed("attention_sinks", True), expert_count("num_experts", "num_local_experts"),
      Key("moe_intermediate_size", "moe_ffn_hidden_size"), Key("decoder_sparse_step", "moe_layer_freq", default=1),
@@ -107,8 +113,8 @@ FLINT = Family(
 # moves the logits for the choice, renormalised only where norm_topk_prob says, beside shared experts.
 KOLIBRI1 = Family(
     "kolibri1", "Kolibri1ForCausalLM",
-    (*(e for e in SHAPE if getattr(e, "ours", None) != "ffn_hidden_size"), EVERY_LAYER_SPARSE,
-     *(e for e in QWEN3.config if e not in SHAPE and e is not LAYERS and getattr(e, "ours", None) not in
+    (*(e for e in shape_defaulting(128, 4) if getattr(e, "ours", None) != "ffn_hidden_size"), EVERY_LAYER_SPARSE, ROPE,
+     *(e for e in QWEN3_ATTENTION if getattr(e, "ours", None) not in
        ("qkv_bias", "out_bias")), Fixed("qkv_bias", False), Fixed("out_bias", False),
      Fixed("norm_placement", "sandwich"), full_layers_nope(513, lambda i, n: (i + 1) % 5 == 0, without_window="all"),
      EXPERTS_REQUIRED, expert_count("num_local_experts", "num_experts"), Key("num_experts_per_tok", "moe_top_k"),
@@ -139,8 +145,8 @@ def _write_afmoe_mup(cfg) -> dict:
 # shared experts. transformers computes no aux loss for it.
 AFMOE = Family(
     "afmoe", "AfmoeForCausalLM",
-    (*(e for e in SHAPE if e is not HEAD_DIM), Key("head_dim", "head_dim", default=128),
-     *(e for e in QWEN3.config if e not in SHAPE and e is not LAYERS), Fixed("norm_placement", "sandwich"),
+    (*(e for e in SHAPE if e is not HEAD_DIM), Key("head_dim", "head_dim", default=128), *QWEN3_ATTENTION, ROPE,
+     Fixed("norm_placement", "sandwich"),
      Fixed("attention_gate", "sigmoid"), Derived(_read_afmoe_mup, _write_afmoe_mup),
      full_layers_nope(1024, lambda i, n: (i + 1) % 4 == 0, without_window="sliding"),
      EXPERTS_REQUIRED, Key("num_experts", "moe_experts"), Key("num_experts_per_tok", "moe_top_k"),
@@ -176,8 +182,7 @@ def _read_laguna_heads(hf: dict) -> dict:
 # balance loss takes the softmax of the (capped) logits.
 LAGUNA = Family(
     "laguna", "LagunaForCausalLM",
-    (*(e for e in SHAPE if e is not HEAD_DIM), Key("head_dim", "head_dim", default=128),
-     *(e for e in QWEN3.config if e not in SHAPE and e not in (ROPE, LAYERS)),
+    (*shape_defaulting(128, 8), *QWEN3_ATTENTION,
      rope_per_type({"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
                    {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}),
      layers_defaulting(512, lambda i: True), Derived(_read_laguna_heads, lambda cfg: {
