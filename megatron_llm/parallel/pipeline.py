@@ -4,8 +4,8 @@ The model is split by layer count into pp x virtual_stages stages (evenly, or as
 says); the first stage also holds the embedding, the last the final norm and the head, and the loss is
 computed there by the schedule. With multi-token prediction the last stage also holds the MTP depths and a
 copy of the embedding, whose inputs are the micro-batch's tokens (megatron-core's MTP block and its embedding
-group); see PipelineModel for how the copies stay equal. Each stage is a Transformer with the other modules deleted, so every
-parameter keeps its full-model name. Which stages a rank runs depends on the schedule: one for GPipe
+group); PipelineModel keeps the copies equal. Each stage is a Transformer with the other modules deleted, so
+every parameter keeps its full-model name. Which stages a rank runs depends on the schedule: one for GPipe
 and 1F1B; stages r, r + pp, ... for the interleaved ones ("loop"); r and 2pp - 1 - r for ZBV ("v").
 
 The training micro-batches are the schedule's micro-batches (training.grad_accum_steps of them).
@@ -231,11 +231,12 @@ class PipelineModel(nn.Module):
     def _sum_copies_grads(self) -> None:
         match_param_layouts(self.copies)  # each rank's own vocabulary rows, as on the other stage
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.copies]
-        if self.tie_group is None and grads:  # both ends on this rank (ZBV, tied): their shards line up
+        if self.tie_group is not None:
+            for grad in grads:
+                dist.all_reduce(grad, group=self.tie_group)
+        elif grads:  # both ends on this rank (ZBV, tied: embedding and head); their shards line up
             grads[0].add_(grads[1])
             grads[1].copy_(grads[0])
-        for grad in grads if self.tie_group is not None else ():
-            dist.all_reduce(grad, group=self.tie_group)
 
     def forward(self, *args):
         raise RuntimeError("a pipeline stage runs through PipelineModel.run, not forward()")
@@ -263,7 +264,8 @@ def whole_backward(part: nn.Module) -> Optional[Callable]:
     their paths meet the input's (pipelining/_backward.py get_param_groups); its merge can leave one parameter in
     two groups, and the second group's weight step then backpropagates through a graph the first freed ("Trying to
     backward through the graph a second time"). The MTP stage's embedding copy, depth norms and head meet the
-    hidden states at several places and do this (1 or 2 depths, tied or not); the decoder's stages do not."""
+    hidden states at several places and do this (1 or 2 depths, tied or not, measured); the decoder's stages
+    have not (tests/test_parallel.py's interleaved_zb links)."""
     return (lambda: lambda: None) if part.mtp is not None else None
 
 
