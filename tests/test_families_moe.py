@@ -455,6 +455,17 @@ def test_a_config_json_without_the_class_fills_reads_the_same(model_type):
     assert table.read_config(published) == table.read_config(full)
 
 
+def test_laguna_gates_per_head_or_per_element_as_its_gating_key_says():
+    """gating true or "per-head": one softplus gate per head (g_proj [heads, hidden]); false: one per output element,
+    written back as such."""
+    config = transformers.AutoConfig.for_model("laguna", **{**SMALL, **EXPERTS, **CASES["laguna"]}).to_dict()
+    table = family("laguna")
+    for gating, per_head in ((True, True), ("per-head", True), (False, False)):
+        cfg = table.read_config({**config, "gating": gating})
+        assert (cfg.attention_gate, cfg.attention_gate_per_head) == ("softplus", per_head)
+        assert table.write_config(cfg)["gating"] is per_head
+
+
 # Mixture-of-experts families transformers builds that the menu cannot express: refused on read, naming what they do.
 NOT_READ = {"mimo_v2_flash": dict(n_routed_experts=4, moe_intermediate_size=32), "beam": dict(num_experts=4),
             "phimoe": dict(num_local_experts=4)}
@@ -475,7 +486,7 @@ def test_a_dense_model_is_refused_by_name(case):
         family(model_type_of(case)).write_config(ModelConfig())
 
 
-@pytest.mark.parametrize("case", [f.model_type for f in deepseek.FAMILIES if f.mtp is not None])
+@pytest.mark.parametrize("case", [f.model_type for f in deepseek.FAMILIES if f.mtp is not None and f.model_type in CASES])
 def test_mtp_depths_written_as_published_load_in_transformers(hf_dir, tmp_path, case):
     """A model with one multi-token prediction depth exports it as layer num_layers (vLLM's deepseek_mtp /
     glm4_moe_mtp names, with the embedding and head copies); transformers skips that layer and gives its own model's
