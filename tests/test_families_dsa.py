@@ -13,14 +13,17 @@ import functools
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import megatron_llm
 from conftest import ROOT, tiny_overrides, transformers_first_loss
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.hf import model_config_from_hf
-from megatron_llm.config import ParallelConfig, load_config
+from megatron_llm.checkpoint.native import save_weights
+from megatron_llm.config import Config, ParallelConfig, load_config
 from megatron_llm.errors import UsageError
 from megatron_llm.inference.generate import Sampling, generate_ids
+from megatron_llm.model import build_model
 from megatron_llm.model.sparse_attention import Indexer
 from tests.test_families import SEQ, SMALL, assert_hf_native_hf_round_trip, tokens
 from tests.test_families_moe import (EXPERTS, hf_routes, moe_blocks, our_routes, our_sgd_step, random_hf_model,
@@ -157,3 +160,24 @@ def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp
     theirs = hf.state_dict()
     assert torch.equal(tuned["layers.1.attention.indexer.wk.weight"], theirs["model.layers.1.self_attn.indexer.wk.weight"])
     assert not torch.equal(tuned["layers.1.attention.wkv_b.weight"], theirs["model.layers.1.self_attn.kv_b_proj.weight"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_mtp_depth_with_its_indexer_round_trips_as_published(hf_dir, tmp_path, case):
+    """A published directory keeps its multi-token prediction layer (DeepSeek-V3.2's 61, GLM-5's 78) with an indexer
+    in its block: written as layer num_layers, read back with the depth (bit-exact); transformers skips it."""
+    read = megatron_llm.load_model(hf_dir(case)[0])
+    cfg = dataclasses.replace(read.cfg, mtp_layers=1)
+    model = build_model(cfg, "cpu", seed=2)
+    model.load_state_dict(read.state_dict(), strict=False)
+    save_weights(tmp_path / "native", model.state_dict(), Config(model=cfg).to_dict())
+    convert(str(tmp_path / "native"), "native", str(tmp_path / "out"), "hf", Options(hf_family=case))
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(written[f"model.layers.{cfg.num_layers}.self_attn.indexer.wk.weight"],
+                       model.mtp.layers["0"].block.attention.indexer.wk.weight)
+    back = megatron_llm.load_model(tmp_path / "out")
+    assert back.cfg == cfg
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in back.state_dict().items())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens()).logits, read(tokens()), atol=1e-5, rtol=1e-5)

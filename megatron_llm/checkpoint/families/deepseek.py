@@ -338,12 +338,12 @@ DSA_TENSORS = {f"model.layers.{{i}}.self_attn.indexer.{theirs}": f"layers.{{i}}.
 
 # DeepSeek-V3.2: DeepSeek-V3 (compressed queries always, RoPE pairs always interleaved whatever rope_interleave says)
 # with the sparse attention's indexer in every layer, its RoPE by halves; dense layers by mlp_layer_types or
-# first_k_dense_replace.
+# first_k_dense_replace; its published multi-token prediction layer (61) as DeepSeek-V3's, an indexer in its block.
 DEEPSEEK_V32 = Family(
     "deepseek_v32", "DeepseekV32ForCausalLM",
     (*without(MLA_CONFIG, "rope_interleaved"), Fixed("rope_interleaved", True), q_lora_rank(1536), latent_norm_eps(1e-6),
      *sigmoid_routing(scale=2.5, groups=8, topk_groups=4), mlp_layer_types(3), *sparse_attention(64, False)),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS},
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS}, mtp=DEEPSEEK_MTP,
 )
 
 
@@ -368,7 +368,7 @@ GLM_MOE_DSA = Family(
     (*without(MLA_CONFIG, "rope_interleaved"), Fixed("rope_interleaved", True), q_lora_rank(2048), latent_norm_eps(1e-5),
      *sigmoid_routing(scale=2.5), mlp_layer_types(3), *sparse_attention(32, True),
      Derived(_read_indexer_types, lambda cfg: {"indexer_types": ["full"] * cfg.num_layers})),
-    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS},
+    {**MLA_TENSORS, **SIGMOID_MOE_TENSORS, **DSA_TENSORS}, mtp=DEEPSEEK_MTP,
 )
 
 FAMILIES = (DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE_LITE, GLM4_MOE, SARVAM_MOE, DOTS1, EXAONE_MOE, SARVAM_MLA, AXK1, DEEPSEEK_V32,
