@@ -51,20 +51,19 @@ def _layer_types(hf: dict) -> list[str]:
     return types[:-1] + ["full_attention"]
 
 
-def _full_layers(hf: dict) -> dict:
+def _full_layers(hf: dict, head_dim: int, kv: int) -> tuple[int, int]:
     """The full layers' head width and key/value heads: per_layer_config (transformers 5's save) or the published
     global_head_dim and num_global_key_value_heads (the latter only with attention_k_eq_v, as transformers reads it)."""
-    full = {str(i) for i, kind in enumerate(_layer_types(hf)) if kind == "full_attention"}
-    k_eq_v = bool(hf.get("attention_k_eq_v", False))
     overrides = hf.get("per_layer_config")
     if overrides is None:
-        kv = hf.get("num_global_key_value_heads") if k_eq_v else None
-        return {"head_dim": hf.get("global_head_dim", GLOBAL_HEAD_DIM), **({} if kv is None else {"num_key_value_heads": kv})}
+        k_eq_v = bool(hf.get("attention_k_eq_v", False))
+        return hf.get("global_head_dim", GLOBAL_HEAD_DIM), (hf.get("num_global_key_value_heads") if k_eq_v else None) or kv
+    full = {str(i) for i, kind in enumerate(_layer_types(hf)) if kind == "full_attention"}
     shapes = [dict(overrides[i]) for i in sorted(overrides)]
-    if set(overrides) != full or any(shape != shapes[0] for shape in shapes) or set(shapes[0]) - {"head_dim", "num_key_value_heads"}:
+    if set(overrides) != full or any(s != shapes[0] for s in shapes) or set(shapes[0]) - {"head_dim", "num_key_value_heads"}:
         raise UsageError(f"config.json per_layer_config {overrides} is not one head_dim (and num_key_value_heads) for "
                          "every full-attention layer, the only per-layer shape the model menu has")
-    return shapes[0]
+    return shapes[0].get("head_dim", head_dim), shapes[0].get("num_key_value_heads", kv)
 
 
 def _reader(ple_default: int, window: int):
@@ -73,10 +72,11 @@ def _reader(ple_default: int, window: int):
         types = _layer_types(hf)
         out = {**LAYERS.read({**hf, "sliding_window": hf.get("sliding_window", window), "layer_types": types}),
                **ROPE.read({**hf, "rope_parameters": hf.get("rope_parameters") or DEFAULT_ROPE})}
-        shape, head_dim = _full_layers(hf), hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-        return {**out, "full_head_dim": None if shape["head_dim"] == head_dim else shape["head_dim"],
-                "full_kv_heads": None if shape.get("num_key_value_heads", kv) == kv else shape["num_key_value_heads"],
+        full_head_dim, full_kv = _full_layers(hf, head_dim, kv)
+        return {**out, "full_head_dim": None if full_head_dim == head_dim else full_head_dim,  # None: as the others
+                "full_kv_heads": None if full_kv == kv else full_kv,
                 "full_values_from_keys": bool(hf.get("attention_k_eq_v", False))}
     return read
 
