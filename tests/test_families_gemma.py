@@ -117,9 +117,10 @@ def test_what_the_menu_has_not_is_refused_by_its_key(key, value):
         model_config_from_hf(config)
 
 
-def test_gemma3n_is_refused_by_name():
-    with pytest.raises(UsageError, match="gemma3n_text.*AltUp"):
-        family("gemma3n_text")
+@pytest.mark.parametrize("model_type", ["gemma3n_text", "gemma3n"])
+def test_gemma3n_is_refused_by_name(model_type):
+    with pytest.raises(UsageError, match=f"'{model_type}' is not supported: Gemma 3n.*AltUp"):
+        family(model_type)
 
 
 def test_published_layout_reads_as_transformers_builds_it():

@@ -23,6 +23,9 @@ NOT_READ = {
                     "predict and correct steps), a low-rank learned residual beside attention (Laurel), per-layer input "
                     "embeddings, keys and values shared by its last layers and a Gaussian top-k sparsity on the MLP "
                     "activations of its first layers; the model menu has none of these",
+    "gemma3n": "Gemma 3n's multimodal checkpoint holds a gemma3n_text language model, which carries altup_num_inputs "
+               "copies of the hidden state through every block (AltUp), a low-rank learned residual (Laurel), per-layer "
+               "input embeddings and keys and values shared by its last layers; the model menu has none of these",
     "modernbert-decoder": "ModernBERT's decoder puts a prediction head (a dense layer, its activation and a LayerNorm) "
                           "between the final norm and the vocabulary projection, and its first layer has no attention "
                           "norm (the embedding's norm serves it); the model menu has neither",
