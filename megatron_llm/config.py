@@ -53,7 +53,7 @@ class ParallelConfig:
         if self.virtual_stages <= 0 or self.timeout_s <= 0:
             raise UsageError("parallel.virtual_stages and parallel.timeout_s must be positive")
         heads = ("num_heads", "num_kv_heads", "linear_num_key_heads", "linear_num_value_heads", "full_kv_heads")
-        for key in (*heads, "ffn_hidden_size"):
+        for key in (*heads, "ffn_hidden_size", "mamba_num_heads", "mamba_groups"):
             if (getattr(model, key) or 0) % tp:  # full_kv_heads null: the full layers' are num_kv_heads
                 # Key/value heads are split, never replicated: each tp rank owns whole GQA groups (and a linear
                 # layer's key heads with the value heads they serve).
@@ -301,10 +301,11 @@ class Config:
             raise UsageError("data.format pairs needs an even training.micro_batch_size (a pair is two rows, chosen and rejected)")
         if d.document_mask and d.format != "pretrain":
             raise UsageError("data.document_mask is for data.format pretrain; packed sft conversations are always masked")
-        if (d.document_mask or (d.format == "sft" and d.packing)) and "linear" in (self.model.layer_types or []):
-            raise UsageError("model.layer_types has linear-attention layers, whose state runs through the whole "
-                             "sequence: packed documents cannot be kept apart there; set data.document_mask false "
-                             "(pretrain) or data.packing false (sft)")
+        recurrent = {"linear", "mamba"} & set(self.model.layer_types or [])
+        if (d.document_mask or (d.format == "sft" and d.packing)) and recurrent:
+            raise UsageError("model.layer_types has linear-attention layers or mamba layers, whose state runs through "
+                             "the whole sequence: packed documents cannot be kept apart there; set data.document_mask "
+                             "false (pretrain) or data.packing false (sft)")
         if d.random_channels is not None and d.random_channels <= 0:
             raise UsageError(f"data.random_channels must be positive or null, got {d.random_channels}")
         if any(spec.weight <= 0 for spec in d.blend):

@@ -75,3 +75,17 @@ def test_packed_documents_are_refused():
 def test_config_checks(bad, message):
     with pytest.raises(UsageError, match=message):
         hybrid_config(**bad).validate()
+
+
+MAMBA_LAYERS = dict(model__num_layers=4, model__layer_types="[mamba, full, mamba, full]", model__mamba_num_heads=4,
+                    model__mamba_head_dim=16, model__mamba_groups=2, model__mamba_state_size=8)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(parallel__tp=4, model__num_kv_heads=4), r"model\.mamba_groups \(2\) is not divisible by parallel\.tp \(4\)"),
+    (dict(data__document_mask=True), r"mamba layers.*set data\.document_mask false"),
+])
+def test_what_mamba_layers_cannot_do_is_refused_by_the_config(tiny_config, settings, message):
+    """Before any process group. (tests/test_parallel.py's deepnorm chain trains a Mamba-2 layer at tp2-sp and pp2.)"""
+    with pytest.raises(UsageError, match=message):
+        tiny_config(**MAMBA_LAYERS, **settings)

@@ -115,6 +115,15 @@ LINEAR_LAYERS = dict(model__layer_types="[linear, full, linear, full]", model__l
 GEMMA4_LAYERS = dict(model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]", model__full_head_dim=48,
                      model__full_kv_heads=2, model__full_values_from_keys=True, model__v_norm=True,
                      model__layer_scalar=True)
+# Mamba-2 (model/mamba.py) in the deepnorm chain's layer 1, between the linear ones: 4 heads of 16 in 2 groups split
+# over tp (the projections, the convolution's channels, A_log/D/dt_bias and the gated norm's groups), biases, 4 chunks
+# of 8 per sequence.
+MAMBA_LAYERS = dict(model__layer_types="[linear, mamba, linear, full]", model__mamba_num_heads=4,
+                    model__mamba_head_dim=16, model__mamba_groups=2, model__mamba_state_size=8, model__mamba_chunk_size=8,
+                    model__mamba_proj_bias=True)
+# Apertus 1.5's pruned head in the output-norm chain: logits over the first 257 ids of a 600-id vocabulary, the
+# embedding and the head each padded to their own multiple under tp (768 and 512 rows at tp 2), and trimmed apart.
+PRUNED_HEAD = dict(model__vocab_size=600, model__output_vocab_size=257)
 PLACEMENTS = {
     "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
                     model__position="learned", model__embedding_norm=True, model__mlp="xielu", optimizer__eps=1e-6), [
@@ -127,7 +136,7 @@ PLACEMENTS = {
         ("tp2-pp2-gpipe-sp", 2, 2, 1, dict(parallel__sp=True, parallel__schedule="gpipe")),
     ]),
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
-                      model__mlp="relu2", model__qk_l2_norm=True, **LINEAR_LAYERS), [
+                      model__mlp="relu2", model__qk_l2_norm=True, **{**LINEAR_LAYERS, **MAMBA_LAYERS}), [
         ("pp2-dp2-interleaved-1f1b-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
                                                        parallel__data_parallel="ddp")),
         ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),

@@ -68,6 +68,7 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         "attention.wq_b": ColwiseParallel(),  # mla
         "attention.wkv_b": ColwiseParallel(),  # mla
         **linear_attention_plan(seq),
+        **mamba_plan(),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         "feed_forward.w3": ColwiseParallel(),
@@ -114,6 +115,17 @@ def linear_attention_plan(seq) -> dict:
     plan.update({f"attention.{name}": ShardedWithHeads() for name in rows})
     plan["attention.out_proj"] = RowwiseParallel(output_layouts=seq)
     plan["attention.norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+    return plan
+
+
+def mamba_plan() -> dict:
+    """A Mamba-2 mixer (model/mamba.py), split by heads: z, x and dt column-parallel by heads, B and C by groups (the
+    group count divides by tp, so a rank's heads and the groups serving them stay together), the convolution's
+    channel rows, A_log, D, dt_bias and the gated norm's weight sharded alike; out_proj row-parallel (in
+    linear_attention_plan). The scan is per head and the gated norm per group: no communication inside."""
+    plan = {f"attention.{p}_proj": ColwiseParallel() for p in ("x", "c", "dt")}  # z_proj, b_proj: as Gated DeltaNet's
+    rows = ("conv_x", "conv_b", "conv_c", "d", "gate_norm")  # a_log, dt_bias: as Gated DeltaNet's
+    plan.update({f"attention.{name}": ShardedWithHeads() for name in rows})
     return plan
 
 
