@@ -28,10 +28,15 @@ MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=1
              mamba_proj_bias=True)
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, **MAMBA)
+GRANITE = dict(layer_types=["mamba", "attention", "mamba"], embedding_multiplier=2.0, residual_multiplier=0.5,
+               attention_multiplier=0.2, logits_scaling=1.5, intermediate_size=32, shared_intermediate_size=48)
 CASES = {
     "bamba": dict(attn_layer_indices=[1], attention_bias=True),
+    # Granite 4.0: NoPE attention, routed experts beside the shared MLP; -h-micro's shape (no experts) and RoPE
+    "granitemoehybrid": dict(**GRANITE, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoehybrid:dense-rope": dict(**GRANITE, num_local_experts=0, position_embedding_type="rope"),
 }
-FAMILIES_TESTED = set(CASES)  # tests/test_family_coverage.py gathers these
+FAMILIES_TESTED = {case.split(":")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
 MIXER_PARAMS = ("A_log", ".D", "dt_bias", "conv1d.bias")  # their constant inits would hide a mix-up
 
 
@@ -40,7 +45,7 @@ def tokens(rows: int = 2) -> torch.Tensor:
 
 
 def hf_model(case: str) -> torch.nn.Module:
-    model = random_hf_model(case, {**SMALL, **CASES[case]})
+    model = random_hf_model(case.split(":")[0], {**SMALL, **CASES[case]}, routers=("router.weight",))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(MIXER_PARAMS):
@@ -99,7 +104,7 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
     path, hf = hf_dir(case)
     hf_native_hf(path, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert back.config.model_type == case and back.config.layers_block_type == hf.config.layers_block_type
+    assert back.config.model_type == case.split(":")[0] and back.config.layers_block_type == hf.config.layers_block_type
     with torch.no_grad():
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 

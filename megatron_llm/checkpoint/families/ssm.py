@@ -12,8 +12,11 @@ import math
 
 import torch
 
-from megatron_llm.checkpoint.families.common import GATED_ACTIVATIONS, LLAMA_TENSORS, SHAPE, activation, partial_rope
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Mapped
+from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, ROPE, SHAPE, activation,
+                                                    partial_rope, without)
+from megatron_llm.checkpoint.families.llama import GRANITE
+from megatron_llm.checkpoint.families.moe import GRANITE_MOE_TENSORS, ROUTING, SHARED_GRANITE_MLP
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, When
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
@@ -124,4 +127,67 @@ BAMBA = Family(
      **mamba_tensors("model.layers.{i}.mamba")},
 )
 
-FAMILIES = (BAMBA,)
+
+
+def _read_block_types(hf: dict) -> dict:
+    """layer_types as config.json spells them in transformers 5 (linear_attention / full_attention) or as Granite 4.0
+    was published (mamba / attention); the config class fills a missing list with Mamba-2 layers."""
+    kinds = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "full", "attention": "full"}
+    types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * hf["num_hidden_layers"]
+    unknown = set(types) - set(kinds)
+    if unknown:
+        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: this family has Mamba-2 "
+                         "(linear_attention) and full_attention layers")
+    return dict(layer_types=[kinds[t] for t in types])
+
+
+def _write_block_types(cfg: ModelConfig) -> dict:
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    if any(s.window or s.chunk or s.mixer not in ("attention", "mamba") for s in specs):
+        return {"layer_types": "<only full attention and mamba layers here>"}
+    return {"layer_types": ["linear_attention" if s.mixer == "mamba" else "full_attention" for s in specs]}
+
+
+def _read_position(hf: dict) -> dict:
+    """position_embedding_type: "rope", or null for attention without positions (NoPE: Granite 4.0's)."""
+    kind = hf.get("position_embedding_type")
+    if kind not in (None, "rope"):
+        raise UsageError(f"config.json position_embedding_type {kind!r} is not supported: rope or null (NoPE)")
+    return {**ROPE.read(hf), "position": "rope" if kind == "rope" else "none"}
+
+
+def _write_position(cfg: ModelConfig) -> dict:
+    kind = {"rope": "rope", "none": None}.get(cfg.position, f"<no position_embedding_type for {cfg.position}>")
+    return {**ROPE.write(cfg), "position_embedding_type": kind}
+
+
+def _read_experts(hf: dict) -> dict:
+    """num_local_experts routed experts beside the shared MLP (shared_intermediate_size wide); none: the shared MLP
+    alone is the layer's dense MLP (Granite 4.0-H-Micro)."""
+    count, shared = hf.get("num_local_experts", 8), hf.get("shared_intermediate_size", 1024)
+    if count:
+        return dict(moe_experts=count, moe_shared_ffn_hidden_size=shared)
+    return dict(moe_experts=0, ffn_hidden_size=shared)
+
+
+def _write_experts(cfg: ModelConfig) -> dict:
+    shared = cfg.moe_shared_ffn_hidden_size if cfg.moe_experts else cfg.ffn_hidden_size
+    return {"num_local_experts": cfg.moe_experts, "shared_intermediate_size": shared}
+
+
+# Granite 4.0 (granitemoehybrid): Granite's multipliers (embedding, residual, attention scale, logits), Mamba-2 and
+# attention layers by layer_types, attention without positions unless position_embedding_type is rope, and in every
+# layer Granite-MoE's routed experts plus a shared MLP (their sum), or the shared MLP alone without experts.
+GRANITE_HYBRID = Family(
+    "granitemoehybrid", "GraniteMoeHybridForCausalLM",
+    (*(e for e in without(GRANITE.config, "mlp_bias") if e is not ROPE), Fixed("mlp_bias", False), *ROUTING,
+     Fixed("moe_renormalize", True), Derived(_read_position, _write_position), Derived(_read_experts, _write_experts),
+     Derived(_read_block_types, _write_block_types), *MAMBA_CONFIG),
+    {**GRANITE_MOE_TENSORS, **SHARED_GRANITE_MLP, **mamba_tensors("model.layers.{i}.mamba")},
+    variants=(When({"moe_experts": 0}, {
+        "model.layers.{i}.shared_mlp.input_linear.weight": Fused(("layers.{i}.feed_forward.w1.weight",
+                                                                   "layers.{i}.feed_forward.w3.weight")),
+        "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.w2.weight"}),),
+)
+
+FAMILIES = (BAMBA, GRANITE_HYBRID)
