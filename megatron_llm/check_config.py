@@ -47,7 +47,8 @@ def check_inputs(cfg: Config) -> None:
         masks = {MASK_SUFFIX: 2} if cfg.data.format == "sft" else {}  # a loss mask holds 0 and 1
         for spec in cfg.data.blend:
             for suffix, vocab_size in {"": cfg.model.vocab_size, **masks}.items():
-                check_indexed_dataset(f"{spec.path}{suffix}", vocab_size, scan_up_to=SCAN_TOKENS_UP_TO)
+                head_rows = None if suffix else cfg.model.output_vocab_size  # the labels a pruned head predicts
+                check_indexed_dataset(f"{spec.path}{suffix}", vocab_size, scan_up_to=SCAN_TOKENS_UP_TO, head_rows=head_rows)
     if cfg.checkpoint.resume not in (None, "auto"):
         resolve_checkpoint(cfg.checkpoint.resume)
 

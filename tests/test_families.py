@@ -97,6 +97,9 @@ CASES = {
     "apertus": (dict(attention_bias=True, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                 "original_max_position_embeddings": 16, "low_freq_factor": 1.0, "high_freq_factor": 4.0}), False),
     "apertus1p5_text": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), False),
+    # the released checkpoints' pruned head: rows for the first 80 ids only (inputs keep all 101)
+    "apertus1p5_text-pruned": (dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, output_vocab_size=80,
+                                    tie_word_embeddings=False), False),
     "gpt2": (dict(n_inner=96), False),
     "openai-gpt": (dict(n_embd=64, n_layer=2, n_head=4, n_positions=64), False),
     "gptj": (dict(n_inner=96, rotary_dim=8), False),
@@ -184,10 +187,11 @@ def assert_logits_and_loss_match(path: Path, hf: torch.nn.Module) -> None:
     """`megatron_llm.load_model(path)` gives the logits and loss of transformers' model `hf` saved there."""
     model = megatron_llm.load_model(path)
     x = tokens()
+    labels = x % hf.get_output_embeddings().out_features  # ids a pruned head (Apertus 1.5's) predicts; else x itself
     with torch.no_grad():
-        expected = hf(x, labels=x)
+        expected = hf(x, labels=labels)
         torch.testing.assert_close(model(x), expected.logits, atol=1e-5, rtol=1e-5)
-        shifted = F.pad(x[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # ours takes next-token labels, already shifted
         loss = model(x, labels=shifted).sum() / (shifted >= 0).sum()
     torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
 
@@ -368,3 +372,36 @@ def test_modernbert_decoder_is_refused_by_name():
                                          "prediction head"):
         model_config_from_hf(config)
 
+
+
+def test_pruned_head_is_refused_where_it_cannot_be(tiny_config):
+    """Apertus 1.5's pruned head (model.output_vocab_size) predicts only its rows' ids: data holding a label past them
+    is refused in one line before any process group, as transformers' loss refuses such a label (its docs: mask it
+    with -100); a tied pruned head (the tie is the whole embedding) and Megatron-LM, which has no such head, by name."""
+    from megatron_llm.check_config import check_inputs
+    from megatron_llm.checkpoint.megatron import Layout, megatron_args
+
+    cfg = tiny_config(model__output_vocab_size=200)  # the byte corpus ends every document with id 256
+    with pytest.raises(UsageError, match=r"\.bin holds token id 256, a label the model's head has no row for: it "
+                                         r"predicts ids below 200 \(model\.output_vocab_size\)"):
+        check_inputs(cfg)
+    check_inputs(tiny_config(model__output_vocab_size=257))
+    with pytest.raises(UsageError, match=r"^model\.output_vocab_size \(200\) keeps the first rows of an lm head"):
+        tiny_config(model__output_vocab_size=200, model__tie_embeddings=True)
+    with pytest.raises(UsageError, match=r"^Megatron-LM cannot express model\.output_vocab_size=200"):
+        megatron_args(cfg.model, Layout.of(cfg.model, 1, 1), torch.float32, "local")
+
+
+def test_pruned_head_generates_as_transformers(hf_dir):
+    """Greedy decoding picks among the pruned head's rows only, token for token as transformers' generate, from
+    prompts holding ids past those rows."""
+    from megatron_llm.inference.generate import Sampling, generate_ids
+
+    path, hf = hf_dir("apertus1p5_text-pruned")
+    prompts = tokens()
+    assert prompts.max() >= hf.config.output_vocab_size
+    ours = generate_ids(megatron_llm.load_model(path), prompts.tolist(), Sampling(max_new_tokens=8))
+    with torch.no_grad():
+        theirs = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None)
+    assert ours == theirs[:, SEQ:].tolist()

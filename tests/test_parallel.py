@@ -93,7 +93,7 @@ UNTIED_CHAIN = [
 
 # The norm placements each change the block's topology, so each is its own short chain through a pipeline split,
 # with the rest of the menu: OLMo2-like output norms (x + norm(f(x))) with QK-norm over the whole projection,
-# learned positions, an embedding norm and xIELU's learned scalars (Apertus), at tp x FSDP; the original transformer's post-norm with sinusoidal
+# learned positions, an embedding norm, xIELU's learned scalars and a pruned head (Apertus 1.5), at tp x FSDP; the original transformer's post-norm with sinusoidal
 # positions (read 2 rows on, as XGLM's and OPT's tables) and weightless LayerNorms (QK-norm too: its statistic still spans the tp ranks); DeepNet's scaled
 # residual and init with LayerNorm biases and squared ReLU, and Llama 4's weightless norm of each rotated q and k
 # head, through tp2-sp too (the norm moves the one-process losses by 3.8e-4 and 1.2e-3 relative at that link's steps).
@@ -125,7 +125,7 @@ MAMBA_LAYERS = dict(model__layer_types="[linear, mamba, linear, full]", model__m
 # embedding and the head each padded to their own multiple under tp (768 and 512 rows at tp 2), and trimmed apart.
 PRUNED_HEAD = dict(model__vocab_size=600, model__output_vocab_size=257)
 PLACEMENTS = {
-    "output": (dict(model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
+    "output": (dict(**PRUNED_HEAD, model__norm_placement="output", model__qk_norm=True, model__qk_norm_per_head=False,
                     model__position="learned", model__embedding_norm=True, model__mlp="xielu", optimizer__eps=1e-6), [
         ("tp2-dp2-fsdp-sp", 2, 1, 2, dict(parallel__sp=True, parallel__data_parallel="fsdp")),
         ("tp2-pp2-1f1b-sp", 2, 2, 1, dict(parallel__sp=True)),

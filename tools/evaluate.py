@@ -100,7 +100,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[ChannelSums, PairRate
     # megatron-core builds its datasets only inside a process group: one process, in memory.
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        datasets = build_datasets(data, model.cfg.vocab_size, seed, num_train_samples=1, num_valid_samples=batches * micro)
+        datasets = build_datasets(data, model.cfg.vocab_size, seed, num_train_samples=1, num_valid_samples=batches * micro,
+                                  head_rows=model.cfg.output_vocab_size)
         if not datasets.valid_by_channel:
             raise UsageError(f"data.split {data.split!r} gives the validation split no documents; pass --split")
         single = ParallelDims(world_size=1, rank=0, tp=1, pp=1, dp=1)

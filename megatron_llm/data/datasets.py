@@ -120,10 +120,13 @@ def require_indexed_files(prefix: str) -> None:
             raise UsageError(f"dataset file {path} not found; create it with tools/preprocess_data.py")
 
 
-def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int] = None) -> np.ndarray:
+def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int] = None,
+                          head_rows: Optional[int] = None) -> np.ndarray:
     """Checks a .bin/.idx pair; returns its sequence (= document) lengths. Raises UsageError naming
-    the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size. The token
-    ids are read only from a .bin of at most `scan_up_to` bytes (None: any): the index records no maximum."""
+    the file: missing, an .idx that does not describe its .bin, or a token id >= vocab_size, or >= `head_rows`
+    (a pruned head's, model.output_vocab_size: every token of a token file is some sample's label, and transformers
+    too refuses a label its head has no row for). The token ids are read only from a .bin of at most `scan_up_to`
+    bytes (None: any): the index records no maximum."""
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     require_indexed_files(prefix)
     index = _read_index(idx_path)
@@ -148,6 +151,9 @@ def check_indexed_dataset(prefix: str, vocab_size: int, scan_up_to: Optional[int
                 f"{bin_path} holds token id {max_id} but the vocabulary has {vocab_size} ids "
                 "(model.vocab_size); use the tokenizer it was made with or raise model.vocab_size"
             )
+        if head_rows is not None and max_id >= head_rows:
+            raise UsageError(f"{bin_path} holds token id {max_id}, a label the model's head has no row for: it predicts ids "
+                             f"below {head_rows} (model.output_vocab_size); drop those tokens or train a whole head")
     return lengths
 
 
@@ -178,23 +184,25 @@ def _cache_dir(cfg: DataConfig) -> str:
 
 
 def build_datasets(
-    cfg: DataConfig, vocab_size: int, seed: int, num_train_samples: int, num_valid_samples: int
+    cfg: DataConfig, vocab_size: int, seed: int, num_train_samples: int, num_valid_samples: int,
+    head_rows: Optional[int] = None,
 ) -> Datasets:
     """The blended train and valid datasets plus one valid dataset per channel. Every rank calls it.
 
     num_valid_samples is the length of `valid` and of each `valid_by_channel` entry; 0 skips them.
     data.format sft packs conversations instead (data/packing.py), and data.document_mask gives each
-    sample the positions and document ids of the documents it holds.
+    sample the positions and document ids of the documents it holds. `head_rows`: a pruned head's rows, which
+    every token must be below (check_indexed_dataset).
     """
     names = [f"random_{c}" for c in range(cfg.random_channels)] if cfg.random_channels else channel_names(cfg.blend)
     eod = load_tokenizer(cfg.tokenizer).eod
     if cfg.format == "sft":
-        train, by_channel, note = build_conversation_datasets(cfg, vocab_size, seed, num_train_samples, eod)
+        train, by_channel, note = build_conversation_datasets(cfg, vocab_size, seed, num_train_samples, eod, head_rows)
         return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
     if cfg.format == "pairs":
         train, by_channel, note = build_pair_datasets(cfg, vocab_size, seed, num_train_samples, eod)
         return Datasets(train=train, valid=None, valid_by_channel=by_channel, channel_names=names, note=note)
-    datasets = _build_pretraining(cfg, vocab_size, seed, num_train_samples, num_valid_samples, names, eod)
+    datasets = _build_pretraining(cfg, vocab_size, seed, num_train_samples, num_valid_samples, names, eod, head_rows)
     if cfg.document_mask:
         datasets.train = DocumentMasked(datasets.train, eod)
         datasets.valid_by_channel = {name: DocumentMasked(d, eod) for name, d in datasets.valid_by_channel.items()}
@@ -202,8 +210,8 @@ def build_datasets(
 
 
 def _build_pretraining(cfg: DataConfig, vocab_size: int, seed: int, num_train_samples: int, num_valid_samples: int,
-                       names: list[str], eod: int) -> Datasets:
-    lengths = [check_indexed_dataset(spec.path, vocab_size) for spec in cfg.blend]
+                       names: list[str], eod: int, head_rows: Optional[int]) -> Datasets:
+    lengths = [check_indexed_dataset(spec.path, vocab_size, head_rows=head_rows) for spec in cfg.blend]
     cache = _cache_dir(cfg)
     if not torch.distributed.is_initialized():
         raise RuntimeError("build_datasets needs torch.distributed initialised (gloo with world size 1 is fine)")

@@ -205,13 +205,14 @@ def channel_of_documents(n: int, source: int, random_channels: Optional[int], se
     return np.full(n, source, dtype=np.int64)
 
 
-def build_conversation_datasets(cfg, vocab_size: int, seed: int, num_train_samples: int, pad_id: int):
+def build_conversation_datasets(cfg, vocab_size: int, seed: int, num_train_samples: int, pad_id: int,
+                                head_rows: Optional[int] = None):
     """(train dataset, valid dataset per channel name, the start-up note on packing) for data.format sft."""
     from megatron_llm.data.datasets import channel_names, check_indexed_dataset  # datasets.py calls this module
 
     sources, trains, valids, channels = [], [], [], []
     for d, spec in enumerate(cfg.blend):
-        lengths = check_indexed_dataset(spec.path, vocab_size)
+        lengths = check_indexed_dataset(spec.path, vocab_size, head_rows=head_rows)  # strict: masked tokens too
         if not np.array_equal(check_indexed_dataset(f"{spec.path}.mask", 2), lengths):
             raise UsageError(f"{spec.path}.mask does not match {spec.path} document for document; rerun tools/preprocess_data.py")
         train, valid = split_documents(len(lengths), cfg.split)

@@ -14,7 +14,8 @@ def random_batches(cfg: Config, device: torch.device, seed: int, channels: int =
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(t.grad_accum_steps):
-        ids = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, seq + 1), generator=gen)
+        # ids the head predicts: a pruned head (model.output_vocab_size) has no row for the others' labels
+        ids = torch.randint(0, cfg.model.head_vocab_size, (t.micro_batch_size, seq + 1), generator=gen)
         out.append({
             "tokens": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device),  # [b, s] each, next-token
             "loss_mask": torch.ones(t.micro_batch_size, seq, device=device),

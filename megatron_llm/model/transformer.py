@@ -101,7 +101,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, cfg.layer(i)) for i in range(cfg.num_layers)})
         # Post-residual blocks end in a norm already; every other topology needs a final one.
         self.norm = build_norm(cfg) if cfg.norm_placement not in ("post", "deepnorm") else None
-        outputs = cfg.vocab_size if cfg.head == "lm" else 1  # score: one scalar per position
+        outputs = cfg.head_vocab_size if cfg.head == "lm" else 1  # score: one scalar per position; a pruned head fewer
         self.output = (NormHead if cfg.norm_head else nn.Linear)(cfg.hidden_size, outputs, bias=cfg.output_bias)
         # Multi-token prediction (model/mtp.py): extra blocks of the last decoder layer's kind, training only.
         last = cfg.layer(cfg.num_layers - 1)
@@ -373,7 +373,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     depths count as layers (their blocks are among the parameters), and each runs the shared head once more.
     Linear-attention and Mamba-2 layers have no scores: their recurrent state's products count instead, per token."""
     n = count_params(cfg, include_embedding=False, active=True)
-    n += cfg.vocab_size * cfg.hidden_size * (int(cfg.tie_embeddings) + cfg.mtp_layers)
+    n += cfg.head_vocab_size * cfg.hidden_size * (int(cfg.tie_embeddings) + cfg.mtp_layers)
     specs = [cfg.layer(i) for i in range(cfg.num_layers)] + [cfg.layer(cfg.num_layers - 1)] * cfg.mtp_layers
     # A linear-attention layer's state [d_k, d_v] per value head (a Mamba-2 layer's [N, head_dim] per head) is read,
     # corrected or decayed, and written once per token (three products, 2 FLOPs each, forward and backward): no

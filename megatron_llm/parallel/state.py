@@ -33,10 +33,10 @@ def layout_free_state(model: nn.Module, optimizer: Optional[torch.optim.Optimize
     """(model state, optimizer state) to save, or to use as the template DCP loads into. Without an
     optimizer the second is {}."""
     model_sd, optim_sd = _state(model, optimizer)
-    vocab = model.cfg.vocab_size
     for sd in (model_sd, optim_sd):
         for key, value in sd.items():
-            if _is_vocab_rows(key, value) and value.shape[0] > vocab:
+            vocab = _vocab_rows(key, value, model.cfg)
+            if vocab is not None and value.shape[0] > vocab:
                 full = value.full_tensor() if isinstance(value, DTensor) else value
                 sd[key] = full[:vocab].clone()  # [vocab, ...], the same on every rank
     if getattr(model, "tied_copy", None) is not None:
@@ -53,7 +53,7 @@ def load_layout_free_state(
         optim_sd = _restore_head_state(optim_sd, current_optim)
     for loaded, current in ((model_sd, current_model), (optim_sd, current_optim)):
         for key, value in current.items():
-            if _is_vocab_rows(key, value) and loaded[key].shape != value.shape:
+            if _vocab_rows(key, value, model.cfg) is not None and loaded[key].shape != value.shape:
                 loaded[key] = _repad(loaded[key], value)
     if optimizer is None:
         set_model_state_dict(model, model_sd)
@@ -67,8 +67,14 @@ def _state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tupl
     return get_state_dict(model, optimizer, options=OPTIONS)
 
 
-def _is_vocab_rows(key: str, value) -> bool:
-    return isinstance(value, torch.Tensor) and value.ndim >= 1 and any(name in key for name in (EMBEDDING, HEAD, HEAD_BIAS))
+def _vocab_rows(key: str, value, cfg) -> Optional[int]:
+    """The unpadded rows of a vocabulary-sized tensor (the embedding's, or the head's: fewer where it is pruned); None
+    for any other."""
+    if not (isinstance(value, torch.Tensor) and value.ndim >= 1):
+        return None
+    if EMBEDDING in key:
+        return cfg.vocab_size
+    return cfg.head_vocab_size if HEAD in key or HEAD_BIAS in key else None
 
 
 def _repad(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

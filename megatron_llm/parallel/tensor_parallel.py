@@ -320,7 +320,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     """Shards `model` (a Transformer or one pipeline stage of it) in place over `tp_mesh`; the routed experts'
     weights are expert_parallel.py's (split_experts)."""
     cfg = model.cfg
-    pad_vocab(model, padded_vocab_size(cfg.vocab_size, tp_mesh.size()))
+    pad_vocab(model, tp_mesh.size())
     mtp = model.mtp  # multi-token prediction (model/mtp.py), on the stage with the head
     for block in model.blocks():  # the decoder's and the MTP depths'
         parallelize_module(block, tp_mesh, block_plan(block, sp))
@@ -330,7 +330,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sp: bool) -> None:
     present = {name: style for name, style in outer_plan(sp, cfg.head == "score").items() if getattr(model, name) is not None}
     parallelize_module(model, tp_mesh, present)
     model.tie_weights()  # the head and the embedding were distributed one by one: share the DTensor again
-    if model.output is not None and model.output.weight.shape[0] > cfg.vocab_size:
+    if model.output is not None and model.output.weight.shape[0] > cfg.head_vocab_size:
         _mask_padded_logits(model, tp_mesh)
 
 
@@ -340,12 +340,16 @@ def _shard_alibi_slopes(attention: nn.Module, tp_mesh: DeviceMesh) -> None:
         attention.alibi_slopes = attention.alibi_slopes.chunk(tp_mesh.size())[tp_mesh.get_local_rank()].clone()
 
 
-def pad_vocab(model: nn.Module, padded: int) -> None:
-    """Appends zero rows to the embedding and the head. Pad tokens never occur as inputs, and their logits
-    are -inf (see _mask_padded_logits), so those rows get zero gradients and stay zero: the loss, the
+def pad_vocab(model: nn.Module, tp: int) -> None:
+    """Appends zero rows to the embedding and the head, each to a multiple of VOCAB_MULTIPLE x tp of its own rows (a
+    pruned head, model.output_vocab_size, has fewer than the embedding). Pad tokens never occur as inputs, and their
+    logits are -inf (see _mask_padded_logits), so those rows get zero gradients and stay zero: the loss, the
     gradient norm and the trained weights are those of the unpadded model. Checkpoints hold the unpadded
     rows (parallel/state.py), so a checkpoint does not depend on tp."""
-    for module in (model.tok_embeddings, model.output if model.cfg.head == "lm" else None):  # a score head has no vocabulary
+    cfg = model.cfg
+    head = model.output if cfg.head == "lm" else None  # a score head has no vocabulary
+    for module, rows in ((model.tok_embeddings, cfg.vocab_size), (head, cfg.head_vocab_size)):
+        padded = padded_vocab_size(rows, tp)
         if module is None or module.weight.shape[0] >= padded:
             continue
         for name in ("weight", "bias"):  # the head's bias (GPT-J, Phi) is padded like its rows
@@ -358,7 +362,7 @@ def pad_vocab(model: nn.Module, padded: int) -> None:
 
 def _mask_padded_logits(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Adds -inf to the padded columns of the logits, after any soft-capping, so softmax gives them 0."""
-    vocab, padded = model.cfg.vocab_size, model.output.weight.shape[0]
+    vocab, padded = model.cfg.head_vocab_size, model.output.weight.shape[0]
     bias = torch.zeros(padded, device=model.output.weight.device)
     bias[vocab:] = -math.inf
     bias = distribute_tensor(bias, tp_mesh, [Shard(0)], src_data_rank=None)  # [padded/tp] per rank, like the logits

@@ -106,6 +106,7 @@ class Trainer:
         return build_datasets(
             cfg.data,
             vocab_size=cfg.model.vocab_size,
+            head_rows=cfg.model.output_vocab_size,
             seed=t.seed,
             num_train_samples=t.steps * self.global_batch,
             # Every evaluation reads the same first samples: sized to them, the validation set does not

@@ -192,17 +192,16 @@ APERTUS = Family(
 
 
 def _read_output_vocab(hf: dict) -> dict:
-    """Apertus 1.5's head may keep only the first output_vocab_size rows (the text tokens); ours has a row per token."""
-    if hf.get("output_vocab_size") not in (None, hf["vocab_size"]):
-        raise UsageError(f"config.json output_vocab_size={hf['output_vocab_size']} is not supported: a head narrower than "
-                         f"the vocabulary ({hf['vocab_size']}) is not in the menu")
-    return {}
+    """Apertus 1.5's head may keep only the first output_vocab_size rows (the text tokens: the released checkpoints'
+    heads drop the image and audio codes' rows); its config class writes a full head as null, as we do."""
+    rows = hf.get("output_vocab_size")
+    return {"output_vocab_size": None if rows == hf["vocab_size"] else rows}
 
 
-# Apertus 1.5's language model: Apertus with an optional pruned head.
 APERTUS1P5_TEXT = Family(
     "apertus1p5_text", "Apertus1p5TextForCausalLM",
-    (*APERTUS.config, Derived(_read_output_vocab, lambda cfg: {"output_vocab_size": None})), APERTUS.tensors,
+    (*APERTUS.config, Derived(_read_output_vocab, lambda cfg: {"output_vocab_size": cfg.output_vocab_size})),
+    APERTUS.tensors,
 )
 
 # CWM (Code World Model): Llama without projection biases, sliding and full layers.
