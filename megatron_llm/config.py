@@ -67,10 +67,10 @@ class ParallelConfig:
             )
         if tp > 1 and model.moe_experts and model.moe_weight_input:  # the weights' gradient needs whole expert inputs
             raise UsageError("model.moe_weight_input scales the experts' inputs, whose gradients parallel.tp splits: use tp 1")
-        if model.dsa_index_topk is not None and not model.dsa_indexer_frozen:
-            raise UsageError("model.dsa_index_topk: the sparse attention's indexer gets no gradient through its top-k "
-                             "(megatron-core trains it by a KL loss to the main attention, not implemented here): set "
-                             "model.dsa_indexer_frozen true to train the rest with the indexer fixed")
+        if model.dsa_index_topk is not None and not (model.dsa_indexer_frozen or model.dsa_indexer_loss_coeff):
+            raise UsageError("model.dsa_index_topk: the sparse attention's indexer gets no gradient through its top-k: "
+                             "set model.dsa_indexer_loss_coeff > 0 (megatron-core's KL loss to the main attention) or "
+                             "model.dsa_indexer_frozen true")
         if model.dsa_index_topk is not None and tp > 1:
             raise UsageError("model.dsa_index_topk: the indexer's heads are not in the tensor-parallel plan: use "
                              "parallel.tp 1")
@@ -279,6 +279,9 @@ class Config:
         self.parallel.validate(self.model, d.seq_len, t.grad_accum_steps, evaluates=t.eval_interval > 0)
         if d.seq_len > self.model.max_seq_len:
             raise UsageError(f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.model.dsa_indexer_loss_coeff and t.activation_checkpointing != "none":  # training/indexer_loss.py
+            raise UsageError("model.dsa_indexer_loss_coeff keeps each layer's indexer loss graph to the backward, which "
+                             "a recomputed block does not rebuild: set training.activation_checkpointing none")
         shards = self.model.moe_capacity_sequence_shards
         if self.model.moe_experts and self.model.moe_capacity_factor is not None and d.seq_len % shards:
             raise UsageError(f"model.moe_capacity_sequence_shards ({shards}) drops per equal piece of the sequence: it "
@@ -509,8 +512,8 @@ def _model_of_checkpoint(path: str, model_overrides: dict[str, Any]) -> dict:
             # plain score head (training/reward.py stages its weights without the old head).
             model.head, model.tie_embeddings, model.norm_head, model.output_bias = "score", False, False, False
             continue
-        if key == "dsa_indexer_frozen":  # how the loaded indexer trains, not what it is (sparse_attention.py)
-            model.dsa_indexer_frozen = _coerce(value, hints[key], dotted)
+        if key in ("dsa_indexer_frozen", "dsa_indexer_loss_coeff"):  # how the indexer trains, not what it is
+            setattr(model, key, _coerce(value, hints[key], dotted))
             continue
         if _coerce(value, hints[key], dotted) != getattr(model, key):
             raise UsageError(

@@ -220,8 +220,10 @@ class ModelConfig:
     dsa_index_head_dim: int = param(0, "dsa: indexer head width (index_head_dim); its first mla_rope_head_dim dims rotated")
     dsa_index_rope_interleaved: bool = param(False, "dsa: the indexer rotates pairs (GLM-5) instead of halves (DeepSeek-V3.2)")
     dsa_indexer_frozen: bool = param(
-        False, "dsa: train with the indexer fixed (its KL loss to the main attention is not implemented; training "
-        "refuses a trainable indexer)")
+        False, "dsa: train with the indexer fixed (a trainable indexer learns only from dsa_indexer_loss_coeff)")
+    dsa_indexer_loss_coeff: float = param(
+        0.0, "dsa: weight of megatron-core's indexer loss (dsa_indexer_loss_coeff): KL from the main attention's "
+        "head-summed distribution to the indexer's softmax, mean over queries, per layer")
     moe_experts: int = param(0, "routed experts of a mixture-of-experts feed-forward; 0: every layer dense")
     moe_top_k: int = param(2, "experts each token is routed to")
     moe_ffn_hidden_size: Optional[int] = param(None, "inner width of each routed expert; null: ffn_hidden_size")
@@ -583,11 +585,13 @@ class ModelConfig:
             )
         if self.dsa_index_topk is not None and (
                 self.dsa_index_topk <= 0 or self.dsa_index_heads <= 0 or self.mla_q_lora_rank is None
-                or not self.mla_rope_head_dim <= self.dsa_index_head_dim or self.attn_softcap is not None):
+                or not self.mla_rope_head_dim <= self.dsa_index_head_dim or self.attn_softcap is not None
+                or self.dsa_indexer_loss_coeff < 0 or (self.dsa_indexer_frozen and self.dsa_indexer_loss_coeff)):
             raise UsageError(
                 f"model.dsa_index_topk ({self.dsa_index_topk}) needs positive model.dsa_index_heads, "
                 "model.mla_q_lora_rank (the indexer's queries come from the query latent), model.dsa_index_head_dim "
-                "at least model.mla_rope_head_dim, and no model.attn_softcap")
+                "at least model.mla_rope_head_dim, no model.attn_softcap, and model.dsa_indexer_loss_coeff >= 0, 0 "
+                "with model.dsa_indexer_frozen")
         if (self.position not in ("rope", "none") or self.qk_norm or self.qkv_clip is not None or self.attention_sinks
                 or self.qk_l2_norm or self.attn_temperature_floor is not None or "chunked" in (self.layer_types or [])):
             raise UsageError("model.attention mla takes position rope or none, and no qk_norm, qkv_clip or attention_sinks "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from megatron_llm.errors import UsageError
 from megatron_llm.inference.generate import Sampling, generate_ids
 from megatron_llm.model import build_model
 from megatron_llm.model.sparse_attention import Indexer
+from megatron_llm.parallel import ParallelDims
+from megatron_llm.training.step import train_step
 from tests.test_families import SEQ, SMALL, assert_hf_native_hf_round_trip, tokens
 from tests.test_families_moe import (EXPERTS, hf_routes, moe_blocks, our_routes, our_sgd_step, random_hf_model,
                                      router_of, router_weight, saved)
@@ -121,11 +124,14 @@ def test_glm5_shared_indexer_layers_are_refused_by_name():
 
 
 def test_training_refuses_a_trainable_indexer_and_tp(hf_dir):
-    """The indexer learns only from megatron-core's KL loss, not implemented: training needs it frozen, by name; its
-    heads are not in the tensor-parallel plan: tp 1."""
+    """The indexer learns only from megatron-core's KL loss: training needs its coefficient or the indexer frozen, by
+    name (not both); its heads are not in the tensor-parallel plan: tp 1."""
     cfg = model_config_from_hf(hf_dir("deepseek_v32")[1].config.to_dict())
     with pytest.raises(UsageError, match=r"model\.dsa_indexer_frozen"):
         ParallelConfig().validate(cfg, SEQ, 1, False)
+    ParallelConfig().validate(dataclasses.replace(cfg, dsa_indexer_loss_coeff=0.1), SEQ, 1, False)
+    with pytest.raises(UsageError, match=r"model\.dsa_indexer_loss_coeff >= 0, 0 with model\.dsa_indexer_frozen"):
+        dataclasses.replace(cfg, dsa_indexer_loss_coeff=0.1, dsa_indexer_frozen=True).validate()
     frozen = dataclasses.replace(cfg, dsa_indexer_frozen=True)
     ParallelConfig().validate(frozen, SEQ, 1, False)
     with pytest.raises(UsageError, match=r"model\.dsa_index_topk.*parallel\.tp"):
@@ -141,8 +147,8 @@ def test_relatives_beyond_the_menu_are_refused_by_name(model_type):
 
 
 def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp_path):
-    """--checkpoint.init_from a DeepSeek-V3.2 directory trains with --model.dsa_indexer_frozen true (refused without
-    it): the first step's loss is transformers' on the trainer's batch (32 tokens, top 8), and a step moves the
+    """--checkpoint.init_from a DeepSeek-V3.2 directory trains with --model.dsa_indexer_frozen true (refused without it
+    or the indexer loss, and the loss refused with recomputation): the first step's loss is transformers' on the trainer's batch (32 tokens, top 8), and a step moves the
     attention but leaves the indexer as loaded."""
     from megatron_llm.training.trainer import train
 
@@ -150,8 +156,12 @@ def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp
     hf.save_pretrained(tmp_path / "v32")
     init = dict(checkpoint__init_from=str(tmp_path / "v32"), training__steps=1, training__eval_interval=0,
                 model__num_kv_heads=4)  # latent attention: a key per head
-    with pytest.raises(UsageError, match=r"model\.dsa_indexer_frozen"):
+    with pytest.raises(UsageError, match=r"model\.dsa_indexer_loss_coeff > 0 .* or model\.dsa_indexer_frozen"):
         load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(corpus_dir, tmp_path / "refused", **init))
+    with pytest.raises(UsageError, match=r"training\.activation_checkpointing none"):  # the loss's graph is kept
+        load_config(str(ROOT / "configs" / "tiny.yaml"), tiny_overrides(
+            corpus_dir, tmp_path / "refused", model__dsa_indexer_loss_coeff=0.1, training__activation_checkpointing="full",
+            **init))
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       tiny_overrides(corpus_dir, tmp_path / "run", model__dsa_indexer_frozen=True, **init))
     expected, _ = transformers_first_loss(hf, cfg)
@@ -181,3 +191,47 @@ def test_mtp_depth_with_its_indexer_round_trips_as_published(hf_dir, tmp_path, c
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens()).logits, read(tokens()), atol=1e-5, rtol=1e-5)
+
+
+def test_indexer_loss_matches_megatron_core(hf_dir):
+    """model.dsa_indexer_loss_coeff 1, one training step: the logged loss is
+    megatron-core's compute_dsa_indexer_loss (dense) on each layer's index scores and the attention's queries and
+    keys, mean over layers; the indexer's gradient is autograd's through megatron-core's formula; the rest of the
+    model gets the language-model loss's gradients alone."""
+    from megatron.core.transformer.experimental_attention_variant.dsa import compute_dsa_indexer_loss
+
+    path, _ = hf_dir("deepseek_v32")
+    x, coeff = tokens(), 1.0
+    read = megatron_llm.load_model(path)
+    cfg = dataclasses.replace(read.cfg, dsa_indexer_loss_coeff=coeff)
+    model, reference = (build_model(cfg, "cpu", seed=0) for _ in range(2))
+    for m in (model, reference):
+        m.load_state_dict(read.state_dict())
+    labels = torch.nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+    batch = dict(tokens=x, labels=labels, loss_mask=(labels >= 0).float(), channel=torch.zeros(2, dtype=torch.long))
+    ours = {}  # each parameter's gradient as the step accumulates it (the step clears them)
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: ours.__setitem__(name, p.grad.clone()))
+    result = train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [batch], ParallelDims(1, 0, 1, 1, 1),
+                        z_loss=0.0, grad_clip=0.0, autocast=None)
+
+    reference.train()
+    reference(x)
+    one_rank = SimpleNamespace(tp=SimpleNamespace(size=lambda: 1))
+    losses = []
+    for m in reference.modules():
+        if isinstance(m, Indexer):
+            index, q, k, scale = m.loss_inputs  # [b, s, s], the attention's [b, heads, s, d]
+            chosen = index.topk(TOPK, dim=-1).indices  # used by its sparse form only
+            losses.append(compute_dsa_indexer_loss(index, chosen, q.permute(2, 0, 1, 3), k.permute(2, 0, 1, 3), scale,
+                                                   coeff, False, one_rank))
+    assert len(losses) == cfg.num_layers
+    assert result.moe["dsa_indexer_loss"] == pytest.approx(sum(losses).item() / len(losses), rel=1e-5)
+    names = [n for n, _ in reference.named_parameters() if ".indexer." in n]
+    grads = torch.autograd.grad(sum(losses), [reference.get_parameter(n) for n in names])
+    for name, grad in zip(names, grads):
+        torch.testing.assert_close(ours[name], grad, atol=1e-9, rtol=1e-5)
+    assert ours["layers.1.attention.indexer.wk.weight"].abs().max() > 1e-4
+    _, _, lm_only = our_sgd_step(path, x)  # minus the update: the gradient (SGD, lr 1)
+    for name in ("layers.1.attention.wkv_b.weight", "layers.1.attention.wq_a.weight", "tok_embeddings.weight"):
+        torch.testing.assert_close(ours[name], lm_only[name], atol=1e-7, rtol=1e-5)

@@ -61,7 +61,9 @@ class LatentAttention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)
         if self.indexer is not None:
-            keep = self.indexer(x, q_latent, ctx, self.rules, k.shape[2])  # [b, 1, s, s_kv]
+            keep, index = self.indexer(x, q_latent, ctx, self.rules, k.shape[2])  # [b, 1, s, s_kv], [b, s, s_kv]
+            if self.indexer.loss_coeff and self.training and torch.is_grad_enabled():  # training/indexer_loss.py
+                self.indexer.loss_inputs = (index, q.detach(), k.detach(), self.scale)
             out = sparse_attend(q, k, v, keep, self.scale)
         else:
             out = attend(q, k, v, self.rules, self.scale, None, ctx.keys)  # [b, heads, s, v_dim]

@@ -7,8 +7,10 @@ a LayerNorm; each is [rope | pass]: the first mla_rope_head_dim dims rotated by 
 score for a query is sum_h w_h * relu(q_h . k) * head_dim^-0.5 with per-head weights w = head_weights(x) / sqrt(heads).
 
 The selection is a top-k, which has no gradient: the language-model loss never reaches the indexer (transformers
-runs it under no_grad). megatron-core trains it by a KL loss to the main attention, which is not implemented
-here, so training refuses a trainable indexer by name (model.dsa_indexer_frozen; config.ParallelConfig.validate).
+runs it under no_grad). megatron-core trains it by a KL loss to the main attention (training/indexer_loss.py,
+model.dsa_indexer_loss_coeff); for that, in training, the attention leaves the indexer's scores (whose graph reaches
+only the indexer: its inputs are detached, as megatron-core's) and its own detached queries and keys on the
+indexer as `loss_inputs`. Training needs the loss or the indexer frozen (model.dsa_indexer_frozen).
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ class Indexer(nn.Module):
         self.head_weights = nn.Linear(cfg.hidden_size, self.heads, bias=False)
         # Explicitly fixed when asked (fine-tuning the rest), so an optimizer never holds parameters nothing updates.
         self.requires_grad_(not cfg.dsa_indexer_frozen)
+        self.loss_coeff = cfg.dsa_indexer_loss_coeff
+        self.loss_inputs: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = None
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, ctx: AttentionContext, rules: ScoreRules,
-                s_kv: int) -> torch.Tensor:
-        """Boolean [b, 1, s, s_kv]: True at the keys each query attends to (causal, windowed, padded as `rules`
-        and ctx.keys say, and among the indexer's top-k). x [b, s, hidden], q_latent [b, s, q_lora_rank]."""
+                s_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boolean [b, 1, s, s_kv]: True at the keys each query attends to (causal, windowed, padded as `rules`
+        and ctx.keys say, and among the indexer's top-k); the index scores [b, s, s_kv] fp32, -inf where masked).
+        x [b, s, hidden], q_latent [b, s, q_lora_rank]: detached, so the indexer's loss trains the indexer alone."""
         b, s, _ = x.shape
+        x, q_latent = x.detach(), q_latent.detach()
         q = self.wq_b(q_latent).view(b, s, self.heads, self.head_dim)  # [b, s, heads, d]
         k = self.k_norm(self.wk(x)).unsqueeze(2)  # [b, s, 1, d]: one key per position for every head
         if self.rope is not None:  # the attention's table: the leading mla_rope_head_dim dims rotate
@@ -54,10 +60,11 @@ class Indexer(nn.Module):
         scores = torch.matmul(q.float(), k.squeeze(2).float().transpose(-1, -2).unsqueeze(1)) * self.head_dim**-0.5
         weights = self.head_weights(x).float() * self.heads**-0.5  # [b, s, heads]
         index = torch.matmul(weights.unsqueeze(-2), torch.relu(scores)).squeeze(-2)  # [b, s, 1, s_kv] -> [b, s, s_kv]
-        allowed = dense_bias(rules, None, s, s_kv, x.device, ctx.keys)[:, 0]  # [b or 1, s, s_kv]: 0 or -inf
-        chosen = (index + allowed).topk(min(self.topk, s_kv), dim=-1).indices  # [b, s, topk]
+        index = index + dense_bias(rules, None, s, s_kv, x.device, ctx.keys)[:, 0]  # -inf where masked
+        chosen = index.topk(min(self.topk, s_kv), dim=-1).indices  # [b, s, topk]
         selected = torch.zeros(index.shape, dtype=torch.bool, device=x.device).scatter(-1, chosen, True)
-        return (selected & (allowed == 0)).unsqueeze(1)  # a query with fewer keys than topk also picked masked ones
+        # a query with fewer keys than topk also picked masked ones
+        return (selected & (index > float("-inf"))).unsqueeze(1), index
 
 
 def sparse_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from megatron_llm.parallel import ParallelDims, PipelineModel, all_reduce_sum, clip_grads_, grad_norm
 from megatron_llm.parallel.pipeline import Records, document_inputs
 from megatron_llm.training.channels import ChannelSums, ChannelTotals
+from megatron_llm.training.indexer_loss import indexer_loss
 from megatron_llm.training.loss import micro_batch_loss
 from megatron_llm.training.moe_loss import router_collector
 from megatron_llm.training.mtp_loss import mtp_loss
@@ -70,6 +71,9 @@ def train_step(
     if routers is not None:
         routers.start_step(dims, len(micro_batches))
     mtp = mtp_loss(model)  # None without multi-token prediction
+    indexer = indexer_loss(model)  # None without DeepSeek Sparse Attention's indexer loss
+    if indexer is not None:
+        indexer.start_step(len(micro_batches))
 
     def loss_fn(logits, mb):
         if objective is not None:
@@ -101,6 +105,8 @@ def train_step(
     moe = routers.finish_step(model, dims, len(micro_batches), updated=finite) if routers is not None else {}
     if mtp is not None:  # logged beside the router losses
         moe.update(mtp.scalars(lambda sums: all_reduce_sum(sums, dims, over_stages=True)))
+    if indexer is not None:
+        moe.update(indexer.scalars(lambda sums: all_reduce_sum(sums, dims, over_stages=True)))
     return StepResult(loss_value, int(global_tokens.item()), norm_value, skipped=not finite, channels=channels, moe=moe, rates=rates)
 
 
