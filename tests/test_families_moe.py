@@ -466,9 +466,14 @@ def test_laguna_gates_per_head_or_per_element_as_its_gating_key_says():
         assert table.write_config(cfg)["gating"] is per_head
 
 
-# Mixture-of-experts families transformers builds that the menu cannot express: refused on read, naming what they do.
+# Families transformers builds that the menu cannot express (mixture-of-experts ones and, from the second line, the
+# other decoder-only causal LMs; ZAYA1 routes to one expert only): refused on read, naming what they do.
 NOT_READ = {"mimo_v2_flash": dict(n_routed_experts=4, moe_intermediate_size=32), "beam": dict(num_experts=4),
-            "phimoe": dict(num_local_experts=4)}
+            "phimoe": dict(num_local_experts=4),
+            **{t: {} for t in ("diffllama", "bitnet", "doge", "jetmoe", "dory", "hrm_text", "inkling_text", "inkling2_text",
+                               "inkling2_loop_text", "gpt_neox_japanese", "blt", "recurrent_gemma", "mllama",
+                               "mllama_text_model", "bailing_hybrid", "kimi_linear", "minimax", "xlstm", "rwkv")},
+            "zaya": dict(num_experts_per_tok=1)}
 
 
 @pytest.mark.parametrize("model_type", NOT_READ)

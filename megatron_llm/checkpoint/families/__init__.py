@@ -56,6 +56,69 @@ NOT_READ = {
               "logits lie within 2 x router_jitter_noise (relative) of that pick's, and in training samples the picks "
               "(Gumbel) with a Heun's-method gradient; the router menu has softmax or sigmoid top-k scores, "
               "renormalised or not, chosen and trained deterministically",
+    # decoder-only causal LMs transformers 5.24 builds, read from their modeling files
+    "diffllama": "DiffLlama's differential attention takes two softmax maps per head pair (head h and head h + "
+                 "num_heads/2 share a query/key split, the values' two halves are attended separately), subtracts the "
+                 "second times a learned lambda (exp(lambda_q1.lambda_k1) - exp(lambda_q2.lambda_k2) + lambda_init(layer)) "
+                 "and normalises each pair's output (a weightless RMSNorm times 1 - lambda_init); the model menu has "
+                 "one softmax per head",
+    "bitnet": "BitNet b1.58 normalises the attention output before o_proj (attn_sub_norm) and the gated MLP's product "
+              "before down_proj (ffn_sub_norm), and its published weights are ternary, packed with a weight_scale "
+              "(quantization_config bitnet), its activations quantised to 8 bits each forward; the model menu has no "
+              "sub-norms and no ternary or 8-bit linear layers",
+    "doge": "Doge masks its attention dynamically (a per-key-head bias exp(A * softplus(dt_proj(values))) added to "
+            "the scores, its top keep_window_size keys kept), scales each residual by a learned vector "
+            "(input_residual, post_attention_residual) and its cross-domain MoE retrieves experts that are embedding "
+            "rows by product keys; the model menu has none of these",
+    "jetmoe": "JetMoE's attention is a mixture of attention heads: a router picks top-k experts, each with its own "
+              "query and output projections over shared keys and values (kv_proj), plus a bias after them; the model "
+              "menu has one set of query and output projections per layer",
+    "dory": "Dory (nGPT) keeps every hidden state on the unit sphere: its norms are L2 projections without weights, "
+            "each residual moves towards the normalised update at a learned per-channel rate (lambda_1, lambda_2), "
+            "queries, gates, MLP branches and logits carry learned scales (sqk, s_gate, suv, logit_scale) and its "
+            "middle layers loop; the model menu has none of these",
+    "hrm_text": "HRM-Text runs two stacks of layers (H and L, each ending in a weightless norm) in nested cycles, "
+                "H_cycles times L_cycles, feeding each the other's state plus a learned initial state (z_L_init) and "
+                "back-propagating through the last cycles only; the model menu has one pass through one stack",
+    "zaya": "ZAYA1's compressed convolutional attention mixes queries and keys by two causal convolutions with "
+            "residual paths and takes half its values from the previous token (v_proj_delayed), its residual adds "
+            "carry learned scales and biases, and its router is an MLP with a skip expert and a state carried "
+            "between layers; the model menu has none of these",
+    "inkling_text": "Inkling's attention adds a learned relative-position bias (per-head relative states from r_proj "
+                    "times a [d_rel, rel_extent] table), runs short causal convolutions over keys, values and both "
+                    "sublayers' outputs, its sliding layers have their own head counts and its router scores the "
+                    "shared experts beside the routed ones (a sink); the model menu has none of these",
+    "inkling2_text": "Inkling 2 adds to Inkling's relative-position bias and short convolutions attention over earlier "
+                     "blocks' states in the residual stream (block attention residuals), L2-clipped heads, "
+                     "dynamic short convolutions, a gated output projection and a soft-capped SwiGLU; the model "
+                     "menu has none of these",
+    "inkling2_loop_text": "Inkling 2 Loop is Inkling 2 (relative-position bias, short convolutions, block attention "
+                          "residuals) whose middle layers loop, mixing messages from the previous loop into their "
+                          "queries, keys, values and MLP through tanh gates; the model menu has none of these",
+    "gpt_neox_japanese": "GPT-NeoX-Japanese adds a bias to the attention output of its last layer only (dense_bias); "
+                         "the model menu has out_bias on every layer or none",
+    "blt": "BLT (Byte Latent Transformer) reads bytes: a local encoder and decoder with cross-attention to entropy- "
+           "patched latent tokens of a global transformer, and hash n-gram embeddings; the model menu has one "
+           "token-level decoder",
+    "recurrent_gemma": "RecurrentGemma's blocks are mostly RG-LRU recurrences (a gated linear recurrence after a "
+                       "short convolution, Griffin) with local attention between them; the model menu has no RG-LRU",
+    "mllama": "Llama 3.2 Vision's language model interleaves gated cross-attention layers (cross_attention_layers) "
+              "that attend to the image features; the model menu has no cross-attention",
+    "mllama_text_model": "Llama 3.2 Vision's language model interleaves gated cross-attention layers "
+                         "(cross_attention_layers) with its self-attention ones; the model menu has no cross-attention",
+    "bailing_hybrid": "Ling's hybrid layers are gated delta-rule linear attention with a per-channel forget gate (a "
+                      "low-rank decay per key channel) beside latent attention with a head-wise output gate; the "
+                      "model menu has linear attention decaying by one scalar per head",
+    "kimi_linear": "Kimi Linear's KDA layers are gated delta-rule linear attention with a per-channel forget gate (a "
+                   "low-rank decay per key channel) and its full layers NoPE latent attention; the model menu has "
+                   "linear attention decaying by one scalar per head",
+    "minimax": "MiniMax-Text-01's lightning attention (linear attention with a fixed per-head exponential decay and "
+               "a gated norm) fills most layers, and every residual add takes alpha times the stream plus beta times "
+               "the sublayer; the model menu has neither",
+    "xlstm": "xLSTM's blocks are mLSTM cells (exponential input and forget gates over a matrix memory with a "
+             "normaliser state); the model menu has no mLSTM",
+    "rwkv": "RWKV's blocks mix time by a WKV recurrence with learned per-channel decay and token shift, and channels "
+            "by a squared-ReLU MLP gated by a sigmoid receptance; the model menu has none of these",
 }
 
 
