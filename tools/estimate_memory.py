@@ -58,6 +58,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_llm.config import Config, ModelConfig, ParallelConfig, load_config  # noqa: E402
+from megatron_llm.model_config import LayerSpec  # noqa: E402
 from megatron_llm.errors import ArgumentParser, UsageError  # noqa: E402
 from megatron_llm.logging.progress import Progress  # noqa: E402
 from megatron_llm.model import meta_model  # noqa: E402
@@ -133,12 +134,12 @@ def mtp_params(model: nn.Module, tp: int, ep: int) -> tuple[int, int]:
     return routed, rest
 
 
-def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False) -> float:
+def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = False, spec: LayerSpec | None = None) -> float:
     """A MoE layer keeps the MLP's 3 widths (split by tp) for each of a token's k experts and the shared ones,
     and its input and output rows and router scores for the whole sequence on every tp rank."""
     h, f = m.hidden_size, m.ffn_hidden_size
     norms = 4 * h / tp + 2 * h if sp and tp > 1 else 4 * h
-    attention, whole = attention_activations(m)
+    attention, whole = attention_activations(m, spec)
     unsplit = norms + whole
     if moe:
         routed = m.moe_top_k * (2 * h + 3 * m.moe_ffn_hidden_size / tp) + 3 * m.moe_shared_ffn_hidden_size / tp
@@ -146,18 +147,18 @@ def activations_per_token_layer(m: ModelConfig, tp: int, sp: bool, moe: bool = F
     return unsplit + (attention + 3 * f) / tp
 
 
-def attention_activations(m: ModelConfig) -> tuple[int, int]:
+def attention_activations(m: ModelConfig, spec: LayerSpec | None = None) -> tuple[int, int]:
     """(split over tp, whole on every rank) elements an attention keeps per token. Grouped-query: q and k
     after RoPE, v, the SDPA output and its reshaped copy. MLA: the query projection, the query and key with
     their RoPE parts joined, the heads' keys and values from the latent, the output and its copy; whole: the
     compressed query and its norm, the latent with the RoPE key, and its norm (configs/tiny.yaml with MLA,
     q_lora 48, latent 32, rope 8, v 16, micro-batch 16 x 256, --measure: 0.41 GiB estimated, 0.42 measured)."""
-    d, heads = m.head_dim, m.num_heads
+    d, heads = (spec and spec.head_dim) or m.head_dim, m.num_heads  # the layer's own width (Gemma 4's full layers)
     if m.attention == "mla":
         v, rope, latent = m.mla_v_head_dim, m.mla_rope_head_dim, m.mla_kv_lora_rank
         whole = 2 * latent + rope + (2 * m.mla_q_lora_rank if m.mla_q_lora_rank is not None else 0)
         return 3 * heads * d + heads * (d - rope + v) + 2 * heads * v, whole
-    return 3 * heads * d + 2 * m.num_kv_heads * d, 0
+    return 3 * heads * d + 2 * ((spec and spec.kv_heads) or m.num_kv_heads) * d, 0
 
 
 def mtp_activations_per_token(m: ModelConfig, tp: int, sp: bool, vocab: int, recompute: bool) -> float:
@@ -201,7 +202,7 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         stages = stages_of_rank(rank, p)
         first, last = 0 in stages, p.num_stages - 1 in stages
         mine = [i for s in stages for i in layers[s]]
-        n_layers, n_moe = len(mine), sum(m.layer(i).moe for i in mine)
+        n_layers = len(mine)
         routed = sum(held[i][0] for i in mine) + (mtp_routed if last else 0)
         full = routed + sum(held[i][1] for i in mine)  # this rank's parameters before FSDP
         full += table + first_rest if first else 0
@@ -211,8 +212,8 @@ def estimate(cfg: Config, dp: int, act_bytes: float) -> list[StageMemory]:
         # FSDP shards the experts over the dp / ep ranks holding the same ones, the rest over dp
         params = math.ceil((full - routed) / dp) + math.ceil(routed * p.ep / dp) if fsdp else full
         per_layer = activations_per_token_layer(m, tp, p.sp)
-        if n_moe:  # the mean over this rank's layers
-            per_layer += n_moe * (activations_per_token_layer(m, tp, p.sp, moe=True) - per_layer) / n_layers
+        if n_layers:  # the mean over this rank's layers (dense or MoE, each attention at its own width)
+            per_layer = sum(activations_per_token_layer(m, tp, p.sp, m.layer(i).moe, m.layer(i)) for i in mine) / n_layers
         layers_in_flight = n_layers * in_flight(p, rank, t.grad_accum_steps)
         if t.activation_checkpointing == "full":  # blocks keep their input; the one in its backward recomputes
             acts = (m.hidden_size / tp if p.sp else m.hidden_size) * layers_in_flight + 1.5 * per_layer
