@@ -71,9 +71,9 @@ class ParallelConfig:
             raise UsageError("model.dsa_index_topk: the sparse attention's indexer gets no gradient through its top-k: "
                              "set model.dsa_indexer_loss_coeff > 0 (megatron-core's KL loss to the main attention) or "
                              "model.dsa_indexer_frozen true")
-        if model.dsa_index_topk is not None and tp > 1:
-            raise UsageError("model.dsa_index_topk: the indexer's heads are not in the tensor-parallel plan: use "
-                             "parallel.tp 1")
+        if model.dsa_indexer_loss_coeff and tp > 1:  # megatron-core all-reduces its target over tp; ours has not
+            raise UsageError("model.dsa_indexer_loss_coeff: the indexer loss's target sums the main attention over "
+                             "every head, which parallel.tp splits: use tp 1 (or model.dsa_indexer_frozen true)")
         router_losses = model.moe_aux_loss_coeff or model.moe_z_loss_coeff
         if self.pp > 1 and model.moe_experts and router_losses and model.moe_aux_loss_scope == "model":
             raise UsageError(

@@ -83,8 +83,15 @@ def check_router_losses(ref, runs: dict) -> None:
             assert logged == pytest.approx(ref.router_losses[step], rel=LOSS_RTOL), (name, step)
 
 
+# DeepSeek Sparse Attention (model/sparse_attention.py) with its indexer frozen: each query keeps its top 12 of up to
+# 32 keys. The indexer is replicated under tp (on the whole sequence under sp, beside wq_a), so every rank selects
+# the same keys for its heads.
+DSA = dict(model__dsa_index_topk=12, model__dsa_index_heads=8, model__dsa_index_head_dim=16,
+           model__dsa_indexer_frozen=True)
+
+
 def test_expert_parallel_chain_matches_one_process(workers, corpus_dir, tmp_path):
-    check_router_losses(*check_chain(workers, corpus_dir, tmp_path, MOE, EP_CHAIN))
+    check_router_losses(*check_chain(workers, corpus_dir, tmp_path, {**MOE, **DSA}, EP_CHAIN))
 
 
 def test_single_query_projection_and_expert_slices_under_fsdp_match_one_process(workers, corpus_dir, tmp_path):

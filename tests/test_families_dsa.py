@@ -2,7 +2,8 @@
 models, tiny and random (fp32, CPU; norms, the indexer's LayerNorm included, biases and routers drawn away from their
 inits), with a sequence (24) three times index_topk (8), so the selection bites: logits and expert choices, top-k off
 moving them, the Hugging Face round trip, a training step's loss and gradients, greedy generation with the cache, and
-the refusals by name (Megatron-LM, GLM-5's shared indexer layers, tp, a trainable indexer in training).
+the refusals by name (Megatron-LM, GLM-5's shared indexer layers, an untrained indexer in training, its loss
+under tp or recomputation), and the indexer loss against megatron-core's.
 """
 
 from __future__ import annotations
@@ -123,9 +124,10 @@ def test_glm5_shared_indexer_layers_are_refused_by_name():
             model_config_from_hf({**config, **keys})
 
 
-def test_training_refuses_a_trainable_indexer_and_tp(hf_dir):
+def test_training_refuses_an_untrained_indexer_and_its_loss_under_tp(hf_dir):
     """The indexer learns only from megatron-core's KL loss: training needs its coefficient or the indexer frozen, by
-    name (not both); its heads are not in the tensor-parallel plan: tp 1."""
+    name (not both); the loss's target sums every head, which tp splits: tp 1 with the loss (a frozen indexer runs
+    under tp: test_expert_parallel's chain)."""
     cfg = model_config_from_hf(hf_dir("deepseek_v32")[1].config.to_dict())
     with pytest.raises(UsageError, match=r"model\.dsa_indexer_frozen"):
         ParallelConfig().validate(cfg, SEQ, 1, False)
@@ -134,8 +136,9 @@ def test_training_refuses_a_trainable_indexer_and_tp(hf_dir):
         dataclasses.replace(cfg, dsa_indexer_loss_coeff=0.1, dsa_indexer_frozen=True).validate()
     frozen = dataclasses.replace(cfg, dsa_indexer_frozen=True)
     ParallelConfig().validate(frozen, SEQ, 1, False)
-    with pytest.raises(UsageError, match=r"model\.dsa_index_topk.*parallel\.tp"):
-        ParallelConfig(tp=2).validate(frozen, SEQ, 1, False)
+    ParallelConfig(tp=2).validate(frozen, SEQ, 1, False)
+    with pytest.raises(UsageError, match=r"model\.dsa_indexer_loss_coeff: .* every head, which parallel\.tp splits"):
+        ParallelConfig(tp=2).validate(dataclasses.replace(cfg, dsa_indexer_loss_coeff=0.1), SEQ, 1, False)
 
 
 @pytest.mark.parametrize("model_type", ["axk2", "dots3_note_text", "hy_v4", "minimax_m3_vl_text", "qwen4_exp_text"])

@@ -11,6 +11,8 @@ runs it under no_grad). megatron-core trains it by a KL loss to the main attenti
 model.dsa_indexer_loss_coeff); for that, in training, the attention leaves the indexer's scores (whose graph reaches
 only the indexer: its inputs are detached, as megatron-core's) and its own detached queries and keys on the
 indexer as `loss_inputs`. Training needs the loss or the indexer frozen (model.dsa_indexer_frozen).
+Under tensor parallelism the indexer is a replicated plain module (not in the plan) whose inputs are whole (the
+gathered sequence, wq_a's latent): every rank selects the same keys for its own heads.
 """
 
 from __future__ import annotations
