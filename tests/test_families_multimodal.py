@@ -21,6 +21,7 @@ from megatron_llm.checkpoint.hf import hf_to_native, model_config_from_hf
 from megatron_llm.checkpoint.hf_io import SINGLE
 from megatron_llm.config import load_config
 from test_convert import run_cli
+from test_families import causal_lm_class
 
 VOCAB = 128
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -49,7 +50,8 @@ def text_model_with_head(directory):
 
 
 def causal_lm(directory):
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    config = transformers.AutoConfig.from_pretrained(directory)  # Emu3's text model has no Auto causal-LM class
+    model = causal_lm_class(config).from_pretrained(directory, attn_implementation="eager").eval()
     return lambda x: model(x).logits
 
 
@@ -79,6 +81,9 @@ PLAIN_EXPORT = {"qwen2_vl": "qwen2", "qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3
                 "glm4v_moe": "glm4_moe"}
 GEMMA4_TEXT = dict(global_head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"])
 GEMMA4_VISION = dict(num_key_value_heads=2, head_dim=8)
+GOT_VISION = dict(output_channels=8, image_size=32, patch_size=16, global_attn_indexes=[0], mlp_dim=32)
+EMU3_VQ = dict(embed_dim=4, codebook_size=16, latent_channels=4, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
+               attn_resolutions=[], temporal_downsample_factor=1, hidden_size=32)
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -114,17 +119,21 @@ CASES = {
     "gemma4_unified": (dict(model_type="gemma4_unified_text", **GEMMA4_TEXT),
                        dict(model_type="gemma4_unified_vision", mm_embed_dim=16, mm_posemb_size=4, output_proj_dims=16),
                        {"image_token_id": VOCAB - 1}),
+    "got_ocr2": (dict(model_type="qwen2"), GOT_VISION, {}),
+    # Fuyu: Persimmon fed linear patch embeddings (no vision config); Emu3: a tiny VQ image tokenizer beside its text model
+    "fuyu": (dict(model_type="persimmon"), None, {"image_token_id": VOCAB - 1, "patch_size": 4}),
+    "emu3": (dict(model_type="emu3_text_model", pad_token_id=0), None, {"vq_config": EMU3_VQ, "vocabulary_map": {"<image>": VOCAB - 1}}),
 }
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
-                  "model.norm.")  # the stored prefixes of the three layouts' text model
+                  "model.norm.", "text_model.", "model.text_model.")  # the stored prefixes of the layouts' text model
 
 
 def multimodal_model(wrapper: str, **text_overrides) -> torch.nn.Module:
     """transformers' whole multimodal model, fp32, eager attention, norms and biases drawn away from their constant
     inits."""
     text, vision, top = CASES[wrapper]
-    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text, **text_overrides},
-                                               vision_config={**VISION, **vision},
+    towers = {} if vision is None else {"vision_config": {**VISION, **vision}}
+    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text, **text_overrides}, **towers,
                                                **({"image_token_index": VOCAB - 1} | top))
     config._attn_implementation = "eager"
     torch.manual_seed(0)

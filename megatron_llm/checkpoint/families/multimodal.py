@@ -1,7 +1,9 @@
 """Multimodal checkpoints read as their language model: Llama 4 Scout/Maverick (llama4), Gemma 3 4b and up
 (gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V and
 GLM-4.5V (their M-RoPE read as RoPE: families/mrope.py), Qwen3.5 and Qwen3.5-MoE (families/hybrid.py), Aria
-(aria_text: families/moe.py), Gemma 4 (gemma4, gemma4_unified: families/gemma.py). Their config.json holds the text model's config under
+(aria_text: families/moe.py), Gemma 4 (gemma4, gemma4_unified: families/gemma.py), GOT-OCR 2.0 (got_ocr2: qwen2),
+Fuyu (fuyu: persimmon) and Emu3 (emu3: emu3_text_model beside its VQ image tokenizer). Their config.json holds the text
+model's config under
 `text_config` (the published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a
 prefix beside a vision tower and projector we do not model. A wrapper is data: its model_type and the config keys
 transformers reads from the top level rather than from text_config (it ties the head by the wrapper's
@@ -9,7 +11,8 @@ tie_word_embeddings: Mistral 3's top level says true while its text_config says 
 through its own family's table; an export writes that text family, or with --vision-from the wrapper again: its
 config.json with ours as text_config (wrap_config), its other tensors copied (hf_io.HFWriter).
 
-The tensor prefixes are the same for every wrapper, in one of three layouts: the published checkpoints and
+The tensor prefixes are the same for every wrapper (Emu3's say text_model where the others say language_model),
+in one of three layouts: the published checkpoints and
 transformers 5.x's save_pretrained (which reverses its conversion mapping on save) keep the language model
 whole under `language_model.` (language_model.model.layers..., language_model.lm_head.weight), while
 transformers 5.x's in-memory state_dict has model.language_model.layers... and lm_head.weight (as have the published
@@ -54,7 +57,8 @@ WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (
     Wrapper("llama4"), Wrapper("gemma3"), Wrapper("mistral3"), Wrapper("llava"),
     Wrapper("qwen2_vl", flat_text_type="qwen2_vl_text"), Wrapper("qwen2_5_vl", flat_text_type="qwen2_5_vl_text"),
     Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"), Wrapper("glm4v"), Wrapper("glm4v_moe"), Wrapper("qwen3_5"),
-    Wrapper("qwen3_5_moe"), Wrapper("aria"), Wrapper("gemma4"), Wrapper("gemma4_unified"))}
+    Wrapper("qwen3_5_moe"), Wrapper("aria"), Wrapper("gemma4"), Wrapper("gemma4_unified"), Wrapper("got_ocr2"),
+    Wrapper("fuyu"), Wrapper("emu3"))}
 VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that are not the text model's
 
 # (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where
@@ -62,6 +66,8 @@ VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that ar
 LAYOUTS: tuple[tuple[tuple[str, str], ...], ...] = (
     (("", "language_model."),),  # published and saved: the whole *ForCausalLM under language_model
     (("model.", "model.language_model."), ("lm_head.", "lm_head.")),  # transformers 5.x in memory, Qwen3-VL
+    (("", "text_model."),),  # Emu3's, published and saved
+    (("model.", "model.text_model."), ("lm_head.", "lm_head.")),  # Emu3's in memory
     (("model.", "model."), ("lm_head.", "lm_head.")),  # Qwen2-VL, Qwen2.5-VL: the text model's names beside visual.
 )
 EMBEDDING = "model.embed_tokens.weight"  # the text model's embedding in every family a wrapper holds
