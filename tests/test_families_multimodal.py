@@ -84,6 +84,8 @@ GEMMA4_VISION = dict(num_key_value_heads=2, head_dim=8)
 GOT_VISION = dict(output_channels=8, image_size=32, patch_size=16, global_attn_indexes=[0], mlp_dim=32)
 EMU3_VQ = dict(embed_dim=4, codebook_size=16, latent_channels=4, base_channels=32, channel_multiplier=[1], num_res_blocks=1,
                attn_resolutions=[], temporal_downsample_factor=1, hidden_size=32)
+AUDIO = dict(num_mel_bins=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_size=16,
+             max_source_positions=16)
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -123,7 +125,10 @@ CASES = {
     # Fuyu: Persimmon fed linear patch embeddings (no vision config); Emu3: a tiny VQ image tokenizer beside its text model
     "fuyu": (dict(model_type="persimmon"), None, {"image_token_id": VOCAB - 1, "patch_size": 4}),
     "emu3": (dict(model_type="emu3_text_model", pad_token_id=0), None, {"vq_config": EMU3_VQ, "vocabulary_map": {"<image>": VOCAB - 1}}),
+    # an audio tower instead; its top level ties the head while its text_config does not
+    "moss_transcribe_diarize": (dict(model_type="qwen3"), None, {"audio_config": AUDIO, "audio_token_id": VOCAB - 1}),
 }
+WHOLE = {"moss_transcribe_diarize": transformers.AutoModelForCausalLM}  # else an image-text model
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
                   "model.norm.", "text_model.", "model.text_model.")  # the stored prefixes of the layouts' text model
 
@@ -137,7 +142,7 @@ def multimodal_model(wrapper: str, **text_overrides) -> torch.nn.Module:
                                                **({"image_token_index": VOCAB - 1} | top))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    model = WHOLE.get(wrapper, transformers.AutoModelForImageTextToText).from_config(config).eval()
     perturb_norms_and_biases(model, 0.5)
     return model
 
@@ -180,7 +185,8 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
     with safe_open(tmp_path / "mm" / SINGLE, "pt") as mm, safe_open(tmp_path / "back" / SINGLE, "pt") as back:
         assert sorted(back.keys()) == sorted(mm.keys())
         assert all(torch.equal(back.get_tensor(name), mm.get_tensor(name)) for name in mm.keys())
-    _, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "back", output_loading_info=True)
+    _, info = WHOLE.get(wrapper, transformers.AutoModelForImageTextToText).from_pretrained(tmp_path / "back",
+                                                                                          output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     convert(str(tmp_path / "native"), "native", str(tmp_path / "hf"), "hf")
     written = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -2,8 +2,9 @@
 (gemma3), Mistral Small 3.1 (mistral3), LLaVA (llava), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE, GLM-4.1V and
 GLM-4.5V (their M-RoPE read as RoPE: families/mrope.py), Qwen3.5 and Qwen3.5-MoE (families/hybrid.py), Aria
 (aria_text: families/moe.py), Gemma 4 (gemma4, gemma4_unified: families/gemma.py), GOT-OCR 2.0 (got_ocr2: qwen2),
-Fuyu (fuyu: persimmon) and Emu3 (emu3: emu3_text_model beside its VQ image tokenizer). Their config.json holds the text
-model's config under
+Fuyu (fuyu: persimmon), Emu3 (emu3: emu3_text_model beside its VQ image tokenizer) and MOSS Transcribe Diarize
+(moss_transcribe_diarize: qwen3 beside a Whisper-like audio tower). Their config.json holds the text model's config
+under
 `text_config` (the published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a
 prefix beside a vision tower and projector we do not model. A wrapper is data: its model_type and the config keys
 transformers reads from the top level rather than from text_config (it ties the head by the wrapper's
@@ -58,7 +59,7 @@ WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (
     Wrapper("qwen2_vl", flat_text_type="qwen2_vl_text"), Wrapper("qwen2_5_vl", flat_text_type="qwen2_5_vl_text"),
     Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"), Wrapper("glm4v"), Wrapper("glm4v_moe"), Wrapper("qwen3_5"),
     Wrapper("qwen3_5_moe"), Wrapper("aria"), Wrapper("gemma4"), Wrapper("gemma4_unified"), Wrapper("got_ocr2"),
-    Wrapper("fuyu"), Wrapper("emu3"))}
+    Wrapper("fuyu"), Wrapper("emu3"), Wrapper("moss_transcribe_diarize"))}
 VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that are not the text model's
 
 # (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where
