@@ -116,8 +116,8 @@ class ModelConfig:
     nope_layers: list[int] = param([], "layers without positions (SmolLM3's NoPE layers)")
     layer_types: Optional[list[str]] = param(
         None, "per layer 'full', 'sliding' or 'chunked' attention, or 'linear' (a Gated DeltaNet mixer: Qwen3-Next, "
-        "Qwen3.5) or 'mamba' (a Mamba-2 mixer: Bamba, Granite 4.0); null: all sliding when sliding_window is set, "
-        "else all full")
+        "Qwen3.5), 'mamba' (a Mamba-2 mixer: Bamba, Granite 4.0) or 'short_conv' (LFM2's gated short convolution); "
+        "null: all sliding when sliding_window is set, else all full")
     attention_chunk_size: Optional[int] = param(
         None, "chunked layers: positions cut into chunks of this many, a query sees only keys of its own chunk (Llama 4)")
     sliding_window: Optional[int] = param(None, "window of the sliding layers, in tokens (the query included)")
@@ -157,6 +157,8 @@ class ModelConfig:
     mamba_dt_floor: float = param(0.0, "mamba layers: the time step softplus(dt + dt_bias) is clamped to at least this "
                                        "(time_step_limit[0]; Nemotron-H's time_step_min)")
     mamba_dt_ceiling: Optional[float] = param(None, "mamba layers: the time step's upper clamp; null: none")
+    short_conv_kernel: int = param(3, "short_conv layers: taps of the causal depthwise convolution (LFM2's conv_L_cache)")
+    short_conv_bias: bool = param(False, "short_conv layers: biases on the projections and the convolution")
     qk_norm: bool = param(False, "a norm on queries and keys before RoPE (Qwen3, OLMo2, Gemma3)")
     qk_norm_per_head: bool = param(True, "qk_norm over each head's head_dim (Qwen3); false: over the whole projection (OLMo2)")
     qk_norm_after_rope: bool = param(False, "qk_norm applies to the rotated queries and keys (HunYuan); needs qk_norm_per_head")
@@ -347,7 +349,7 @@ class ModelConfig:
         window = self.sliding_window if kind == "sliding" else None
         chunk = self.attention_chunk_size if kind == "chunked" else None
         moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
-        if kind in ("linear", "mamba"):  # positions come from the recurrence's order: no RoPE
+        if kind in ("linear", "mamba", "short_conv"):  # positions come from the recurrence's order: no RoPE
             return LayerSpec(None, None, moe, None, mixer=kind)
         rope = None if self.position != "rope" or i in self.nope_layers else (
             "local" if window and self.rope_local_theta is not None else "global")
@@ -441,16 +443,18 @@ class ModelConfig:
 
     def _validate_layers(self) -> None:
         if self.layer_types is not None:
-            kinds = {"full", "sliding", "chunked", "linear", "mamba"}
+            kinds = {"full", "sliding", "chunked", "linear", "mamba", "short_conv"}
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - kinds:
                 raise UsageError(
                     f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding', 'chunked', "
-                    "'linear' or 'mamba'"
+                    "'linear', 'mamba' or 'short_conv'"
                 )
             if "linear" in self.layer_types:
                 self._validate_linear()
             if "mamba" in self.layer_types:
                 self._validate_mamba()
+            if "short_conv" in self.layer_types and self.short_conv_kernel <= 0:
+                raise UsageError(f"model.short_conv_kernel must be positive, got {self.short_conv_kernel}")
             if "sliding" in self.layer_types and not self.sliding_window:
                 raise UsageError("model.layer_types has sliding layers: set model.sliding_window")
             if "chunked" in self.layer_types and not self.attention_chunk_size:

@@ -1,7 +1,8 @@
-"""The state-space hybrid families (Mamba-2 mixers between attention layers: families/ssm.py) against transformers' own
-models, tiny and random (fp32, CPU; norms incl. the gated one, biases, A_log, D and dt_bias drawn away from their
-inits): logits and loss, the routers' choices, one training step's Mamba-2 gradients, the Hugging Face round trip
-through native (bit exact), greedy generation token for token, and Megatron-LM refused by name."""
+"""The state-space hybrid families (Mamba-2 or short-convolution mixers between attention layers: families/ssm.py)
+against transformers' own models, tiny and random (fp32, CPU; norms incl. the gated one, biases, A_log, D and dt_bias
+drawn away from their inits): logits and loss, the routers' choices, one training step's Mamba-2 gradients, the
+Hugging Face round trip through native (bit exact), greedy generation token for token, and Megatron-LM refused by
+name."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ CASES = {
     # Granite 4.0: NoPE attention, routed experts beside the shared MLP; -h-micro's shape (no experts) and RoPE
     "granitemoehybrid": dict(**GRANITE, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid:dense-rope": dict(**GRANITE, num_local_experts=0, position_embedding_type="rope"),
+    "lfm2": dict(full_attn_idxs=[1], conv_bias=True, conv_L_cache=3),  # gated short convolutions, not Mamba-2
 }
+MIXERS = {"lfm2": "short_conv"}  # the recurrent layers' kind where not mamba
 FAMILIES_TESTED = {case.split(":")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
 MIXER_PARAMS = ("A_log", ".D", "dt_bias", "conv1d.bias")  # their constant inits would hide a mix-up
 
@@ -45,7 +48,8 @@ def tokens(rows: int = 2) -> torch.Tensor:
 
 
 def hf_model(case: str) -> torch.nn.Module:
-    model = random_hf_model(case.split(":")[0], {**SMALL, **CASES[case]}, routers=("router.weight",))
+    small = SMALL if case not in MIXERS else {k: v for k, v in SMALL.items() if not k.startswith("mamba_")}
+    model = random_hf_model(case.split(":")[0], {**small, **CASES[case]}, routers=("router.weight",))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(MIXER_PARAMS):
@@ -66,7 +70,8 @@ def mixers(model) -> list[str]:
 def test_logits_loss_and_routes_match_transformers(hf_dir, case):
     path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
-    assert mixers(model) == ["mamba", "attention", "mamba"]
+    kind = MIXERS.get(case, "mamba")
+    assert mixers(model) == [kind, "attention", kind]
     x = tokens()
     labels = F.pad(x[:, 1:], (0, 1), value=-100)
     with torch.no_grad():
@@ -104,15 +109,16 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
     path, hf = hf_dir(case)
     hf_native_hf(path, tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert back.config.model_type == case.split(":")[0] and back.config.layers_block_type == hf.config.layers_block_type
+    assert back.config.model_type == case.split(":")[0] and back.config.layer_types == hf.config.layer_types
     with torch.no_grad():
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_generation_equals_transformers(hf_dir):
-    """Prompts of 20 tokens, 10 new ones: the Mamba-2 layers' fp32 state and convolution history cached beside the
-    attention layer's keys and values, decoded one token per step."""
-    path, hf = hf_dir("bamba")
+@pytest.mark.parametrize("case", ["bamba", "lfm2"])
+def test_greedy_generation_equals_transformers(hf_dir, case):
+    """Prompts of 20 tokens, 10 new ones: the Mamba-2 layers' fp32 state and convolution history (LFM2's short
+    convolutions' history) cached beside the attention layer's keys and values, decoded one token per step."""
+    path, hf = hf_dir(case)
     model = megatron_llm.load_model(path).eval()
     x = tokens()
     theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
@@ -120,10 +126,11 @@ def test_greedy_generation_equals_transformers(hf_dir):
     assert ours == theirs.tolist()
 
 
-def test_megatron_refuses_mamba_layers_by_name(hf_dir, tmp_path):
+@pytest.mark.parametrize("case, words", [("bamba", "MambaModel"), ("lfm2", "no short-convolution layer")])
+def test_megatron_refuses_mamba_and_short_conv_layers_by_name(hf_dir, tmp_path, case, words):
     """megatron-core 0.16.1 builds Mamba-2 layers in MambaModel, a model class of its own (not GPTModel, whose
-    layer specs we write): refused on export, nothing written."""
-    path, _ = hf_dir("bamba")
-    with pytest.raises(UsageError, match=r"MambaModel"):
+    layer specs we write), and has no short convolution: refused on export, nothing written."""
+    path, _ = hf_dir(case)
+    with pytest.raises(UsageError, match=words):
         convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2))
     assert not (tmp_path / "mg").exists()

@@ -121,6 +121,9 @@ def window_args(cfg: ModelConfig) -> dict:
         raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r} in GPTModel: megatron-core "
                          "builds Mamba-2 layers in MambaModel, a model class of its own (hybrid_override_pattern), "
                          "which we do not write; convert to native or hf instead")
+    if any(spec.mixer == "short_conv" for spec in specs):
+        raise UsageError(f"Megatron-LM cannot express model.layer_types={cfg.layer_types!r}: megatron-core has no "
+                         "short-convolution layer (LFM2's); convert to native or hf instead")
     sliding = [int(spec.window is not None) for spec in specs]
     if not any(sliding):
         return dict(window_size=None, window_attn_skip_freq=None)

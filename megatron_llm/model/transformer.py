@@ -20,6 +20,7 @@ from megatron_llm.model.attention_kernels import NO_MASK, KeyMask, alibi_slopes
 from megatron_llm.model.kv_cache import KVCache
 from megatron_llm.model.linear_attention import GatedDeltaNet
 from megatron_llm.model.mamba import Mamba2
+from megatron_llm.model.short_conv import ShortConv
 from megatron_llm.model.mla import LatentAttention
 from megatron_llm.model.mlp import XIELU, FeedForward
 from megatron_llm.model.moe import GroupedExperts, MoE, Router
@@ -46,7 +47,8 @@ class TransformerBlock(nn.Module):
         post_sublayer = placement in ("sandwich", "output")
         self.attention_norm = build_norm(cfg) if placement != "output" else None
         attention = LatentAttention if cfg.attention == "mla" else Attention
-        self.attention = {"linear": GatedDeltaNet, "mamba": Mamba2}.get(spec.mixer, attention)(cfg, spec)
+        mixers = {"linear": GatedDeltaNet, "mamba": Mamba2, "short_conv": ShortConv}
+        self.attention = mixers.get(spec.mixer, attention)(cfg, spec)
         self.attention_post_norm = build_norm(cfg) if post_sublayer else None
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
         self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
@@ -170,7 +172,7 @@ class Transformer(nn.Module):
                 module.reset_parameters()
             elif isinstance(module, TransformerBlock) and module.layer_scalar is not None:
                 module.layer_scalar.fill_(1.0)
-            elif isinstance(module, (GatedDeltaNet, Mamba2)):  # convolution and decay rates (projections: Linear above)
+            elif isinstance(module, (GatedDeltaNet, Mamba2, ShortConv)):  # convolutions, decay (projections: Linear above)
                 generator = torch.Generator(module.out_proj.weight.device)
                 module.reset_parameters(generator.manual_seed(seed + zlib.crc32(name.encode())))
 
@@ -381,6 +383,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     per_token = {
         "linear": 18.0 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim,
         "mamba": 18.0 * cfg.mamba_num_heads * cfg.mamba_state_size * cfg.mamba_head_dim,
+        "short_conv": 0.0,  # the convolution's taps: a few multiply-adds per channel, not counted
     }
 
     def scores(spec) -> float:  # query-key + value widths of this layer's heads (Gemma 4's full layers are wider)

@@ -124,7 +124,7 @@ def mamba_plan() -> dict:
     channel rows, A_log, D, dt_bias and the gated norm's weight sharded alike; out_proj row-parallel (in
     linear_attention_plan). The scan is per head and the gated norm per group: no communication inside."""
     plan = {f"attention.{p}_proj": ColwiseParallel() for p in ("x", "c", "dt")}  # z_proj, b_proj: as Gated DeltaNet's
-    rows = ("conv_x", "conv_b", "conv_c", "d", "gate_norm")  # a_log, dt_bias: as Gated DeltaNet's
+    rows = ("conv_x", "conv_b", "conv_c", "d", "gate_norm", "conv")  # a_log, dt_bias: as Gated DeltaNet's; conv: LFM2's
     plan.update({f"attention.{name}": ShardedWithHeads() for name in rows})
     return plan
 

@@ -1,5 +1,6 @@
-"""State-space hybrid families: Mamba-2 mixers (model/mamba.py) between attention layers. Bamba (bamba) and
-Granite 4.0's hybrids (granitemoehybrid).
+"""State-space hybrid families: Mamba-2 mixers (model/mamba.py) between attention layers, Bamba (bamba) and
+Granite 4.0's hybrids (granitemoehybrid); LFM2's gated short convolutions (model/short_conv.py) between attention
+layers (lfm2).
 
 Their Mamba-2 layers store the five input projections fused in one in_proj [z; x; B; C; dt], the convolution over
 x, B and C as one conv1d [channels, 1, taps] (and its bias), A_log, D and dt_bias as bare [heads] parameters and the
@@ -190,4 +191,69 @@ GRANITE_HYBRID = Family(
         "model.layers.{i}.shared_mlp.output_linear.weight": "layers.{i}.feed_forward.w2.weight"}),),
 )
 
-FAMILIES = (BAMBA, GRANITE_HYBRID)
+
+
+def _read_conv_layers(hf: dict) -> dict:
+    """LFM2's layer_types (conv / full_attention), or full_attn_idxs as its config class reads them (none: all full)."""
+    attention = hf.get("full_attn_idxs")
+    types = hf.get("layer_types") or ["full_attention" if attention is None or i in attention else "conv"
+                                      for i in range(hf["num_hidden_layers"])]
+    unknown = set(types) - {"conv", "full_attention"}
+    if unknown:
+        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: LFM2 has conv and full_attention "
+                         "layers")
+    return dict(layer_types=["short_conv" if t == "conv" else "full" for t in types])
+
+
+def _write_conv_layers(cfg: ModelConfig) -> dict:
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    if any(s.window or s.chunk or s.mixer not in ("attention", "short_conv") for s in specs):
+        return {"layer_types": "<only full attention and short_conv layers here>"}
+    return {"layer_types": ["conv" if s.mixer == "short_conv" else "full_attention" for s in specs]}
+
+
+def _read_lfm2_ffn(hf: dict) -> dict:
+    """The MLP's width as Lfm2MLP derives it from intermediate_size when block_auto_adjust_ff_dim: two thirds, times
+    block_ffn_dim_multiplier, rounded up to block_multiple_of."""
+    width = hf.get("intermediate_size", 12288)
+    if hf.get("block_auto_adjust_ff_dim", True):
+        width = int(2 * width / 3)
+        if hf.get("block_ffn_dim_multiplier", 1.0) is not None:
+            multiple = hf.get("block_multiple_of", 256)
+            width = int(hf.get("block_ffn_dim_multiplier", 1.0) * width)
+            width = multiple * ((width + multiple - 1) // multiple)
+    return dict(ffn_hidden_size=width)
+
+
+# LFM2: gated short convolutions (model/short_conv.py) and grouped-query attention with a per-head QK-norm; a SwiGLU
+# feed_forward in every layer, operator_norm / ffn_norm before them and the final norm named embedding_norm; biases
+# (conv_bias) on the convolution layers' projections and taps only; tied embeddings by default.
+LFM2_CONV = "layers.{i}.attention"
+LFM2 = Family(
+    "lfm2", "Lfm2ForCausalLM",
+    (*(e for e in SHAPE if getattr(e, "ours", None) not in ("ffn_hidden_size", "tie_embeddings")),
+     Key("tie_word_embeddings", "tie_embeddings", default=True), Derived(_read_lfm2_ffn, lambda cfg: {
+         "intermediate_size": cfg.ffn_hidden_size, "block_auto_adjust_ff_dim": False}),
+     Key("norm_eps", "norm_eps", default=1e-5), ROPE, Fixed("mlp", "swiglu"), Fixed("qk_norm", True),
+     Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("mlp_bias", False),
+     Key("conv_L_cache", "short_conv_kernel", default=3), Key("conv_bias", "short_conv_bias", default=False),
+     Derived(_read_conv_layers, _write_conv_layers)),
+    {"model.embed_tokens.weight": "tok_embeddings.weight",
+     "model.layers.{i}.operator_norm.weight": "layers.{i}.attention_norm.weight",
+     "model.layers.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+     **{f"model.layers.{{i}}.self_attn.{p}_proj.weight": f"layers.{{i}}.attention.w{p}.weight" for p in "qkv"},
+     "model.layers.{i}.self_attn.out_proj.weight": "layers.{i}.attention.wo.weight",
+     "model.layers.{i}.self_attn.q_layernorm.weight": "layers.{i}.attention.q_norm.weight",
+     "model.layers.{i}.self_attn.k_layernorm.weight": "layers.{i}.attention.k_norm.weight",
+     **{f"model.layers.{{i}}.feed_forward.w{n}.weight": f"layers.{{i}}.feed_forward.w{n}.weight" for n in "123"},
+     **{f"model.layers.{{i}}.conv.in_proj.{p}": _mapped_rows(tuple(f"{LFM2_CONV}.{x}_proj.{p}" for x in "bcx"),
+                                                           lambda cfg: [cfg.hidden_size] * 3) for p in ("weight", "bias")},
+     "model.layers.{i}.conv.conv.weight": Mapped((f"{LFM2_CONV}.conv.weight",), lambda ts: ts[0].unsqueeze(1),
+                                                 lambda t: [t.squeeze(1).contiguous()]),
+     "model.layers.{i}.conv.conv.bias": f"{LFM2_CONV}.conv.bias",
+     **{f"model.layers.{{i}}.conv.out_proj.{p}": f"{LFM2_CONV}.out_proj.{p}" for p in ("weight", "bias")},
+     "model.embedding_norm.weight": "norm.weight",
+     "lm_head.weight": "output.weight"},
+)
+
+FAMILIES = (BAMBA, GRANITE_HYBRID, LFM2)
