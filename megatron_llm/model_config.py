@@ -97,9 +97,10 @@ class ModelConfig:
     position_offset: int = param(
         0, "learned or sinusoidal positions: position p reads row p + this of a table of max_seq_len + this rows "
         "(fairseq's padding rows: OPT, BioGPT, XGLM 2)")
-    sinusoid: Literal["vaswani", "tensor2tensor"] = param(
+    sinusoid: Literal["vaswani", "tensor2tensor", "vaswani_blocked"] = param(
         "vaswani", "sinusoidal positions: vaswani: sin and cos interleaved at 10000^(-2j/d); tensor2tensor: the sines "
-        "then the cosines at 10000^(-j/(d/2 - 1)) (fairseq's, XGLM)")
+        "then the cosines at 10000^(-j/(d/2 - 1)) (fairseq's, XGLM); vaswani_blocked: the sines then the cosines at "
+        "10000^(-2j/d) (CTRL)")
     rope_theta: float = param(10000.0, "RoPE base frequency")
     rope_scaling: Optional[dict] = param(
         None,
@@ -128,12 +129,10 @@ class ModelConfig:
     attention_sinks: bool = param(
         False, "a learned logit per head joins each query's softmax as an extra column, dropped after it, so the "
         "weights of a row sum to less than 1 (gpt-oss's sinks)")
-    attention_output_gate: bool = param(
-        False, "wq also makes a gate per query head ([q_h; gate_h] rows per head), and the attention's output is "
-        "multiplied by sigmoid(gate) before wo (Qwen3-Next, Qwen3.5)")
     attention_gate: Literal["none", "sigmoid", "softplus"] = param(
-        "none", "the attention's output times act(wg x) before wo, from a projection of its own, attention.wg (AFMoE: "
-        "sigmoid; Laguna: softplus); attention_output_gate is the gate made inside wq (Qwen3-Next)")
+        "none", "the attention's output times act(wg x) before wo, from a projection of its own, attention.wg (AFMoE, "
+        "Qwen3-Next: sigmoid; Laguna: softplus)")
+    attention_gate_bias: bool = param(False, "a bias on the output gate's projection wg (Qwen3-Next's q_proj bias)")
     attention_gate_per_head: bool = param(
         False, "attention_gate: one gate per head (wg makes num_heads values, each scaling its head's head_dim "
         "outputs: Laguna) instead of one per output element")
@@ -384,9 +383,11 @@ class ModelConfig:
         self._validate_norms()
         self._validate_moe()
         self._validate_mla()
-        if self.attention_gate != "none" and (self.attention_output_gate or self.attention == "mla"):
+        if self.attention_gate != "none" and self.attention == "mla":
             raise UsageError("model.attention_gate gates grouped-query attention through its own projection: not with "
-                             "model.attention_output_gate (the gate made inside wq) nor model.attention mla")
+                             "model.attention mla")
+        if self.attention_gate_bias and self.attention_gate == "none":
+            raise UsageError("model.attention_gate_bias is the bias of the output gate: set model.attention_gate")
         if self.mtp_layers < 0 or not (math.isfinite(self.mtp_loss_coeff) and self.mtp_loss_coeff >= 0):
             raise UsageError(f"model.mtp_layers ({self.mtp_layers}) and model.mtp_loss_coeff ({self.mtp_loss_coeff}) "
                              "must not be negative")

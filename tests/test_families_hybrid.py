@@ -33,7 +33,7 @@ MOE = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_s
 CASES = {
     # a dense layer among the MoE ones, top-k not renormalised
     "qwen3_next": dict(**MOE, mlp_only_layers=[1], norm_topk_prob=False),
-    "qwen3_5_text": dict(tie_word_embeddings=True),
+    "qwen3_5_text": dict(tie_word_embeddings=True, attention_bias=True),  # q_proj's bias split into wq's and wg's
     "qwen3_5_moe_text": MOE,
 }
 FAMILIES_TESTED = set(CASES)  # tests/test_family_coverage.py gathers these

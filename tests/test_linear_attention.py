@@ -22,7 +22,7 @@ B, S, HK, HV, DK, DV = 2, 37, 2, 4, 8, 6
 HYBRID = ModelConfig(vocab_size=97, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                      ffn_hidden_size=96, max_seq_len=64, layer_types=["linear", "linear", "full", "linear"],
                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
-                     linear_chunk_size=8, attention_output_gate=True, qk_norm=True, norm_unit_offset=True,
+                     linear_chunk_size=8, attention_gate="sigmoid", qk_norm=True, norm_unit_offset=True,
                      rope_fraction=0.25)
 
 

@@ -109,7 +109,7 @@ UNTIED_CHAIN = [
 # full layers' output gate.
 LINEAR_LAYERS = dict(model__layer_types="[linear, full, linear, full]", model__linear_num_key_heads=2,
                      model__linear_num_value_heads=4, model__linear_key_head_dim=16, model__linear_value_head_dim=8,
-                     model__linear_chunk_size=8, model__attention_output_gate=True)
+                     model__linear_chunk_size=8, model__attention_gate="sigmoid")
 # Gemma 4's full layers in the post-norm chain: 48-wide heads, 2 key/value heads and no wv (the keys' projection
 # serves as values) beside sliding layers of 32-wide heads with 4, values normed per head, a stored scalar per block.
 GEMMA4_LAYERS = dict(model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]", model__full_head_dim=48,

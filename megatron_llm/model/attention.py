@@ -115,15 +115,15 @@ class Attention(nn.Module):
         super().__init__()
         d = self.head_dim = spec.head_dim or cfg.head_dim  # Gemma 4's full layers have their own width and kv heads
         q_dim, kv_dim = cfg.num_heads * d, (spec.kv_heads or cfg.num_kv_heads) * d
-        # Qwen3-Next's output gate: wq's rows per head are [q_h; gate_h], so a row split keeps each head's gate with it
-        self.output_gate = cfg.attention_output_gate
-        self.wq = nn.Linear(cfg.hidden_size, q_dim * (2 if self.output_gate else 1), bias=cfg.qkv_bias)
+        self.wq = nn.Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wv = None if spec.values_from_keys else nn.Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
-        # AFMoE's and Laguna's output gate, from a projection of its own: act(wg x) per output element or per head
+        # The output gate (AFMoE, Laguna, Qwen3-Next), from a projection of its own: act(wg x) per output element or
+        # per head. Qwen3-Next stores it inside q_proj ([q_h; gate_h] per head); its table splits the rows apart.
         gate_rows = cfg.num_heads * (1 if cfg.attention_gate_per_head else d)
-        self.wg = nn.Linear(cfg.hidden_size, gate_rows, bias=False) if cfg.attention_gate != "none" else None
+        gated = cfg.attention_gate != "none"
+        self.wg = nn.Linear(cfg.hidden_size, gate_rows, bias=cfg.attention_gate_bias) if gated else None
         self.gate_act = F.softplus if cfg.attention_gate == "softplus" else torch.sigmoid
         self.gate_width = 1 if cfg.attention_gate_per_head else d  # outputs each gate value scales
         # A norm on queries and keys before RoPE bounds the attention logits: over each head (Qwen3) or
@@ -149,13 +149,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, ctx: AttentionContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v, gate = self._qkv_gate(x, ctx)
+        q, k, v = self.qkv(x, ctx)
         slopes = self.alibi_slopes if self.rules.alibi else None  # a buffer read costs a module __getattr__
         sinks = self.sinks() if self.rules.sinks else None  # [heads]; this rank's heads under TP
         out = attend(q, k, v, self.rules, self.scale, slopes, ctx.keys, sinks)  # [b, heads, s, d]
         out = out.transpose(1, 2).reshape(b, s, -1)  # [b, s, heads * d]
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
         if self.wg is not None:  # [b, s, heads, d] times [b, s, heads, d or 1]
             g = self.gate_act(self.wg(x).float()).to(out.dtype).view(b, s, -1, self.gate_width)  # local heads under TP
             out = (out.view(b, s, -1, self.head_dim) * g).view(b, s, -1)
@@ -164,16 +162,9 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [b, heads, s, d] and keys and values [b, kv_heads, s_kv, d] as the scores see them: projected,
         clipped, normed, rotated, and joined to the cache's. The attention probe reads them too."""
-        return self._qkv_gate(x, ctx)[:3]
-
-    def _qkv_gate(self, x: torch.Tensor, ctx: AttentionContext):
-        """qkv's three and the output gate [b, s, heads * d] (None without one)."""
         b, s, _ = x.shape
         q, k = self.wq(x), self.wk(x)  # [b, s, heads * d], [b, s, kv_heads * d]
         v = k if self.wv is None else self.wv(x)  # [b, s, kv_heads * d]; the keys' own projection without wv
-        gate = None
-        if self.output_gate:  # [b, s, heads * 2d] -> [b, s, heads * d] each
-            q, gate = (t.reshape(b, s, -1) for t in q.view(b, s, -1, 2 * self.head_dim).chunk(2, dim=-1))
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
         if self.q_norm is not None and not self.qk_norm_per_head:
@@ -196,4 +187,4 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, s, d]
         if ctx.cache is not None:
             k, v = ctx.cache.update(self, k, v)  # [b, kv_heads, cached + s, d]
-        return q, k, v, gate
+        return q, k, v

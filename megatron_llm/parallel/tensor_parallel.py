@@ -63,7 +63,7 @@ def block_plan(block: nn.Module, sp: bool) -> dict:
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=seq),
-        "attention.wg": ColwiseParallel(),  # AFMoE's and Laguna's output gate, rows by head like wq's
+        "attention.wg": ColwiseParallel(),  # the output gate (AFMoE, Laguna, Qwen3-Next), rows by head like wq's
         "attention.sinks": ShardedWithHeads(),  # gpt-oss's per-head sink logits
         "attention.wq_b": ColwiseParallel(),  # mla
         "attention.wkv_b": ColwiseParallel(),  # mla

@@ -3,9 +3,10 @@ layer_types "linear_attention" / "full_attention" (3 to 1 as published). Qwen3-N
 (qwen3_5_text) and Qwen3.5-MoE (qwen3_5_moe_text); the multimodal qwen3_5 / qwen3_5_moe read as these through
 multimodal.py's wrappers.
 
-All three share the full layers' attention: q_proj makes [q_h; gate_h] per head (model.attention_output_gate), a
-per-head QK-norm, a quarter of each head rotated by halves, norms of weight 1 + w (zero-centred; the gated norm of
-the linear layers excepted: a plain weight). The linear layers' projections are stored fused: Qwen3-Next's
+All three share the full layers' attention: q_proj makes [q_h; gate_h] per head, read as wq and the sigmoid output
+gate's own wg (model.attention_gate; Fused "heads" splits and interleaves the rows bit for bit), a per-head QK-norm,
+a quarter of each head rotated by halves, norms of weight 1 + w (zero-centred; the gated norm of the linear layers
+excepted: a plain weight). The linear layers' projections are stored fused: Qwen3-Next's
 in_proj_qkvz and in_proj_ba group q, k, v, z (and b, a) per key head; Qwen3.5's in_proj_qkv concatenates q, k, v
 and keeps z, b, a apart. The depthwise convolution over the q, k, v channels is one conv1d [channels, 1, taps].
 """
@@ -18,7 +19,7 @@ from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TE
                                                     without_mlp)
 from megatron_llm.checkpoint.families.moe import ROUTING, expert_count, experts, shared_mlp
 from megatron_llm.checkpoint.families.mrope import mrope_as
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Key, Mapped
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
@@ -59,7 +60,8 @@ HYBRID_CONFIG = (
     activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-6),
     Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
     Fixed("mlp_bias", False), Fixed("qk_norm", True), Fixed("norm_unit_offset", True),
-    Fixed("attention_output_gate", True), Derived(_read_layer_types, _write_layer_types), *LINEAR_SHAPE,
+    Fixed("attention_gate", "sigmoid"), Key("attention_bias", "attention_gate_bias", default=False),
+    Derived(_read_layer_types, _write_layer_types), *LINEAR_SHAPE,
 )
 
 
@@ -122,9 +124,12 @@ def _per_head(name: str) -> Mapped:
     return Mapped((f"{LINEAR}.{name}.weight",), lambda parts: parts[0], lambda t: [t])
 
 
-# The linear layers' tensors every family here names alike, and the full layers' (Llama's, q_proj twice as tall).
+# The linear layers' tensors every family here names alike, and the full layers' (Llama's, q_proj twice as tall:
+# per head the query's rows, then the output gate's).
 COMMON_TENSORS = {
     **without_mlp(LLAMA_TENSORS),
+    **{f"model.layers.{{i}}.self_attn.q_proj.{p}": Fused(
+        (f"layers.{{i}}.attention.wq.{p}", f"layers.{{i}}.attention.wg.{p}"), "heads") for p in ("weight", "bias")},
     "model.layers.{i}.linear_attn.conv1d.weight": Mapped((f"{LINEAR}.conv_q.weight", f"{LINEAR}.conv_k.weight",
                                                           f"{LINEAR}.conv_v.weight"), _conv_to_hf, _conv_from_hf,
                                                          config=True),
