@@ -302,11 +302,12 @@ class SinusoidalPositions(nn.Module):
 
 def sinusoid_table(max_seq_len: int, dim: int, kind: str = "vaswani") -> torch.Tensor:
     """Absolute positions [max_seq_len, dim]: Vaswani et al.'s, sin on even and cos on odd dimensions, or
-    tensor2tensor's (fairseq, XGLM), the sines of all frequencies then their cosines, the lowest 10000^-1 exactly."""
-    if kind == "vaswani":
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
-    else:  # as fairseq computes it, so that the table is the same to the last bit
+    tensor2tensor's (fairseq, XGLM), the sines of all frequencies then their cosines, the lowest 10000^-1 exactly,
+    or Vaswani's frequencies in tensor2tensor's blocks (vaswani_blocked: CTRL)."""
+    if kind == "tensor2tensor":  # as fairseq computes it, so that the table is the same to the last bit
         inv_freq = torch.exp(torch.arange(dim // 2).float() * -(math.log(10000) / (dim // 2 - 1)))
+    else:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     angles = torch.outer(torch.arange(max_seq_len).float(), inv_freq)  # [s, dim/2]
     if kind == "vaswani":
         return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)

@@ -1,7 +1,7 @@
 """Every Hugging Face family we read and write, by model_type: one declarative table each (table.py
 says what a table holds). A family is added by writing its table and listing it here."""
 
-from megatron_llm.checkpoint.families import (dbrx, deepseek, dense, fused, gemma, gpt, gpt_oss, hybrid, latent, layernorm, llama, llama4, moe,
+from megatron_llm.checkpoint.families import (ctrl, dbrx, deepseek, dense, fused, gemma, gpt, gpt_oss, hybrid, latent, layernorm, llama, llama4, moe,
                                               mrope, remote, sigmoid_moe, ssm, windowed_moe)
 from megatron_llm.checkpoint.families.table import Family
 from megatron_llm.errors import UsageError
@@ -10,7 +10,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES, *fused
                                                 *gpt.FAMILIES, *layernorm.FAMILIES, *moe.FAMILIES, *deepseek.FAMILIES,
                                                 *dbrx.FAMILIES, *gpt_oss.FAMILIES, *llama4.FAMILIES, *mrope.FAMILIES,
                                                 *sigmoid_moe.FAMILIES, *latent.FAMILIES, *windowed_moe.FAMILIES,
-                                                *hybrid.FAMILIES, *ssm.FAMILIES, *gemma.FAMILIES)}
+                                                *hybrid.FAMILIES, *ssm.FAMILIES, *gemma.FAMILIES, *ctrl.FAMILIES)}
 
 
 # model_types transformers builds whose models the menu cannot express, each with the reason a user is told.
