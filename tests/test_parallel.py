@@ -115,12 +115,12 @@ LINEAR_LAYERS = dict(model__layer_types="[linear, full, linear, full]", model__l
 GEMMA4_LAYERS = dict(model__sliding_window=8, model__layer_types="[sliding, full, sliding, full]", model__full_head_dim=48,
                      model__full_kv_heads=2, model__full_values_from_keys=True, model__v_norm=True,
                      model__layer_scalar=True)
-# Mamba-2 (model/mamba.py) in the deepnorm chain's layer 1, between the linear ones: 4 heads of 16 in 2 groups split
-# over tp (the projections, the convolution's channels, A_log/D/dt_bias and the gated norm's groups), biases, 4 chunks
-# of 8 per sequence.
-MAMBA_LAYERS = dict(model__layer_types="[linear, mamba, linear, full]", model__mamba_num_heads=4,
+# Mamba-2 (model/mamba.py) in the deepnorm chain's layer 1 after a linear one: 4 heads of 16 in 2 groups split over tp
+# (the projections, the convolution's channels, A_log/D/dt_bias and the gated norm's groups), biases, 4 chunks of 8
+# per sequence; then LFM2's short convolution (model/short_conv.py, its channels split with b/c/x_proj, biases).
+MAMBA_LAYERS = dict(model__layer_types="[linear, mamba, short_conv, full]", model__mamba_num_heads=4,
                     model__mamba_head_dim=16, model__mamba_groups=2, model__mamba_state_size=8, model__mamba_chunk_size=8,
-                    model__mamba_proj_bias=True)
+                    model__mamba_proj_bias=True, model__short_conv_bias=True)
 # This chain's learned table is read from row 0: read 2 rows on (position_offset, OPT/BioGPT) at this seed, tp2-dp2-fsdp-sp
 # missed step 1's channel-0 sum by 1.3e-5 (tolerance 1e-5) and the parameters by 1.9e-3 after one step, from one
 # unit: a layer-2 xIELU input 1.8e-7 from 0, where xIELU's derivative jumps from beta - alpha_n to beta (its
