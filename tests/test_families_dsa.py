@@ -151,8 +151,9 @@ def test_relatives_beyond_the_menu_are_refused_by_name(model_type):
 
 def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp_path):
     """--checkpoint.init_from a DeepSeek-V3.2 directory trains with --model.dsa_indexer_frozen true (refused without it
-    or the indexer loss, and the loss refused with recomputation): the first step's loss is transformers' on the trainer's batch (32 tokens, top 8), and a step moves the
-    attention but leaves the indexer as loaded."""
+    or the indexer loss, and the loss refused with recomputation): the first step's loss is transformers' on the
+    trainer's batch (32 tokens, top 8), a step moves the attention but leaves the indexer as loaded, and the tuned
+    model exports to Hugging Face."""
     from megatron_llm.training.trainer import train
 
     hf = random_hf_model("deepseek_v32", {**SMALL, **EXPERTS, **DSA, "vocab_size": 257, "intermediate_size": 128})
@@ -173,6 +174,12 @@ def test_fine_tune_from_the_command_line_with_the_indexer_frozen(corpus_dir, tmp
     theirs = hf.state_dict()
     assert torch.equal(tuned["layers.1.attention.indexer.wk.weight"], theirs["model.layers.1.self_attn.indexer.wk.weight"])
     assert not torch.equal(tuned["layers.1.attention.wkv_b.weight"], theirs["model.layers.1.self_attn.kv_b_proj.weight"])
+    # and back to Hugging Face (how the indexer trained is no config.json key): transformers gives the tuned logits
+    convert(cfg.checkpoint.dir, "native", str(tmp_path / "tuned"), "hf", Options(hf_family="deepseek_v32"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "tuned", attn_implementation="eager").eval()
+    x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, megatron_llm.load_model(cfg.checkpoint.dir)(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES)

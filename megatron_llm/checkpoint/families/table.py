@@ -228,6 +228,8 @@ class Family:
         back["scaled_init"] = cfg.scaled_init  # an init choice Hugging Face does not record
         back["moe_aux_loss_scope"] = cfg.moe_aux_loss_scope  # a training choice it does not record either
         back["mtp_loss_coeff"] = cfg.mtp_loss_coeff  # and another
+        for key in ("dsa_indexer_frozen", "dsa_indexer_loss_coeff"):  # how the sparse attention's indexer trained
+            back[key] = getattr(cfg, key)
         for key, value in dataclasses.asdict(cfg).items():
             if back[key] != value:
                 raise UsageError(
