@@ -134,3 +134,14 @@ def test_megatron_refuses_mamba_and_short_conv_layers_by_name(hf_dir, tmp_path, 
     with pytest.raises(UsageError, match=words):
         convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2))
     assert not (tmp_path / "mg").exists()
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("nemotron_h", dict(mamba_num_heads=8, mamba_head_dim=16)), ("mamba2", dict(num_heads=8, head_dim=16)),
+    ("falcon_h1", dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128)),
+])
+def test_hybrids_the_menu_cannot_express_are_refused_by_name(model_type, config):
+    """transformers' own config of each, refused in one line naming what the menu lacks."""
+    hf = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, **config)
+    with pytest.raises(UsageError, match=rf"^model_type '{model_type}' is not supported: [^\n]+ the model menu"):
+        megatron_llm.checkpoint.hf.model_config_from_hf(hf.to_dict())
