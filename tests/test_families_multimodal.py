@@ -86,6 +86,10 @@ EMU3_VQ = dict(embed_dim=4, codebook_size=16, latent_channels=4, base_channels=3
                attn_resolutions=[], temporal_downsample_factor=1, hidden_size=32)
 AUDIO = dict(num_mel_bins=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, hidden_size=16,
              max_source_positions=16)
+PHI4_VISION = dict(crop_size=28, image_token_id=VOCAB - 1)
+PHI4_AUDIO = dict(hidden_size=16, intermediate_size=32, num_blocks=1, num_attention_heads=2, ext_pw_out_channel=16,
+                  depthwise_separable_out_channel=16, nemo_conv_channels=16, input_size=8, nemo_final_size=1,
+                  audio_token_id=VOCAB - 2)
 CASES = {
     "gemma3": (dict(model_type="gemma3_text", sliding_window=4), dict(model_type="siglip_vision_model"), {}),
     # its top level ties the head while its text_config does not: transformers follows the top level
@@ -127,8 +131,12 @@ CASES = {
     "emu3": (dict(model_type="emu3_text_model", pad_token_id=0), None, {"vq_config": EMU3_VQ, "vocabulary_map": {"<image>": VOCAB - 1}}),
     # an audio tower instead; its top level ties the head while its text_config does not
     "moss_transcribe_diarize": (dict(model_type="qwen3"), None, {"audio_config": AUDIO, "audio_token_id": VOCAB - 1}),
+    # Phi-4-multimodal: Phi-3's keys at its top level (FLAT) beside tiny image and audio embedders
+    "phi4_multimodal": (dict(model_type="phi3", pad_token_id=0, bos_token_id=1, eos_token_id=2), PHI4_VISION,
+                        {"audio_config": PHI4_AUDIO}),
 }
-WHOLE = {"moss_transcribe_diarize": transformers.AutoModelForCausalLM}  # else an image-text model
+WHOLE = {w: transformers.AutoModelForCausalLM for w in ("moss_transcribe_diarize", "phi4_multimodal")}  # else image-text
+FLAT = ("phi4_multimodal",)  # transformers 5 keeps its text keys at the top level, not in text_config
 LANGUAGE_MODEL = ("language_model.", "model.language_model.", "lm_head.", "model.embed_tokens.", "model.layers.",
                   "model.norm.", "text_model.", "model.text_model.")  # the stored prefixes of the layouts' text model
 
@@ -138,8 +146,9 @@ def multimodal_model(wrapper: str, **text_overrides) -> torch.nn.Module:
     inits."""
     text, vision, top = CASES[wrapper]
     towers = {} if vision is None else {"vision_config": {**VISION, **vision}}
-    config = transformers.AutoConfig.for_model(wrapper, text_config={**TEXT, **text, **text_overrides}, **towers,
-                                               **({"image_token_index": VOCAB - 1} | top))
+    text = {**TEXT, **text, **text_overrides}
+    text = {k: v for k, v in text.items() if k != "model_type"} if wrapper in FLAT else {"text_config": text}
+    config = transformers.AutoConfig.for_model(wrapper, **text, **towers, **({"image_token_index": VOCAB - 1} | top))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = WHOLE.get(wrapper, transformers.AutoModelForImageTextToText).from_config(config).eval()

@@ -3,7 +3,8 @@
 GLM-4.5V (their M-RoPE read as RoPE: families/mrope.py), Qwen3.5 and Qwen3.5-MoE (families/hybrid.py), Aria
 (aria_text: families/moe.py), Gemma 4 (gemma4, gemma4_unified: families/gemma.py), GOT-OCR 2.0 (got_ocr2: qwen2),
 Fuyu (fuyu: persimmon), Emu3 (emu3: emu3_text_model beside its VQ image tokenizer) and MOSS Transcribe Diarize
-(moss_transcribe_diarize: qwen3 beside a Whisper-like audio tower). Their config.json holds the text model's config
+(moss_transcribe_diarize: qwen3 beside a Whisper-like audio tower), Phi-4-multimodal (phi4_multimodal: phi3, flat,
+its image and audio embedders under model.embed_tokens_extend). Their config.json holds the text model's config
 under
 `text_config` (the published Qwen2-VL and Qwen2.5-VL at its top level) and their safetensors hold its tensors under a
 prefix beside a vision tower and projector we do not model. A wrapper is data: its model_type and the config keys
@@ -37,6 +38,8 @@ class Wrapper:
     # the text model_type of a config.json without text_config, whose text keys then sit at the top level (the
     # published Qwen2-VL and Qwen2.5-VL, written by transformers 4.4x); None: text_config is required
     flat_text_type: Optional[str] = None
+    # stored prefixes inside the text model's layout that are not the text model's (Phi-4's towers sit in its model.)
+    not_text: tuple[str, ...] = ()
 
 
 # transformers 4.x wrote a wrapper's text_config as a diff against its text config class's defaults, so the
@@ -59,8 +62,9 @@ WRAPPERS: dict[str, Wrapper] = {w.model_type: w for w in (
     Wrapper("qwen2_vl", flat_text_type="qwen2_vl_text"), Wrapper("qwen2_5_vl", flat_text_type="qwen2_5_vl_text"),
     Wrapper("qwen3_vl"), Wrapper("qwen3_vl_moe"), Wrapper("glm4v"), Wrapper("glm4v_moe"), Wrapper("qwen3_5"),
     Wrapper("qwen3_5_moe"), Wrapper("aria"), Wrapper("gemma4"), Wrapper("gemma4_unified"), Wrapper("got_ocr2"),
-    Wrapper("fuyu"), Wrapper("emu3"), Wrapper("moss_transcribe_diarize"))}
-VISION_KEYS = ("vision_config", "architectures")  # a flat config's keys that are not the text model's
+    Wrapper("fuyu"), Wrapper("emu3"), Wrapper("moss_transcribe_diarize"),
+    Wrapper("phi4_multimodal", flat_text_type="phi3", not_text=("model.embed_tokens_extend.",)))}
+VISION_KEYS = ("vision_config", "audio_config", "architectures")  # a flat config's keys that are not the text model's
 
 # (prefix of the text model's own name, prefix stored) pairs, first match wins; a layout is chosen by where
 # the text model's embedding is found.
@@ -121,7 +125,8 @@ def unwrap(hf: dict, names: list[str]) -> Unwrapped:
     for layout in LAYOUTS:
         if _stored(layout, EMBEDDING) in present:
             break
-    stored = {own: name for name in names for own in [_own(layout, name)] if own is not None}
+    towers = WRAPPERS[hf["model_type"]].not_text
+    stored = {own: name for name in names if not name.startswith(towers) for own in [_own(layout, name)] if own is not None}
     return Unwrapped(text, stored, len(names) - len(stored), hf["model_type"], layout)
 
 
