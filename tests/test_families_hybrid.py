@@ -35,6 +35,8 @@ CASES = {
     "qwen3_next": dict(**MOE, mlp_only_layers=[1], norm_topk_prob=False),
     "qwen3_5_text": dict(tie_word_embeddings=True, attention_bias=True),  # q_proj's bias split into wq's and wg's
     "qwen3_5_moe_text": MOE,
+    # linear, sliding (RoPE, window 8 < SEQ), linear, full (no positions); an ungated shared expert
+    "lara_mini": dict(MOE, sliding_window=8),
 }
 FAMILIES_TESTED = set(CASES)  # tests/test_family_coverage.py gathers these
 
@@ -59,7 +61,8 @@ def hf_dir(tmp_path_factory):
 def test_logits_loss_and_routes_match_transformers(hf_dir, case):
     path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
-    assert [model.cfg.layer(i).linear for i in range(4)] == [True, True, True, False]
+    assert [model.cfg.layer(i).linear for i in range(4)] == [t == "linear_attention" for t in hf.config.layer_types]
+    assert sum(t == "linear_attention" for t in hf.config.layer_types) >= 2
     x = tokens()
     labels = F.pad(x[:, 1:], (0, 1), value=-100)
     with torch.no_grad():
@@ -106,10 +109,11 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_generation_equals_transformers(hf_dir):
+@pytest.mark.parametrize("case", ["qwen3_5_text", "lara_mini"])
+def test_greedy_generation_equals_transformers(hf_dir, case):
     """Prompts of 20 tokens, 10 new ones: the linear layers' recurrent state and convolution history cached beside
-    the full layer's keys and values, decoded one token per step (the decoding path is the same in every family)."""
-    path, hf = hf_dir("qwen3_5_text")
+    the attention layers' keys and values, decoded one token per step (Lara-Mini: past its 8-token window)."""
+    path, hf = hf_dir(case)
     model = megatron_llm.load_model(path).eval()
     x = tokens()
     theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
@@ -123,3 +127,12 @@ def test_megatron_refuses_linear_layers_by_name(hf_dir, tmp_path):
     with pytest.raises(UsageError, match=r"linear"):
         convert(str(path), "hf", str(tmp_path / "mg"), "megatron", Options(tp=2))
     assert not (tmp_path / "mg").exists()
+
+
+def test_olmo_hybrid_is_refused_by_name():
+    """OLMo-Hybrid's Gated DeltaNet differs in beta's range, the gated norm's epsilon and its blocks' norm placement:
+    refused on read, naming them (families.NOT_READ)."""
+    config = transformers.AutoConfig.for_model("olmo_hybrid", **{k: v for k, v in SMALL.items()
+                                                                 if k != "router_aux_loss_coef"}).to_dict()
+    with pytest.raises(UsageError, match=r"^model_type 'olmo_hybrid' is not supported: .*linear_allow_neg_eigval"):
+        megatron_llm.checkpoint.hf.model_config_from_hf(config)

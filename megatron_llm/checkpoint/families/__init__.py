@@ -115,6 +115,9 @@ NOT_READ = {
               "that attend to the image features; the model menu has no cross-attention",
     "mllama_text_model": "Llama 3.2 Vision's language model interleaves gated cross-attention layers "
                          "(cross_attention_layers) with its self-attention ones; the model menu has no cross-attention",
+    "olmo_hybrid": "OLMo-Hybrid's Gated DeltaNet layers scale beta by 2 (linear_allow_neg_eigval), norm their gated "
+                   "output with eps 1e-5 and sit in pre-norm blocks beside OLMo 3's output-norm attention blocks; the "
+                   "model menu has beta in (0, 1), the gated norm at norm_eps and one norm placement for every layer",
     "bailing_hybrid": "Ling's hybrid layers are gated delta-rule linear attention with a per-channel forget gate (a "
                       "low-rank decay per key channel) beside latent attention with a head-wise output gate; the "
                       "model menu has linear attention decaying by one scalar per head",

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, SHAPE, activation, partial_rope,
-                                                    without_mlp)
+from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, ROPE, SHAPE, activation,
+                                                    partial_rope, without_mlp)
 from megatron_llm.checkpoint.families.moe import ROUTING, expert_count, experts, shared_mlp
 from megatron_llm.checkpoint.families.mrope import mrope_as
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped
@@ -24,6 +24,7 @@ from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
 LINEAR = "layers.{i}.attention"
+MLP = "layers.{i}.feed_forward"
 KINDS = {"linear_attention": "linear", "full_attention": "full"}
 
 
@@ -54,14 +55,21 @@ LINEAR_SHAPE = (
     Key("linear_conv_kernel_dim", "linear_conv_kernel", default=4),
 )
 
-# What every family here is, besides the RoPE entry: Qwen3-Next's config keys and fixed choices.
+
+
+def _hybrid_attention(head_dim: int) -> tuple:
+    """The shape, activation, epsilon, biases and per-head QK-norm every family here reads alike."""
+    return (*(e for e in SHAPE if getattr(e, "ours", None) != "head_dim"), Key("head_dim", "head_dim", default=head_dim),
+            activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-6),
+            Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
+            Fixed("mlp_bias", False), Fixed("qk_norm", True), *LINEAR_SHAPE)
+
+
+# What the Qwen families here are, besides the RoPE entry: Qwen3-Next's config keys and fixed choices.
 HYBRID_CONFIG = (
-    *(e for e in SHAPE if getattr(e, "ours", None) != "head_dim"), Key("head_dim", "head_dim", default=256),
-    activation("hidden_act", GATED_ACTIVATIONS, default="silu"), Key("rms_norm_eps", "norm_eps", default=1e-6),
-    Key("attention_bias", "qkv_bias", default=False), Key("attention_bias", "out_bias", default=False),
-    Fixed("mlp_bias", False), Fixed("qk_norm", True), Fixed("norm_unit_offset", True),
+    *_hybrid_attention(256), Fixed("norm_unit_offset", True),
     Fixed("attention_gate", "sigmoid"), Key("attention_bias", "attention_gate_bias", default=False),
-    Derived(_read_layer_types, _write_layer_types), *LINEAR_SHAPE,
+    Derived(_read_layer_types, _write_layer_types),
 )
 
 
@@ -124,19 +132,22 @@ def _per_head(name: str) -> Mapped:
     return Mapped((f"{LINEAR}.{name}.weight",), lambda parts: parts[0], lambda t: [t])
 
 
-# The linear layers' tensors every family here names alike, and the full layers' (Llama's, q_proj twice as tall:
-# per head the query's rows, then the output gate's).
-COMMON_TENSORS = {
+# The linear layers' tensors every family here names alike, and the attention layers' (Llama's).
+LINEAR_TENSORS = {
     **without_mlp(LLAMA_TENSORS),
-    **{f"model.layers.{{i}}.self_attn.q_proj.{p}": Fused(
-        (f"layers.{{i}}.attention.wq.{p}", f"layers.{{i}}.attention.wg.{p}"), "heads") for p in ("weight", "bias")},
     "model.layers.{i}.linear_attn.conv1d.weight": Mapped((f"{LINEAR}.conv_q.weight", f"{LINEAR}.conv_k.weight",
                                                           f"{LINEAR}.conv_v.weight"), _conv_to_hf, _conv_from_hf,
                                                          config=True),
     "model.layers.{i}.linear_attn.A_log": _per_head("a_log"),
     "model.layers.{i}.linear_attn.dt_bias": _per_head("dt_bias"),
-    "model.layers.{i}.linear_attn.norm.weight": f"{LINEAR}.norm.weight",
     "model.layers.{i}.linear_attn.out_proj.weight": f"{LINEAR}.out_proj.weight",
+}
+# The Qwen families' gated norm, and their full layers' q_proj twice as tall: per head the query's rows, then the
+# output gate's.
+COMMON_TENSORS = {
+    **LINEAR_TENSORS, "model.layers.{i}.linear_attn.norm.weight": f"{LINEAR}.norm.weight",
+    **{f"model.layers.{{i}}.self_attn.q_proj.{p}": Fused(
+        (f"layers.{{i}}.attention.wq.{p}", f"layers.{{i}}.attention.wg.{p}"), "heads") for p in ("weight", "bias")},
 }
 QWEN_MOE = {**experts("model.layers.{i}.mlp", "gate_proj", "up_proj", "down_proj"), **shared_mlp("shared_expert"),
             "model.layers.{i}.mlp.shared_expert_gate.weight": "layers.{i}.feed_forward.shared_gate.weight"}
@@ -144,6 +155,7 @@ DENSE_MLP = {k: v for k, v in LLAMA_TENSORS.items() if ".mlp." in k}
 SHARED_EXPERTS = (Key("shared_expert_intermediate_size", "moe_shared_ffn_hidden_size"), Fixed("moe_shared_gate", True),
                   expert_count("num_experts", "num_local_experts"), Key("moe_intermediate_size", "moe_ffn_hidden_size"),
                   *ROUTING)
+NO_DENSE_MLP = Derived(lambda hf: dict(ffn_hidden_size=hf["moe_intermediate_size"]), lambda cfg: {})  # every layer MoE
 
 # Qwen3-Next: q, k, v, z and b, a fused per key head; MoE layers every decoder_sparse_step-th (dense ones in
 # mlp_only_layers), a sigmoid-gated shared expert beside the routed ones.
@@ -177,9 +189,56 @@ QWEN3_5 = Family("qwen3_5_text", "Qwen3_5ForCausalLM", (*HYBRID_CONFIG, QWEN3_5_
 QWEN3_5_MOE = Family(
     "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM",
     (*(e for e in HYBRID_CONFIG if getattr(e, "ours", None) != "ffn_hidden_size"), QWEN3_5_ROPE, *SHARED_EXPERTS,
-     Fixed("moe_renormalize", True),
-     Derived(lambda hf: dict(ffn_hidden_size=hf["moe_intermediate_size"]), lambda cfg: {})),  # no dense MLPs
+     Fixed("moe_renormalize", True), NO_DENSE_MLP),
     {**COMMON_TENSORS, **QWEN_MOE, **QWEN3_5_LINEAR},
 )
 
-FAMILIES = (QWEN3_NEXT, QWEN3_5, QWEN3_5_MOE)
+LARA_KINDS = {**KINDS, "sliding_attention": "sliding"}
+LARA_PATTERN = ("linear_attention", "sliding_attention", "linear_attention", "full_attention", "sliding_attention")
+
+
+def _read_lara_layers(hf: dict) -> dict:
+    """Linear, sliding and full layers (the config class's period-5 pattern where config.json leaves it out); only
+    the sliding ones rotate (the full ones have no positions)."""
+    types = hf.get("layer_types") or [LARA_PATTERN[i % 5] for i in range(hf["num_hidden_layers"])]
+    unknown = set(types) - set(LARA_KINDS)
+    if unknown:
+        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: lara_mini has linear_attention, "
+                         "sliding_attention and full_attention layers")
+    ours = [LARA_KINDS[t] for t in types]
+    window = hf.get("sliding_window", 512) if "sliding" in ours else None
+    return dict(layer_types=ours, sliding_window=window, nope_layers=[i for i, t in enumerate(ours) if t == "full"])
+
+
+def _write_lara_layers(cfg: ModelConfig) -> dict:
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    if any(s.mixer == "attention" and (s.rope is None) != (not s.window) or s.chunk for s in specs):
+        return {"layer_types": "<positions in the sliding layers only, no chunked layers>"}
+    types = ["linear_attention" if s.linear else "sliding_attention" if s.window else "full_attention" for s in specs]
+    return {"layer_types": types, "sliding_window": cfg.sliding_window}
+
+
+def _in_proj_from_hf(fused: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    heads = cfg.linear_num_value_heads
+    return [t.contiguous() for t in fused.split([*_qkv_split(cfg), _v_dim(cfg), heads, heads], dim=0)]
+
+
+# Lara-Mini: Qwen3.5's Gated DeltaNet (its published in_proj concatenating q, k, v, z, b, a; the gated norm named
+# out_norm) beside Qwen3's attention without an output gate, RoPE in the sliding layers only, plain norm weights;
+# every layer MoE: a softmax top-k beside an ungated shared expert.
+LARA_MINI = Family(
+    "lara_mini", "LaraMiniForCausalLM",
+    (*_hybrid_attention(128), Fixed("norm_unit_offset", False), Derived(_read_lara_layers, _write_lara_layers), ROPE,
+     *(e for e in SHARED_EXPERTS if getattr(e, "ours", None) != "moe_shared_gate"), Fixed("moe_shared_gate", False),
+     Key("norm_topk_prob", "moe_renormalize", default=True), NO_DENSE_MLP),
+    {**LINEAR_TENSORS, **shared_mlp("shared_expert"), "model.layers.{i}.mlp.gate.weight": f"{MLP}.router.weight",
+     # transformers 5's stacked experts as saved: gate_up_proj [E, 2 ffn, h] (gate rows first), down_proj [E, h, ffn]
+     "model.layers.{i}.mlp.experts.gate_up_proj": Fused((f"{MLP}.experts.w1", f"{MLP}.experts.w3")),
+     "model.layers.{i}.mlp.experts.down_proj": f"{MLP}.experts.w2",
+     "model.layers.{i}.linear_attn.out_norm.weight": f"{LINEAR}.norm.weight",
+     "model.layers.{i}.linear_attn.in_proj.weight": Mapped(
+         tuple(f"{LINEAR}.{w}_proj.weight" for w in "qkvzba"), lambda parts: torch.cat(parts), _in_proj_from_hf,
+         config=True)},
+)
+
+FAMILIES = (QWEN3_NEXT, QWEN3_5, QWEN3_5_MOE, LARA_MINI)
