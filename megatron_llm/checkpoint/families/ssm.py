@@ -10,6 +10,7 @@ gated norm's weight as norm.weight; ours are apart so that tensor parallelism sp
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -58,6 +59,24 @@ MAMBA_CONFIG = (
 )
 
 
+def layer_kinds(types: list[str], kinds: dict[str, str], family: str) -> dict:
+    """layer_types from a family's names of its layer kinds (`kinds`: its name -> ours), unknown names refused."""
+    unknown = set(types) - set(kinds)
+    if unknown:
+        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: {family} has "
+                         f"{', '.join(sorted(set(kinds)))} layers")
+    return dict(layer_types=[kinds[t] for t in types])
+
+
+def hf_layer_kinds(cfg: ModelConfig, names: dict[str, str]) -> Optional[list[str]]:
+    """Each layer's kind in a family's names (`names`: our LayerSpec.mixer -> its name), or None where a layer is of
+    a kind the family does not have (export then refuses by the written config)."""
+    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
+    if any(s.window or s.chunk or s.mixer not in names for s in specs):
+        return None
+    return [names[s.mixer] for s in specs]
+
+
 def _read_attention_layers(hf: dict) -> dict:
     """Bamba's attn_layer_indices: attention there, Mamba-2 elsewhere."""
     attention = set(hf.get("attn_layer_indices") or ())
@@ -65,10 +84,9 @@ def _read_attention_layers(hf: dict) -> dict:
 
 
 def _write_attention_layers(cfg: ModelConfig) -> dict:
-    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
-    if any(s.window or s.chunk or s.mixer not in ("attention", "mamba") for s in specs):
-        return {"attn_layer_indices": "<only full attention and mamba layers here>"}
-    return {"attn_layer_indices": [i for i, s in enumerate(specs) if s.mixer == "attention"]}
+    kinds = hf_layer_kinds(cfg, {"attention": "attention", "mamba": "mamba"})
+    return {"attn_layer_indices": [i for i, k in enumerate(kinds) if k == "attention"] if kinds is not None
+            else "<only full attention and mamba layers here>"}
 
 
 def _sizes(cfg: ModelConfig) -> list[int]:
@@ -133,20 +151,14 @@ BAMBA = Family(
 def _read_block_types(hf: dict) -> dict:
     """layer_types as config.json spells them in transformers 5 (linear_attention / full_attention) or as Granite 4.0
     was published (mamba / attention); the config class fills a missing list with Mamba-2 layers."""
-    kinds = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "full", "attention": "full"}
     types = hf.get("layer_types") or hf.get("layers_block_type") or ["mamba"] * hf["num_hidden_layers"]
-    unknown = set(types) - set(kinds)
-    if unknown:
-        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: this family has Mamba-2 "
-                         "(linear_attention) and full_attention layers")
-    return dict(layer_types=[kinds[t] for t in types])
+    return layer_kinds(types, {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "full",
+                               "attention": "full"}, "Granite 4.0")
 
 
 def _write_block_types(cfg: ModelConfig) -> dict:
-    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
-    if any(s.window or s.chunk or s.mixer not in ("attention", "mamba") for s in specs):
-        return {"layer_types": "<only full attention and mamba layers here>"}
-    return {"layer_types": ["linear_attention" if s.mixer == "mamba" else "full_attention" for s in specs]}
+    kinds = hf_layer_kinds(cfg, {"mamba": "linear_attention", "attention": "full_attention"})
+    return {"layer_types": kinds if kinds is not None else "<only full attention and mamba layers here>"}
 
 
 def _read_position(hf: dict) -> dict:
@@ -198,18 +210,12 @@ def _read_conv_layers(hf: dict) -> dict:
     attention = hf.get("full_attn_idxs")
     types = hf.get("layer_types") or ["full_attention" if attention is None or i in attention else "conv"
                                       for i in range(hf["num_hidden_layers"])]
-    unknown = set(types) - {"conv", "full_attention"}
-    if unknown:
-        raise UsageError(f"config.json layer_types {sorted(unknown)} is not supported: LFM2 has conv and full_attention "
-                         "layers")
-    return dict(layer_types=["short_conv" if t == "conv" else "full" for t in types])
+    return layer_kinds(types, {"conv": "short_conv", "full_attention": "full"}, "LFM2")
 
 
 def _write_conv_layers(cfg: ModelConfig) -> dict:
-    specs = [cfg.layer(i) for i in range(cfg.num_layers)]
-    if any(s.window or s.chunk or s.mixer not in ("attention", "short_conv") for s in specs):
-        return {"layer_types": "<only full attention and short_conv layers here>"}
-    return {"layer_types": ["conv" if s.mixer == "short_conv" else "full_attention" for s in specs]}
+    kinds = hf_layer_kinds(cfg, {"short_conv": "conv", "attention": "full_attention"})
+    return {"layer_types": kinds if kinds is not None else "<only full attention and short_conv layers here>"}
 
 
 def _read_lfm2_ffn(hf: dict) -> dict:
