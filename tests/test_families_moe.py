@@ -472,7 +472,8 @@ NOT_READ = {"mimo_v2_flash": dict(n_routed_experts=4, moe_intermediate_size=32),
             "phimoe": dict(num_local_experts=4),
             **{t: {} for t in ("diffllama", "bitnet", "doge", "jetmoe", "dory", "hrm_text", "inkling_text", "inkling2_text",
                                "inkling2_loop_text", "gpt_neox_japanese", "blt", "recurrent_gemma", "mllama",
-                               "mllama_text_model", "bailing_hybrid", "kimi_linear", "minimax", "xlstm", "rwkv")},
+                               "mllama_text_model", "bailing_hybrid", "kimi_linear", "minimax", "xlstm", "rwkv", "cpmant",
+                               "reformer")},
             "zaya": dict(num_experts_per_tok=1)}
 
 

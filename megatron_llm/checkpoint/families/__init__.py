@@ -131,6 +131,11 @@ NOT_READ = {
              "normaliser state); the model menu has no mLSTM",
     "rwkv": "RWKV's blocks mix time by a WKV recurrence with learned per-channel decay and token shift, and channels "
             "by a squared-ReLU MLP gated by a sigmoid receptance; the model menu has none of these",
+    "cpmant": "CPM-Ant biases its attention scores by learned relative-position buckets and by segment pairs (a "
+              "T5-style table per segment type, from the input's segment ids) and prefixes its input with prompt "
+              "embeddings; the model menu has neither",
+    "reformer": "Reformer attends by locality-sensitive hashing and local chunks, runs reversible residual layers "
+                "(two streams) and embeds positions axially; the model menu has none of these",
 }
 
 
