@@ -37,8 +37,11 @@ CASES = {
     "granitemoehybrid": dict(**GRANITE, num_local_experts=4, num_experts_per_tok=2),
     "granitemoehybrid:dense-rope": dict(**GRANITE, num_local_experts=0, position_embedding_type="rope"),
     "lfm2": dict(full_attn_idxs=[1], conv_bias=True, conv_L_cache=3),  # gated short convolutions, not Mamba-2
+    # a dense first layer, then a sigmoid router with the expert bias, top-2 of 4, routed scale
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32, routed_scaling_factor=1.5),
 }
-MIXERS = {"lfm2": "short_conv"}  # the recurrent layers' kind where not mamba
+MIXERS = {"lfm2": "short_conv", "lfm2_moe": "short_conv"}  # the recurrent layers' kind where not mamba
 FAMILIES_TESTED = {case.split(":")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
 MIXER_PARAMS = ("A_log", ".D", "dt_bias", "conv1d.bias")  # their constant inits would hide a mix-up
 
@@ -54,6 +57,9 @@ def hf_model(case: str) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if name.endswith(MIXER_PARAMS):
                 p.add_(torch.randn_like(p) * 0.3)
+        for name, b in model.named_buffers():
+            if name.endswith("feed_forward.expert_bias"):  # LFM2-MoE's: it changes the choice
+                b.add_(torch.randn_like(b) * 0.01)
     return model
 
 

@@ -1,6 +1,6 @@
 """State-space hybrid families: Mamba-2 mixers (model/mamba.py) between attention layers, Bamba (bamba) and
 Granite 4.0's hybrids (granitemoehybrid); LFM2's gated short convolutions (model/short_conv.py) between attention
-layers (lfm2).
+layers (lfm2, and lfm2_moe with experts).
 
 Their Mamba-2 layers store the five input projections fused in one in_proj [z; x; B; C; dt], the convolution over
 x, B and C as one conv1d [channels, 1, taps] (and its bias), A_log, D and dt_bias as bare [heads] parameters and the
@@ -17,7 +17,8 @@ import torch
 from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, ROPE, SHAPE, activation,
                                                     partial_rope, without)
 from megatron_llm.checkpoint.families.llama import GRANITE
-from megatron_llm.checkpoint.families.moe import GRANITE_MOE_TENSORS, ROUTING, SHARED_GRANITE_MLP
+from megatron_llm.checkpoint.families.moe import (EXPERT_BIAS, EXPERTS_REQUIRED, GRANITE_MOE_TENSORS, ROUTING,
+                                                 SHARED_GRANITE_MLP, experts)
 from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, When
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
@@ -262,4 +263,24 @@ LFM2 = Family(
      "lm_head.weight": "output.weight"},
 )
 
-FAMILIES = (BAMBA, GRANITE_HYBRID, LFM2)
+# LFM2-MoE: LFM2 whose layers after the first num_dense_layers hold a mixture of experts (a sigmoid router, the expert
+# bias for the choice, top-k renormalised and times routed_scaling_factor, no auxiliary loss); its dense MLPs are
+# intermediate_size wide as written (no auto-adjust). transformers renormalises with +1e-6 in the denominator, we
+# with +1e-20: a relative difference of ~1e-6 in the routed weights.
+LFM2_MOE = Family(
+    "lfm2_moe", "Lfm2MoeForCausalLM",
+    (*(e for e in LFM2.config if not (isinstance(e, Derived) and e.read is _read_lfm2_ffn)),
+     Key("intermediate_size", "ffn_hidden_size"), EXPERTS_REQUIRED, Key("num_experts", "moe_experts"),
+     Key("num_experts_per_tok", "moe_top_k"), Key("moe_intermediate_size", "moe_ffn_hidden_size"),
+     Key("routed_scaling_factor", "moe_routed_scale", default=1.0), Fixed("moe_score", "sigmoid"),
+     Key("use_expert_bias", "moe_expert_bias", default=True), Key("norm_topk_prob", "moe_renormalize", default=True),
+     Fixed("moe_aux_loss_coeff", 0.0),
+     Derived(lambda hf: dict(moe_dense_layers=list(range(hf.get("num_dense_layers", 2)))),
+             lambda cfg: {"num_dense_layers": len(cfg.moe_dense_layers)
+                          if cfg.moe_dense_layers == list(range(len(cfg.moe_dense_layers)))
+                          else "<only the first layers dense here>"})),
+    {**LFM2.tensors, **experts("model.layers.{i}.feed_forward", "w1", "w3", "w2"),
+     "model.layers.{i}.feed_forward.expert_bias": EXPERT_BIAS},
+)
+
+FAMILIES = (BAMBA, GRANITE_HYBRID, LFM2, LFM2_MOE)
