@@ -220,12 +220,15 @@ def test_multimodal_reads_as_its_language_model(wrapper, tmp_path, capsys):
     # a wrapper holding a text model_type we lack (Ministral 3's ministral3 was this case until fb7d25d read it)
     ({"model_type": "mistral3", "text_config": {**TEXT, "model_type": "no_such_text"}, "vision_config": VISION},
      ("mistral3 checkpoint", "'no_such_text'")),
+    # a wrapper holding a text model_type transformers builds and the menu cannot express: refused with its reason
+    ({"model_type": "llava", "text_config": {**TEXT, "model_type": "diffllama"}, "vision_config": VISION},
+     ("'diffllama' is not supported", "differential attention")),
     # sections covering 10 of head_dim 8's rotated dims (transformers' Qwen2-VL fails on them; Qwen3-VL's slices
     # would silently drop or repeat frequencies), in Qwen2-VL's flat transformers 4 layout
     ({"model_type": "qwen2_vl", **TEXT, "max_position_embeddings": 64,
       "rope_scaling": {"type": "mrope", "mrope_section": [1, 2, 2]}, "vision_config": {}},
      ("mrope_section=[1, 2, 2]", "covers 10 rotary dims", "rotates 8")),
-], ids=["unknown-text-type", "mrope-section"])
+], ids=["unknown-text-type", "not-read-text-type", "mrope-section"])
 def test_unexpressible_language_model_is_refused_by_name(config, named, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "config.json").write_text(json.dumps(config))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Collection, Optional
 
-from megatron_llm.checkpoint.families import FAMILIES, family
+from megatron_llm.checkpoint.families import FAMILIES, NOT_READ, family
 from megatron_llm.checkpoint.families.multimodal import text_config, unwrap
 from megatron_llm.checkpoint.families.table import Family
 from megatron_llm.checkpoint.stream import EMBEDDING, HEAD, native_shapes
@@ -22,10 +22,10 @@ HF_IGNORED = re.compile(r".*\.(rotary_emb\.inv_freq|(attn|attention)\.(bias|mask
 def text_family(hf_config: dict) -> Family:
     """The family of config.json's language model: its own, or a multimodal wrapper's text_config's."""
     text = text_config(hf_config)
-    if text is not hf_config and text["model_type"] not in FAMILIES:
+    if text is not hf_config and text["model_type"] not in FAMILIES and text["model_type"] not in NOT_READ:
         raise UsageError(f"the language model of this {hf_config['model_type']} checkpoint has text_config model_type "
                          f"{text['model_type']!r}, which is not supported; supported: {', '.join(sorted(FAMILIES))}")
-    return family(text.get("model_type"))
+    return family(text.get("model_type"))  # a NOT_READ type: refused with its reason
 
 
 # transformers' quantization configs that load a quantized checkpoint dequantized (their dequantize=True)
