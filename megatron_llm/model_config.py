@@ -9,7 +9,7 @@ positions) is resolved in one place, `ModelConfig.layer(i)`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional
 
 from megatron_llm.errors import UsageError
@@ -53,6 +53,9 @@ class LayerSpec:
     head_dim: Optional[int] = None  # this layer's own head width; None: model.head_dim (Gemma 4's full layers differ)
     kv_heads: Optional[int] = None  # this layer's own key/value heads; None: model.num_kv_heads
     values_from_keys: bool = False  # no wv: the values are wk's output before k_norm and RoPE (Gemma 4's k_eq_v)
+    # the sublayers of the block: "both", or one alone (model.single_sublayer): "mixer" (no feed_forward slot) or
+    # "ffn" (no attention slot: a feed_forward, dense or MoE, behind its norm)
+    sublayers: str = "both"
 
     @property
     def linear(self) -> bool:
@@ -118,7 +121,11 @@ class ModelConfig:
     layer_types: Optional[list[str]] = param(
         None, "per layer 'full', 'sliding' or 'chunked' attention, or 'linear' (a Gated DeltaNet mixer: Qwen3-Next, "
         "Qwen3.5), 'mamba' (a Mamba-2 mixer: Bamba, Granite 4.0) or 'short_conv' (LFM2's gated short convolution); "
-        "null: all sliding when sliding_window is set, else all full")
+        "'mlp': a block with a feed_forward alone (single_sublayer); null: all sliding when sliding_window is set, "
+        "else all full")
+    single_sublayer: bool = param(
+        False, "each block holds one sublayer behind its norm: its mixer alone (attention or a recurrent kind, no "
+        "feed_forward), or a feed_forward alone in layer_types 'mlp' layers (Nemotron-H, Mamba-2)")
     attention_chunk_size: Optional[int] = param(
         None, "chunked layers: positions cut into chunks of this many, a query sees only keys of its own chunk (Llama 4)")
     sliding_window: Optional[int] = param(None, "window of the sliding layers, in tokens (the query included)")
@@ -343,11 +350,19 @@ class ModelConfig:
         return (8 * self.num_layers) ** -0.25 if self.norm_placement == "deepnorm" else 1.0
 
     def layer(self, i: int) -> LayerSpec:
-        """Layer i's window, RoPE table and feed-forward kind."""
+        """Layer i's window, RoPE table, mixer, feed-forward kind and sublayers."""
         kind = self.layer_types[i] if self.layer_types else ("sliding" if self.sliding_window else "full")
+        moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
+        if kind == "mlp":  # a feed_forward alone (single_sublayer)
+            return LayerSpec(None, None, moe, None, sublayers="ffn")
+        if self.single_sublayer:  # a mixer alone: nothing of the feed-forward's, experts included
+            return replace(self._mixer_layer(i, kind, False), sublayers="mixer")
+        return self._mixer_layer(i, kind, moe)
+
+    def _mixer_layer(self, i: int, kind: str, moe: bool) -> LayerSpec:
+        """Layer i's spec from its layer_types kind (the mixer's), with feed-forward kind `moe`."""
         window = self.sliding_window if kind == "sliding" else None
         chunk = self.attention_chunk_size if kind == "chunked" else None
-        moe = self.moe_experts > 0 and (i + 1) % self.moe_layer_freq == 0 and i not in self.moe_dense_layers
         if kind in ("linear", "mamba", "short_conv"):  # positions come from the recurrence's order: no RoPE
             return LayerSpec(None, None, moe, None, mixer=kind)
         rope = None if self.position != "rope" or i in self.nope_layers else (
@@ -444,12 +459,15 @@ class ModelConfig:
 
     def _validate_layers(self) -> None:
         if self.layer_types is not None:
-            kinds = {"full", "sliding", "chunked", "linear", "mamba", "short_conv"}
+            kinds = {"full", "sliding", "chunked", "linear", "mamba", "short_conv", "mlp"}
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - kinds:
                 raise UsageError(
                     f"model.layer_types needs {self.num_layers} entries (num_layers), each 'full', 'sliding', 'chunked', "
-                    "'linear', 'mamba' or 'short_conv'"
+                    "'linear', 'mamba', 'short_conv' or 'mlp'"
                 )
+            if "mlp" in self.layer_types and not self.single_sublayer:
+                raise UsageError("model.layer_types 'mlp' is a block with a feed_forward alone: set model.single_sublayer "
+                                 "(every other block then holds its mixer alone)")
             if "linear" in self.layer_types:
                 self._validate_linear()
             if "mamba" in self.layer_types:
@@ -460,6 +478,9 @@ class ModelConfig:
                 raise UsageError("model.layer_types has sliding layers: set model.sliding_window")
             if "chunked" in self.layer_types and not self.attention_chunk_size:
                 raise UsageError("model.layer_types has chunked layers: set model.attention_chunk_size")
+        if self.single_sublayer and self.parallel_residual:
+            raise UsageError("model.single_sublayer blocks hold one sublayer, model.parallel_residual sums two: set one "
+                             "of them false")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
             raise UsageError(f"model.attention_chunk_size must be positive or null, got {self.attention_chunk_size}")
         if self.sliding_window is not None and self.sliding_window <= 0:

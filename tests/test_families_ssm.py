@@ -41,6 +41,20 @@ CASES = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1, num_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=32, routed_scaling_factor=1.5),
 }
+# Blocks of one sublayer (model.single_sublayer), their configs whole: Nemotron-H's Mamba-2, MLP (relu2, biases),
+# NoPE attention and MLP blocks; Mamba2ForCausalLM's mixer-only blocks
+ONE_SUBLAYER = {
+    "nemotron_h": dict(vocab_size=VOCAB, hidden_size=64, layers_block_type=["linear_attention", "mlp", "full_attention",
+                                                                           "mlp"], num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=64,
+                       mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=8, use_bias=True,
+                       mlp_bias=True, time_step_min=0.02),
+    "mamba2": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, n_groups=2,
+                   state_size=16, chunk_size=8, use_bias=True),
+}
+CASES.update({case: {} for case in ONE_SUBLAYER})
+LAYOUTS = {"nemotron_h": ["mamba", "mlp", "attention", "mlp"], "mamba2": ["mamba", "mamba"]}
+SUBLAYERS = {"nemotron_h": ["mixer", "ffn", "mixer", "ffn"], "mamba2": ["mixer", "mixer"]}  # both elsewhere
 MIXERS = {"lfm2": "short_conv", "lfm2_moe": "short_conv"}  # the recurrent layers' kind where not mamba
 FAMILIES_TESTED = {case.split(":")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
 MIXER_PARAMS = ("A_log", ".D", "dt_bias", "conv1d.bias")  # their constant inits would hide a mix-up
@@ -52,6 +66,7 @@ def tokens(rows: int = 2) -> torch.Tensor:
 
 def hf_model(case: str) -> torch.nn.Module:
     small = SMALL if case not in MIXERS else {k: v for k, v in SMALL.items() if not k.startswith("mamba_")}
+    small = ONE_SUBLAYER.get(case, small)
     model = random_hf_model(case.split(":")[0], {**small, **CASES[case]}, routers=("router.weight",))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -76,8 +91,9 @@ def mixers(model) -> list[str]:
 def test_logits_loss_and_routes_match_transformers(hf_dir, case):
     path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
-    kind = MIXERS.get(case, "mamba")
-    assert mixers(model) == [kind, "attention", kind]
+    kind, specs = MIXERS.get(case, "mamba"), [model.cfg.layer(i) for i in range(model.cfg.num_layers)]
+    assert [s.mixer if s.sublayers != "ffn" else "mlp" for s in specs] == LAYOUTS.get(case, [kind, "attention", kind])
+    assert [s.sublayers for s in specs] == SUBLAYERS.get(case, ["both"] * 3)
     x = tokens()
     labels = F.pad(x[:, 1:], (0, 1), value=-100)
     with torch.no_grad():
@@ -120,7 +136,7 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["bamba", "lfm2"])
+@pytest.mark.parametrize("case", ["bamba", "lfm2", "nemotron_h", "mamba2"])
 def test_greedy_generation_equals_transformers(hf_dir, case):
     """Prompts of 20 tokens, 10 new ones: the Mamba-2 layers' fp32 state and convolution history (LFM2's short
     convolutions' history) cached beside the attention layer's keys and values, decoded one token per step."""
@@ -143,7 +159,6 @@ def test_megatron_refuses_mamba_and_short_conv_layers_by_name(hf_dir, tmp_path, 
 
 
 @pytest.mark.parametrize("model_type, config", [
-    ("nemotron_h", dict(mamba_num_heads=8, mamba_head_dim=16)), ("mamba2", dict(num_heads=8, head_dim=16)),
     ("falcon_h1", dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128)),
 ])
 def test_hybrids_the_menu_cannot_express_are_refused_by_name(model_type, config):

@@ -43,7 +43,7 @@ def test_chunked_scan_equals_recurrence(chunk):
 
 def hybrid_config(**extra) -> ModelConfig:
     return ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ffn_hidden_size=48, max_seq_len=64,
-                       layer_types=["mamba", "full", "mamba"], mamba_proj_bias=True, **{**MAMBA, **extra})
+                       mamba_proj_bias=True, **{**MAMBA, "layer_types": ["mamba", "full", "mamba"], **extra})
 
 
 def test_decoding_through_the_cache_equals_one_forward():
@@ -71,6 +71,9 @@ def test_packed_documents_are_refused():
     (dict(mamba_groups=3), "mamba_num_heads .4. must be a multiple of model.mamba_groups"),
     (dict(mamba_state_size=0), "mamba_state_size must be positive"),
     (dict(mamba_dt_floor=0.5, mamba_dt_ceiling=0.1), "mamba_dt_floor"),
+    (dict(layer_types=["mamba", "mlp", "full"]), "'mlp' is a block with a feed_forward alone: set model.single_sublayer"),
+    (dict(layer_types=["mamba", "mlp", "full"], single_sublayer=True, parallel_residual=True),
+     "single_sublayer blocks hold one sublayer, model.parallel_residual sums two"),
 ])
 def test_config_checks(bad, message):
     with pytest.raises(UsageError, match=message):

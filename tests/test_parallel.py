@@ -117,8 +117,10 @@ GEMMA4_LAYERS = dict(model__sliding_window=8, model__layer_types="[sliding, full
                      model__layer_scalar=True)
 # Mamba-2 (model/mamba.py) in the deepnorm chain's layer 1 after a linear one: 4 heads of 16 in 2 groups split over tp
 # (the projections, the convolution's channels, A_log/D/dt_bias and the gated norm's groups), biases, 4 chunks of 8
-# per sequence; then LFM2's short convolution (model/short_conv.py, its channels split with b/c/x_proj, biases).
-MAMBA_LAYERS = dict(model__layer_types="[linear, mamba, short_conv, full]", model__mamba_num_heads=4,
+# per sequence; then LFM2's short convolution (model/short_conv.py, its channels split with b/c/x_proj, biases). Blocks
+# of one sublayer (Nemotron-H's): each mixer alone, and a relu2 MLP alone in a fifth block (pp: stages of 1, 1, 1, 2).
+MAMBA_LAYERS = dict(model__num_layers=5, model__layer_types="[linear, mamba, mlp, short_conv, full]",
+                    model__single_sublayer=True, model__mamba_num_heads=4,
                     model__mamba_head_dim=16, model__mamba_groups=2, model__mamba_state_size=8, model__mamba_chunk_size=8,
                     model__mamba_proj_bias=True, model__short_conv_bias=True)
 # This chain's learned table is read from row 0: read 2 rows on (position_offset, OPT/BioGPT) at this seed, tp2-dp2-fsdp-sp
@@ -146,7 +148,7 @@ PLACEMENTS = {
     "deepnorm": (dict(model__norm_placement="deepnorm", model__norm="layernorm", model__linear_bias=True,
                       model__mlp="relu2", model__qk_l2_norm=True, **{**LINEAR_LAYERS, **MAMBA_LAYERS}), [
         ("pp2-dp2-interleaved-1f1b-ddp", 1, 2, 2, dict(parallel__schedule="interleaved_1f1b", parallel__virtual_stages=2,
-                                                       parallel__data_parallel="ddp")),
+                                                       parallel__data_parallel="ddp", parallel__stage_layers="[1, 1, 1, 2]")),
         ("tp2-sp", 2, 1, 1, dict(parallel__sp=True)),
     ]),
 }

@@ -37,6 +37,8 @@ class TransformerBlock(nn.Module):
       post-residual (post, deepnorm):  h = norm(alpha * x + sublayer(x))
       parallel:  h = x + m * (attention(n1(x)) + feed_forward(n2(x)))   (n2 = n1 when shared)
 
+    A block of one sublayer (model.single_sublayer: Nemotron-H, Mamba-2) lacks the other's slots and its step.
+
     A slot a topology does not use is None; new slots only add names, so the checkpoint tables and the
     tensor-parallel plan are keyed by the same names in every topology.
     """
@@ -45,15 +47,16 @@ class TransformerBlock(nn.Module):
         super().__init__()
         placement = cfg.norm_placement
         post_sublayer = placement in ("sandwich", "output")
-        self.attention_norm = build_norm(cfg) if placement != "output" else None
+        mixer, ffn = spec.sublayers != "ffn", spec.sublayers != "mixer"  # a block of one sublayer lacks the other's slots
+        self.attention_norm = build_norm(cfg) if placement != "output" and mixer else None
         attention = LatentAttention if cfg.attention == "mla" else Attention
         mixers = {"linear": GatedDeltaNet, "mamba": Mamba2, "short_conv": ShortConv}
-        self.attention = mixers.get(spec.mixer, attention)(cfg, spec)
-        self.attention_post_norm = build_norm(cfg) if post_sublayer else None
+        self.attention = mixers.get(spec.mixer, attention)(cfg, spec) if mixer else None
+        self.attention_post_norm = build_norm(cfg) if post_sublayer and mixer else None
         shares_norm = cfg.parallel_residual and cfg.parallel_shared_norm
-        self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm else None
-        self.feed_forward = MoE(cfg) if spec.moe else FeedForward(cfg)
-        self.ffn_post_norm = build_norm(cfg) if post_sublayer or (spec.moe and cfg.moe_post_norm) else None
+        self.ffn_norm = build_norm(cfg) if placement != "output" and not shares_norm and ffn else None
+        self.feed_forward = (MoE(cfg) if spec.moe else FeedForward(cfg)) if ffn else None
+        self.ffn_post_norm = build_norm(cfg) if ffn and (post_sublayer or (spec.moe and cfg.moe_post_norm)) else None
         self.parallel = cfg.parallel_residual
         self.post_residual = placement in ("post", "deepnorm")
         self.alpha, self.multiplier = cfg.residual_alpha, cfg.residual_multiplier
@@ -66,8 +69,11 @@ class TransformerBlock(nn.Module):
             f = a if self.ffn_norm is None else self.ffn_norm(x)
             h = x + self._scaled(self.attention(a, ctx=ctx) + self.feed_forward(f))
         else:
-            h = self._residual(x, self.attention_norm, functools.partial(self.attention, ctx=ctx), self.attention_post_norm)
-            h = self._residual(h, self.ffn_norm, self.feed_forward, self.ffn_post_norm)
+            h = x
+            if self.attention is not None:
+                h = self._residual(h, self.attention_norm, functools.partial(self.attention, ctx=ctx), self.attention_post_norm)
+            if self.feed_forward is not None:
+                h = self._residual(h, self.ffn_norm, self.feed_forward, self.ffn_post_norm)
         return h if self.layer_scalar is None else h * self.layer_scalar
 
     def _residual(self, x: torch.Tensor, norm, sublayer, post_norm) -> torch.Tensor:
@@ -110,7 +116,7 @@ class Transformer(nn.Module):
         self.mtp = MultiTokenPrediction(cfg, lambda: TransformerBlock(cfg, last)) if cfg.mtp_layers else None
         self.tie_weights()
         # Derived from the config, so kept out of checkpoints; filled by init_weights on the real device.
-        self.rope_names = tuple(sorted({layer.attention.rope for layer in self.layers.values()} - {None}))
+        self.rope_names = tuple(sorted({getattr(layer.attention, "rope", None) for layer in self.layers.values()} - {None}))
         for name in self.rope_names:
             for part in ("cos", "sin"):
                 self.register_buffer(_rope_buffer(name, part), torch.empty(cfg.max_seq_len, cfg.table_rope_dim(name) // 2),
@@ -391,4 +397,5 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
         d = spec.head_dim or cfg.head_dim
         return 6.0 * cfg.num_heads * (d + (cfg.mla_v_head_dim if cfg.attention == "mla" else d)) * seq_len
 
-    return 6.0 * n + sum(scores(spec) if spec.mixer == "attention" else per_token[spec.mixer] for spec in specs)
+    mixers = [spec for spec in specs if spec.sublayers != "ffn"]  # a feed_forward alone has no scores nor state
+    return 6.0 * n + sum(scores(spec) if spec.mixer == "attention" else per_token[spec.mixer] for spec in mixers)

@@ -15,11 +15,6 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (*llama.FAMILIES, *fused
 
 # model_types transformers builds whose models the menu cannot express, each with the reason a user is told.
 NOT_READ = {
-    "nemotron_h": "Nemotron-H's blocks hold one sublayer each (a Mamba-2 mixer, attention, an MLP or a mixture of "
-                  "experts: hybrid_override_pattern M/*/-/E), and the model menu's block always has a mixer and an MLP "
-                  "(Bamba and Granite 4.0, whose layers pair a Mamba-2 mixer with an MLP, are read)",
-    "mamba2": "Mamba-2's blocks are a norm and a Mamba-2 mixer without an MLP, and the model menu's block always has "
-              "an MLP (Bamba and Granite 4.0, whose layers pair a Mamba-2 mixer with an MLP, are read)",
     "falcon_h1": "Falcon-H1's layers run attention and a Mamba-2 mixer side by side on one norm (their outputs scaled "
                  "and summed) with muP multipliers on the Mamba-2 projection's parts (mup_vector, ssm_in/out, "
                  "attention_in/out, key and MLP gate/down multipliers); the model menu has a single mixer per layer "

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, ROPE, SHAPE, activation,
-                                                    partial_rope, without)
+from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TENSORS, PLAIN_ACTIVATIONS, ROPE, SHAPE,
+                                                    activation, partial_rope, shape_defaulting, without)
 from megatron_llm.checkpoint.families.llama import GRANITE
 from megatron_llm.checkpoint.families.moe import (EXPERT_BIAS, EXPERTS_REQUIRED, GRANITE_MOE_TENSORS, ROUTING,
                                                  SHARED_GRANITE_MLP, experts)
@@ -70,12 +70,14 @@ def layer_kinds(types: list[str], kinds: dict[str, str], family: str) -> dict:
 
 
 def hf_layer_kinds(cfg: ModelConfig, names: dict[str, str]) -> Optional[list[str]]:
-    """Each layer's kind in a family's names (`names`: our LayerSpec.mixer -> its name), or None where a layer is of
-    a kind the family does not have (export then refuses by the written config)."""
+    """Each layer's kind in a family's names (`names`: our LayerSpec.mixer, or "mlp" for a block with a feed_forward
+    alone -> its name), or None where a layer is of a kind the family does not have (export then refuses by the
+    written config)."""
     specs = [cfg.layer(i) for i in range(cfg.num_layers)]
-    if any(s.window or s.chunk or s.mixer not in names for s in specs):
+    kinds = [s.mixer if s.sublayers != "ffn" else "mlp" for s in specs]
+    if any(s.window or s.chunk for s in specs) or any(k not in names for k in kinds):
         return None
-    return [names[s.mixer] for s in specs]
+    return [names[k] for k in kinds]
 
 
 def _read_attention_layers(hf: dict) -> dict:
@@ -283,4 +285,109 @@ LFM2_MOE = Family(
      "model.layers.{i}.feed_forward.expert_bias": EXPERT_BIAS},
 )
 
-FAMILIES = (BAMBA, GRANITE_HYBRID, LFM2, LFM2_MOE)
+
+
+def _silu_mixer(key: str) -> Derived:
+    """The Mamba-2 mixer's activation (on the convolution's output) under `key`: SiLU, the one ours has."""
+    def read(hf: dict) -> dict:
+        if hf.get(key, "silu") not in ("silu", "swish"):
+            raise UsageError(f"config.json {key} {hf[key]!r} is not supported: the Mamba-2 mixer's activation is silu")
+        return {}
+    return Derived(read, lambda cfg: {key: "silu"})
+
+
+def _read_block_kinds(hf: dict) -> dict:
+    """Nemotron-H's layers_block_type (transformers 5), or the hybrid_override_pattern its published configs hold
+    (one character a layer: M Mamba-2, * attention, - MLP, E mixture of experts)."""
+    pattern = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+    types = hf.get("layers_block_type") or [pattern.get(c, c) for c in hf.get("hybrid_override_pattern", "")]
+    if not types:
+        raise UsageError("config.json lacks 'layers_block_type' (or 'hybrid_override_pattern'), which model_type "
+                         "nemotron_h needs")
+    return dict(num_layers=len(types), **layer_kinds(types, {"linear_attention": "mamba", "full_attention": "full",
+                                                             "mlp": "mlp"}, "Nemotron-H"))
+
+
+def _write_block_kinds(cfg: ModelConfig) -> dict:
+    kinds = hf_layer_kinds(cfg, {"mamba": "linear_attention", "attention": "full_attention", "mlp": "mlp"})
+    return {"layers_block_type": kinds if kinds is not None else "<only full attention, mamba and mlp layers here>"}
+
+
+# The Mamba-2 mixer's settings as Nemotron-H names them (its published configs' older mamba_* names read too); the
+# time step is clamped below by time_step_min and not above, whatever time_step_limit says (NemotronHMamba2Mixer).
+NEMOTRON_H_MAMBA = (
+    Key("mamba_num_heads", "mamba_num_heads"), Key("mamba_head_dim", "mamba_head_dim"),
+    Key("n_groups", "mamba_groups", default=8, also=("mamba_n_groups",)),
+    Key("ssm_state_size", "mamba_state_size", default=128), Key("conv_kernel", "mamba_conv_kernel", default=4,
+                                                                 also=("mamba_d_conv",)),
+    Key("chunk_size", "mamba_chunk_size", default=128, also=("mamba_chunk_size",)),
+    Key("use_conv_bias", "mamba_conv_bias", default=True, also=("mamba_conv_bias",)),
+    Key("use_bias", "mamba_proj_bias", default=False), Key("time_step_min", "mamba_dt_floor", default=0.001,
+                                                            also=("mamba_dt_min",)),
+    Fixed("mamba_dt_ceiling", None), _silu_mixer("mamba_hidden_act"),
+)
+
+# Nemotron-H (Nemotron-H 8B/47B/56B, Nemotron-Nano-9B-v2): blocks of one sublayer each (model.single_sublayer) behind
+# an RMS norm, by layers_block_type: a Mamba-2 mixer, attention without positions (NoPE) or biases, or a plain MLP
+# (relu2: up_proj, down_proj); one norm name, backbone.layers.{i}.norm, for whichever sublayer the block holds. Its
+# files name the model backbone, as published and as transformers saves them (it reads them as model.).
+NEMOTRON_H = Family(
+    "nemotron_h", "NemotronHForCausalLM",
+    (*(e for e in shape_defaulting(128, 8) if getattr(e, "ours", None) != "num_layers"),
+     Derived(_read_block_kinds, _write_block_kinds), activation("mlp_hidden_act", PLAIN_ACTIVATIONS, default="relu2"),
+     Key("mlp_bias", "mlp_bias", default=False), Key("layer_norm_epsilon", "norm_eps", default=1e-5),
+     Fixed("position", "none"), Fixed("qkv_bias", False), Fixed("out_bias", False), Fixed("single_sublayer", True),
+     *NEMOTRON_H_MAMBA),
+    {"backbone.embeddings.weight": "tok_embeddings.weight",
+     "backbone.layers.{i}.norm.weight": "layers.{i}.attention_norm.weight",
+     **{f"backbone.layers.{{i}}.mixer.{p}_proj.weight": f"layers.{{i}}.attention.w{p}.weight" for p in "qkv"},
+     "backbone.layers.{i}.mixer.o_proj.weight": "layers.{i}.attention.wo.weight",
+     **{f"backbone.layers.{{i}}.mixer.{p}_proj.{b}": f"layers.{{i}}.feed_forward.w{n}.{b}" for p, n in (("up", 1), ("down", 2))
+        for b in ("weight", "bias")},
+     **mamba_tensors("backbone.layers.{i}.mixer"),
+     "backbone.norm_f.weight": "norm.weight",
+     "lm_head.weight": "output.weight"},
+    # a block with a feed_forward alone has its norm in that slot, under the same name
+    variants=(When({"single_sublayer": True}, {"backbone.layers.{i}.norm.weight": "layers.{i}.ffn_norm.weight"}),),
+)
+
+
+def _read_mamba2(hf: dict) -> dict:
+    heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
+    layers = hf.get("num_hidden_layers", 64)
+    low, high = (_time_step_limit(v) for v in (hf.get("time_step_limit") or (0.0, math.inf)))
+    return dict(mamba_num_heads=heads, mamba_head_dim=head_dim, num_layers=layers, layer_types=["mamba"] * layers,
+                mamba_dt_floor=low, mamba_dt_ceiling=None if math.isinf(high) else high)
+
+
+def _write_mamba2(cfg: ModelConfig) -> dict:
+    inner = cfg.mamba_num_heads * cfg.mamba_head_dim
+    expand = inner // cfg.hidden_size if inner % cfg.hidden_size == 0 else f"<no expand for inner width {inner}>"
+    kinds = hf_layer_kinds(cfg, {"mamba": "mamba"})
+    return {"num_heads": cfg.mamba_num_heads, "head_dim": cfg.mamba_head_dim, "expand": expand,
+            "num_hidden_layers": cfg.num_layers if kinds is not None else "<only mamba layers here>",
+            "time_step_limit": [cfg.mamba_dt_floor, cfg.mamba_dt_ceiling if cfg.mamba_dt_ceiling is not None else math.inf]}
+
+
+# Mamba-2 (Mamba2ForCausalLM: state-spaces/mamba2-*, Codestral Mamba): every block a norm and a Mamba-2 mixer, no MLP
+# and no attention, whose sizes stay placeholders (one head, ffn width 1: nothing is built of them); no positions,
+# so the context is model.max_seq_len's default of 2^20 tokens. residual_in_fp32 (a bf16 run's residual adds in fp32)
+# is not read: fp32 runs are equal.
+MAMBA2 = Family(
+    "mamba2", "Mamba2ForCausalLM",
+    (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Derived(_read_mamba2, _write_mamba2),
+     Fixed("num_heads", 1), Fixed("ffn_hidden_size", 1), Fixed("max_seq_len", 1 << 20), Fixed("position", "none"),
+     Fixed("single_sublayer", True),
+     Key("tie_word_embeddings", "tie_embeddings", default=False), Key("layer_norm_epsilon", "norm_eps", default=1e-5),
+     Key("n_groups", "mamba_groups", default=8), Key("state_size", "mamba_state_size", default=128),
+     Key("conv_kernel", "mamba_conv_kernel", default=4), Key("chunk_size", "mamba_chunk_size", default=256),
+     Key("use_conv_bias", "mamba_conv_bias", default=True), Key("use_bias", "mamba_proj_bias", default=False),
+     _silu_mixer("hidden_act")),
+    {"backbone.embeddings.weight": "tok_embeddings.weight",
+     "backbone.layers.{i}.norm.weight": "layers.{i}.attention_norm.weight",
+     **mamba_tensors("backbone.layers.{i}.mixer"),
+     "backbone.norm_f.weight": "norm.weight",
+     "lm_head.weight": "output.weight"},
+)
+
+FAMILIES = (BAMBA, GRANITE_HYBRID, LFM2, LFM2_MOE, NEMOTRON_H, MAMBA2)
