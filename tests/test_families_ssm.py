@@ -49,12 +49,23 @@ ONE_SUBLAYER = {
                        num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=64,
                        mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=16, chunk_size=8, use_bias=True,
                        mlp_bias=True, time_step_min=0.02),
+    # Nemotron 3 Nano's experts: relu2 without a gate, sigmoid router with the expert bias in 2 groups (1 chosen),
+    # top-2 of 4 renormalised and scaled, a shared MLP (biases); the "-" layer dense
+    "nemotron_h:moe": dict(vocab_size=VOCAB, hidden_size=64, layers_block_type=["linear_attention", "moe",
+                                                                                "full_attention", "mlp"],
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                           max_position_embeddings=64, mamba_num_heads=8, mamba_head_dim=16, n_groups=2,
+                           ssm_state_size=16, chunk_size=8, mlp_bias=True, n_routed_experts=4, num_experts_per_tok=2,
+                           moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1,
+                           routed_scaling_factor=1.5),
     "mamba2": dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, n_groups=2,
                    state_size=16, chunk_size=8, use_bias=True),
 }
 CASES.update({case: {} for case in ONE_SUBLAYER})
-LAYOUTS = {"nemotron_h": ["mamba", "mlp", "attention", "mlp"], "mamba2": ["mamba", "mamba"]}
-SUBLAYERS = {"nemotron_h": ["mixer", "ffn", "mixer", "ffn"], "mamba2": ["mixer", "mixer"]}  # both elsewhere
+LAYOUTS = {"nemotron_h": ["mamba", "mlp", "attention", "mlp"], "nemotron_h:moe": ["mamba", "mlp", "attention", "mlp"],
+           "mamba2": ["mamba", "mamba"]}
+SUBLAYERS = {"nemotron_h": ["mixer", "ffn", "mixer", "ffn"], "nemotron_h:moe": ["mixer", "ffn", "mixer", "ffn"],
+             "mamba2": ["mixer", "mixer"]}  # both elsewhere
 MIXERS = {"lfm2": "short_conv", "lfm2_moe": "short_conv"}  # the recurrent layers' kind where not mamba
 FAMILIES_TESTED = {case.split(":")[0] for case in CASES}  # tests/test_family_coverage.py gathers these
 MIXER_PARAMS = ("A_log", ".D", "dt_bias", "conv1d.bias")  # their constant inits would hide a mix-up
@@ -67,7 +78,7 @@ def tokens(rows: int = 2) -> torch.Tensor:
 def hf_model(case: str) -> torch.nn.Module:
     small = SMALL if case not in MIXERS else {k: v for k, v in SMALL.items() if not k.startswith("mamba_")}
     small = ONE_SUBLAYER.get(case, small)
-    model = random_hf_model(case.split(":")[0], {**small, **CASES[case]}, routers=("router.weight",))
+    model = random_hf_model(case.split(":")[0], {**small, **CASES[case]}, routers=("router.weight", "mixer.gate.weight"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(MIXER_PARAMS):
@@ -166,3 +177,13 @@ def test_hybrids_the_menu_cannot_express_are_refused_by_name(model_type, config)
     hf = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, **config)
     with pytest.raises(UsageError, match=rf"^model_type '{model_type}' is not supported: [^\n]+ the model menu"):
         megatron_llm.checkpoint.hf.model_config_from_hf(hf.to_dict())
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(moe_latent_size=16), "moe_latent_size 16 is not supported: the experts work at hidden_size"),
+    (dict(mamba_hidden_act="gelu"), "mamba_hidden_act 'gelu' is not supported: the Mamba-2 mixer's activation is silu"),
+])
+def test_nemotron_h_settings_the_menu_lacks_are_refused_by_name(change, words):
+    hf = transformers.AutoConfig.for_model("nemotron_h", **{**ONE_SUBLAYER["nemotron_h:moe"], **change}).to_dict()
+    with pytest.raises(UsageError, match=words):
+        megatron_llm.checkpoint.hf.model_config_from_hf(hf)

@@ -19,7 +19,7 @@ from megatron_llm.checkpoint.families.common import (GATED_ACTIVATIONS, LLAMA_TE
 from megatron_llm.checkpoint.families.llama import GRANITE
 from megatron_llm.checkpoint.families.moe import (EXPERT_BIAS, EXPERTS_REQUIRED, GRANITE_MOE_TENSORS, ROUTING,
                                                  SHARED_GRANITE_MLP, experts)
-from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, When
+from megatron_llm.checkpoint.families.table import Derived, Family, Fixed, Fused, Key, Mapped, Stacked, When
 from megatron_llm.errors import UsageError
 from megatron_llm.model_config import ModelConfig
 
@@ -296,7 +296,7 @@ def _silu_mixer(key: str) -> Derived:
     return Derived(read, lambda cfg: {key: "silu"})
 
 
-def _read_block_kinds(hf: dict) -> dict:
+def _block_types(hf: dict) -> list[str]:
     """Nemotron-H's layers_block_type (transformers 5), or the hybrid_override_pattern its published configs hold
     (one character a layer: M Mamba-2, * attention, - MLP, E mixture of experts)."""
     pattern = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
@@ -304,13 +304,42 @@ def _read_block_kinds(hf: dict) -> dict:
     if not types:
         raise UsageError("config.json lacks 'layers_block_type' (or 'hybrid_override_pattern'), which model_type "
                          "nemotron_h needs")
-    return dict(num_layers=len(types), **layer_kinds(types, {"linear_attention": "mamba", "full_attention": "full",
-                                                             "mlp": "mlp"}, "Nemotron-H"))
+    return types
+
+
+def _read_block_kinds(hf: dict) -> dict:
+    """The layers and their kinds; with "moe" layers, the experts: a sigmoid router with the expert bias for the choice
+    (e_score_correction_bias) and group-limited top-k (DeepSeek-V3's), top-k renormalised times routed_scaling_factor,
+    no aux loss; plain experts of mlp_hidden_act (no gate) and one shared MLP beside them; the "mlp" layers dense."""
+    types = _block_types(hf)
+    kinds = layer_kinds(types, {"linear_attention": "mamba", "full_attention": "full", "mlp": "mlp", "moe": "mlp"},
+                        "Nemotron-H")
+    if "moe" not in types:
+        return dict(num_layers=len(types), **kinds)
+    if hf.get("moe_latent_size") is not None:
+        raise UsageError(f"config.json moe_latent_size {hf['moe_latent_size']} is not supported: the experts work at "
+                         "hidden_size, with no latent projections around them")
+    return dict(num_layers=len(types), **kinds, moe_experts=hf.get("n_routed_experts", 8),
+                moe_top_k=hf.get("num_experts_per_tok", 2), moe_ffn_hidden_size=hf.get("moe_intermediate_size", 7688),
+                moe_shared_ffn_hidden_size=hf.get("moe_shared_expert_intermediate_size", 7688),
+                moe_routed_scale=float(hf.get("routed_scaling_factor", 1.0)), moe_groups=hf.get("n_group", 1),
+                moe_topk_groups=hf.get("topk_group", 1), moe_renormalize=hf.get("norm_topk_prob", True),
+                moe_score="sigmoid", moe_expert_bias=True, moe_aux_loss_coeff=0.0,
+                moe_dense_layers=[i for i, t in enumerate(types) if t == "mlp"])
 
 
 def _write_block_kinds(cfg: ModelConfig) -> dict:
     kinds = hf_layer_kinds(cfg, {"mamba": "linear_attention", "attention": "full_attention", "mlp": "mlp"})
-    return {"layers_block_type": kinds if kinds is not None else "<only full attention, mamba and mlp layers here>"}
+    if kinds is None:
+        return {"layers_block_type": "<only full attention, mamba and mlp layers here>"}
+    out = {"layers_block_type": ["moe" if cfg.layer(i).moe else k for i, k in enumerate(kinds)]}
+    if cfg.moe_experts:
+        out.update(n_routed_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_top_k,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_size, n_shared_experts=1,
+                   moe_shared_expert_intermediate_size=cfg.moe_shared_ffn_hidden_size,
+                   routed_scaling_factor=cfg.moe_routed_scale, n_group=cfg.moe_groups, topk_group=cfg.moe_topk_groups,
+                   norm_topk_prob=cfg.moe_renormalize, moe_latent_size=None)
+    return out
 
 
 # The Mamba-2 mixer's settings as Nemotron-H names them (its published configs' older mamba_* names read too); the
@@ -327,9 +356,9 @@ NEMOTRON_H_MAMBA = (
     Fixed("mamba_dt_ceiling", None), _silu_mixer("mamba_hidden_act"),
 )
 
-# Nemotron-H (Nemotron-H 8B/47B/56B, Nemotron-Nano-9B-v2): blocks of one sublayer each (model.single_sublayer) behind
-# an RMS norm, by layers_block_type: a Mamba-2 mixer, attention without positions (NoPE) or biases, or a plain MLP
-# (relu2: up_proj, down_proj); one norm name, backbone.layers.{i}.norm, for whichever sublayer the block holds. Its
+# Nemotron-H (Nemotron-H 8B/47B/56B, Nemotron-Nano-9B-v2, Nemotron 3 Nano 30B-A3B): blocks of one sublayer each
+# (model.single_sublayer) behind an RMS norm, by layers_block_type: a Mamba-2 mixer, attention without positions
+# (NoPE) or biases, a plain MLP (relu2: up_proj, down_proj) or a mixture of experts (_read_block_kinds); one norm name, backbone.layers.{i}.norm, for whichever sublayer the block holds. Its
 # files name the model backbone, as published and as transformers saves them (it reads them as model.).
 NEMOTRON_H = Family(
     "nemotron_h", "NemotronHForCausalLM",
@@ -345,6 +374,12 @@ NEMOTRON_H = Family(
      **{f"backbone.layers.{{i}}.mixer.{p}_proj.{b}": f"layers.{{i}}.feed_forward.w{n}.{b}" for p, n in (("up", 1), ("down", 2))
         for b in ("weight", "bias")},
      **mamba_tensors("backbone.layers.{i}.mixer"),
+     "backbone.layers.{i}.mixer.gate.weight": "layers.{i}.feed_forward.router.weight",
+     "backbone.layers.{i}.mixer.gate.e_score_correction_bias": EXPERT_BIAS,
+     **{f"backbone.layers.{{i}}.mixer.experts.{{e}}.{p}_proj.weight": Stacked(f"layers.{{i}}.feed_forward.experts.w{n}")
+        for p, n in (("up", 1), ("down", 2))},
+     **{f"backbone.layers.{{i}}.mixer.shared_experts.{p}_proj.{b}": f"layers.{{i}}.feed_forward.shared_experts.w{n}.{b}"
+        for p, n in (("up", 1), ("down", 2)) for b in ("weight", "bias")},
      "backbone.norm_f.weight": "norm.weight",
      "lm_head.weight": "output.weight"},
     # a block with a feed_forward alone has its norm in that slot, under the same name
