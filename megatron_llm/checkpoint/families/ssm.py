@@ -358,8 +358,10 @@ NEMOTRON_H_MAMBA = (
 
 # Nemotron-H (Nemotron-H 8B/47B/56B, Nemotron-Nano-9B-v2, Nemotron 3 Nano 30B-A3B): blocks of one sublayer each
 # (model.single_sublayer) behind an RMS norm, by layers_block_type: a Mamba-2 mixer, attention without positions
-# (NoPE) or biases, a plain MLP (relu2: up_proj, down_proj) or a mixture of experts (_read_block_kinds); one norm name, backbone.layers.{i}.norm, for whichever sublayer the block holds. Its
-# files name the model backbone, as published and as transformers saves them (it reads them as model.).
+# (NoPE) or biases, a plain MLP (relu2: up_proj, down_proj) or a mixture of experts (_read_block_kinds); one norm name,
+# backbone.layers.{i}.norm, for whichever sublayer the block holds. Its files name the model backbone, as published
+# and as transformers saves them (it reads them as model.); the multi-token prediction layers some publish (mtp.*),
+# which transformers ignores, are refused as unexpected tensors.
 NEMOTRON_H = Family(
     "nemotron_h", "NemotronHForCausalLM",
     (*(e for e in shape_defaulting(128, 8) if getattr(e, "ours", None) != "num_layers"),
@@ -371,8 +373,8 @@ NEMOTRON_H = Family(
      "backbone.layers.{i}.norm.weight": "layers.{i}.attention_norm.weight",
      **{f"backbone.layers.{{i}}.mixer.{p}_proj.weight": f"layers.{{i}}.attention.w{p}.weight" for p in "qkv"},
      "backbone.layers.{i}.mixer.o_proj.weight": "layers.{i}.attention.wo.weight",
-     **{f"backbone.layers.{{i}}.mixer.{p}_proj.{b}": f"layers.{{i}}.feed_forward.w{n}.{b}" for p, n in (("up", 1), ("down", 2))
-        for b in ("weight", "bias")},
+     **{f"backbone.layers.{{i}}.mixer.{p}_proj.{b}": f"layers.{{i}}.feed_forward.w{n}.{b}"
+        for p, n in (("up", 1), ("down", 2)) for b in ("weight", "bias")},
      **mamba_tensors("backbone.layers.{i}.mixer"),
      "backbone.layers.{i}.mixer.gate.weight": "layers.{i}.feed_forward.router.weight",
      "backbone.layers.{i}.mixer.gate.e_score_correction_bias": EXPERT_BIAS,
@@ -399,15 +401,16 @@ def _write_mamba2(cfg: ModelConfig) -> dict:
     inner = cfg.mamba_num_heads * cfg.mamba_head_dim
     expand = inner // cfg.hidden_size if inner % cfg.hidden_size == 0 else f"<no expand for inner width {inner}>"
     kinds = hf_layer_kinds(cfg, {"mamba": "mamba"})
+    high = cfg.mamba_dt_ceiling if cfg.mamba_dt_ceiling is not None else math.inf
     return {"num_heads": cfg.mamba_num_heads, "head_dim": cfg.mamba_head_dim, "expand": expand,
             "num_hidden_layers": cfg.num_layers if kinds is not None else "<only mamba layers here>",
-            "time_step_limit": [cfg.mamba_dt_floor, cfg.mamba_dt_ceiling if cfg.mamba_dt_ceiling is not None else math.inf]}
+            "time_step_limit": [cfg.mamba_dt_floor, high]}
 
 
 # Mamba-2 (Mamba2ForCausalLM: state-spaces/mamba2-*, Codestral Mamba): every block a norm and a Mamba-2 mixer, no MLP
 # and no attention, whose sizes stay placeholders (one head, ffn width 1: nothing is built of them); no positions,
-# so the context is model.max_seq_len's default of 2^20 tokens. residual_in_fp32 (a bf16 run's residual adds in fp32)
-# is not read: fp32 runs are equal.
+# so model.max_seq_len is fixed at 2^20 tokens (nothing is sized by it). residual_in_fp32 (a bf16 run's residual
+# adds in fp32) is not read: fp32 runs are equal.
 MAMBA2 = Family(
     "mamba2", "Mamba2ForCausalLM",
     (Key("vocab_size", "vocab_size"), Key("hidden_size", "hidden_size"), Derived(_read_mamba2, _write_mamba2),
