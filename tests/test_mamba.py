@@ -42,8 +42,9 @@ def test_chunked_scan_equals_recurrence(chunk):
 
 
 def hybrid_config(**extra) -> ModelConfig:
-    return ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ffn_hidden_size=48, max_seq_len=64,
-                       mamba_proj_bias=True, **{**MAMBA, "layer_types": ["mamba", "full", "mamba"], **extra})
+    return ModelConfig(**{**dict(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, ffn_hidden_size=48,
+                                 max_seq_len=64, mamba_proj_bias=True, layer_types=["mamba", "full", "mamba"]),
+                          **MAMBA, **extra})
 
 
 def test_decoding_through_the_cache_equals_one_forward():
@@ -92,3 +93,23 @@ def test_what_mamba_layers_cannot_do_is_refused_by_the_config(tiny_config, setti
     """Before any process group. (tests/test_parallel.py's deepnorm chain trains a Mamba-2 layer at tp2-sp and pp2.)"""
     with pytest.raises(UsageError, match=message):
         tiny_config(**MAMBA_LAYERS, **settings)
+
+
+@pytest.mark.parametrize("placement", ["pre", "post", "sandwich", "output"])
+def test_blocks_of_one_sublayer_equal_the_two_sublayer_block_split_in_two(placement):
+    """model.single_sublayer: a block of both sublayers is its mixer step then its feed-forward step, so blocks
+    [mamba, mlp, full, mlp] holding the weights of blocks [mamba, full] give the same logits in every topology where
+    a sublayer's step depends on nothing else (not deepnorm, whose alpha counts the blocks; parallel is refused)."""
+    both = build_model(hybrid_config(num_layers=2, layer_types=["mamba", "full"], norm_placement=placement), "cpu", seed=1)
+    one = build_model(hybrid_config(num_layers=4, layer_types=["mamba", "mlp", "full", "mlp"], single_sublayer=True,
+                                    norm_placement=placement), "cpu", seed=2)
+    weights = {}
+    for name, tensor in both.state_dict().items():
+        parts = name.split(".")
+        if parts[0] == "layers":  # layer j's mixer slots -> block 2j, its feed-forward slots -> block 2j + 1
+            parts[1] = str(2 * int(parts[1]) + (not parts[2].startswith("attention")))
+        weights[".".join(parts)] = tensor
+    one.load_state_dict(weights)  # strict: every slot of the one-sublayer blocks is filled, none is left over
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(one(x), both(x), atol=0, rtol=0)
