@@ -183,10 +183,11 @@ def test_logits_and_loss_match_transformers(hf_dir, case):
     assert_logits_and_loss_match(*hf_dir(case))
 
 
-def assert_logits_and_loss_match(path: Path, hf: torch.nn.Module) -> None:
-    """`megatron_llm.load_model(path)` gives the logits and loss of transformers' model `hf` saved there."""
+def assert_logits_and_loss_match(path: Path, hf: torch.nn.Module, x: Optional[torch.Tensor] = None) -> None:
+    """`megatron_llm.load_model(path)` gives the logits and loss of transformers' model `hf` saved there, on x
+    (default: tokens())."""
     model = megatron_llm.load_model(path)
-    x = tokens()
+    x = tokens() if x is None else x
     labels = x % hf.get_output_embeddings().out_features  # ids a pruned head (Apertus 1.5's) predicts; else x itself
     with torch.no_grad():
         expected = hf(x, labels=labels)

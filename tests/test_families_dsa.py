@@ -30,8 +30,8 @@ from megatron_llm.model.sparse_attention import Indexer
 from megatron_llm.parallel import ParallelDims
 from megatron_llm.training.step import train_step
 from tests.test_families import SEQ, SMALL, assert_hf_native_hf_round_trip, tokens
-from tests.test_families_moe import (EXPERTS, hf_routes, moe_blocks, our_routes, our_sgd_step, random_hf_model,
-                                     router_of, router_weight, saved)
+from tests.test_families_moe import (EXPERTS, assert_routes_match, moe_blocks, our_sgd_step, random_hf_model, router_of,
+                                     router_weight, saved, sgd_step_beside_transformers)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 TOPK = 8  # a third of SEQ: most queries choose among more keys than they keep
@@ -59,8 +59,7 @@ def test_logits_and_routes_match_transformers_and_the_selection_bites(hf_dir, ca
     path, hf = hf_dir(case)
     model = megatron_llm.load_model(path)
     x = tokens()
-    routes, theirs = our_routes(model, x), hf_routes(hf_model(case), x)
-    assert len(routes) == len(theirs) == 1 and torch.equal(routes[0], theirs[0])
+    assert_routes_match(model, hf_model(case), x)
     with torch.no_grad():
         ours = model(x)
         torch.testing.assert_close(ours, hf(x).logits, atol=1e-5, rtol=1e-5)
@@ -81,10 +80,7 @@ def test_training_step_matches_transformers(hf_dir):
     selection masks and of the router; the indexer (behind a top-k: no gradient either side) unchanged."""
     path, hf = hf_dir("deepseek_v32")
     x = tokens()
-    cfg, result, grad = our_sgd_step(path, x)
-    hf.train()
-    expected = hf(x, labels=x)
-    expected.loss.backward()
+    cfg, result, grad, expected = sgd_step_beside_transformers(path, hf, x)
     assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
     layers = hf.model.layers
     for i in range(cfg.num_layers):

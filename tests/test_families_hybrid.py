@@ -10,7 +10,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 
 import megatron_llm
@@ -19,7 +18,8 @@ from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import hybrid
 from megatron_llm.errors import UsageError
 from megatron_llm.inference.generate import Sampling, generate_ids
-from tests.test_families_moe import hf_routes, our_routes, our_sgd_step, random_hf_model, saved
+from tests.test_families import assert_logits_and_loss_match
+from tests.test_families_moe import assert_routes_match, random_hf_model, saved, sgd_step_beside_transformers
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:.*falling back to its reference PyTorch")]
@@ -63,16 +63,9 @@ def test_logits_loss_and_routes_match_transformers(hf_dir, case):
     model = megatron_llm.load_model(path)
     assert [model.cfg.layer(i).linear for i in range(4)] == [t == "linear_attention" for t in hf.config.layer_types]
     assert sum(t == "linear_attention" for t in hf.config.layer_types) >= 2
-    x = tokens()
-    labels = F.pad(x[:, 1:], (0, 1), value=-100)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
-        loss = model(x, labels)
-        assert loss.sum().item() / (labels >= 0).sum().item() == pytest.approx(hf(x, labels=x).loss.item(), rel=1e-5)
+    assert_logits_and_loss_match(path, hf, tokens())
     if model.cfg.moe_experts:
-        ours, theirs = our_routes(model, x), hf_routes(hf, x)
-        assert len(ours) == len(theirs) == sum(model.cfg.layer(i).moe for i in range(4)) > 0
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        assert_routes_match(model, hf, tokens())
 
 
 def test_training_step_loss_and_linear_gradients(hf_dir):
@@ -80,10 +73,7 @@ def test_training_step_loss_and_linear_gradients(hf_dir):
     with the load-balancing term, and the gradient of every linear-layer tensor (autograd through the chunked form)."""
     path, hf = hf_dir("qwen3_next")
     x = tokens()
-    cfg, result, grad = our_sgd_step(path, x)
-    hf.train()
-    expected = hf(x, labels=x, output_router_logits=True)
-    expected.loss.backward()
+    cfg, result, grad, expected = sgd_step_beside_transformers(path, hf, x, output_router_logits=True)
     assert result.loss + hf.config.router_aux_loss_coef * result.moe["moe_aux_loss"] == pytest.approx(
         expected.loss.item(), rel=1e-5)
     mixer = hf.model.layers[0].linear_attn

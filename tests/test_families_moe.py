@@ -271,11 +271,8 @@ def test_logits_and_routes_match_transformers(hf_dir, case):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=1e-5)
-    ours, theirs = our_routes(model, x), hf_routes(hf_model(case), x)
-    assert len(ours) == len(theirs) == sum(model.cfg.layer(i).moe for i in range(model.cfg.num_layers)) > 0
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-    assert all(len(r.unique()) == model.cfg.moe_experts for r in ours)  # every expert used: the stacking order tested
+    assert_routes_match(model, hf_model(case), x)
+    assert all(len(r.unique()) == model.cfg.moe_experts for r in our_routes(model, x))  # the stacking order tested
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -286,6 +283,13 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
     assert back.config.model_type == model_type_of(case)
     with torch.no_grad():
         torch.testing.assert_close(back(tokens()).logits, hf(tokens()).logits, atol=1e-5, rtol=1e-5)
+
+
+def assert_routes_match(model: torch.nn.Module, hf: torch.nn.Module, x: torch.Tensor) -> None:
+    """Every MoE layer of `model` chose for x the experts transformers' `hf` chose, layer by layer."""
+    ours, theirs = our_routes(model, x), hf_routes(hf, x)
+    assert len(ours) == len(theirs) == sum(model.cfg.layer(i).moe for i in range(model.cfg.num_layers)) > 0
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 def our_sgd_step(path, x: torch.Tensor) -> tuple:
@@ -300,16 +304,23 @@ def our_sgd_step(path, x: torch.Tensor) -> tuple:
     return model.cfg, result, {k: before[k] - v for k, v in model.state_dict().items()}
 
 
+def sgd_step_beside_transformers(path, hf: torch.nn.Module, x: torch.Tensor, **hf_kwargs) -> tuple:
+    """our_sgd_step on x, and transformers' loss on the same x with its backward run (`hf` left in train mode with its
+    gradients): (our config, our StepResult, our gradients by name, transformers' output)."""
+    cfg, result, grad = our_sgd_step(path, x)
+    hf.train()
+    expected = hf(x, labels=x, **hf_kwargs)
+    expected.loss.backward()
+    return cfg, result, grad, expected
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_training_loss_and_gradients_include_the_aux_loss(hf_dir, case):
     """Our training step (SGD, lr 1, no clipping: the update is minus the gradient) against transformers'
     loss = cross-entropy + router_aux_loss_coef * load-balancing loss, and its gradients."""
     path, hf = hf_dir(case)
     x = tokens()
-    cfg, result, grad = our_sgd_step(path, x)
-    hf.train()
-    expected = hf(x, labels=x, output_router_logits=True)
-    expected.loss.backward()
+    cfg, result, grad, expected = sgd_step_beside_transformers(path, hf, x, output_router_logits=True)
     if model_type_of(case) in NO_AUX_LOSS:
         assert result.loss == pytest.approx(expected.loss.item(), rel=1e-5)
     else:
