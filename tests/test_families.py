@@ -197,6 +197,14 @@ def assert_logits_and_loss_match(path: Path, hf: torch.nn.Module, x: Optional[to
     torch.testing.assert_close(loss, expected.loss, atol=1e-5, rtol=1e-5)
 
 
+def assert_greedy_generation_matches(path: Path, hf: torch.nn.Module, prompts: torch.Tensor, new_tokens: int = 10) -> None:
+    """generate_ids (one token per step through our cache) gives transformers' greedy continuation of each prompt."""
+    from megatron_llm.inference.generate import Sampling, generate_ids
+    theirs = hf.generate(prompts, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
+    ours = generate_ids(megatron_llm.load_model(path).eval(), prompts.tolist(), Sampling(max_new_tokens=new_tokens))
+    assert ours == theirs[:, prompts.shape[1]:].tolist()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
     assert_hf_native_hf_round_trip(*hf_dir(case), tmp_path, model_type_of(case))

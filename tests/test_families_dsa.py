@@ -24,12 +24,11 @@ from megatron_llm.checkpoint.hf import model_config_from_hf
 from megatron_llm.checkpoint.native import save_weights
 from megatron_llm.config import Config, ParallelConfig, load_config
 from megatron_llm.errors import UsageError
-from megatron_llm.inference.generate import Sampling, generate_ids
 from megatron_llm.model import build_model
 from megatron_llm.model.sparse_attention import Indexer
 from megatron_llm.parallel import ParallelDims
 from megatron_llm.training.step import train_step
-from tests.test_families import SEQ, SMALL, assert_hf_native_hf_round_trip, tokens
+from tests.test_families import SEQ, SMALL, assert_greedy_generation_matches, assert_hf_native_hf_round_trip, tokens
 from tests.test_families_moe import (EXPERTS, assert_routes_match, moe_blocks, our_sgd_step, random_hf_model, router_of,
                                      router_weight, saved, sgd_step_beside_transformers)
 
@@ -98,11 +97,7 @@ def test_training_step_matches_transformers(hf_dir):
 def test_greedy_generation_equals_transformers(hf_dir, case):
     """Prompts of 24 tokens, 10 new ones, decoded one token per step: the indexer's keys cached beside the latent
     attention's, each new query choosing its top 8 of up to 34 keys."""
-    path, hf = hf_dir(case)
-    model = megatron_llm.load_model(path).eval()
-    x = tokens()
-    theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
-    assert generate_ids(model, x.tolist(), Sampling(max_new_tokens=10)) == theirs.tolist()
+    assert_greedy_generation_matches(*hf_dir(case), tokens())
 
 
 def test_megatron_refuses_sparse_attention_by_name(hf_dir, tmp_path):

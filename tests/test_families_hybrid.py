@@ -17,8 +17,7 @@ from conftest import hf_native_hf
 from megatron_llm.checkpoint.convert import Options, convert
 from megatron_llm.checkpoint.families import hybrid
 from megatron_llm.errors import UsageError
-from megatron_llm.inference.generate import Sampling, generate_ids
-from tests.test_families import assert_logits_and_loss_match
+from tests.test_families import assert_greedy_generation_matches, assert_logits_and_loss_match
 from tests.test_families_moe import assert_routes_match, random_hf_model, saved, sgd_step_beside_transformers
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -103,12 +102,7 @@ def test_hf_native_hf_round_trip(hf_dir, tmp_path, case):
 def test_greedy_generation_equals_transformers(hf_dir, case):
     """Prompts of 20 tokens, 10 new ones: the linear layers' recurrent state and convolution history cached beside
     the attention layers' keys and values, decoded one token per step (Lara-Mini: past its 8-token window)."""
-    path, hf = hf_dir(case)
-    model = megatron_llm.load_model(path).eval()
-    x = tokens()
-    theirs = hf.generate(x, max_new_tokens=10, do_sample=False, min_new_tokens=10)[:, SEQ:]
-    ours = generate_ids(model, x.tolist(), Sampling(max_new_tokens=10))
-    assert ours == theirs.tolist()
+    assert_greedy_generation_matches(*hf_dir(case), tokens())
 
 
 def test_megatron_refuses_linear_layers_by_name(hf_dir, tmp_path):
