@@ -20,6 +20,9 @@ CASES = {
     "gemma2": dict(head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"],
                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, query_pre_attn_scalar=16),
     "gpt_neox": dict(num_key_value_heads=None, rotary_pct=0.5, use_parallel_residual=True),
+    # latent attention whose values (8 wide) are narrower than its query/key heads (16 + 8): cached at their own width
+    "youtu": dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                  v_head_dim=8),
 }
 PROMPTS = [[72, 101, 108, 108, 111, 44, 32], [100, 101, 102], [119, 111, 114, 108, 100]]  # unequal lengths
 
@@ -131,7 +134,7 @@ def test_tools_generate_and_inspect_run_from_the_command_line(models, tmp_path, 
     assert tool("inspect_model").main(args[:5] + ["7"] + args[6:]) == 2  # one line: no such layer
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "youtu"])
 def test_continuous_batching_equals_each_prompt_alone(models, model_type):
     """Slots refilled as sequences finish (prompts prefilled together, rows of different lengths in one cache,
     a window included, each request its own max_new_tokens) give every prompt what generate gives it alone;

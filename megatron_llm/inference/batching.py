@@ -27,7 +27,7 @@ Request = tuple[object, list[int], int]  # (key, prompt token ids, max_new_token
 
 class SlotCache:
     """A KV cache whose rows (slots) hold sequences of different lengths, each from column 0. Buffers are
-    allocated once, at the first prefill; a decoding step's write columns and mask are built once per step
+    allocated once, at the first prefill; a decoding step's positions and mask are built once per step
     (step_inputs), not per layer."""
 
     def __init__(self, slots: int, max_len: int, device):
@@ -36,7 +36,6 @@ class SlotCache:
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self.columns = torch.arange(max_len, device=device)
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._index: Optional[torch.Tensor] = None  # this step's write column per row, expanded for scatter_
         self._end = 0  # this step's key count: the longest row's length + 1
 
     def insert(self, slot: int, prefilled: KVCache, row: int, start: int) -> None:
@@ -44,9 +43,10 @@ class SlotCache:
         (left padding before it)."""
         n = prefilled.length - start
         for key, (k, v) in prefilled.buffers.items():
-            if key not in self.buffers:
-                shape = (len(self.lengths), k.shape[1], self.max_len, k.shape[3])
-                self.buffers[key] = (k.new_zeros(shape), v.new_zeros(shape))
+            if key not in self.buffers:  # values at their own width: latent attention's are narrower than its keys
+                rows = len(self.lengths)
+                self.buffers[key] = (k.new_zeros(rows, k.shape[1], self.max_len, k.shape[3]),
+                                     v.new_zeros(rows, v.shape[1], self.max_len, v.shape[3]))
             k_all, v_all = self.buffers[key]
             k_all[slot, :, :n], v_all[slot, :, :n] = k[row, :, start:prefilled.length], v[row, :, start:prefilled.length]
         self.lengths[slot], self.active[slot] = n, True
@@ -58,17 +58,15 @@ class SlotCache:
         """(positions [slots, 1], the key mask) of the next decoding step; `longest` is the longest row's
         length (the caller tracks it on the host: no device sync per step)."""
         self._end = longest + 1
-        self._index = None
         valid = self.columns[None, : self._end] <= self.lengths[:, None]  # [slots, end]
         return self.lengths[:, None], KeyMask(valid=valid, query_end=self.lengths)
 
     def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoding step's k, v [slots, kv_heads, 1, d], each row at its own column."""
         k_all, v_all = self.buffers[id(layer)]
-        if self._index is None or self._index.shape != k.shape:  # the same for every layer of a step
-            self._index = self.lengths[:, None, None, None].expand(k.shape)
-        k_all.scatter_(2, self._index, k)
-        v_all.scatter_(2, self._index, v)
+        column = self.lengths[:, None, None, None]  # each row's write column, expanded (a view) to k's and v's shapes
+        k_all.scatter_(2, column.expand(k.shape), k)
+        v_all.scatter_(2, column.expand(v.shape), v)
         return k_all[:, :, : self._end], v_all[:, :, : self._end]
 
     def advance(self, tokens: int) -> None:
